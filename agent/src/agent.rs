@@ -1,0 +1,205 @@
+//! The agent as one value: local state, check runners, persistence and
+//! service-file reports, with the operations the API and the file watcher
+//! call. Every registration path goes through here, so the rules (exec
+//! allowed or not, which source owns what, when to persist) live once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use signpost_core::config::AgentConfig;
+use signpost_core::model::{
+    CheckDefinition, CheckId, CheckKind, Health, ModelError, ServiceDefinition, ServiceId,
+};
+use tokio::sync::Notify;
+
+use crate::checks::{self, Supervisor};
+use crate::metrics::Metrics;
+use crate::state::{LocalState, RunnerChanges, Source, StateError, StatusChange};
+
+/// Why an operation on the agent was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Invalid(#[from] ModelError),
+    #[error(
+        "exec checks are disabled on this agent: set `checks.enable_exec: true` in the agent configuration to allow them"
+    )]
+    ExecDisabled,
+}
+
+/// The last load of one service file.
+#[derive(Debug, Clone, Default)]
+pub struct FileReport {
+    /// The services this file currently serves (its last good version).
+    pub services: Vec<ServiceId>,
+    /// Why the current content was refused, if it was.
+    pub error: Option<String>,
+}
+
+pub struct Agent {
+    pub config: AgentConfig,
+    pub state: Arc<LocalState>,
+    pub metrics: Arc<Metrics>,
+    supervisor: Supervisor,
+    persist: Notify,
+    files: Mutex<BTreeMap<PathBuf, FileReport>>,
+}
+
+impl Agent {
+    pub fn new(
+        config: AgentConfig,
+        state: Arc<LocalState>,
+        metrics: Arc<Metrics>,
+        supervisor: Supervisor,
+    ) -> Self {
+        Agent {
+            config,
+            state,
+            metrics,
+            supervisor,
+            persist: Notify::new(),
+            files: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn register_service(
+        &self,
+        mut def: ServiceDefinition,
+        source: Source,
+        replace_existing_checks: bool,
+    ) -> Result<(), AgentError> {
+        def.validate()?;
+        for check in &def.checks {
+            self.allowed(check)?;
+        }
+        let changes = self
+            .state
+            .register_service(def, source, replace_existing_checks)?;
+        self.apply(changes);
+        Ok(())
+    }
+
+    pub fn deregister_service(&self, id: &ServiceId, source: &Source) -> Result<(), AgentError> {
+        let changes = self.state.deregister_service(id, source)?;
+        self.apply(changes);
+        Ok(())
+    }
+
+    /// Deregisters a service whatever its source (critical for too long).
+    pub(crate) fn reap_service(&self, id: &ServiceId) {
+        let changes = self.state.reap_service(id);
+        self.apply(changes);
+    }
+
+    pub fn register_check(&self, def: CheckDefinition, source: Source) -> Result<(), AgentError> {
+        def.validate()?;
+        self.allowed(&def)?;
+        let changes = self.state.register_check(def, source)?;
+        self.apply(changes);
+        Ok(())
+    }
+
+    pub fn deregister_check(&self, id: &CheckId, source: &Source) -> Result<(), AgentError> {
+        let changes = self.state.deregister_check(id, source)?;
+        self.apply(changes);
+        Ok(())
+    }
+
+    pub fn update_ttl(
+        &self,
+        id: &CheckId,
+        status: Health,
+        output: String,
+    ) -> Result<(), AgentError> {
+        let max = self.state.read(|i| {
+            i.checks
+                .get(id)
+                .and_then(|c| c.definition())
+                .map_or(signpost_core::model::DEFAULT_OUTPUT_MAX_SIZE, |d| {
+                    d.output_max_size
+                })
+        });
+        let output = checks::truncate_output(output, max);
+        if let Some(change) = self.state.update_ttl(id, status, output.clone())? {
+            self.reported(&change, &output);
+        }
+        self.persist_soon();
+        Ok(())
+    }
+
+    pub fn set_service_maintenance(
+        &self,
+        id: &ServiceId,
+        reason: Option<String>,
+    ) -> Result<(), AgentError> {
+        let enabled = reason.is_some();
+        if self.state.set_service_maintenance(id, reason)? {
+            tracing::info!(service = %id, enabled, "service maintenance mode changed");
+            self.persist_soon();
+        }
+        Ok(())
+    }
+
+    pub fn set_node_maintenance(&self, reason: Option<String>) {
+        let enabled = reason.is_some();
+        if self.state.set_node_maintenance(reason) {
+            tracing::info!(enabled, "node maintenance mode changed");
+            self.persist_soon();
+        }
+    }
+
+    pub(crate) async fn stop_checks(&self) {
+        self.supervisor.wait().await;
+    }
+
+    /// Asks the persister to write the state file soon.
+    pub fn persist_soon(&self) {
+        self.persist.notify_one();
+    }
+
+    pub(crate) async fn persist_requested(&self) {
+        self.persist.notified().await;
+    }
+
+    pub fn set_file_report(&self, path: PathBuf, report: Option<FileReport>) {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        match report {
+            Some(r) => {
+                files.insert(path, r);
+            }
+            None => {
+                files.remove(&path);
+            }
+        }
+        let errors = files.values().filter(|r| r.error.is_some()).count();
+        self.metrics.set_file_errors(errors);
+    }
+
+    pub fn file_reports(&self) -> BTreeMap<PathBuf, FileReport> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn allowed(&self, check: &CheckDefinition) -> Result<(), AgentError> {
+        if matches!(check.kind, CheckKind::Exec { .. }) && !self.config.checks.enable_exec {
+            return Err(AgentError::ExecDisabled);
+        }
+        Ok(())
+    }
+
+    fn apply(&self, changes: RunnerChanges) {
+        for id in &changes.stop {
+            self.supervisor.stop(id);
+        }
+        for check in changes.start {
+            self.supervisor.start(check);
+        }
+        self.persist_soon();
+    }
+
+    fn reported(&self, change: &StatusChange, output: &str) {
+        checks::report_change(&self.metrics, change, output);
+    }
+}

@@ -1,0 +1,367 @@
+//! `/v1/agent/*`: this host's own registrations, checks and maintenance.
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use signpost_core::model::{CheckId, Health, ServiceId};
+
+use super::blocking::json_with_index;
+use super::render::{self, json};
+use super::{Api, ApiError, ApiResult, Params, decode};
+use crate::state::{Inner, ServiceEntry, Source};
+
+pub(crate) async fn register_service(
+    State(api): State<Api>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> ApiResult<()> {
+    let params = Params::parse(query.as_deref());
+    let replace = params.flag("replace-existing-checks")?;
+    let def = decode::body(&body)
+        .and_then(decode::service)
+        .map_err(ApiError::bad_request)?;
+    let id = def.id.clone();
+    api.agent.register_service(def, Source::Api, replace)?;
+    tracing::info!(service = %id, "service registered through the API");
+    Ok(())
+}
+
+pub(crate) async fn deregister_service(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<()> {
+    let id = ServiceId::new(id);
+    api.agent.deregister_service(&id, &Source::Api)?;
+    tracing::info!(service = %id, "service deregistered through the API");
+    Ok(())
+}
+
+/// `enable` is required; `reason` is optional.
+fn maintenance_reason(params: &Params) -> ApiResult<Option<String>> {
+    let enable = match params.get("enable") {
+        None | Some("") => return Err(ApiError::bad_request("Missing value for enable")),
+        Some(v) => v
+            .parse::<bool>()
+            .map_err(|_| ApiError::bad_request("Invalid value for enable"))?,
+    };
+    Ok(enable.then(|| params.get("reason").unwrap_or("").to_string()))
+}
+
+pub(crate) async fn service_maintenance(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<()> {
+    let params = Params::parse(query.as_deref());
+    let reason = maintenance_reason(&params)?;
+    api.agent
+        .set_service_maintenance(&ServiceId::new(id), reason)?;
+    Ok(())
+}
+
+pub(crate) async fn node_maintenance(
+    State(api): State<Api>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<()> {
+    let params = Params::parse(query.as_deref());
+    api.agent.set_node_maintenance(maintenance_reason(&params)?);
+    Ok(())
+}
+
+pub(crate) async fn register_check(State(api): State<Api>, body: Bytes) -> ApiResult<()> {
+    let def = decode::body(&body)
+        .and_then(|v| decode::check(v, true))
+        .map_err(ApiError::bad_request)?;
+    api.agent.register_check(def, Source::Api)?;
+    Ok(())
+}
+
+pub(crate) async fn deregister_check(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<()> {
+    api.agent
+        .deregister_check(&CheckId::new(id), &Source::Api)?;
+    Ok(())
+}
+
+async fn ttl(api: &Api, id: String, status: Health, query: Option<String>) -> ApiResult<()> {
+    let params = Params::parse(query.as_deref());
+    let note = params.get("note").unwrap_or("").to_string();
+    api.agent.update_ttl(&CheckId::new(id), status, note)?;
+    Ok(())
+}
+
+pub(crate) async fn check_pass(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<()> {
+    ttl(&api, id, Health::Passing, q).await
+}
+
+pub(crate) async fn check_warn(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<()> {
+    ttl(&api, id, Health::Warning, q).await
+}
+
+pub(crate) async fn check_fail(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<()> {
+    ttl(&api, id, Health::Critical, q).await
+}
+
+/// `{"Status": "passing|warning|critical", "Output": "..."}`.
+pub(crate) async fn check_update(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<()> {
+    let value = decode::body(&body).map_err(ApiError::bad_request)?;
+    let status = value
+        .get("status")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("Missing Status"))?
+        .parse::<Health>()
+        .map_err(|_| ApiError::bad_request("Invalid check status"))?;
+    let output = value
+        .get("output")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    api.agent.update_ttl(&CheckId::new(id), status, output)?;
+    Ok(())
+}
+
+pub(crate) async fn services(State(api): State<Api>) -> Response {
+    let body = api.agent.state.read(|inner| {
+        let map: Map<String, Value> = inner
+            .services
+            .values()
+            .map(|s| (s.def.id.to_string(), render::agent_service(inner, s)))
+            .collect();
+        Value::Object(map)
+    });
+    json(&body)
+}
+
+pub(crate) async fn service(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Response> {
+    let found = api.agent.state.read(|inner| {
+        inner.services.get(id.as_str()).map(|s| {
+            let mut v = render::agent_service(inner, s);
+            let hash = format!("{:016x}", s.modify_index);
+            if let Value::Object(m) = &mut v {
+                m.insert("ContentHash".into(), hash.clone().into());
+            }
+            (s.modify_index, v)
+        })
+    });
+    match found {
+        Some((index, body)) => Ok(json_with_index(index, &body)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown service ID: {id}"),
+        )),
+    }
+}
+
+pub(crate) async fn checks(State(api): State<Api>) -> Response {
+    let body = api.agent.state.read(|inner| {
+        let map: Map<String, Value> = inner
+            .checks
+            .values()
+            .map(|c| (c.id.to_string(), render::check(inner, c)))
+            .collect();
+        Value::Object(map)
+    });
+    json(&body)
+}
+
+pub(crate) async fn agent_self(State(api): State<Api>) -> Response {
+    let config = &api.agent.config;
+    let body = api.agent.state.read(|inner| {
+        json!({
+            "Config": {
+                "Datacenter": inner.node.datacenter,
+                "NodeName": inner.node.name,
+                "NodeID": inner.node.id,
+                "Server": false,
+                "Revision": "",
+                "Version": env!("CARGO_PKG_VERSION"),
+            },
+            "DebugConfig": {
+                "Zone": inner.node.zone,
+                "DataDir": config.data_dir,
+                "ServicesDir": config.services_dir,
+                "APIListen": config.api.listen.to_string(),
+            },
+            "Coord": null,
+            "Member": member(inner, config.api.listen.port()),
+            "Meta": inner.node.meta,
+            "Stats": {},
+            "xDS": null,
+        })
+    });
+    json(&body)
+}
+
+fn member(inner: &Inner, port: u16) -> Value {
+    json!({
+        "Name": inner.node.name,
+        "Addr": inner.node.address,
+        "Port": port,
+        "Tags": {"dc": inner.node.datacenter, "role": "node", "zone": inner.node.zone},
+        "Status": 1,
+    })
+}
+
+pub(crate) async fn members(State(api): State<Api>) -> Response {
+    let port = api.agent.config.api.listen.port();
+    let body = api.agent.state.read(|inner| json!([member(inner, port)]));
+    json(&body)
+}
+
+fn aggregate(inner: &Inner, entry: &ServiceEntry) -> (&'static str, Value) {
+    let status = render::aggregated_status(inner, entry);
+    let checks: Vec<Value> = inner
+        .node_checks()
+        .chain(inner.checks_of(&entry.def.id))
+        .map(|c| render::check(inner, c))
+        .collect();
+    let body = json!({
+        "AggregatedStatus": status,
+        "Service": render::agent_service(inner, entry),
+        "Checks": checks,
+    });
+    (status, body)
+}
+
+fn status_code(status: &str) -> StatusCode {
+    match status {
+        "passing" => StatusCode::OK,
+        "warning" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn health_response(status: &'static str, body: Value, text: bool) -> Response {
+    let code = status_code(status);
+    if text {
+        (code, status).into_response()
+    } else {
+        let mut response = json(&body);
+        *response.status_mut() = code;
+        response
+    }
+}
+
+/// Aggregated health of every instance of a service on this host: the
+/// status code is the worst of them (200/429/503), 404 if none.
+pub(crate) async fn health_by_name(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    let text = Params::parse(q.as_deref()).get("format") == Some("text");
+    let found = api.agent.state.read(|inner| {
+        let entries: Vec<(&'static str, Value)> = inner
+            .services
+            .values()
+            .filter(|s| s.def.name.as_str() == name)
+            .map(|s| aggregate(inner, s))
+            .collect();
+        if entries.is_empty() {
+            return None;
+        }
+        let rank = |s: &str| match s {
+            "passing" => 0,
+            "warning" => 1,
+            "critical" => 2,
+            _ => 3,
+        };
+        let worst = entries
+            .iter()
+            .map(|(s, _)| *s)
+            .max_by_key(|s| rank(s))
+            .unwrap_or("passing");
+        Some((
+            worst,
+            Value::Array(entries.into_iter().map(|(_, v)| v).collect()),
+        ))
+    });
+    match found {
+        Some((status, body)) => Ok(health_response(status, body, text)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("ServiceName {name} Not Found"),
+        )),
+    }
+}
+
+pub(crate) async fn health_by_id(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    let text = Params::parse(q.as_deref()).get("format") == Some("text");
+    let found = api
+        .agent
+        .state
+        .read(|inner| inner.services.get(id.as_str()).map(|s| aggregate(inner, s)));
+    match found {
+        Some((status, body)) => Ok(health_response(status, body, text)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("ServiceId {id} Not Found"),
+        )),
+    }
+}
+
+/// Signpost's view for `signpost services`: each service with its status
+/// and where it came from, and the service files with their errors.
+pub(crate) async fn signpost_services(State(api): State<Api>) -> Response {
+    let services = api.agent.state.read(|inner| {
+        inner
+            .services
+            .values()
+            .map(|s| {
+                let (source, file) = match &s.source {
+                    Source::File(p) => ("file", Some(p.display().to_string())),
+                    Source::Api => ("api", None),
+                };
+                json!({
+                    "id": s.def.id,
+                    "name": s.def.name,
+                    "address": if s.def.address.is_empty() { &inner.node.address } else { &s.def.address },
+                    "port": s.def.port,
+                    "tags": s.def.tags,
+                    "protocol": s.def.protocol.as_str(),
+                    "status": render::aggregated_status(inner, s),
+                    "checks": inner.checks_of(&s.def.id).count(),
+                    "source": source,
+                    "file": file,
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    let files: Vec<Value> = api
+        .agent
+        .file_reports()
+        .into_iter()
+        .map(|(path, report)| {
+            json!({
+                "path": path.display().to_string(),
+                "services": report.services,
+                "error": report.error,
+            })
+        })
+        .collect();
+    json(&json!({"services": services, "files": files}))
+}

@@ -1,0 +1,103 @@
+//! Blocking queries: `?index=N&wait=D` holds the request until the
+//! resource's index differs from `N` or the wait runs out, then answers
+//! with `X-Consul-Index` and the staleness headers.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use rand::Rng;
+use serde_json::Value;
+
+use super::{Api, ApiError, ApiResult, Params};
+use crate::state::Inner;
+
+/// The parsed `index`/`wait` pair of a request.
+pub(crate) struct Blocking {
+    index: Option<u64>,
+    wait: Duration,
+}
+
+impl Blocking {
+    pub(crate) fn from_params(api: &Api, params: &Params) -> ApiResult<Self> {
+        let index = match params.get("index") {
+            None | Some("") => None,
+            Some(v) => Some(
+                v.parse::<u64>()
+                    .map_err(|_| ApiError::bad_request("Invalid index"))?,
+            ),
+        };
+        let limits = &api.agent.config.api;
+        let wait = match params.get("wait") {
+            None | Some("") => limits.default_query_time,
+            Some(v) => signpost_core::duration::parse(v)
+                .map_err(|_| ApiError::bad_request("Invalid wait time"))?,
+        }
+        .min(limits.max_query_time);
+        Ok(Blocking { index, wait })
+    }
+}
+
+/// Answers `compute` (which returns the resource's index and its body),
+/// blocking first if the client asked to.
+pub(crate) async fn answer(
+    api: &Api,
+    params: &Params,
+    compute: impl Fn(&Inner) -> (u64, Value),
+) -> ApiResult<Response> {
+    check_datacenter(api, params)?;
+    let blocking = Blocking::from_params(api, params)?;
+    let mut changes = api.agent.state.subscribe();
+    let (index, body) = api.agent.state.read(&compute);
+    let (index, body) = match blocking.index {
+        Some(min) if min > 0 && index == min => {
+            // Consul adds up to wait/16 of jitter so that many watchers of
+            // one resource do not all come back at the same moment.
+            let jitter = blocking.wait / 16;
+            let extra = if jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                rand::rng().random_range(Duration::ZERO..jitter)
+            };
+            let deadline = tokio::time::Instant::now() + blocking.wait + extra;
+            loop {
+                tokio::select! {
+                    _ = api.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    changed = changes.changed() => if changed.is_err() { break },
+                }
+                let (index, _) = api.agent.state.read(&compute);
+                if index != min {
+                    break;
+                }
+            }
+            api.agent.state.read(&compute)
+        }
+        _ => (index, body),
+    };
+    Ok(json_with_index(index.max(1), &body))
+}
+
+/// Consul answers 500 "No path to datacenter" for a datacenter it does not
+/// know; we know only our own.
+pub(crate) fn check_datacenter(api: &Api, params: &Params) -> ApiResult<()> {
+    match params.get("dc") {
+        Some(dc) if !dc.is_empty() && dc != api.agent.config.datacenter => Err(ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "No path to datacenter",
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn json_with_index(index: u64, body: &Value) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert("X-Consul-Index", HeaderValue::from(index));
+    headers.insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
+    headers.insert("X-Consul-LastContact", HeaderValue::from_static("0"));
+    headers.insert(
+        "X-Consul-Effective-Consistency",
+        HeaderValue::from_static("leader"),
+    );
+    (headers, super::render::json(body)).into_response()
+}

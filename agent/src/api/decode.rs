@@ -1,0 +1,594 @@
+//! Consul request bodies into the model.
+//!
+//! Consul decodes case-insensitively and accepts snake_case (clients send
+//! `ID`, `id`, `Name`, `name`, `DeregisterCriticalServiceAfter`,
+//! `deregister_critical_service_after`, ...). We normalise every key that
+//! names a field (lowercase, `_` and `-` removed) before mapping, and leave
+//! user data keys (`Meta`, `Header`, tagged address names) alone.
+//! Durations are Go strings or numbers of nanoseconds.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use signpost_core::model::{
+    CheckDefinition, CheckId, CheckKind, DEFAULT_OUTPUT_MAX_SIZE, Health, MIN_CHECK_INTERVAL,
+    Protocol, ServiceDefinition, ServiceId, ServiceName, TaggedAddress, Weights,
+};
+
+/// Keys whose values are maps of user data, not fields.
+const DATA_MAPS: &[&str] = &["meta", "header", "nodemeta", "servicemeta"];
+
+fn normalize_key(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Lowercases field names recursively, keeping data maps as sent.
+pub(crate) fn normalize(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (key, value) in map {
+                let key = normalize_key(&key);
+                let value = if DATA_MAPS.contains(&key.as_str()) {
+                    value
+                } else if key == "taggedaddresses" {
+                    match value {
+                        Value::Object(tags) => Value::Object(
+                            tags.into_iter().map(|(t, v)| (t, normalize(v))).collect(),
+                        ),
+                        other => other,
+                    }
+                } else {
+                    normalize(value)
+                };
+                out.insert(key, value);
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(normalize).collect()),
+        other => other,
+    }
+}
+
+/// A body field that was present but not of the expected type.
+fn bad(field: &str, expected: &str) -> String {
+    format!("Request decode failed: field {field:?}: expected {expected}")
+}
+
+struct Fields(Map<String, Value>);
+
+impl Fields {
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.0.remove(key).filter(|v| !v.is_null())
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>, String> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(bad(key, "a string")),
+        }
+    }
+
+    fn bool(&mut self, key: &str) -> Result<bool, String> {
+        match self.take(key) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(b),
+            Some(_) => Err(bad(key, "true or false")),
+        }
+    }
+
+    fn u32(&mut self, key: &str) -> Result<u32, String> {
+        match self.take(key) {
+            None => Ok(0),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad(key, "a non-negative integer")),
+            Some(_) => Err(bad(key, "a number")),
+        }
+    }
+
+    fn strings(&mut self, key: &str) -> Result<Vec<String>, String> {
+        match self.take(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(bad(key, "a list of strings")),
+                })
+                .collect(),
+            Some(_) => Err(bad(key, "a list of strings")),
+        }
+    }
+
+    fn string_map(&mut self, key: &str) -> Result<BTreeMap<String, String>, String> {
+        match self.take(key) {
+            None => Ok(BTreeMap::new()),
+            Some(Value::Object(map)) => map
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => Ok((k, s)),
+                    _ => Err(bad(key, "a map of strings")),
+                })
+                .collect(),
+            Some(_) => Err(bad(key, "a map of strings")),
+        }
+    }
+
+    fn duration(&mut self, key: &str) -> Result<Option<Duration>, String> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => signpost_core::duration::parse(&s)
+                .map(Some)
+                .map_err(|e| format!("Request decode failed: field {key:?}: {e}")),
+            // A bare number is nanoseconds, as Go's time.Duration.
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(|n| Some(Duration::from_nanos(n)))
+                .ok_or_else(|| bad(key, "a duration")),
+            Some(_) => Err(bad(key, "a duration such as \"10s\"")),
+        }
+    }
+}
+
+fn object(value: Value, what: &str) -> Result<Fields, String> {
+    match value {
+        Value::Object(map) => Ok(Fields(map)),
+        _ => Err(format!(
+            "Request decode failed: {what} must be a JSON object"
+        )),
+    }
+}
+
+/// Parses a JSON body, normalising its keys.
+pub(crate) fn body(bytes: &[u8]) -> Result<Value, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Map::new()));
+    }
+    serde_json::from_slice::<Value>(bytes)
+        .map(normalize)
+        .map_err(|e| format!("Request decode failed: {e}"))
+}
+
+/// `PUT /v1/agent/service/register`.
+pub(crate) fn service(value: Value) -> Result<ServiceDefinition, String> {
+    let mut f = object(value, "the service definition")?;
+    let name = f.string("name")?.unwrap_or_default();
+    let id = f
+        .string("id")?
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| name.clone());
+    let mut tags = f.strings("tags")?;
+    // Legacy single `tag`.
+    if let Some(tag) = f.string("tag")? {
+        tags.push(tag);
+    }
+    let port = match f.take("port") {
+        None => 0,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| bad("Port", "a port number (0-65535)"))?,
+        Some(_) => return Err(bad("Port", "a number")),
+    };
+    let tagged_addresses = match f.take("taggedaddresses") {
+        None => BTreeMap::new(),
+        Some(Value::Object(map)) => {
+            let mut out = BTreeMap::new();
+            for (tag, v) in map {
+                let mut a = object(v, "a tagged address")?;
+                let address = a.string("address")?.unwrap_or_default();
+                let port = a.u32("port")?;
+                let port =
+                    u16::try_from(port).map_err(|_| bad("TaggedAddresses", "a port number"))?;
+                out.insert(tag, TaggedAddress { address, port });
+            }
+            out
+        }
+        Some(_) => return Err(bad("TaggedAddresses", "an object")),
+    };
+    let weights = match f.take("weights") {
+        None => Weights::default(),
+        Some(v) => {
+            let mut w = object(v, "Weights")?;
+            Weights {
+                passing: w.u32("passing")?,
+                warning: w.u32("warning")?,
+            }
+        }
+    };
+    let protocol = match f.string("protocol")?.as_deref() {
+        None | Some("") | Some("tcp") => Protocol::Tcp,
+        Some("http") => Protocol::Http,
+        Some("http2") => Protocol::Http2,
+        Some("grpc") => Protocol::Grpc,
+        Some(other) => {
+            return Err(format!(
+                "Invalid protocol {other:?}: expected tcp, http, http2 or grpc"
+            ));
+        }
+    };
+    if let Some(kind) = f.string("kind")?
+        && !kind.is_empty()
+    {
+        return Err(format!(
+            "Unsupported service kind {kind:?}: Signpost registers typical services only"
+        ));
+    }
+    let mut checks = Vec::new();
+    if let Some(check) = f.take("check") {
+        checks.push(self::check(check, false)?);
+    }
+    match f.take("checks") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for item in items {
+                checks.push(self::check(item, false)?);
+            }
+        }
+        Some(_) => return Err(bad("Checks", "a list of checks")),
+    }
+    Ok(ServiceDefinition {
+        id: ServiceId::new(id),
+        name: ServiceName::new(name),
+        address: f.string("address")?.unwrap_or_default(),
+        port,
+        tags,
+        meta: f.string_map("meta")?,
+        tagged_addresses,
+        zone: f.string("zone")?.filter(|z| !z.is_empty()),
+        weights,
+        protocol,
+        enable_tag_override: f.bool("enabletagoverride")?,
+        checks,
+    })
+}
+
+/// A check of a service registration, or of `PUT /v1/agent/check/register`
+/// (`standalone`, which may name its `ServiceID`).
+pub(crate) fn check(value: Value, standalone: bool) -> Result<CheckDefinition, String> {
+    let mut f = object(value, "a check")?;
+    let id = match f.string("checkid")? {
+        Some(id) if !id.is_empty() => Some(id),
+        _ => f.string("id")?.filter(|s| !s.is_empty()),
+    };
+    let name = f.string("name")?.unwrap_or_default();
+    let service_id = if standalone {
+        f.string("serviceid")?
+            .filter(|s| !s.is_empty())
+            .map(ServiceId::new)
+    } else {
+        None
+    };
+    for unsupported in [
+        "script",
+        "dockercontainerid",
+        "h2ping",
+        "udp",
+        "aliasnode",
+        "aliasservice",
+        "osservice",
+    ] {
+        if f.take(unsupported).is_some() {
+            return Err(format!(
+                "Invalid check: {unsupported} checks are not supported by Signpost; use http, tcp, grpc, args or ttl"
+            ));
+        }
+    }
+    let tls_skip_verify = f.bool("tlsskipverify")?;
+    let mut kinds = Vec::new();
+    if let Some(url) = f.string("http")?.filter(|s| !s.is_empty()) {
+        let headers = match f.take("header") {
+            None => BTreeMap::new(),
+            Some(Value::Object(map)) => {
+                let mut out = BTreeMap::new();
+                for (k, v) in map {
+                    let values = match v {
+                        Value::Array(items) => items
+                            .into_iter()
+                            .map(|i| match i {
+                                Value::String(s) => Ok(s),
+                                _ => Err(bad("Header", "a map of string lists")),
+                            })
+                            .collect::<Result<Vec<_>, _>>()?,
+                        Value::String(s) => vec![s],
+                        _ => return Err(bad("Header", "a map of string lists")),
+                    };
+                    out.insert(k, values);
+                }
+                out
+            }
+            Some(_) => return Err(bad("Header", "a map of string lists")),
+        };
+        kinds.push(CheckKind::Http {
+            url,
+            method: f
+                .string("method")?
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "GET".to_string()),
+            headers,
+            body: f.string("body")?.unwrap_or_default(),
+            tls_skip_verify,
+            tls_server_name: f.string("tlsservername")?.filter(|s| !s.is_empty()),
+            disable_redirects: f.bool("disableredirects")?,
+        });
+    }
+    if let Some(address) = f.string("tcp")?.filter(|s| !s.is_empty()) {
+        kinds.push(CheckKind::Tcp { address });
+    }
+    if let Some(target) = f.string("grpc")?.filter(|s| !s.is_empty()) {
+        kinds.push(CheckKind::Grpc {
+            target,
+            use_tls: f.bool("grpcusetls")?,
+            tls_skip_verify,
+        });
+    }
+    let mut args = f.strings("args")?;
+    if args.is_empty() {
+        args = f.strings("scriptargs")?;
+    }
+    if !args.is_empty() {
+        kinds.push(CheckKind::Exec { args });
+    }
+    if let Some(ttl) = f.duration("ttl")? {
+        kinds.push(CheckKind::Ttl { ttl });
+    }
+    let kind = match kinds.len() {
+        1 => kinds.remove(0),
+        0 => {
+            return Err(
+                "Invalid check: one of HTTP, TCP, GRPC, Args or TTL is required".to_string(),
+            );
+        }
+        _ => {
+            return Err("Invalid check: give only one of HTTP, TCP, GRPC, Args or TTL".to_string());
+        }
+    };
+    let is_ttl = matches!(kind, CheckKind::Ttl { .. });
+    let interval = match f.duration("interval")? {
+        _ if is_ttl => Duration::ZERO,
+        None => {
+            return Err(
+                "Invalid check: Interval is required for HTTP, TCP, GRPC and Args checks"
+                    .to_string(),
+            );
+        }
+        // Consul clamps intervals below its minimum rather than refusing.
+        Some(i) => i.max(MIN_CHECK_INTERVAL),
+    };
+    let initial_status = match f.string("status")?.filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(
+            s.parse::<Health>()
+                .map_err(|e| format!("Invalid check: {e}"))?,
+        ),
+    };
+    let output_max_size = match f.u32("outputmaxsize")? {
+        0 => DEFAULT_OUTPUT_MAX_SIZE,
+        n => n as usize,
+    };
+    Ok(CheckDefinition {
+        id: id.map(CheckId::new),
+        name,
+        notes: f.string("notes")?.unwrap_or_default(),
+        service_id,
+        kind,
+        interval,
+        timeout: f.duration("timeout")?.filter(|t| !t.is_zero()),
+        initial_status,
+        success_before_passing: f.u32("successbeforepassing")?,
+        failures_before_warning: f.u32("failuresbeforewarning")?,
+        failures_before_critical: f.u32("failuresbeforecritical")?,
+        deregister_critical_after: f.duration("deregistercriticalserviceafter")?,
+        output_max_size,
+    })
+}
+
+/// The body `signpost register` sends for a service definition file.
+pub(crate) fn to_consul_json(def: &ServiceDefinition) -> Value {
+    let checks: Vec<Value> = def
+        .checks
+        .iter()
+        .map(|c| {
+            let mut m = Map::new();
+            if let Some(id) = &c.id {
+                m.insert("CheckID".into(), id.as_str().into());
+            }
+            m.insert("Name".into(), c.name.clone().into());
+            m.insert("Notes".into(), c.notes.clone().into());
+            match &c.kind {
+                CheckKind::Http {
+                    url,
+                    method,
+                    headers,
+                    body,
+                    tls_skip_verify,
+                    tls_server_name,
+                    disable_redirects,
+                } => {
+                    m.insert("HTTP".into(), url.clone().into());
+                    m.insert("Method".into(), method.clone().into());
+                    m.insert("Header".into(), serde_json::json!(headers));
+                    m.insert("Body".into(), body.clone().into());
+                    m.insert("TLSSkipVerify".into(), (*tls_skip_verify).into());
+                    if let Some(sni) = tls_server_name {
+                        m.insert("TLSServerName".into(), sni.clone().into());
+                    }
+                    m.insert("DisableRedirects".into(), (*disable_redirects).into());
+                }
+                CheckKind::Tcp { address } => {
+                    m.insert("TCP".into(), address.clone().into());
+                }
+                CheckKind::Grpc {
+                    target,
+                    use_tls,
+                    tls_skip_verify,
+                } => {
+                    m.insert("GRPC".into(), target.clone().into());
+                    m.insert("GRPCUseTLS".into(), (*use_tls).into());
+                    m.insert("TLSSkipVerify".into(), (*tls_skip_verify).into());
+                }
+                CheckKind::Exec { args } => {
+                    m.insert("Args".into(), serde_json::json!(args));
+                }
+                CheckKind::Ttl { ttl } => {
+                    m.insert("TTL".into(), signpost_core::duration::format(*ttl).into());
+                }
+            }
+            if !c.interval.is_zero() {
+                m.insert(
+                    "Interval".into(),
+                    signpost_core::duration::format(c.interval).into(),
+                );
+            }
+            if let Some(t) = c.timeout {
+                m.insert("Timeout".into(), signpost_core::duration::format(t).into());
+            }
+            if let Some(s) = c.initial_status {
+                m.insert("Status".into(), s.as_str().into());
+            }
+            if let Some(d) = c.deregister_critical_after {
+                m.insert(
+                    "DeregisterCriticalServiceAfter".into(),
+                    signpost_core::duration::format(d).into(),
+                );
+            }
+            m.insert(
+                "SuccessBeforePassing".into(),
+                c.success_before_passing.into(),
+            );
+            m.insert(
+                "FailuresBeforeWarning".into(),
+                c.failures_before_warning.into(),
+            );
+            m.insert(
+                "FailuresBeforeCritical".into(),
+                c.failures_before_critical.into(),
+            );
+            m.insert("OutputMaxSize".into(), c.output_max_size.into());
+            Value::Object(m)
+        })
+        .collect();
+    let tagged: Map<String, Value> = def
+        .tagged_addresses
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                serde_json::json!({"Address": v.address, "Port": v.port}),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "ID": def.id,
+        "Name": def.name,
+        "Address": def.address,
+        "Port": def.port,
+        "Tags": def.tags,
+        "Meta": def.meta,
+        "TaggedAddresses": tagged,
+        "Zone": def.zone,
+        "Protocol": def.protocol.as_str(),
+        "Weights": {"Passing": def.weights.passing, "Warning": def.weights.warning},
+        "EnableTagOverride": def.enable_tag_override,
+        "Checks": checks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pascal_lower_and_snake_case_decode_alike() {
+        let pascal = json!({"ID": "r1", "Name": "redis", "Port": 8000, "Meta": {"Redis_Version": "4"},
+            "Check": {"TTL": "10s", "DeregisterCriticalServiceAfter": "90m"}});
+        let lower = json!({"id": "r1", "name": "redis", "port": 8000, "meta": {"Redis_Version": "4"},
+            "check": {"ttl": "10s", "deregister_critical_service_after": "90m"}});
+        let a = service(normalize(pascal)).unwrap();
+        let b = service(normalize(lower)).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.meta.get("Redis_Version").map(String::as_str), Some("4"));
+        assert_eq!(
+            a.checks[0].deregister_critical_after,
+            Some(Duration::from_secs(5400))
+        );
+    }
+
+    #[test]
+    fn numbers_are_nanoseconds_and_small_intervals_clamp() {
+        let c = check(
+            normalize(json!({"name": "s", "args": ["/bin/true"], "interval": 10})),
+            true,
+        )
+        .unwrap();
+        assert_eq!(c.interval, MIN_CHECK_INTERVAL);
+        let c = check(
+            normalize(json!({"Name": "t", "TTL": 5_000_000_000u64})),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            c.kind,
+            CheckKind::Ttl {
+                ttl: Duration::from_secs(5)
+            }
+        );
+    }
+
+    #[test]
+    fn check_fields_map() {
+        let c = check(
+            normalize(json!({"ID": "web-http", "Name": "web", "ServiceID": "web-1", "HTTP": "http://127.0.0.1/h",
+                "Method": "POST", "Header": {"X-A": ["1", "2"]}, "Interval": "5s", "Timeout": "1s",
+                "TLSSkipVerify": true, "SuccessBeforePassing": 2, "FailuresBeforeCritical": 3, "Status": "passing"})),
+            true,
+        )
+        .unwrap();
+        assert_eq!(c.id, Some(CheckId::new("web-http")));
+        assert_eq!(c.service_id, Some(ServiceId::new("web-1")));
+        assert_eq!(c.success_before_passing, 2);
+        assert_eq!(c.initial_status, Some(Health::Passing));
+        match c.kind {
+            CheckKind::Http {
+                method,
+                headers,
+                tls_skip_verify,
+                ..
+            } => {
+                assert_eq!(method, "POST");
+                assert_eq!(headers["X-A"], ["1", "2"]);
+                assert!(tls_skip_verify);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn consul_json_round_trips() {
+        let text = "service:\n  name: web\n  port: 80\n  tags: [a]\n  checks:\n    - http: http://127.0.0.1/\n      interval: 5s\n    - ttl: 1m\n";
+        let mut def = signpost_core::service_file::parse("w.yaml", text)
+            .unwrap()
+            .remove(0);
+        let mut back = service(normalize(to_consul_json(&def))).unwrap();
+        back.validate().unwrap();
+        def.validate().unwrap();
+        assert_eq!(back, def);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = service(normalize(json!({"Name": "x", "Port": "80"}))).unwrap_err();
+        assert!(e.contains("Port"), "{e}");
+        let e = check(normalize(json!({"Name": "x", "HTTP": "http://a/"})), true).unwrap_err();
+        assert!(e.contains("Interval"), "{e}");
+    }
+}

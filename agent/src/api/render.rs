@@ -1,0 +1,187 @@
+//! The JSON shapes Consul clients parse. Empty lists are `[]` and empty
+//! maps `{}`, never `null`.
+
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use signpost_core::model::Health;
+
+use crate::state::{CheckEntry, Inner, ServiceEntry};
+
+pub(crate) fn json(body: &Value) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"null".to_vec());
+    let mut response = bytes.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn tagged_addresses(entry: &ServiceEntry) -> Value {
+    let mut map = Map::new();
+    for (tag, addr) in &entry.def.tagged_addresses {
+        map.insert(
+            tag.clone(),
+            json!({"address": addr.address, "port": addr.port}),
+        );
+    }
+    Value::Object(map)
+}
+
+fn weights(entry: &ServiceEntry) -> Value {
+    json!({"Passing": entry.def.weights.passing, "Warning": entry.def.weights.warning})
+}
+
+/// `/v1/agent/services` and `/v1/agent/service/:id` entries.
+pub(crate) fn agent_service(inner: &Inner, entry: &ServiceEntry) -> Value {
+    let def = &entry.def;
+    json!({
+        "ID": def.id,
+        "Service": def.name,
+        "Tags": def.tags,
+        "Meta": def.meta,
+        "Port": def.port,
+        "Address": def.address,
+        "TaggedAddresses": tagged_addresses(entry),
+        "Weights": weights(entry),
+        "EnableTagOverride": def.enable_tag_override,
+        "Datacenter": inner.node.datacenter,
+    })
+}
+
+/// A check as `/v1/agent/checks` and the health endpoints show it.
+pub(crate) fn check(inner: &Inner, check: &CheckEntry) -> Value {
+    let service = inner.service_of_check(check);
+    let (interval, timeout) = match check.definition() {
+        Some(def) if !def.interval.is_zero() => (
+            signpost_core::duration::format(def.interval),
+            signpost_core::duration::format(def.effective_timeout()),
+        ),
+        _ => (String::new(), String::new()),
+    };
+    let check_type = match check.type_name() {
+        "maintenance" | "serf" => "",
+        other => other,
+    };
+    json!({
+        "Node": inner.node.name,
+        "CheckID": check.id,
+        "Name": check.name,
+        "Status": check.status,
+        "Notes": check.notes,
+        "Output": check.output,
+        "ServiceID": check.service_id.as_ref().map(|s| s.as_str()).unwrap_or(""),
+        "ServiceName": service.map(|s| s.def.name.as_str()).unwrap_or(""),
+        "ServiceTags": service.map(|s| s.def.tags.clone()).unwrap_or_default(),
+        "Type": check_type,
+        "Interval": interval,
+        "Timeout": timeout,
+        "ExposedPort": 0,
+        "Definition": {},
+        "CreateIndex": check.create_index,
+        "ModifyIndex": check.modify_index,
+    })
+}
+
+fn node_tagged_addresses(inner: &Inner) -> Value {
+    let a = &inner.node.address;
+    json!({"lan": a, "lan_ipv4": a, "wan": a, "wan_ipv4": a})
+}
+
+/// The `Node` object of health entries and `/v1/catalog/nodes`.
+pub(crate) fn node(inner: &Inner) -> Value {
+    json!({
+        "ID": inner.node.id,
+        "Node": inner.node.name,
+        "Address": inner.node.address,
+        "Datacenter": inner.node.datacenter,
+        "TaggedAddresses": node_tagged_addresses(inner),
+        "Meta": node_meta(inner),
+        "CreateIndex": inner.node_create_index,
+        "ModifyIndex": inner.node_create_index,
+    })
+}
+
+fn node_meta(inner: &Inner) -> Value {
+    let mut meta: Map<String, Value> = inner
+        .node
+        .meta
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    meta.insert("zone".to_string(), Value::String(inner.node.zone.clone()));
+    Value::Object(meta)
+}
+
+/// The `Service` object of health entries and `/v1/catalog/node/:node`.
+pub(crate) fn node_service(entry: &ServiceEntry) -> Value {
+    let def = &entry.def;
+    json!({
+        "ID": def.id,
+        "Service": def.name,
+        "Tags": def.tags,
+        "Address": def.address,
+        "TaggedAddresses": tagged_addresses(entry),
+        "Meta": def.meta,
+        "Port": def.port,
+        "Weights": weights(entry),
+        "EnableTagOverride": def.enable_tag_override,
+        "CreateIndex": entry.create_index,
+        "ModifyIndex": entry.modify_index,
+    })
+}
+
+/// One `/v1/catalog/service/:name` entry.
+pub(crate) fn catalog_service(inner: &Inner, entry: &ServiceEntry) -> Value {
+    let def = &entry.def;
+    json!({
+        "ID": inner.node.id,
+        "Node": inner.node.name,
+        "Address": inner.node.address,
+        "Datacenter": inner.node.datacenter,
+        "TaggedAddresses": node_tagged_addresses(inner),
+        "NodeMeta": node_meta(inner),
+        "ServiceKind": "",
+        "ServiceID": def.id,
+        "ServiceName": def.name,
+        "ServiceTags": def.tags,
+        "ServiceAddress": def.address,
+        "ServiceTaggedAddresses": tagged_addresses(entry),
+        "ServiceWeights": weights(entry),
+        "ServiceMeta": def.meta,
+        "ServicePort": def.port,
+        "ServiceEnableTagOverride": def.enable_tag_override,
+        "ServiceConnect": {},
+        "CreateIndex": entry.create_index,
+        "ModifyIndex": entry.modify_index,
+    })
+}
+
+/// One `/v1/health/service/:name` entry: node, service, and the checks of
+/// both (node checks included, as clients expect).
+pub(crate) fn health_entry(inner: &Inner, entry: &ServiceEntry) -> Value {
+    let checks: Vec<Value> = inner
+        .node_checks()
+        .chain(inner.checks_of(&entry.def.id))
+        .map(|c| check(inner, c))
+        .collect();
+    json!({
+        "Node": node(inner),
+        "Service": node_service(entry),
+        "Checks": checks,
+    })
+}
+
+/// The aggregate Consul's client computes: maintenance beats critical.
+pub(crate) fn aggregated_status(inner: &Inner, entry: &ServiceEntry) -> &'static str {
+    let checks = || inner.node_checks().chain(inner.checks_of(&entry.def.id));
+    if checks().any(|c| c.id.is_maintenance()) {
+        return "maintenance";
+    }
+    checks()
+        .map(|c| c.status)
+        .max()
+        .unwrap_or(Health::Passing)
+        .as_str()
+}

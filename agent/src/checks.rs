@@ -1,0 +1,194 @@
+//! Health checks run next to the services they check.
+//!
+//! - [`Supervisor`] owns one task per active check (HTTP, TCP, gRPC, exec)
+//!   and restarts or stops them as registrations change.
+//! - `runner` turns probe results into a status: thresholds
+//!   (`success_before_passing`, `failures_before_*`) and the fast re-check
+//!   that confirms a failure of a passing check within a few hundred
+//!   milliseconds instead of a whole interval.
+//! - `http`, `tcp`, `grpc`, `exec` are the probes; each returns an
+//!   [`Outcome`] and never panics on what the service does.
+//! - `reaper` expires TTL checks and deregisters services that stayed
+//!   critical longer than `deregister_critical_after`.
+
+mod exec;
+mod grpc;
+mod http;
+pub(crate) mod reaper;
+mod runner;
+mod tcp;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use signpost_core::model::{CheckDefinition, CheckId, CheckKind, Health};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::state::{LocalState, StartCheck, StatusChange};
+
+pub(crate) use http::HttpClients;
+
+/// The result of one probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: Health,
+    pub output: String,
+}
+
+impl Outcome {
+    pub(crate) fn new(status: Health, output: impl Into<String>) -> Self {
+        Outcome {
+            status,
+            output: output.into(),
+        }
+    }
+}
+
+/// A ready-to-run probe for one check definition.
+pub(crate) enum Probe {
+    Http(http::HttpProbe),
+    Tcp(tcp::TcpProbe),
+    Grpc(grpc::GrpcProbe),
+    Exec(exec::ExecProbe),
+}
+
+impl Probe {
+    /// `None` for TTL checks, which have nothing to probe.
+    pub(crate) fn new(def: &CheckDefinition, clients: &HttpClients) -> Option<Self> {
+        let timeout = def.effective_timeout();
+        let max_output = def.output_max_size;
+        Some(match &def.kind {
+            CheckKind::Http { .. } => Probe::Http(http::HttpProbe::new(
+                &def.kind, timeout, max_output, clients,
+            )?),
+            CheckKind::Tcp { address } => Probe::Tcp(tcp::TcpProbe::new(address, timeout)),
+            CheckKind::Grpc {
+                target,
+                use_tls,
+                tls_skip_verify,
+            } => Probe::Grpc(grpc::GrpcProbe::new(
+                target,
+                *use_tls,
+                *tls_skip_verify,
+                timeout,
+            )),
+            CheckKind::Exec { args } => {
+                Probe::Exec(exec::ExecProbe::new(args.clone(), timeout, max_output))
+            }
+            CheckKind::Ttl { .. } => return None,
+        })
+    }
+
+    pub(crate) async fn run(&self) -> Outcome {
+        match self {
+            Probe::Http(p) => p.run().await,
+            Probe::Tcp(p) => p.run().await,
+            Probe::Grpc(p) => p.run().await,
+            Probe::Exec(p) => p.run().await,
+        }
+    }
+}
+
+/// How failures of passing checks are confirmed.
+#[derive(Debug, Clone, Copy)]
+pub struct FastRecheck {
+    pub count: u32,
+    pub spacing: Duration,
+}
+
+/// Runs the host's active checks, one task each.
+pub struct Supervisor {
+    state: Arc<LocalState>,
+    metrics: Arc<Metrics>,
+    clients: HttpClients,
+    recheck: FastRecheck,
+    running: Mutex<HashMap<CheckId, CancellationToken>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Supervisor {
+    pub fn new(
+        state: Arc<LocalState>,
+        metrics: Arc<Metrics>,
+        recheck: FastRecheck,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Supervisor {
+            state,
+            metrics,
+            clients: HttpClients::default(),
+            recheck,
+            running: Mutex::new(HashMap::new()),
+            shutdown,
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Starts (or restarts) the runner of a registered check.
+    pub fn start(&self, check: StartCheck) {
+        let token = self.shutdown.child_token();
+        let previous = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(check.id.clone(), token.clone());
+        if let Some(previous) = previous {
+            previous.cancel();
+        }
+        let Some(probe) = Probe::new(&check.def, &self.clients) else {
+            return;
+        };
+        let runner = runner::Runner {
+            state: self.state.clone(),
+            metrics: self.metrics.clone(),
+            recheck: self.recheck,
+            probe,
+            check,
+        };
+        self.tracker.spawn(runner.run(token));
+    }
+
+    pub fn stop(&self, id: &CheckId) {
+        let token = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(token) = token {
+            token.cancel();
+        }
+    }
+
+    /// Waits for every runner to finish after the shutdown token fired.
+    pub async fn wait(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Logs and counts a status change, wherever it came from.
+pub(crate) fn report_change(metrics: &Metrics, change: &StatusChange, output: &str) {
+    metrics.status_change(change.to);
+    let service = change.service.as_ref().map(|s| s.as_str()).unwrap_or("");
+    if change.to == Health::Passing {
+        tracing::info!(check = %change.check, service, from = %change.from, to = %change.to, "check status changed");
+    } else {
+        tracing::warn!(check = %change.check, service, from = %change.from, to = %change.to, output, "check status changed");
+    }
+}
+
+/// Keeps at most `max` bytes of `text`, cut on a character boundary.
+pub(crate) fn truncate_output(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}

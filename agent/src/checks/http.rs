@@ -1,0 +1,277 @@
+//! HTTP(S) checks: 2xx passes, 429 warns, anything else is critical.
+//!
+//! Like Consul, connections are not kept alive between probes (a check
+//! must see a service that cannot accept new connections), the output is
+//! `HTTP <method> <url>: <status> Output: <body>` with the body capped, and
+//! TLS is verified against the system roots unless `tls_skip_verify`.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use signpost_core::model::{CheckKind, Health};
+
+use super::{Outcome, truncate_output};
+
+/// The shared HTTP clients, one per TLS/redirect combination, so that a
+/// thousand checks do not hold a thousand connection pools.
+#[derive(Clone, Default)]
+pub(crate) struct HttpClients {
+    clients: Arc<[OnceLock<Result<reqwest::Client, String>>; 4]>,
+}
+
+impl HttpClients {
+    fn get(&self, skip_verify: bool, follow_redirects: bool) -> Result<reqwest::Client, String> {
+        let slot = usize::from(skip_verify) * 2 + usize::from(follow_redirects);
+        self.clients[slot]
+            .get_or_init(|| {
+                crate::tls::install_crypto_provider();
+                reqwest::Client::builder()
+                    .user_agent("Signpost Health Check")
+                    .pool_max_idle_per_host(0)
+                    .redirect(if follow_redirects {
+                        reqwest::redirect::Policy::limited(10)
+                    } else {
+                        reqwest::redirect::Policy::none()
+                    })
+                    .tls_danger_accept_invalid_certs(skip_verify)
+                    .no_proxy()
+                    .build()
+                    .map_err(|e| format!("cannot build the HTTP check client: {e}"))
+            })
+            .clone()
+    }
+}
+
+pub(crate) struct HttpProbe {
+    client: Result<reqwest::Client, String>,
+    method: reqwest::Method,
+    url: String,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+    timeout: Duration,
+    max_output: usize,
+}
+
+impl HttpProbe {
+    pub(crate) fn new(
+        kind: &CheckKind,
+        timeout: Duration,
+        max_output: usize,
+        clients: &HttpClients,
+    ) -> Option<Self> {
+        let CheckKind::Http {
+            url,
+            method,
+            headers,
+            body,
+            tls_skip_verify,
+            tls_server_name: _,
+            disable_redirects,
+        } = kind
+        else {
+            return None;
+        };
+        let mut map = reqwest::header::HeaderMap::new();
+        map.insert(
+            reqwest::header::ACCEPT,
+            reqwest::header::HeaderValue::from_static("text/plain, text/*, */*"),
+        );
+        let mut client = clients.get(*tls_skip_verify, !disable_redirects);
+        for (name, values) in headers {
+            for value in values {
+                match (
+                    reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                    reqwest::header::HeaderValue::from_str(value),
+                ) {
+                    (Ok(n), Ok(v)) => {
+                        map.append(n, v);
+                    }
+                    _ => client = Err(format!("invalid header {name}: {value:?}")),
+                }
+            }
+        }
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        Some(HttpProbe {
+            client,
+            method,
+            url: url.clone(),
+            headers: map,
+            body: body.clone(),
+            timeout,
+            max_output,
+        })
+    }
+
+    pub(crate) async fn run(&self) -> Outcome {
+        let client = match &self.client {
+            Ok(c) => c,
+            Err(e) => return Outcome::new(Health::Critical, e.clone()),
+        };
+        let mut request = client
+            .request(self.method.clone(), &self.url)
+            .headers(self.headers.clone())
+            .timeout(self.timeout);
+        if !self.body.is_empty() {
+            request = request.body(self.body.clone());
+        }
+        let prefix = format!("HTTP {} {}", self.method, self.url);
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::new(Health::Critical, format!("{prefix}: {}", error_chain(&e)));
+            }
+        };
+        let status = response.status();
+        let mut body = Vec::new();
+        while body.len() < self.max_output {
+            match tokio::time::timeout(self.timeout, response.chunk()).await {
+                Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        let body = truncate_output(String::from_utf8_lossy(&body).into_owned(), self.max_output);
+        let health = if status.is_success() {
+            Health::Passing
+        } else if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            Health::Warning
+        } else {
+            Health::Critical
+        };
+        let output = format!(
+            "{prefix}: {} {} Output: {body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        Outcome::new(health, truncate_output(output, self.max_output))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use axum::routing::any;
+    use std::collections::BTreeMap;
+
+    async fn server() -> String {
+        let app =
+            axum::Router::new()
+                .route("/ok", any(|| async { "all good" }))
+                .route(
+                    "/busy",
+                    any(|| async { (StatusCode::TOO_MANY_REQUESTS, "slow down") }),
+                )
+                .route(
+                    "/down",
+                    any(|| async { (StatusCode::SERVICE_UNAVAILABLE, "down") }),
+                )
+                .route(
+                    "/echo",
+                    any(
+                        |method: axum::http::Method,
+                         headers: axum::http::HeaderMap,
+                         body: String| async move {
+                            let h = headers
+                                .get("x-probe")
+                                .map(|v| v.to_str().unwrap_or("").to_string())
+                                .unwrap_or_default();
+                            format!("{method} {h} {body}")
+                        },
+                    ),
+                );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn probe(
+        url: String,
+        method: &str,
+        headers: BTreeMap<String, Vec<String>>,
+        body: &str,
+    ) -> HttpProbe {
+        let kind = CheckKind::Http {
+            url,
+            method: method.into(),
+            headers,
+            body: body.into(),
+            tls_skip_verify: false,
+            tls_server_name: None,
+            disable_redirects: false,
+        };
+        HttpProbe::new(&kind, Duration::from_secs(2), 4096, &HttpClients::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn status_classes() {
+        let base = server().await;
+        let ok = probe(format!("{base}/ok"), "GET", BTreeMap::new(), "")
+            .run()
+            .await;
+        assert_eq!(ok.status, Health::Passing);
+        assert_eq!(
+            ok.output,
+            format!("HTTP GET {base}/ok: 200 OK Output: all good")
+        );
+        let busy = probe(format!("{base}/busy"), "GET", BTreeMap::new(), "")
+            .run()
+            .await;
+        assert_eq!(busy.status, Health::Warning);
+        let down = probe(format!("{base}/down"), "GET", BTreeMap::new(), "")
+            .run()
+            .await;
+        assert_eq!(down.status, Health::Critical);
+        assert!(
+            down.output.contains("503 Service Unavailable"),
+            "{}",
+            down.output
+        );
+    }
+
+    #[tokio::test]
+    async fn method_headers_and_body_are_sent() {
+        let base = server().await;
+        let headers = BTreeMap::from([("X-Probe".to_string(), vec!["yes".to_string()])]);
+        let out = probe(format!("{base}/echo"), "POST", headers, "ping")
+            .run()
+            .await;
+        assert_eq!(out.status, Health::Passing);
+        assert!(
+            out.output.ends_with("Output: POST yes ping"),
+            "{}",
+            out.output
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_critical() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let out = probe(format!("http://{addr}/"), "GET", BTreeMap::new(), "")
+            .run()
+            .await;
+        assert_eq!(out.status, Health::Critical);
+        assert!(
+            out.output
+                .starts_with(&format!("HTTP GET http://{addr}/: ")),
+            "{}",
+            out.output
+        );
+    }
+}

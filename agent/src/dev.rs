@@ -1,0 +1,110 @@
+//! `signpost dev`: an agent with a demo service, in a temporary directory,
+//! so that a newcomer sees Signpost work with one command.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::routing::get;
+use signpost_core::config::AgentConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Starts two demo instances, writes their service file and runs an agent
+/// with its API on `http_addr` until `shutdown`.
+pub async fn run(http_addr: &str, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listen: SocketAddr = http_addr
+        .parse()
+        .with_context(|| format!("--http-addr {http_addr:?} must be an ip:port address"))?;
+    let dir = tempfile::Builder::new()
+        .prefix("signpost-dev-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let services_dir = dir.path().join("services.d");
+    std::fs::create_dir_all(&services_dir)?;
+
+    let mut instances = Vec::new();
+    for n in 1..=2 {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let body = format!("hello from demo-{n}\n");
+        let app = axum::Router::new()
+            .route("/", get(move || async move { body }))
+            .route("/health", get(|| async { "ok\n" }));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "demo instance failed");
+            }
+        });
+        instances.push(addr);
+    }
+    let mut yaml = String::from(
+        "# Edit me: changes apply within a second, mistakes are reported\n# and the last good version keeps serving.\nservices:\n",
+    );
+    for (i, addr) in instances.iter().enumerate() {
+        yaml.push_str(&format!(
+            "  - name: demo\n    id: demo-{n}\n    address: {ip}\n    port: {port}\n    tags: [v1]\n    protocol: http\n    checks:\n      - http: http://{addr}/health\n        interval: 2s\n        timeout: 1s\n      - tcp: {addr}\n        interval: 5s\n",
+            n = i + 1,
+            ip = addr.ip(),
+            port = addr.port(),
+        ));
+    }
+    let demo_file = services_dir.join("demo.yaml");
+    std::fs::write(&demo_file, yaml)?;
+
+    let mut config = AgentConfig {
+        node_name: Some("dev".to_string()),
+        data_dir: dir.path().join("data"),
+        services_dir: services_dir.clone(),
+        ..AgentConfig::default()
+    };
+    config.api.listen = listen;
+    crate::telemetry::init(&config.log);
+
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let agent = tokio::spawn(crate::run(config, Some(ready_tx), shutdown.clone()));
+    let Ok(api) = ready_rx.await else {
+        // The agent failed before listening; its error says why.
+        return agent.await?;
+    };
+    // Give the first checks a moment so the hints show them passing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = format!("http://{api}");
+    let flag = if listen.port() == 8500 && listen.ip().is_loopback() {
+        String::new()
+    } else {
+        format!(" --http-addr {api}")
+    };
+    println!(
+        r#"
+Signpost dev agent is running.
+  local API      {base}
+  service files  {services_dir}
+  demo service   demo-1 at {i1}, demo-2 at {i2} (HTTP and TCP checks)
+
+Try:
+  signpost services{flag}                          # or: cargo run -q -p signpost-agent -- services{flag}
+  signpost checks{flag}
+  curl -s '{base}/v1/health/service/demo?passing'
+  signpost maint demo-1 --enable --reason 'trying Signpost'{flag}
+  curl -s '{base}/v1/health/service/demo?passing'   # demo-1 is gone
+  curl -s -X PUT -d '{{"Name":"web","Port":9000,"Check":{{"TTL":"30s"}}}}' {base}/v1/agent/service/register
+  curl -s -X PUT '{base}/v1/agent/check/pass/service:web?note=alive'
+  $EDITOR {file}             # add, change or break it
+  curl -s {base}/metrics
+
+Ctrl-C stops it and removes {dir}."#,
+        services_dir = services_dir.display(),
+        i1 = instances[0],
+        i2 = instances[1],
+        file = demo_file.display(),
+        dir = dir.path().display(),
+    );
+    let result = agent.await?;
+    drop(dir);
+    result
+}

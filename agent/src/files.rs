@@ -1,0 +1,296 @@
+//! The service files in `services_dir`: loaded at start, then watched.
+//!
+//! Each `*.yaml` file is parsed and validated as a whole. A good file's
+//! services are registered (unchanged services are left alone, so their
+//! checks keep their status); services that left the file are
+//! deregistered; a deleted file's services go away. A file that fails to
+//! parse or validate is reported (log, metric, `signpost services`) and its
+//! last good version keeps serving. A service id already served by another
+//! file or by the API is an error for the file that claims it later.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use notify::RecursiveMode;
+use signpost_core::model::{CheckKind, ServiceDefinition};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{Agent, FileReport};
+use crate::state::Source;
+
+/// Events closer than this are handled as one.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+pub(crate) struct ServiceFiles {
+    loaded: HashMap<PathBuf, Loaded>,
+}
+
+struct Loaded {
+    content: Vec<u8>,
+    good: Vec<ServiceDefinition>,
+}
+
+/// `*.yaml` and `*.yml`, hidden files (editor swap files) excluded.
+pub(crate) fn is_service_file(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let yaml = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e == "yaml" || e == "yml");
+    !hidden && yaml
+}
+
+impl ServiceFiles {
+    /// Brings the registrations in line with the directory's content.
+    pub(crate) fn scan(&mut self, agent: &Agent, dir: &Path) {
+        let mut present: Vec<(SystemTime, PathBuf)> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| is_service_file(p) && p.is_file())
+                .map(|p| {
+                    let mtime = std::fs::metadata(&p)
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    (mtime, p)
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot read services_dir; keeping the services already loaded");
+                return;
+            }
+        };
+        // Older files first, so that the newer of two files claiming the
+        // same id is the one in error.
+        present.sort();
+        let gone: Vec<PathBuf> = self
+            .loaded
+            .keys()
+            .filter(|p| !present.iter().any(|(_, q)| q == *p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.remove(agent, &path);
+        }
+        for (_, path) in present {
+            self.load(agent, &path);
+        }
+    }
+
+    fn remove(&mut self, agent: &Agent, path: &Path) {
+        let Some(loaded) = self.loaded.remove(path) else {
+            return;
+        };
+        let source = Source::File(path.to_path_buf());
+        for def in loaded.good {
+            if let Err(e) = agent.deregister_service(&def.id, &source) {
+                tracing::warn!(file = %path.display(), service = %def.id, error = %e, "cannot deregister service of a removed file");
+            }
+        }
+        tracing::info!(file = %path.display(), "service file removed");
+        agent.set_file_report(path.to_path_buf(), None);
+    }
+
+    fn load(&mut self, agent: &Agent, path: &Path) {
+        let content = match std::fs::read(path) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.remove(agent, path);
+                return;
+            }
+            Err(e) => {
+                self.refuse(
+                    agent,
+                    path,
+                    None,
+                    format!("{}: cannot read: {e}", path.display()),
+                );
+                return;
+            }
+        };
+        if self.loaded.get(path).is_some_and(|l| l.content == content) {
+            return;
+        }
+        let parsed = std::str::from_utf8(&content)
+            .map_err(|e| format!("{}: not UTF-8 text: {e}", path.display()))
+            .and_then(|text| {
+                signpost_core::service_file::parse(&path.display().to_string(), text)
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|defs| admissible(agent, path, &defs).map(|()| defs));
+        match parsed {
+            Ok(defs) => self.apply(agent, path, content, defs),
+            Err(error) => self.refuse(agent, path, Some(content), error),
+        }
+    }
+
+    fn apply(
+        &mut self,
+        agent: &Agent,
+        path: &Path,
+        content: Vec<u8>,
+        defs: Vec<ServiceDefinition>,
+    ) {
+        let source = Source::File(path.to_path_buf());
+        let old = self.loaded.remove(path).map(|l| l.good).unwrap_or_default();
+        for def in &old {
+            if !defs.iter().any(|d| d.id == def.id)
+                && let Err(e) = agent.deregister_service(&def.id, &source)
+            {
+                tracing::warn!(file = %path.display(), service = %def.id, error = %e, "cannot deregister service that left its file");
+            }
+        }
+        let mut errors = Vec::new();
+        for def in &defs {
+            if old.contains(def) {
+                continue;
+            }
+            if let Err(e) = agent.register_service(def.clone(), source.clone(), true) {
+                errors.push(format!("service {:?}: {e}", def.id.as_str()));
+            }
+        }
+        agent.metrics.file_load(errors.is_empty());
+        let error =
+            (!errors.is_empty()).then(|| format!("{}: {}", path.display(), errors.join("; ")));
+        match &error {
+            None => {
+                tracing::info!(file = %path.display(), services = defs.len(), "service file loaded")
+            }
+            Some(e) => {
+                tracing::error!(file = %path.display(), error = %e, "service file partly refused")
+            }
+        }
+        agent.set_file_report(
+            path.to_path_buf(),
+            Some(FileReport {
+                services: defs.iter().map(|d| d.id.clone()).collect(),
+                error,
+            }),
+        );
+        self.loaded.insert(
+            path.to_path_buf(),
+            Loaded {
+                content,
+                good: defs,
+            },
+        );
+    }
+
+    /// Keeps the last good version and reports why the new one is refused.
+    fn refuse(&mut self, agent: &Agent, path: &Path, content: Option<Vec<u8>>, error: String) {
+        agent.metrics.file_load(false);
+        let entry = self
+            .loaded
+            .entry(path.to_path_buf())
+            .or_insert_with(|| Loaded {
+                content: Vec::new(),
+                good: Vec::new(),
+            });
+        if let Some(content) = content {
+            entry.content = content;
+        }
+        let services = entry.good.iter().map(|d| d.id.clone()).collect::<Vec<_>>();
+        tracing::error!(file = %path.display(), error = %error, kept = services.len(), "service file refused; its last good version keeps serving");
+        agent.set_file_report(
+            path.to_path_buf(),
+            Some(FileReport {
+                services,
+                error: Some(error),
+            }),
+        );
+    }
+}
+
+/// Rules that depend on the agent: exec allowed, ids not owned elsewhere.
+fn admissible(agent: &Agent, path: &Path, defs: &[ServiceDefinition]) -> Result<(), String> {
+    let source = Source::File(path.to_path_buf());
+    for def in defs {
+        if def
+            .checks
+            .iter()
+            .any(|c| matches!(c.kind, CheckKind::Exec { .. }))
+            && !agent.config.checks.enable_exec
+        {
+            return Err(format!(
+                "{}: service {:?}: {}",
+                path.display(),
+                def.id.as_str(),
+                crate::agent::AgentError::ExecDisabled
+            ));
+        }
+        let owner = agent.state.read(|i| {
+            i.services
+                .get(&def.id)
+                .filter(|s| s.source != source)
+                .map(|s| s.source.describe())
+        });
+        if let Some(owner) = owner {
+            return Err(format!(
+                "{}: service id {:?} is already defined by {owner}",
+                path.display(),
+                def.id.as_str()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Loads the directory once, synchronously (before the API answers).
+pub(crate) fn initial_scan(agent: &Agent) -> Arc<Mutex<ServiceFiles>> {
+    let mut files = ServiceFiles::default();
+    files.scan(agent, &agent.config.services_dir);
+    Arc::new(Mutex::new(files))
+}
+
+/// Watches the directory and rescans it on every (debounced) change.
+pub(crate) async fn watch(
+    agent: Arc<Agent>,
+    files: Arc<Mutex<ServiceFiles>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = agent.config.services_dir.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut debouncer = notify_debouncer_full::new_debouncer(
+        DEBOUNCE,
+        None,
+        move |result: notify_debouncer_full::DebounceEventResult| match result {
+            Ok(events) if events.is_empty() => {}
+            Ok(_) => {
+                // The receiver is gone only at shutdown.
+                if tx.send(()).is_err() {
+                    tracing::trace!("service file watcher stopped");
+                }
+            }
+            Err(errors) => {
+                for e in errors {
+                    tracing::warn!(error = %e, "service file watcher error");
+                }
+            }
+        },
+    )?;
+    debouncer.watch(&dir, RecursiveMode::NonRecursive)?;
+    tracing::info!(dir = %dir.display(), "watching service files");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = rx.recv() => if event.is_none() { break },
+        }
+        let (agent, files, dir) = (agent.clone(), files.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || {
+            files
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .scan(&agent, &dir);
+        })
+        .await?;
+    }
+    drop(debouncer);
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! The Signpost host agent: it registers the services on its host, checks
+//! their health next to them, and answers the Consul-compatible local API.
+//!
+//! Layout (the data flows top to bottom):
+//! - [`files`]: `services_dir/*.yaml`, watched; bad files keep their last
+//!   good version.
+//! - [`api`]: the local HTTP API (registration, catalog, health, blocking
+//!   queries, `/metrics`).
+//! - [`agent`]: the one entry point for every change, whatever its source.
+//! - [`state`]: services, checks and indexes; changes are published on a
+//!   `watch` channel for blocking queries (and later the sync, DNS and
+//!   proxy).
+//! - [`checks`]: one task per active check, TTL expiry and the reaper.
+//! - [`persist`]: API registrations, maintenance and TTL status in
+//!   `data_dir`.
+//! - [`cli`], [`dev`]: the `signpost` subcommands that talk to an agent,
+//!   and the one-command demo.
+
+pub mod agent;
+mod api;
+pub mod checks;
+pub mod cli;
+pub mod dev;
+mod files;
+pub mod metrics;
+mod persist;
+pub mod state;
+pub mod telemetry;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use signpost_core::config::{AgentConfig, valid_node_name};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Agent;
+use crate::checks::{FastRecheck, Supervisor};
+use crate::metrics::Metrics;
+use crate::state::{LocalState, NodeInfo};
+
+/// How long in-flight API requests get to finish after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the agent until `shutdown` fires, then drains: in-flight API
+/// requests finish (blocking queries answer at once), checks stop, and the
+/// state is written one last time. `ready` receives the API's address once
+/// it accepts connections.
+pub async fn run(
+    config: AgentConfig,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.services_dir).with_context(|| {
+        format!(
+            "cannot create services_dir {}",
+            config.services_dir.display()
+        )
+    })?;
+    let node = NodeInfo {
+        name: node_name(&config),
+        id: node_id(&config.data_dir)?,
+        address: config.advertise_addr.to_string(),
+        datacenter: config.datacenter.clone(),
+        zone: config.zone.clone(),
+        meta: config.node_meta.clone(),
+    };
+    tracing::info!(node = %node.name, id = %node.id, zone = %node.zone, "starting agent");
+    let state = Arc::new(LocalState::new(node));
+    let metrics = Arc::new(Metrics::new());
+    let supervisor = Supervisor::new(
+        state.clone(),
+        metrics.clone(),
+        FastRecheck {
+            count: config.checks.fast_recheck_count,
+            spacing: config.checks.fast_recheck_spacing,
+        },
+        shutdown.child_token(),
+    );
+    let listen = config.api.listen;
+    let agent = Arc::new(Agent::new(config, state, metrics, supervisor));
+
+    // Files first, then what the API registered before the restart, so
+    // that API checks bound to file services find their service.
+    let files = files::initial_scan(&agent);
+    persist::load(&agent).with_context(|| {
+        format!(
+            "cannot read {}",
+            persist::state_path(&agent.config.data_dir).display()
+        )
+    })?;
+
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on api.listen {listen}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "local API listening");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let background = CancellationToken::new();
+    tasks.spawn(checks::reaper::run(agent.clone(), background.clone()));
+    tasks.spawn(persist::run(agent.clone(), background.clone()));
+    {
+        let (agent, token) = (agent.clone(), background.clone());
+        tasks.spawn(async move {
+            if let Err(e) = files::watch(agent, files, token).await {
+                tracing::error!(error = %e, "cannot watch services_dir: changes need a restart");
+            }
+        });
+    }
+    let router = api::router(api::Api {
+        agent: agent.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+            .await
+    });
+    if let Some(ready) = ready
+        && ready.send(local).is_err()
+    {
+        tracing::debug!("nobody waits for the ready signal");
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "API server task failed"),
+        Err(_) => tracing::warn!("in-flight requests did not finish in time"),
+    }
+    agent.stop_checks().await;
+    background.cancel();
+    while let Some(result) = tasks.join_next().await {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "agent task failed");
+        }
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// The configured node name, or the host name reduced to a DNS label.
+fn node_name(config: &AgentConfig) -> String {
+    if let Some(name) = &config.node_name {
+        return name.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let label: String = host
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    if valid_node_name(&label) {
+        label
+    } else {
+        "signpost-node".to_string()
+    }
+}
+
+/// A random node id (UUID v4 format), kept in `data_dir/node-id`.
+fn node_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let b: [u8; 16] = rand::random();
+    let id = format!(
+        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-4{:01x}{:02x}-{:01x}{:01x}{:02x}-{}",
+        b[0],
+        b[1],
+        b[2],
+        b[3],
+        b[4],
+        b[5],
+        b[6] & 0x0f,
+        b[7],
+        8 | (b[8] & 0x03),
+        b[8] >> 4,
+        b[9],
+        b[10..16]
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+    );
+    persist::write_atomic(&path, id.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}

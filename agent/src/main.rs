@@ -1,0 +1,178 @@
+//! `signpost`: the host agent and the commands that talk to it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use signpost_agent::cli::{self, Client};
+use signpost_core::config::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "signpost",
+    version,
+    about = "Service discovery sidecar: local DNS, proxy and health checks for every host"
+)]
+struct Cli {
+    /// The agent's local API, for the commands that talk to it.
+    #[arg(
+        long,
+        global = true,
+        env = "SIGNPOST_HTTP_ADDR",
+        default_value = "127.0.0.1:8500"
+    )]
+    http_addr: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Agent {
+        /// The agent configuration file.
+        #[arg(long, short, default_value = "/etc/signpost/agent.yaml")]
+        config: PathBuf,
+        /// Check the configuration and the service files, then exit.
+        #[arg(long)]
+        validate: bool,
+    },
+    /// Run an agent with a demo service in a temporary directory.
+    Dev,
+    /// List this host's services, their health and service-file errors.
+    Services {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List this host's checks.
+    Checks {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register the services of a definition file (YAML as in services.d).
+    Register { file: PathBuf },
+    /// Deregister a service registered through the API.
+    Deregister { id: String },
+    /// Put a service (or, without ID, the whole node) in or out of maintenance.
+    Maint {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "disable", required_unless_present = "disable")]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("signpost: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let client = Client::new(&cli.http_addr);
+        let result = match cli.command {
+            Command::Agent { config, validate } => return agent(config, validate).await,
+            Command::Dev => signpost_agent::dev::run(&cli.http_addr, shutdown_on_signal()).await,
+            Command::Services { json } => cli::services(&client, json).await,
+            Command::Checks { json } => cli::checks(&client, json).await,
+            Command::Register { file } => cli::register(&client, &file).await,
+            Command::Deregister { id } => cli::deregister(&client, &id).await,
+            Command::Maint {
+                id,
+                enable,
+                disable: _,
+                reason,
+            } => cli::maint(&client, id.as_deref(), enable, &reason).await,
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("signpost: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn agent(path: PathBuf, validate: bool) -> ExitCode {
+    let config = match load_config(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if validate {
+        return match cli::validate_service_files(&config.services_dir) {
+            Ok(n) => {
+                println!(
+                    "{}: configuration is valid ({n} service files)",
+                    path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in errors {
+                    eprintln!("{e}");
+                }
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    signpost_agent::telemetry::init(&config.log);
+    match signpost_agent::run(config, None, shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "agent failed");
+            eprintln!("signpost: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: &std::path::Path) -> Result<AgentConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    AgentConfig::from_yaml(&path.display().to_string(), &text).map_err(|e| e.to_string())
+}
+
+/// SIGTERM or Ctrl-C starts a graceful shutdown; a second one exits at once.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("signpost: cannot listen for SIGTERM: {e}");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        trigger.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("signpost: second signal, exiting now");
+        std::process::exit(130);
+    });
+    token
+}

@@ -1,0 +1,208 @@
+//! The agent's Prometheus metrics (`GET /metrics`, OpenMetrics text).
+//!
+//! Counters are updated where things happen; gauges that describe the
+//! state (services, checks by status) are refreshed from it at scrape time.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use signpost_core::model::Health;
+
+use crate::state::LocalState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    r#type: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    code: u16,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    probes: Family<ProbeLabels, Counter>,
+    status_changes: Family<StatusLabels, Counter>,
+    fast_rechecks: Family<OutcomeLabels, Counter>,
+    checks: Family<StatusLabels, Gauge>,
+    services: Gauge,
+    file_errors: Gauge,
+    file_loads: Family<OutcomeLabels, Counter>,
+    state_writes: Family<OutcomeLabels, Counter>,
+    state_corrupt: Counter,
+    api_requests: Family<RequestLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("signpost_agent");
+        let probes = Family::<ProbeLabels, Counter>::default();
+        registry.register(
+            "check_probes",
+            "Probes run by health checks, by check type and result",
+            probes.clone(),
+        );
+        let status_changes = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "check_status_changes",
+            "Check status changes, by the new status",
+            status_changes.clone(),
+        );
+        let fast_rechecks = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "check_fast_rechecks",
+            "Failures of passing checks re-checked at once: confirmed or a blip",
+            fast_rechecks.clone(),
+        );
+        let checks = Family::<StatusLabels, Gauge>::default();
+        registry.register("checks", "Registered checks by status", checks.clone());
+        let services = Gauge::default();
+        registry.register("services", "Registered service instances", services.clone());
+        let file_errors = Gauge::default();
+        registry.register(
+            "service_file_errors",
+            "Service files whose current content is refused (their last good version keeps serving)",
+            file_errors.clone(),
+        );
+        let file_loads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "service_file_loads",
+            "Service file loads, by outcome",
+            file_loads.clone(),
+        );
+        let state_writes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "state_writes",
+            "Writes of the state file in data_dir, by outcome",
+            state_writes.clone(),
+        );
+        let state_corrupt = Counter::default();
+        registry.register(
+            "state_corrupt",
+            "State files found corrupt at start and moved aside",
+            state_corrupt.clone(),
+        );
+        let api_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Local HTTP API requests, by method and status code",
+            api_requests.clone(),
+        );
+        Metrics {
+            registry,
+            probes,
+            status_changes,
+            fast_rechecks,
+            checks,
+            services,
+            file_errors,
+            file_loads,
+            state_writes,
+            state_corrupt,
+            api_requests,
+        }
+    }
+
+    pub fn probe(&self, r#type: &'static str, result: Health) {
+        self.probes
+            .get_or_create(&ProbeLabels {
+                r#type,
+                result: result.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn status_change(&self, to: Health) {
+        self.status_changes
+            .get_or_create(&StatusLabels {
+                status: to.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn fast_recheck(&self, outcome: &'static str) {
+        self.fast_rechecks
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn file_load(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.file_loads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn set_file_errors(&self, n: usize) {
+        self.file_errors.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn state_write(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.state_writes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn state_corrupt(&self) {
+        self.state_corrupt.inc();
+    }
+
+    pub fn api_request(&self, method: &str, code: u16) {
+        self.api_requests
+            .get_or_create(&RequestLabels {
+                method: method.to_string(),
+                code,
+            })
+            .inc();
+    }
+
+    /// Refreshes the state gauges and renders everything.
+    pub fn render(&self, state: &LocalState) -> String {
+        let (services, counts) = state.read(|inner| {
+            let mut counts = [0i64; 3];
+            for check in inner.checks.values() {
+                counts[check.status as usize] += 1;
+            }
+            (inner.services.len(), counts)
+        });
+        self.services
+            .set(i64::try_from(services).unwrap_or(i64::MAX));
+        for (status, count) in [Health::Passing, Health::Warning, Health::Critical]
+            .into_iter()
+            .zip(counts)
+        {
+            self.checks
+                .get_or_create(&StatusLabels {
+                    status: status.as_str(),
+                })
+                .set(count);
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}

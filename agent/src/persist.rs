@@ -1,0 +1,217 @@
+//! What survives a restart: services and checks registered through the
+//! API, maintenance flags and TTL check status, in `data_dir/state.json`.
+//!
+//! Writes are atomic (temporary file, fsync, rename, fsync of the
+//! directory) and coalesced. A state file that cannot be read is moved
+//! aside and reported; the agent starts without it rather than crash-loop.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use signpost_core::model::{
+    CheckDefinition, CheckId, CheckKind, Health, ServiceDefinition, ServiceId,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Agent;
+use crate::state::{CheckRole, Source};
+
+const STATE_FILE: &str = "state.json";
+const FORMAT_VERSION: u32 = 1;
+/// Changes within this window are written together.
+const COALESCE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Snapshot {
+    version: u32,
+    services: Vec<ServiceDefinition>,
+    checks: Vec<CheckDefinition>,
+    service_maintenance: BTreeMap<ServiceId, String>,
+    node_maintenance: Option<String>,
+    ttl: BTreeMap<CheckId, TtlState>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TtlState {
+    status: Health,
+    output: String,
+    /// When the TTL runs out, in milliseconds since the Unix epoch.
+    expires_at_ms: u64,
+}
+
+pub(crate) fn state_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(STATE_FILE)
+}
+
+/// Builds the snapshot of what must survive a restart.
+fn snapshot(agent: &Agent) -> Snapshot {
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    agent.state.read(|inner| {
+        let services = inner
+            .services
+            .values()
+            .filter(|s| s.source == Source::Api)
+            .map(|s| s.def.clone())
+            .collect();
+        let mut checks = Vec::new();
+        let mut ttl = BTreeMap::new();
+        let mut service_maintenance = BTreeMap::new();
+        let mut node_maintenance = None;
+        for check in inner.checks.values() {
+            match &check.role {
+                CheckRole::Probe(def) => {
+                    if check.source == Source::Api {
+                        let mut def = (**def).clone();
+                        def.id = Some(check.id.clone());
+                        checks.push(def);
+                    }
+                    if let (CheckKind::Ttl { .. }, Some(deadline)) = (&def.kind, check.ttl_deadline)
+                    {
+                        let remaining = deadline.saturating_duration_since(now);
+                        ttl.insert(
+                            check.id.clone(),
+                            TtlState {
+                                status: check.status,
+                                output: check.output.clone(),
+                                expires_at_ms: unix_ms(wall + remaining),
+                            },
+                        );
+                    }
+                }
+                CheckRole::Maintenance => match &check.service_id {
+                    Some(service) => {
+                        service_maintenance.insert(service.clone(), check.notes.clone());
+                    }
+                    None => node_maintenance = Some(check.notes.clone()),
+                },
+                CheckRole::NodeHealth => {}
+            }
+        }
+        Snapshot {
+            version: FORMAT_VERSION,
+            services,
+            checks,
+            service_maintenance,
+            node_maintenance,
+            ttl,
+        }
+    })
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old or the new
+/// content, never a mix.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn write(agent: &Agent) {
+    let path = state_path(&agent.config.data_dir);
+    let result = serde_json::to_vec_pretty(&snapshot(agent))
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| write_atomic(&path, &bytes));
+    agent.metrics.state_write(result.is_ok());
+    if let Err(e) = result {
+        tracing::error!(path = %path.display(), error = %e, "cannot write agent state");
+    }
+}
+
+/// Writes the state whenever asked, and once more at shutdown.
+pub(crate) async fn run(agent: Arc<Agent>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = agent.persist_requested() => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(COALESCE) => {}
+        }
+        let a = agent.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || write(&a)).await {
+            tracing::error!(error = %e, "state writer failed");
+        }
+    }
+    write(&agent);
+}
+
+/// Loads the state file, if any. A corrupt file is moved aside and
+/// reported; an unreadable one is an error (the operator must fix it).
+pub(crate) fn load(agent: &Agent) -> std::io::Result<()> {
+    let path = state_path(&agent.config.data_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let snapshot: Snapshot = match serde_json::from_slice(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            let aside = path.with_extension(format!("corrupt-{}", unix_ms(SystemTime::now())));
+            std::fs::rename(&path, &aside)?;
+            agent.metrics.state_corrupt();
+            tracing::error!(
+                path = %path.display(),
+                moved_to = %aside.display(),
+                error = %e,
+                "agent state file is corrupt: moved it aside and starting without it"
+            );
+            return Ok(());
+        }
+    };
+    restore(agent, snapshot);
+    Ok(())
+}
+
+fn restore(agent: &Agent, snapshot: Snapshot) {
+    for def in snapshot.services {
+        let id = def.id.clone();
+        if let Err(e) = agent.register_service(def, Source::Api, false) {
+            tracing::warn!(service = %id, error = %e, "cannot restore service registered through the API");
+        }
+    }
+    for def in snapshot.checks {
+        let id = def.effective_id();
+        // Checks embedded in a restored service are already there.
+        if agent.state.read(|i| i.checks.contains_key(&id)) {
+            continue;
+        }
+        if let Err(e) = agent.register_check(def, Source::Api) {
+            tracing::warn!(check = %id, error = %e, "cannot restore check registered through the API");
+        }
+    }
+    for (service, reason) in snapshot.service_maintenance {
+        if let Err(e) = agent.set_service_maintenance(&service, Some(reason)) {
+            tracing::warn!(service = %service, error = %e, "cannot restore maintenance mode");
+        }
+    }
+    if let Some(reason) = snapshot.node_maintenance {
+        agent.set_node_maintenance(Some(reason));
+    }
+    let now_ms = unix_ms(SystemTime::now());
+    for (check, ttl) in snapshot.ttl {
+        let remaining = Duration::from_millis(ttl.expires_at_ms.saturating_sub(now_ms));
+        agent
+            .state
+            .restore_ttl(&check, ttl.status, ttl.output, remaining);
+    }
+}

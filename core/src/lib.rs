@@ -1,0 +1,21 @@
+//! The shared model of Signpost: what every other crate agrees on.
+//!
+//! Layout:
+//! - [`duration`]: Go-style durations ("10s", "1m30s", "250ms"), the one way
+//!   every config file and API body spells a time span.
+//! - [`model`]: services, instances' checks and health, with newtypes for the
+//!   identifiers (`ServiceId`, `ServiceName`, `CheckId`) and the validation
+//!   rules that hold whatever the source (YAML file or HTTP API).
+//! - [`config`]: the agent's YAML configuration, strictly typed and validated
+//!   before any socket is bound.
+//! - [`service_file`]: the `services.d/*.yaml` format that turns into
+//!   [`model::ServiceDefinition`]s.
+//! - [`yaml`]: YAML parsing with `file:line:col: what is wrong` errors.
+//!
+//! This crate never reads files or the environment; the binaries do.
+
+pub mod config;
+pub mod duration;
+pub mod model;
+pub mod service_file;
+pub mod yaml;
