@@ -1,1 +1,401 @@
-//! End-to-end test support.
+//! End-to-end test support: start the real `signpost` binary on its own
+//! loopback address, talk to it over HTTP like a user, and stop, kill or
+//! restart it.
+//!
+//! Each [`Agent`] gets a random 127.x.y.z address (all of 127.0.0.0/8 is
+//! local on Linux) and a free port on it, its own temporary data and
+//! service directories, and is killed when dropped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+
+/// Upper bound for things that should happen "soon"; a test that reaches
+/// it fails. It is a safety net, not a speed assertion.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The `signpost` binary, built on first use so that `cargo test` alone
+/// works from a clean checkout.
+pub fn signpost_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test-binary>
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-q", "-p", "signpost-agent", "--bin", "signpost"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            build.env("CARGO_TARGET_DIR", target);
+        }
+        let status = build.status().expect("cannot run cargo to build signpost");
+        assert!(status.success(), "building the signpost binary failed");
+        profile_dir.join("signpost")
+    })
+}
+
+/// A random loopback address with a free port on it.
+pub fn free_addr() -> SocketAddr {
+    loop {
+        let ip = Ipv4Addr::new(
+            127,
+            rand::random_range(10..250),
+            rand::random(),
+            rand::random_range(1..255),
+        );
+        if let Ok(listener) = TcpListener::bind((ip, 0)) {
+            return listener.local_addr().unwrap();
+        }
+    }
+}
+
+/// A running `signpost agent`.
+pub struct Agent {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    extra_config: String,
+    http: reqwest::Client,
+}
+
+impl Agent {
+    /// Starts an agent; `extra_config` is appended to its YAML config
+    /// (e.g. "checks:\n  enable_exec: true\n").
+    pub async fn start(extra_config: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("services.d")).unwrap();
+        Self::start_in(dir, extra_config).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, extra_config: &str) -> Agent {
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
+        let addr = free_addr();
+        let mut agent = Agent {
+            child: None,
+            addr,
+            dir,
+            extra_config: extra_config.to_string(),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        };
+        agent.spawn().await;
+        agent
+    }
+
+    pub fn services_dir(&self) -> PathBuf {
+        self.dir.path().join("services.d")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("agent.yaml")
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn spawn(&mut self) {
+        let config = format!(
+            "node_name: test-node\ndata_dir: {}\nservices_dir: {}\nadvertise_addr: {}\napi:\n  listen: {}\n{}",
+            self.data_dir().display(),
+            self.services_dir().display(),
+            self.addr.ip(),
+            self.addr,
+            self.extra_config
+        );
+        std::fs::write(self.config_path(), config).unwrap();
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let child = Command::new(signpost_bin())
+            .args(["agent", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "signpost_agent=debug,info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start signpost");
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "agent exited with {status} before answering:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(r) = self
+                .http
+                .get(format!("{}/v1/agent/self", self.base()))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not answer:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit code.
+    pub async fn stop(&mut self) -> Option<i32> {
+        kill(self.pid(), Signal::SIGTERM).unwrap();
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGKILL (no chance to flush anything).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+
+    /// Stops (SIGTERM) and starts again on the same address and directories.
+    pub async fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop().await;
+        }
+        self.spawn().await;
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
+        kill(self.pid(), Signal::SIGTERM).unwrap();
+    }
+
+    /// Waits for the process to exit after a signal; returns its code.
+    pub async fn wait_exit(&mut self) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "agent did not exit");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        Response::from(
+            self.http
+                .get(format!("{}{path}", self.base()))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn put(&self, path: &str, body: Option<Value>) -> Response {
+        let mut request = self.http.put(format!("{}{path}", self.base()));
+        if let Some(body) = body {
+            request = request.body(body.to_string());
+        }
+        Response::from(request.send().await.unwrap()).await
+    }
+
+    /// The value of one sample in `/metrics`, e.g.
+    /// `signpost_agent_check_fast_rechecks_total{outcome="blip"}`; 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").await.text;
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
+    /// Writes a service file into the watched directory atomically (as
+    /// editors and config management do).
+    pub fn write_service_file(&self, name: &str, content: &str) {
+        let tmp = self.services_dir().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, self.services_dir().join(name)).unwrap();
+    }
+
+    /// Polls `f` until it returns `Some`, or fails after [`PATIENCE`].
+    pub async fn eventually<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nagent log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The status of one check as `/v1/agent/checks` shows it.
+    pub async fn check_status(&self, id: &str) -> Option<String> {
+        let checks = self.get("/v1/agent/checks").await.json();
+        checks
+            .get(id)
+            .map(|c| c["Status"].as_str().unwrap().to_string())
+    }
+
+    /// Waits until check `id` has `status`.
+    pub async fn wait_check(&self, id: &str, status: &str) {
+        self.eventually(&format!("check {id} to be {status}"), || async {
+            (self.check_status(id).await.as_deref() == Some(status)).then_some(())
+        })
+        .await
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A response read whole.
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub text: String,
+}
+
+impl Response {
+    async fn from(r: reqwest::Response) -> Response {
+        let status = r.status();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap();
+        Response {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text))
+    }
+
+    pub fn index(&self) -> u64 {
+        self.headers
+            .get("X-Consul-Index")
+            .unwrap_or_else(|| panic!("no X-Consul-Index header"))
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Runs `signpost` with arguments (a CLI command) and returns (code, stdout, stderr).
+pub fn signpost(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(signpost_bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A local HTTP server whose `/health` answers with the status the test
+/// sets, counting requests.
+pub struct FlipServer {
+    pub addr: SocketAddr,
+    pub status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FlipServer {
+    pub async fn start(status: u16) -> FlipServer {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+        let code = Arc::new(AtomicU16::new(status));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (c, h) = (code.clone(), hits.clone());
+        let app = axum::Router::new().route(
+            "/health",
+            axum::routing::any(move || {
+                let (c, h) = (c.clone(), h.clone());
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let code = axum::http::StatusCode::from_u16(c.load(Ordering::SeqCst)).unwrap();
+                    (code, format!("status {}", code.as_u16()))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind((free_addr().ip(), 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        FlipServer {
+            addr,
+            status: code,
+            hits,
+            task,
+        }
+    }
+
+    pub fn set(&self, status: u16) {
+        self.status
+            .store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/health", self.addr)
+    }
+
+    /// Stops accepting and closes the listener (the service "dies").
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
