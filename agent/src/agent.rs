@@ -45,6 +45,7 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     supervisor: Supervisor,
     persist: Notify,
+    persist_lazy: Notify,
     files: Mutex<BTreeMap<PathBuf, FileReport>>,
 }
 
@@ -61,6 +62,7 @@ impl Agent {
             metrics,
             supervisor,
             persist: Notify::new(),
+            persist_lazy: Notify::new(),
             files: Mutex::new(BTreeMap::new()),
         }
     }
@@ -123,10 +125,15 @@ impl Agent {
                 })
         });
         let output = checks::truncate_output(output, max);
-        if let Some(change) = self.state.update_ttl(id, status, output.clone())? {
-            self.reported(&change, &output);
+        match self.state.update_ttl(id, status, output.clone())? {
+            Some(change) => {
+                self.reported(&change, &output);
+                self.persist_soon();
+            }
+            // A heartbeat only moves the deadline: write it lazily, so a
+            // thousand TTL checks do not rewrite the file a thousand times.
+            None => self.persist_lazy.notify_one(),
         }
-        self.persist_soon();
         Ok(())
     }
 
@@ -160,7 +167,15 @@ impl Agent {
         self.persist.notify_one();
     }
 
-    pub(crate) async fn persist_requested(&self) {
+    /// Waits until a write is asked for; `true` when it may wait a while.
+    pub(crate) async fn persist_requested(&self) -> bool {
+        tokio::select! {
+            _ = self.persist.notified() => false,
+            _ = self.persist_lazy.notified() => true,
+        }
+    }
+
+    pub(crate) async fn persist_urgent(&self) {
         self.persist.notified().await;
     }
 

@@ -24,6 +24,8 @@ const STATE_FILE: &str = "state.json";
 const FORMAT_VERSION: u32 = 1;
 /// Changes within this window are written together.
 const COALESCE: Duration = Duration::from_millis(50);
+/// TTL heartbeats (which only move a deadline) are written at most this late.
+const LAZY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Snapshot {
@@ -138,9 +140,16 @@ fn write(agent: &Agent) {
 /// Writes the state whenever asked, and once more at shutdown.
 pub(crate) async fn run(agent: Arc<Agent>, shutdown: CancellationToken) {
     loop {
-        tokio::select! {
+        let lazy = tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = agent.persist_requested() => {}
+            lazy = agent.persist_requested() => lazy,
+        };
+        if lazy {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = agent.persist_urgent() => {}
+                _ = tokio::time::sleep(LAZY) => {}
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

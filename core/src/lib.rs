@@ -19,3 +19,23 @@ pub mod duration;
 pub mod model;
 pub mod service_file;
 pub mod yaml;
+
+#[cfg(test)]
+mod examples {
+    //! Every shipped example must parse and validate.
+
+    #[test]
+    fn example_agent_config_parses() {
+        let text = include_str!("../../examples/agent.yaml");
+        let config = crate::config::AgentConfig::from_yaml("examples/agent.yaml", text).unwrap();
+        assert_eq!(config.node_name.as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn example_service_files_parse() {
+        let text = include_str!("../../examples/services.d/payments.yaml");
+        let defs = crate::service_file::parse("payments.yaml", text).unwrap();
+        assert_eq!(defs.len(), 2);
+        assert_eq!(defs[0].checks.len(), 3);
+    }
+}

@@ -5,6 +5,7 @@
 //! `HTTP <method> <url>: <status> Output: <body>` with the body capped, and
 //! TLS is verified against the system roots unless `tls_skip_verify`.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -23,23 +24,68 @@ impl HttpClients {
     fn get(&self, skip_verify: bool, follow_redirects: bool) -> Result<reqwest::Client, String> {
         let slot = usize::from(skip_verify) * 2 + usize::from(follow_redirects);
         self.clients[slot]
-            .get_or_init(|| {
-                crate::tls::install_crypto_provider();
-                reqwest::Client::builder()
-                    .user_agent("Signpost Health Check")
-                    .pool_max_idle_per_host(0)
-                    .redirect(if follow_redirects {
-                        reqwest::redirect::Policy::limited(10)
-                    } else {
-                        reqwest::redirect::Policy::none()
-                    })
-                    .tls_danger_accept_invalid_certs(skip_verify)
-                    .no_proxy()
-                    .build()
-                    .map_err(|e| format!("cannot build the HTTP check client: {e}"))
-            })
+            .get_or_init(|| build_client(skip_verify, follow_redirects, None))
             .clone()
     }
+}
+
+/// `resolve` pins a host name to an address: how a check's
+/// `tls_server_name` becomes the SNI while the connection goes to the
+/// URL's address.
+fn build_client(
+    skip_verify: bool,
+    follow_redirects: bool,
+    resolve: Option<(&str, SocketAddr)>,
+) -> Result<reqwest::Client, String> {
+    crate::tls::install_crypto_provider();
+    let mut builder = reqwest::Client::builder()
+        .user_agent("Signpost Health Check")
+        .pool_max_idle_per_host(0)
+        .redirect(if follow_redirects {
+            reqwest::redirect::Policy::limited(10)
+        } else {
+            reqwest::redirect::Policy::none()
+        })
+        .tls_danger_accept_invalid_certs(skip_verify)
+        .no_proxy();
+    if let Some((name, addr)) = resolve {
+        builder = builder.resolve(name, addr);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the HTTP check client: {e}"))
+}
+
+/// Rewrites an `https://<ip>...` URL to use `server_name` as its host (so
+/// it is sent as SNI) and returns the client that connects to the IP.
+fn with_server_name(
+    url: &str,
+    server_name: &str,
+    skip_verify: bool,
+    follow_redirects: bool,
+) -> Result<(String, reqwest::Client, String), String> {
+    let mut parsed = reqwest::Url::parse(url).map_err(|e| format!("invalid url {url:?}: {e}"))?;
+    let original_host = parsed.host_str().unwrap_or_default().to_string();
+    let ip: std::net::IpAddr = original_host
+        .trim_matches(['[', ']'])
+        .parse()
+        .map_err(|_| {
+            format!("tls_server_name needs an IP address in the check URL, not {original_host:?}")
+        })?;
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    parsed
+        .set_host(Some(server_name))
+        .map_err(|e| format!("invalid tls_server_name {server_name:?}: {e}"))?;
+    let client = build_client(
+        skip_verify,
+        follow_redirects,
+        Some((server_name, SocketAddr::new(ip, port))),
+    )?;
+    let host_header = match parsed.port() {
+        Some(p) => format!("{original_host}:{p}"),
+        None => original_host,
+    };
+    Ok((parsed.to_string(), client, host_header))
 }
 
 pub(crate) struct HttpProbe {
@@ -65,7 +111,7 @@ impl HttpProbe {
             headers,
             body,
             tls_skip_verify,
-            tls_server_name: _,
+            tls_server_name,
             disable_redirects,
         } = kind
         else {
@@ -76,7 +122,22 @@ impl HttpProbe {
             reqwest::header::ACCEPT,
             reqwest::header::HeaderValue::from_static("text/plain, text/*, */*"),
         );
-        let mut client = clients.get(*tls_skip_verify, !disable_redirects);
+        let mut url = url.clone();
+        let mut client = match tls_server_name {
+            Some(name) if url.starts_with("https://") => {
+                match with_server_name(&url, name, *tls_skip_verify, !disable_redirects) {
+                    Ok((rewritten, client, host)) => {
+                        url = rewritten;
+                        if let Ok(v) = reqwest::header::HeaderValue::from_str(&host) {
+                            map.insert(reqwest::header::HOST, v);
+                        }
+                        Ok(client)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => clients.get(*tls_skip_verify, !disable_redirects),
+        };
         for (name, values) in headers {
             for value in values {
                 match (
@@ -94,7 +155,7 @@ impl HttpProbe {
         Some(HttpProbe {
             client,
             method,
-            url: url.clone(),
+            url,
             headers: map,
             body: body.clone(),
             timeout,
