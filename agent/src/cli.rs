@@ -234,6 +234,7 @@ pub fn validate_service_files(dir: &Path) -> Result<usize, Vec<String>> {
     let mut errors = Vec::new();
     let mut count = 0;
     let mut ids: std::collections::HashMap<String, String> = Default::default();
+    let mut checks: std::collections::HashMap<String, String> = Default::default();
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
         if !crate::files::is_service_file(&path) {
@@ -247,6 +248,14 @@ pub fn validate_service_files(dir: &Path) -> Result<usize, Vec<String>> {
                 Err(e) => errors.push(e.to_string()),
                 Ok(defs) => {
                     for def in defs {
+                        for check in def.checks.iter().filter_map(|c| c.id.as_ref()) {
+                            if let Some(other) = checks.insert(check.to_string(), name.clone()) {
+                                errors.push(format!(
+                                    "{name}: check id {:?} is also defined in {other}",
+                                    check.as_str()
+                                ));
+                            }
+                        }
                         if let Some(other) = ids.insert(def.id.to_string(), name.clone()) {
                             errors.push(format!(
                                 "{name}: service id {:?} is also defined in {other}",

@@ -32,6 +32,10 @@ pub(crate) struct ServiceFiles {
 struct Loaded {
     content: Vec<u8>,
     good: Vec<ServiceDefinition>,
+    /// The current content was refused because another file or the API
+    /// held one of its service ids: retried on every scan, since the
+    /// other owner may be gone.
+    conflict: bool,
 }
 
 /// `*.yaml` and `*.yml`, hidden files (editor swap files) excluded.
@@ -79,7 +83,18 @@ impl ServiceFiles {
         for path in gone {
             self.remove(agent, &path);
         }
-        for (_, path) in present {
+        for (_, path) in &present {
+            self.load(agent, path);
+        }
+        // A file loaded above may have released an id a refused file
+        // claims (deleted, or the service left it): give those another go.
+        let conflicting: Vec<PathBuf> = self
+            .loaded
+            .iter()
+            .filter(|(_, l)| l.conflict)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in conflicting {
             self.load(agent, &path);
         }
     }
@@ -115,7 +130,11 @@ impl ServiceFiles {
                 return;
             }
         };
-        if self.loaded.get(path).is_some_and(|l| l.content == content) {
+        if self
+            .loaded
+            .get(path)
+            .is_some_and(|l| l.content == content && !l.conflict)
+        {
             return;
         }
         let parsed = std::str::from_utf8(&content)
@@ -124,10 +143,16 @@ impl ServiceFiles {
                 signpost_core::service_file::parse(&path.display().to_string(), text)
                     .map_err(|e| e.to_string())
             })
+            .map_err(|e| (e, false))
             .and_then(|defs| admissible(agent, path, &defs).map(|()| defs));
         match parsed {
             Ok(defs) => self.apply(agent, path, content, defs),
-            Err(error) => self.refuse(agent, path, Some(content), error),
+            Err((error, conflict)) => {
+                self.refuse(agent, path, Some(content), error);
+                if let Some(l) = self.loaded.get_mut(path) {
+                    l.conflict = conflict;
+                }
+            }
         }
     }
 
@@ -148,12 +173,20 @@ impl ServiceFiles {
             }
         }
         let mut errors = Vec::new();
-        for def in &defs {
-            if old.contains(def) {
+        // What is really registered now: a refused service keeps its
+        // previous version, if it had one, and is otherwise not served.
+        let mut served = Vec::with_capacity(defs.len());
+        for def in defs {
+            if old.contains(&def) {
+                served.push(def);
                 continue;
             }
-            if let Err(e) = agent.register_service(def.clone(), source.clone(), true) {
-                errors.push(format!("service {:?}: {e}", def.id.as_str()));
+            match agent.register_service(def.clone(), source.clone(), true) {
+                Ok(()) => served.push(def),
+                Err(e) => {
+                    errors.push(format!("service {:?}: {e}", def.id.as_str()));
+                    served.extend(old.iter().find(|o| o.id == def.id).cloned());
+                }
             }
         }
         agent.metrics.file_load(errors.is_empty());
@@ -161,7 +194,7 @@ impl ServiceFiles {
             (!errors.is_empty()).then(|| format!("{}: {}", path.display(), errors.join("; ")));
         match &error {
             None => {
-                tracing::info!(file = %path.display(), services = defs.len(), "service file loaded")
+                tracing::info!(file = %path.display(), services = served.len(), "service file loaded")
             }
             Some(e) => {
                 tracing::error!(file = %path.display(), error = %e, "service file partly refused")
@@ -170,7 +203,7 @@ impl ServiceFiles {
         agent.set_file_report(
             path.to_path_buf(),
             Some(FileReport {
-                services: defs.iter().map(|d| d.id.clone()).collect(),
+                services: served.iter().map(|d| d.id.clone()).collect(),
                 error,
             }),
         );
@@ -178,7 +211,9 @@ impl ServiceFiles {
             path.to_path_buf(),
             Loaded {
                 content,
-                good: defs,
+                good: served,
+                // Refusals here are ids held by another owner: retry.
+                conflict: !errors.is_empty(),
             },
         );
     }
@@ -192,6 +227,7 @@ impl ServiceFiles {
             .or_insert_with(|| Loaded {
                 content: Vec::new(),
                 good: Vec::new(),
+                conflict: false,
             });
         if let Some(content) = content {
             entry.content = content;
@@ -209,7 +245,13 @@ impl ServiceFiles {
 }
 
 /// Rules that depend on the agent: exec allowed, ids not owned elsewhere.
-fn admissible(agent: &Agent, path: &Path, defs: &[ServiceDefinition]) -> Result<(), String> {
+/// An error is `(message, conflict)`: `conflict` when another owner holds
+/// one of the ids, which can change without this file changing.
+fn admissible(
+    agent: &Agent,
+    path: &Path,
+    defs: &[ServiceDefinition],
+) -> Result<(), (String, bool)> {
     let source = Source::File(path.to_path_buf());
     for def in defs {
         if def
@@ -218,11 +260,14 @@ fn admissible(agent: &Agent, path: &Path, defs: &[ServiceDefinition]) -> Result<
             .any(|c| matches!(c.kind, CheckKind::Exec { .. }))
             && !agent.config.checks.enable_exec
         {
-            return Err(format!(
-                "{}: service {:?}: {}",
-                path.display(),
-                def.id.as_str(),
-                crate::agent::AgentError::ExecDisabled
+            return Err((
+                format!(
+                    "{}: service {:?}: {}",
+                    path.display(),
+                    def.id.as_str(),
+                    crate::agent::AgentError::ExecDisabled
+                ),
+                false,
             ));
         }
         let owner = agent.state.read(|i| {
@@ -232,10 +277,13 @@ fn admissible(agent: &Agent, path: &Path, defs: &[ServiceDefinition]) -> Result<
                 .map(|s| s.source.describe())
         });
         if let Some(owner) = owner {
-            return Err(format!(
-                "{}: service id {:?} is already defined by {owner}",
-                path.display(),
-                def.id.as_str()
+            return Err((
+                format!(
+                    "{}: service id {:?} is already defined by {owner}",
+                    path.display(),
+                    def.id.as_str()
+                ),
+                true,
             ));
         }
     }

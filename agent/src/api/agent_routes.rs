@@ -7,10 +7,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use signpost_core::model::{CheckId, Health, ServiceId};
 
-use super::blocking::json_with_index;
 use super::render::{self, json};
 use super::{Api, ApiError, ApiResult, Params, decode};
-use crate::state::{Inner, ServiceEntry, Source};
+use crate::state::{CheckRole, Inner, ServiceEntry, Source};
 
 pub(crate) async fn register_service(
     State(api): State<Api>,
@@ -42,9 +41,14 @@ pub(crate) async fn deregister_service(
 fn maintenance_reason(params: &Params) -> ApiResult<Option<String>> {
     let enable = match params.get("enable") {
         None | Some("") => return Err(ApiError::bad_request("Missing value for enable")),
-        Some(v) => v
-            .parse::<bool>()
-            .map_err(|_| ApiError::bad_request("Invalid value for enable"))?,
+        // Consul parses it with Go's strconv.ParseBool.
+        Some("1" | "t" | "T" | "TRUE" | "true" | "True") => true,
+        Some("0" | "f" | "F" | "FALSE" | "false" | "False") => false,
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid value for enable: {v:?}"
+            )));
+        }
     };
     Ok(enable.then(|| params.get("reason").unwrap_or("").to_string()))
 }
@@ -152,19 +156,51 @@ pub(crate) async fn services(State(api): State<Api>) -> Response {
     json(&body)
 }
 
-pub(crate) async fn service(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Response> {
-    let found = api.agent.state.read(|inner| {
+/// One service's definition; `?hash=<X-Consul-ContentHash>&wait=` blocks
+/// until the definition changes (Consul's hash-based blocking).
+pub(crate) async fn service(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    let params = Params::parse(q.as_deref());
+    let lookup = |inner: &Inner| {
         inner.services.get(id.as_str()).map(|s| {
-            let mut v = render::agent_service(inner, s);
             let hash = format!("{:016x}", s.modify_index);
+            let mut v = render::agent_service(inner, s);
             if let Value::Object(m) = &mut v {
                 m.insert("ContentHash".into(), hash.clone().into());
             }
-            (s.modify_index, v)
+            (hash, v)
         })
-    });
+    };
+    let mut found = api.agent.state.read(lookup);
+    if let (Some(wanted), Some((hash, _))) = (params.get("hash"), &found)
+        && wanted == hash
+    {
+        let wait = super::blocking::Blocking::from_params(&api, &params)?.wait();
+        let mut changes = api.agent.state.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = api.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                changed = changes.changed() => if changed.is_err() { break },
+            }
+            found = api.agent.state.read(lookup);
+            if found.as_ref().is_none_or(|(h, _)| h != wanted) {
+                break;
+            }
+        }
+    }
     match found {
-        Some((index, body)) => Ok(json_with_index(index, &body)),
+        Some((hash, body)) => {
+            let mut response = json(&body);
+            if let Ok(v) = axum::http::HeaderValue::from_str(&hash) {
+                response.headers_mut().insert("X-Consul-ContentHash", v);
+            }
+            Ok(response)
+        }
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("unknown service ID: {id}"),
@@ -172,11 +208,15 @@ pub(crate) async fn service(State(api): State<Api>, Path(id): Path<String>) -> A
     }
 }
 
+/// The checks this agent registered. `serfHealth` is not one of them: in
+/// Consul it is the cluster's view of the node, shown by the catalog and
+/// health endpoints only, and clients expect `{}` from a fresh agent.
 pub(crate) async fn checks(State(api): State<Api>) -> Response {
     let body = api.agent.state.read(|inner| {
         let map: Map<String, Value> = inner
             .checks
             .values()
+            .filter(|c| !matches!(c.role, CheckRole::NodeHealth))
             .map(|c| (c.id.to_string(), render::check(inner, c)))
             .collect();
         Value::Object(map)

@@ -36,6 +36,10 @@ impl Blocking {
         .min(limits.max_query_time);
         Ok(Blocking { index, wait })
     }
+
+    pub(crate) fn wait(&self) -> Duration {
+        self.wait
+    }
 }
 
 /// Answers `compute` (which returns the resource's index and its body),

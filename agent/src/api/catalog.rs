@@ -49,16 +49,20 @@ pub(crate) async fn services(State(api): State<Api>, RawQuery(q): RawQuery) -> A
     .await
 }
 
-/// Instances of `name` carrying every tag in `tags`, sorted by id.
+/// Instances of `name` carrying every tag in `tags` (compared ignoring
+/// case, as Consul's `serviceTagFilter` does), sorted by id.
 fn instances<'a>(
     inner: &'a Inner,
     name: &'a str,
     tags: &'a [String],
 ) -> impl Iterator<Item = &'a ServiceEntry> {
-    inner
-        .services
-        .values()
-        .filter(move |s| s.def.name.as_str() == name && tags.iter().all(|t| s.def.tags.contains(t)))
+    inner.services.values().filter(move |s| {
+        s.def.name.as_str() == name
+            && tags.iter().all(|t| {
+                let t = t.to_lowercase();
+                s.def.tags.iter().any(|have| have.to_lowercase() == t)
+            })
+    })
 }
 
 pub(crate) async fn service(

@@ -18,13 +18,26 @@ pub(crate) fn json(body: &Value) -> Response {
     response
 }
 
+/// A service's tagged addresses as Consul shows them: `{"Address","Port"}`
+/// objects, plus the `lan_ipv4`/`wan_ipv4` (or `_ipv6`) entries Consul's
+/// agent adds when the service address is an IP and they were not given.
 fn tagged_addresses(entry: &ServiceEntry) -> Value {
+    let def = &entry.def;
     let mut map = Map::new();
-    for (tag, addr) in &entry.def.tagged_addresses {
+    for (tag, addr) in &def.tagged_addresses {
         map.insert(
             tag.clone(),
-            json!({"address": addr.address, "port": addr.port}),
+            json!({"Address": addr.address, "Port": addr.port}),
         );
+    }
+    let defaults = match def.address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => ["lan_ipv4", "wan_ipv4"],
+        Ok(std::net::IpAddr::V6(_)) => ["lan_ipv6", "wan_ipv6"],
+        Err(_) => return Value::Object(map),
+    };
+    for tag in defaults {
+        map.entry(tag)
+            .or_insert_with(|| json!({"Address": def.address, "Port": def.port}));
     }
     Value::Object(map)
 }

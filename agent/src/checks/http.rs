@@ -91,7 +91,10 @@ fn with_server_name(
 pub(crate) struct HttpProbe {
     client: Result<reqwest::Client, String>,
     method: reqwest::Method,
+    /// The URL requested (rewritten to carry `tls_server_name` as SNI).
     url: String,
+    /// The URL as configured, for the output.
+    shown_url: String,
     headers: reqwest::header::HeaderMap,
     body: String,
     timeout: Duration,
@@ -122,6 +125,7 @@ impl HttpProbe {
             reqwest::header::ACCEPT,
             reqwest::header::HeaderValue::from_static("text/plain, text/*, */*"),
         );
+        let shown_url = url.clone();
         let mut url = url.clone();
         let mut client = match tls_server_name {
             Some(name) if url.starts_with("https://") => {
@@ -156,6 +160,7 @@ impl HttpProbe {
             client,
             method,
             url,
+            shown_url,
             headers: map,
             body: body.clone(),
             timeout,
@@ -175,10 +180,13 @@ impl HttpProbe {
         if !self.body.is_empty() {
             request = request.body(self.body.clone());
         }
-        let prefix = format!("HTTP {} {}", self.method, self.url);
+        let prefix = format!("HTTP {} {}", self.method, self.shown_url);
         let mut response = match request.send().await {
             Ok(r) => r,
             Err(e) => {
+                // The error names the URL already (the rewritten one when
+                // tls_server_name is set): leave it out.
+                let e = e.without_url();
                 return Outcome::new(Health::Critical, format!("{prefix}: {}", error_chain(&e)));
             }
         };

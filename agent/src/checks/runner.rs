@@ -76,7 +76,6 @@ impl Runner {
                 _ = cancel.cancelled() => return,
                 outcome = self.probe_confirmed() => outcome,
             };
-            self.metrics.probe(def.kind.type_name(), outcome.status);
             let next = counters.apply(
                 outcome.status,
                 def.success_before_passing,
@@ -101,14 +100,14 @@ impl Runner {
     /// short spacing so that a blip is not taken for a death, and a death
     /// is confirmed without waiting a whole interval.
     async fn probe_confirmed(&self) -> Outcome {
-        let first = self.probe.run().await;
+        let first = self.probe_once().await;
         if first.status == Health::Passing || self.recheck.count == 0 || !self.currently_passing() {
             return first;
         }
         let mut last = first;
         for _ in 0..self.recheck.count {
             tokio::time::sleep(self.recheck.spacing).await;
-            let again = self.probe.run().await;
+            let again = self.probe_once().await;
             if again.status == Health::Passing {
                 self.metrics.fast_recheck("blip");
                 tracing::debug!(check = %self.check.id, output = %last.output, "check failure not confirmed by re-check");
@@ -118,6 +117,14 @@ impl Runner {
         }
         self.metrics.fast_recheck("confirmed");
         last
+    }
+
+    /// Runs the probe once and counts it, re-checks included.
+    async fn probe_once(&self) -> Outcome {
+        let outcome = self.probe.run().await;
+        self.metrics
+            .probe(self.check.def.kind.type_name(), outcome.status);
+        outcome
     }
 
     fn currently_passing(&self) -> bool {
