@@ -3,6 +3,7 @@
 # interval against a local HTTP server (default N=1000).
 #
 #   bash bench/agent-checks.sh [N] [SECONDS]
+#   KEEP_ALIVE=false bash bench/agent-checks.sh   # a new connection per probe
 #
 # Builds the release binary, writes N service definitions, starts the
 # agent on 127.0.0.1 ports of its own, waits until every check passes,
@@ -47,6 +48,8 @@ api:
   listen: $API
 log:
   level: warn
+checks:
+  http_keep_alive: ${KEEP_ALIVE:-true}
 YAML
 "$BIN" agent --config "$WORK/agent.yaml" 2> "$WORK/agent.log" &
 AGENT_PID=$!
@@ -73,12 +76,12 @@ done
 c1=$(cpu); p1=$(probes); t1=$(date +%s.%N)
 hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$AGENT_PID/status")
 critical=$(curl -s "http://$API/v1/health/state/critical" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
-python3 - "$c0" "$c1" "$t0" "$t1" "$ticks" "$max_rss" "$hwm" "$p0" "$p1" "$N" "$critical" <<'PY'
+python3 - "$c0" "$c1" "$t0" "$t1" "$ticks" "$max_rss" "$hwm" "$p0" "$p1" "$N" "$critical" "${KEEP_ALIVE:-true}" <<'PY'
 import sys
-c0, c1, t0, t1, ticks, rss, hwm, p0, p1, n, crit = sys.argv[1:]
+c0, c1, t0, t1, ticks, rss, hwm, p0, p1, n, crit, _ = sys.argv[1:]
 elapsed = float(t1) - float(t0)
 cpu = (float(c1) - float(c0)) / float(ticks) / elapsed * 100
-print(f"services x checks: {n} x 1 HTTP @ 1s, measured {elapsed:.0f}s")
+print(f"services x checks: {n} x 1 HTTP @ 1s, http_keep_alive={sys.argv[12]}, measured {elapsed:.0f}s")
 print(f"probes/s:          {(float(p1) - float(p0)) / elapsed:.0f}")
 print(f"agent CPU:         {cpu:.1f}% of one core")
 print(f"agent RSS:         max {int(rss) / 1024:.1f} MiB while measuring, peak (VmHWM) {int(hwm) / 1024:.1f} MiB")

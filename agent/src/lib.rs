@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
-use crate::checks::{FastRecheck, Supervisor};
+use crate::checks::{CheckSettings, FastRecheck, Supervisor};
 use crate::metrics::Metrics;
 use crate::state::{LocalState, NodeInfo};
 
@@ -78,12 +78,16 @@ pub async fn run(
     let supervisor = Supervisor::new(
         state.clone(),
         metrics.clone(),
-        FastRecheck {
-            count: config.checks.fast_recheck_count,
-            spacing: config.checks.fast_recheck_spacing,
+        CheckSettings {
+            recheck: FastRecheck {
+                count: config.checks.fast_recheck_count,
+                spacing: config.checks.fast_recheck_spacing,
+            },
+            http_keep_alive: config.checks.http_keep_alive,
         },
         shutdown.child_token(),
-    );
+    )
+    .context("cannot start the health checks' runtime")?;
     let listen = config.api.listen;
     let agent = Arc::new(Agent::new(config, state, metrics, supervisor));
 

@@ -115,6 +115,9 @@ pub struct ChecksConfig {
     /// Allow `args` (exec) checks. Off by default, as in Consul, because
     /// anyone who can reach the local API could run programs as the agent.
     pub enable_exec: bool,
+    /// Reuse HTTP check connections between probes (Envoy's default);
+    /// `false` opens a new connection per probe, as Consul does.
+    pub http_keep_alive: bool,
 }
 
 impl Default for ChecksConfig {
@@ -123,6 +126,7 @@ impl Default for ChecksConfig {
             fast_recheck_count: 3,
             fast_recheck_spacing: Duration::from_millis(100),
             enable_exec: false,
+            http_keep_alive: true,
         }
     }
 }

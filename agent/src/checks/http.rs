@@ -1,7 +1,9 @@
 //! HTTP(S) checks: 2xx passes, 429 warns, anything else is critical.
 //!
-//! Like Consul, connections are not kept alive between probes (a check
-//! must see a service that cannot accept new connections), the output is
+//! Connections are kept alive between probes by default, as Envoy's
+//! health checker does: a new TCP connection per probe costs the host more
+//! than the rest of the check together. `checks.http_keep_alive: false`
+//! opens one per probe (`Connection: close`), as Consul does. The output is
 //! `HTTP <method> <url>: <status> Output: <body>` with the body capped, and
 //! TLS is verified against the system roots unless `tls_skip_verify`.
 
@@ -17,22 +19,35 @@ use super::{Outcome, truncate_output};
 /// thousand checks do not hold a thousand connection pools.
 #[derive(Clone, Default)]
 pub(crate) struct HttpClients {
+    keep_alive: bool,
     clients: Arc<[OnceLock<Result<reqwest::Client, String>>; 4]>,
 }
 
 impl HttpClients {
+    pub(crate) fn new(keep_alive: bool) -> Self {
+        HttpClients {
+            keep_alive,
+            clients: Default::default(),
+        }
+    }
+
     fn get(&self, skip_verify: bool, follow_redirects: bool) -> Result<reqwest::Client, String> {
         let slot = usize::from(skip_verify) * 2 + usize::from(follow_redirects);
         self.clients[slot]
-            .get_or_init(|| build_client(skip_verify, follow_redirects, None))
+            .get_or_init(|| build_client(self.keep_alive, skip_verify, follow_redirects, None))
             .clone()
     }
 }
+
+/// Idle kept-alive connections are closed after this (below the usual
+/// server keep-alive timeouts, so a probe rarely finds one closed).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `resolve` pins a host name to an address: how a check's
 /// `tls_server_name` becomes the SNI while the connection goes to the
 /// URL's address.
 fn build_client(
+    keep_alive: bool,
     skip_verify: bool,
     follow_redirects: bool,
     resolve: Option<(&str, SocketAddr)>,
@@ -40,7 +55,7 @@ fn build_client(
     crate::tls::install_crypto_provider();
     let mut builder = reqwest::Client::builder()
         .user_agent("Signpost Health Check")
-        .pool_max_idle_per_host(0)
+        .pool_idle_timeout(IDLE_TIMEOUT)
         .redirect(if follow_redirects {
             reqwest::redirect::Policy::limited(10)
         } else {
@@ -48,6 +63,14 @@ fn build_client(
         })
         .tls_danger_accept_invalid_certs(skip_verify)
         .no_proxy();
+    if !keep_alive {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::CONNECTION,
+            reqwest::header::HeaderValue::from_static("close"),
+        );
+        builder = builder.pool_max_idle_per_host(0).default_headers(headers);
+    }
     if let Some((name, addr)) = resolve {
         builder = builder.resolve(name, addr);
     }
@@ -59,6 +82,7 @@ fn build_client(
 /// Rewrites an `https://<ip>...` URL to use `server_name` as its host (so
 /// it is sent as SNI) and returns the client that connects to the IP.
 fn with_server_name(
+    keep_alive: bool,
     url: &str,
     server_name: &str,
     skip_verify: bool,
@@ -77,6 +101,7 @@ fn with_server_name(
         .set_host(Some(server_name))
         .map_err(|e| format!("invalid tls_server_name {server_name:?}: {e}"))?;
     let client = build_client(
+        keep_alive,
         skip_verify,
         follow_redirects,
         Some((server_name, SocketAddr::new(ip, port))),
@@ -89,10 +114,11 @@ fn with_server_name(
 }
 
 pub(crate) struct HttpProbe {
-    client: Result<reqwest::Client, String>,
+    /// The client and the URL requested (rewritten to carry
+    /// `tls_server_name` as SNI, parsed once rather than on every probe),
+    /// or why the check cannot run.
+    target: Result<(reqwest::Client, reqwest::Url), String>,
     method: reqwest::Method,
-    /// The URL requested (rewritten to carry `tls_server_name` as SNI).
-    url: String,
     /// The URL as configured, for the output.
     shown_url: String,
     headers: reqwest::header::HeaderMap,
@@ -129,7 +155,13 @@ impl HttpProbe {
         let mut url = url.clone();
         let mut client = match tls_server_name {
             Some(name) if url.starts_with("https://") => {
-                match with_server_name(&url, name, *tls_skip_verify, !disable_redirects) {
+                match with_server_name(
+                    clients.keep_alive,
+                    &url,
+                    name,
+                    *tls_skip_verify,
+                    !disable_redirects,
+                ) {
                     Ok((rewritten, client, host)) => {
                         url = rewritten;
                         if let Ok(v) = reqwest::header::HeaderValue::from_str(&host) {
@@ -156,10 +188,14 @@ impl HttpProbe {
             }
         }
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        let target = client.and_then(|c| {
+            reqwest::Url::parse(&url)
+                .map(|u| (c, u))
+                .map_err(|e| format!("invalid url {url:?}: {e}"))
+        });
         Some(HttpProbe {
-            client,
+            target,
             method,
-            url,
             shown_url,
             headers: map,
             body: body.clone(),
@@ -169,12 +205,12 @@ impl HttpProbe {
     }
 
     pub(crate) async fn run(&self) -> Outcome {
-        let client = match &self.client {
-            Ok(c) => c,
+        let (client, url) = match &self.target {
+            Ok(t) => t,
             Err(e) => return Outcome::new(Health::Critical, e.clone()),
         };
         let mut request = client
-            .request(self.method.clone(), &self.url)
+            .request(self.method.clone(), url.clone())
             .headers(self.headers.clone())
             .timeout(self.timeout);
         if !self.body.is_empty() {
@@ -283,7 +319,7 @@ mod tests {
             tls_server_name: None,
             disable_redirects: false,
         };
-        HttpProbe::new(&kind, Duration::from_secs(2), 4096, &HttpClients::default()).unwrap()
+        HttpProbe::new(&kind, Duration::from_secs(2), 4096, &HttpClients::new(true)).unwrap()
     }
 
     #[tokio::test]
