@@ -32,6 +32,8 @@ use crate::state::StateError;
 #[derive(Clone)]
 pub(crate) struct Api {
     pub(crate) agent: Arc<Agent>,
+    /// The fleet view, when the agent syncs with a control plane.
+    pub(crate) fleet: Option<Arc<crate::fleet::FleetCache>>,
     /// Fired at shutdown, so blocking queries answer at once.
     pub(crate) shutdown: CancellationToken,
 }

@@ -13,6 +13,8 @@
 //! - [`checks`]: one task per active check, TTL expiry and the reaper.
 //! - [`persist`]: API registrations, maintenance and TTL status in
 //!   `data_dir`.
+//! - `sync` and [`fleet`]: the stream to the control plane, and the view
+//!   of the services this host uses that it maintains.
 //! - [`cli`], [`dev`]: the `signpost` subcommands that talk to an agent,
 //!   and the one-command demo.
 
@@ -22,9 +24,11 @@ pub mod checks;
 pub mod cli;
 pub mod dev;
 mod files;
+pub mod fleet;
 pub mod metrics;
 mod persist;
 pub mod state;
+mod sync;
 pub mod telemetry;
 pub mod tls;
 
@@ -119,8 +123,22 @@ pub async fn run(
             }
         });
     }
+    let fleet = match agent.config.control_plane.clone() {
+        Some(cp) => {
+            let fleet = Arc::new(fleet::FleetCache::new(&agent.config.upstreams));
+            tasks.spawn(sync::run(
+                agent.clone(),
+                fleet.clone(),
+                cp,
+                background.clone(),
+            ));
+            Some(fleet)
+        }
+        None => None,
+    };
     let router = api::router(api::Api {
         agent: agent.clone(),
+        fleet,
         shutdown: shutdown.clone(),
     });
     let server_shutdown = shutdown.clone();

@@ -46,6 +46,8 @@ pub struct Metrics {
     state_writes: Family<OutcomeLabels, Counter>,
     state_corrupt: Counter,
     api_requests: Family<RequestLabels, Counter>,
+    sync_connected: Gauge,
+    sync_updates: Counter,
 }
 
 impl Default for Metrics {
@@ -109,8 +111,22 @@ impl Metrics {
             "Local HTTP API requests, by method and status code",
             api_requests.clone(),
         );
+        let sync_connected = Gauge::default();
+        registry.register(
+            "sync_connected",
+            "1 while a session with the control plane is open, 0 while serving the last known view",
+            sync_connected.clone(),
+        );
+        let sync_updates = Counter::default();
+        registry.register(
+            "sync_updates",
+            "Service updates received from the control plane (snapshots and deltas)",
+            sync_updates.clone(),
+        );
         Metrics {
             registry,
+            sync_connected,
+            sync_updates,
             probes,
             status_changes,
             fast_rechecks,
@@ -176,6 +192,14 @@ impl Metrics {
                 code,
             })
             .inc();
+    }
+
+    pub fn sync_connected(&self, connected: bool) {
+        self.sync_connected.set(i64::from(connected));
+    }
+
+    pub fn sync_update(&self) {
+        self.sync_updates.inc();
     }
 
     /// Refreshes the state gauges and renders everything.

@@ -35,6 +35,28 @@ pub struct AgentConfig {
     pub api: ApiConfig,
     pub log: LogConfig,
     pub checks: ChecksConfig,
+    /// Where the control plane is; without it the agent serves only its
+    /// own node.
+    pub control_plane: Option<ControlPlaneClientConfig>,
+    /// Services this host uses, subscribed to from the start.
+    pub upstreams: Vec<String>,
+}
+
+/// How the agent reaches the control plane.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneClientConfig {
+    /// `host:port` of each control-plane replica; a name resolving to
+    /// several addresses also works.
+    pub addresses: Vec<String>,
+    /// The CA that signed the control plane's certificate (`init-tls`).
+    pub ca_file: PathBuf,
+    /// The agent token the control plane knows (`agent_tokens`).
+    pub token: String,
+    /// The name to verify in the server certificate; default: the host
+    /// part of the address.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -50,6 +72,8 @@ impl Default for AgentConfig {
             api: ApiConfig::default(),
             log: LogConfig::default(),
             checks: ChecksConfig::default(),
+            control_plane: None,
+            upstreams: Vec::new(),
         }
     }
 }
@@ -192,6 +216,29 @@ impl AgentConfig {
                 "api.default_query_time",
                 "must be greater than 0 and at most api.max_query_time".to_string(),
             ));
+        }
+        if let Some(cp) = &self.control_plane {
+            if cp.addresses.is_empty() {
+                return Err(invalid(
+                    "control_plane.addresses",
+                    "give at least one host:port".to_string(),
+                ));
+            }
+            if let Some(bad) = cp.addresses.iter().find(|a| {
+                a.rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            }) {
+                return Err(invalid(
+                    "control_plane.addresses",
+                    format!("{bad:?} must be host:port"),
+                ));
+            }
+            if cp.token.is_empty() {
+                return Err(invalid(
+                    "control_plane.token",
+                    "must not be empty".to_string(),
+                ));
+            }
         }
         if self.checks.fast_recheck_count > 10 {
             return Err(invalid(

@@ -6,17 +6,26 @@
 //! - [`model`]: services, instances' checks and health, with newtypes for the
 //!   identifiers (`ServiceId`, `ServiceName`, `CheckId`) and the validation
 //!   rules that hold whatever the source (YAML file or HTTP API).
-//! - [`config`]: the agent's YAML configuration, strictly typed and validated
-//!   before any socket is bound.
+//! - [`config`], [`control_plane_config`]: the agent's and the control
+//!   plane's YAML configuration, strictly typed and validated before any
+//!   socket is bound.
 //! - [`service_file`]: the `services.d/*.yaml` format that turns into
 //!   [`model::ServiceDefinition`]s.
 //! - [`yaml`]: YAML parsing with `file:line:col: what is wrong` errors.
+//! - [`proto`]: the agent <-> control plane wire protocol (gRPC).
 //!
 //! This crate never reads files or the environment; the binaries do.
 
 pub mod config;
+pub mod control_plane_config;
 pub mod duration;
 pub mod model;
+/// The agent <-> control plane protocol, generated from
+/// `proto/signpost/v1/sync.proto`.
+#[allow(unreachable_pub, clippy::all, clippy::unwrap_used, clippy::expect_used)]
+pub mod proto {
+    tonic::include_proto!("signpost.v1");
+}
 pub mod service_file;
 pub mod yaml;
 

@@ -28,13 +28,26 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// works from a clean checkout.
 pub fn signpost_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| bin_dir().join("signpost"))
+}
+
+fn bin_dir() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         // target/<profile>/deps/<test-binary>
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let mut build = Command::new(cargo);
-        build.args(["build", "-q", "-p", "signpost-agent", "--bin", "signpost"]);
+        build.args([
+            "build",
+            "-q",
+            "-p",
+            "signpost-agent",
+            "-p",
+            "signpost-control-plane",
+            "--bins",
+        ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
@@ -43,8 +56,13 @@ pub fn signpost_bin() -> &'static Path {
         }
         let status = build.status().expect("cannot run cargo to build signpost");
         assert!(status.success(), "building the signpost binary failed");
-        profile_dir.join("signpost")
+        profile_dir
     })
+}
+
+/// The `signpost-control-plane` binary (built with `signpost`).
+pub fn control_plane_bin() -> PathBuf {
+    bin_dir().join("signpost-control-plane")
 }
 
 /// A random loopback address with a free port on it.
@@ -67,6 +85,7 @@ pub struct Agent {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    pub node: String,
     extra_config: String,
     http: reqwest::Client,
 }
@@ -75,12 +94,13 @@ impl Agent {
     /// Starts an agent; `extra_config` is appended to its YAML config
     /// (e.g. "checks:\n  enable_exec: true\n").
     pub async fn start(extra_config: &str) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("services.d")).unwrap();
-        Self::start_in(dir, extra_config).await
+        Self::start_named("test-node", extra_config).await
     }
 
-    async fn start_in(dir: tempfile::TempDir, extra_config: &str) -> Agent {
+    /// Starts an agent whose node is called `node`.
+    pub async fn start_named(node: &str, extra_config: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("services.d")).unwrap();
         rustls::crypto::ring::default_provider()
             .install_default()
             .ok();
@@ -89,6 +109,7 @@ impl Agent {
             child: None,
             addr,
             dir,
+            node: node.to_string(),
             extra_config: extra_config.to_string(),
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
         };
@@ -114,7 +135,8 @@ impl Agent {
 
     async fn spawn(&mut self) {
         let config = format!(
-            "node_name: test-node\ndata_dir: {}\nservices_dir: {}\nadvertise_addr: {}\napi:\n  listen: {}\n{}",
+            "node_name: {}\ndata_dir: {}\nservices_dir: {}\nadvertise_addr: {}\napi:\n  listen: {}\n{}",
+            self.node,
             self.data_dir().display(),
             self.services_dir().display(),
             self.addr.ip(),
@@ -397,5 +419,144 @@ impl FlipServer {
     /// Stops accepting and closes the listener (the service "dies").
     pub fn kill(&self) {
         self.task.abort();
+    }
+}
+
+/// The token test control planes accept.
+pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";
+
+/// A running `signpost-control-plane` with its own CA (made by `init-tls`).
+pub struct ControlPlane {
+    child: Option<Child>,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub dir: tempfile::TempDir,
+    client: reqwest::Client,
+}
+
+impl ControlPlane {
+    pub async fn start() -> ControlPlane {
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
+        let dir = tempfile::tempdir().unwrap();
+        let (grpc, http) = (free_addr(), free_addr());
+        let config = dir.path().join("control-plane.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir: {}\nagent_tokens: [{AGENT_TOKEN}]\ngrpc:\n  listen: {grpc}\nhttp:\n  listen: {http}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(control_plane_bin())
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "init-tls",
+                "--name",
+                "localhost",
+                "--name",
+                &grpc.ip().to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init-tls failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut cp = ControlPlane {
+            child: None,
+            grpc,
+            http,
+            dir,
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        };
+        cp.spawn().await;
+        cp
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("data").join("tls").join("ca.pem")
+    }
+
+    /// The agent configuration that joins this control plane with `token`.
+    pub fn agent_config(&self, token: &str) -> String {
+        format!(
+            "control_plane:\n  addresses: [\"{}\"]\n  ca_file: {}\n  token: {token}\n",
+            self.grpc,
+            self.ca_file().display()
+        )
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("control-plane.log")).unwrap();
+        let child = Command::new(control_plane_bin())
+            .arg("--config")
+            .arg(self.dir.path().join("control-plane.yaml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("control plane exited with {status}:\n{}", self.log());
+            }
+            if let Ok(r) = self
+                .client
+                .get(format!("http://{}/v1/nodes", self.http))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control plane did not answer:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("control-plane.log")).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        Response::from(
+            self.client
+                .get(format!("http://{}{path}", self.http))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+
+    /// Starts again on the same addresses and files.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -10,6 +10,7 @@ use rand::Rng;
 use serde_json::Value;
 
 use super::{Api, ApiError, ApiResult, Params};
+use crate::fleet::FleetInner;
 use crate::state::Inner;
 
 /// The parsed `index`/`wait` pair of a request.
@@ -47,12 +48,20 @@ impl Blocking {
 pub(crate) async fn answer(
     api: &Api,
     params: &Params,
-    compute: impl Fn(&Inner) -> (u64, Value),
+    compute: impl Fn(&Inner, Option<&FleetInner>) -> (u64, Value),
 ) -> ApiResult<Response> {
     check_datacenter(api, params)?;
     let blocking = Blocking::from_params(api, params)?;
     let mut changes = api.agent.state.subscribe();
-    let (index, body) = api.agent.state.read(&compute);
+    let mut fleet_changes = api.fleet.as_ref().map(|f| f.subscribe_changes());
+    // Local state first, then the fleet view: the one lock order.
+    let read = || {
+        api.agent.state.read(|inner| match &api.fleet {
+            Some(fleet) => fleet.read(|f| compute(inner, Some(f))),
+            None => compute(inner, None),
+        })
+    };
+    let (index, body) = read();
     let (index, body) = match blocking.index {
         Some(min) if min > 0 && index == min => {
             // Consul adds up to wait/16 of jitter so that many watchers of
@@ -69,17 +78,41 @@ pub(crate) async fn answer(
                     _ = api.shutdown.cancelled() => break,
                     _ = tokio::time::sleep_until(deadline) => break,
                     changed = changes.changed() => if changed.is_err() { break },
+                    changed = async {
+                        match &mut fleet_changes {
+                            Some(rx) => rx.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => if changed.is_err() { break },
                 }
-                let (index, _) = api.agent.state.read(&compute);
+                let (index, _) = read();
                 if index != min {
                     break;
                 }
             }
-            api.agent.state.read(&compute)
+            read()
         }
         _ => (index, body),
     };
-    Ok(json_with_index(index.max(1), &body))
+    let mut response = json_with_index(index.max(1), &body);
+    if let Some(fleet) = &api.fleet {
+        // How fresh the fleet view is: Consul's staleness headers.
+        let (connected, last_contact) = fleet.read(|f| (f.connected, f.last_contact));
+        let headers = response.headers_mut();
+        headers.insert(
+            "X-Consul-KnownLeader",
+            HeaderValue::from_static(if connected { "true" } else { "false" }),
+        );
+        let ms = if connected {
+            0
+        } else {
+            last_contact.map_or(0, |t| {
+                u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+            })
+        };
+        headers.insert("X-Consul-LastContact", HeaderValue::from(ms));
+    }
+    Ok(response)
 }
 
 /// Consul answers 500 "No path to datacenter" for a datacenter it does not

@@ -12,6 +12,9 @@ use signpost_core::model::Health;
 use super::blocking::answer;
 use super::render::{self, json};
 use super::{Api, ApiError, ApiResult, Params};
+use signpost_core::proto::{CatalogInstance, Instance};
+
+use crate::fleet::FleetInner;
 use crate::state::{Inner, ServiceEntry};
 
 pub(crate) async fn leader(State(api): State<Api>) -> Response {
@@ -38,13 +41,23 @@ pub(crate) async fn datacenters(State(api): State<Api>) -> Response {
 
 pub(crate) async fn services(State(api): State<Api>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner| {
+    answer(&api, &params, |inner, fleet| {
         let mut names: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for s in inner.services.values() {
             let tags = names.entry(s.def.name.as_str()).or_default();
             tags.extend(s.def.tags.iter().map(String::as_str));
         }
-        (inner.index, json!(names))
+        let mut index = inner.index;
+        if let Some(names_msg) = fleet.and_then(|f| f.names.as_ref()) {
+            for (name, tags) in &names_msg.services {
+                names
+                    .entry(name.as_str())
+                    .or_default()
+                    .extend(tags.tags.iter().map(String::as_str));
+            }
+            index += names_msg.index;
+        }
+        (index, json!(names))
     })
     .await
 }
@@ -56,14 +69,73 @@ fn instances<'a>(
     name: &'a str,
     tags: &'a [String],
 ) -> impl Iterator<Item = &'a ServiceEntry> {
-    inner.services.values().filter(move |s| {
-        s.def.name.as_str() == name
-            && tags.iter().all(|t| {
-                let t = t.to_lowercase();
-                s.def.tags.iter().any(|have| have.to_lowercase() == t)
-            })
+    inner
+        .services
+        .values()
+        .filter(move |s| s.def.name.as_str() == name && has_tags(&s.def.tags, tags))
+}
+
+fn has_tags(have: &[String], tags: &[String]) -> bool {
+    tags.iter().all(|t| {
+        let t = t.to_lowercase();
+        have.iter().any(|h| h.to_lowercase() == t)
     })
 }
+
+/// Instances of `name` on other nodes, from the fleet view.
+fn remote_instances<'a>(
+    inner: &'a Inner,
+    fleet: Option<&'a FleetInner>,
+    name: &'a str,
+    tags: &'a [String],
+) -> impl Iterator<Item = (&'a CatalogInstance, &'a Instance)> {
+    fleet
+        .and_then(|f| f.services.get(name))
+        .into_iter()
+        .flat_map(|s| s.instances.values())
+        .filter(move |ci| ci.node != inner.node.name)
+        .filter_map(|ci| ci.instance.as_ref().map(|i| (ci, i)))
+        .filter(move |(_, i)| has_tags(&i.tags, tags))
+}
+
+/// The index of a service across the local state and the fleet view: the
+/// sum of two monotonic counters moves whenever either does.
+fn fleet_index(inner: &Inner, fleet: Option<&FleetInner>, name: &str) -> u64 {
+    inner.service_name_index(name)
+        + fleet
+            .and_then(|f| f.services.get(name))
+            .map_or(0, |s| s.index)
+}
+
+/// Subscribes to a service on its first use and waits a little for the
+/// control plane's snapshot, so that the first lookup already answers.
+async fn first_use(api: &Api, name: &str) {
+    let Some(fleet) = &api.fleet else {
+        return;
+    };
+    fleet.touch(name);
+    let ready = |f: &FleetInner| f.services.contains_key(name) || !f.connected;
+    if fleet.read(ready) {
+        return;
+    }
+    let mut changes = fleet.subscribe_changes();
+    let wait = async {
+        while changes.changed().await.is_ok() {
+            if fleet.read(ready) {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(FIRST_USE_WAIT, wait).await.is_err() {
+        tracing::debug!(
+            service = name,
+            "no snapshot from the control plane in time; answering with what is known"
+        );
+    }
+}
+
+/// How long a first lookup waits for the control plane's snapshot.
+const FIRST_USE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub(crate) async fn service(
     State(api): State<Api>,
@@ -72,18 +144,23 @@ pub(crate) async fn service(
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
     let tags: Vec<String> = params.all("tag").map(str::to_string).collect();
-    answer(&api, &params, |inner| {
+    first_use(&api, &name).await;
+    answer(&api, &params, |inner, fleet| {
         let body: Vec<Value> = instances(inner, &name, &tags)
             .map(|s| render::catalog_service(inner, s))
+            .chain(
+                remote_instances(inner, fleet, &name, &tags)
+                    .map(|(ci, i)| render::remote_catalog_service(inner, ci, i)),
+            )
             .collect();
-        (inner.service_name_index(&name), Value::Array(body))
+        (fleet_index(inner, fleet, &name), Value::Array(body))
     })
     .await
 }
 
 pub(crate) async fn nodes(State(api): State<Api>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner| {
+    answer(&api, &params, |inner, _fleet| {
         (inner.node_create_index, json!([render::node(inner)]))
     })
     .await
@@ -95,7 +172,7 @@ pub(crate) async fn node(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner| {
+    answer(&api, &params, |inner, _fleet| {
         if inner.node.name != node {
             return (inner.index, Value::Null);
         }
@@ -120,7 +197,18 @@ pub(crate) async fn health_service(
     let params = Params::parse(q.as_deref());
     let passing = params.flag("passing")?;
     let tags: Vec<String> = params.all("tag").map(str::to_string).collect();
-    answer(&api, &params, |inner| {
+    first_use(&api, &name).await;
+    answer(&api, &params, |inner, fleet| {
+        let remote = remote_instances(inner, fleet, &name, &tags)
+            .filter(|(ci, i)| {
+                !passing
+                    || ci
+                        .node_checks
+                        .iter()
+                        .chain(i.checks.iter())
+                        .all(|c| c.status == "passing")
+            })
+            .map(|(ci, i)| render::remote_health_entry(inner, ci, i));
         let body: Vec<Value> = instances(inner, &name, &tags)
             .filter(|s| {
                 !passing
@@ -130,8 +218,9 @@ pub(crate) async fn health_service(
                         .all(|c| c.status == Health::Passing)
             })
             .map(|s| render::health_entry(inner, s))
+            .chain(remote)
             .collect();
-        (inner.service_name_index(&name), Value::Array(body))
+        (fleet_index(inner, fleet, &name), Value::Array(body))
     })
     .await
 }
@@ -142,7 +231,7 @@ pub(crate) async fn health_checks(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner| {
+    answer(&api, &params, |inner, _fleet| {
         let body: Vec<Value> = inner
             .checks
             .values()
@@ -170,7 +259,7 @@ pub(crate) async fn health_state(
             ApiError::bad_request("Invalid state: expected any, passing, warning or critical")
         })?),
     };
-    answer(&api, &params, |inner| {
+    answer(&api, &params, |inner, _fleet| {
         let body: Vec<Value> = inner
             .checks
             .values()
@@ -188,7 +277,7 @@ pub(crate) async fn health_node(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner| {
+    answer(&api, &params, |inner, _fleet| {
         let body: Vec<Value> = if inner.node.name == node {
             inner
                 .checks

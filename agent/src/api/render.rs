@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use signpost_core::model::Health;
+use signpost_core::proto::{CatalogInstance, Check as ProtoCheck, Instance};
 
 use crate::state::{CheckEntry, Inner, ServiceEntry};
 
@@ -197,4 +198,121 @@ pub(crate) fn aggregated_status(inner: &Inner, entry: &ServiceEntry) -> &'static
         .max()
         .unwrap_or(Health::Passing)
         .as_str()
+}
+
+// === instances of other nodes, from the fleet view ===
+
+fn remote_check(ci: &CatalogInstance, instance: Option<&Instance>, c: &ProtoCheck) -> Value {
+    json!({
+        "Node": ci.node,
+        "CheckID": c.id,
+        "Name": c.name,
+        "Status": c.status,
+        "Notes": c.notes,
+        "Output": c.output,
+        "ServiceID": instance.map(|i| i.id.as_str()).unwrap_or(""),
+        "ServiceName": instance.map(|i| i.name.as_str()).unwrap_or(""),
+        "ServiceTags": instance.map(|i| i.tags.clone()).unwrap_or_default(),
+        "Type": match c.r#type.as_str() { "maintenance" | "serf" => "", t => t },
+        "Interval": "",
+        "Timeout": "",
+        "ExposedPort": 0,
+        "Definition": {},
+        "CreateIndex": 0,
+        "ModifyIndex": 0,
+    })
+}
+
+/// Every check of a remote instance, its node's included, with the node's
+/// liveness as Consul's `serfHealth`.
+pub(crate) fn remote_checks(ci: &CatalogInstance, instance: &Instance) -> Vec<Value> {
+    let liveness = ProtoCheck {
+        id: crate::state::NODE_HEALTH_CHECK.to_string(),
+        name: "Serf Health Status".to_string(),
+        status: "passing".to_string(),
+        output: "Agent alive and reachable".to_string(),
+        notes: String::new(),
+        r#type: String::new(),
+    };
+    std::iter::once(&liveness)
+        .chain(ci.node_checks.iter())
+        .map(|c| remote_check(ci, None, c))
+        .chain(
+            instance
+                .checks
+                .iter()
+                .map(|c| remote_check(ci, Some(instance), c)),
+        )
+        .collect()
+}
+
+fn remote_node(inner: &Inner, ci: &CatalogInstance) -> Value {
+    let a = &ci.node_address;
+    json!({
+        "ID": ci.node_id,
+        "Node": ci.node,
+        "Address": a,
+        "Datacenter": inner.node.datacenter,
+        "TaggedAddresses": {"lan": a, "lan_ipv4": a, "wan": a, "wan_ipv4": a},
+        "Meta": {"zone": ci.node_zone},
+        "CreateIndex": 0,
+        "ModifyIndex": 0,
+    })
+}
+
+fn remote_service(instance: &Instance) -> Value {
+    json!({
+        "ID": instance.id,
+        "Service": instance.name,
+        "Tags": instance.tags,
+        "Address": instance.address,
+        "TaggedAddresses": {},
+        "Meta": instance.meta,
+        "Port": instance.port,
+        "Weights": {"Passing": instance.weight_passing, "Warning": instance.weight_warning},
+        "EnableTagOverride": instance.enable_tag_override,
+        "CreateIndex": 0,
+        "ModifyIndex": 0,
+    })
+}
+
+pub(crate) fn remote_health_entry(
+    inner: &Inner,
+    ci: &CatalogInstance,
+    instance: &Instance,
+) -> Value {
+    json!({
+        "Node": remote_node(inner, ci),
+        "Service": remote_service(instance),
+        "Checks": remote_checks(ci, instance),
+    })
+}
+
+pub(crate) fn remote_catalog_service(
+    inner: &Inner,
+    ci: &CatalogInstance,
+    instance: &Instance,
+) -> Value {
+    let a = &ci.node_address;
+    json!({
+        "ID": ci.node_id,
+        "Node": ci.node,
+        "Address": a,
+        "Datacenter": inner.node.datacenter,
+        "TaggedAddresses": {"lan": a, "lan_ipv4": a, "wan": a, "wan_ipv4": a},
+        "NodeMeta": {"zone": ci.node_zone},
+        "ServiceKind": "",
+        "ServiceID": instance.id,
+        "ServiceName": instance.name,
+        "ServiceTags": instance.tags,
+        "ServiceAddress": instance.address,
+        "ServiceTaggedAddresses": {},
+        "ServiceWeights": {"Passing": instance.weight_passing, "Warning": instance.weight_warning},
+        "ServiceMeta": instance.meta,
+        "ServicePort": instance.port,
+        "ServiceEnableTagOverride": instance.enable_tag_override,
+        "ServiceConnect": {},
+        "CreateIndex": 0,
+        "ModifyIndex": 0,
+    })
 }

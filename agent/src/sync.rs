@@ -1,0 +1,268 @@
+//! The agent's side of the sync: one TLS gRPC stream to a control-plane
+//! replica. It says who it is, sends its full local state once, then a
+//! delta the moment anything changes, subscribes to the services this host
+//! uses, and applies what comes back to the [`FleetCache`]. When the
+//! stream drops it tries the other addresses with jittered exponential
+//! back-off, keeping the last view meanwhile.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rand::Rng;
+use signpost_core::config::ControlPlaneClientConfig;
+use signpost_core::proto::sync_client::SyncClient;
+use signpost_core::proto::{
+    AgentMessage, Check, Delta, FullState, Hello, Instance, Subscribe, agent_message,
+    control_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::agent::Agent;
+use crate::fleet::FleetCache;
+use crate::state::{CheckRole, Inner};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// The local state as the control plane sees it.
+struct Local {
+    instances: BTreeMap<String, Instance>,
+    node_checks: Vec<Check>,
+}
+
+fn local(inner: &Inner) -> Local {
+    let check = |c: &crate::state::CheckEntry| Check {
+        id: c.id.to_string(),
+        name: c.name.clone(),
+        status: c.status.as_str().to_string(),
+        output: c.output.clone(),
+        notes: c.notes.clone(),
+        r#type: c.type_name().to_string(),
+    };
+    let instances = inner
+        .services
+        .values()
+        .map(|s| {
+            let d = &s.def;
+            let instance = Instance {
+                id: d.id.to_string(),
+                name: d.name.to_string(),
+                address: d.address.clone(),
+                port: u32::from(d.port),
+                tags: d.tags.clone(),
+                meta: d.meta.clone().into_iter().collect(),
+                zone: d.zone.clone().unwrap_or_else(|| inner.node.zone.clone()),
+                weight_passing: d.weights.passing,
+                weight_warning: d.weights.warning,
+                protocol: d.protocol.as_str().to_string(),
+                enable_tag_override: d.enable_tag_override,
+                checks: inner.checks_of(&d.id).map(check).collect(),
+            };
+            (instance.id.clone(), instance)
+        })
+        .collect();
+    // The control plane owns the node's liveness; maintenance is ours.
+    let node_checks = inner
+        .node_checks()
+        .filter(|c| !matches!(c.role, CheckRole::NodeHealth))
+        .map(check)
+        .collect();
+    Local {
+        instances,
+        node_checks,
+    }
+}
+
+fn hello(agent: &Agent) -> Hello {
+    agent.state.read(|inner| Hello {
+        node: inner.node.name.clone(),
+        node_id: inner.node.id.clone(),
+        address: inner.node.address.clone(),
+        zone: inner.node.zone.clone(),
+        datacenter: inner.node.datacenter.clone(),
+        meta: inner.node.meta.clone().into_iter().collect(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
+fn message(body: agent_message::Body) -> AgentMessage {
+    AgentMessage { body: Some(body) }
+}
+
+/// Keeps a session to the control plane until `shutdown`.
+pub(crate) async fn run(
+    agent: Arc<Agent>,
+    fleet: Arc<FleetCache>,
+    config: ControlPlaneClientConfig,
+    shutdown: CancellationToken,
+) {
+    let ca = match std::fs::read(&config.ca_file) {
+        Ok(ca) => ca,
+        Err(e) => {
+            tracing::error!(ca_file = %config.ca_file.display(), error = %e, "cannot read control_plane.ca_file: not syncing with the control plane");
+            return;
+        }
+    };
+    let mut backoff = BACKOFF_MIN;
+    let mut attempt = 0usize;
+    loop {
+        let address = &config.addresses[attempt % config.addresses.len()];
+        attempt += 1;
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = session(&agent, &fleet, &config, &ca, address) => r,
+        };
+        fleet.set_connected(false);
+        agent.metrics.sync_connected(false);
+        match result {
+            // The session ran and ended: start over quickly.
+            Ok(()) => backoff = BACKOFF_MIN,
+            Err(e) => tracing::warn!(
+                address = %address,
+                error = format!("{e:#}"),
+                "control plane unreachable: serving the last known view"
+            ),
+        }
+        let jitter = rand::rng().random_range(0.5..1.0);
+        let wait = backoff.mul_f64(jitter);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn session(
+    agent: &Agent,
+    fleet: &FleetCache,
+    config: &ControlPlaneClientConfig,
+    ca: &[u8],
+    address: &str,
+) -> anyhow::Result<()> {
+    let host = address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']))
+        .unwrap_or(address);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(
+            config
+                .server_name
+                .clone()
+                .unwrap_or_else(|| host.to_string()),
+        );
+    let channel = Endpoint::from_shared(format!("https://{address}"))
+        .with_context(|| format!("invalid control-plane address {address:?}"))?
+        .tls_config(tls)
+        .context("TLS configuration")?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the control plane at {address}"))?;
+    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", config.token)
+        .parse()
+        .context("control_plane.token is not a valid header value")?;
+    let mut client =
+        SyncClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+            Ok(request)
+        });
+
+    let (tx, rx) = mpsc::channel::<AgentMessage>(256);
+    let mut changes = agent.state.subscribe();
+    let mut sent = agent.state.read(local);
+    tx.send(message(agent_message::Body::Hello(hello(agent))))
+        .await?;
+    tx.send(message(agent_message::Body::FullState(FullState {
+        instances: sent.instances.values().cloned().collect(),
+        node_checks: sent.node_checks.clone(),
+    })))
+    .await?;
+    tx.send(message(agent_message::Body::Subscribe(Subscribe {
+        services: fleet.subscriptions(),
+    })))
+    .await?;
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!("control plane refused the session: {}", status.message())
+        })?
+        .into_inner();
+    fleet.set_connected(true);
+    agent.metrics.sync_connected(true);
+    tracing::info!(address = %address, "connected to the control plane");
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let now = agent.state.read(local);
+                if let Some(delta) = diff(&sent, &now) {
+                    tx.send(message(agent_message::Body::Delta(delta))).await?;
+                }
+                sent = now;
+            }
+            _ = fleet.subscribe.notified() => {
+                tx.send(message(agent_message::Body::Subscribe(Subscribe {
+                    services: fleet.subscriptions(),
+                })))
+                .await?;
+            }
+            received = inbound.message() => {
+                let Some(received) = received.map_err(|s| anyhow::anyhow!("stream failed: {}", s.message()))? else {
+                    return Ok(());
+                };
+                match received.body {
+                    Some(control_message::Body::Update(update)) => {
+                        agent.metrics.sync_update();
+                        fleet.apply_update(update);
+                    }
+                    Some(control_message::Body::Names(names)) => fleet.apply_names(names),
+                    Some(control_message::Body::Welcome(_)) | None => fleet.contact(),
+                }
+            }
+        }
+    }
+}
+
+/// What changed between two local states, if anything.
+fn diff(before: &Local, after: &Local) -> Option<Delta> {
+    let upserts: Vec<Instance> = after
+        .instances
+        .iter()
+        .filter(|(id, i)| before.instances.get(*id) != Some(*i))
+        .map(|(_, i)| i.clone())
+        .collect();
+    let removed: Vec<String> = before
+        .instances
+        .keys()
+        .filter(|id| !after.instances.contains_key(*id))
+        .cloned()
+        .collect();
+    let node_checks_changed = before.node_checks != after.node_checks;
+    if upserts.is_empty() && removed.is_empty() && !node_checks_changed {
+        return None;
+    }
+    Some(Delta {
+        upserts,
+        removed,
+        node_checks_changed,
+        node_checks: if node_checks_changed {
+            after.node_checks.clone()
+        } else {
+            Vec::new()
+        },
+    })
+}

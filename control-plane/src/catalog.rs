@@ -1,0 +1,422 @@
+//! The fleet catalog: every agent's instances, the sessions subscribed to
+//! each service, and the fan-out of changes to exactly those sessions.
+//!
+//! One lock guards it; sending to a session is a non-blocking `try_send`
+//! on its bounded queue, so no I/O happens under the lock. A session whose
+//! queue is full is too slow to follow: it is dropped, and its agent
+//! reconnects and resynchronises from the indexes it has.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+
+use signpost_core::proto::{
+    CatalogInstance, Check, ControlMessage, Delta, FullState, Hello, Instance, InstanceRef,
+    ServiceNames, ServiceUpdate, Tags, control_message::Body,
+};
+use tokio::sync::mpsc;
+
+pub type SessionId = u64;
+
+/// Messages a session may queue before it counts as too slow.
+pub const SESSION_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeStatus {
+    /// Its agent holds a session.
+    Alive,
+    /// Its agent's session dropped; its instances stay routable.
+    Unreachable,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Alive => "alive",
+            NodeStatus::Unreachable => "unreachable",
+        }
+    }
+}
+
+pub struct NodeEntry {
+    pub hello: Hello,
+    pub instances: BTreeMap<String, Instance>,
+    pub node_checks: Vec<Check>,
+    pub session: Option<SessionId>,
+    pub status: NodeStatus,
+}
+
+struct Session {
+    node: String,
+    tx: mpsc::Sender<ControlMessage>,
+    subscriptions: HashSet<String>,
+}
+
+#[derive(Default)]
+pub struct Inner {
+    pub index: u64,
+    pub nodes: BTreeMap<String, NodeEntry>,
+    service_index: HashMap<String, u64>,
+    subscribers: HashMap<String, HashSet<SessionId>>,
+    sessions: HashMap<SessionId, Session>,
+    names: BTreeMap<String, BTreeSet<String>>,
+    next_session: SessionId,
+}
+
+#[derive(Default)]
+pub struct Catalog {
+    inner: Mutex<Inner>,
+}
+
+/// What one change does to one service.
+#[derive(Default)]
+struct ServiceChange {
+    upserts: Vec<CatalogInstance>,
+    removed: Vec<InstanceRef>,
+}
+
+impl Catalog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn read<R>(&self, f: impl FnOnce(&Inner) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// Opens a session for the agent that said `hello`; a previous session
+    /// of the same node is closed.
+    pub fn connect(&self, hello: Hello, tx: mpsc::Sender<ControlMessage>) -> SessionId {
+        let mut inner = self.lock();
+        inner.next_session += 1;
+        let id = inner.next_session;
+        let node = hello.node.clone();
+        let previous = match inner.nodes.get_mut(&node) {
+            Some(entry) => {
+                entry.hello = hello;
+                entry.status = NodeStatus::Alive;
+                entry.session.replace(id)
+            }
+            None => {
+                inner.nodes.insert(
+                    node.clone(),
+                    NodeEntry {
+                        hello,
+                        instances: BTreeMap::new(),
+                        node_checks: Vec::new(),
+                        session: Some(id),
+                        status: NodeStatus::Alive,
+                    },
+                );
+                None
+            }
+        };
+        if let Some(previous) = previous {
+            inner.drop_session(previous);
+        }
+        inner.sessions.insert(
+            id,
+            Session {
+                node,
+                tx,
+                subscriptions: HashSet::new(),
+            },
+        );
+        let names = inner.names_message();
+        inner.send(id, names);
+        id
+    }
+
+    /// The session ended: the node's instances stay, the node is unreachable.
+    pub fn disconnect(&self, session: SessionId) {
+        let mut inner = self.lock();
+        if let Some(s) = inner.sessions.get(&session) {
+            let node = s.node.clone();
+            if let Some(entry) = inner.nodes.get_mut(&node)
+                && entry.session == Some(session)
+            {
+                entry.session = None;
+                entry.status = NodeStatus::Unreachable;
+            }
+        }
+        inner.drop_session(session);
+    }
+
+    /// The agent's whole local state: replaces what the catalog had.
+    pub fn full_state(&self, session: SessionId, state: FullState) {
+        let mut inner = self.lock();
+        let Some(node) = inner.sessions.get(&session).map(|s| s.node.clone()) else {
+            return;
+        };
+        let removed: Vec<String> = inner
+            .nodes
+            .get(&node)
+            .map(|n| {
+                n.instances
+                    .keys()
+                    .filter(|id| !state.instances.iter().any(|i| &i.id == *id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        inner.apply(
+            &node,
+            Delta {
+                upserts: state.instances,
+                removed,
+                node_checks_changed: true,
+                node_checks: state.node_checks,
+            },
+        );
+    }
+
+    pub fn delta(&self, session: SessionId, delta: Delta) {
+        let mut inner = self.lock();
+        let Some(node) = inner.sessions.get(&session).map(|s| s.node.clone()) else {
+            return;
+        };
+        inner.apply(&node, delta);
+    }
+
+    /// Subscribes a session to services; each gets a snapshot unless the
+    /// agent already has the current index.
+    pub fn subscribe(&self, session: SessionId, services: HashMap<String, u64>) {
+        let mut inner = self.lock();
+        for (service, known) in services {
+            let Some(s) = inner.sessions.get_mut(&session) else {
+                return;
+            };
+            s.subscriptions.insert(service.clone());
+            inner
+                .subscribers
+                .entry(service.clone())
+                .or_default()
+                .insert(session);
+            let current = inner.service_index.get(&service).copied().unwrap_or(1);
+            if known != current {
+                let snapshot = inner.snapshot(&service);
+                inner.send(session, snapshot);
+            }
+        }
+    }
+
+    pub fn unsubscribe(&self, session: SessionId, services: Vec<String>) {
+        let mut inner = self.lock();
+        for service in services {
+            if let Some(s) = inner.sessions.get_mut(&session) {
+                s.subscriptions.remove(&service);
+            }
+            if let Some(set) = inner.subscribers.get_mut(&service) {
+                set.remove(&session);
+            }
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.lock().sessions.len()
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn drop_session(&mut self, session: SessionId) {
+        if let Some(s) = self.sessions.remove(&session) {
+            for service in s.subscriptions {
+                if let Some(set) = self.subscribers.get_mut(&service) {
+                    set.remove(&session);
+                }
+            }
+        }
+    }
+
+    /// Queues a message; a session that cannot keep up is dropped.
+    fn send(&mut self, session: SessionId, message: ControlMessage) {
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
+        if let Err(e) = s.tx.try_send(message) {
+            let node = s.node.clone();
+            match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    tracing::warn!(node = %node, "agent session too slow to follow changes: dropping it (the agent will resync)");
+                }
+                mpsc::error::TrySendError::Closed(_) => {}
+            }
+            self.drop_session(session);
+        }
+    }
+
+    fn catalog_instance(entry: &NodeEntry, instance: &Instance) -> CatalogInstance {
+        CatalogInstance {
+            node: entry.hello.node.clone(),
+            node_id: entry.hello.node_id.clone(),
+            node_address: entry.hello.address.clone(),
+            node_zone: entry.hello.zone.clone(),
+            node_checks: entry.node_checks.clone(),
+            instance: Some(instance.clone()),
+        }
+    }
+
+    /// Every instance of `service` in the fleet.
+    pub fn instances_of<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> impl Iterator<Item = (&'a NodeEntry, &'a Instance)> {
+        self.nodes.values().flat_map(move |n| {
+            n.instances
+                .values()
+                .filter(move |i| i.name == service)
+                .map(move |i| (n, i))
+        })
+    }
+
+    pub fn service_index(&self, service: &str) -> u64 {
+        self.service_index.get(service).copied().unwrap_or(1)
+    }
+
+    fn snapshot(&self, service: &str) -> ControlMessage {
+        let upserts = self
+            .instances_of(service)
+            .map(|(n, i)| Self::catalog_instance(n, i))
+            .collect();
+        ControlMessage {
+            body: Some(Body::Update(ServiceUpdate {
+                service: service.to_string(),
+                index: self.service_index(service),
+                snapshot: true,
+                upserts,
+                removed: Vec::new(),
+            })),
+        }
+    }
+
+    fn names_message(&self) -> ControlMessage {
+        ControlMessage {
+            body: Some(Body::Names(ServiceNames {
+                index: self.index.max(1),
+                services: self
+                    .names
+                    .iter()
+                    .map(|(name, tags)| {
+                        (
+                            name.clone(),
+                            Tags {
+                                tags: tags.iter().cloned().collect(),
+                            },
+                        )
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    /// Applies one node's changes and sends each affected service's delta
+    /// to its subscribers (and the name list to everyone if it changed).
+    fn apply(&mut self, node: &str, delta: Delta) {
+        let Some(entry) = self.nodes.get_mut(node) else {
+            return;
+        };
+        let mut changes: BTreeMap<String, ServiceChange> = BTreeMap::new();
+        for id in &delta.removed {
+            if let Some(old) = entry.instances.remove(id) {
+                changes
+                    .entry(old.name.clone())
+                    .or_default()
+                    .removed
+                    .push(InstanceRef {
+                        node: node.to_string(),
+                        id: id.clone(),
+                    });
+            }
+        }
+        for instance in delta.upserts {
+            if entry.instances.get(&instance.id) == Some(&instance) {
+                continue;
+            }
+            if let Some(old) = entry.instances.get(&instance.id)
+                && old.name != instance.name
+            {
+                changes
+                    .entry(old.name.clone())
+                    .or_default()
+                    .removed
+                    .push(InstanceRef {
+                        node: node.to_string(),
+                        id: instance.id.clone(),
+                    });
+            }
+            entry
+                .instances
+                .insert(instance.id.clone(), instance.clone());
+            changes.entry(instance.name.clone()).or_default();
+        }
+        if delta.node_checks_changed && entry.node_checks != delta.node_checks {
+            entry.node_checks = delta.node_checks;
+            // Node checks are part of every instance's health.
+            for instance in entry.instances.values() {
+                changes.entry(instance.name.clone()).or_default();
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        // Upserts carry the instance as stored now (with the node's checks).
+        let entry = &self.nodes[node];
+        for (service, change) in changes.iter_mut() {
+            change.upserts = entry
+                .instances
+                .values()
+                .filter(|i| &i.name == service)
+                .map(|i| Self::catalog_instance(entry, i))
+                .collect();
+        }
+        self.index += 1;
+        let index = self.index;
+        for (service, change) in changes {
+            self.service_index.insert(service.clone(), index);
+            let message = ControlMessage {
+                body: Some(Body::Update(ServiceUpdate {
+                    service: service.clone(),
+                    index,
+                    snapshot: false,
+                    upserts: change.upserts,
+                    removed: change.removed,
+                })),
+            };
+            let sessions: Vec<SessionId> = self
+                .subscribers
+                .get(&service)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            for session in sessions {
+                self.send(session, message.clone());
+            }
+        }
+        let names = self.compute_names();
+        if names != self.names {
+            self.names = names;
+            let message = self.names_message();
+            let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+            for session in sessions {
+                self.send(session, message.clone());
+            }
+        }
+    }
+
+    fn compute_names(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for node in self.nodes.values() {
+            for instance in node.instances.values() {
+                names
+                    .entry(instance.name.clone())
+                    .or_default()
+                    .extend(instance.tags.iter().cloned());
+            }
+        }
+        names
+    }
+
+    pub fn names(&self) -> &BTreeMap<String, BTreeSet<String>> {
+        &self.names
+    }
+}

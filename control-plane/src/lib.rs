@@ -1,0 +1,111 @@
+//! The Signpost control plane: it aggregates what every agent reports and
+//! pushes catalog changes to the agents that use each service.
+//!
+//! Layout:
+//! - [`sync`]: the agents' gRPC endpoint (TLS, token-authenticated), one
+//!   bidirectional `Session` stream per agent.
+//! - [`catalog`]: the fleet's instances, subscriptions and the fan-out of
+//!   per-service deltas to subscribers only.
+//! - [`http`]: nodes with liveness, catalog and health in Consul's shapes,
+//!   `/metrics`.
+//! - [`tls`]: `init-tls`, the private CA and server certificate.
+//!
+//! The catalog is rebuilt from the agents (each is the source of truth for
+//! its host), so a restarted control plane converges as agents reconnect.
+
+pub mod catalog;
+pub mod http;
+pub mod metrics;
+pub mod sync;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use signpost_core::control_plane_config::ControlPlaneConfig;
+use signpost_core::proto::sync_server::SyncServer;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::catalog::Catalog;
+
+/// The addresses the control plane listens on, once it does.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// Runs until `shutdown`; `ready` receives the bound addresses.
+pub async fn run(
+    config: ControlPlaneConfig,
+    ready: Option<tokio::sync::oneshot::Sender<Listening>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (cert_file, key_file) = config.tls_files();
+    let cert = std::fs::read(&cert_file).with_context(|| {
+        format!(
+            "cannot read the server certificate {} (create one with `signpost-control-plane init-tls`)",
+            cert_file.display()
+        )
+    })?;
+    let key = std::fs::read(&key_file)
+        .with_context(|| format!("cannot read the server key {}", key_file.display()))?;
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+
+    let catalog = Arc::new(Catalog::default());
+    let tokens = Arc::new(config.agent_tokens.clone());
+    let service = sync::SyncService {
+        catalog: catalog.clone(),
+        tokens: tokens.clone(),
+    };
+
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
+        .await
+        .with_context(|| format!("cannot listen on grpc.listen {}", config.grpc.listen))?;
+    let http_listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
+    let listening = Listening {
+        grpc: grpc_listener.local_addr()?,
+        http: http_listener.local_addr()?,
+    };
+    tracing::info!(grpc = %listening.grpc, http = %listening.http, "control plane listening");
+
+    let grpc_shutdown = shutdown.clone();
+    let grpc = tokio::spawn(
+        Server::builder()
+            .tls_config(tls)
+            .context("invalid TLS certificate or key")?
+            .add_service(SyncServer::with_interceptor(
+                service,
+                sync::check_token(tokens),
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                async move { grpc_shutdown.cancelled().await },
+            ),
+    );
+    let router = http::router(http::HttpState {
+        catalog,
+        metrics: Arc::new(metrics::Metrics::default()),
+        datacenter: "dc1".to_string(),
+    });
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await
+    });
+    if let Some(ready) = ready
+        && ready.send(listening).is_err()
+    {
+        tracing::debug!("nobody waits for the ready signal");
+    }
+    let (grpc, http) = tokio::join!(grpc, http);
+    grpc.context("gRPC server task")?.context("gRPC server")?;
+    http.context("HTTP server task")?.context("HTTP server")?;
+    tracing::info!("control plane stopped");
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! `signpost-control-plane`: the fleet's catalog and the agents' sync endpoint.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use signpost_core::control_plane_config::ControlPlaneConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "signpost-control-plane",
+    version,
+    about = "Signpost control plane: fleet catalog and agent sync"
+)]
+struct Cli {
+    /// The control-plane configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/signpost/control-plane.yaml"
+    )]
+    config: PathBuf,
+    /// Check the configuration, then exit.
+    #[arg(long)]
+    validate: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a private CA and a server certificate for the agents' endpoint.
+    InitTls {
+        /// Where to write them (default: data_dir/tls).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Names and addresses agents use to reach the control plane.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match std::fs::read_to_string(&cli.config)
+        .map_err(|e| format!("{}: cannot read: {e}", cli.config.display()))
+        .and_then(|text| {
+            ControlPlaneConfig::from_yaml(&cli.config.display().to_string(), &text)
+                .map_err(|e| e.to_string())
+        }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Command::InitTls { dir, names }) = cli.command {
+        let dir = dir.unwrap_or_else(|| config.data_dir.join("tls"));
+        return match signpost_control_plane::tls::init(&dir, &names) {
+            Ok(files) => {
+                println!(
+                    "wrote {}, {} (give it to agents as control_plane.ca_file), {} and {}",
+                    files.ca_key.display(),
+                    files.ca.display(),
+                    files.cert.display(),
+                    files.key.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("signpost-control-plane: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if cli.validate {
+        println!("{}: configuration is valid", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("signpost-control-plane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            trigger.cancel();
+        });
+        match signpost_control_plane::run(config, None, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("signpost-control-plane: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

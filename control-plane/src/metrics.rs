@@ -1,0 +1,75 @@
+//! The control plane's Prometheus metrics; state gauges are refreshed from
+//! the catalog at scrape time.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::catalog::{Catalog, NodeStatus};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    sessions: Gauge,
+    nodes: Family<StatusLabels, Gauge>,
+    instances: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("signpost_control_plane");
+        let sessions = Gauge::default();
+        registry.register("sessions", "Agent sessions open", sessions.clone());
+        let nodes = Family::<StatusLabels, Gauge>::default();
+        registry.register("nodes", "Nodes by liveness", nodes.clone());
+        let instances = Gauge::default();
+        registry.register(
+            "instances",
+            "Service instances in the catalog",
+            instances.clone(),
+        );
+        Metrics {
+            registry,
+            sessions,
+            nodes,
+            instances,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self, catalog: &Catalog) -> String {
+        let (alive, unreachable, instances) = catalog.read(|inner| {
+            let alive = inner
+                .nodes
+                .values()
+                .filter(|n| n.status == NodeStatus::Alive)
+                .count();
+            let instances: usize = inner.nodes.values().map(|n| n.instances.len()).sum();
+            (alive, inner.nodes.len() - alive, instances)
+        });
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.sessions.set(gauge(catalog.session_count()));
+        self.instances.set(gauge(instances));
+        for (status, n) in [
+            (NodeStatus::Alive, alive),
+            (NodeStatus::Unreachable, unreachable),
+        ] {
+            self.nodes
+                .get_or_create(&StatusLabels {
+                    status: status.as_str(),
+                })
+                .set(gauge(n));
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}

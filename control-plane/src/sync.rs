@@ -1,0 +1,129 @@
+//! The agents' gRPC endpoint: one `Session` stream per agent, authenticated
+//! by its token, feeding the [`Catalog`] and carrying its updates back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use signpost_core::proto::sync_server::Sync;
+use signpost_core::proto::{
+    AgentMessage, ControlMessage, Welcome, agent_message, control_message::Body,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::catalog::{Catalog, SESSION_QUEUE};
+
+/// An agent has this long to say who it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct SyncService {
+    pub catalog: Arc<Catalog>,
+    pub tokens: Arc<Vec<String>>,
+}
+
+/// Refuses streams without a known agent token (`authorization: Bearer`).
+pub fn check_token(
+    tokens: Arc<Vec<String>>,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(token)
+                if tokens
+                    .iter()
+                    .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) =>
+            {
+                Ok(request)
+            }
+            Some(_) => {
+                tracing::warn!("agent refused: unknown token");
+                Err(Status::unauthenticated(
+                    "unknown agent token: check control_plane.token in the agent configuration",
+                ))
+            }
+            None => Err(Status::unauthenticated(
+                "missing agent token: set control_plane.token in the agent configuration",
+            )),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Sync for SyncService {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Ok(Some(Ok(AgentMessage {
+                body: Some(agent_message::Body::Hello(hello)),
+            }))) => hello,
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(_) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello from the agent in time")),
+        };
+        if hello.node.is_empty() {
+            return Err(Status::invalid_argument("Hello.node is empty"));
+        }
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let welcome = ControlMessage {
+            body: Some(Body::Welcome(Welcome {
+                control_plane: String::new(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })),
+        };
+        if tx.try_send(welcome).is_err() {
+            return Err(Status::internal("cannot queue the welcome"));
+        }
+        let node = hello.node.clone();
+        let session = self.catalog.connect(hello, tx);
+        tracing::info!(node = %node, session, peer = ?peer, "agent connected");
+        let catalog = self.catalog.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.next().await {
+                    Some(Ok(message)) => match message.body {
+                        Some(agent_message::Body::FullState(state)) => {
+                            catalog.full_state(session, state)
+                        }
+                        Some(agent_message::Body::Delta(delta)) => catalog.delta(session, delta),
+                        Some(agent_message::Body::Subscribe(s)) => {
+                            catalog.subscribe(session, s.services)
+                        }
+                        Some(agent_message::Body::Unsubscribe(u)) => {
+                            catalog.unsubscribe(session, u.services)
+                        }
+                        Some(agent_message::Body::Hello(_)) | None => {
+                            tracing::warn!(node = %node, "unexpected message from agent ignored");
+                        }
+                    },
+                    Some(Err(status)) => {
+                        tracing::info!(node = %node, error = %status, "agent stream failed");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            catalog.disconnect(session);
+            tracing::info!(node = %node, session, "agent disconnected");
+        });
+        let outbound = ReceiverStream::new(rx).map(Ok);
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}

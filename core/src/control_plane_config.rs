@@ -1,0 +1,135 @@
+//! The control plane's configuration file (`/etc/signpost/control-plane.yaml`).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, LogConfig};
+use crate::yaml;
+
+/// `signpost-control-plane`'s configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// Where the control plane keeps its state and, by default, its TLS files.
+    pub data_dir: PathBuf,
+    pub grpc: GrpcConfig,
+    pub http: HttpConfig,
+    /// Tokens agents present (`control_plane.token` in their config).
+    pub agent_tokens: Vec<String>,
+    pub log: LogConfig,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        ControlPlaneConfig {
+            data_dir: PathBuf::from("/var/lib/signpost-control-plane"),
+            grpc: GrpcConfig::default(),
+            http: HttpConfig::default(),
+            agent_tokens: Vec::new(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// The agents' gRPC endpoint; always TLS.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    pub listen: SocketAddr,
+    /// Server certificate and key (PEM). Default: `data_dir/tls/server.pem`
+    /// and `server-key.pem`, as written by `signpost-control-plane init-tls`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8300)),
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+/// The HTTP API (catalog, nodes, `/metrics`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8700)),
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    /// Parses and validates the text of a control-plane configuration file.
+    pub fn from_yaml(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let config: ControlPlaneConfig = if text.trim().is_empty() {
+            ControlPlaneConfig::default()
+        } else {
+            yaml::from_str(file, text)?
+        };
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            file: file.to_string(),
+            field,
+            reason: reason.to_string(),
+        };
+        if config.agent_tokens.is_empty() {
+            return Err(invalid(
+                "agent_tokens",
+                "at least one token is needed, or no agent can connect",
+            ));
+        }
+        if config.agent_tokens.iter().any(|t| t.len() < 16) {
+            return Err(invalid(
+                "agent_tokens",
+                "tokens must be at least 16 characters",
+            ));
+        }
+        if config.grpc.cert_file.is_some() != config.grpc.key_file.is_some() {
+            return Err(invalid(
+                "grpc.cert_file",
+                "give both grpc.cert_file and grpc.key_file, or neither",
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The server certificate and key to use.
+    pub fn tls_files(&self) -> (PathBuf, PathBuf) {
+        match (&self.grpc.cert_file, &self.grpc.key_file) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => (
+                self.data_dir.join("tls").join("server.pem"),
+                self.data_dir.join("tls").join("server-key.pem"),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_short_tokens() {
+        let c = ControlPlaneConfig::from_yaml(
+            "cp.yaml",
+            "data_dir: /tmp/cp\nagent_tokens: [0123456789abcdef]\ngrpc:\n  listen: 127.0.0.1:8300\n",
+        )
+        .unwrap();
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8700");
+        let e = ControlPlaneConfig::from_yaml("cp.yaml", "agent_tokens: [short]\n").unwrap_err();
+        assert!(e.to_string().contains("agent_tokens"), "{e}");
+        let e = ControlPlaneConfig::from_yaml("cp.yaml", "grpc:\n  lisen: x\n").unwrap_err();
+        assert!(e.to_string().starts_with("cp.yaml:2:"), "{e}");
+    }
+}

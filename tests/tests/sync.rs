@@ -1,0 +1,205 @@
+//! The fleet: a control plane and several agents on their own loopback
+//! addresses. What is registered and checked on one host is seen by the
+//! hosts that use it, and only by them; losing the control plane never
+//! takes away what agents know.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is a test failure
+
+use serde_json::{Value, json};
+use signpost_tests::{AGENT_TOKEN, Agent, ControlPlane};
+
+async fn register_web(agent: &Agent) {
+    let body = json!({"ID": "web-1", "Name": "web", "Port": 8080, "Tags": ["v1"],
+        "Check": {"TTL": "10m", "Status": "passing"}});
+    let r = agent.put("/v1/agent/service/register", Some(body)).await;
+    assert!(r.status.is_success(), "{}", r.text);
+}
+
+/// The health entries of `service` that `agent` knows on `node`.
+async fn entries_on(agent: &Agent, service: &str, node: &str, query: &str) -> Vec<Value> {
+    let body = agent
+        .get(&format!("/v1/health/service/{service}{query}"))
+        .await
+        .json();
+    body.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["Node"]["Node"] == node)
+        .cloned()
+        .collect()
+}
+
+async fn service_status(agent: &Agent, node: &str) -> Option<String> {
+    let entries = entries_on(agent, "web", node, "").await;
+    let entry = entries.first()?;
+    let check = entry["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["ServiceID"] == "web-1")?;
+    Some(check["Status"].as_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn changes_on_one_host_reach_the_hosts_that_use_them() {
+    let cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let a = Agent::start_named("a", &join).await;
+    let b = Agent::start_named("b", &format!("{join}upstreams: [web]\n")).await;
+    let c = Agent::start_named("c", &join).await;
+    let nodes = |n: usize| {
+        let cp = &cp;
+        async move {
+            let nodes = cp.get("/v1/nodes").await.json();
+            (nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["Status"] == "alive")
+                .count()
+                == n)
+                .then_some(())
+        }
+    };
+    b.eventually("three agents connected", || nodes(3)).await;
+
+    // Registration on A is visible on B (subscribed through `upstreams`).
+    register_web(&a).await;
+    b.eventually("web on b", || async {
+        service_status(&b, "a").await.filter(|s| s == "passing")
+    })
+    .await;
+    let entry = entries_on(&b, "web", "a", "").await.remove(0);
+    assert_eq!(entry["Service"]["Port"], 8080);
+    assert_eq!(entry["Service"]["Tags"], json!(["v1"]));
+    assert_eq!(entry["Node"]["Address"], a.addr.ip().to_string());
+    let services = b.get("/v1/catalog/services").await.json();
+    assert_eq!(services["web"], json!(["v1"]));
+
+    // A health flip on A propagates, and ?passing follows it.
+    let r = a
+        .put("/v1/agent/check/fail/service:web-1?note=down", None)
+        .await;
+    assert!(r.status.is_success());
+    b.eventually("critical on b", || async {
+        service_status(&b, "a").await.filter(|s| s == "critical")
+    })
+    .await;
+    assert!(entries_on(&b, "web", "a", "?passing").await.is_empty());
+
+    // C never used web: the control plane sent it nothing about it.
+    let updates = "signpost_agent_sync_updates_total";
+    assert!(b.metric(updates).await >= 2.0);
+    assert_eq!(c.metric(updates).await, 0.0);
+
+    // C's first lookup subscribes and answers at once from the snapshot.
+    assert_eq!(service_status(&c, "a").await.as_deref(), Some("critical"));
+    assert!(c.metric(updates).await >= 1.0);
+
+    // Deregistration propagates.
+    let r = a.put("/v1/agent/service/deregister/web-1", None).await;
+    assert!(r.status.is_success());
+    b.eventually("web gone from b", || async {
+        service_status(&b, "a").await.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn agents_keep_their_view_without_the_control_plane() {
+    let mut cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let a = Agent::start_named("a", &join).await;
+    let b = Agent::start_named("b", &format!("{join}upstreams: [web]\n")).await;
+    register_web(&a).await;
+    b.eventually("web on b", || async { service_status(&b, "a").await })
+        .await;
+    let connected = "signpost_agent_sync_connected";
+
+    cp.kill();
+    b.eventually("b notices", || async {
+        (b.metric(connected).await == 0.0).then_some(())
+    })
+    .await;
+    // B keeps answering its last view, and says how fresh it is.
+    assert_eq!(service_status(&b, "a").await.as_deref(), Some("passing"));
+    let r = b.get("/v1/health/service/web").await;
+    assert_eq!(r.headers["X-Consul-KnownLeader"], "false");
+
+    // The control plane comes back: agents reconnect and converge; web
+    // never vanished from B on the way.
+    cp.restart().await;
+    b.eventually("b reconnects", || async {
+        (b.metric(connected).await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(service_status(&b, "a").await.as_deref(), Some("passing"));
+    let r = a.put("/v1/agent/check/fail/service:web-1", None).await;
+    assert!(r.status.is_success());
+    b.eventually("flip after restart", || async {
+        service_status(&b, "a").await.filter(|s| s == "critical")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dropped_agent_is_unreachable_not_gone() {
+    let cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let mut a = Agent::start_named("a", &join).await;
+    let b = Agent::start_named("b", &format!("{join}upstreams: [web]\n")).await;
+    register_web(&a).await;
+    b.eventually("web on b", || async { service_status(&b, "a").await })
+        .await;
+    a.kill();
+    b.eventually("a unreachable", || async {
+        let nodes = cp.get("/v1/nodes").await.json();
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["Node"] == "a" && n["Status"] == "unreachable")
+            .then_some(())
+    })
+    .await;
+    // Its instances stay routable.
+    assert_eq!(service_status(&b, "a").await.as_deref(), Some("passing"));
+    let on_cp = cp.get("/v1/health/service/web").await.json();
+    assert_eq!(on_cp.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn bad_token_and_bad_ca_are_refused_with_clear_errors() {
+    let cp = ControlPlane::start().await;
+    let bad_token =
+        Agent::start_named("intruder", &cp.agent_config("not-the-token-0123456789")).await;
+    bad_token
+        .eventually("token refusal in the agent log", || async {
+            bad_token
+                .log()
+                .contains("unknown agent token")
+                .then_some(())
+        })
+        .await;
+
+    // A CA that did not sign the control plane's certificate.
+    let other = ControlPlane::start().await;
+    let wrong_ca = format!(
+        "control_plane:\n  addresses: [\"{}\"]\n  ca_file: {}\n  token: {AGENT_TOKEN}\n",
+        cp.grpc,
+        other.ca_file().display()
+    );
+    let bad_ca = Agent::start_named("stranger", &wrong_ca).await;
+    bad_ca
+        .eventually("certificate error in the agent log", || async {
+            bad_ca
+                .log()
+                .to_lowercase()
+                .contains("certificate")
+                .then_some(())
+        })
+        .await;
+    let nodes = cp.get("/v1/nodes").await.json();
+    assert_eq!(nodes, json!([]), "{}", cp.log());
+    assert_eq!(bad_token.metric("signpost_agent_sync_connected").await, 0.0);
+}
