@@ -1,12 +1,13 @@
 //! The agent's view of the fleet: the services it subscribed to, as the
 //! control plane sent them (snapshot, then deltas), and the list of service
-//! names. It keeps serving its last view when the control plane is gone.
+//! names. It keeps serving its last view when the control plane is gone,
+//! and keeps it on disk (`data_dir/fleet.pb`) for a restart without one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use signpost_core::proto::{CatalogInstance, ServiceNames, ServiceUpdate};
+use signpost_core::proto::{CatalogInstance, FleetSnapshot, ServiceNames, ServiceUpdate};
 use tokio::sync::{Notify, watch};
 
 #[derive(Default)]
@@ -26,6 +27,8 @@ pub struct FleetInner {
     pub subscriptions: HashMap<String, Instant>,
     /// Total changes applied, for blocking queries.
     pub version: u64,
+    /// The control plane's epoch the indexes belong to.
+    pub epoch: String,
 }
 
 pub struct FleetCache {
@@ -129,5 +132,122 @@ impl FleetCache {
 
     pub fn contact(&self) {
         self.lock().last_contact = Some(Instant::now());
+    }
+
+    /// A control plane said hello: indexes from another epoch (it
+    /// restarted) cannot be resumed from, so they are forgotten (the
+    /// instances stay until its snapshots replace them).
+    pub fn welcome(&self, epoch: &str) {
+        let mut inner = self.lock();
+        inner.last_contact = Some(Instant::now());
+        if inner.epoch != epoch {
+            inner.epoch = epoch.to_string();
+            for service in inner.services.values_mut() {
+                service.index = 0;
+            }
+        }
+    }
+
+    /// What is kept on disk.
+    pub fn snapshot(&self) -> FleetSnapshot {
+        let inner = self.lock();
+        FleetSnapshot {
+            epoch: inner.epoch.clone(),
+            services: inner
+                .services
+                .iter()
+                .map(|(name, s)| ServiceUpdate {
+                    service: name.clone(),
+                    index: s.index,
+                    snapshot: true,
+                    upserts: s.instances.values().cloned().collect(),
+                    removed: Vec::new(),
+                })
+                .collect(),
+            names: inner.names.clone(),
+        }
+    }
+
+    /// Loads what a previous run kept on disk; the services in it are
+    /// subscribed to again.
+    pub fn restore(&self, snapshot: FleetSnapshot) {
+        {
+            let mut inner = self.lock();
+            inner.epoch = snapshot.epoch;
+            inner.names = snapshot.names;
+            let now = Instant::now();
+            for update in &snapshot.services {
+                inner
+                    .subscriptions
+                    .entry(update.service.clone())
+                    .or_insert(now);
+            }
+        }
+        for update in snapshot.services {
+            self.apply_update(update);
+        }
+        // Restored knowledge is not contact with the control plane.
+        self.lock().last_contact = None;
+    }
+}
+
+/// The file the fleet view is kept in.
+pub(crate) fn cache_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("fleet.pb")
+}
+
+/// Loads the kept view, if any; a corrupt file is reported and ignored.
+pub(crate) fn load(fleet: &FleetCache, data_dir: &std::path::Path) {
+    use prost::Message as _;
+    let path = cache_path(data_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the fleet cache; starting without it");
+            return;
+        }
+    };
+    match FleetSnapshot::decode(bytes.as_slice()) {
+        Ok(snapshot) => {
+            tracing::info!(path = %path.display(), services = snapshot.services.len(), "fleet view restored from disk");
+            fleet.restore(snapshot);
+        }
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "fleet cache is corrupt; starting without it")
+        }
+    }
+}
+
+/// Writes the view to disk after each change (coalesced), and at shutdown.
+pub(crate) async fn keep(
+    fleet: std::sync::Arc<FleetCache>,
+    data_dir: std::path::PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut changes = fleet.subscribe_changes();
+    let path = cache_path(&data_dir);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = changes.changed() => if changed.is_err() { break },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+        let (f, p) = (fleet.clone(), path.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || write_cache(&f, &p)).await {
+            tracing::error!(error = %e, "fleet cache writer failed");
+        }
+    }
+    write_cache(&fleet, &path);
+}
+
+fn write_cache(fleet: &FleetCache, path: &std::path::Path) {
+    use prost::Message as _;
+    let bytes = fleet.snapshot().encode_to_vec();
+    if let Err(e) = crate::persist::write_atomic(path, &bytes) {
+        tracing::error!(path = %path.display(), error = %e, "cannot write the fleet cache");
     }
 }

@@ -126,6 +126,12 @@ pub async fn run(
     let fleet = match agent.config.control_plane.clone() {
         Some(cp) => {
             let fleet = Arc::new(fleet::FleetCache::new(&agent.config.upstreams));
+            fleet::load(&fleet, &agent.config.data_dir);
+            tasks.spawn(fleet::keep(
+                fleet.clone(),
+                agent.config.data_dir.clone(),
+                background.clone(),
+            ));
             tasks.spawn(sync::run(
                 agent.clone(),
                 fleet.clone(),

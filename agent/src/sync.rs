@@ -14,8 +14,8 @@ use rand::Rng;
 use signpost_core::config::ControlPlaneClientConfig;
 use signpost_core::proto::sync_client::SyncClient;
 use signpost_core::proto::{
-    AgentMessage, Check, Delta, FullState, Hello, Instance, Subscribe, agent_message,
-    control_message,
+    AgentMessage, Check, ControlMessage, Delta, FullState, Hello, Instance, Subscribe,
+    agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -188,10 +188,6 @@ async fn session(
         node_checks: sent.node_checks.clone(),
     })))
     .await?;
-    tx.send(message(agent_message::Body::Subscribe(Subscribe {
-        services: fleet.subscriptions(),
-    })))
-    .await?;
     let mut inbound = client
         .session(ReceiverStream::new(rx))
         .await
@@ -199,6 +195,21 @@ async fn session(
             anyhow::anyhow!("control plane refused the session: {}", status.message())
         })?
         .into_inner();
+    // Subscribe once the Welcome said which epoch our indexes are from.
+    match inbound
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("control plane refused the session: {}", s.message()))?
+    {
+        Some(ControlMessage {
+            body: Some(control_message::Body::Welcome(welcome)),
+        }) => fleet.welcome(&welcome.epoch),
+        _ => anyhow::bail!("the control plane did not start with Welcome"),
+    }
+    tx.send(message(agent_message::Body::Subscribe(Subscribe {
+        services: fleet.subscriptions(),
+    })))
+    .await?;
     fleet.set_connected(true);
     agent.metrics.sync_connected(true);
     tracing::info!(address = %address, "connected to the control plane");
@@ -230,7 +241,8 @@ async fn session(
                         fleet.apply_update(update);
                     }
                     Some(control_message::Body::Names(names)) => fleet.apply_names(names),
-                    Some(control_message::Body::Welcome(_)) | None => fleet.contact(),
+                    Some(control_message::Body::Welcome(welcome)) => fleet.welcome(&welcome.epoch),
+                    None => fleet.contact(),
                 }
             }
         }

@@ -59,6 +59,7 @@ pub async fn run(
     let service = sync::SyncService {
         catalog: catalog.clone(),
         tokens: tokens.clone(),
+        epoch: format!("{:016x}", rand::random::<u64>()),
     };
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)

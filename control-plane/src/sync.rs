@@ -21,6 +21,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct SyncService {
     pub catalog: Arc<Catalog>,
     pub tokens: Arc<Vec<String>>,
+    /// Identifies this catalog's indexes (see `Welcome.epoch`).
+    pub epoch: String,
 }
 
 /// Refuses streams without a known agent token (`authorization: Bearer`).
@@ -84,7 +86,7 @@ impl Sync for SyncService {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let welcome = ControlMessage {
             body: Some(Body::Welcome(Welcome {
-                control_plane: String::new(),
+                epoch: self.epoch.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
             })),
         };

@@ -203,3 +203,34 @@ async fn bad_token_and_bad_ca_are_refused_with_clear_errors() {
     assert_eq!(nodes, json!([]), "{}", cp.log());
     assert_eq!(bad_token.metric("signpost_agent_sync_connected").await, 0.0);
 }
+
+#[tokio::test]
+async fn an_agent_restarted_without_the_control_plane_answers_from_its_disk_cache() {
+    let mut cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let a = Agent::start_named("a", &join).await;
+    let mut b = Agent::start_named("b", &format!("{join}upstreams: [web]\n")).await;
+    register_web(&a).await;
+    b.eventually("web on b", || async { service_status(&b, "a").await })
+        .await;
+    cp.kill();
+    assert_eq!(b.stop().await, Some(0));
+    b.restart().await;
+    // The first answer after the restart already has A's instance.
+    assert_eq!(service_status(&b, "a").await.as_deref(), Some("passing"));
+    assert_eq!(b.metric("signpost_agent_sync_connected").await, 0.0);
+    assert!(
+        b.log().contains("fleet view restored from disk"),
+        "{}",
+        b.log()
+    );
+
+    // Back with the control plane (a new epoch), B converges on the truth.
+    cp.restart().await;
+    let r = a.put("/v1/agent/check/fail/service:web-1", None).await;
+    assert!(r.status.is_success());
+    b.eventually("flip after both restarts", || async {
+        service_status(&b, "a").await.filter(|s| s == "critical")
+    })
+    .await;
+}
