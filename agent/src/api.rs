@@ -160,6 +160,7 @@ pub(crate) fn router(api: Api) -> Router {
             "/v1/signpost/services",
             get(agent_routes::signpost_services),
         )
+        .route("/v1/signpost/status", get(agent_routes::signpost_status))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), count_requests))

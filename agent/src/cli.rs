@@ -131,6 +131,59 @@ pub async fn services(client: &Client, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
+    let body = client.get("/v1/signpost/status").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    println!(
+        "node:           {} (signpost {})",
+        str_of(&body, "node"),
+        str_of(&body, "version")
+    );
+    println!("services:       {}", body["services"]);
+    let c = &body["checks"];
+    println!(
+        "checks:         {} passing, {} warning, {} critical",
+        c["passing"], c["warning"], c["critical"]
+    );
+    let cp = &body["control_plane"];
+    if cp.is_null() {
+        println!("control plane:  not configured (this agent answers for its own node only)");
+        return Ok(());
+    }
+    let addresses: Vec<&str> = cp["addresses"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if cp["connected"] == Value::Bool(true) {
+        println!("control plane:  connected ({})", addresses.join(", "));
+    } else {
+        let last = match cp["last_contact_ms"].as_u64() {
+            Some(ms) => format!("last contact {:.1}s ago", ms as f64 / 1000.0),
+            None => "no contact since start".to_string(),
+        };
+        println!(
+            "control plane:  UNREACHABLE ({}): serving the last known view, {last}",
+            addresses.join(", ")
+        );
+    }
+    let subs: Vec<&str> = cp["subscriptions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    println!(
+        "subscriptions:  {}",
+        if subs.is_empty() {
+            "none".to_string()
+        } else {
+            subs.join(", ")
+        }
+    );
+    Ok(())
+}
+
 pub async fn checks(client: &Client, json: bool) -> anyhow::Result<()> {
     let body = client.get("/v1/agent/checks").await?;
     if json {

@@ -1,12 +1,14 @@
-//! `signpost dev`: an agent with a demo service, in a temporary directory,
-//! so that a newcomer sees Signpost work with one command.
+//! `signpost dev`: a control plane and an agent in one process, with a demo
+//! service, in a temporary directory (TLS included), so that a newcomer
+//! sees Signpost work with one command.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::routing::get;
-use signpost_core::config::AgentConfig;
+use signpost_core::config::{AgentConfig, ControlPlaneClientConfig};
+use signpost_core::control_plane_config::{ControlPlaneConfig, GrpcConfig, HttpConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -56,8 +58,42 @@ pub async fn run(http_addr: &str, shutdown: CancellationToken) -> anyhow::Result
     let demo_file = services_dir.join("demo.yaml");
     std::fs::write(&demo_file, yaml)?;
 
+    // The control plane, with its own CA, on loopback ports of its own.
+    let cp_dir = dir.path().join("control-plane");
+    let tls = signpost_control_plane::tls::init(&cp_dir.join("tls"), &["127.0.0.1".to_string()])?;
+    let token = format!("dev-{:032x}", rand::random::<u128>());
+    let cp_config = ControlPlaneConfig {
+        data_dir: cp_dir,
+        grpc: GrpcConfig {
+            listen: "127.0.0.1:0".parse()?,
+            cert_file: Some(tls.cert.clone()),
+            key_file: Some(tls.key.clone()),
+        },
+        http: HttpConfig {
+            listen: "127.0.0.1:0".parse()?,
+        },
+        agent_tokens: vec![token.clone()],
+        ..ControlPlaneConfig::default()
+    };
+    let (cp_ready, cp_listening) = tokio::sync::oneshot::channel();
+    let control_plane = tokio::spawn(signpost_control_plane::run(
+        cp_config,
+        Some(cp_ready),
+        shutdown.clone(),
+    ));
+    let Ok(cp) = cp_listening.await else {
+        return control_plane.await?;
+    };
+
     let mut config = AgentConfig {
         node_name: Some("dev".to_string()),
+        control_plane: Some(ControlPlaneClientConfig {
+            addresses: vec![cp.grpc.to_string()],
+            ca_file: tls.ca.clone(),
+            token,
+            server_name: None,
+            first_lookup_wait: Duration::from_millis(250),
+        }),
         data_dir: dir.path().join("data"),
         services_dir: services_dir.clone(),
         ..AgentConfig::default()
@@ -81,8 +117,9 @@ pub async fn run(http_addr: &str, shutdown: CancellationToken) -> anyhow::Result
     };
     println!(
         r#"
-Signpost dev agent is running.
+Signpost dev is running: a control plane and an agent.
   local API      {base}
+  control plane  http://{cp_http} (try /v1/nodes), agents' gRPC on {cp_grpc} (TLS)
   service files  {services_dir}
   demo service   demo-1 at {i1}, demo-2 at {i2} (HTTP and TCP checks)
 
@@ -96,6 +133,7 @@ Try:
   curl -s -X PUT '{base}/v1/agent/check/pass/service:web?note=alive'
   $EDITOR {file}             # add, change or break it
   curl -s {base}/metrics
+  curl -s http://{cp_http}/v1/health/service/demo   # the fleet, as the control plane sees it
 
 Ctrl-C stops it and removes {dir}."#,
         services_dir = services_dir.display(),
@@ -103,8 +141,11 @@ Ctrl-C stops it and removes {dir}."#,
         i2 = instances[1],
         file = demo_file.display(),
         dir = dir.path().display(),
+        cp_http = cp.http,
+        cp_grpc = cp.grpc,
     );
     let result = agent.await?;
+    let cp_result = control_plane.await?;
     drop(dir);
-    result
+    result.and(cp_result)
 }

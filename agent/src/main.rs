@@ -48,6 +48,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// This agent's state and how fresh its view of the fleet is.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// List this host's checks.
     Checks {
         #[arg(long)]
@@ -88,6 +93,7 @@ fn main() -> ExitCode {
             Command::Dev => signpost_agent::dev::run(&cli.http_addr, shutdown_on_signal()).await,
             Command::Services { json } => cli::services(&client, json).await,
             Command::Checks { json } => cli::checks(&client, json).await,
+            Command::Status { json } => cli::status(&client, json).await,
             Command::Register { file } => cli::register(&client, &file).await,
             Command::Deregister { id } => cli::deregister(&client, &id).await,
             Command::Maint {

@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use signpost_core::proto::{
-    CatalogInstance, Check, ControlMessage, Delta, FullState, Hello, Instance, InstanceRef,
-    ServiceNames, ServiceUpdate, Tags, control_message::Body,
+    CatalogInstance, CatalogSnapshot, Check, ControlMessage, Delta, FullState, Hello, Instance,
+    InstanceRef, NodeSnapshot, ServiceNames, ServiceUpdate, Tags, control_message::Body,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 pub type SessionId = u64;
 
@@ -62,9 +62,19 @@ pub struct Inner {
     next_session: SessionId,
 }
 
-#[derive(Default)]
 pub struct Catalog {
     inner: Mutex<Inner>,
+    /// Bumped on every change worth keeping on disk.
+    changes: watch::Sender<u64>,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Catalog {
+            inner: Mutex::new(Inner::default()),
+            changes: watch::channel(0).0,
+        }
+    }
 }
 
 /// What one change does to one service.
@@ -81,6 +91,55 @@ impl Catalog {
 
     pub fn read<R>(&self, f: impl FnOnce(&Inner) -> R) -> R {
         f(&self.lock())
+    }
+
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// What is kept on disk: every node with its instances.
+    pub fn snapshot(&self) -> CatalogSnapshot {
+        let inner = self.lock();
+        CatalogSnapshot {
+            nodes: inner
+                .nodes
+                .values()
+                .map(|n| NodeSnapshot {
+                    hello: Some(n.hello.clone()),
+                    instances: n.instances.values().cloned().collect(),
+                    node_checks: n.node_checks.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Loads a kept catalog at start: every node is unreachable until its
+    /// agent reconnects, and its instances stay routable meanwhile.
+    pub fn restore(&self, snapshot: CatalogSnapshot) {
+        let mut inner = self.lock();
+        for node in snapshot.nodes {
+            let Some(hello) = node.hello else { continue };
+            inner.nodes.insert(
+                hello.node.clone(),
+                NodeEntry {
+                    hello,
+                    instances: node
+                        .instances
+                        .into_iter()
+                        .map(|i| (i.id.clone(), i))
+                        .collect(),
+                    node_checks: node.node_checks,
+                    session: None,
+                    status: NodeStatus::Unreachable,
+                },
+            );
+        }
+        inner.index = 1;
+        inner.names = inner.compute_names();
     }
 
     /// Opens a session for the agent that said `hello`; a previous session
@@ -123,6 +182,8 @@ impl Catalog {
         );
         let names = inner.names_message();
         inner.send(id, names);
+        drop(inner);
+        self.changed();
         id
     }
 
@@ -139,6 +200,8 @@ impl Catalog {
             }
         }
         inner.drop_session(session);
+        drop(inner);
+        self.changed();
     }
 
     /// The agent's whole local state: replaces what the catalog had.
@@ -167,6 +230,8 @@ impl Catalog {
                 node_checks: state.node_checks,
             },
         );
+        drop(inner);
+        self.changed();
     }
 
     pub fn delta(&self, session: SessionId, delta: Delta) {
@@ -175,6 +240,8 @@ impl Catalog {
             return;
         };
         inner.apply(&node, delta);
+        drop(inner);
+        self.changed();
     }
 
     /// Subscribes a session to services; each gets a snapshot unless the

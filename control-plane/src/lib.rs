@@ -9,13 +9,17 @@
 //! - [`http`]: nodes with liveness, catalog and health in Consul's shapes,
 //!   `/metrics`.
 //! - [`tls`]: `init-tls`, the private CA and server certificate.
+//! - [`store`]: the last catalog snapshot, kept under `data_dir`.
 //!
-//! The catalog is rebuilt from the agents (each is the source of truth for
-//! its host), so a restarted control plane converges as agents reconnect.
+//! The agents are the source of truth for their hosts; the kept snapshot
+//! only bridges a restart: a restarted control plane serves every known
+//! instance (nodes `unreachable`) until their agents reconnect and resend
+//! their state, so nothing vanishes on the way.
 
 pub mod catalog;
 pub mod http;
 pub mod metrics;
+pub mod store;
 pub mod sync;
 pub mod tls;
 
@@ -55,6 +59,20 @@ pub async fn run(
     let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
 
     let catalog = Arc::new(Catalog::default());
+    let store: Arc<dyn store::Store> = Arc::new(store::FileStore::new(&config.data_dir));
+    match store.load().await {
+        Ok(Some(snapshot)) => {
+            tracing::info!(
+                nodes = snapshot.nodes.len(),
+                "catalog restored from the last snapshot"
+            );
+            catalog.restore(snapshot);
+        }
+        Ok(None) => {}
+        // A snapshot is only a bridge: start empty rather than not at all.
+        Err(e) => tracing::error!(error = %e, "cannot load the catalog snapshot; starting empty"),
+    }
+    let keeper = tokio::spawn(store::keep(catalog.clone(), store, shutdown.clone()));
     let tokens = Arc::new(config.agent_tokens.clone());
     let service = sync::SyncService {
         catalog: catalog.clone(),
@@ -104,7 +122,8 @@ pub async fn run(
     {
         tracing::debug!("nobody waits for the ready signal");
     }
-    let (grpc, http) = tokio::join!(grpc, http);
+    let (grpc, http, keeper) = tokio::join!(grpc, http, keeper);
+    keeper.context("catalog store task")?;
     grpc.context("gRPC server task")?.context("gRPC server")?;
     http.context("HTTP server task")?.context("HTTP server")?;
     tracing::info!("control plane stopped");

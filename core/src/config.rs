@@ -57,6 +57,17 @@ pub struct ControlPlaneClientConfig {
     /// part of the address.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// How long the first lookup of a service not subscribed to yet waits
+    /// for the control plane's snapshot before answering with what is known.
+    #[serde(
+        default = "default_first_lookup_wait",
+        with = "crate::duration::serde_go"
+    )]
+    pub first_lookup_wait: Duration,
+}
+
+fn default_first_lookup_wait() -> Duration {
+    Duration::from_millis(250)
 }
 
 impl Default for AgentConfig {

@@ -41,6 +41,17 @@ mod examples {
     }
 
     #[test]
+    fn example_control_plane_config_parses() {
+        let text = include_str!("../../examples/control-plane.yaml");
+        let config = crate::control_plane_config::ControlPlaneConfig::from_yaml(
+            "examples/control-plane.yaml",
+            text,
+        )
+        .unwrap();
+        assert_eq!(config.agent_tokens.len(), 1);
+    }
+
+    #[test]
     fn example_service_files_parse() {
         let text = include_str!("../../examples/services.d/payments.yaml");
         let defs = crate::service_file::parse("payments.yaml", text).unwrap();

@@ -485,7 +485,9 @@ impl ControlPlane {
     /// The agent configuration that joins this control plane with `token`.
     pub fn agent_config(&self, token: &str) -> String {
         format!(
-            "control_plane:\n  addresses: [\"{}\"]\n  ca_file: {}\n  token: {token}\n",
+            // A generous first-lookup wait: it ends as soon as the snapshot
+            // comes, and a loaded test machine must not make it miss.
+            "control_plane:\n  addresses: [\"{}\"]\n  ca_file: {}\n  token: {token}\n  first_lookup_wait: 10s\n",
             self.grpc,
             self.ca_file().display()
         )

@@ -9,3 +9,60 @@ async fn starts_answers_and_stops_on_sigterm() {
     assert_eq!(me["Config"]["NodeName"], "test-node");
     assert_eq!(agent.stop().await, Some(0));
 }
+
+/// The README's first command: `signpost dev` runs a control plane, an
+/// agent and a demo service whose checks pass, and says where to look.
+#[tokio::test]
+async fn dev_runs_control_plane_agent_and_demo() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
+    let addr = signpost_tests::free_addr();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(signpost_tests::signpost_bin())
+        .args(["dev", "--http-addr", &addr.to_string()])
+        .stdout(out.reopen().unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + signpost_tests::PATIENCE;
+    let passing = loop {
+        let url = format!("http://{addr}/v1/health/service/demo?passing");
+        if let Ok(r) = client.get(url).send().await
+            && let Ok(body) = r.json::<serde_json::Value>().await
+            && body.as_array().is_some_and(|a| a.len() == 2)
+        {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "demo never passed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(passing[0]["Service"]["Service"], "demo");
+    let printed = std::fs::read_to_string(out.path()).unwrap();
+    assert!(printed.contains("Try:"), "{printed}");
+    let cp = printed
+        .split("control plane  http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let nodes: serde_json::Value = client
+        .get(format!("http://{cp}/v1/nodes"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(nodes[0]["Node"], "dev");
+    assert_eq!(nodes[0]["Status"], "alive");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}

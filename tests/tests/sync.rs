@@ -115,6 +115,15 @@ async fn agents_keep_their_view_without_the_control_plane() {
     b.eventually("web on b", || async { service_status(&b, "a").await })
         .await;
     let connected = "signpost_agent_sync_connected";
+    // The control plane keeps its catalog on disk (coalesced writes).
+    let kept = cp.dir.path().join("data").join("catalog.pb");
+    b.eventually("catalog snapshot written", || async {
+        let bytes = std::fs::read(&kept).unwrap_or_default();
+        String::from_utf8_lossy(&bytes)
+            .contains("web-1")
+            .then_some(())
+    })
+    .await;
 
     cp.kill();
     b.eventually("b notices", || async {
@@ -125,6 +134,11 @@ async fn agents_keep_their_view_without_the_control_plane() {
     assert_eq!(service_status(&b, "a").await.as_deref(), Some("passing"));
     let r = b.get("/v1/health/service/web").await;
     assert_eq!(r.headers["X-Consul-KnownLeader"], "false");
+    let http_addr = b.addr.to_string();
+    let (code, out, _) = signpost_tests::signpost(&["status", "--http-addr", &http_addr]);
+    assert_eq!(code, 0);
+    assert!(out.contains("UNREACHABLE"), "{out}");
+    assert!(out.contains("subscriptions:  web"), "{out}");
 
     // The control plane comes back: agents reconnect and converge; web
     // never vanished from B on the way.

@@ -405,3 +405,41 @@ pub(crate) async fn signpost_services(State(api): State<Api>) -> Response {
         .collect();
     json(&json!({"services": services, "files": files}))
 }
+
+/// Signpost's view for `signpost status`: this node, its checks, and how
+/// fresh its view of the fleet is.
+pub(crate) async fn signpost_status(State(api): State<Api>) -> Response {
+    let (node, services, mut counts) = api.agent.state.read(|inner| {
+        let mut counts = serde_json::Map::new();
+        for check in inner.checks.values() {
+            let n = counts
+                .entry(check.status.as_str())
+                .or_insert(Value::from(0u64));
+            *n = Value::from(n.as_u64().unwrap_or(0) + 1);
+        }
+        (inner.node.name.clone(), inner.services.len(), counts)
+    });
+    for status in ["passing", "warning", "critical"] {
+        counts.entry(status).or_insert(Value::from(0u64));
+    }
+    let control_plane = match (&api.fleet, &api.agent.config.control_plane) {
+        (Some(fleet), Some(cp)) => fleet.read(|f| {
+            let mut subscriptions: Vec<&String> = f.subscriptions.keys().collect();
+            subscriptions.sort();
+            json!({
+                "addresses": cp.addresses,
+                "connected": f.connected,
+                "last_contact_ms": f.last_contact.map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+                "subscriptions": subscriptions,
+            })
+        }),
+        _ => Value::Null,
+    };
+    json(&json!({
+        "node": node,
+        "version": env!("CARGO_PKG_VERSION"),
+        "services": services,
+        "checks": counts,
+        "control_plane": control_plane,
+    }))
+}

@@ -126,16 +126,19 @@ async fn first_use(api: &Api, name: &str) {
             }
         }
     };
-    if tokio::time::timeout(FIRST_USE_WAIT, wait).await.is_err() {
+    let limit = api
+        .agent
+        .config
+        .control_plane
+        .as_ref()
+        .map_or(std::time::Duration::ZERO, |cp| cp.first_lookup_wait);
+    if tokio::time::timeout(limit, wait).await.is_err() {
         tracing::debug!(
             service = name,
             "no snapshot from the control plane in time; answering with what is known"
         );
     }
 }
-
-/// How long a first lookup waits for the control plane's snapshot.
-const FIRST_USE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub(crate) async fn service(
     State(api): State<Api>,
