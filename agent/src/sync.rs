@@ -14,8 +14,8 @@ use rand::Rng;
 use signpost_core::config::ControlPlaneClientConfig;
 use signpost_core::proto::sync_client::SyncClient;
 use signpost_core::proto::{
-    AgentMessage, Check, ControlMessage, Delta, FullState, Hello, Instance, Subscribe,
-    agent_message, control_message,
+    AgentMessage, Check, ControlMessage, Delta, FullState, Hello, Instance, ProbeRequest,
+    ProbeResult, Subscribe, agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,6 +28,8 @@ use crate::state::{CheckRole, Inner};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A peer probe must be answered within this.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The local state as the control plane sees it.
 struct Local {
@@ -87,7 +89,62 @@ fn hello(agent: &Agent) -> Hello {
         datacenter: inner.node.datacenter.clone(),
         meta: inner.node.meta.clone().into_iter().collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        probe_address: probe_address(agent),
     })
+}
+
+/// Where peers can reach this agent's API: its port on the advertised
+/// address unless the API listens on one specific address.
+fn probe_address(agent: &Agent) -> String {
+    let listen = agent.config.api.listen;
+    let ip = if listen.ip().is_unspecified() {
+        agent.config.advertise_addr
+    } else {
+        listen.ip()
+    };
+    std::net::SocketAddr::new(ip, listen.port()).to_string()
+}
+
+/// Answers a control plane's question: can this host reach that one? The
+/// peer's agent must answer its API (`/v1/agent/self`), not just accept a
+/// connection: a hung or dying agent whose kernel still accepts is not alive.
+async fn probe(request: ProbeRequest) -> ProbeResult {
+    static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        crate::tls::install_crypto_provider();
+        reqwest::Client::builder()
+            .timeout(PROBE_TIMEOUT)
+            .pool_max_idle_per_host(0)
+            .no_proxy()
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    let outcome = match client {
+        Ok(client) => client
+            .get(format!("http://{}/v1/agent/self", request.address))
+            .send()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                if r.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("answered {}", r.status()))
+                }
+            }),
+        Err(e) => Err(e.clone()),
+    };
+    let (reachable, error) = match outcome {
+        Ok(()) => (true, String::new()),
+        Err(e) => (false, e),
+    };
+    tracing::debug!(node = %request.node, address = %request.address, reachable, "probed a peer for the control plane");
+    ProbeResult {
+        probe_id: request.probe_id,
+        reachable,
+        error,
+    }
 }
 
 fn message(body: agent_message::Body) -> AgentMessage {
@@ -241,6 +298,16 @@ async fn session(
                         fleet.apply_update(update);
                     }
                     Some(control_message::Body::Names(names)) => fleet.apply_names(names),
+                    Some(control_message::Body::Probe(request)) => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let result = probe(request).await;
+                            // The session may have ended meanwhile.
+                            if tx.send(message(agent_message::Body::ProbeResult(result))).await.is_err() {
+                                tracing::debug!("probe result not sent: session closed");
+                            }
+                        });
+                    }
                     Some(control_message::Body::Welcome(welcome)) => fleet.welcome(&welcome.epoch),
                     None => fleet.contact(),
                 }

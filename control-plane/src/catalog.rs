@@ -11,7 +11,8 @@ use std::sync::Mutex;
 
 use signpost_core::proto::{
     CatalogInstance, CatalogSnapshot, Check, ControlMessage, Delta, FullState, Hello, Instance,
-    InstanceRef, NodeSnapshot, ServiceNames, ServiceUpdate, Tags, control_message::Body,
+    InstanceRef, NodeSnapshot, ProbeRequest, ServiceNames, ServiceUpdate, Tags,
+    control_message::Body,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -19,6 +20,31 @@ pub type SessionId = u64;
 
 /// Messages a session may queue before it counts as too slow.
 pub const SESSION_QUEUE: usize = 4096;
+/// Peers asked to probe a node whose stream dropped.
+const PROBE_PEERS: usize = 3;
+
+/// A node's liveness as Consul's `serfHealth` check.
+pub fn liveness(node: &NodeEntry) -> Check {
+    let (status, output) = match node.status {
+        NodeStatus::Alive => ("passing", "Agent alive and reachable"),
+        NodeStatus::Unreachable => (
+            "passing",
+            "Agent stream to the control plane dropped; peers can reach it or are being asked",
+        ),
+        NodeStatus::Failed => (
+            "critical",
+            "Agent not reachable by the control plane nor by its peers",
+        ),
+    };
+    Check {
+        id: "serfHealth".to_string(),
+        name: "Serf Health Status".to_string(),
+        status: status.to_string(),
+        output: output.to_string(),
+        notes: String::new(),
+        r#type: String::new(),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeStatus {
@@ -26,6 +52,8 @@ pub enum NodeStatus {
     Alive,
     /// Its agent's session dropped; its instances stay routable.
     Unreachable,
+    /// No peer could reach it either: its instances are critical.
+    Failed,
 }
 
 impl NodeStatus {
@@ -33,6 +61,7 @@ impl NodeStatus {
         match self {
             NodeStatus::Alive => "alive",
             NodeStatus::Unreachable => "unreachable",
+            NodeStatus::Failed => "failed",
         }
     }
 }
@@ -43,6 +72,22 @@ pub struct NodeEntry {
     pub node_checks: Vec<Check>,
     pub session: Option<SessionId>,
     pub status: NodeStatus,
+    pub failed_at: Option<std::time::Instant>,
+}
+
+/// A question to peers about an unreachable node.
+struct PendingProbe {
+    node: String,
+    outstanding: usize,
+}
+
+/// How a probe round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeVerdict {
+    /// A peer reached it: the control plane is what is cut off.
+    Reachable,
+    /// Nobody reached it: the node failed.
+    Failed,
 }
 
 struct Session {
@@ -60,6 +105,8 @@ pub struct Inner {
     sessions: HashMap<SessionId, Session>,
     names: BTreeMap<String, BTreeSet<String>>,
     next_session: SessionId,
+    probes: HashMap<u64, PendingProbe>,
+    next_probe: u64,
 }
 
 pub struct Catalog {
@@ -135,6 +182,7 @@ impl Catalog {
                     node_checks: node.node_checks,
                     session: None,
                     status: NodeStatus::Unreachable,
+                    failed_at: None,
                 },
             );
         }
@@ -149,10 +197,13 @@ impl Catalog {
         inner.next_session += 1;
         let id = inner.next_session;
         let node = hello.node.clone();
+        let mut was_failed = false;
         let previous = match inner.nodes.get_mut(&node) {
             Some(entry) => {
                 entry.hello = hello;
+                was_failed = entry.status == NodeStatus::Failed;
                 entry.status = NodeStatus::Alive;
+                entry.failed_at = None;
                 entry.session.replace(id)
             }
             None => {
@@ -164,6 +215,7 @@ impl Catalog {
                         node_checks: Vec::new(),
                         session: Some(id),
                         status: NodeStatus::Alive,
+                        failed_at: None,
                     },
                 );
                 None
@@ -175,21 +227,28 @@ impl Catalog {
         inner.sessions.insert(
             id,
             Session {
-                node,
+                node: node.clone(),
                 tx,
                 subscriptions: HashSet::new(),
             },
         );
         let names = inner.names_message();
         inner.send(id, names);
+        if was_failed {
+            tracing::info!(node = %node, "failed node is back");
+            inner.node_changed(&node);
+        }
         drop(inner);
         self.changed();
         id
     }
 
-    /// The session ended: the node's instances stay, the node is unreachable.
-    pub fn disconnect(&self, session: SessionId) {
+    /// The session ended: the node's instances stay, the node is
+    /// unreachable, and up to 3 other agents (same zone first) are asked to
+    /// probe it. Returns the probe round to conclude after a timeout.
+    pub fn disconnect(&self, session: SessionId) -> Option<u64> {
         let mut inner = self.lock();
+        let mut probe = None;
         if let Some(s) = inner.sessions.get(&session) {
             let node = s.node.clone();
             if let Some(entry) = inner.nodes.get_mut(&node)
@@ -197,11 +256,69 @@ impl Catalog {
             {
                 entry.session = None;
                 entry.status = NodeStatus::Unreachable;
+                inner.drop_session(session);
+                probe = Some(inner.start_probe(&node));
             }
         }
         inner.drop_session(session);
         drop(inner);
         self.changed();
+        probe
+    }
+
+    /// A peer's answer to a probe request; returns the verdict once known.
+    pub fn probe_result(&self, probe_id: u64, reachable: bool) -> Option<(String, ProbeVerdict)> {
+        let mut inner = self.lock();
+        let pending = inner.probes.get_mut(&probe_id)?;
+        pending.outstanding = pending.outstanding.saturating_sub(1);
+        if reachable {
+            return inner.conclude(probe_id, ProbeVerdict::Reachable);
+        }
+        if pending.outstanding == 0 {
+            let verdict = inner.conclude(probe_id, ProbeVerdict::Failed);
+            drop(inner);
+            self.changed();
+            return verdict;
+        }
+        None
+    }
+
+    /// The probe timeout ran out: whoever did not answer could not reach it.
+    pub fn probe_timeout(&self, probe_id: u64) -> Option<(String, ProbeVerdict)> {
+        let mut inner = self.lock();
+        let verdict = inner.conclude(probe_id, ProbeVerdict::Failed);
+        drop(inner);
+        self.changed();
+        verdict
+    }
+
+    /// Removes nodes failed for longer than `after`, with their instances.
+    pub fn reap(&self, after: std::time::Duration) -> Vec<String> {
+        let mut inner = self.lock();
+        let due: Vec<String> = inner
+            .nodes
+            .values()
+            .filter(|n| n.failed_at.is_some_and(|t| t.elapsed() >= after))
+            .map(|n| n.hello.node.clone())
+            .collect();
+        for node in &due {
+            let ids: Vec<String> = inner.nodes[node].instances.keys().cloned().collect();
+            inner.apply(
+                node,
+                Delta {
+                    upserts: Vec::new(),
+                    removed: ids,
+                    node_checks_changed: false,
+                    node_checks: Vec::new(),
+                },
+            );
+            inner.nodes.remove(node);
+        }
+        drop(inner);
+        if !due.is_empty() {
+            self.changed();
+        }
+        due
     }
 
     /// The agent's whole local state: replaces what the catalog had.
@@ -319,8 +436,125 @@ impl Inner {
             node_id: entry.hello.node_id.clone(),
             node_address: entry.hello.address.clone(),
             node_zone: entry.hello.zone.clone(),
-            node_checks: entry.node_checks.clone(),
+            node_checks: std::iter::once(liveness(entry))
+                .chain(entry.node_checks.iter().cloned())
+                .collect(),
             instance: Some(instance.clone()),
+        }
+    }
+
+    /// Asks up to 3 connected agents, same zone first, to probe `node`.
+    fn start_probe(&mut self, node: &str) -> u64 {
+        self.next_probe += 1;
+        let id = self.next_probe;
+        let (zone, address) = self
+            .nodes
+            .get(node)
+            .map(|n| (n.hello.zone.clone(), n.hello.probe_address.clone()))
+            .unwrap_or_default();
+        let mut peers: Vec<(bool, SessionId)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.node != node)
+            .map(|(id, s)| {
+                let same_zone = self
+                    .nodes
+                    .get(&s.node)
+                    .is_some_and(|n| n.hello.zone == zone);
+                (!same_zone, *id)
+            })
+            .collect();
+        peers.sort();
+        peers.truncate(PROBE_PEERS);
+        let asked = if address.is_empty() { 0 } else { peers.len() };
+        self.probes.insert(
+            id,
+            PendingProbe {
+                node: node.to_string(),
+                outstanding: asked,
+            },
+        );
+        tracing::info!(
+            node,
+            peers = asked,
+            "agent stream dropped: asking peers to probe it"
+        );
+        if asked > 0 {
+            for (_, session) in peers {
+                let request = ControlMessage {
+                    body: Some(Body::Probe(ProbeRequest {
+                        probe_id: id,
+                        node: node.to_string(),
+                        address: address.clone(),
+                    })),
+                };
+                self.send(session, request);
+            }
+        }
+        id
+    }
+
+    fn conclude(&mut self, probe_id: u64, verdict: ProbeVerdict) -> Option<(String, ProbeVerdict)> {
+        let pending = self.probes.remove(&probe_id)?;
+        let entry = self.nodes.get_mut(&pending.node)?;
+        // Reconnected meanwhile: nothing to decide.
+        if entry.status != NodeStatus::Unreachable {
+            return None;
+        }
+        match verdict {
+            ProbeVerdict::Reachable => {
+                tracing::info!(node = %pending.node, "peers reach the node: a control-plane partition, its instances stay");
+            }
+            ProbeVerdict::Failed => {
+                tracing::warn!(node = %pending.node, "no peer reaches the node: marking it failed");
+                entry.status = NodeStatus::Failed;
+                entry.failed_at = Some(std::time::Instant::now());
+                let node = pending.node.clone();
+                self.node_changed(&node);
+            }
+        }
+        Some((pending.node, verdict))
+    }
+
+    /// Sends every instance of `node` again (its liveness changed).
+    fn node_changed(&mut self, node: &str) {
+        let names: Vec<String> = self
+            .nodes
+            .get(node)
+            .map(|n| n.instances.values().map(|i| i.name.clone()).collect())
+            .unwrap_or_default();
+        if names.is_empty() {
+            return;
+        }
+        let entry = &self.nodes[node];
+        let mut updates: BTreeMap<String, Vec<CatalogInstance>> = BTreeMap::new();
+        for instance in entry.instances.values() {
+            updates
+                .entry(instance.name.clone())
+                .or_default()
+                .push(Self::catalog_instance(entry, instance));
+        }
+        self.index += 1;
+        let index = self.index;
+        for (service, upserts) in updates {
+            self.service_index.insert(service.clone(), index);
+            let message = ControlMessage {
+                body: Some(Body::Update(ServiceUpdate {
+                    service: service.clone(),
+                    index,
+                    snapshot: false,
+                    upserts,
+                    removed: Vec::new(),
+                })),
+            };
+            let sessions: Vec<SessionId> = self
+                .subscribers
+                .get(&service)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            for session in sessions {
+                self.send(session, message.clone());
+            }
         }
     }
 

@@ -85,19 +85,6 @@ fn check(node: &NodeEntry, instance: Option<&Instance>, c: &Check) -> Value {
     })
 }
 
-/// The node's liveness as a check, so that clients filtering on health see
-/// an unreachable node the way Consul shows a failed `serfHealth`.
-fn liveness(node: &NodeEntry) -> Check {
-    Check {
-        id: "serfHealth".to_string(),
-        name: "Serf Health Status".to_string(),
-        status: "passing".to_string(),
-        output: format!("Agent {}", node.status.as_str()),
-        notes: String::new(),
-        r#type: String::new(),
-    }
-}
-
 async fn health_service(
     State(s): State<HttpState>,
     Path(name): Path<String>,
@@ -113,7 +100,7 @@ async fn health_service(
         let entries: Vec<Value> = inner
             .instances_of(&name)
             .filter_map(|(node, instance)| {
-                let live = liveness(node);
+                let live = crate::catalog::liveness(node);
                 let checks: Vec<Value> = std::iter::once(&live)
                     .chain(node.node_checks.iter())
                     .map(|c| check(node, None, c))

@@ -73,6 +73,25 @@ pub async fn run(
         Err(e) => tracing::error!(error = %e, "cannot load the catalog snapshot; starting empty"),
     }
     let keeper = tokio::spawn(store::keep(catalog.clone(), store, shutdown.clone()));
+    {
+        // Failed nodes' registrations go after node_reap_after.
+        let (catalog, stop, after) = (catalog.clone(), shutdown.clone(), config.node_reap_after);
+        tokio::spawn(async move {
+            let every = (after / 10).clamp(
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(10),
+            );
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                for node in catalog.reap(after) {
+                    tracing::warn!(node = %node, "failed node reaped: its registrations are removed");
+                }
+            }
+        });
+    }
     let tokens = Arc::new(config.agent_tokens.clone());
     let service = sync::SyncService {
         catalog: catalog.clone(),

@@ -15,6 +15,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{Catalog, SESSION_QUEUE};
 
+/// Peers have this long to report whether they reach a dropped node.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// An agent has this long to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -111,6 +114,12 @@ impl Sync for SyncService {
                         Some(agent_message::Body::Unsubscribe(u)) => {
                             catalog.unsubscribe(session, u.services)
                         }
+                        Some(agent_message::Body::ProbeResult(r)) => {
+                            if !r.reachable && !r.error.is_empty() {
+                                tracing::debug!(by = %node, error = %r.error, "peer probe failed");
+                            }
+                            catalog.probe_result(r.probe_id, r.reachable);
+                        }
                         Some(agent_message::Body::Hello(_)) | None => {
                             tracing::warn!(node = %node, "unexpected message from agent ignored");
                         }
@@ -122,8 +131,11 @@ impl Sync for SyncService {
                     None => break,
                 }
             }
-            catalog.disconnect(session);
             tracing::info!(node = %node, session, "agent disconnected");
+            if let Some(probe) = catalog.disconnect(session) {
+                tokio::time::sleep(PROBE_TIMEOUT).await;
+                catalog.probe_timeout(probe);
+            }
         });
         let outbound = ReceiverStream::new(rx).map(Ok);
         Ok(Response::new(Box::pin(outbound)))

@@ -18,6 +18,9 @@ pub struct ControlPlaneConfig {
     pub http: HttpConfig,
     /// Tokens agents present (`control_plane.token` in their config).
     pub agent_tokens: Vec<String>,
+    /// A failed node's registrations are removed after this.
+    #[serde(with = "crate::duration::serde_go")]
+    pub node_reap_after: std::time::Duration,
     pub log: LogConfig,
 }
 
@@ -28,6 +31,7 @@ impl Default for ControlPlaneConfig {
             grpc: GrpcConfig::default(),
             http: HttpConfig::default(),
             agent_tokens: Vec::new(),
+            node_reap_after: std::time::Duration::from_secs(600),
             log: LogConfig::default(),
         }
     }

@@ -156,8 +156,30 @@ async fn agents_keep_their_view_without_the_control_plane() {
     .await;
 }
 
+async fn node_status(cp: &ControlPlane, node: &str) -> Option<String> {
+    let nodes = cp.get("/v1/nodes").await.json();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["Node"] == node)
+        .map(|n| n["Status"].as_str().unwrap().to_string())
+}
+
+/// The status of node `node`'s liveness check in `agent`'s view of web.
+async fn liveness_on(agent: &Agent, node: &str) -> Option<String> {
+    let entries = entries_on(agent, "web", node, "").await;
+    let entry = entries.first()?;
+    let check = entry["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == "serfHealth")?;
+    Some(check["Status"].as_str().unwrap().to_string())
+}
+
 #[tokio::test]
-async fn a_dropped_agent_is_unreachable_not_gone() {
+async fn a_killed_agent_is_failed_once_its_peers_cannot_reach_it() {
     let cp = ControlPlane::start().await;
     let join = cp.agent_config(AGENT_TOKEN);
     let mut a = Agent::start_named("a", &join).await;
@@ -165,21 +187,102 @@ async fn a_dropped_agent_is_unreachable_not_gone() {
     register_web(&a).await;
     b.eventually("web on b", || async { service_status(&b, "a").await })
         .await;
+    assert_eq!(liveness_on(&b, "a").await.as_deref(), Some("passing"));
     a.kill();
-    b.eventually("a unreachable", || async {
-        let nodes = cp.get("/v1/nodes").await.json();
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["Node"] == "a" && n["Status"] == "unreachable")
-            .then_some(())
+    // B is asked to probe A, cannot reach it: A failed, its instance is
+    // critical everywhere (though its own check last said passing).
+    b.eventually("a failed", || async {
+        node_status(&cp, "a").await.filter(|s| s == "failed")
     })
     .await;
-    // Its instances stay routable.
+    b.eventually("a critical on b", || async {
+        liveness_on(&b, "a").await.filter(|s| s == "critical")
+    })
+    .await;
     assert_eq!(service_status(&b, "a").await.as_deref(), Some("passing"));
-    let on_cp = cp.get("/v1/health/service/web").await.json();
-    assert_eq!(on_cp.as_array().unwrap().len(), 1);
+    assert!(entries_on(&b, "web", "a", "?passing").await.is_empty());
+    assert!(
+        cp.log().contains("no peer reaches the node"),
+        "{}",
+        cp.log()
+    );
+
+    // A comes back: alive again, and healthy on B.
+    a.restart().await;
+    b.eventually("a alive again on b", || async {
+        liveness_on(&b, "a").await.filter(|s| s == "passing")
+    })
+    .await;
+    assert_eq!(node_status(&cp, "a").await.as_deref(), Some("alive"));
+}
+
+/// A TCP relay between an agent and the control plane that the test can
+/// cut, leaving everything else connected.
+struct Relay {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind(signpost_tests::free_addr())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            // Dropping the set (when the relay task is aborted) cuts every
+            // relayed connection.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
+                            .await
+                            .ok();
+                    }
+                });
+            }
+        });
+        Relay { addr, task }
+    }
+
+    fn cut(&self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn an_agent_cut_off_from_the_control_plane_only_stays_passing() {
+    let cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let relay = Relay::start(cp.grpc).await;
+    let via_relay = format!(
+        "control_plane:\n  addresses: [\"{}\"]\n  ca_file: {}\n  token: {AGENT_TOKEN}\n  server_name: localhost\n",
+        relay.addr,
+        cp.ca_file().display()
+    );
+    let a = Agent::start_named("a", &via_relay).await;
+    let b = Agent::start_named("b", &format!("{join}upstreams: [web]\n")).await;
+    register_web(&a).await;
+    b.eventually("web on b", || async { service_status(&b, "a").await })
+        .await;
+    relay.cut();
+    b.eventually("a unreachable", || async {
+        node_status(&cp, "a").await.filter(|s| s == "unreachable")
+    })
+    .await;
+    // B reaches A, so it is the control plane that is cut off: nothing is
+    // removed and A's instance stays passing.
+    b.eventually("partition decided", || async {
+        cp.log().contains("a control-plane partition").then_some(())
+    })
+    .await;
+    assert_eq!(node_status(&cp, "a").await.as_deref(), Some("unreachable"));
+    assert_eq!(liveness_on(&b, "a").await.as_deref(), Some("passing"));
+    assert_eq!(entries_on(&b, "web", "a", "?passing").await.len(), 1);
 }
 
 #[tokio::test]

@@ -223,19 +223,11 @@ fn remote_check(ci: &CatalogInstance, instance: Option<&Instance>, c: &ProtoChec
     })
 }
 
-/// Every check of a remote instance, its node's included, with the node's
-/// liveness as Consul's `serfHealth`.
+/// Every check of a remote instance, its node's included (the control
+/// plane puts the node's liveness there as `serfHealth`).
 pub(crate) fn remote_checks(ci: &CatalogInstance, instance: &Instance) -> Vec<Value> {
-    let liveness = ProtoCheck {
-        id: crate::state::NODE_HEALTH_CHECK.to_string(),
-        name: "Serf Health Status".to_string(),
-        status: "passing".to_string(),
-        output: "Agent alive and reachable".to_string(),
-        notes: String::new(),
-        r#type: String::new(),
-    };
-    std::iter::once(&liveness)
-        .chain(ci.node_checks.iter())
+    ci.node_checks
+        .iter()
         .map(|c| remote_check(ci, None, c))
         .chain(
             instance
