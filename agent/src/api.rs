@@ -161,6 +161,7 @@ pub(crate) fn router(api: Api) -> Router {
             get(agent_routes::signpost_services),
         )
         .route("/v1/signpost/status", get(agent_routes::signpost_status))
+        .route("/v1/signpost/drain/{id}", put(agent_routes::signpost_drain))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), count_requests))

@@ -51,6 +51,21 @@ impl Client {
         serde_json::from_str(&text).context("the agent's answer is not JSON")
     }
 
+    /// A PUT whose answer is JSON, waiting up to `timeout`.
+    pub async fn put_json(
+        &self,
+        path: &str,
+        what: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Value> {
+        let request = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .timeout(timeout);
+        let text = self.send(request, what).await?;
+        serde_json::from_str(&text).context("the agent's answer is not JSON")
+    }
+
     pub async fn put(&self, path: &str, body: Option<&Value>, what: &str) -> anyhow::Result<()> {
         let mut request = self.http.put(format!("{}{path}", self.base));
         if let Some(body) = body {
@@ -231,6 +246,44 @@ pub async fn register(client: &Client, file: &Path) -> anyhow::Result<()> {
             )
             .await?;
         println!("registered {}", def.id);
+    }
+    Ok(())
+}
+
+pub async fn drain(
+    client: &Client,
+    id: &str,
+    timeout: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let path = format!(
+        "/v1/signpost/drain/{}?timeout={}",
+        encode(id),
+        encode(&signpost_core::duration::format(timeout))
+    );
+    let body = client
+        .put_json(
+            &path,
+            &format!("drain {id}"),
+            timeout + std::time::Duration::from_secs(10),
+        )
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let (acked, subscribers) = (&body["acknowledged"], &body["subscribers"]);
+    if body["control_plane"] == Value::Bool(false) {
+        println!(
+            "{id} is in maintenance (no control plane configured: no other agent to wait for)"
+        );
+    } else if body["complete"] == Value::Bool(true) {
+        println!("{id} drained: {acked} of {subscribers} subscribed agents acknowledged");
+    } else {
+        println!(
+            "{id} in maintenance; timed out after {}: {acked} of {subscribers} subscribed agents acknowledged",
+            signpost_core::duration::format(timeout)
+        );
     }
     Ok(())
 }

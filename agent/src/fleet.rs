@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use signpost_core::proto::{CatalogInstance, FleetSnapshot, ServiceNames, ServiceUpdate};
+use signpost_core::proto::{
+    AckQuery, AckStatus, CatalogInstance, FleetSnapshot, ServiceNames, ServiceUpdate,
+};
 use tokio::sync::{Notify, watch};
 
 #[derive(Default)]
@@ -36,20 +38,47 @@ pub struct FleetCache {
     changes: watch::Sender<u64>,
     /// Poked when a new subscription needs sending.
     pub subscribe: Notify,
+    /// Questions for the control plane: how many agents applied a change.
+    ack_queries: tokio::sync::mpsc::UnboundedSender<AckRequest>,
+}
+
+/// An [`AckQuery`] and where its answer goes.
+pub struct AckRequest {
+    pub query: AckQuery,
+    pub reply: tokio::sync::oneshot::Sender<AckStatus>,
 }
 
 impl FleetCache {
-    pub fn new(upstreams: &[String]) -> Self {
+    /// The cache, and the queue of acknowledgement questions the sync
+    /// session forwards to the control plane.
+    pub fn new(upstreams: &[String]) -> (Self, tokio::sync::mpsc::UnboundedReceiver<AckRequest>) {
         let now = Instant::now();
         let inner = FleetInner {
             subscriptions: upstreams.iter().map(|u| (u.clone(), now)).collect(),
             ..FleetInner::default()
         };
-        FleetCache {
+        let (ack_queries, queries) = tokio::sync::mpsc::unbounded_channel();
+        let cache = FleetCache {
             inner: Mutex::new(inner),
             changes: watch::channel(0).0,
             subscribe: Notify::new(),
-        }
+            ack_queries,
+        };
+        (cache, queries)
+    }
+
+    /// Asks how many agents subscribed to `service` applied its change
+    /// `min_index` (0: the latest); `None` if the sync has stopped.
+    pub async fn ack_status(&self, service: &str, min_index: u64) -> Option<AckStatus> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let query = AckQuery {
+            query_id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            service: service.to_string(),
+            min_index,
+        };
+        self.ack_queries.send(AckRequest { query, reply }).ok()?;
+        answer.await.ok()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FleetInner> {

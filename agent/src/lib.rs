@@ -125,7 +125,8 @@ pub async fn run(
     }
     let fleet = match agent.config.control_plane.clone() {
         Some(cp) => {
-            let fleet = Arc::new(fleet::FleetCache::new(&agent.config.upstreams));
+            let (fleet, ack_queries) = fleet::FleetCache::new(&agent.config.upstreams);
+            let fleet = Arc::new(fleet);
             fleet::load(&fleet, &agent.config.data_dir);
             tasks.spawn(fleet::keep(
                 fleet.clone(),
@@ -135,6 +136,7 @@ pub async fn run(
             tasks.spawn(sync::run(
                 agent.clone(),
                 fleet.clone(),
+                ack_queries,
                 cp,
                 background.clone(),
             ));

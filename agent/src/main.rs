@@ -60,6 +60,15 @@ enum Command {
     },
     /// Register the services of a definition file (YAML as in services.d).
     Register { file: PathBuf },
+    /// Put an instance in maintenance and wait until every agent using its
+    /// service applied it (for ExecStop= before stopping a service).
+    Drain {
+        id: String,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
     /// Deregister a service registered through the API.
     Deregister { id: String },
     /// Put a service (or, without ID, the whole node) in or out of maintenance.
@@ -96,6 +105,7 @@ fn main() -> ExitCode {
             Command::Status { json } => cli::status(&client, json).await,
             Command::Register { file } => cli::register(&client, &file).await,
             Command::Deregister { id } => cli::deregister(&client, &id).await,
+            Command::Drain { id, timeout, json } => cli::drain(&client, &id, timeout, json).await,
             Command::Maint {
                 id,
                 enable,
@@ -147,6 +157,10 @@ async fn agent(path: PathBuf, validate: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    signpost_core::duration::parse(s).map_err(|e| e.to_string())
 }
 
 fn load_config(path: &std::path::Path) -> Result<AgentConfig, String> {

@@ -5,7 +5,7 @@
 //! stream drops it tries the other addresses with jittered exponential
 //! back-off, keeping the last view meanwhile.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +14,8 @@ use rand::Rng;
 use signpost_core::config::ControlPlaneClientConfig;
 use signpost_core::proto::sync_client::SyncClient;
 use signpost_core::proto::{
-    AgentMessage, Check, ControlMessage, Delta, FullState, Hello, Instance, ProbeRequest,
-    ProbeResult, Subscribe, agent_message, control_message,
+    Ack, AckStatus, AgentMessage, Check, ControlMessage, Delta, FullState, Hello, Instance,
+    ProbeRequest, ProbeResult, Subscribe, agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::agent::Agent;
-use crate::fleet::FleetCache;
+use crate::fleet::{AckRequest, FleetCache};
 use crate::state::{CheckRole, Inner};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -155,6 +155,7 @@ fn message(body: agent_message::Body) -> AgentMessage {
 pub(crate) async fn run(
     agent: Arc<Agent>,
     fleet: Arc<FleetCache>,
+    mut ack_queries: mpsc::UnboundedReceiver<AckRequest>,
     config: ControlPlaneClientConfig,
     shutdown: CancellationToken,
 ) {
@@ -172,7 +173,7 @@ pub(crate) async fn run(
         attempt += 1;
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = session(&agent, &fleet, &config, &ca, address) => r,
+            r = session(&agent, &fleet, &mut ack_queries, &config, &ca, address) => r,
         };
         fleet.set_connected(false);
         agent.metrics.sync_connected(false);
@@ -198,6 +199,7 @@ pub(crate) async fn run(
 async fn session(
     agent: &Agent,
     fleet: &FleetCache,
+    ack_queries: &mut mpsc::UnboundedReceiver<AckRequest>,
     config: &ControlPlaneClientConfig,
     ca: &[u8],
     address: &str,
@@ -270,8 +272,19 @@ async fn session(
     fleet.set_connected(true);
     agent.metrics.sync_connected(true);
     tracing::info!(address = %address, "connected to the control plane");
+    let mut pending: HashMap<u64, tokio::sync::oneshot::Sender<AckStatus>> = HashMap::new();
     loop {
         tokio::select! {
+            Some(request) = ack_queries.recv() => {
+                // Local changes first, so the question is about them too.
+                let now = agent.state.read(local);
+                if let Some(delta) = diff(&sent, &now) {
+                    tx.send(message(agent_message::Body::Delta(delta))).await?;
+                }
+                sent = now;
+                pending.insert(request.query.query_id, request.reply);
+                tx.send(message(agent_message::Body::AckQuery(request.query))).await?;
+            }
             changed = changes.changed() => {
                 if changed.is_err() {
                     return Ok(());
@@ -295,7 +308,16 @@ async fn session(
                 match received.body {
                     Some(control_message::Body::Update(update)) => {
                         agent.metrics.sync_update();
+                        let ack = Ack { service: update.service.clone(), index: update.index };
                         fleet.apply_update(update);
+                        tx.send(message(agent_message::Body::Ack(ack))).await?;
+                    }
+                    Some(control_message::Body::AckStatus(status)) => {
+                        if let Some(reply) = pending.remove(&status.query_id)
+                            && reply.send(status).is_err()
+                        {
+                            tracing::debug!("acknowledgement status arrived after its asker gave up");
+                        }
                     }
                     Some(control_message::Body::Names(names)) => fleet.apply_names(names),
                     Some(control_message::Body::Probe(request)) => {

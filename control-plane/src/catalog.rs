@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use signpost_core::proto::{
-    CatalogInstance, CatalogSnapshot, Check, ControlMessage, Delta, FullState, Hello, Instance,
-    InstanceRef, NodeSnapshot, ProbeRequest, ServiceNames, ServiceUpdate, Tags,
+    AckQuery, AckStatus, CatalogInstance, CatalogSnapshot, Check, ControlMessage, Delta, FullState,
+    Hello, Instance, InstanceRef, NodeSnapshot, ProbeRequest, ServiceNames, ServiceUpdate, Tags,
     control_message::Body,
 };
 use tokio::sync::{mpsc, watch};
@@ -94,6 +94,8 @@ struct Session {
     node: String,
     tx: mpsc::Sender<ControlMessage>,
     subscriptions: HashSet<String>,
+    /// The index of each service this session's agent applied.
+    acked: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -230,6 +232,7 @@ impl Catalog {
                 node: node.clone(),
                 tx,
                 subscriptions: HashSet::new(),
+                acked: HashMap::new(),
             },
         );
         let names = inner.names_message();
@@ -393,6 +396,49 @@ impl Catalog {
                 set.remove(&session);
             }
         }
+    }
+
+    pub fn ack(&self, session: SessionId, service: String, index: u64) {
+        let mut inner = self.lock();
+        if let Some(s) = inner.sessions.get_mut(&session) {
+            let acked = s.acked.entry(service).or_default();
+            *acked = (*acked).max(index);
+        }
+    }
+
+    /// How many other sessions subscribed to `service` applied `min_index`
+    /// (0: the current index); answered to the asking session.
+    pub fn ack_query(&self, session: SessionId, query: AckQuery) {
+        let mut inner = self.lock();
+        let index = if query.min_index == 0 {
+            inner.service_index(&query.service)
+        } else {
+            query.min_index
+        };
+        let subscribers: Vec<SessionId> = inner
+            .subscribers
+            .get(&query.service)
+            .map(|s| s.iter().copied().filter(|id| *id != session).collect())
+            .unwrap_or_default();
+        let acked = subscribers
+            .iter()
+            .filter(|id| {
+                inner
+                    .sessions
+                    .get(id)
+                    .and_then(|s| s.acked.get(&query.service))
+                    .is_some_and(|a| *a >= index)
+            })
+            .count();
+        let status = ControlMessage {
+            body: Some(Body::AckStatus(AckStatus {
+                query_id: query.query_id,
+                index,
+                subscribers: u32::try_from(subscribers.len()).unwrap_or(u32::MAX),
+                acked: u32::try_from(acked).unwrap_or(u32::MAX),
+            })),
+        };
+        inner.send(session, status);
     }
 
     pub fn session_count(&self) -> usize {

@@ -114,6 +114,10 @@ impl Sync for SyncService {
                         Some(agent_message::Body::Unsubscribe(u)) => {
                             catalog.unsubscribe(session, u.services)
                         }
+                        Some(agent_message::Body::Ack(a)) => {
+                            catalog.ack(session, a.service, a.index)
+                        }
+                        Some(agent_message::Body::AckQuery(q)) => catalog.ack_query(session, q),
                         Some(agent_message::Body::ProbeResult(r)) => {
                             if !r.reachable && !r.error.is_empty() {
                                 tracing::debug!(by = %node, error = %r.error, "peer probe failed");

@@ -351,3 +351,46 @@ async fn an_agent_restarted_without_the_control_plane_answers_from_its_disk_cach
     })
     .await;
 }
+
+#[tokio::test]
+async fn drain_waits_until_every_subscribed_agent_applied_it() {
+    let cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let a = Agent::start_named("a", &join).await;
+    let b = Agent::start_named("b", &format!("{join}upstreams: [web]\n")).await;
+    let c = Agent::start_named("c", &format!("{join}upstreams: [web]\n")).await;
+    register_web(&a).await;
+    for agent in [&b, &c] {
+        agent
+            .eventually("web seen", || async { service_status(agent, "a").await })
+            .await;
+    }
+    let http_addr = a.addr.to_string();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        signpost_tests::signpost(&[
+            "drain",
+            "web-1",
+            "--timeout",
+            "20s",
+            "--http-addr",
+            &http_addr,
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("web-1 drained: 2 of 2 subscribed agents acknowledged"),
+        "{out}"
+    );
+    // Both have it already: no waiting needed on their side.
+    for agent in [&b, &c] {
+        assert!(entries_on(agent, "web", "a", "?passing").await.is_empty());
+        let maintenance = entries_on(agent, "web", "a", "").await[0]["Checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["CheckID"] == "_service_maintenance:web-1");
+        assert!(maintenance);
+    }
+}

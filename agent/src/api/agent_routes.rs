@@ -443,3 +443,71 @@ pub(crate) async fn signpost_status(State(api): State<Api>) -> Response {
         "control_plane": control_plane,
     }))
 }
+
+/// `signpost drain`: puts an instance in maintenance, then waits until every
+/// agent subscribed to its service applied the change (or the timeout).
+pub(crate) async fn signpost_drain(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    let params = Params::parse(q.as_deref());
+    let timeout = match params.get("timeout") {
+        None | Some("") => std::time::Duration::from_secs(30),
+        Some(t) => signpost_core::duration::parse(t)
+            .map_err(|e| ApiError::bad_request(format!("Invalid timeout: {e}")))?,
+    };
+    let service_id = ServiceId::new(id);
+    let name = api
+        .agent
+        .state
+        .read(|inner| {
+            inner
+                .services
+                .get(&service_id)
+                .map(|s| s.def.name.to_string())
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("Unknown service ID \"{service_id}\""),
+            )
+        })?;
+    api.agent
+        .set_service_maintenance(&service_id, Some("Draining (signpost drain)".to_string()))?;
+    tracing::info!(service = %service_id, ?timeout, "draining");
+    let Some(fleet) = &api.fleet else {
+        return Ok(json(&json!({
+            "service": name, "id": service_id, "subscribers": 0, "acknowledged": 0,
+            "complete": true, "control_plane": false,
+        })));
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut index = 0;
+    let mut last: Option<signpost_core::proto::AckStatus> = None;
+    loop {
+        let ask = fleet.ack_status(&name, index);
+        match tokio::time::timeout_at(deadline, ask).await {
+            Ok(Some(status)) => {
+                index = status.index;
+                let done = status.acked >= status.subscribers;
+                last = Some(status);
+                if done {
+                    break;
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = api.shutdown.cancelled() => break,
+        }
+    }
+    let (subscribers, acknowledged) = last.map_or((0, 0), |s| (s.subscribers, s.acked));
+    let complete = last.is_some() && acknowledged >= subscribers;
+    Ok(json(&json!({
+        "service": name, "id": service_id, "subscribers": subscribers,
+        "acknowledged": acknowledged, "complete": complete, "control_plane": true,
+    })))
+}
