@@ -93,6 +93,7 @@ pub async fn run(http_addr: &str, shutdown: CancellationToken) -> anyhow::Result
             token,
             server_name: None,
             first_lookup_wait: Duration::from_millis(250),
+            subscription_idle: Duration::from_secs(600),
         }),
         data_dir: dir.path().join("data"),
         services_dir: services_dir.clone(),

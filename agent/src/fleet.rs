@@ -111,6 +111,25 @@ impl FleetCache {
         }
     }
 
+    /// Drops subscriptions unused for `idle`, except `keep`; returns them.
+    pub fn expire_idle(&self, idle: std::time::Duration, keep: &[String]) -> Vec<String> {
+        let mut inner = self.lock();
+        let expired: Vec<String> = inner
+            .subscriptions
+            .iter()
+            .filter(|(name, used)| used.elapsed() >= idle && !keep.contains(name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &expired {
+            inner.subscriptions.remove(name);
+            inner.services.remove(name);
+        }
+        if !expired.is_empty() {
+            self.changed(&mut inner);
+        }
+        expired
+    }
+
     /// The subscriptions with the index held for each (0: none).
     pub fn subscriptions(&self) -> HashMap<String, u64> {
         let inner = self.lock();

@@ -15,7 +15,7 @@ use signpost_core::config::ControlPlaneClientConfig;
 use signpost_core::proto::sync_client::SyncClient;
 use signpost_core::proto::{
     Ack, AckStatus, AgentMessage, Check, ControlMessage, Delta, FullState, Hello, Instance,
-    ProbeRequest, ProbeResult, Subscribe, agent_message, control_message,
+    ProbeRequest, ProbeResult, Subscribe, Unsubscribe, agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -273,8 +273,18 @@ async fn session(
     agent.metrics.sync_connected(true);
     tracing::info!(address = %address, "connected to the control plane");
     let mut pending: HashMap<u64, tokio::sync::oneshot::Sender<AckStatus>> = HashMap::new();
+    let mut idle_check = tokio::time::interval(
+        (config.subscription_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30)),
+    );
     loop {
         tokio::select! {
+            _ = idle_check.tick() => {
+                let expired = fleet.expire_idle(config.subscription_idle, &agent.config.upstreams);
+                if !expired.is_empty() {
+                    tracing::info!(services = ?expired, "unsubscribing from services unused for subscription_idle");
+                    tx.send(message(agent_message::Body::Unsubscribe(Unsubscribe { services: expired }))).await?;
+                }
+            }
             Some(request) = ack_queries.recv() => {
                 // Local changes first, so the question is about them too.
                 let now = agent.state.read(local);

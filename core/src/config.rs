@@ -64,6 +64,17 @@ pub struct ControlPlaneClientConfig {
         with = "crate::duration::serde_go"
     )]
     pub first_lookup_wait: Duration,
+    /// A service nothing on this host asked for this long is unsubscribed
+    /// from (`upstreams` never are).
+    #[serde(
+        default = "default_subscription_idle",
+        with = "crate::duration::serde_go"
+    )]
+    pub subscription_idle: Duration,
+}
+
+fn default_subscription_idle() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_first_lookup_wait() -> Duration {
@@ -242,6 +253,12 @@ impl AgentConfig {
                 return Err(invalid(
                     "control_plane.addresses",
                     format!("{bad:?} must be host:port"),
+                ));
+            }
+            if cp.subscription_idle < Duration::from_secs(1) {
+                return Err(invalid(
+                    "control_plane.subscription_idle",
+                    "must be at least 1s".to_string(),
                 ));
             }
             if cp.token.is_empty() {

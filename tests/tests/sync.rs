@@ -394,3 +394,36 @@ async fn drain_waits_until_every_subscribed_agent_applied_it() {
         assert!(maintenance);
     }
 }
+
+#[tokio::test]
+async fn unused_subscriptions_are_dropped_but_upstreams_stay() {
+    let cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let a = Agent::start_named("a", &join).await;
+    let idle = format!("{join}  subscription_idle: 1s\nupstreams: [db]\n");
+    let c = Agent::start_named("c", &idle).await;
+    register_web(&a).await;
+    // C uses web once: subscribed, answered.
+    assert_eq!(service_status(&c, "a").await.as_deref(), Some("passing"));
+    let subscriptions = || async {
+        let status = c.get("/v1/signpost/status").await.json();
+        status["control_plane"]["subscriptions"].clone()
+    };
+    assert_eq!(subscriptions().await, json!(["db", "web"]));
+    // Nothing asks again: web is dropped, db (an upstream) stays.
+    c.eventually("web unsubscribed", || async {
+        (subscriptions().await == json!(["db"])).then_some(())
+    })
+    .await;
+    // Changes to web no longer reach C.
+    let updates = "signpost_agent_sync_updates_total";
+    let before = c.metric(updates).await;
+    let r = a.put("/v1/agent/check/fail/service:web-1", None).await;
+    assert!(r.status.is_success());
+    let b = Agent::start_named("b", &format!("{join}upstreams: [web]\n")).await;
+    b.eventually("flip seen by a subscriber", || async {
+        service_status(&b, "a").await.filter(|s| s == "critical")
+    })
+    .await;
+    assert_eq!(c.metric(updates).await, before);
+}
