@@ -25,6 +25,12 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/catalog/services", get(services))
         .route("/v1/health/service/{name}", get(health_service))
+        .route("/v1/catalog/service/{name}", get(catalog_service))
+        .route("/v1/catalog/nodes", get(catalog_nodes))
+        .route("/v1/catalog/node/{node}", get(catalog_node))
+        .route("/v1/health/checks/{name}", get(health_checks))
+        .route("/v1/health/state/{state}", get(health_state))
+        .route("/v1/health/node/{node}", get(health_node))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -104,28 +110,19 @@ async fn health_service(
                 let checks: Vec<Value> = std::iter::once(&live)
                     .chain(node.node_checks.iter())
                     .map(|c| check(node, None, c))
-                    .chain(instance.checks.iter().map(|c| check(node, Some(instance), c)))
+                    .chain(
+                        instance
+                            .checks
+                            .iter()
+                            .map(|c| check(node, Some(instance), c)),
+                    )
                     .collect();
                 if passing && checks.iter().any(|c| c["Status"] != "passing") {
                     return None;
                 }
                 Some(json!({
-                    "Node": {
-                        "ID": node.hello.node_id,
-                        "Node": node.hello.node,
-                        "Address": node.hello.address,
-                        "Datacenter": datacenter,
-                        "Meta": node.hello.meta,
-                    },
-                    "Service": {
-                        "ID": instance.id,
-                        "Service": instance.name,
-                        "Tags": instance.tags,
-                        "Address": instance.address,
-                        "Port": instance.port,
-                        "Meta": instance.meta,
-                        "Weights": {"Passing": instance.weight_passing, "Warning": instance.weight_warning},
-                    },
+                    "Node": node_json(node, &datacenter),
+                    "Service": service_json(instance),
                     "Checks": checks,
                 }))
             })
@@ -146,4 +143,148 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         body,
     )
         .into_response()
+}
+
+fn node_json(node: &NodeEntry, datacenter: &str) -> Value {
+    let a = &node.hello.address;
+    json!({
+        "ID": node.hello.node_id,
+        "Node": node.hello.node,
+        "Address": a,
+        "Datacenter": datacenter,
+        "TaggedAddresses": {"lan": a, "lan_ipv4": a, "wan": a, "wan_ipv4": a},
+        "Meta": node.hello.meta,
+    })
+}
+
+fn service_json(instance: &Instance) -> Value {
+    json!({
+        "ID": instance.id,
+        "Service": instance.name,
+        "Tags": instance.tags,
+        "Address": instance.address,
+        "Port": instance.port,
+        "Meta": instance.meta,
+        "Weights": {"Passing": instance.weight_passing, "Warning": instance.weight_warning},
+        "EnableTagOverride": instance.enable_tag_override,
+    })
+}
+
+/// Every check of a node (liveness and node checks) and of its instances.
+fn node_checks<'a>(node: &'a NodeEntry) -> impl Iterator<Item = Value> + 'a {
+    let live = crate::catalog::liveness(node);
+    std::iter::once(check(node, None, &live))
+        .chain(node.node_checks.iter().map(move |c| check(node, None, c)))
+        .chain(
+            node.instances
+                .values()
+                .flat_map(move |i| i.checks.iter().map(move |c| check(node, Some(i), c))),
+        )
+}
+
+async fn catalog_service(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    let dc = s.datacenter.clone();
+    let (index, body) = s.catalog.read(|inner| {
+        let entries: Vec<Value> = inner
+            .instances_of(&name)
+            .map(|(node, i)| {
+                let a = &node.hello.address;
+                json!({
+                    "ID": node.hello.node_id,
+                    "Node": node.hello.node,
+                    "Address": a,
+                    "Datacenter": dc,
+                    "TaggedAddresses": {"lan": a, "lan_ipv4": a, "wan": a, "wan_ipv4": a},
+                    "NodeMeta": node.hello.meta,
+                    "ServiceKind": "",
+                    "ServiceID": i.id,
+                    "ServiceName": i.name,
+                    "ServiceTags": i.tags,
+                    "ServiceAddress": i.address,
+                    "ServiceTaggedAddresses": {},
+                    "ServiceWeights": {"Passing": i.weight_passing, "Warning": i.weight_warning},
+                    "ServiceMeta": i.meta,
+                    "ServicePort": i.port,
+                    "ServiceEnableTagOverride": i.enable_tag_override,
+                    "ServiceConnect": {},
+                })
+            })
+            .collect();
+        (inner.service_index(&name), Value::Array(entries))
+    });
+    json_response(index, &body)
+}
+
+async fn catalog_nodes(State(s): State<HttpState>) -> Response {
+    let (index, body) = s.catalog.read(|inner| {
+        let nodes: Vec<Value> = inner
+            .nodes
+            .values()
+            .map(|n| node_json(n, &s.datacenter))
+            .collect();
+        (inner.index, Value::Array(nodes))
+    });
+    json_response(index, &body)
+}
+
+async fn catalog_node(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    let (index, body) = s.catalog.read(|inner| {
+        let body = match inner.nodes.get(&name) {
+            Some(n) => {
+                let services: serde_json::Map<String, Value> = n
+                    .instances
+                    .values()
+                    .map(|i| (i.id.clone(), service_json(i)))
+                    .collect();
+                json!({"Node": node_json(n, &s.datacenter), "Services": services})
+            }
+            None => Value::Null,
+        };
+        (inner.index, body)
+    });
+    json_response(index, &body)
+}
+
+async fn health_checks(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    let (index, body) = s.catalog.read(|inner| {
+        let checks: Vec<Value> = inner
+            .instances_of(&name)
+            .flat_map(|(node, i)| i.checks.iter().map(move |c| check(node, Some(i), c)))
+            .collect();
+        (inner.service_index(&name), Value::Array(checks))
+    });
+    json_response(index, &body)
+}
+
+async fn health_state(State(s): State<HttpState>, Path(state): Path<String>) -> Response {
+    if !matches!(state.as_str(), "any" | "passing" | "warning" | "critical") {
+        return (
+            StatusCode::BAD_REQUEST,
+            "Invalid state: expected any, passing, warning or critical",
+        )
+            .into_response();
+    }
+    let (index, body) = s.catalog.read(|inner| {
+        let checks: Vec<Value> = inner
+            .nodes
+            .values()
+            .flat_map(node_checks)
+            .filter(|c| state == "any" || c["Status"] == state.as_str())
+            .collect();
+        (inner.index, Value::Array(checks))
+    });
+    json_response(index, &body)
+}
+
+async fn health_node(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    let (index, body) = s.catalog.read(|inner| {
+        let checks: Vec<Value> = inner
+            .nodes
+            .get(&name)
+            .into_iter()
+            .flat_map(node_checks)
+            .collect();
+        (inner.index, Value::Array(checks))
+    });
+    json_response(index, &body)
 }

@@ -427,3 +427,61 @@ async fn unused_subscriptions_are_dropped_but_upstreams_stay() {
     .await;
     assert_eq!(c.metric(updates).await, before);
 }
+
+#[tokio::test]
+async fn control_plane_answers_the_catalog_and_health_endpoints_for_the_fleet() {
+    let cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let a = Agent::start_named("a", &join).await;
+    let b = Agent::start_named("b", &join).await;
+    register_web(&a).await;
+    let r = a
+        .put("/v1/agent/check/fail/service:web-1?note=broken", None)
+        .await;
+    assert!(r.status.is_success());
+    a.eventually("web critical on the control plane", || async {
+        let checks = cp.get("/v1/health/checks/web").await.json();
+        (checks[0]["Status"] == "critical").then_some(())
+    })
+    .await;
+    let r = cp.get("/v1/catalog/service/web").await;
+    assert!(r.index() >= 1);
+    let entries = r.json();
+    assert_eq!(entries.as_array().unwrap().len(), 1);
+    assert_eq!(entries[0]["Node"], "a");
+    assert_eq!(entries[0]["ServicePort"], 8080);
+    assert_eq!(entries[0]["ServiceTags"], json!(["v1"]));
+    let nodes = cp.get("/v1/catalog/nodes").await.json();
+    let mut names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["Node"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b"]);
+    let node = cp.get("/v1/catalog/node/a").await.json();
+    assert_eq!(node["Services"]["web-1"]["Service"], "web");
+    assert_eq!(cp.get("/v1/catalog/node/nope").await.json(), Value::Null);
+    let critical = cp.get("/v1/health/state/critical").await.json();
+    assert!(
+        critical
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["CheckID"] == "service:web-1" && c["Output"] == "broken")
+    );
+    let on_b = cp.get("/v1/health/node/b").await.json();
+    assert_eq!(
+        on_b.as_array().unwrap().len(),
+        1,
+        "only b's liveness: {on_b}"
+    );
+    assert_eq!(on_b[0]["CheckID"], "serfHealth");
+    assert_eq!(cp.get("/v1/health/state/bogus").await.status, 400);
+    assert_eq!(
+        cp.get("/v1/health/service/web?passing").await.json(),
+        json!([])
+    );
+    drop(b);
+}
