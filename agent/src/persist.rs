@@ -126,7 +126,12 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One writer at a time: the background persister and API flushes share
+/// the temporary file.
+static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn write(agent: &Agent) {
+    let _writing = WRITER.lock().unwrap_or_else(|e| e.into_inner());
     let path = state_path(&agent.config.data_dir);
     let result = serde_json::to_vec_pretty(&snapshot(agent))
         .map_err(std::io::Error::other)
@@ -134,6 +139,15 @@ fn write(agent: &Agent) {
     agent.metrics.state_write(result.is_ok());
     if let Err(e) = result {
         tracing::error!(path = %path.display(), error = %e, "cannot write agent state");
+    }
+}
+
+/// Writes the state now: API writes answer 200 only once they are on
+/// disk, as Consul's do.
+pub(crate) async fn flush(agent: &Arc<Agent>) {
+    let a = agent.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || write(&a)).await {
+        tracing::error!(error = %e, "state writer failed");
     }
 }
 

@@ -403,6 +403,11 @@ async fn unused_subscriptions_are_dropped_but_upstreams_stay() {
     let idle = format!("{join}  subscription_idle: 1s\nupstreams: [db]\n");
     let c = Agent::start_named("c", &idle).await;
     register_web(&a).await;
+    c.eventually("web on the control plane", || async {
+        let entries = cp.get("/v1/health/service/web").await.json();
+        (entries.as_array().unwrap().len() == 1).then_some(())
+    })
+    .await;
     // C uses web once: subscribed, answered.
     assert_eq!(service_status(&c, "a").await.as_deref(), Some("passing"));
     let subscriptions = || async {

@@ -23,6 +23,7 @@ pub(crate) async fn register_service(
         .map_err(ApiError::bad_request)?;
     let id = def.id.clone();
     api.agent.register_service(def, Source::Api, replace)?;
+    crate::persist::flush(&api.agent).await;
     tracing::info!(service = %id, "service registered through the API");
     Ok(())
 }
@@ -33,6 +34,7 @@ pub(crate) async fn deregister_service(
 ) -> ApiResult<()> {
     let id = ServiceId::new(id);
     api.agent.deregister_service(&id, &Source::Api)?;
+    crate::persist::flush(&api.agent).await;
     tracing::info!(service = %id, "service deregistered through the API");
     Ok(())
 }
@@ -62,6 +64,7 @@ pub(crate) async fn service_maintenance(
     let reason = maintenance_reason(&params)?;
     api.agent
         .set_service_maintenance(&ServiceId::new(id), reason)?;
+    crate::persist::flush(&api.agent).await;
     Ok(())
 }
 
@@ -71,6 +74,7 @@ pub(crate) async fn node_maintenance(
 ) -> ApiResult<()> {
     let params = Params::parse(query.as_deref());
     api.agent.set_node_maintenance(maintenance_reason(&params)?);
+    crate::persist::flush(&api.agent).await;
     Ok(())
 }
 
@@ -79,6 +83,7 @@ pub(crate) async fn register_check(State(api): State<Api>, body: Bytes) -> ApiRe
         .and_then(|v| decode::check(v, true))
         .map_err(ApiError::bad_request)?;
     api.agent.register_check(def, Source::Api)?;
+    crate::persist::flush(&api.agent).await;
     Ok(())
 }
 
@@ -88,6 +93,7 @@ pub(crate) async fn deregister_check(
 ) -> ApiResult<()> {
     api.agent
         .deregister_check(&CheckId::new(id), &Source::Api)?;
+    crate::persist::flush(&api.agent).await;
     Ok(())
 }
 

@@ -114,7 +114,11 @@ async fn first_use(api: &Api, name: &str) {
         return;
     };
     fleet.touch(name);
-    let ready = |f: &FleetInner| f.services.contains_key(name) || !f.connected;
+    // Known already, or cut off after contact (then the last view is the
+    // answer); an agent still connecting waits for its first session too.
+    let ready = |f: &FleetInner| {
+        f.services.contains_key(name) || (!f.connected && f.last_contact.is_some())
+    };
     if fleet.read(ready) {
         return;
     }
