@@ -564,44 +564,18 @@ impl Inner {
 
     /// Sends every instance of `node` again (its liveness changed).
     fn node_changed(&mut self, node: &str) {
-        let names: Vec<String> = self
-            .nodes
-            .get(node)
-            .map(|n| n.instances.values().map(|i| i.name.clone()).collect())
-            .unwrap_or_default();
-        if names.is_empty() {
+        let Some(entry) = self.nodes.get(node).filter(|n| !n.instances.is_empty()) else {
             return;
-        }
-        let entry = &self.nodes[node];
-        let mut updates: BTreeMap<String, Vec<CatalogInstance>> = BTreeMap::new();
+        };
+        let mut changes: BTreeMap<String, ServiceChange> = BTreeMap::new();
         for instance in entry.instances.values() {
-            updates
+            changes
                 .entry(instance.name.clone())
                 .or_default()
+                .upserts
                 .push(Self::catalog_instance(entry, instance));
         }
-        self.index += 1;
-        let index = self.index;
-        for (service, upserts) in updates {
-            self.service_index.insert(service.clone(), index);
-            let message = ControlMessage {
-                body: Some(Body::Update(ServiceUpdate {
-                    service: service.clone(),
-                    index,
-                    snapshot: false,
-                    upserts,
-                    removed: Vec::new(),
-                })),
-            };
-            let sessions: Vec<SessionId> = self
-                .subscribers
-                .get(&service)
-                .map(|s| s.iter().copied().collect())
-                .unwrap_or_default();
-            for session in sessions {
-                self.send(session, message.clone());
-            }
-        }
+        self.publish(changes);
     }
 
     /// Every instance of `service` in the fleet.
@@ -717,6 +691,21 @@ impl Inner {
                 .map(|i| Self::catalog_instance(entry, i))
                 .collect();
         }
+        self.publish(changes);
+        let names = self.compute_names();
+        if names != self.names {
+            self.names = names;
+            let message = self.names_message();
+            let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+            for session in sessions {
+                self.send(session, message.clone());
+            }
+        }
+    }
+
+    /// Gives each changed service a new index and sends its delta to its
+    /// subscribers, and only to them.
+    fn publish(&mut self, changes: BTreeMap<String, ServiceChange>) {
         self.index += 1;
         let index = self.index;
         for (service, change) in changes {
@@ -735,15 +724,6 @@ impl Inner {
                 .get(&service)
                 .map(|s| s.iter().copied().collect())
                 .unwrap_or_default();
-            for session in sessions {
-                self.send(session, message.clone());
-            }
-        }
-        let names = self.compute_names();
-        if names != self.names {
-            self.names = names;
-            let message = self.names_message();
-            let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
             for session in sessions {
                 self.send(session, message.clone());
             }
