@@ -80,6 +80,35 @@ pub fn free_addr() -> SocketAddr {
     }
 }
 
+/// Waits until `url` answers 200 from the process `child` (named `what`);
+/// fails with its log if it exits first or never answers.
+async fn wait_answering(
+    child: &mut Child,
+    client: &reqwest::Client,
+    url: &str,
+    what: &str,
+    log: &Path,
+) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited with {status} before answering:\n{}", log());
+        }
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not answer:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// A running `signpost agent`.
 pub struct Agent {
     child: Option<Child>,
@@ -154,30 +183,16 @@ impl Agent {
             .spawn()
             .expect("cannot start signpost");
         self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "agent exited with {status} before answering:\n{}",
-                    self.log()
-                );
-            }
-            if let Ok(r) = self
-                .http
-                .get(format!("{}/v1/agent/self", self.base()))
-                .send()
-                .await
-                && r.status().is_success()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not answer:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let url = format!("{}/v1/agent/self", self.base());
+        let log = self.dir.path().join("agent.log");
+        wait_answering(
+            self.child.as_mut().unwrap(),
+            &self.http,
+            &url,
+            "agent",
+            &log,
+        )
+        .await;
     }
 
     /// The agent's log so far (for failure messages).
@@ -504,27 +519,16 @@ impl ControlPlane {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("control plane exited with {status}:\n{}", self.log());
-            }
-            if let Ok(r) = self
-                .client
-                .get(format!("http://{}/v1/nodes", self.http))
-                .send()
-                .await
-                && r.status().is_success()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "control plane did not answer:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let url = format!("http://{}/v1/nodes", self.http);
+        let log = self.dir.path().join("control-plane.log");
+        wait_answering(
+            self.child.as_mut().unwrap(),
+            &self.client,
+            &url,
+            "control plane",
+            &log,
+        )
+        .await;
     }
 
     pub fn log(&self) -> String {

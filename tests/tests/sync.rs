@@ -29,15 +29,22 @@ async fn entries_on(agent: &Agent, service: &str, node: &str, query: &str) -> Ve
         .collect()
 }
 
-async fn service_status(agent: &Agent, node: &str) -> Option<String> {
+/// The status of the first check of `node`'s web entry, in `agent`'s view,
+/// whose `field` is `value`.
+async fn check_status(agent: &Agent, node: &str, field: &str, value: &str) -> Option<String> {
     let entries = entries_on(agent, "web", node, "").await;
     let entry = entries.first()?;
     let check = entry["Checks"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["ServiceID"] == "web-1")?;
+        .find(|c| c[field] == value)?;
     Some(check["Status"].as_str().unwrap().to_string())
+}
+
+/// The status of web-1's own check on `node`, in `agent`'s view.
+async fn service_status(agent: &Agent, node: &str) -> Option<String> {
+    check_status(agent, node, "ServiceID", "web-1").await
 }
 
 #[tokio::test]
@@ -168,14 +175,7 @@ async fn node_status(cp: &ControlPlane, node: &str) -> Option<String> {
 
 /// The status of node `node`'s liveness check in `agent`'s view of web.
 async fn liveness_on(agent: &Agent, node: &str) -> Option<String> {
-    let entries = entries_on(agent, "web", node, "").await;
-    let entry = entries.first()?;
-    let check = entry["Checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["CheckID"] == "serfHealth")?;
-    Some(check["Status"].as_str().unwrap().to_string())
+    check_status(agent, node, "CheckID", "serfHealth").await
 }
 
 #[tokio::test]
