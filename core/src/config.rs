@@ -5,12 +5,14 @@
 //! position. Parsing is separate from reading the file so tests can check
 //! the shipped examples.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::vip::VipRange;
 use crate::yaml::{self, YamlError};
 
 /// `signpost agent`'s configuration.
@@ -40,6 +42,8 @@ pub struct AgentConfig {
     pub control_plane: Option<ControlPlaneClientConfig>,
     /// Services this host uses, subscribed to from the start.
     pub upstreams: Vec<String>,
+    pub dns: DnsConfig,
+    pub proxy: ProxyConfig,
 }
 
 /// How the agent reaches the control plane.
@@ -96,8 +100,132 @@ impl Default for AgentConfig {
             checks: ChecksConfig::default(),
             control_plane: None,
             upstreams: Vec::new(),
+            dns: DnsConfig::default(),
+            proxy: ProxyConfig::default(),
         }
     }
+}
+
+/// The local DNS server (`<service>.service.<domain>` and friends; every
+/// other name is forwarded to `recursors`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Serve DNS at all.
+    pub enabled: bool,
+    /// UDP and TCP address.
+    pub listen: SocketAddr,
+    /// The domain the service, node and addr names live under.
+    pub domain: String,
+    /// What a service name resolves to.
+    pub answer: AnswerMode,
+    /// Leave out instances whose checks warn, not only critical ones.
+    pub only_passing: bool,
+    /// TTL of service answers.
+    #[serde(with = "crate::duration::serde_go")]
+    pub ttl: Duration,
+    /// TTL of node and addr answers.
+    #[serde(with = "crate::duration::serde_go")]
+    pub node_ttl: Duration,
+    /// Per-service settings; a key ending in `*` matches by prefix and the
+    /// longest match wins (`"*"` matches every service).
+    pub services: BTreeMap<String, DnsServiceOverride>,
+    /// Upstream resolvers for every other name (`ip` or `ip:port`); by
+    /// default those of /etc/resolv.conf other than this server, `[]` to
+    /// refuse other names.
+    pub recursors: Option<Vec<String>>,
+    /// How long forwarding may take in all, across every recursor tried.
+    #[serde(with = "crate::duration::serde_go")]
+    pub recursor_timeout: Duration,
+    /// Forwarded answers kept (each for its TTL).
+    pub cache_size: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: true,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8600)),
+            domain: "internal".to_string(),
+            answer: AnswerMode::Vip,
+            only_passing: false,
+            ttl: Duration::from_secs(5),
+            node_ttl: Duration::from_secs(5),
+            services: BTreeMap::new(),
+            recursors: None,
+            recursor_timeout: Duration::from_secs(2),
+            cache_size: 10_000,
+        }
+    }
+}
+
+/// What `<service>.service.<domain>` resolves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerMode {
+    /// The service's stable VIP; the local proxy picks a healthy instance
+    /// per connection.
+    #[default]
+    Vip,
+    /// The healthy instances' own addresses, shuffled (Consul's answer).
+    Instances,
+}
+
+/// Settings of the services whose name matches a `dns.services` key.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsServiceOverride {
+    #[serde(default)]
+    pub answer: Option<AnswerMode>,
+    #[serde(default, with = "crate::duration::serde_go_opt")]
+    pub ttl: Option<Duration>,
+    #[serde(default)]
+    pub only_passing: Option<bool>,
+}
+
+impl DnsConfig {
+    /// The settings that apply to `service`: the longest matching key of
+    /// `services` (an exact key beats a prefix of the same length).
+    pub fn service_settings(&self, service: &str) -> (AnswerMode, Duration, bool) {
+        let best = self
+            .services
+            .iter()
+            .filter_map(|(key, o)| match key.strip_suffix('*') {
+                Some(prefix) if service.starts_with(prefix) => Some((prefix.len(), 0, o)),
+                None if key == service => Some((key.len(), 1, o)),
+                _ => None,
+            })
+            .max_by_key(|(len, exact, _)| (*len, *exact))
+            .map(|(_, _, o)| o);
+        (
+            best.and_then(|o| o.answer).unwrap_or(self.answer),
+            best.and_then(|o| o.ttl).unwrap_or(self.ttl),
+            best.and_then(|o| o.only_passing)
+                .unwrap_or(self.only_passing),
+        )
+    }
+
+    /// The configured recursors as socket addresses (port 53 unless
+    /// given); `None` when they come from the system.
+    pub fn recursor_addrs(&self) -> Option<Result<Vec<SocketAddr>, String>> {
+        self.recursors.as_ref().map(|list| {
+            list.iter()
+                .map(|r| {
+                    r.parse::<SocketAddr>()
+                        .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                        .map_err(|_| format!("{r:?} must be ip or ip:port"))
+                })
+                .collect()
+        })
+    }
+}
+
+/// The local proxy.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Where service VIPs come from (inside 127.0.0.0/8).
+    pub vip_range: VipRange,
 }
 
 /// The local HTTP API (Consul-compatible subset and `/metrics`).
@@ -268,6 +396,7 @@ impl AgentConfig {
                 ));
             }
         }
+        self.validate_dns(file)?;
         if self.checks.fast_recheck_count > 10 {
             return Err(invalid(
                 "checks.fast_recheck_count",
@@ -278,6 +407,62 @@ impl AgentConfig {
             return Err(invalid(
                 "checks.fast_recheck_spacing",
                 "must be at most 5s".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    fn validate_dns(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| ConfigError::Invalid {
+            file: file.to_string(),
+            field,
+            reason,
+        };
+        let dns = &self.dns;
+        let domain = dns.domain.trim_end_matches('.');
+        if domain.is_empty()
+            || domain.len() > 200
+            || !domain.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            })
+        {
+            return Err(invalid(
+                "dns.domain",
+                format!("{:?} must be a DNS name such as \"internal\"", dns.domain),
+            ));
+        }
+        if let Some(Err(reason)) = dns.recursor_addrs() {
+            return Err(invalid("dns.recursors", reason));
+        }
+        if dns.recursor_timeout.is_zero() {
+            return Err(invalid(
+                "dns.recursor_timeout",
+                "must be greater than 0".to_string(),
+            ));
+        }
+        for (field, ttl) in [("dns.ttl", dns.ttl), ("dns.node_ttl", dns.node_ttl)]
+            .into_iter()
+            .chain(
+                dns.services
+                    .values()
+                    .filter_map(|o| o.ttl.map(|t| ("dns.services.ttl", t))),
+            )
+        {
+            if ttl.as_secs() > u64::from(u32::MAX >> 1) {
+                return Err(invalid(field, "is longer than DNS allows".to_string()));
+            }
+        }
+        if let Some(key) = dns.services.keys().find(|k| {
+            let name = k.strip_suffix('*').unwrap_or(k);
+            name.contains('*') || (name.is_empty() && k.as_str() != "*")
+        }) {
+            return Err(invalid(
+                "dns.services",
+                format!("{key:?}: a key is a service name, or a prefix ending in '*'"),
             ));
         }
         Ok(())

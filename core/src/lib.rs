@@ -11,6 +11,8 @@
 //!   socket is bound.
 //! - [`service_file`]: the `services.d/*.yaml` format that turns into
 //!   [`model::ServiceDefinition`]s.
+//! - [`vip`]: stable service VIPs from `proxy.vip_range`, shared by DNS and
+//!   the proxy.
 //! - [`yaml`]: YAML parsing with `file:line:col: what is wrong` errors.
 //! - [`proto`]: the agent <-> control plane wire protocol (gRPC).
 //!
@@ -27,6 +29,7 @@ pub mod proto {
     tonic::include_proto!("signpost.v1");
 }
 pub mod service_file;
+pub mod vip;
 pub mod yaml;
 
 #[cfg(test)]

@@ -1,0 +1,546 @@
+//! The answer logic: a request in, one response out. Names under the
+//! domain are answered authoritatively from the [`Catalog`]; PTR queries
+//! for addresses we hand out too; everything else is forwarded.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hickory_server::net::xfer::Protocol;
+use hickory_server::net::{DnsError as NetDnsError, NetError};
+use hickory_server::proto::op::{
+    Edns, Header, HeaderCounts, LowerQuery, Metadata, OpCode, ResponseCode,
+};
+use hickory_server::proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
+use hickory_server::proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use rand::seq::SliceRandom;
+use signpost_core::config::{AnswerMode, DnsConfig};
+use signpost_core::model::Health;
+
+use crate::forward::Forwarder;
+use crate::metrics::DnsMetrics;
+use crate::names::{Parsed, ip_hex, parse};
+use crate::{Catalog, DnsError, Endpoint, Owner, Settings};
+
+/// Answers DNS requests; hickory-server calls it for every request it
+/// could parse.
+pub struct Handler<C> {
+    catalog: Arc<C>,
+    config: DnsConfig,
+    /// The domain, lowercase and fully qualified.
+    domain: LowerName,
+    domain_text: String,
+    domain_labels: usize,
+    datacenter: String,
+    forwarder: Option<Forwarder>,
+    metrics: Arc<DnsMetrics>,
+}
+
+/// A response under construction.
+struct Reply {
+    metadata: Metadata,
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+    additionals: Vec<Record>,
+    edns: Option<Edns>,
+}
+
+impl Reply {
+    fn rcode(&mut self, code: ResponseCode) {
+        self.metadata.response_code = code;
+    }
+}
+
+impl<C: Catalog> Handler<C> {
+    pub fn new(
+        settings: Settings,
+        catalog: Arc<C>,
+        metrics: Arc<DnsMetrics>,
+    ) -> Result<Self, DnsError> {
+        let domain_text = settings
+            .config
+            .domain
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let domain = Name::from_ascii(format!("{domain_text}."))
+            .map_err(|_| DnsError::Domain(settings.config.domain.clone()))?;
+        let forwarder = if settings.recursors.is_empty() {
+            None
+        } else {
+            Some(
+                Forwarder::new(
+                    &settings.recursors,
+                    settings.config.recursor_timeout,
+                    settings.config.cache_size,
+                )
+                .map_err(|e| DnsError::Forwarder(e.to_string()))?,
+            )
+        };
+        Ok(Handler {
+            catalog,
+            domain_labels: usize::from(domain.num_labels()),
+            domain: LowerName::from(domain),
+            domain_text,
+            datacenter: settings.datacenter.to_ascii_lowercase(),
+            config: settings.config,
+            forwarder,
+            metrics,
+        })
+    }
+
+    async fn reply(&self, request: &Request) -> Reply {
+        let edns = request.edns.as_ref().map(|theirs| {
+            let mut ours = Edns::new();
+            ours.set_max_payload(theirs.max_payload());
+            ours
+        });
+        let mut reply = Reply {
+            metadata: Metadata::response_from_request(&request.metadata),
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+            edns,
+        };
+        if request.metadata.op_code != OpCode::Query {
+            reply.rcode(ResponseCode::NotImp);
+            return reply;
+        }
+        let [query] = request.queries.queries() else {
+            reply.rcode(ResponseCode::FormErr);
+            return reply;
+        };
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            reply.rcode(ResponseCode::BADVERS);
+            return reply;
+        }
+        if !matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
+            reply.rcode(ResponseCode::Refused);
+            return reply;
+        }
+        if matches!(query.query_type(), RecordType::AXFR | RecordType::IXFR) {
+            reply.rcode(ResponseCode::NotImp);
+            return reply;
+        }
+        if self.domain.zone_of(query.name()) {
+            reply.metadata.authoritative = true;
+            self.local(query, &mut reply).await;
+            if reply.answers.is_empty() {
+                reply.authorities.push(self.soa());
+            }
+            return reply;
+        }
+        if query.query_type() == RecordType::PTR && self.reverse(query, &mut reply) {
+            return reply;
+        }
+        self.forward(query, &mut reply).await;
+        reply
+    }
+
+    /// A name under the domain.
+    async fn local(&self, query: &LowerQuery, reply: &mut Reply) {
+        let qname = query.original().name();
+        let qtype = query.query_type();
+        let lower = Name::from(query.name());
+        let keep = usize::from(lower.num_labels()).saturating_sub(self.domain_labels);
+        let labels: Option<Vec<&str>> = lower
+            .iter()
+            .take(keep)
+            .map(|l| std::str::from_utf8(l).ok())
+            .collect();
+        let Some(labels) = labels else {
+            reply.rcode(ResponseCode::NXDomain);
+            return;
+        };
+        let (parsed, dc) = parse(&labels);
+        if dc.is_some_and(|dc| dc != self.datacenter) {
+            reply.rcode(ResponseCode::NXDomain);
+            return;
+        }
+        let node_ttl = ttl_secs(self.config.node_ttl);
+        match parsed {
+            Parsed::Apex => match qtype {
+                RecordType::SOA | RecordType::ANY => reply.answers.push(self.soa()),
+                RecordType::NS => {
+                    if let Some(ns) = self.name("ns") {
+                        reply.answers.push(Record::from_rdata(
+                            qname.clone(),
+                            node_ttl,
+                            RData::NS(NS(ns.clone())),
+                        ));
+                        self.address_records(
+                            &ns,
+                            self.server_ip(),
+                            node_ttl,
+                            &mut reply.additionals,
+                        );
+                    }
+                }
+                _ => {}
+            },
+            Parsed::Ns => {
+                if wants_address(qtype) {
+                    self.address_for(qname, qtype, self.server_ip(), node_ttl, reply);
+                }
+            }
+            Parsed::Service { service, tag } => {
+                self.service(qname, qtype, service, tag.as_deref(), reply)
+                    .await;
+            }
+            Parsed::Virtual { service } => {
+                self.catalog.first_use(service).await;
+                let known = self
+                    .catalog
+                    .instances(service, None)
+                    .is_some_and(|e| !e.is_empty());
+                match known.then(|| self.catalog.vip(service, None)) {
+                    None => reply.rcode(ResponseCode::NXDomain),
+                    Some(None) => reply.rcode(ResponseCode::ServFail),
+                    Some(Some(vip)) => {
+                        let (_, ttl, _) = self.config.service_settings(service);
+                        self.address_for(qname, qtype, IpAddr::V4(vip), ttl_secs(ttl), reply);
+                    }
+                }
+            }
+            Parsed::Node(node) => match self.catalog.node(&node) {
+                None => reply.rcode(ResponseCode::NXDomain),
+                Some(record) => {
+                    if wants_address(qtype) {
+                        self.address_for(qname, qtype, record.address, node_ttl, reply);
+                    }
+                    if matches!(qtype, RecordType::TXT | RecordType::ANY) && !record.meta.is_empty()
+                    {
+                        let txt = record
+                            .meta
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect();
+                        reply.answers.push(Record::from_rdata(
+                            qname.clone(),
+                            node_ttl,
+                            RData::TXT(TXT::new(txt)),
+                        ));
+                    }
+                }
+            },
+            Parsed::Addr(ip) => {
+                if wants_address(qtype) {
+                    self.address_for(qname, qtype, ip, node_ttl, reply);
+                }
+            }
+            Parsed::Unknown => reply.rcode(ResponseCode::NXDomain),
+        }
+    }
+
+    async fn service(
+        &self,
+        qname: &Name,
+        qtype: RecordType,
+        service: &str,
+        tag: Option<&str>,
+        reply: &mut Reply,
+    ) {
+        self.catalog.first_use(service).await;
+        let Some(endpoints) = self.catalog.instances(service, tag) else {
+            reply.rcode(ResponseCode::NXDomain);
+            return;
+        };
+        let (mode, ttl, only_passing) = self.config.service_settings(service);
+        let ttl = ttl_secs(ttl);
+        let Some(canonical) = self.name(&match tag {
+            Some(tag) => format!("{tag}.{service}.service"),
+            None => format!("{service}.service"),
+        }) else {
+            reply.rcode(ResponseCode::NXDomain);
+            return;
+        };
+        match mode {
+            AnswerMode::Vip => {
+                if endpoints.is_empty() {
+                    reply.rcode(ResponseCode::NXDomain);
+                    return;
+                }
+                let Some(vip) = self.catalog.vip(service, tag) else {
+                    reply.rcode(ResponseCode::ServFail);
+                    return;
+                };
+                let vip = IpAddr::V4(vip);
+                if qtype == RecordType::SRV {
+                    let mut ports: Vec<u16> = endpoints.iter().map(|e| e.port).collect();
+                    ports.sort_unstable();
+                    ports.dedup();
+                    for port in ports {
+                        reply.answers.push(Record::from_rdata(
+                            qname.clone(),
+                            ttl,
+                            RData::SRV(SRV::new(1, 1, port, canonical.clone())),
+                        ));
+                    }
+                    self.address_records(&canonical, vip, ttl, &mut reply.additionals);
+                } else if wants_address(qtype) {
+                    self.address_for(qname, qtype, vip, ttl, reply);
+                }
+            }
+            AnswerMode::Instances => {
+                let mut healthy: Vec<&Endpoint> = endpoints
+                    .iter()
+                    .filter(|e| match e.health {
+                        Health::Passing => true,
+                        Health::Warning => !only_passing,
+                        Health::Critical => false,
+                    })
+                    .collect();
+                if healthy.is_empty() {
+                    reply.rcode(ResponseCode::NXDomain);
+                    return;
+                }
+                healthy.shuffle(&mut rand::rng());
+                if qtype == RecordType::SRV {
+                    let mut glued: Vec<Name> = Vec::new();
+                    for e in healthy {
+                        let Some(target) = self.target(e) else {
+                            continue;
+                        };
+                        let weight = match e.health {
+                            Health::Warning => e.weights.warning,
+                            _ => e.weights.passing,
+                        };
+                        reply.answers.push(Record::from_rdata(
+                            qname.clone(),
+                            ttl,
+                            RData::SRV(SRV::new(
+                                1,
+                                u16::try_from(weight).unwrap_or(u16::MAX),
+                                e.port,
+                                target.clone(),
+                            )),
+                        ));
+                        if !glued.contains(&target) {
+                            self.address_records(&target, e.address, ttl, &mut reply.additionals);
+                            glued.push(target);
+                        }
+                    }
+                } else if wants_address(qtype) {
+                    let mut seen: Vec<IpAddr> = Vec::new();
+                    for e in healthy {
+                        if !seen.contains(&e.address) {
+                            seen.push(e.address);
+                            self.address_for(qname, qtype, e.address, ttl, reply);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The SRV target of an instance: its node's name, or its own address
+    /// as `<hexip>.addr.<dc>.<domain>`.
+    fn target(&self, e: &Endpoint) -> Option<Name> {
+        let node = (!e.service_address)
+            .then(|| self.name(&format!("{}.node.{}", e.node, self.datacenter)))
+            .flatten();
+        node.or_else(|| self.name(&format!("{}.addr.{}", ip_hex(e.address), self.datacenter)))
+    }
+
+    /// PTR for a VIP or a node address; `false` when the address is not
+    /// one of ours (then it is forwarded).
+    fn reverse(&self, query: &LowerQuery, reply: &mut Reply) -> bool {
+        let Ok(net) = query.original().name().parse_arpa_name() else {
+            return false;
+        };
+        if net.prefix_len() != net.max_prefix_len() {
+            return false;
+        }
+        let (name, ttl) = match self.catalog.owner(net.addr()) {
+            Some(Owner::Service { service, tag }) => {
+                let (_, ttl, _) = self.config.service_settings(&service);
+                let prefix = match tag {
+                    Some(tag) => format!("{tag}.{service}.service"),
+                    None => format!("{service}.service"),
+                };
+                (self.name(&prefix), ttl)
+            }
+            Some(Owner::Node(node)) => (self.name(&format!("{node}.node")), self.config.node_ttl),
+            None => return false,
+        };
+        let Some(name) = name else {
+            return false;
+        };
+        reply.metadata.authoritative = true;
+        reply.answers.push(Record::from_rdata(
+            query.original().name().clone(),
+            ttl_secs(ttl),
+            RData::PTR(PTR(name)),
+        ));
+        true
+    }
+
+    async fn forward(&self, query: &LowerQuery, reply: &mut Reply) {
+        let Some(forwarder) = &self.forwarder else {
+            reply.rcode(ResponseCode::Refused);
+            return;
+        };
+        reply.metadata.recursion_available = true;
+        let started = Instant::now();
+        let forwarded = forwarder.forward(query.original().clone()).await;
+        self.metrics
+            .forwarded(forwarded.cached, started.elapsed().as_secs_f64());
+        match forwarded.result {
+            Ok(message) => {
+                reply.rcode(message.metadata.response_code);
+                reply.answers = message.answers;
+                reply.authorities = message.authorities;
+                reply.additionals = message.additionals;
+            }
+            Err(NetError::Dns(NetDnsError::NoRecordsFound(none))) => {
+                reply.rcode(none.response_code);
+                if let Some(soa) = none.soa {
+                    reply.authorities.push(soa.into_record_of_rdata());
+                }
+            }
+            Err(error) => {
+                tracing::debug!(name = %query.name(), %error, "forwarding failed");
+                reply.rcode(ResponseCode::ServFail);
+            }
+        }
+    }
+
+    /// `<prefix>.<domain>.`, if that is a valid name.
+    fn name(&self, prefix: &str) -> Option<Name> {
+        Name::from_ascii(format!("{prefix}.{}.", self.domain_text)).ok()
+    }
+
+    /// The address this server answers for `ns.<domain>`.
+    fn server_ip(&self) -> IpAddr {
+        let ip = self.config.listen.ip();
+        if ip.is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            ip
+        }
+    }
+
+    fn soa(&self) -> Record {
+        let origin = Name::from(&self.domain);
+        let serial = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as u32);
+        let soa = SOA::new(
+            self.name("ns").unwrap_or_else(|| origin.clone()),
+            self.name("hostmaster").unwrap_or_else(|| origin.clone()),
+            serial,
+            3600,
+            600,
+            86400,
+            0,
+        );
+        Record::from_rdata(origin, 0, RData::SOA(soa))
+    }
+
+    /// The A or AAAA record of `ip` for `name`, if the query type asks for
+    /// that family.
+    fn address_for(&self, name: &Name, qtype: RecordType, ip: IpAddr, ttl: u32, reply: &mut Reply) {
+        let wanted = match ip {
+            IpAddr::V4(_) => matches!(qtype, RecordType::A | RecordType::ANY),
+            IpAddr::V6(_) => matches!(qtype, RecordType::AAAA | RecordType::ANY),
+        };
+        if wanted {
+            self.address_records(name, ip, ttl, &mut reply.answers);
+        }
+    }
+
+    fn address_records(&self, name: &Name, ip: IpAddr, ttl: u32, into: &mut Vec<Record>) {
+        let rdata = match ip {
+            IpAddr::V4(v4) => RData::A(A(v4)),
+            IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+        };
+        into.push(Record::from_rdata(name.clone(), ttl, rdata));
+    }
+}
+
+fn wants_address(qtype: RecordType) -> bool {
+    matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY)
+}
+
+fn ttl_secs(ttl: std::time::Duration) -> u32 {
+    u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)
+}
+
+fn type_label(qtype: RecordType) -> &'static str {
+    match qtype {
+        RecordType::A => "A",
+        RecordType::AAAA => "AAAA",
+        RecordType::SRV => "SRV",
+        RecordType::PTR => "PTR",
+        RecordType::TXT => "TXT",
+        RecordType::SOA => "SOA",
+        RecordType::NS => "NS",
+        RecordType::ANY => "ANY",
+        RecordType::CNAME => "CNAME",
+        RecordType::MX => "MX",
+        RecordType::HTTPS => "HTTPS",
+        RecordType::SVCB => "SVCB",
+        _ => "other",
+    }
+}
+
+fn rcode_label(code: ResponseCode) -> &'static str {
+    match code {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::BADVERS => "BADVERS",
+        _ => "other",
+    }
+}
+
+#[async_trait::async_trait]
+impl<C: Catalog> RequestHandler for Handler<C> {
+    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let reply = self.reply(request).await;
+        let qtype = request
+            .queries
+            .queries()
+            .first()
+            .map_or("other", |q| type_label(q.query_type()));
+        let fallback = Header {
+            metadata: {
+                let mut m = reply.metadata;
+                m.response_code = ResponseCode::ServFail;
+                m
+            },
+            counts: HeaderCounts::default(),
+        };
+        let response = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
+            reply.metadata,
+            reply.answers.iter(),
+            reply.authorities.iter(),
+            std::iter::empty(),
+            reply.additionals.iter(),
+        );
+        let info = match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(error) => {
+                tracing::debug!(%error, src = %request.src(), "cannot send the DNS response");
+                return ResponseInfo::from(fallback);
+            }
+        };
+        if info.truncation {
+            self.metrics.truncated();
+        }
+        self.metrics.answered(
+            qtype,
+            rcode_label(info.response_code),
+            request.protocol() == Protocol::Tcp,
+        );
+        info
+    }
+}

@@ -1,0 +1,188 @@
+//! Signpost's local DNS server: the step between an application's
+//! resolver and the catalog. Names under the DNS domain
+//! (`payments.service.internal`, `web-1.node.internal`, ...) are answered
+//! from the agent's catalog view through the [`Catalog`] trait: the
+//! service's VIP (the proxy takes it from there) or its healthy instances,
+//! Consul's way. Every other name is forwarded to the upstream resolvers
+//! and cached, so the agent can be the host's only resolver.
+//!
+//! hickory-server does the wire format and the UDP/TCP serving (including
+//! setting TC when an answer does not fit the client's UDP size); this
+//! crate is the answer logic ([`answer`]), the query-name grammar
+//! ([`names`]) and the forwarder ([`forward`]). Like every library crate it
+//! reads no file: the agent passes the configuration and the recursors.
+
+mod answer;
+mod forward;
+pub mod metrics;
+mod names;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use signpost_core::config::DnsConfig;
+use signpost_core::model::{Health, Weights};
+use tokio::net::{TcpListener, UdpSocket};
+
+pub use answer::Handler;
+pub use metrics::DnsMetrics;
+
+/// One instance of a service, as DNS needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub node: String,
+    pub address: IpAddr,
+    /// The address is the service's own, not its node's (the SRV target is
+    /// then `<hexip>.addr.<domain>`).
+    pub service_address: bool,
+    pub port: u16,
+    /// The worst of the instance's and its node's checks.
+    pub health: Health,
+    pub weights: Weights,
+}
+
+/// A node, for `<node>.node.<domain>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub name: String,
+    pub address: IpAddr,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// What an address we answer with stands for (PTR queries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// A service VIP.
+    Service {
+        service: String,
+        tag: Option<String>,
+    },
+    Node(String),
+}
+
+/// The catalog view DNS answers from; the agent implements it over its
+/// local state and the fleet cache.
+pub trait Catalog: Send + Sync + 'static {
+    /// Called before a service name is answered: subscribes to the service
+    /// if this host did not use it yet and waits (a bounded time) for its
+    /// instances.
+    fn first_use(&self, service: &str) -> impl Future<Output = ()> + Send;
+
+    /// Every instance of `service` (whatever its health) carrying `tag`;
+    /// `None` when no such service is known. Names compare ignoring ASCII
+    /// case, as DNS names do.
+    fn instances(&self, service: &str, tag: Option<&str>) -> Option<Vec<Endpoint>>;
+
+    /// The stable VIP of `service` (filtered by `tag`), allocated on first
+    /// use; `None` if none can be had.
+    fn vip(&self, service: &str, tag: Option<&str>) -> Option<Ipv4Addr>;
+
+    fn node(&self, name: &str) -> Option<NodeRecord>;
+
+    /// Whose address `ip` is, among those DNS hands out.
+    fn owner(&self, ip: IpAddr) -> Option<Owner>;
+}
+
+/// Everything the server needs besides the catalog.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: DnsConfig,
+    /// The datacenter a `.<dc>.` label must name.
+    pub datacenter: String,
+    /// Where other names go; empty: refused.
+    pub recursors: Vec<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("cannot listen on {addr} ({protocol}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        protocol: &'static str,
+        source: std::io::Error,
+    },
+    #[error("bad dns.domain {0:?}")]
+    Domain(String),
+    #[error("cannot set up forwarding to the recursors: {0}")]
+    Forwarder(String),
+    #[error("DNS server failed: {0}")]
+    Serve(String),
+}
+
+/// How long a TCP client may stay idle between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// A bound DNS server (UDP and TCP on the same address).
+pub struct DnsServer<C: Catalog> {
+    server: Server<Handler<C>>,
+    addr: SocketAddr,
+}
+
+impl<C: Catalog> DnsServer<C> {
+    /// Binds `settings.config.listen` (UDP and TCP; port 0 picks one port
+    /// free for both) and starts answering.
+    pub async fn bind(
+        settings: Settings,
+        catalog: Arc<C>,
+        metrics: Arc<DnsMetrics>,
+    ) -> Result<Self, DnsError> {
+        let listen = settings.config.listen;
+        let handler = Handler::new(settings, catalog, metrics)?;
+        let (udp, tcp) = bind_both(listen).await?;
+        let addr = udp.local_addr().map_err(|source| DnsError::Bind {
+            addr: listen,
+            protocol: "udp",
+            source,
+        })?;
+        let mut server = Server::new(handler);
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE, 64 * 1024);
+        Ok(DnsServer { server, addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
+        tokio::select! {
+            result = self.server.block_until_done() => {
+                result.map_err(|e| DnsError::Serve(e.to_string()))
+            }
+            () = shutdown => self
+                .server
+                .shutdown_gracefully()
+                .await
+                .map_err(|e| DnsError::Serve(e.to_string())),
+        }
+    }
+}
+
+async fn bind_both(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
+    let bind = |protocol: &'static str| {
+        move |source| DnsError::Bind {
+            addr: listen,
+            protocol,
+            source,
+        }
+    };
+    // With port 0, find a port free for both protocols.
+    for _ in 0..32 {
+        let udp = UdpSocket::bind(listen).await.map_err(bind("udp"))?;
+        let addr = udp.local_addr().map_err(bind("udp"))?;
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if listen.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(bind("tcp")(e)),
+        }
+    }
+    Err(bind("tcp")(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no port free for both UDP and TCP",
+    )))
+}

@@ -1,0 +1,92 @@
+//! The DNS server's Prometheus metrics, registered into the agent's
+//! registry under `signpost_dns_*`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueryLabels {
+    /// `A`, `SRV`, ...; rare types are counted as `other`.
+    r#type: &'static str,
+    rcode: &'static str,
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    result: &'static str,
+}
+
+/// Counters of the DNS server.
+pub struct DnsMetrics {
+    queries: Family<QueryLabels, Counter>,
+    truncated: Counter,
+    forward_seconds: Histogram,
+    cache: Family<CacheLabels, Counter>,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        DnsMetrics {
+            queries: Family::default(),
+            truncated: Counter::default(),
+            // 100 µs .. ~3.3 s
+            forward_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
+            cache: Family::default(),
+        }
+    }
+}
+
+impl DnsMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let dns = registry.sub_registry_with_prefix("dns");
+        dns.register(
+            "queries",
+            "DNS queries answered, by query type, response code and protocol",
+            self.queries.clone(),
+        );
+        dns.register(
+            "truncated",
+            "UDP answers that did not fit and were sent with TC set (the client retries over TCP)",
+            self.truncated.clone(),
+        );
+        dns.register(
+            "forward_seconds",
+            "Time to answer a forwarded name from the upstream resolvers (cache misses)",
+            self.forward_seconds.clone(),
+        );
+        dns.register(
+            "forward_cache",
+            "Forwarded names answered from the cache (hit) or upstream (miss)",
+            self.cache.clone(),
+        );
+    }
+
+    pub(crate) fn answered(&self, qtype: &'static str, rcode: &'static str, tcp: bool) {
+        let protocol = if tcp { "tcp" } else { "udp" };
+        self.queries
+            .get_or_create(&QueryLabels {
+                r#type: qtype,
+                rcode,
+                protocol,
+            })
+            .inc();
+    }
+
+    pub(crate) fn truncated(&self) {
+        self.truncated.inc();
+    }
+
+    pub(crate) fn forwarded(&self, cached: bool, seconds: f64) {
+        let result = if cached { "hit" } else { "miss" };
+        self.cache.get_or_create(&CacheLabels { result }).inc();
+        if !cached {
+            self.forward_seconds.observe(seconds);
+        }
+    }
+}
