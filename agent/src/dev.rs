@@ -14,10 +14,17 @@ use tokio_util::sync::CancellationToken;
 
 /// Starts two demo instances, writes their service file and runs an agent
 /// with its API on `http_addr` until `shutdown`.
-pub async fn run(http_addr: &str, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    http_addr: &str,
+    dns_addr: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let listen: SocketAddr = http_addr
         .parse()
         .with_context(|| format!("--http-addr {http_addr:?} must be an ip:port address"))?;
+    let dns: SocketAddr = dns_addr
+        .parse()
+        .with_context(|| format!("--dns-addr {dns_addr:?} must be an ip:port address"))?;
     let dir = tempfile::Builder::new()
         .prefix("signpost-dev-")
         .tempdir()
@@ -100,6 +107,7 @@ pub async fn run(http_addr: &str, shutdown: CancellationToken) -> anyhow::Result
         ..AgentConfig::default()
     };
     config.api.listen = listen;
+    config.dns.listen = dns;
     crate::telemetry::init(&config.log);
 
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -120,6 +128,7 @@ pub async fn run(http_addr: &str, shutdown: CancellationToken) -> anyhow::Result
         r#"
 Signpost dev is running: a control plane and an agent.
   local API      {base}
+  local DNS      {dns} (UDP and TCP), domain "internal"
   control plane  http://{cp_http} (try /v1/nodes), agents' gRPC on {cp_grpc} (TLS)
   service files  {services_dir}
   demo service   demo-1 at {i1}, demo-2 at {i2} (HTTP and TCP checks)
@@ -128,6 +137,9 @@ Try:
   signpost services{flag}                          # or: cargo run -q -p signpost-agent -- services{flag}
   signpost checks{flag}
   curl -s '{base}/v1/health/service/demo?passing'
+  dig @{dns_ip} -p {dns_port} demo.service.internal          # the service's stable VIP
+  dig @{dns_ip} -p {dns_port} _demo._tcp.service.internal SRV   # VIP and port
+  dig @{dns_ip} -p {dns_port} dev.node.internal
   signpost maint demo-1 --enable --reason 'trying Signpost'{flag}
   curl -s '{base}/v1/health/service/demo?passing'   # demo-1 is gone
   curl -s -X PUT -d '{{"Name":"web","Port":9000,"Check":{{"TTL":"30s"}}}}' {base}/v1/agent/service/register
@@ -144,6 +156,8 @@ Ctrl-C stops it and removes {dir}."#,
         dir = dir.path().display(),
         cp_http = cp.http,
         cp_grpc = cp.grpc,
+        dns_ip = dns.ip(),
+        dns_port = dns.port(),
     );
     let result = agent.await?;
     let cp_result = control_plane.await?;

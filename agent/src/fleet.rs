@@ -111,6 +111,35 @@ impl FleetCache {
         }
     }
 
+    /// Subscribes to `service` on its first use and waits up to `limit`
+    /// for the control plane's snapshot, so that the first lookup already
+    /// answers.
+    pub async fn first_use(&self, service: &str, limit: std::time::Duration) {
+        self.touch(service);
+        // Known already, or cut off after contact (then the last view is the
+        // answer); an agent still connecting waits for its first session too.
+        let ready = |f: &FleetInner| {
+            f.services.contains_key(service) || (!f.connected && f.last_contact.is_some())
+        };
+        if self.read(ready) {
+            return;
+        }
+        let mut changes = self.subscribe_changes();
+        let wait = async {
+            while changes.changed().await.is_ok() {
+                if self.read(ready) {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(limit, wait).await.is_err() {
+            tracing::debug!(
+                service,
+                "no snapshot from the control plane in time; answering with what is known"
+            );
+        }
+    }
+
     /// Drops subscriptions unused for `idle`, except `keep`; returns them.
     pub fn expire_idle(&self, idle: std::time::Duration, keep: &[String]) -> Vec<String> {
         let mut inner = self.lock();

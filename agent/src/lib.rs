@@ -15,6 +15,9 @@
 //!   `data_dir`.
 //! - `sync` and [`fleet`]: the stream to the control plane, and the view
 //!   of the services this host uses that it maintains.
+//! - `dns` and [`vips`]: the local DNS server (the `signpost-dns` crate)
+//!   answering from this node's state and the fleet view, and the stable
+//!   service VIPs it hands out.
 //! - [`cli`], [`dev`]: the `signpost` subcommands that talk to an agent,
 //!   and the one-command demo.
 
@@ -23,6 +26,7 @@ mod api;
 pub mod checks;
 pub mod cli;
 pub mod dev;
+mod dns;
 mod files;
 pub mod fleet;
 pub mod metrics;
@@ -31,6 +35,7 @@ pub mod state;
 mod sync;
 pub mod telemetry;
 pub mod tls;
+pub mod vips;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,6 +51,7 @@ use crate::agent::Agent;
 use crate::checks::{CheckSettings, FastRecheck, Supervisor};
 use crate::metrics::Metrics;
 use crate::state::{LocalState, NodeInfo};
+use crate::vips::Vips;
 
 /// How long in-flight API requests get to finish after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -78,7 +84,10 @@ pub async fn run(
     };
     tracing::info!(node = %node.name, id = %node.id, zone = %node.zone, "starting agent");
     let state = Arc::new(LocalState::new(node));
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    let dns_metrics = Arc::new(signpost_dns::DnsMetrics::default());
+    dns_metrics.register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
     let supervisor = Supervisor::new(
         state.clone(),
         metrics.clone(),
@@ -144,6 +153,33 @@ pub async fn run(
         }
         None => None,
     };
+    let dns_server = if agent.config.dns.enabled {
+        let vips = Vips::load(&agent.config.data_dir, agent.config.proxy.vip_range).with_context(
+            || {
+                format!(
+                    "cannot read the VIP table in {}",
+                    agent.config.data_dir.display()
+                )
+            },
+        )?;
+        let catalog = dns::AgentCatalog {
+            agent: agent.clone(),
+            fleet: fleet.clone(),
+            vips: Arc::new(vips),
+        };
+        let server = dns::bind(catalog, dns_metrics)
+            .await
+            .context("cannot start the DNS server (dns.listen)")?;
+        tracing::info!(addr = %server.local_addr(), domain = %agent.config.dns.domain, "DNS listening (UDP and TCP)");
+        let token = shutdown.clone();
+        Some(tokio::spawn(async move {
+            if let Err(e) = server.run_until(token.cancelled_owned()).await {
+                tracing::error!(error = %e, "DNS server failed");
+            }
+        }))
+    } else {
+        None
+    };
     let router = api::router(api::Api {
         agent: agent.clone(),
         fleet,
@@ -168,6 +204,11 @@ pub async fn run(
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server failed"),
         Ok(Err(e)) => tracing::error!(error = %e, "API server task failed"),
         Err(_) => tracing::warn!("in-flight requests did not finish in time"),
+    }
+    if let Some(dns) = dns_server
+        && tokio::time::timeout(SHUTDOWN_GRACE, dns).await.is_err()
+    {
+        tracing::warn!("DNS server did not stop in time");
     }
     agent.stop_checks().await;
     background.cancel();

@@ -42,7 +42,11 @@ enum Command {
         validate: bool,
     },
     /// Run an agent with a demo service in a temporary directory.
-    Dev,
+    Dev {
+        /// Where the agent's DNS server listens (UDP and TCP).
+        #[arg(long, default_value = "127.0.0.1:8600")]
+        dns_addr: String,
+    },
     /// List this host's services, their health and service-file errors.
     Services {
         #[arg(long)]
@@ -99,7 +103,9 @@ fn main() -> ExitCode {
         let client = Client::new(&cli.http_addr);
         let result = match cli.command {
             Command::Agent { config, validate } => return agent(config, validate).await,
-            Command::Dev => signpost_agent::dev::run(&cli.http_addr, shutdown_on_signal()).await,
+            Command::Dev { dns_addr } => {
+                signpost_agent::dev::run(&cli.http_addr, &dns_addr, shutdown_on_signal()).await
+            }
             Command::Services { json } => cli::services(&client, json).await,
             Command::Checks { json } => cli::checks(&client, json).await,
             Command::Status { json } => cli::status(&client, json).await,

@@ -57,6 +57,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// For the parts of the agent that keep their own metrics (DNS).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("signpost_agent");
         let probes = Family::<ProbeLabels, Counter>::default();

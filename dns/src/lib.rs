@@ -186,3 +186,47 @@ async fn bind_both(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsEr
         "no port free for both UDP and TCP",
     )))
 }
+
+/// The upstream resolvers of a resolv.conf text, other than `ourselves`
+/// (an agent that is the host's resolver must not forward to itself).
+pub fn recursors_from_resolv_conf(text: &str, ourselves: SocketAddr) -> Vec<SocketAddr> {
+    let Ok((config, _)) = hickory_server::resolver::system_conf::parse_resolv_conf(text) else {
+        return Vec::new();
+    };
+    let mut found: Vec<SocketAddr> = config
+        .name_servers()
+        .iter()
+        .map(|s| SocketAddr::new(s.ip, 53))
+        .filter(|addr| {
+            !(addr.port() == ourselves.port()
+                && (addr.ip() == ourselves.ip() || ourselves.ip().is_unspecified()))
+        })
+        .collect();
+    found.dedup();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_recursors_leave_ourselves_out() {
+        let text =
+            "search example.com\nnameserver 127.0.0.1\nnameserver 10.0.0.2\nnameserver ::1\n";
+        let on_53: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let on_8600: SocketAddr = "127.0.0.1:8600".parse().unwrap();
+        let ip = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            recursors_from_resolv_conf(text, on_53),
+            vec![ip("10.0.0.2:53"), ip("[::1]:53")]
+        );
+        let everywhere: SocketAddr = "0.0.0.0:53".parse().unwrap();
+        assert!(recursors_from_resolv_conf(text, everywhere).is_empty());
+        assert_eq!(
+            recursors_from_resolv_conf(text, on_8600),
+            vec![ip("127.0.0.1:53"), ip("10.0.0.2:53"), ip("[::1]:53")]
+        );
+        assert!(recursors_from_resolv_conf("# nothing\n", on_53).is_empty());
+    }
+}

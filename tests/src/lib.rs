@@ -68,9 +68,10 @@ pub fn control_plane_bin() -> PathBuf {
 /// A random loopback address with a free port on it.
 pub fn free_addr() -> SocketAddr {
     loop {
+        // Never inside 127.77.0.0/16, the agents' default VIP range.
         let ip = Ipv4Addr::new(
             127,
-            rand::random_range(10..250),
+            rand::random_range(78..250),
             rand::random(),
             rand::random_range(1..255),
         );
@@ -162,7 +163,25 @@ impl Agent {
         format!("http://{}", self.addr)
     }
 
+    /// The agent's DNS server: port 8600 on the agent's own loopback
+    /// address.
+    pub fn dns_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.addr.ip(), 8600)
+    }
+
     async fn spawn(&mut self) {
+        // `dns.listen` goes into the test's own `dns:` section, if any.
+        let listen = format!("  listen: {}\n", self.dns_addr());
+        let extra = match self.extra_config.find("dns:\n") {
+            Some(at) if at == 0 || self.extra_config[..at].ends_with('\n') => {
+                let (head, tail) = self.extra_config.split_at(at + "dns:\n".len());
+                format!("{head}{listen}{tail}")
+            }
+            _ if self.extra_config.is_empty() || self.extra_config.ends_with('\n') => {
+                format!("{}dns:\n{listen}", self.extra_config)
+            }
+            _ => format!("{}\ndns:\n{listen}", self.extra_config),
+        };
         let config = format!(
             "node_name: {}\ndata_dir: {}\nservices_dir: {}\nadvertise_addr: {}\napi:\n  listen: {}\n{}",
             self.node,
@@ -170,7 +189,7 @@ impl Agent {
             self.services_dir().display(),
             self.addr.ip(),
             self.addr,
-            self.extra_config
+            extra
         );
         std::fs::write(self.config_path(), config).unwrap();
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();

@@ -20,9 +20,11 @@ async fn dev_runs_control_plane_agent_and_demo() {
         .install_default()
         .ok();
     let addr = signpost_tests::free_addr();
+    let dns = std::net::SocketAddr::new(addr.ip(), 8600);
     let out = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(signpost_tests::signpost_bin())
         .args(["dev", "--http-addr", &addr.to_string()])
+        .args(["--dns-addr", &dns.to_string()])
         .stdout(out.reopen().unwrap())
         .stderr(Stdio::null())
         .spawn()

@@ -108,39 +108,10 @@ fn fleet_index(inner: &Inner, fleet: Option<&FleetInner>, name: &str) -> u64 {
 }
 
 /// Subscribes to a service on its first use and waits a little for the
-/// control plane's snapshot, so that the first lookup already answers.
+/// control plane's snapshot (see [`crate::fleet::FleetCache::first_use`]).
 async fn first_use(api: &Api, name: &str) {
-    let Some(fleet) = &api.fleet else {
-        return;
-    };
-    fleet.touch(name);
-    // Known already, or cut off after contact (then the last view is the
-    // answer); an agent still connecting waits for its first session too.
-    let ready = |f: &FleetInner| {
-        f.services.contains_key(name) || (!f.connected && f.last_contact.is_some())
-    };
-    if fleet.read(ready) {
-        return;
-    }
-    let mut changes = fleet.subscribe_changes();
-    let wait = async {
-        while changes.changed().await.is_ok() {
-            if fleet.read(ready) {
-                break;
-            }
-        }
-    };
-    let limit = api
-        .agent
-        .config
-        .control_plane
-        .as_ref()
-        .map_or(std::time::Duration::ZERO, |cp| cp.first_lookup_wait);
-    if tokio::time::timeout(limit, wait).await.is_err() {
-        tracing::debug!(
-            service = name,
-            "no snapshot from the control plane in time; answering with what is known"
-        );
+    if let (Some(fleet), Some(cp)) = (&api.fleet, &api.agent.config.control_plane) {
+        fleet.first_use(name, cp.first_lookup_wait).await;
     }
 }
 
