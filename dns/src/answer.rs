@@ -13,8 +13,9 @@ use hickory_server::proto::op::{
 };
 use hickory_server::proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_server::proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
+use hickory_server::proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use rand::seq::SliceRandom;
 use signpost_core::config::{AnswerMode, DnsConfig};
 use signpost_core::model::Health;
@@ -459,6 +460,18 @@ impl<C: Catalog> Handler<C> {
     }
 }
 
+/// The question section, encoded afresh. hickory echoes the question's
+/// bytes as received, and a compression pointer in them would point into
+/// our header (found by `tests/malformed.rs`).
+fn reencoded(request: &Request) -> Option<Queries> {
+    let mut bytes = Vec::with_capacity(64);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    for query in request.queries.queries() {
+        query.original().emit(&mut encoder).ok()?;
+    }
+    Queries::read(&mut BinDecoder::new(&bytes), request.queries.len()).ok()
+}
+
 fn wants_address(qtype: RecordType) -> bool {
     matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY)
 }
@@ -519,7 +532,9 @@ impl<C: Catalog> RequestHandler for Handler<C> {
             },
             counts: HeaderCounts::default(),
         };
-        let response = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
+        let question = reencoded(request);
+        let queries = question.as_ref().unwrap_or(&request.queries);
+        let response = MessageResponseBuilder::new(queries, reply.edns.as_ref()).build(
             reply.metadata,
             reply.answers.iter(),
             reply.authorities.iter(),

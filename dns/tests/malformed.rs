@@ -1,0 +1,352 @@
+//! A malformed packet never crashes or stalls the server.
+//!
+//! The fuzz loop feeds random packets and mutations of valid queries
+//! through the request -> answer path (hickory's decoder, then our handler,
+//! then the encoder with a UDP size limit) and checks that every request
+//! that decodes gets a well-formed response with its id. A fixed seed makes
+//! a failure reproducible; `SIGNPOST_FUZZ_ITERATIONS` and
+//! `SIGNPOST_FUZZ_SEED` run a longer or another dose (CI runs the default). Then the real server gets garbage over UDP and
+//! TCP and must still answer a good query.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is a test failure
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use hickory_server::net::NetError;
+use hickory_server::net::runtime::TokioTime;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::proto::op::{Edns, Message, MessageType, OpCode, Query};
+use hickory_server::proto::rr::{Name, Record, RecordType};
+use hickory_server::proto::serialize::binary::BinEncoder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponse;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use signpost_core::config::{AnswerMode, DnsConfig};
+use signpost_core::model::{Health, Weights};
+use signpost_dns::{
+    Catalog, DnsMetrics, DnsServer, Endpoint, Handler, NodeRecord, Owner, Settings,
+};
+
+/// A catalog with a few services, one of them large enough to truncate.
+struct Fixed;
+
+impl Catalog for Fixed {
+    async fn first_use(&self, _service: &str) {}
+
+    fn instances(&self, service: &str, _tag: Option<&str>) -> Option<Vec<Endpoint>> {
+        let n = match service {
+            "web" => 3,
+            "big" => 200,
+            _ => return None,
+        };
+        Some(
+            (0..n)
+                .map(|i| Endpoint {
+                    node: format!("node-{i}"),
+                    address: IpAddr::V4(Ipv4Addr::new(10, 0, (i / 250) as u8, (i % 250) as u8)),
+                    service_address: i % 2 == 0,
+                    port: 8000 + i as u16,
+                    health: if i % 3 == 0 {
+                        Health::Warning
+                    } else {
+                        Health::Passing
+                    },
+                    weights: Weights::default(),
+                })
+                .collect(),
+        )
+    }
+
+    fn vip(&self, _service: &str, tag: Option<&str>) -> Option<Ipv4Addr> {
+        Some(Ipv4Addr::new(127, 77, 0, if tag.is_some() { 2 } else { 1 }))
+    }
+
+    fn node(&self, name: &str) -> Option<NodeRecord> {
+        (name == "node-1").then(|| NodeRecord {
+            name: name.to_string(),
+            address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            meta: BTreeMap::from([("rack".to_string(), "r1".to_string())]),
+        })
+    }
+
+    fn owner(&self, ip: IpAddr) -> Option<Owner> {
+        (ip == IpAddr::V4(Ipv4Addr::new(127, 77, 0, 1))).then(|| Owner::Service {
+            service: "web".to_string(),
+            tag: None,
+        })
+    }
+}
+
+fn settings(instances: bool) -> Settings {
+    let config = DnsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        answer: if instances {
+            AnswerMode::Instances
+        } else {
+            AnswerMode::Vip
+        },
+        ..DnsConfig::default()
+    };
+    Settings {
+        config,
+        datacenter: "dc1".to_string(),
+        recursors: Vec::new(),
+    }
+}
+
+/// Encodes the response as the UDP server would (512 bytes or the EDNS
+/// size) and keeps the bytes.
+#[derive(Clone, Default)]
+struct Collect(Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for Collect {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let max = response.edns().map_or(512, Edns::max_payload);
+        let mut bytes = Vec::new();
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(max);
+        let info = response.destructive_emit(&mut encoder)?;
+        *self.0.lock().unwrap() = bytes;
+        Ok(info)
+    }
+}
+
+fn seeds() -> Vec<Vec<u8>> {
+    let names = [
+        "web.service.internal.",
+        "v2.web.service.internal.",
+        "_web._tcp.service.internal.",
+        "big.service.internal.",
+        "big.service.dc1.internal.",
+        "node-1.node.internal.",
+        "0a000001.addr.internal.",
+        "web.virtual.internal.",
+        "internal.",
+        "ns.internal.",
+        "1.0.77.127.in-addr.arpa.",
+        "nope.service.internal.",
+    ];
+    let types = [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::SRV,
+        RecordType::ANY,
+        RecordType::TXT,
+        RecordType::PTR,
+        RecordType::SOA,
+        RecordType::NS,
+    ];
+    let mut seeds = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        for (j, rtype) in types.iter().enumerate() {
+            let mut m = Message::query();
+            m.metadata.id = (i * 16 + j) as u16;
+            m.add_query(Query::query(Name::from_ascii(name).unwrap(), *rtype));
+            if (i + j) % 2 == 0 {
+                let mut edns = Edns::new();
+                edns.set_max_payload(1232);
+                m.edns = Some(edns);
+            }
+            seeds.push(m.to_vec().unwrap());
+        }
+    }
+    seeds
+}
+
+fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+    let mut p = seed.to_vec();
+    match rng.random_range(0..6) {
+        0 => {
+            // Flip some bits.
+            for _ in 0..rng.random_range(1..8) {
+                let at = rng.random_range(0..p.len());
+                p[at] ^= 1 << rng.random_range(0..8);
+            }
+        }
+        1 => {
+            // Overwrite bytes, header counts included.
+            for _ in 0..rng.random_range(1..6) {
+                let at = rng.random_range(0..p.len());
+                p[at] = rng.random();
+            }
+        }
+        2 => p.truncate(rng.random_range(0..p.len())),
+        3 => p.extend((0..rng.random_range(1..64)).map(|_| rng.random::<u8>())),
+        4 => {
+            // A label length pointing past the end, or a compression loop.
+            let at = rng.random_range(12.min(p.len() - 1)..p.len());
+            p[at] = if rng.random() { 0xc0 } else { 63 };
+            if at + 1 < p.len() {
+                p[at + 1] = rng.random_range(0..p.len()) as u8;
+            }
+        }
+        _ => {
+            p = (0..rng.random_range(0..600))
+                .map(|_| rng.random())
+                .collect();
+        }
+    }
+    p
+}
+
+#[tokio::test]
+async fn random_and_mutated_packets_always_get_a_well_formed_answer() {
+    let iterations: usize = std::env::var("SIGNPOST_FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let seed = std::env::var("SIGNPOST_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5157_0057_u64);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let handlers = [
+        Handler::new(
+            settings(false),
+            Arc::new(Fixed),
+            Arc::new(DnsMetrics::default()),
+        )
+        .unwrap(),
+        Handler::new(
+            settings(true),
+            Arc::new(Fixed),
+            Arc::new(DnsMetrics::default()),
+        )
+        .unwrap(),
+    ];
+    let seeds = seeds();
+    let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+    let (mut decoded, mut answered) = (0, 0);
+    for i in 0..iterations {
+        let packet = if i < seeds.len() {
+            seeds[i].clone()
+        } else {
+            let pick = rng.random_range(0..seeds.len());
+            mutate(&mut rng, &seeds[pick])
+        };
+        // What hickory's server does before calling the handler.
+        let Ok(request) = Request::from_bytes(packet.clone(), src, Protocol::Udp) else {
+            continue;
+        };
+        if request.metadata.message_type == MessageType::Response {
+            continue;
+        }
+        decoded += 1;
+        let out = Collect::default();
+        let handler = &handlers[i % 2];
+        handler
+            .handle_request::<_, TokioTime>(&request, out.clone())
+            .await;
+        let bytes = out.0.lock().unwrap().clone();
+        let response = Message::from_vec(&bytes).unwrap_or_else(|e| {
+            panic!("seed {seed:#x}, iteration {i}: undecodable answer ({e}) to {packet:02x?}")
+        });
+        assert_eq!(response.metadata.id, request.metadata.id, "iteration {i}");
+        assert_eq!(response.metadata.message_type, MessageType::Response);
+        assert!(
+            bytes.len() <= usize::from(request.max_payload()),
+            "iteration {i}"
+        );
+        answered += 1;
+    }
+    // The mutations must reach the handler, not only the decoder.
+    assert!(
+        decoded > iterations / 4,
+        "only {decoded} of {iterations} decoded"
+    );
+    assert_eq!(answered, decoded);
+}
+
+#[tokio::test]
+async fn the_server_keeps_answering_after_garbage() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = DnsServer::bind(
+        settings(false),
+        Arc::new(Fixed),
+        Arc::new(DnsMetrics::default()),
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let stop = shutdown_signal();
+    let running = tokio::spawn(server.run_until(stop.1));
+
+    let mut rng = StdRng::seed_from_u64(7);
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let seeds = seeds();
+    for _ in 0..2_000 {
+        let pick = rng.random_range(0..seeds.len());
+        let packet = mutate(&mut rng, &seeds[pick]);
+        udp.send_to(&packet, addr).await.unwrap();
+    }
+    // TCP: a bad length prefix, a half-sent message, then a hang-up.
+    for garbage in [
+        &[0xff, 0xff, 1, 2, 3][..],
+        &[0x00, 0x20, 0xde, 0xad][..],
+        &[0][..],
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(garbage).await.unwrap();
+        drop(tcp);
+    }
+
+    // A good query still gets its answer, over UDP and over TCP.
+    let mut query = Message::query();
+    query.metadata.id = 4242;
+    query.metadata.op_code = OpCode::Query;
+    query.add_query(Query::query(
+        Name::from_ascii("web.service.internal.").unwrap(),
+        RecordType::A,
+    ));
+    let wire = query.to_vec().unwrap();
+    let mut buf = vec![0u8; 4096];
+    let answer = loop {
+        udp.send_to(&wire, addr).await.unwrap();
+        let (n, _) = udp.recv_from(&mut buf).await.unwrap();
+        let m = Message::from_vec(&buf[..n]).unwrap();
+        // Answers to the garbage may still be queued; skip them.
+        if m.metadata.id == 4242 {
+            break m;
+        }
+    };
+    assert_eq!(answer.answers.len(), 1);
+
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&(wire.len() as u16).to_be_bytes())
+        .await
+        .unwrap();
+    tcp.write_all(&wire).await.unwrap();
+    let len = tcp.read_u16().await.unwrap();
+    let mut body = vec![0u8; usize::from(len)];
+    tcp.read_exact(&mut body).await.unwrap();
+    let m = Message::from_vec(&body).unwrap();
+    assert_eq!((m.metadata.id, m.answers.len()), (4242, 1));
+
+    stop.0.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
+
+/// A shutdown signal: the sender, and the future `run_until` waits on.
+fn shutdown_signal() -> (
+    tokio::sync::oneshot::Sender<()>,
+    impl std::future::Future<Output = ()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
