@@ -46,6 +46,8 @@ data_dir: $WORK/data
 services_dir: $WORK/services.d
 api:
   listen: $API
+dns:
+  enabled: false
 log:
   level: warn
 checks:

@@ -42,6 +42,8 @@ services_dir: $WORK/a$i/services.d
 advertise_addr: $ip
 api:
   listen: $ip:18500
+dns:
+  listen: $ip:18600
 log:
   level: warn
 control_plane:

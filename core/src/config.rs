@@ -516,6 +516,51 @@ mod tests {
     }
 
     #[test]
+    fn dns_settings_per_service_and_their_errors() {
+        let c = AgentConfig::from_yaml(
+            "a.yaml",
+            "dns:\n  ttl: 7s\n  recursors: [10.0.0.2, \"127.0.0.1:5353\"]\n  services:\n    \"*\": {ttl: 1s}\n    \"pay*\": {answer: instances}\n    payments: {only_passing: true}\n",
+        )
+        .unwrap();
+        let d = &c.dns;
+        assert_eq!(
+            d.service_settings("web"),
+            (AnswerMode::Vip, Duration::from_secs(1), false)
+        );
+        // The longest key wins, and only what it sets.
+        assert_eq!(
+            d.service_settings("payroll"),
+            (AnswerMode::Instances, Duration::from_secs(7), false)
+        );
+        assert_eq!(
+            d.service_settings("payments"),
+            (AnswerMode::Vip, Duration::from_secs(7), true)
+        );
+        assert_eq!(
+            d.recursor_addrs().unwrap().unwrap(),
+            vec![
+                "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+                "127.0.0.1:5353".parse().unwrap()
+            ]
+        );
+        for (yaml, field) in [
+            ("dns:\n  recursors: [resolver.example]\n", "dns.recursors"),
+            ("dns:\n  domain: \"bad domain\"\n", "dns.domain"),
+            (
+                "dns:\n  services:\n    \"a*b\": {ttl: 1s}\n",
+                "dns.services",
+            ),
+            ("dns:\n  recursor_timeout: 0s\n", "dns.recursor_timeout"),
+        ] {
+            let e = AgentConfig::from_yaml("a.yaml", yaml).unwrap_err();
+            assert!(e.to_string().contains(field), "{yaml}: {e}");
+        }
+        let e = AgentConfig::from_yaml("a.yaml", "proxy:\n  vip_range: 10.0.0.0/8\n").unwrap_err();
+        assert!(e.to_string().starts_with("a.yaml:2:"), "{e}");
+        assert!(e.to_string().contains("127.0.0.0/8"), "{e}");
+    }
+
+    #[test]
     fn cross_field_rules() {
         let e = AgentConfig::from_yaml("a.yaml", "advertise_addr: 0.0.0.0\n").unwrap_err();
         assert!(e.to_string().contains("advertise_addr"), "{e}");

@@ -249,13 +249,6 @@ impl<C: Catalog> Handler<C> {
         };
         let (mode, ttl, only_passing) = self.config.service_settings(service);
         let ttl = ttl_secs(ttl);
-        let Some(canonical) = self.name(&match tag {
-            Some(tag) => format!("{tag}.{service}.service"),
-            None => format!("{service}.service"),
-        }) else {
-            reply.rcode(ResponseCode::NXDomain);
-            return;
-        };
         match mode {
             AnswerMode::Vip => {
                 if endpoints.is_empty() {
@@ -268,6 +261,14 @@ impl<C: Catalog> Handler<C> {
                 };
                 let vip = IpAddr::V4(vip);
                 if qtype == RecordType::SRV {
+                    // The target: the service's own name, which resolves to the VIP.
+                    let Some(canonical) = self.name(&match tag {
+                        Some(tag) => format!("{tag}.{service}.service"),
+                        None => format!("{service}.service"),
+                    }) else {
+                        reply.rcode(ResponseCode::NXDomain);
+                        return;
+                    };
                     let mut ports: Vec<u16> = endpoints.iter().map(|e| e.port).collect();
                     ports.sort_unstable();
                     ports.dedup();
@@ -460,6 +461,20 @@ impl<C: Catalog> Handler<C> {
     }
 }
 
+/// Whether the first name of a question section uses a compression
+/// pointer (legal, but no real client does it).
+fn has_pointer(question: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(&len) = question.get(at) {
+        match len {
+            0 => return false,
+            l if l & 0xc0 != 0 => return true,
+            l => at += 1 + usize::from(l),
+        }
+    }
+    false
+}
+
 /// The question section, encoded afresh. hickory echoes the question's
 /// bytes as received, and a compression pointer in them would point into
 /// our header (found by `tests/malformed.rs`).
@@ -532,7 +547,9 @@ impl<C: Catalog> RequestHandler for Handler<C> {
             },
             counts: HeaderCounts::default(),
         };
-        let question = reencoded(request);
+        let question = (request.queries.len() != 1 || has_pointer(request.queries.as_bytes()))
+            .then(|| reencoded(request))
+            .flatten();
         let queries = question.as_ref().unwrap_or(&request.queries);
         let response = MessageResponseBuilder::new(queries, reply.edns.as_ref()).build(
             reply.metadata,

@@ -116,72 +116,186 @@ pub enum DnsError {
 /// How long a TCP client may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// A bound DNS server (UDP and TCP on the same address).
+/// Most serving threads, whatever the core count.
+const MAX_THREADS: usize = 4;
+
+/// A bound DNS server: UDP and TCP on the same address, served by one
+/// thread per core (up to [`MAX_THREADS`]), each with its own
+/// single-threaded runtime and its own `SO_REUSEPORT` sockets, so a query
+/// is received, answered and sent on one thread without waking another.
 pub struct DnsServer<C: Catalog> {
-    server: Server<Handler<C>>,
+    handler: Arc<Handler<C>>,
+    sockets: Vec<(std::net::UdpSocket, std::net::TcpListener)>,
     addr: SocketAddr,
 }
 
 impl<C: Catalog> DnsServer<C> {
     /// Binds `settings.config.listen` (UDP and TCP; port 0 picks one port
-    /// free for both) and starts answering.
+    /// free for both). Serving starts with [`DnsServer::run_until`].
     pub async fn bind(
         settings: Settings,
         catalog: Arc<C>,
         metrics: Arc<DnsMetrics>,
     ) -> Result<Self, DnsError> {
         let listen = settings.config.listen;
-        let handler = Handler::new(settings, catalog, metrics)?;
-        let (udp, tcp) = bind_both(listen).await?;
-        let addr = udp.local_addr().map_err(|source| DnsError::Bind {
-            addr: listen,
-            protocol: "udp",
-            source,
-        })?;
-        let mut server = Server::new(handler);
-        server.register_socket(udp);
-        server.register_listener(tcp, TCP_IDLE, 64 * 1024);
-        Ok(DnsServer { server, addr })
+        let handler = Arc::new(Handler::new(settings, catalog, metrics)?);
+        let (udp, tcp) = bind_both(listen)?;
+        let addr = udp.local_addr().map_err(bind_error(listen, "udp"))?;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_THREADS);
+        let mut sockets = vec![(udp, tcp)];
+        for _ in 1..threads {
+            sockets.push((bind_udp(addr)?, bind_tcp(addr)?));
+        }
+        Ok(DnsServer {
+            handler,
+            sockets,
+            addr,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Serves until `shutdown` completes.
-    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
+    /// Serves until `shutdown` completes, then lets in-flight queries
+    /// finish.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut done = Vec::new();
+        for (n, (udp, tcp)) in self.sockets.into_iter().enumerate() {
+            let (report, result) = tokio::sync::oneshot::channel();
+            let handler = Shared(self.handler.clone());
+            let mut stopped = stopped.clone();
+            std::thread::Builder::new()
+                .name(format!("signpost-dns-{n}"))
+                .spawn(move || {
+                    let served = serve_thread(handler, udp, tcp, async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    });
+                    let _ = report.send(served);
+                })
+                .map_err(|e| DnsError::Serve(format!("cannot start a DNS thread: {e}")))?;
+            done.push(result);
+        }
+        shutdown.await;
+        let _ = stop.send(true);
+        let mut outcome = Ok(());
+        for result in done {
+            match result.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => outcome = Err(e),
+                Err(_) => outcome = Err(DnsError::Serve("a DNS thread panicked".to_string())),
+            }
+        }
+        outcome
+    }
+}
+
+/// One serving thread: a current-thread runtime running hickory's server
+/// on this thread's sockets.
+fn serve_thread<C: Catalog>(
+    handler: Shared<C>,
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    stop: impl Future<Output = ()>,
+) -> Result<(), DnsError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DnsError::Serve(format!("cannot start a DNS runtime: {e}")))?;
+    runtime.block_on(async move {
+        let udp = UdpSocket::from_std(udp).map_err(|e| DnsError::Serve(e.to_string()))?;
+        let tcp = TcpListener::from_std(tcp).map_err(|e| DnsError::Serve(e.to_string()))?;
+        let mut server = Server::new(handler);
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE, 64 * 1024);
         tokio::select! {
-            result = self.server.block_until_done() => {
+            result = server.block_until_done() => {
                 result.map_err(|e| DnsError::Serve(e.to_string()))
             }
-            () = shutdown => self
-                .server
+            () = stop => server
                 .shutdown_gracefully()
                 .await
                 .map_err(|e| DnsError::Serve(e.to_string())),
         }
+    })
+}
+
+/// The handler, shared by the serving threads.
+struct Shared<C>(Arc<Handler<C>>);
+
+#[async_trait::async_trait]
+impl<C: Catalog> hickory_server::server::RequestHandler for Shared<C> {
+    async fn handle_request<R, T>(
+        &self,
+        request: &hickory_server::server::Request,
+        response_handle: R,
+    ) -> hickory_server::server::ResponseInfo
+    where
+        R: hickory_server::server::ResponseHandler,
+        T: hickory_server::net::runtime::Time,
+    {
+        self.0
+            .handle_request::<R, T>(request, response_handle)
+            .await
     }
 }
 
-async fn bind_both(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
-    let bind = |protocol: &'static str| {
-        move |source| DnsError::Bind {
-            addr: listen,
-            protocol,
-            source,
-        }
-    };
+fn bind_error(addr: SocketAddr, protocol: &'static str) -> impl Fn(std::io::Error) -> DnsError {
+    move |source| DnsError::Bind {
+        addr,
+        protocol,
+        source,
+    }
+}
+
+fn reuse_port_socket(
+    addr: SocketAddr,
+    kind: socket2::Type,
+    protocol: &'static str,
+) -> Result<socket2::Socket, DnsError> {
+    let error = bind_error(addr, protocol);
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(addr), kind, None).map_err(&error)?;
+    socket.set_reuse_port(true).map_err(&error)?;
+    if kind == socket2::Type::STREAM {
+        socket.set_reuse_address(true).map_err(&error)?;
+    }
+    socket.set_nonblocking(true).map_err(&error)?;
+    socket.bind(&addr.into()).map_err(&error)?;
+    Ok(socket)
+}
+
+fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, DnsError> {
+    reuse_port_socket(addr, socket2::Type::DGRAM, "udp").map(Into::into)
+}
+
+fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DnsError> {
+    let socket = reuse_port_socket(addr, socket2::Type::STREAM, "tcp")?;
+    socket.listen(1024).map_err(bind_error(addr, "tcp"))?;
+    Ok(socket.into())
+}
+
+/// Binds the first pair. An address another socket holds is refused
+/// first with plain binds: `SO_REUSEPORT` alone would share it silently
+/// (say, with a second agent given the same `dns.listen`).
+fn bind_both(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener), DnsError> {
     // With port 0, find a port free for both protocols.
     for _ in 0..32 {
-        let udp = UdpSocket::bind(listen).await.map_err(bind("udp"))?;
-        let addr = udp.local_addr().map_err(bind("udp"))?;
-        match TcpListener::bind(addr).await {
-            Ok(tcp) => return Ok((udp, tcp)),
+        let probe = std::net::UdpSocket::bind(listen).map_err(bind_error(listen, "udp"))?;
+        let addr = probe.local_addr().map_err(bind_error(listen, "udp"))?;
+        match std::net::TcpListener::bind(addr) {
+            Ok(tcp_probe) => {
+                drop((probe, tcp_probe));
+                return Ok((bind_udp(addr)?, bind_tcp(addr)?));
+            }
             Err(e) if listen.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => continue,
-            Err(e) => return Err(bind("tcp")(e)),
+            Err(e) => return Err(bind_error(addr, "tcp")(e)),
         }
     }
-    Err(bind("tcp")(std::io::Error::new(
+    Err(bind_error(listen, "tcp")(std::io::Error::new(
         std::io::ErrorKind::AddrInUse,
         "no port free for both UDP and TCP",
     )))

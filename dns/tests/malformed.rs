@@ -313,7 +313,7 @@ async fn the_server_keeps_answering_after_garbage() {
         RecordType::A,
     ));
     let wire = query.to_vec().unwrap();
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; 65535];
     let answer = loop {
         udp.send_to(&wire, addr).await.unwrap();
         let (n, _) = udp.recv_from(&mut buf).await.unwrap();
