@@ -114,11 +114,11 @@ impl Catalog for AgentCatalog {
                 .values()
                 .filter(|s| s.def.name.as_str() == name && has_tag(&s.def.tags, tag))
                 .filter_map(|s| {
-                    let own: Option<IpAddr> = s.def.address.parse().ok();
+                    let (address, service_address) = endpoint_address(&s.def.address, node_ip)?;
                     Some(Endpoint {
                         node: inner.node.name.clone(),
-                        address: own.or(node_ip)?,
-                        service_address: own.is_some(),
+                        address,
+                        service_address,
                         port: s.def.port,
                         health: inner.service_health(&s.def.id),
                         weights: s.def.weights,
@@ -220,6 +220,17 @@ fn has_tag(tags: &[String], tag: Option<&str>) -> bool {
     tag.is_none_or(|t| tags.iter().any(|have| have.eq_ignore_ascii_case(t)))
 }
 
+/// The address DNS gives for an instance, and whether it is the
+/// instance's own: its IP address, else its node's when it has none.
+/// `None` when the address is a host name: the node's address would send
+/// clients to the wrong host.
+fn endpoint_address(own: &str, node: Option<IpAddr>) -> Option<(IpAddr, bool)> {
+    if own.is_empty() {
+        return node.map(|ip| (ip, false));
+    }
+    own.parse().ok().map(|ip| (ip, true))
+}
+
 /// An instance on another node; `None` if it has no usable address or
 /// lacks the tag.
 fn remote_endpoint(ci: &CatalogInstance, tag: Option<&str>) -> Option<Endpoint> {
@@ -227,7 +238,7 @@ fn remote_endpoint(ci: &CatalogInstance, tag: Option<&str>) -> Option<Endpoint> 
     if !has_tag(&i.tags, tag) {
         return None;
     }
-    let own: Option<IpAddr> = i.address.parse().ok();
+    let (address, service_address) = endpoint_address(&i.address, ci.node_address.parse().ok())?;
     let health = ci
         .node_checks
         .iter()
@@ -237,8 +248,8 @@ fn remote_endpoint(ci: &CatalogInstance, tag: Option<&str>) -> Option<Endpoint> 
         .unwrap_or(Health::Passing);
     Some(Endpoint {
         node: ci.node.clone(),
-        address: own.or_else(|| ci.node_address.parse().ok())?,
-        service_address: own.is_some(),
+        address,
+        service_address,
         port: u16::try_from(i.port).ok()?,
         health,
         weights: Weights {

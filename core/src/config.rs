@@ -185,14 +185,21 @@ pub struct DnsServiceOverride {
 
 impl DnsConfig {
     /// The settings that apply to `service`: the longest matching key of
-    /// `services` (an exact key beats a prefix of the same length).
+    /// `services` (an exact key beats a prefix of the same length). Keys
+    /// compare ignoring ASCII case, as service names do in DNS (queries
+    /// arrive lowercased).
     pub fn service_settings(&self, service: &str) -> (AnswerMode, Duration, bool) {
+        let starts_with = |prefix: &str| {
+            service
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+        };
         let best = self
             .services
             .iter()
             .filter_map(|(key, o)| match key.strip_suffix('*') {
-                Some(prefix) if service.starts_with(prefix) => Some((prefix.len(), 0, o)),
-                None if key == service => Some((key.len(), 1, o)),
+                Some(prefix) if starts_with(prefix) => Some((prefix.len(), 0, o)),
+                None if key.eq_ignore_ascii_case(service) => Some((key.len(), 1, o)),
                 _ => None,
             })
             .max_by_key(|(len, exact, _)| (*len, *exact))
