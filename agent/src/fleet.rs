@@ -101,14 +101,16 @@ impl FleetCache {
     /// Marks `service` as used; a new one is subscribed to at once.
     pub fn touch(&self, service: &str) {
         let mut inner = self.lock();
-        let new = inner
-            .subscriptions
-            .insert(service.to_string(), Instant::now())
-            .is_none();
-        drop(inner);
-        if new {
-            self.subscribe.notify_one();
+        // The common case (every DNS lookup) allocates nothing.
+        if let Some(used) = inner.subscriptions.get_mut(service) {
+            *used = Instant::now();
+            return;
         }
+        inner
+            .subscriptions
+            .insert(service.to_string(), Instant::now());
+        drop(inner);
+        self.subscribe.notify_one();
     }
 
     /// Subscribes to `service` on its first use and waits up to `limit`
