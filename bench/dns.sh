@@ -6,7 +6,10 @@
 #   nxdomain   unknown names under the local domain
 #   forwarded  names under fwd.test, forwarded to a local upstream (a
 #              dnsmasq that answers every fwd.test name) and then cached
-# Reports queries/s and mean latency per server, and the ratio to unbound.
+# Signpost and unbound each run with one serving thread and with one per
+# core; dnsmasq has one. Reports queries/s and mean latency per server, and
+# the ratio to unbound with as many threads. dnsperf itself runs on the same
+# cores (one thread, 8 sockets).
 #
 #   bash bench/dns.sh [SECONDS]        # default 10 s per run
 # Needs: dnsperf, unbound, dnsmasq (apt-get install dnsperf unbound dnsmasq-base)
@@ -25,7 +28,9 @@ PIDS=()
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-UPSTREAM=15399 SIGNPOST=15300 UNBOUND=15301 DNSMASQ=15302
+# Signpost and unbound run twice: one serving thread, and one per core.
+UPSTREAM=15399 SIGNPOST1=15300 UNBOUND1=15301 DNSMASQ=15302 SIGNPOSTN=15303 UNBOUNDN=15304
+CORES=$(nproc)
 SERVICES="web payments search"
 
 # The upstream every server forwards fwd.test to.
@@ -35,39 +40,47 @@ dnsmasq --keep-in-foreground --no-resolv --no-hosts --port=$UPSTREAM --listen-ad
 PIDS+=($!)
 
 # Signpost: one instance per service, VIP answers (the default).
-mkdir -p "$WORK/signpost/services.d"
-{
-  echo "services:"
-  for s in $SERVICES; do printf '  - name: %s\n    port: 8080\n' "$s"; done
-} > "$WORK/signpost/services.d/bench.yaml"
-cat > "$WORK/signpost/agent.yaml" <<YAML
+start_signpost() { # port threads
+  local dir="$WORK/signpost-$2"
+  mkdir -p "$dir/services.d"
+  {
+    echo "services:"
+    for s in $SERVICES; do printf '  - name: %s\n    port: 8080\n' "$s"; done
+  } > "$dir/services.d/bench.yaml"
+  cat > "$dir/agent.yaml" <<YAML
 node_name: bench
-data_dir: $WORK/signpost/data
-services_dir: $WORK/signpost/services.d
+data_dir: $dir/data
+services_dir: $dir/services.d
 api:
-  listen: 127.0.0.1:15500
+  listen: 127.0.0.1:$(($1 + 200))
 dns:
-  listen: 127.0.0.1:$SIGNPOST
+  listen: 127.0.0.1:$1
+  threads: $2
   recursors: ["127.0.0.1:$UPSTREAM"]
 log:
   level: warn
 YAML
-"$BIN" agent --config "$WORK/signpost/agent.yaml" 2> "$WORK/signpost.log" &
-PIDS+=($!)
+  "$BIN" agent --config "$dir/agent.yaml" 2> "$dir.log" &
+  PIDS+=($!)
+}
+start_signpost $SIGNPOST1 1
+start_signpost $SIGNPOSTN "$CORES"
 
-# unbound: the same names as local data, fwd.test forwarded; one thread per core.
-{
-  cat <<CONF
+# unbound: the same names as local data, fwd.test forwarded.
+start_unbound() { # port threads
+  local conf="$WORK/unbound-$2.conf"
+  {
+    cat <<CONF
 server:
-  interface: 127.0.0.1@$UNBOUND
-  num-threads: $(nproc)
+  interface: 127.0.0.1@$1
+  num-threads: $2
   so-reuseport: yes
   access-control: 127.0.0.0/8 allow
   do-not-query-localhost: no
   username: ""
   chroot: ""
   directory: "$WORK"
-  pidfile: "$WORK/unbound.pid"
+  pidfile: "$WORK/unbound-$2.pid"
   use-syslog: no
   logfile: ""
   verbosity: 0
@@ -76,17 +89,20 @@ server:
   rrset-cache-size: 64m
   local-zone: "internal." static
 CONF
-  for s in $SERVICES; do echo "  local-data: \"$s.service.internal. 5 IN A 127.77.0.1\""; done
-  cat <<CONF
+    for s in $SERVICES; do echo "  local-data: \"$s.service.internal. 5 IN A 127.77.0.1\""; done
+    cat <<CONF
 forward-zone:
   name: "fwd.test."
   forward-addr: 127.0.0.1@$UPSTREAM
 remote-control:
   control-enable: no
 CONF
-} > "$WORK/unbound.conf"
-unbound -d -c "$WORK/unbound.conf" 2> "$WORK/unbound.log" &
-PIDS+=($!)
+  } > "$conf"
+  unbound -d -c "$conf" 2> "$WORK/unbound-$2.log" &
+  PIDS+=($!)
+}
+start_unbound $UNBOUND1 1
+start_unbound $UNBOUNDN "$CORES"
 
 # dnsmasq: the same names as host records, the domain local, fwd.test forwarded.
 HOSTS=()
@@ -102,7 +118,7 @@ for i in $(seq 1 1000); do echo "nope-$i.service.internal A"; done > "$WORK/nxdo
 for i in $(seq 1 10000); do echo "h$i.fwd.test A"; done > "$WORK/forwarded.txt"
 
 # Every server answers before measuring.
-for port in $SIGNPOST $UNBOUND $DNSMASQ; do
+for port in $SIGNPOST1 $SIGNPOSTN $UNBOUND1 $UNBOUNDN $DNSMASQ; do
   for _ in $(seq 1 100); do
     dig +short +time=1 +tries=1 @127.0.0.1 -p $port web.service.internal A 2> /dev/null | grep -q . && break
     sleep 0.1
@@ -120,15 +136,19 @@ run() {
     END { printf "%.0f %.3f %s\n", qps, lat, lost }'
 }
 
-echo "| mix | server | queries/s | mean latency (ms) | lost | vs unbound |"
-echo "| --- | --- | ---: | ---: | ---: | ---: |"
+echo "| mix | server | threads | queries/s | mean latency (ms) | lost | vs unbound, same threads |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
 for mix in hits nxdomain forwarded; do
-  read -r u_qps u_lat u_lost < <(run $UNBOUND "$WORK/$mix.txt")
-  read -r s_qps s_lat s_lost < <(run $SIGNPOST "$WORK/$mix.txt")
+  read -r u1_qps u1_lat u1_lost < <(run $UNBOUND1 "$WORK/$mix.txt")
+  read -r s1_qps s1_lat s1_lost < <(run $SIGNPOST1 "$WORK/$mix.txt")
+  read -r un_qps un_lat un_lost < <(run $UNBOUNDN "$WORK/$mix.txt")
+  read -r sn_qps sn_lat sn_lost < <(run $SIGNPOSTN "$WORK/$mix.txt")
   read -r d_qps d_lat d_lost < <(run $DNSMASQ "$WORK/$mix.txt")
-  for row in "signpost $s_qps $s_lat $s_lost" "unbound $u_qps $u_lat $u_lost" "dnsmasq $d_qps $d_lat $d_lost"; do
-    read -r name qps lat lost <<< "$row"
-    ratio=$(awk -v a="$qps" -v b="$u_qps" 'BEGIN { printf "%.2fx", a / b }')
-    echo "| $mix | $name | $qps | $lat | $lost | $ratio |"
+  for row in "signpost 1 $s1_qps $s1_lat $s1_lost $u1_qps" "unbound 1 $u1_qps $u1_lat $u1_lost $u1_qps" \
+             "signpost $CORES $sn_qps $sn_lat $sn_lost $un_qps" "unbound $CORES $un_qps $un_lat $un_lost $un_qps" \
+             "dnsmasq 1 $d_qps $d_lat $d_lost $u1_qps"; do
+    read -r name threads qps lat lost base <<< "$row"
+    ratio=$(awk -v a="$qps" -v b="$base" 'BEGIN { printf "%.2fx", a / b }')
+    echo "| $mix | $name | $threads | $qps | $lat | $lost | $ratio |"
   done
 done

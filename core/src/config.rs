@@ -115,6 +115,9 @@ pub struct DnsConfig {
     pub enabled: bool,
     /// UDP and TCP address.
     pub listen: SocketAddr,
+    /// Serving threads, each with its own sockets; 0: one per core, up
+    /// to 4.
+    pub threads: usize,
     /// The domain the service, node and addr names live under.
     pub domain: String,
     /// What a service name resolves to.
@@ -146,6 +149,7 @@ impl Default for DnsConfig {
         DnsConfig {
             enabled: true,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8600)),
+            threads: 0,
             domain: "internal".to_string(),
             answer: AnswerMode::Vip,
             only_passing: false,
@@ -444,6 +448,12 @@ impl AgentConfig {
         }
         if let Some(Err(reason)) = dns.recursor_addrs() {
             return Err(invalid("dns.recursors", reason));
+        }
+        if dns.threads > 64 {
+            return Err(invalid(
+                "dns.threads",
+                "at most 64 (0: one per core)".to_string(),
+            ));
         }
         if dns.recursor_timeout.is_zero() {
             return Err(invalid(

@@ -116,11 +116,11 @@ pub enum DnsError {
 /// How long a TCP client may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// Most serving threads, whatever the core count.
+/// Most serving threads when `dns.threads` is 0 (one per core).
 const MAX_THREADS: usize = 4;
 
 /// A bound DNS server: UDP and TCP on the same address, served by one
-/// thread per core (up to [`MAX_THREADS`]), each with its own
+/// thread per core (up to [`MAX_THREADS`], or `dns.threads`), each with its own
 /// single-threaded runtime and its own `SO_REUSEPORT` sockets, so a query
 /// is received, answered and sent on one thread without waking another.
 pub struct DnsServer<C: Catalog> {
@@ -138,12 +138,16 @@ impl<C: Catalog> DnsServer<C> {
         metrics: Arc<DnsMetrics>,
     ) -> Result<Self, DnsError> {
         let listen = settings.config.listen;
+        let settings_threads = settings.config.threads;
         let handler = Arc::new(Handler::new(settings, catalog, metrics)?);
         let (udp, tcp) = bind_both(listen)?;
         let addr = udp.local_addr().map_err(bind_error(listen, "udp"))?;
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(MAX_THREADS);
+        let threads = match settings_threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_THREADS),
+            n => n,
+        };
         let mut sockets = vec![(udp, tcp)];
         for _ in 1..threads {
             sockets.push((bind_udp(addr)?, bind_tcp(addr)?));
