@@ -113,16 +113,16 @@ impl Catalog for AgentCatalog {
                 .services
                 .values()
                 .filter(|s| s.def.name.as_str() == name && has_tag(&s.def.tags, tag))
-                .filter_map(|s| {
-                    let (address, service_address) = endpoint_address(&s.def.address, node_ip)?;
-                    Some(Endpoint {
+                .map(|s| {
+                    let (address, service_address) = endpoint_address(&s.def.address, node_ip);
+                    Endpoint {
                         node: inner.node.name.clone(),
                         address,
                         service_address,
                         port: s.def.port,
                         health: inner.service_health(&s.def.id),
                         weights: s.def.weights,
-                    })
+                    }
                 })
                 .collect();
             (inner.node.name.clone(), endpoints)
@@ -222,23 +222,22 @@ fn has_tag(tags: &[String], tag: Option<&str>) -> bool {
 
 /// The address DNS gives for an instance, and whether it is the
 /// instance's own: its IP address, else its node's when it has none.
-/// `None` when the address is a host name: the node's address would send
-/// clients to the wrong host.
-fn endpoint_address(own: &str, node: Option<IpAddr>) -> Option<(IpAddr, bool)> {
+/// `None` when the address is a host name (the node's address would send
+/// clients to the wrong host).
+fn endpoint_address(own: &str, node: Option<IpAddr>) -> (Option<IpAddr>, bool) {
     if own.is_empty() {
-        return node.map(|ip| (ip, false));
+        return (node, false);
     }
-    own.parse().ok().map(|ip| (ip, true))
+    (own.parse().ok(), true)
 }
 
-/// An instance on another node; `None` if it has no usable address or
-/// lacks the tag.
+/// An instance on another node; `None` if it lacks the tag.
 fn remote_endpoint(ci: &CatalogInstance, tag: Option<&str>) -> Option<Endpoint> {
     let i = ci.instance.as_ref()?;
     if !has_tag(&i.tags, tag) {
         return None;
     }
-    let (address, service_address) = endpoint_address(&i.address, ci.node_address.parse().ok())?;
+    let (address, service_address) = endpoint_address(&i.address, ci.node_address.parse().ok());
     let health = ci
         .node_checks
         .iter()

@@ -285,9 +285,10 @@ impl<C: Catalog> Handler<C> {
                 }
             }
             AnswerMode::Instances => {
-                let mut healthy: Vec<&Endpoint> = endpoints
+                let mut healthy: Vec<(&Endpoint, IpAddr)> = endpoints
                     .iter()
-                    .filter(|e| match e.health {
+                    .filter_map(|e| e.address.map(|ip| (e, ip)))
+                    .filter(|(e, _)| match e.health {
                         Health::Passing => true,
                         Health::Warning => !only_passing,
                         Health::Critical => false,
@@ -300,8 +301,8 @@ impl<C: Catalog> Handler<C> {
                 healthy.shuffle(&mut rand::rng());
                 if qtype == RecordType::SRV {
                     let mut glued: Vec<Name> = Vec::new();
-                    for e in healthy {
-                        let Some(target) = self.target(e) else {
+                    for (e, ip) in healthy {
+                        let Some(target) = self.target(e, ip) else {
                             continue;
                         };
                         let weight = match e.health {
@@ -319,16 +320,16 @@ impl<C: Catalog> Handler<C> {
                             )),
                         ));
                         if !glued.contains(&target) {
-                            self.address_records(&target, e.address, ttl, &mut reply.additionals);
+                            self.address_records(&target, ip, ttl, &mut reply.additionals);
                             glued.push(target);
                         }
                     }
                 } else if wants_address(qtype) {
                     let mut seen: Vec<IpAddr> = Vec::new();
-                    for e in healthy {
-                        if !seen.contains(&e.address) {
-                            seen.push(e.address);
-                            self.address_for(qname, qtype, e.address, ttl, reply);
+                    for (_, ip) in healthy {
+                        if !seen.contains(&ip) {
+                            seen.push(ip);
+                            self.address_for(qname, qtype, ip, ttl, reply);
                         }
                     }
                 }
@@ -338,11 +339,11 @@ impl<C: Catalog> Handler<C> {
 
     /// The SRV target of an instance: its node's name, or its own address
     /// as `<hexip>.addr.<dc>.<domain>`.
-    fn target(&self, e: &Endpoint) -> Option<Name> {
+    fn target(&self, e: &Endpoint, ip: IpAddr) -> Option<Name> {
         let node = (!e.service_address)
             .then(|| self.name(&format!("{}.node.{}", e.node, self.datacenter)))
             .flatten();
-        node.or_else(|| self.name(&format!("{}.addr.{}", ip_hex(e.address), self.datacenter)))
+        node.or_else(|| self.name(&format!("{}.addr.{}", ip_hex(ip), self.datacenter)))
     }
 
     /// PTR for a VIP or a node address; `false` when the address is not

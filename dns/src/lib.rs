@@ -35,7 +35,9 @@ pub use metrics::DnsMetrics;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub node: String,
-    pub address: IpAddr,
+    /// `None` when the instance's address is a host name: it is then left
+    /// out of instance answers but still makes the service known (VIP).
+    pub address: Option<IpAddr>,
     /// The address is the service's own, not its node's (the SRV target is
     /// then `<hexip>.addr.<domain>`).
     pub service_address: bool,

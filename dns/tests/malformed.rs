@@ -46,7 +46,10 @@ impl Catalog for Fixed {
             (0..n)
                 .map(|i| Endpoint {
                     node: format!("node-{i}"),
-                    address: IpAddr::V4(Ipv4Addr::new(10, 0, (i / 250) as u8, (i % 250) as u8)),
+                    // Every tenth one has a host name for an address.
+                    address: (i % 10 != 9).then(|| {
+                        IpAddr::V4(Ipv4Addr::new(10, 0, (i / 250) as u8, (i % 250) as u8))
+                    }),
                     service_address: i % 2 == 0,
                     port: 8000 + i as u16,
                     health: if i % 3 == 0 {

@@ -604,7 +604,7 @@ async fn service_overrides_apply_whatever_the_case_of_the_name() {
 /// An instance registered with a host name as its address (an external
 /// database, say) is not on this node: DNS must never send its clients
 /// to the node's address instead, neither in A answers nor through an
-/// SRV target that resolves to the node.
+/// SRV target that resolves to the node; the service still has its VIP.
 #[tokio::test]
 async fn an_instance_with_a_host_name_address_never_resolves_to_the_node() {
     let agent = Agent::start("dns:\n  answer: instances\n  recursors: []\n").await;
@@ -635,6 +635,10 @@ async fn an_instance_with_a_host_name_address_never_resolves_to_the_node() {
         !glue(&m, "test-node.node.dc1.internal").contains(&me),
         "{m}"
     );
+    // The service is still known: its VIP answers (the proxy can reach a
+    // host name).
+    let m = ask(&agent, "db.virtual.internal", RecordType::A, Transport::Udp).await;
+    the_vip(&m, "db.virtual");
 }
 
 /// Names under the domain that name nothing known are NXDOMAIN with the
