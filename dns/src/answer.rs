@@ -191,16 +191,12 @@ impl<C: Catalog> Handler<C> {
             }
             Parsed::Virtual { service } => {
                 self.catalog.first_use(service).await;
-                let known = self
-                    .catalog
-                    .instances(service, None)
-                    .is_some_and(|e| !e.is_empty());
-                match known.then(|| self.catalog.vip(service, None)) {
-                    None => reply.rcode(ResponseCode::NXDomain),
-                    Some(None) => reply.rcode(ResponseCode::ServFail),
-                    Some(Some(vip)) => {
+                let endpoints = self.catalog.instances(service, None);
+                match self.vip(service, None, endpoints.as_deref()) {
+                    Err(code) => reply.rcode(code),
+                    Ok(vip) => {
                         let (_, ttl, _) = self.config.service_settings(service);
-                        self.address_for(qname, qtype, IpAddr::V4(vip), ttl_secs(ttl), reply);
+                        self.address_for(qname, qtype, vip, ttl_secs(ttl), reply);
                     }
                 }
             }
@@ -251,21 +247,16 @@ impl<C: Catalog> Handler<C> {
         let ttl = ttl_secs(ttl);
         match mode {
             AnswerMode::Vip => {
-                if endpoints.is_empty() {
-                    reply.rcode(ResponseCode::NXDomain);
-                    return;
-                }
-                let Some(vip) = self.catalog.vip(service, tag) else {
-                    reply.rcode(ResponseCode::ServFail);
-                    return;
+                let vip = match self.vip(service, tag, Some(&endpoints)) {
+                    Ok(vip) => vip,
+                    Err(code) => {
+                        reply.rcode(code);
+                        return;
+                    }
                 };
-                let vip = IpAddr::V4(vip);
                 if qtype == RecordType::SRV {
                     // The target: the service's own name, which resolves to the VIP.
-                    let Some(canonical) = self.name(&match tag {
-                        Some(tag) => format!("{tag}.{service}.service"),
-                        None => format!("{service}.service"),
-                    }) else {
+                    let Some(canonical) = self.service_name(service, tag) else {
                         reply.rcode(ResponseCode::NXDomain);
                         return;
                     };
@@ -358,11 +349,7 @@ impl<C: Catalog> Handler<C> {
         let (name, ttl) = match self.catalog.owner(net.addr()) {
             Some(Owner::Service { service, tag }) => {
                 let (_, ttl, _) = self.config.service_settings(&service);
-                let prefix = match tag {
-                    Some(tag) => format!("{tag}.{service}.service"),
-                    None => format!("{service}.service"),
-                };
-                (self.name(&prefix), ttl)
+                (self.service_name(&service, tag.as_deref()), ttl)
             }
             Some(Owner::Node(node)) => (self.name(&format!("{node}.node")), self.config.node_ttl),
             None => return false,
@@ -407,6 +394,31 @@ impl<C: Catalog> Handler<C> {
                 reply.rcode(ResponseCode::ServFail);
             }
         }
+    }
+
+    /// The VIP of a service with `endpoints` (`None`: unknown): NXDOMAIN
+    /// when it has no instance, SERVFAIL when no VIP can be had.
+    fn vip(
+        &self,
+        service: &str,
+        tag: Option<&str>,
+        endpoints: Option<&[Endpoint]>,
+    ) -> Result<IpAddr, ResponseCode> {
+        if endpoints.is_none_or(<[Endpoint]>::is_empty) {
+            return Err(ResponseCode::NXDomain);
+        }
+        self.catalog
+            .vip(service, tag)
+            .map(IpAddr::V4)
+            .ok_or(ResponseCode::ServFail)
+    }
+
+    /// `[<tag>.]<service>.service.<domain>.`
+    fn service_name(&self, service: &str, tag: Option<&str>) -> Option<Name> {
+        self.name(&match tag {
+            Some(tag) => format!("{tag}.{service}.service"),
+            None => format!("{service}.service"),
+        })
     }
 
     /// `<prefix>.<domain>.`, if that is a valid name.
