@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use signpost_core::proto::{
@@ -36,6 +37,8 @@ pub struct FleetInner {
 pub struct FleetCache {
     inner: Mutex<FleetInner>,
     changes: watch::Sender<u64>,
+    /// The last version published on `changes`, for lock-free readers.
+    published: AtomicU64,
     /// Poked when a new subscription needs sending.
     pub subscribe: Notify,
     /// Questions for the control plane: how many agents applied a change.
@@ -61,6 +64,7 @@ impl FleetCache {
         let cache = FleetCache {
             inner: Mutex::new(inner),
             changes: watch::channel(0).0,
+            published: AtomicU64::new(0),
             subscribe: Notify::new(),
             ack_queries,
         };
@@ -89,12 +93,19 @@ impl FleetCache {
         f(&self.lock())
     }
 
+    /// How many changes were applied (services, names, subscriptions),
+    /// without taking any lock.
+    pub fn version(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
     pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
     fn changed(&self, inner: &mut FleetInner) {
         inner.version += 1;
+        self.published.store(inner.version, Ordering::Release);
         self.changes.send_replace(inner.version);
     }
 
@@ -261,6 +272,7 @@ impl FleetCache {
                     .entry(update.service.clone())
                     .or_insert(now);
             }
+            self.changed(&mut inner);
         }
         for update in snapshot.services {
             self.apply_update(update);

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -159,6 +160,9 @@ pub struct Inner {
 pub struct LocalState {
     inner: Mutex<Inner>,
     changes: watch::Sender<u64>,
+    /// The last index published on `changes`, for lock-free readers (DNS
+    /// reads it for every query).
+    published: AtomicU64,
 }
 
 /// A status change, for logs and metrics.
@@ -204,12 +208,18 @@ impl LocalState {
                 next_generation: 1,
             }),
             changes,
+            published: AtomicU64::new(1),
         }
     }
 
     /// Read access for answering queries; keep the closure free of I/O.
     pub fn read<R>(&self, f: impl FnOnce(&Inner) -> R) -> R {
         f(&self.lock())
+    }
+
+    /// The global index, without taking any lock.
+    pub fn index(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
     }
 
     /// A receiver of the global index, woken on every indexed change.
@@ -230,6 +240,7 @@ impl LocalState {
         let after = inner.index;
         drop(inner);
         if after != before {
+            self.published.store(after, Ordering::Release);
             self.changes.send_replace(after);
         }
         out
