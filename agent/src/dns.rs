@@ -210,6 +210,12 @@ impl Catalog for AgentCatalog {
             })
             .map(Owner::Node)
     }
+
+    fn generation(&self) -> u64 {
+        // Both only grow, so their sum moves whenever either does.
+        let fleet = self.fleet.as_ref().map_or(0, |f| f.version());
+        self.agent.state.index() + fleet
+    }
 }
 
 fn all_instances(f: &FleetInner) -> impl Iterator<Item = &CatalogInstance> {

@@ -46,6 +46,11 @@ struct Reply {
     authorities: Vec<Record>,
     additionals: Vec<Record>,
     edns: Option<Edns>,
+    /// The answer is shuffled afresh for every query.
+    shuffled: bool,
+    /// An identical query would get the same answer until the catalog's
+    /// generation moves (see [`Outcome::reusable`]).
+    reusable: bool,
 }
 
 impl Reply {
@@ -103,6 +108,8 @@ impl<C: Catalog> Handler<C> {
             authorities: Vec::new(),
             additionals: Vec::new(),
             edns,
+            shuffled: false,
+            reusable: false,
         };
         if request.metadata.op_code != OpCode::Query {
             reply.rcode(ResponseCode::NotImp);
@@ -130,9 +137,15 @@ impl<C: Catalog> Handler<C> {
             if reply.answers.is_empty() {
                 reply.authorities.push(self.soa());
             }
+            reply.reusable = !reply.shuffled
+                && matches!(
+                    reply.metadata.response_code,
+                    ResponseCode::NoError | ResponseCode::NXDomain
+                );
             return reply;
         }
         if query.query_type() == RecordType::PTR && self.reverse(query, &mut reply) {
+            reply.reusable = true;
             return reply;
         }
         self.forward(query, &mut reply).await;
@@ -289,6 +302,7 @@ impl<C: Catalog> Handler<C> {
                     reply.rcode(ResponseCode::NXDomain);
                     return;
                 }
+                reply.shuffled = healthy.len() > 1;
                 healthy.shuffle(&mut rand::rng());
                 if qtype == RecordType::SRV {
                     let mut glued: Vec<Name> = Vec::new();
@@ -526,7 +540,7 @@ fn type_label(qtype: RecordType) -> &'static str {
     }
 }
 
-fn rcode_label(code: ResponseCode) -> &'static str {
+pub(crate) fn rcode_label(code: ResponseCode) -> &'static str {
     match code {
         ResponseCode::NoError => "NOERROR",
         ResponseCode::NXDomain => "NXDOMAIN",
@@ -539,13 +553,24 @@ fn rcode_label(code: ResponseCode) -> &'static str {
     }
 }
 
-#[async_trait::async_trait]
-impl<C: Catalog> RequestHandler for Handler<C> {
-    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+/// What [`Handler::respond`] sent.
+pub(crate) struct Outcome {
+    pub(crate) info: ResponseInfo,
+    /// `A`, `SRV`, ... as counted in the metrics.
+    pub(crate) qtype: &'static str,
+    /// The same query bytes would get the same answer bytes (apart from
+    /// the ID) as long as [`Catalog::generation`] stays the same: an
+    /// authoritative, unshuffled NOERROR or NXDOMAIN.
+    pub(crate) reusable: bool,
+}
+
+impl<C: Catalog> Handler<C> {
+    /// Answers `request` through `response_handle` and counts it.
+    pub(crate) async fn respond<R: ResponseHandler>(
         &self,
         request: &Request,
         mut response_handle: R,
-    ) -> ResponseInfo {
+    ) -> Outcome {
         let reply = self.reply(request).await;
         let qtype = request
             .queries
@@ -575,7 +600,11 @@ impl<C: Catalog> RequestHandler for Handler<C> {
             Ok(info) => info,
             Err(error) => {
                 tracing::debug!(%error, src = %request.src(), "cannot send the DNS response");
-                return ResponseInfo::from(fallback);
+                return Outcome {
+                    info: ResponseInfo::from(fallback),
+                    qtype,
+                    reusable: false,
+                };
             }
         };
         if info.truncation {
@@ -586,6 +615,30 @@ impl<C: Catalog> RequestHandler for Handler<C> {
             rcode_label(info.response_code),
             request.protocol() == Protocol::Tcp,
         );
-        info
+        Outcome {
+            info,
+            qtype,
+            reusable: reply.reusable,
+        }
+    }
+
+    /// See [`Catalog::generation`].
+    pub(crate) fn generation(&self) -> u64 {
+        self.catalog.generation()
+    }
+
+    pub(crate) fn metrics(&self) -> &DnsMetrics {
+        &self.metrics
+    }
+}
+
+#[async_trait::async_trait]
+impl<C: Catalog> RequestHandler for Handler<C> {
+    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        self.respond(request, response_handle).await.info
     }
 }

@@ -6,16 +6,18 @@
 //! Consul's way. Every other name is forwarded to the upstream resolvers
 //! and cached, so the agent can be the host's only resolver.
 //!
-//! hickory-server does the wire format and the UDP/TCP serving (including
-//! setting TC when an answer does not fit the client's UDP size); this
+//! hickory-server does the wire format (including setting TC when an
+//! answer does not fit the client's UDP size) and the TCP serving; this
 //! crate is the answer logic ([`answer`]), the query-name grammar
-//! ([`names`]) and the forwarder ([`forward`]). Like every library crate it
+//! ([`names`]), the forwarder ([`forward`]) and the UDP loop with its cache
+//! of encoded answers ([`udp`]). Like every library crate it
 //! reads no file: the agent passes the configuration and the recursors.
 
 mod answer;
 mod forward;
 pub mod metrics;
 mod names;
+mod udp;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -87,6 +89,13 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Whose address `ip` is, among those DNS hands out.
     fn owner(&self, ip: IpAddr) -> Option<Owner>;
+
+    /// A number that moves whenever anything the other methods return may
+    /// have changed (instances, health, nodes, the names the control plane
+    /// has). UDP answers are reused for identical queries only while it
+    /// stays the same, so a change is never answered stale. Called for
+    /// every UDP query: keep it to a few atomic reads.
+    fn generation(&self) -> u64;
 }
 
 /// Everything the server needs besides the catalog.
@@ -172,15 +181,12 @@ impl<C: Catalog> DnsServer<C> {
         let mut done = Vec::new();
         for (n, (udp, tcp)) in self.sockets.into_iter().enumerate() {
             let (report, result) = tokio::sync::oneshot::channel();
-            let handler = Shared(self.handler.clone());
-            let mut stopped = stopped.clone();
+            let handler = self.handler.clone();
+            let stopped = stopped.clone();
             std::thread::Builder::new()
                 .name(format!("signpost-dns-{n}"))
                 .spawn(move || {
-                    let served = serve_thread(handler, udp, tcp, async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    });
-                    let _ = report.send(served);
+                    let _ = report.send(serve_thread(handler, udp, tcp, stopped));
                 })
                 .map_err(|e| DnsError::Serve(format!("cannot start a DNS thread: {e}")))?;
             done.push(result);
@@ -199,33 +205,40 @@ impl<C: Catalog> DnsServer<C> {
     }
 }
 
-/// One serving thread: a current-thread runtime running hickory's server
-/// on this thread's sockets.
+/// One serving thread: a current-thread runtime running our UDP loop
+/// ([`udp`]) and hickory's TCP server on this thread's sockets.
 fn serve_thread<C: Catalog>(
-    handler: Shared<C>,
+    handler: Arc<Handler<C>>,
     udp: std::net::UdpSocket,
     tcp: std::net::TcpListener,
-    stop: impl Future<Output = ()>,
+    stopped: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), DnsError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| DnsError::Serve(format!("cannot start a DNS runtime: {e}")))?;
+    let stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
     runtime.block_on(async move {
         let udp = UdpSocket::from_std(udp).map_err(|e| DnsError::Serve(e.to_string()))?;
         let tcp = TcpListener::from_std(tcp).map_err(|e| DnsError::Serve(e.to_string()))?;
-        let mut server = Server::new(handler);
-        server.register_socket(udp);
+        let mut server = Server::new(Shared(handler.clone()));
         server.register_listener(tcp, TCP_IDLE, 64 * 1024);
-        tokio::select! {
-            result = server.block_until_done() => {
-                result.map_err(|e| DnsError::Serve(e.to_string()))
+        let tcp_done = async {
+            tokio::select! {
+                result = server.block_until_done() => {
+                    result.map_err(|e| DnsError::Serve(e.to_string()))
+                }
+                () = stop(stopped.clone()) => server
+                    .shutdown_gracefully()
+                    .await
+                    .map_err(|e| DnsError::Serve(e.to_string())),
             }
-            () = stop => server
-                .shutdown_gracefully()
-                .await
-                .map_err(|e| DnsError::Serve(e.to_string())),
-        }
+        };
+        let ((), tcp_result) =
+            tokio::join!(udp::serve(handler, udp, stop(stopped.clone())), tcp_done);
+        tcp_result
     })
 }
 

@@ -26,6 +26,7 @@ pub struct DnsMetrics {
     truncated: Counter,
     forward_seconds: Histogram,
     cache: Family<CacheLabels, Counter>,
+    reused: Family<CacheLabels, Counter>,
 }
 
 impl Default for DnsMetrics {
@@ -38,6 +39,7 @@ impl Default for DnsMetrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
             ),
             cache: Family::default(),
+            reused: Family::default(),
         }
     }
 }
@@ -65,9 +67,31 @@ impl DnsMetrics {
             "Forwarded names answered from the cache (hit) or upstream (miss)",
             self.cache.clone(),
         );
+        dns.register(
+            "answer_cache",
+            "UDP queries answered with the bytes of an identical earlier answer (hit) or worked out (miss)",
+            self.reused.clone(),
+        );
+    }
+
+    /// The hit and miss counters of the UDP answer cache.
+    pub(crate) fn answer_cache(&self) -> (Counter, Counter) {
+        let counter = |result| self.reused.get_or_create(&CacheLabels { result }).clone();
+        (counter("hit"), counter("miss"))
     }
 
     pub(crate) fn answered(&self, qtype: &'static str, rcode: &'static str, tcp: bool) {
+        self.query_counter(qtype, rcode, tcp).inc();
+    }
+
+    /// The counter [`DnsMetrics::answered`] increments, to keep with a
+    /// cached answer.
+    pub(crate) fn query_counter(
+        &self,
+        qtype: &'static str,
+        rcode: &'static str,
+        tcp: bool,
+    ) -> Counter {
         let protocol = if tcp { "tcp" } else { "udp" };
         self.queries
             .get_or_create(&QueryLabels {
@@ -75,7 +99,7 @@ impl DnsMetrics {
                 rcode,
                 protocol,
             })
-            .inc();
+            .clone()
     }
 
     pub(crate) fn truncated(&self) {

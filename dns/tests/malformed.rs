@@ -81,6 +81,10 @@ impl Catalog for Fixed {
             tag: None,
         })
     }
+
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 fn settings(instances: bool) -> Settings {

@@ -416,6 +416,120 @@ fn ips(list: &[[u8; 4]]) -> BTreeSet<Ipv4Addr> {
     list.iter().map(|&o| Ipv4Addr::from(o)).collect()
 }
 
+/// Repeated UDP queries are answered from the bytes of an identical
+/// earlier answer, but never across a change: the query right after a
+/// registration, a health change or a deregistration already sees it, in
+/// instances mode and in VIP mode.
+#[tokio::test]
+async fn repeated_queries_see_every_change_at_once() {
+    let agent = Agent::start(
+        "dns:\n  answer: instances\n  recursors: []\n  services:\n    shop:\n      answer: vip\n",
+    )
+    .await;
+    let hits = r#"signpost_agent_dns_answer_cache_total{result="hit"}"#;
+    let register = |id: &str, name: &str, ip: &str| {
+        json!({
+            "ID": id, "Name": name, "Address": ip, "Port": 9000,
+            "Check": {"TTL": "60s", "Status": "passing"},
+        })
+    };
+    let put = |path: String, body: Option<serde_json::Value>| {
+        let agent = &agent;
+        async move {
+            let r = agent.put(&path, body).await;
+            assert!(r.status.is_success(), "{path}: {}", r.text);
+        }
+    };
+    let repeat = |name: &'static str, expected: BTreeSet<Ipv4Addr>, what: &'static str| {
+        let agent = &agent;
+        async move {
+            for _ in 0..20 {
+                assert_eq!(
+                    instance_addresses(agent, name, Transport::Udp).await,
+                    expected,
+                    "{what}"
+                );
+            }
+        }
+    };
+
+    put(
+        "/v1/agent/service/register".into(),
+        Some(register("solo-1", "solo", "127.0.0.31")),
+    )
+    .await;
+    let before = agent.metric(hits).await;
+    repeat(
+        "solo.service.internal",
+        ips(&[[127, 0, 0, 31]]),
+        "one instance",
+    )
+    .await;
+    assert!(
+        agent.metric(hits).await > before,
+        "identical queries are answered from the answer cache"
+    );
+
+    // A second instance: both, at once.
+    put(
+        "/v1/agent/service/register".into(),
+        Some(register("solo-2", "solo", "127.0.0.32")),
+    )
+    .await;
+    repeat(
+        "solo.service.internal",
+        ips(&[[127, 0, 0, 31], [127, 0, 0, 32]]),
+        "a second instance",
+    )
+    .await;
+
+    // A health change.
+    set_check(&agent, "service:solo-2", "critical").await;
+    repeat(
+        "solo.service.internal",
+        ips(&[[127, 0, 0, 31]]),
+        "solo-2 critical",
+    )
+    .await;
+    set_check(&agent, "service:solo-1", "critical").await;
+    let m = ask(
+        &agent,
+        "solo.service.internal",
+        RecordType::A,
+        Transport::Udp,
+    )
+    .await;
+    assert_nxdomain(&m, "every instance critical");
+
+    // VIP mode: the VIP while the service exists, NXDOMAIN once it is gone.
+    put(
+        "/v1/agent/service/register".into(),
+        Some(register("shop-1", "shop", "127.0.0.33")),
+    )
+    .await;
+    let mut vips = BTreeSet::new();
+    for _ in 0..20 {
+        let m = ask(
+            &agent,
+            "shop.service.internal",
+            RecordType::A,
+            Transport::Udp,
+        )
+        .await;
+        vips.insert(the_vip(&m, "shop"));
+    }
+    assert_eq!(vips.len(), 1, "one stable VIP: {vips:?}");
+    put("/v1/agent/service/deregister/shop-1".into(), None).await;
+    let m = ask(
+        &agent,
+        "shop.service.internal",
+        RecordType::A,
+        Transport::Udp,
+    )
+    .await;
+    assert_nxdomain(&m, "shop deregistered");
+}
+
 /// In instances mode a service name answers with the addresses of its
 /// instances that are not critical, following their checks as they
 /// change: warning ones are kept unless `only_passing` is set for the
