@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::policy::{Policy, PolicyOverride};
 use crate::vip::VipRange;
 use crate::yaml::{self, YamlError};
 
@@ -193,21 +194,7 @@ impl DnsConfig {
     /// compare ignoring ASCII case, as service names do in DNS (queries
     /// arrive lowercased).
     pub fn service_settings(&self, service: &str) -> (AnswerMode, Duration, bool) {
-        let starts_with = |prefix: &str| {
-            service
-                .get(..prefix.len())
-                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
-        };
-        let best = self
-            .services
-            .iter()
-            .filter_map(|(key, o)| match key.strip_suffix('*') {
-                Some(prefix) if starts_with(prefix) => Some((prefix.len(), 0, o)),
-                None if key.eq_ignore_ascii_case(service) => Some((key.len(), 1, o)),
-                _ => None,
-            })
-            .max_by_key(|(len, exact, _)| (*len, *exact))
-            .map(|(_, _, o)| o);
+        let best = longest_match(&self.services, service);
         (
             best.and_then(|o| o.answer).unwrap_or(self.answer),
             best.and_then(|o| o.ttl).unwrap_or(self.ttl),
@@ -231,12 +218,74 @@ impl DnsConfig {
     }
 }
 
-/// The local proxy.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// The value of the longest key of `map` matching `service`: a key
+/// ending in `*` matches by prefix, and an exact key beats a prefix of the
+/// same length. Keys compare ignoring ASCII case, as service names do in
+/// DNS (queries arrive lowercased).
+fn longest_match<'a, T>(map: &'a BTreeMap<String, T>, service: &str) -> Option<&'a T> {
+    let starts_with = |prefix: &str| {
+        service
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
+    map.iter()
+        .filter_map(|(key, o)| match key.strip_suffix('*') {
+            Some(prefix) if starts_with(prefix) => Some((prefix.len(), 0, o)),
+            None if key.eq_ignore_ascii_case(service) => Some((key.len(), 1, o)),
+            _ => None,
+        })
+        .max_by_key(|(len, exact, _)| (*len, *exact))
+        .map(|(_, _, o)| o)
+}
+
+/// The local proxy: listeners on the service VIPs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
+    /// Run the proxy at all.
+    pub enabled: bool,
     /// Where service VIPs come from (inside 127.0.0.0/8).
     pub vip_range: VipRange,
+    /// The extra port every HTTP service's VIP listens on (0: none).
+    pub http_port: u16,
+    /// Idle pooled connections to instances are closed after this; keep it
+    /// below the instances' own keep-alive timeout.
+    #[serde(with = "crate::duration::serde_go")]
+    pub pool_idle_timeout: Duration,
+    /// One JSON (or plain) log line per request or connection, on the
+    /// `signpost::access` target.
+    pub access_log: bool,
+    /// Policy of every service...
+    pub defaults: PolicyOverride,
+    /// ...and per service: a key ending in `*` matches by prefix, the
+    /// longest match wins.
+    pub services: BTreeMap<String, PolicyOverride>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            enabled: true,
+            vip_range: VipRange::default(),
+            http_port: 80,
+            pool_idle_timeout: Duration::from_secs(3),
+            access_log: false,
+            defaults: PolicyOverride::default(),
+            services: BTreeMap::new(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The policy of `service`: the built-in defaults, then `defaults`,
+    /// then its longest match in `services`.
+    pub fn policy(&self, service: &str) -> Policy {
+        let base = Policy::default().apply(&self.defaults);
+        match longest_match(&self.services, service) {
+            Some(o) => base.apply(o),
+            None => base,
+        }
+    }
 }
 
 /// The local HTTP API (Consul-compatible subset and `/metrics`).
@@ -324,7 +373,7 @@ pub enum ConfigError {
     #[error("{file}: {field}: {reason}")]
     Invalid {
         file: String,
-        field: &'static str,
+        field: String,
         reason: String,
     },
 }
@@ -342,9 +391,9 @@ impl AgentConfig {
     }
 
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let invalid = |field, reason: String| ConfigError::Invalid {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
             file: file.to_string(),
-            field,
+            field: field.to_string(),
             reason,
         };
         if let Some(name) = &self.node_name
@@ -408,6 +457,7 @@ impl AgentConfig {
             }
         }
         self.validate_dns(file)?;
+        self.validate_proxy(file)?;
         if self.checks.fast_recheck_count > 10 {
             return Err(invalid(
                 "checks.fast_recheck_count",
@@ -425,10 +475,36 @@ impl AgentConfig {
 }
 
 impl AgentConfig {
+    fn validate_proxy(&self, file: &str) -> Result<(), ConfigError> {
+        let proxy = &self.proxy;
+        let base = Policy::default().apply(&proxy.defaults);
+        let mut policies = vec![("proxy.defaults".to_string(), base.clone())];
+        for (key, o) in &proxy.services {
+            policies.push((format!("proxy.services.{key:?}"), base.apply(o)));
+        }
+        for (at, policy) in policies {
+            if let Err((field, reason)) = policy.check() {
+                return Err(ConfigError::Invalid {
+                    file: file.to_string(),
+                    field: format!("{at}.{field}"),
+                    reason,
+                });
+            }
+        }
+        if proxy.pool_idle_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                field: "proxy.pool_idle_timeout".to_string(),
+                reason: "must be greater than 0".to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn validate_dns(&self, file: &str) -> Result<(), ConfigError> {
-        let invalid = |field, reason: String| ConfigError::Invalid {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
             file: file.to_string(),
-            field,
+            field: field.to_string(),
             reason,
         };
         let dns = &self.dns;
@@ -581,5 +657,28 @@ mod tests {
     fn cross_field_rules() {
         let e = AgentConfig::from_yaml("a.yaml", "advertise_addr: 0.0.0.0\n").unwrap_err();
         assert!(e.to_string().contains("advertise_addr"), "{e}");
+    }
+
+    #[test]
+    fn proxy_policies_merge_and_bad_ones_are_named() {
+        let yaml = "proxy:\n  defaults:\n    retries: 1\n  services:\n    \"pay*\": {balancer: round_robin, try_timeout: 300ms}\n    payments: {retries: 3}\n";
+        let config = AgentConfig::from_yaml("a.yaml", yaml).unwrap();
+        let p = config.proxy.policy("payments");
+        assert_eq!(p.retries, 3, "the exact key wins");
+        assert_eq!(p.balancer, crate::policy::Balancer::P2cEwma);
+        let p = config.proxy.policy("payroll");
+        assert_eq!(p.retries, 1, "the defaults apply");
+        assert_eq!(p.try_timeout, Some(Duration::from_millis(300)));
+        assert_eq!(config.proxy.policy("web").retries, 1);
+
+        let bad = "proxy:\n  services:\n    web: {panic_threshold: 2}\n";
+        let e = AgentConfig::from_yaml("a.yaml", bad).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("proxy.services.\"web\".panic_threshold"),
+            "{e}"
+        );
+        let e = AgentConfig::from_yaml("a.yaml", "proxy:\n  defaults: {retrys: 1}\n").unwrap_err();
+        assert!(e.to_string().contains("retrys"), "{e}");
     }
 }

@@ -81,9 +81,9 @@ impl ControlPlaneConfig {
         } else {
             yaml::from_str(file, text)?
         };
-        let invalid = |field, reason: &str| ConfigError::Invalid {
+        let invalid = |field: &str, reason: &str| ConfigError::Invalid {
             file: file.to_string(),
-            field,
+            field: field.to_string(),
             reason: reason.to_string(),
         };
         if config.agent_tokens.is_empty() {

@@ -9,6 +9,9 @@
 //! - [`config`], [`control_plane_config`]: the agent's and the control
 //!   plane's YAML configuration, strictly typed and validated before any
 //!   socket is bound.
+//! - [`policy`]: the proxy's per-service traffic policy (timeouts,
+//!   retries, limits, balancer, ejection), from config and, later,
+//!   operator commands.
 //! - [`service_file`]: the `services.d/*.yaml` format that turns into
 //!   [`model::ServiceDefinition`]s.
 //! - [`vip`]: stable service VIPs from `proxy.vip_range`, shared by DNS and
@@ -22,6 +25,7 @@ pub mod config;
 pub mod control_plane_config;
 pub mod duration;
 pub mod model;
+pub mod policy;
 /// The agent <-> control plane protocol, generated from
 /// `proto/signpost/v1/sync.proto`.
 #[allow(unreachable_pub, clippy::all, clippy::unwrap_used, clippy::expect_used)]

@@ -166,6 +166,21 @@ impl Protocol {
     }
 }
 
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "http" => Ok(Protocol::Http),
+            "http2" => Ok(Protocol::Http2),
+            "grpc" => Ok(Protocol::Grpc),
+            _ => Err(format!(
+                "invalid protocol {s:?}: expected tcp, http, http2 or grpc"
+            )),
+        }
+    }
+}
+
 /// Load-balancing weights of an instance by its health (Consul's `Weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Weights {

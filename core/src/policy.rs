@@ -1,0 +1,344 @@
+//! The proxy's per-service traffic policy: timeouts, retries, limits,
+//! balancer, panic threshold, zone preference and outlier ejection.
+//!
+//! [`Policy`] is the resolved form the proxy reads on every request; a
+//! [`PolicyOverride`] (every field optional) is what the agent's
+//! `proxy.defaults` / `proxy.services` (and later operator commands) say,
+//! applied over the defaults with [`Policy::apply`]. Defaults follow the
+//! anchors in `shared/reference/data-plane.md` (Envoy's limits and panic
+//! threshold, Linkerd's retry budget and body buffer, HAProxy's connect
+//! retries).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::model::Protocol;
+
+/// How the proxy picks an instance for a connection or request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balancer {
+    /// Power of two choices over peak-EWMA latency × in-flight load
+    /// (Linkerd's default).
+    #[default]
+    P2cEwma,
+    /// Weighted round robin.
+    RoundRobin,
+    /// Consistent hash (rendezvous) of [`Policy::hash_key`], so one key
+    /// keeps reaching one instance while the set is stable.
+    Hash,
+}
+
+impl Balancer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balancer::P2cEwma => "p2c_ewma",
+            Balancer::RoundRobin => "round_robin",
+            Balancer::Hash => "hash",
+        }
+    }
+}
+
+/// What a [`Balancer::Hash`] service hashes on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HashKey {
+    /// The client's IP address (the only key for L4 services).
+    #[default]
+    ClientIp,
+    /// A request header, by name (lowercase).
+    Header(String),
+    /// A cookie, by name.
+    Cookie(String),
+}
+
+impl FromStr for HashKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} must be client_ip, header:<name> or cookie:<name>");
+        match s.split_once(':') {
+            None if s == "client_ip" => Ok(HashKey::ClientIp),
+            Some(("header", name)) if !name.is_empty() && http_token(name) => {
+                Ok(HashKey::Header(name.to_ascii_lowercase()))
+            }
+            Some(("cookie", name)) if !name.is_empty() && http_token(name) => {
+                Ok(HashKey::Cookie(name.to_string()))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashKey::ClientIp => f.write_str("client_ip"),
+            HashKey::Header(name) => write!(f, "header:{name}"),
+            HashKey::Cookie(name) => write!(f, "cookie:{name}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn http_token(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Everything the proxy needs to know about how to treat one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// `None`: what the instances registered (the first one's protocol).
+    pub protocol: Option<Protocol>,
+    pub balancer: Balancer,
+    pub hash_key: HashKey,
+    /// Establishing a connection to an instance.
+    pub connect_timeout: Duration,
+    /// One attempt of an HTTP request, up to the response's headers;
+    /// `None`: only the overall `timeout` applies.
+    pub try_timeout: Option<Duration>,
+    /// The whole HTTP request up to the response's headers, retries
+    /// included.
+    pub timeout: Duration,
+    /// Retries after the first attempt (each to another instance when
+    /// there is one).
+    pub retries: u32,
+    /// Retries allowed as a share of requests, over 10 s...
+    pub retry_budget_ratio: f32,
+    /// ...plus this many per second.
+    pub retry_budget_min_per_second: u32,
+    /// Retry POST/PATCH and other non-idempotent methods too.
+    pub retry_non_idempotent: bool,
+    /// Full-jitter exponential back-off between retries: the first wait is
+    /// at most `retry_backoff`, each later one doubles, up to
+    /// `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    /// Client connections open at once (L4 and L7).
+    pub max_connections: u32,
+    /// HTTP requests in flight to the instances at once.
+    pub max_requests: u32,
+    /// HTTP requests waiting for a `max_requests` slot; beyond that they
+    /// fail at once.
+    pub max_pending: u32,
+    /// Below this share of available instances, balance over all of them
+    /// (a bad detector or stale health must not concentrate the load).
+    pub panic_threshold: f64,
+    /// Prefer instances in the agent's zone...
+    pub zone_aware: bool,
+    /// ...while at least this share of them is available.
+    pub zone_min_available: f64,
+    /// Consecutive failures (connect errors, 5xx, timeouts) that eject an
+    /// instance; 0 turns ejection off.
+    pub eject_after: u32,
+    /// First ejection; each further one doubles, up to `eject_max`.
+    pub eject_base: Duration,
+    pub eject_max: Duration,
+    /// Never eject more than this share of a service's instances (at least
+    /// one may always be).
+    pub eject_max_share: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            protocol: None,
+            balancer: Balancer::P2cEwma,
+            hash_key: HashKey::ClientIp,
+            connect_timeout: Duration::from_secs(1),
+            try_timeout: None,
+            timeout: Duration::from_secs(15),
+            retries: 2,
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_second: 10,
+            retry_non_idempotent: false,
+            retry_backoff: Duration::from_millis(25),
+            retry_backoff_max: Duration::from_millis(250),
+            max_connections: 1024,
+            max_requests: 1024,
+            max_pending: 1024,
+            panic_threshold: 0.5,
+            zone_aware: true,
+            zone_min_available: 0.5,
+            eject_after: 5,
+            eject_base: Duration::from_secs(1),
+            eject_max: Duration::from_secs(60),
+            eject_max_share: 0.5,
+        }
+    }
+}
+
+/// A partial [`Policy`], as written in `proxy.defaults` and
+/// `proxy.services`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyOverride {
+    pub protocol: Option<Protocol>,
+    pub balancer: Option<Balancer>,
+    pub hash_key: Option<HashKey>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub try_timeout: Option<Duration>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub timeout: Option<Duration>,
+    pub retries: Option<u32>,
+    pub retry_budget_ratio: Option<f32>,
+    pub retry_budget_min_per_second: Option<u32>,
+    pub retry_non_idempotent: Option<bool>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub retry_backoff: Option<Duration>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub retry_backoff_max: Option<Duration>,
+    pub max_connections: Option<u32>,
+    pub max_requests: Option<u32>,
+    pub max_pending: Option<u32>,
+    pub panic_threshold: Option<f64>,
+    pub zone_aware: Option<bool>,
+    pub zone_min_available: Option<f64>,
+    pub eject_after: Option<u32>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub eject_base: Option<Duration>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub eject_max: Option<Duration>,
+    pub eject_max_share: Option<f64>,
+}
+
+impl Policy {
+    /// This policy with what `o` sets replacing its values.
+    pub fn apply(&self, o: &PolicyOverride) -> Policy {
+        let p = self.clone();
+        Policy {
+            protocol: o.protocol.or(p.protocol),
+            balancer: o.balancer.unwrap_or(p.balancer),
+            hash_key: o.hash_key.clone().unwrap_or(p.hash_key),
+            connect_timeout: o.connect_timeout.unwrap_or(p.connect_timeout),
+            // Zero turns the per-try timeout off.
+            try_timeout: match o.try_timeout {
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+                None => p.try_timeout,
+            },
+            timeout: o.timeout.unwrap_or(p.timeout),
+            retries: o.retries.unwrap_or(p.retries),
+            retry_budget_ratio: o.retry_budget_ratio.unwrap_or(p.retry_budget_ratio),
+            retry_budget_min_per_second: o
+                .retry_budget_min_per_second
+                .unwrap_or(p.retry_budget_min_per_second),
+            retry_non_idempotent: o.retry_non_idempotent.unwrap_or(p.retry_non_idempotent),
+            retry_backoff: o.retry_backoff.unwrap_or(p.retry_backoff),
+            retry_backoff_max: o.retry_backoff_max.unwrap_or(p.retry_backoff_max),
+            max_connections: o.max_connections.unwrap_or(p.max_connections),
+            max_requests: o.max_requests.unwrap_or(p.max_requests),
+            max_pending: o.max_pending.unwrap_or(p.max_pending),
+            panic_threshold: o.panic_threshold.unwrap_or(p.panic_threshold),
+            zone_aware: o.zone_aware.unwrap_or(p.zone_aware),
+            zone_min_available: o.zone_min_available.unwrap_or(p.zone_min_available),
+            eject_after: o.eject_after.unwrap_or(p.eject_after),
+            eject_base: o.eject_base.unwrap_or(p.eject_base),
+            eject_max: o.eject_max.unwrap_or(p.eject_max),
+            eject_max_share: o.eject_max_share.unwrap_or(p.eject_max_share),
+        }
+    }
+
+    /// The first rule this policy breaks, as `(field, reason)`.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let share = |field, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err((field, format!("{v} must be between 0 and 1")))
+            }
+        };
+        share("panic_threshold", self.panic_threshold)?;
+        share("zone_min_available", self.zone_min_available)?;
+        share("eject_max_share", self.eject_max_share)?;
+        let positive = |field, d: Duration| {
+            if d.is_zero() {
+                Err((field, "must be greater than 0".to_string()))
+            } else {
+                Ok(())
+            }
+        };
+        positive("connect_timeout", self.connect_timeout)?;
+        positive("timeout", self.timeout)?;
+        positive("eject_base", self.eject_base)?;
+        if self.eject_max < self.eject_base {
+            return Err(("eject_max", "must be at least eject_base".to_string()));
+        }
+        if self.retry_backoff_max < self.retry_backoff {
+            return Err((
+                "retry_backoff_max",
+                "must be at least retry_backoff".to_string(),
+            ));
+        }
+        if !(0.0..=10.0).contains(&self.retry_budget_ratio) {
+            return Err((
+                "retry_budget_ratio",
+                format!("{} must be between 0 and 10", self.retry_budget_ratio),
+            ));
+        }
+        for (field, v) in [
+            ("max_connections", self.max_connections),
+            ("max_requests", self.max_requests),
+        ] {
+            if v == 0 {
+                return Err((field, "must be at least 1".to_string()));
+            }
+        }
+        if self.retries > 10 {
+            return Err(("retries", "at most 10".to_string()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_override_replaces_only_what_it_sets() {
+        let o: PolicyOverride = serde_saphyr::from_str(
+            "balancer: hash\nhash_key: header:X-User\ntry_timeout: 200ms\nretries: 0\n",
+        )
+        .unwrap();
+        let p = Policy::default().apply(&o);
+        assert_eq!(p.balancer, Balancer::Hash);
+        assert_eq!(p.hash_key, HashKey::Header("x-user".to_string()));
+        assert_eq!(p.try_timeout, Some(Duration::from_millis(200)));
+        assert_eq!(p.retries, 0);
+        assert_eq!(p.timeout, Policy::default().timeout);
+        let off: PolicyOverride = serde_saphyr::from_str("try_timeout: 0s\n").unwrap();
+        assert_eq!(p.apply(&off).try_timeout, None);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (yaml, field) in [
+            ("panic_threshold: 1.5\n", "panic_threshold"),
+            ("connect_timeout: 0s\n", "connect_timeout"),
+            ("eject_base: 10s\neject_max: 1s\n", "eject_max"),
+            ("max_requests: 0\n", "max_requests"),
+        ] {
+            let o: PolicyOverride = serde_saphyr::from_str(yaml).unwrap();
+            assert_eq!(Policy::default().apply(&o).check().unwrap_err().0, field);
+        }
+        assert!("cookie:".parse::<HashKey>().is_err());
+        assert!("header:a b".parse::<HashKey>().is_err());
+        assert_eq!(
+            "cookie:sid".parse::<HashKey>().unwrap(),
+            HashKey::Cookie("sid".to_string())
+        );
+    }
+}
