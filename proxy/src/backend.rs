@@ -1,0 +1,351 @@
+//! A backend: the instances behind one VIP (or one VIP port) with
+//! everything the proxy keeps for them across catalog updates: their
+//! learned stats, the retry budget, the limits, the connection pool. The
+//! catalog part and the policy are one snapshot swapped at once
+//! ([`ArcSwap`]), so a request sees a consistent view and an update never
+//! waits for requests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use signpost_core::model::Protocol;
+use signpost_core::policy::Policy;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::Shared;
+use crate::balance::{self, Pick};
+use crate::endpoint::{Endpoint, FailureOutcome, Member, Stats};
+use crate::error::ProxyError;
+use crate::metrics::{ProxyMetrics, StatusCounters};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
+pub(crate) type HttpClient = Client<HttpConnector, ProxyBody>;
+
+/// How long a deposit counts in the retry budget (Linkerd's 10 s).
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// One catalog update's worth of a backend.
+pub(crate) struct Snapshot {
+    pub(crate) policy: Policy,
+    pub(crate) protocol: Protocol,
+    pub(crate) members: Vec<Member>,
+    /// The pool to the instances (HTTP services only).
+    pub(crate) client: Option<HttpClient>,
+}
+
+pub(crate) struct Backend {
+    /// The VIP name (`web`, `v2.web`): the label of metrics and logs.
+    pub(crate) name: String,
+    /// The catalog service.
+    pub(crate) service: String,
+    snapshot: ArcSwap<Snapshot>,
+    round_robin: AtomicU64,
+    budget: ArcSwap<(f32, u32, TpsBudget)>,
+    requests: Arc<Semaphore>,
+    requests_limit: Mutex<u32>,
+    pending: AtomicU32,
+    connections: AtomicU32,
+    /// Seconds since the proxy started at the last use reported.
+    last_use: AtomicU64,
+    pub(crate) duration: Histogram,
+    accepted: Counter,
+    active: Gauge,
+    /// Answers of the proxy itself, by status class.
+    own_statuses: StatusCounters,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Backend {
+    pub(crate) fn new(
+        name: &str,
+        service: &str,
+        endpoints: Vec<Endpoint>,
+        protocol: Protocol,
+        policy: Policy,
+        shared: Arc<Shared>,
+    ) -> Backend {
+        let metrics: &ProxyMetrics = &shared.metrics;
+        let (accepted, active) = metrics.connection_metrics(name);
+        let backend = Backend {
+            name: name.to_string(),
+            service: service.to_string(),
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                policy: policy.clone(),
+                protocol,
+                members: Vec::new(),
+                client: None,
+            }),
+            round_robin: AtomicU64::new(0),
+            budget: ArcSwap::from_pointee(budget(&policy)),
+            requests: Arc::new(Semaphore::new(policy.max_requests as usize)),
+            requests_limit: Mutex::new(policy.max_requests),
+            pending: AtomicU32::new(0),
+            connections: AtomicU32::new(0),
+            last_use: AtomicU64::new(u64::MAX),
+            duration: metrics.duration(name),
+            accepted,
+            active,
+            own_statuses: metrics.status_counters(name, ""),
+            shared: shared.clone(),
+        };
+        backend.update(endpoints, protocol, policy);
+        backend
+    }
+
+    pub(crate) fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    /// The snapshot, to hold across awaits.
+    pub(crate) fn snapshot_full(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Replaces the instances and the policy; what was learned about an
+    /// instance still present is kept, and so is the pool unless its
+    /// settings changed.
+    pub(crate) fn update(&self, endpoints: Vec<Endpoint>, protocol: Protocol, policy: Policy) {
+        let old = self.snapshot.load_full();
+        let mut stats: HashMap<SocketAddr, Arc<Stats>> = old
+            .members
+            .iter()
+            .map(|m| (m.endpoint.addr, m.stats.clone()))
+            .collect();
+        let members = endpoints
+            .into_iter()
+            .map(|endpoint| {
+                let label = endpoint.addr.to_string();
+                let stats = stats.remove(&endpoint.addr).unwrap_or_else(|| {
+                    Arc::new(Stats::new(
+                        self.shared.metrics.status_counters(&self.name, &label),
+                    ))
+                });
+                Member {
+                    endpoint,
+                    stats,
+                    label,
+                }
+            })
+            .collect();
+        let same_pool = old.protocol == protocol
+            && old.policy.connect_timeout == policy.connect_timeout
+            && old.client.is_some();
+        let client = if protocol == Protocol::Tcp {
+            None
+        } else if same_pool {
+            old.client.clone()
+        } else {
+            Some(http_client(
+                protocol,
+                policy.connect_timeout,
+                self.shared.pool_idle_timeout,
+            ))
+        };
+        let (ratio, min, _) = &**self.budget.load();
+        if (*ratio, *min)
+            != (
+                policy.retry_budget_ratio,
+                policy.retry_budget_min_per_second,
+            )
+        {
+            self.budget.store(Arc::new(budget(&policy)));
+        }
+        self.resize_requests(policy.max_requests);
+        self.snapshot.store(Arc::new(Snapshot {
+            policy,
+            protocol,
+            members,
+            client,
+        }));
+    }
+
+    fn resize_requests(&self, limit: u32) {
+        let mut current = self
+            .requests_limit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if limit > *current {
+            self.requests.add_permits((limit - *current) as usize);
+            *current = limit;
+        } else if limit < *current {
+            // Permits in use are forgotten as they come back later.
+            let forgotten = self.requests.forget_permits((*current - limit) as usize);
+            *current -= forgotten as u32;
+        }
+    }
+
+    /// Picks an instance for a connection or request.
+    pub(crate) fn pick(
+        &self,
+        snapshot: &Snapshot,
+        tried: &[SocketAddr],
+        key: Option<u64>,
+    ) -> Option<Pick> {
+        let req = balance::Request {
+            policy: &snapshot.policy,
+            zone: &self.shared.zone,
+            tried,
+            key,
+        };
+        let (pick, panic) = balance::pick(&snapshot.members, &req, &self.round_robin);
+        self.shared.metrics.set_panic(&self.name, panic);
+        pick
+    }
+
+    pub(crate) fn succeeded(&self, member: &Member, rtt: Duration) {
+        if member.stats.success(rtt, Instant::now()) {
+            tracing::info!(service = %self.name, instance = %member.label, "instance readmitted after a good probe");
+        }
+    }
+
+    pub(crate) fn failed(&self, snapshot: &Snapshot, member: &Member, rtt: Duration) {
+        let policy = &snapshot.policy;
+        let now = Instant::now();
+        let may_eject = || {
+            let ejected = snapshot
+                .members
+                .iter()
+                .filter(|m| m.stats.is_ejected(now))
+                .count();
+            let allowed =
+                ((policy.eject_max_share * snapshot.members.len() as f64) as usize).max(1);
+            ejected < allowed
+        };
+        let outcome = member.stats.failure(
+            rtt,
+            now,
+            policy.eject_after,
+            policy.eject_base,
+            policy.eject_max,
+            may_eject,
+        );
+        if let FailureOutcome::Ejected(period) = outcome {
+            self.shared.metrics.ejection(&self.name, &member.label);
+            tracing::warn!(service = %self.name, instance = %member.label, ?period, "instance ejected after consecutive failures");
+        }
+    }
+
+    /// Counts a request toward the retry budget.
+    pub(crate) fn deposit(&self) {
+        self.budget.load().2.deposit();
+    }
+
+    /// Takes a retry from the budget; false (and counted) when spent.
+    pub(crate) fn withdraw(&self) -> bool {
+        if self.budget.load().2.withdraw() {
+            self.shared.metrics.retry(&self.name);
+            true
+        } else {
+            self.shared.metrics.budget_exhausted(&self.name);
+            false
+        }
+    }
+
+    /// A slot among `max_requests`, waiting as one of at most
+    /// `max_pending` until `deadline`.
+    pub(crate) async fn admit_request(
+        &self,
+        policy: &Policy,
+        deadline: Instant,
+    ) -> Result<OwnedSemaphorePermit, ProxyError> {
+        if let Ok(permit) = self.requests.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= policy.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(ProxyError::Limit {
+                limit: "max_pending",
+                value: policy.max_pending,
+            });
+        }
+        let waited = tokio::time::timeout_at(deadline, self.requests.clone().acquire_owned()).await;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        match waited {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(ProxyError::Limit {
+                limit: "max_requests",
+                value: policy.max_requests,
+            }),
+            Err(_) => Err(ProxyError::Timeout(policy.timeout)),
+        }
+    }
+
+    /// A client connection, unless `max_connections` are open.
+    pub(crate) fn admit_connection(self: &Arc<Self>) -> Result<ConnectionGuard, ProxyError> {
+        let limit = self.snapshot.load().policy.max_connections;
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= limit {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(ProxyError::Limit {
+                limit: "max_connections",
+                value: limit,
+            });
+        }
+        self.accepted.inc();
+        self.active.inc();
+        Ok(ConnectionGuard(self.clone()))
+    }
+
+    /// Tells the agent the service is in use (at most once a second), so
+    /// it stays subscribed to its instances.
+    pub(crate) fn used(&self) {
+        let now = self.shared.started.elapsed().as_secs();
+        if self.last_use.swap(now, Ordering::Relaxed) != now {
+            (self.shared.on_use)(&self.service);
+        }
+    }
+
+    /// Counts an answer of the proxy itself.
+    pub(crate) fn own_status(&self, status: u16) {
+        self.own_statuses.count(status);
+    }
+}
+
+/// An open client connection, counted until dropped.
+pub(crate) struct ConnectionGuard(Arc<Backend>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.active.dec();
+    }
+}
+
+fn budget(policy: &Policy) -> (f32, u32, TpsBudget) {
+    (
+        policy.retry_budget_ratio,
+        policy.retry_budget_min_per_second,
+        TpsBudget::new(
+            BUDGET_WINDOW,
+            policy.retry_budget_min_per_second,
+            policy.retry_budget_ratio,
+        ),
+    )
+}
+
+/// The pool to a service's instances: HTTP/1.1, or HTTP/2 with prior
+/// knowledge (h2c) for `http2` and `grpc`.
+fn http_client(protocol: Protocol, connect_timeout: Duration, idle: Duration) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_timer(TokioTimer::new())
+        .http2_only(matches!(protocol, Protocol::Http2 | Protocol::Grpc))
+        .build(connector)
+}

@@ -1,0 +1,376 @@
+//! Choosing an instance: which instances are candidates (health,
+//! ejection, panic threshold, zone) and which candidate gets the request
+//! (P2C over peak-EWMA cost, weighted round robin, or a rendezvous hash).
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use signpost_core::model::Health;
+use signpost_core::policy::{Balancer, Policy};
+use tokio::time::Instant;
+
+use crate::endpoint::{Member, Standing};
+
+/// The result of a pick: an index into the members. When the instance
+/// was ejected, the pick claimed its single readmission probe.
+pub(crate) struct Pick {
+    pub(crate) index: usize,
+}
+
+/// Everything a pick depends on besides the members.
+pub(crate) struct Request<'a> {
+    pub(crate) policy: &'a Policy,
+    /// The agent's zone.
+    pub(crate) zone: &'a str,
+    /// Instances already tried for this request: avoided while others
+    /// remain.
+    pub(crate) tried: &'a [SocketAddr],
+    /// The hash of the request's key, for [`Balancer::Hash`].
+    pub(crate) key: Option<u64>,
+}
+
+/// Picks an instance; `None` when there is none. Also says whether the
+/// panic threshold was crossed.
+pub(crate) fn pick(
+    members: &[Member],
+    req: &Request<'_>,
+    round_robin: &AtomicU64,
+) -> (Option<Pick>, bool) {
+    let now = Instant::now();
+    let standing: Vec<Standing> = members.iter().map(|m| m.stats.standing(now)).collect();
+    let usable = |i: usize| {
+        members[i].endpoint.health != Health::Critical
+            && members[i].endpoint.weight() > 0
+            && standing[i] != Standing::Ejected
+    };
+    let available = (0..members.len()).filter(|&i| usable(i)).count();
+    let panic = !members.is_empty()
+        && (available as f64) < req.policy.panic_threshold * members.len() as f64;
+    let mut candidates: Vec<usize> = if panic {
+        (0..members.len()).collect()
+    } else {
+        (0..members.len()).filter(|&i| usable(i)).collect()
+    };
+    if req.policy.zone_aware && !panic {
+        let in_zone = |i: &usize| members[*i].endpoint.zone == req.zone;
+        let local: Vec<usize> = candidates.iter().copied().filter(in_zone).collect();
+        let zone_size = (0..members.len()).filter(in_zone).count();
+        if !local.is_empty()
+            && local.len() as f64 >= req.policy.zone_min_available * zone_size as f64
+        {
+            candidates = local;
+        }
+    }
+    let untried: Vec<usize> = candidates
+        .iter()
+        .copied()
+        .filter(|&i| !req.tried.contains(&members[i].endpoint.addr))
+        .collect();
+    if !untried.is_empty() {
+        candidates = untried;
+    }
+    // A probe that another request claimed first is not a candidate.
+    loop {
+        if candidates.is_empty() {
+            return (None, panic);
+        }
+        // In panic every instance counts as passing.
+        let weight = |i: usize| {
+            let e = &members[i].endpoint;
+            if panic {
+                2 * u64::from(e.weights.passing.max(1))
+            } else {
+                e.weight()
+            }
+        };
+        let chosen = match req.policy.balancer {
+            Balancer::P2cEwma => p2c(members, &candidates, weight),
+            Balancer::RoundRobin => round_robin_pick(&candidates, weight, round_robin),
+            Balancer::Hash => rendezvous(members, &candidates, weight, req.key.unwrap_or(0)),
+        };
+        let i = candidates[chosen];
+        if standing[i] != Standing::Probe {
+            return (Some(Pick { index: i }), panic);
+        }
+        if members[i].stats.claim_probe(now) {
+            return (Some(Pick { index: i }), panic);
+        }
+        candidates.swap_remove(chosen);
+    }
+}
+
+/// Two weighted random candidates; the one with the lower cost per unit
+/// of weight wins.
+fn p2c(members: &[Member], candidates: &[usize], weight: impl Fn(usize) -> u64) -> usize {
+    if candidates.len() == 1 {
+        return 0;
+    }
+    let a = weighted_random(candidates, &weight, None);
+    let b = weighted_random(candidates, &weight, Some(a));
+    let cost = |c: usize| {
+        let i = candidates[c];
+        members[i].stats.cost() / weight(i) as f64
+    };
+    if cost(b) < cost(a) { b } else { a }
+}
+
+fn weighted_random(
+    candidates: &[usize],
+    weight: impl Fn(usize) -> u64,
+    skip: Option<usize>,
+) -> usize {
+    let total: u64 = (0..candidates.len())
+        .filter(|c| Some(*c) != skip)
+        .map(|c| weight(candidates[c]))
+        .sum();
+    if total == 0 {
+        return (0..candidates.len())
+            .find(|c| Some(*c) != skip)
+            .unwrap_or(0);
+    }
+    let mut at = rand::random_range(0..total);
+    for c in (0..candidates.len()).filter(|c| Some(*c) != skip) {
+        let w = weight(candidates[c]);
+        if at < w {
+            return c;
+        }
+        at -= w;
+    }
+    0
+}
+
+fn round_robin_pick(
+    candidates: &[usize],
+    weight: impl Fn(usize) -> u64,
+    counter: &AtomicU64,
+) -> usize {
+    let total: u64 = candidates.iter().map(|&i| weight(i)).sum();
+    if total == 0 {
+        return 0;
+    }
+    let mut at = counter.fetch_add(1, Ordering::Relaxed) % total;
+    for (c, &i) in candidates.iter().enumerate() {
+        let w = weight(i);
+        if at < w {
+            return c;
+        }
+        at -= w;
+    }
+    0
+}
+
+/// Rendezvous (highest random weight) hashing: each instance scores the
+/// key, the best score wins, so only the keys of an instance that leaves
+/// move. Weighted with the logarithm method.
+fn rendezvous(
+    members: &[Member],
+    candidates: &[usize],
+    weight: impl Fn(usize) -> u64,
+    key: u64,
+) -> usize {
+    let score = |c: usize| {
+        let i = candidates[c];
+        let mut h = DefaultHasher::new();
+        (key, members[i].endpoint.addr).hash(&mut h);
+        // A uniform number in (0, 1).
+        let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        weight(i) as f64 / -u.ln()
+    };
+    (0..candidates.len())
+        .max_by(|a, b| score(*a).total_cmp(&score(*b)))
+        .unwrap_or(0)
+}
+
+/// The hash of a balancing key.
+pub(crate) fn hash_key(key: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use signpost_core::model::Weights;
+
+    use super::*;
+    use crate::endpoint::{Endpoint, Stats};
+
+    fn member(port: u16, zone: &str, health: Health) -> Member {
+        Member {
+            endpoint: Endpoint {
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                zone: zone.to_string(),
+                health,
+                weights: Weights::default(),
+            },
+            stats: Arc::new(Stats::new(
+                crate::ProxyMetrics::default().status_counters("web", "a"),
+            )),
+            label: port.to_string(),
+        }
+    }
+
+    fn counts(members: &[Member], policy: &Policy, key: impl Fn(u64) -> Option<u64>) -> Vec<u32> {
+        let rr = AtomicU64::new(0);
+        let mut counts = vec![0; members.len()];
+        for n in 0..1000 {
+            let req = Request {
+                policy,
+                zone: "a",
+                tried: &[],
+                key: key(n),
+            };
+            if let (Some(p), _) = pick(members, &req, &rr) {
+                counts[p.index] += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn critical_instances_get_nothing_and_warning_ones_less() {
+        let members = [
+            member(1, "a", Health::Passing),
+            member(2, "a", Health::Warning),
+            member(3, "a", Health::Critical),
+        ];
+        let policy = Policy {
+            balancer: Balancer::RoundRobin,
+            ..Policy::default()
+        };
+        assert_eq!(counts(&members, &policy, |_| None), vec![667, 333, 0]);
+    }
+
+    #[test]
+    fn below_the_panic_threshold_every_instance_is_used() {
+        let members = [
+            member(1, "a", Health::Passing),
+            member(2, "a", Health::Critical),
+            member(3, "a", Health::Critical),
+        ];
+        let policy = Policy {
+            balancer: Balancer::RoundRobin,
+            ..Policy::default()
+        };
+        let rr = AtomicU64::new(0);
+        let req = Request {
+            policy: &policy,
+            zone: "a",
+            tried: &[],
+            key: None,
+        };
+        assert!(
+            pick(&members, &req, &rr).1,
+            "1 of 3 available is below 50 %"
+        );
+        assert!(counts(&members, &policy, |_| None).iter().all(|&c| c > 300));
+        let strict = Policy {
+            panic_threshold: 0.0,
+            ..policy
+        };
+        assert_eq!(counts(&members, &strict, |_| None), vec![1000, 0, 0]);
+    }
+
+    #[test]
+    fn the_local_zone_is_preferred_while_enough_of_it_is_available() {
+        let mut members = vec![
+            member(1, "a", Health::Passing),
+            member(2, "a", Health::Passing),
+            member(3, "b", Health::Passing),
+            member(4, "b", Health::Passing),
+        ];
+        let policy = Policy::default();
+        assert_eq!(counts(&members, &policy, |_| None)[2..], [0, 0]);
+        // One of two local instances left is still half: kept local.
+        members[1].endpoint.health = Health::Critical;
+        assert_eq!(counts(&members, &policy, |_| None)[2..], [0, 0]);
+        members[0].endpoint.health = Health::Critical;
+        members.push(member(5, "b", Health::Passing));
+        let c = counts(&members, &policy, |_| None);
+        assert_eq!(c[..2], [0, 0]);
+        assert!(c[2..].iter().all(|&n| n > 200), "{c:?}");
+    }
+
+    #[test]
+    fn p2c_prefers_the_faster_instance() {
+        let members = [
+            member(1, "a", Health::Passing),
+            member(2, "a", Health::Passing),
+        ];
+        let now = Instant::now();
+        members[1].stats.success(Duration::from_millis(200), now);
+        members[0].stats.success(Duration::from_millis(1), now);
+        let c = counts(&members, &Policy::default(), |_| None);
+        assert_eq!(c, vec![1000, 0], "with two, P2C always compares both");
+    }
+
+    #[test]
+    fn a_hash_key_keeps_its_instance_and_only_a_leaver_s_keys_move() {
+        let members: Vec<Member> = (1..=4).map(|p| member(p, "a", Health::Passing)).collect();
+        let policy = Policy {
+            balancer: Balancer::Hash,
+            ..Policy::default()
+        };
+        let rr = AtomicU64::new(0);
+        let chosen = |members: &[Member], key: u64| {
+            let req = Request {
+                policy: &policy,
+                zone: "a",
+                tried: &[],
+                key: Some(key),
+            };
+            members[pick(members, &req, &rr).0.unwrap().index]
+                .endpoint
+                .addr
+        };
+        let before: Vec<SocketAddr> = (0..400).map(|k| chosen(&members, k)).collect();
+        assert_eq!(
+            before,
+            (0..400).map(|k| chosen(&members, k)).collect::<Vec<_>>()
+        );
+        let spread = counts(&members, &policy, Some);
+        assert!(spread.iter().all(|&c| c > 150), "{spread:?}");
+        let gone = members[3].endpoint.addr;
+        let rest = &members[..3];
+        for (k, addr) in before.iter().enumerate() {
+            if *addr != gone {
+                assert_eq!(chosen(rest, k as u64), *addr, "key {k} moved");
+            }
+        }
+    }
+
+    #[test]
+    fn tried_instances_are_avoided_while_others_remain() {
+        let members = [
+            member(1, "a", Health::Passing),
+            member(2, "a", Health::Passing),
+        ];
+        let policy = Policy::default();
+        let rr = AtomicU64::new(0);
+        let tried = [members[0].endpoint.addr];
+        for _ in 0..100 {
+            let req = Request {
+                policy: &policy,
+                zone: "a",
+                tried: &tried,
+                key: None,
+            };
+            assert_eq!(pick(&members, &req, &rr).0.unwrap().index, 1);
+        }
+        let both = [members[0].endpoint.addr, members[1].endpoint.addr];
+        let req = Request {
+            policy: &policy,
+            zone: "a",
+            tried: &both,
+            key: None,
+        };
+        assert!(
+            pick(&members, &req, &rr).0.is_some(),
+            "all tried: any will do"
+        );
+    }
+}

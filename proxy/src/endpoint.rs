@@ -1,0 +1,326 @@
+//! One instance as the balancer sees it: its address, zone, health and
+//! weight from the catalog, and what the proxy learned by using it
+//! (peak-EWMA latency, requests in flight, consecutive failures,
+//! ejection). The learned part outlives catalog updates, so a health
+//! flip elsewhere does not reset an instance's latency or ejection.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use signpost_core::model::{Health, Weights};
+use tokio::time::Instant;
+
+use crate::metrics::StatusCounters;
+
+/// An instance of a service, as the agent's catalog gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub zone: String,
+    pub health: Health,
+    pub weights: Weights,
+}
+
+impl Endpoint {
+    /// The weight the balancers use: the registered passing weight, and
+    /// for a warning instance its warning weight but at most half the
+    /// passing one (Consul's default gives both 1, which would not prefer
+    /// passing instances at all). Doubled so the half stays whole.
+    pub(crate) fn weight(&self) -> u64 {
+        let passing = u64::from(self.weights.passing);
+        match self.health {
+            Health::Passing => 2 * passing,
+            Health::Warning => (2 * u64::from(self.weights.warning)).min(passing),
+            Health::Critical => 0,
+        }
+    }
+}
+
+/// Latency assumed for an instance never used (Linkerd's default).
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// How fast the EWMA forgets a sample (Linkerd's and Finagle's 10 s).
+const DECAY: Duration = Duration::from_secs(10);
+
+/// The latency charged for a failure, so that an instance that fails fast
+/// does not look fast.
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+/// What the proxy learned about one instance.
+pub(crate) struct Stats {
+    /// Requests (L7) or connections (L4) in flight.
+    pub(crate) active: AtomicU32,
+    consecutive_failures: AtomicU32,
+    inner: Mutex<Learned>,
+    /// Requests answered by this instance, by status class.
+    pub(crate) statuses: StatusCounters,
+}
+
+struct Learned {
+    /// Peak-EWMA latency, in seconds.
+    ewma: f64,
+    stamp: Instant,
+    /// Ejections in a row; the next lasts `base * 2^ejections`.
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    /// When the readmission probe in flight was sent.
+    probing: Option<Instant>,
+}
+
+/// Whether an instance may take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Standing {
+    Available,
+    Ejected,
+    /// Its ejection is over: the next request is the single probe.
+    Probe,
+}
+
+/// What [`Stats::failure`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FailureOutcome {
+    Counted,
+    /// Ejected for this long.
+    Ejected(Duration),
+}
+
+impl Stats {
+    pub(crate) fn new(statuses: StatusCounters) -> Stats {
+        Stats {
+            active: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            inner: Mutex::new(Learned {
+                ewma: DEFAULT_RTT.as_secs_f64(),
+                stamp: Instant::now(),
+                ejections: 0,
+                ejected_until: None,
+                probing: None,
+            }),
+            statuses,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Learned> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The balancer's cost: peak-EWMA latency times the load in flight.
+    pub(crate) fn cost(&self) -> f64 {
+        let active = f64::from(self.active.load(Ordering::Relaxed));
+        self.lock().ewma * (active + 1.0)
+    }
+
+    pub(crate) fn standing(&self, now: Instant) -> Standing {
+        let l = self.lock();
+        match l.ejected_until {
+            None => Standing::Available,
+            Some(_) if probe_pending(&l, now) => Standing::Ejected,
+            Some(until) if until > now => Standing::Ejected,
+            Some(_) => Standing::Probe,
+        }
+    }
+
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+        self.standing(now) == Standing::Ejected
+    }
+
+    /// Claims the single readmission probe; false if another request
+    /// took it first.
+    pub(crate) fn claim_probe(&self, now: Instant) -> bool {
+        let mut l = self.lock();
+        match l.ejected_until {
+            Some(until) if until <= now && !probe_pending(&l, now) => {
+                l.probing = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A success at `now` that took `rtt`; returns true if it readmitted
+    /// the instance.
+    pub(crate) fn success(&self, rtt: Duration, now: Instant) -> bool {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        let mut l = self.lock();
+        observe(&mut l, rtt, now);
+        let readmitted = l.ejected_until.is_some();
+        l.ejected_until = None;
+        l.probing = None;
+        l.ejections = 0;
+        readmitted
+    }
+
+    /// A failure (connect error, 5xx, reset, timeout). After `eject_after`
+    /// in a row the instance is ejected, unless `may_eject` says too many
+    /// already are; a failed probe ejects it again for twice as long.
+    pub(crate) fn failure(
+        &self,
+        rtt: Duration,
+        now: Instant,
+        eject_after: u32,
+        base: Duration,
+        max: Duration,
+        may_eject: impl FnOnce() -> bool,
+    ) -> FailureOutcome {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut l = self.lock();
+        observe(&mut l, rtt.max(FAILURE_PENALTY), now);
+        let probe_failed = l.probing.is_some();
+        let due = eject_after > 0 && failures >= eject_after && l.ejected_until.is_none();
+        if !probe_failed && !(due && may_eject()) {
+            return FailureOutcome::Counted;
+        }
+        let factor = 1u32 << l.ejections.min(16);
+        let period = base.saturating_mul(factor).min(max);
+        l.ejections = l.ejections.saturating_add(1);
+        l.ejected_until = Some(now + period);
+        l.probing = None;
+        FailureOutcome::Ejected(period)
+    }
+}
+
+/// A probe whose outcome never came (its client went away) stops holding
+/// the instance back after this.
+const PROBE_PATIENCE: Duration = Duration::from_secs(30);
+
+fn probe_pending(l: &Learned, now: Instant) -> bool {
+    l.probing
+        .is_some_and(|sent| now.saturating_duration_since(sent) < PROBE_PATIENCE)
+}
+
+/// Peak EWMA: a slower sample is taken at once, a faster one is blended in
+/// by how long it has been since the last.
+fn observe(l: &mut Learned, rtt: Duration, now: Instant) {
+    let sample = rtt.as_secs_f64();
+    if sample > l.ewma {
+        l.ewma = sample;
+    } else {
+        let elapsed = now.saturating_duration_since(l.stamp).as_secs_f64();
+        let w = (-elapsed / DECAY.as_secs_f64()).exp();
+        l.ewma = l.ewma * w + sample * (1.0 - w);
+    }
+    l.stamp = now;
+}
+
+/// An endpoint with the stats the proxy keeps for it.
+pub(crate) struct Member {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) stats: Arc<Stats>,
+    /// `ip:port`, the instance label of metrics and logs.
+    pub(crate) label: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> Stats {
+        Stats::new(crate::ProxyMetrics::default().status_counters("web", "a"))
+    }
+
+    #[test]
+    fn consecutive_failures_eject_with_growing_periods_and_a_single_probe() {
+        let s = stats();
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(60);
+        let fail = |s: &Stats, now| s.failure(Duration::ZERO, now, 3, base, max, || true);
+        let t0 = Instant::now();
+        assert_eq!(fail(&s, t0), FailureOutcome::Counted);
+        assert_eq!(fail(&s, t0), FailureOutcome::Counted);
+        assert_eq!(fail(&s, t0), FailureOutcome::Ejected(base));
+        assert_eq!(s.standing(t0), Standing::Ejected);
+
+        let t1 = t0 + base;
+        assert_eq!(s.standing(t1), Standing::Probe);
+        assert!(s.claim_probe(t1));
+        assert!(!s.claim_probe(t1), "only one probe at a time");
+        assert_eq!(s.standing(t1), Standing::Ejected);
+        // The probe fails: ejected again, for twice as long.
+        assert_eq!(fail(&s, t1), FailureOutcome::Ejected(2 * base));
+
+        let t2 = t1 + 2 * base;
+        assert!(s.claim_probe(t2));
+        assert!(
+            s.success(Duration::from_millis(5), t2),
+            "a good probe readmits"
+        );
+        assert_eq!(s.standing(t2), Standing::Available);
+        // Counting starts over.
+        assert_eq!(fail(&s, t2), FailureOutcome::Counted);
+    }
+
+    #[test]
+    fn a_probe_that_never_ends_is_given_up() {
+        let s = stats();
+        let t0 = Instant::now();
+        let base = Duration::from_secs(1);
+        assert_eq!(
+            s.failure(Duration::ZERO, t0, 1, base, base, || true),
+            FailureOutcome::Ejected(base)
+        );
+        assert!(s.claim_probe(t0 + base));
+        assert_eq!(
+            s.standing(t0 + base + PROBE_PATIENCE / 2),
+            Standing::Ejected
+        );
+        assert_eq!(s.standing(t0 + base + PROBE_PATIENCE), Standing::Probe);
+    }
+
+    #[test]
+    fn ejection_can_be_refused_and_turned_off() {
+        let s = stats();
+        let base = Duration::from_secs(1);
+        let now = Instant::now();
+        for _ in 0..5 {
+            let out = s.failure(Duration::ZERO, now, 2, base, base, || false);
+            assert_eq!(out, FailureOutcome::Counted);
+        }
+        for _ in 0..5 {
+            let out = s.failure(Duration::ZERO, now, 0, base, base, || true);
+            assert_eq!(out, FailureOutcome::Counted);
+        }
+        assert_eq!(s.standing(now), Standing::Available);
+    }
+
+    #[test]
+    fn a_slow_sample_counts_at_once_and_fades() {
+        let s = stats();
+        let mut now = Instant::now();
+        s.success(Duration::from_millis(500), now);
+        let slow = s.cost();
+        assert!((slow - 0.5).abs() < 1e-9, "{slow}");
+        for _ in 0..50 {
+            now += Duration::from_secs(1);
+            s.success(Duration::from_millis(1), now);
+        }
+        assert!(s.cost() < 0.01, "{}", s.cost());
+        let idle = s.cost();
+        s.active.store(3, Ordering::Relaxed);
+        assert!(
+            (s.cost() - 4.0 * idle).abs() < 1e-12,
+            "cost grows with the load"
+        );
+    }
+
+    #[test]
+    fn warning_instances_weigh_at_most_half() {
+        let mut e = Endpoint {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            zone: String::new(),
+            health: Health::Passing,
+            weights: Weights::default(),
+        };
+        assert_eq!(e.weight(), 2);
+        e.health = Health::Warning;
+        assert_eq!(e.weight(), 1);
+        e.weights = Weights {
+            passing: 10,
+            warning: 1,
+        };
+        assert_eq!(e.weight(), 2);
+        e.health = Health::Critical;
+        assert_eq!(e.weight(), 0);
+    }
+}

@@ -1,0 +1,479 @@
+//! L7: HTTP/1.1 and HTTP/2 (h2c) from the client, pooled HTTP/1.1 or
+//! HTTP/2 to the instances, with one overall deadline, per-try timeouts
+//! and retries to another instance within the service's budget.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use signpost_core::model::Protocol;
+use signpost_core::policy::{Balancer, HashKey, Policy};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, ProxyBody, Snapshot};
+use crate::balance::hash_key;
+use crate::error::ProxyError;
+
+/// Set on every request to an instance: the attempt's number. A request
+/// that arrives with it was sent by another proxy that retries itself, so
+/// this one does not (retries would multiply).
+pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-signpost-attempt");
+
+/// Set on every answer the proxy makes itself: why it failed.
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-signpost-error");
+
+/// Request bodies up to this size are kept for a retry (Linkerd's 64 KiB);
+/// a longer one is streamed and its request is not retried.
+const MAX_BUFFERED: u64 = 64 * 1024;
+
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Serves one client connection until it closes or `drain` asks it to
+/// finish its requests and close.
+pub(crate) async fn serve(
+    backend: Arc<Backend>,
+    stream: TcpStream,
+    client: SocketAddr,
+    drain: CancellationToken,
+    stop: CancellationToken,
+) {
+    crate::nodelay(&stream);
+    let admitted = backend.admit_connection();
+    let service = {
+        let backend = backend.clone();
+        let rejected = admitted.as_ref().err().map(ToString::to_string);
+        service_fn(move |req: Request<Incoming>| {
+            let backend = backend.clone();
+            let rejected = rejected.clone();
+            async move {
+                let response = match rejected {
+                    // Over max_connections: every request fails fast.
+                    Some(_) => reject(
+                        &backend,
+                        &req,
+                        ProxyError::Limit {
+                            limit: "max_connections",
+                            value: backend.snapshot().policy.max_connections,
+                        },
+                        Instant::now(),
+                    ),
+                    None => handle(&backend, req, client).await,
+                };
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = stop.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(service = %backend.name, %client, %error, "client connection ended with an error");
+    }
+    drop(admitted);
+}
+
+/// One request from a client, answered by an instance or by the proxy.
+async fn handle(
+    backend: &Backend,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    backend.used();
+    let snapshot = backend.snapshot_full();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut attempts = 0;
+    let result = forward(backend, &snapshot, req, client, started, &mut attempts).await;
+    let response = match result {
+        Ok((response, instance)) => {
+            access_log(
+                backend,
+                &method,
+                &path,
+                response.status(),
+                instance,
+                attempts,
+                started,
+                client,
+            );
+            response
+        }
+        Err(error) => {
+            tracing::warn!(service = %backend.name, %client, %method, path, reason = error.reason(), %error, "request failed");
+            let response = error_response(backend, &error);
+            access_log(
+                backend,
+                &method,
+                &path,
+                response.status(),
+                "",
+                attempts,
+                started,
+                client,
+            );
+            response
+        }
+    };
+    backend.duration.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The request's body as sent to an instance: kept whole when small
+/// enough to be sent again, else streamed once.
+enum Payload {
+    Kept(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl Payload {
+    /// The body for the next attempt; `None` once a stream was used.
+    fn next(&mut self) -> Option<ProxyBody> {
+        match self {
+            Payload::Kept(bytes) => Some(
+                Full::new(bytes.clone())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            ),
+            Payload::Stream(body) => body.take().map(|b| b.map_err(Into::into).boxed()),
+        }
+    }
+}
+
+async fn forward<'a>(
+    backend: &Backend,
+    snapshot: &'a Snapshot,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    started: Instant,
+    attempts: &mut u32,
+) -> Result<(Response<ProxyBody>, &'a str), ProxyError> {
+    let policy = &snapshot.policy;
+    let deadline = started + policy.timeout;
+    let Some(pool) = &snapshot.client else {
+        return Err(ProxyError::NoInstance);
+    };
+    let _permit = backend.admit_request(policy, deadline).await?;
+    let idempotent = policy.retry_non_idempotent || is_idempotent(req.method());
+    let retry_here = policy.retries > 0 && !req.headers().contains_key(ATTEMPT_HEADER);
+    let key = (policy.balancer == Balancer::Hash).then(|| balance_key(policy, &req, client));
+    let (parts, body) = req.into_parts();
+    let mut payload = if retry_here && body.size_hint().upper().is_some_and(|n| n <= MAX_BUFFERED) {
+        let kept = Limited::new(body, MAX_BUFFERED as usize)
+            .collect()
+            .await
+            .map_err(|e| ProxyError::ClientBody(e.to_string()))?;
+        Payload::Kept(kept.to_bytes())
+    } else {
+        Payload::Stream(Some(body))
+    };
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    if !headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, host);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let version = match snapshot.protocol {
+        Protocol::Http2 | Protocol::Grpc => Version::HTTP_2,
+        _ => Version::HTTP_11,
+    };
+
+    backend.deposit();
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last: Option<ProxyError> = None;
+    for attempt in 0..=policy.retries {
+        if attempt > 0 {
+            if !backend.withdraw() {
+                break;
+            }
+            backoff(policy, attempt, deadline).await;
+        }
+        let Some(body) = payload.next() else { break };
+        let Some(pick) = backend.pick(snapshot, &tried, key) else {
+            return Err(last.unwrap_or(ProxyError::NoInstance));
+        };
+        let member = &snapshot.members[pick.index];
+        let addr = member.endpoint.addr;
+        tried.push(addr);
+        *attempts = attempt + 1;
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.version_mut() = version;
+        *request.headers_mut() = headers.clone();
+        request
+            .headers_mut()
+            .insert(ATTEMPT_HEADER, HeaderValue::from(attempt + 1));
+        *request.uri_mut() = Uri::try_from(format!("http://{addr}{path}"))
+            .map_err(|e| ProxyError::ClientBody(format!("bad request target: {e}")))?;
+
+        let try_started = Instant::now();
+        let limit = match policy.try_timeout {
+            Some(t) => (try_started + t).min(deadline),
+            None => deadline,
+        };
+        member.stats.active.fetch_add(1, Ordering::Relaxed);
+        let answered = tokio::time::timeout_at(limit, pool.request(request)).await;
+        member.stats.active.fetch_sub(1, Ordering::Relaxed);
+        let rtt = try_started.elapsed();
+        let error = match answered {
+            Ok(Ok(response)) => {
+                let status = response.status();
+                let retry_503 = status == StatusCode::SERVICE_UNAVAILABLE
+                    && idempotent
+                    && retry_here
+                    && attempt < policy.retries;
+                if status.is_server_error() {
+                    backend.failed(snapshot, member, rtt);
+                } else {
+                    backend.succeeded(member, rtt);
+                }
+                member.stats.statuses.count(status.as_u16());
+                if !retry_503 {
+                    let mut response = response.map(|b| b.map_err(Into::into).boxed());
+                    strip_hop_by_hop(response.headers_mut());
+                    return Ok((response, &member.label));
+                }
+                ProxyError::Unavailable {
+                    addr: member.label.clone(),
+                }
+            }
+            Ok(Err(e)) => {
+                backend.failed(snapshot, member, rtt);
+                if e.is_connect() {
+                    ProxyError::Connect {
+                        addr: member.label.clone(),
+                        reason: error_chain(&e),
+                    }
+                } else {
+                    ProxyError::Reset {
+                        addr: member.label.clone(),
+                        reason: error_chain(&e),
+                    }
+                }
+            }
+            Err(_) if Instant::now() >= deadline => {
+                backend.failed(snapshot, member, rtt);
+                return Err(ProxyError::Timeout(policy.timeout));
+            }
+            Err(_) => {
+                backend.failed(snapshot, member, rtt);
+                ProxyError::TryTimeout {
+                    addr: member.label.clone(),
+                    timeout: policy.try_timeout.unwrap_or(policy.timeout),
+                }
+            }
+        };
+        tracing::debug!(service = %backend.name, instance = %member.label, attempt = attempt + 1, %error, "attempt failed");
+        let again = error.retryable(idempotent) && retry_here;
+        last = Some(error);
+        if !again {
+            break;
+        }
+    }
+    Err(last.unwrap_or(ProxyError::NoInstance))
+}
+
+/// Full-jitter exponential back-off, never past the deadline.
+async fn backoff(policy: &Policy, attempt: u32, deadline: Instant) {
+    let cap = policy
+        .retry_backoff
+        .saturating_mul(1 << (attempt - 1).min(16))
+        .min(policy.retry_backoff_max);
+    if cap.is_zero() {
+        return;
+    }
+    let wait = Duration::from_secs_f64(rand::random::<f64>() * cap.as_secs_f64());
+    tokio::time::sleep_until((Instant::now() + wait).min(deadline)).await;
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
+    }
+    // TE survives only as "trailers" (gRPC needs it).
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// What a [`Balancer::Hash`] service hashes for this request; the client's
+/// IP when the header or cookie is missing.
+fn balance_key(policy: &Policy, req: &Request<Incoming>, client: SocketAddr) -> u64 {
+    let found = match &policy.hash_key {
+        HashKey::ClientIp => None,
+        HashKey::Header(name) => req
+            .headers()
+            .get(name.as_str())
+            .map(|v| hash_key(v.as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| hash_key(v.as_bytes())),
+    };
+    found.unwrap_or_else(|| hash_key(client.ip().to_string().as_bytes()))
+}
+
+/// The error and its causes, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn reject(
+    backend: &Backend,
+    req: &Request<Incoming>,
+    error: ProxyError,
+    started: Instant,
+) -> Response<ProxyBody> {
+    tracing::warn!(service = %backend.name, method = %req.method(), path = req.uri().path(), reason = error.reason(), %error, "request refused");
+    let response = error_response(backend, &error);
+    backend.duration.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The proxy's own answer to a failure: its status, the reason in
+/// `x-signpost-error`, the message in the body; counted.
+fn error_response(backend: &Backend, error: &ProxyError) -> Response<ProxyBody> {
+    let status = error.status();
+    backend.own_status(status.as_u16());
+    backend.shared.metrics.error(&backend.name, error.reason());
+    let body = format!("signpost: {}: {error}\n", backend.name);
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(ERROR_HEADER, HeaderValue::from_static(error.reason()));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access_log(
+    backend: &Backend,
+    method: &Method,
+    path: &str,
+    status: StatusCode,
+    instance: &str,
+    attempts: u32,
+    started: Instant,
+    client: SocketAddr,
+) {
+    if backend.shared.access_log {
+        tracing::info!(
+            target: "signpost::access",
+            service = %backend.name,
+            %client,
+            %method,
+            path,
+            status = status.as_u16(),
+            instance,
+            attempts,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_scoped_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+        let mut grpc = HeaderMap::new();
+        grpc.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut grpc);
+        assert!(grpc.contains_key(header::TE));
+    }
+
+    #[test]
+    fn only_safe_methods_are_idempotent() {
+        assert!(is_idempotent(&Method::GET));
+        assert!(is_idempotent(&Method::PUT));
+        assert!(!is_idempotent(&Method::POST));
+        assert!(!is_idempotent(&Method::PATCH));
+    }
+}

@@ -1,0 +1,251 @@
+//! The local L4/L7 proxy: the data plane behind a service's VIP.
+//!
+//! A program on the host resolves `payments.service.internal` to the
+//! service's VIP (the `dns` crate) and connects to it; this crate listens
+//! there and hands the connection (L4) or each request (L7) to a healthy
+//! instance anywhere in the fleet. The agent feeds it with
+//! [`Proxy::update`]: the services in use on the host, their instances
+//! and their [`Policy`]; nothing is ever regenerated or reloaded.
+//!
+//! Layout, in the order a connection meets it:
+//! - [`listeners`]: which (VIP, port) serves which backend; opened and
+//!   closed as the services change, without touching open connections.
+//! - `tcp` / `http`: a connection joined to an instance (L4), or HTTP/1.1
+//!   and h2c requests forwarded over pooled connections with deadlines
+//!   and budgeted retries (L7).
+//! - `backend`: one service's instances, policy snapshot, limits, retry
+//!   budget and pool.
+//! - `balance` and `endpoint`: which instance (health, panic threshold,
+//!   zone, P2C peak-EWMA / round robin / rendezvous hash) and what was
+//!   learned about each (latency, load, consecutive failures, ejection).
+//! - [`error`]: failures classified by origin, retryability and status.
+//! - [`metrics`]: per service and instance.
+
+mod backend;
+mod balance;
+mod endpoint;
+pub mod error;
+mod http;
+mod listeners;
+pub mod metrics;
+mod tcp;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use signpost_core::model::Protocol;
+use signpost_core::policy::Policy;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::Backend;
+pub use crate::endpoint::Endpoint;
+pub use crate::http::{ATTEMPT_HEADER, ERROR_HEADER};
+use crate::listeners::{BackendKey, Open, Tasks};
+pub use crate::metrics::ProxyMetrics;
+
+/// The proxy's settings from the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The agent's zone, preferred when balancing.
+    pub zone: String,
+    /// The extra port of HTTP services' VIPs (0: none).
+    pub http_port: u16,
+    /// Idle pooled connections to instances close after this.
+    pub pool_idle_timeout: Duration,
+    /// A log line per request (L7) or connection (L4).
+    pub access_log: bool,
+}
+
+/// One name the proxy serves: a service, or a tag-filtered view of one,
+/// with its VIP.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    /// The VIP's name: `web`, or `v2.web` for the instances tagged `v2`.
+    pub name: String,
+    /// The catalog service it reaches.
+    pub service: String,
+    pub vip: Ipv4Addr,
+    /// What the instances registered; the policy may override it.
+    pub protocol: Protocol,
+    /// Every instance, whatever its health (the proxy decides).
+    pub endpoints: Vec<Endpoint>,
+    pub policy: Policy,
+}
+
+/// What every backend shares.
+pub(crate) struct Shared {
+    zone: String,
+    pool_idle_timeout: Duration,
+    access_log: bool,
+    metrics: Arc<ProxyMetrics>,
+    on_use: Box<dyn Fn(&str) + Send + Sync>,
+    started: std::time::Instant,
+}
+
+struct Inner {
+    backends: HashMap<BackendKey, Arc<Backend>>,
+    listeners: HashMap<SocketAddr, Open>,
+    /// Listeners that could not be opened last time (logged once).
+    failed: HashSet<SocketAddr>,
+}
+
+/// The running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    http_port: u16,
+    inner: Mutex<Inner>,
+    tasks: Tasks,
+}
+
+impl Proxy {
+    /// A proxy with no listeners yet. `on_use` is called with a service's
+    /// name when connections or requests use it (at most once a second
+    /// per service), so the agent keeps its instances up to date.
+    pub fn new(
+        settings: Settings,
+        metrics: Arc<ProxyMetrics>,
+        on_use: impl Fn(&str) + Send + Sync + 'static,
+    ) -> Proxy {
+        Proxy {
+            shared: Arc::new(Shared {
+                zone: settings.zone,
+                pool_idle_timeout: settings.pool_idle_timeout,
+                access_log: settings.access_log,
+                metrics,
+                on_use: Box::new(on_use),
+                started: std::time::Instant::now(),
+            }),
+            http_port: settings.http_port,
+            inner: Mutex::new(Inner {
+                backends: HashMap::new(),
+                listeners: HashMap::new(),
+                failed: HashSet::new(),
+            }),
+            tasks: Tasks {
+                tracker: TaskTracker::new(),
+                drain: CancellationToken::new(),
+                stop: CancellationToken::new(),
+            },
+        }
+    }
+
+    /// Serves exactly `services` from now on: backends are updated in
+    /// place (keeping what was learned about instances), listeners opened
+    /// and closed as needed. Returns how many listeners could not be
+    /// opened; call again later to retry them. Must be called within a
+    /// Tokio runtime.
+    pub fn update(&self, services: Vec<ServiceSpec>) -> usize {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let inner = &mut *inner;
+        let mut wanted_backends: HashMap<BackendKey, Arc<Backend>> = HashMap::new();
+        let mut wanted_listeners: HashMap<SocketAddr, BackendKey> = HashMap::new();
+        for spec in services {
+            let protocol = spec.policy.protocol.unwrap_or(spec.protocol);
+            let plan = listeners::plan(&spec, protocol, self.http_port);
+            for (key, endpoints) in plan.backends {
+                let backend = match inner.backends.remove(&key) {
+                    Some(b) => {
+                        b.update(endpoints, protocol, spec.policy.clone());
+                        b
+                    }
+                    None => Arc::new(Backend::new(
+                        &spec.name,
+                        &spec.service,
+                        endpoints,
+                        protocol,
+                        spec.policy.clone(),
+                        self.shared.clone(),
+                    )),
+                };
+                wanted_backends.insert(key, backend);
+            }
+            for (addr, key) in plan.listeners {
+                if let Some(other) = wanted_listeners.insert(addr, key) {
+                    tracing::error!(%addr, service = %other.0, "two services want the same VIP and port");
+                }
+            }
+        }
+        inner.backends = wanted_backends;
+
+        inner.listeners.retain(|addr, open| {
+            let keep = wanted_listeners.contains_key(addr);
+            if !keep {
+                tracing::info!(%addr, service = %open.key.0, "closing listener; open connections carry on");
+                open.close();
+            }
+            keep
+        });
+        let mut failures = 0;
+        for (addr, key) in wanted_listeners {
+            let Some(backend) = inner.backends.get(&key).cloned() else {
+                continue;
+            };
+            if let Some(open) = inner.listeners.get_mut(&addr) {
+                if open.key != key {
+                    open.target.store(backend);
+                    open.key = key;
+                }
+                continue;
+            }
+            match listeners::open(addr, key.clone(), backend, &self.tasks) {
+                Ok(open) => {
+                    tracing::info!(%addr, service = %key.0, "listening");
+                    inner.failed.remove(&addr);
+                    inner.listeners.insert(addr, open);
+                }
+                Err(error) => {
+                    failures += 1;
+                    self.shared.metrics.listen_error();
+                    if inner.failed.insert(addr) {
+                        tracing::error!(%addr, service = %key.0, %error, "cannot listen on the service's VIP; retrying");
+                    }
+                }
+            }
+        }
+        inner.failed.retain(|a| !inner.listeners.contains_key(a));
+        self.shared
+            .metrics
+            .listeners()
+            .set(i64::try_from(inner.listeners.len()).unwrap_or(i64::MAX));
+        failures
+    }
+
+    /// The addresses listened on.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.listeners.keys().copied().collect()
+    }
+
+    /// Stops accepting, lets HTTP connections finish their requests and
+    /// L4 connections run for up to `grace`, then closes what is left.
+    pub async fn shutdown(&self, grace: Duration) {
+        {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            for open in inner.listeners.values() {
+                open.close();
+            }
+            inner.listeners.clear();
+        }
+        self.tasks.drain.cancel();
+        self.tasks.tracker.close();
+        if tokio::time::timeout(grace, self.tasks.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("proxy connections still open after the grace period: closing them");
+            self.tasks.stop.cancel();
+            self.tasks.tracker.wait().await;
+        }
+    }
+}
+
+/// Sets TCP_NODELAY: a proxy must not hold back small writes.
+fn nodelay(stream: &TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
+    }
+}

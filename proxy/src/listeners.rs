@@ -1,0 +1,234 @@
+//! The VIP listeners: which (VIP, port) serves which backend, and the
+//! accept loops. A listener is opened when its service first needs it and
+//! closed when the service no longer does; closing one only stops
+//! accepting, so connections already made carry on. A listener whose
+//! backend changes keeps its socket and serves the new backend from the
+//! next connection.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use signpost_core::model::Protocol;
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ServiceSpec;
+use crate::backend::Backend;
+use crate::endpoint::Endpoint;
+
+/// A backend's identity: the VIP name, and the one instance port it is
+/// limited to when a service's instances serve different ports.
+pub(crate) type BackendKey = (String, Option<u16>);
+
+/// What one service asks for: backends and the listeners that serve them.
+pub(crate) struct Plan {
+    pub(crate) backends: Vec<(BackendKey, Vec<Endpoint>)>,
+    pub(crate) listeners: Vec<(SocketAddr, BackendKey)>,
+}
+
+/// A listener on every port the instances serve, plus `http_port` for an
+/// HTTP service. When all instances serve one port, every listener shares
+/// one backend; otherwise each instance port has its own backend (its
+/// instances only) and `http_port` balances over all of them.
+pub(crate) fn plan(spec: &ServiceSpec, protocol: Protocol, http_port: u16) -> Plan {
+    let ports: BTreeSet<u16> = spec.endpoints.iter().map(|e| e.addr.port()).collect();
+    let all: BackendKey = (spec.name.clone(), None);
+    let mut backends = vec![(all.clone(), spec.endpoints.clone())];
+    let mut listeners = Vec::new();
+    let listen = |port| SocketAddr::V4(SocketAddrV4::new(spec.vip, port));
+    if ports.len() <= 1 {
+        listeners.extend(ports.iter().map(|&p| (listen(p), all.clone())));
+    } else {
+        for &port in &ports {
+            let key = (spec.name.clone(), Some(port));
+            let endpoints = spec
+                .endpoints
+                .iter()
+                .filter(|e| e.addr.port() == port)
+                .cloned()
+                .collect();
+            backends.push((key.clone(), endpoints));
+            listeners.push((listen(port), key));
+        }
+    }
+    if protocol != Protocol::Tcp
+        && http_port != 0
+        && !ports.contains(&http_port)
+        && !ports.is_empty()
+    {
+        listeners.push((listen(http_port), all));
+    }
+    Plan {
+        backends,
+        listeners,
+    }
+}
+
+/// An open listener.
+pub(crate) struct Open {
+    pub(crate) target: Arc<ArcSwap<Backend>>,
+    pub(crate) key: BackendKey,
+    stop: CancellationToken,
+}
+
+impl Open {
+    pub(crate) fn close(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// What every accept loop and connection shares.
+#[derive(Clone)]
+pub(crate) struct Tasks {
+    pub(crate) tracker: TaskTracker,
+    /// Connections finish their requests and close (HTTP) ...
+    pub(crate) drain: CancellationToken,
+    /// ... and stop at once (L4, and whatever is left after the grace).
+    pub(crate) stop: CancellationToken,
+}
+
+/// Opens a listener on `addr` for `backend`.
+pub(crate) fn open(
+    addr: SocketAddr,
+    key: BackendKey,
+    backend: Arc<Backend>,
+    tasks: &Tasks,
+) -> std::io::Result<Open> {
+    let listener = bind(addr)?;
+    let target = Arc::new(ArcSwap::new(backend));
+    let stop = tasks.drain.child_token();
+    let open = Open {
+        target: target.clone(),
+        key,
+        stop: stop.clone(),
+    };
+    let tasks2 = tasks.clone();
+    tasks
+        .tracker
+        .spawn(accept_loop(listener, addr, target, stop, tasks2));
+    Ok(open)
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    target: Arc<ArcSwap<Backend>>,
+    stop: CancellationToken,
+    tasks: Tasks,
+) {
+    tracing::debug!(%addr, service = %target.load().name, "listening");
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let backend = target.load_full();
+                let tcp = backend.snapshot().protocol == Protocol::Tcp;
+                if tcp {
+                    let stop = tasks.stop.clone();
+                    tasks
+                        .tracker
+                        .spawn(crate::tcp::serve(backend, stream, client, stop));
+                } else {
+                    let (drain, stop) = (tasks.drain.clone(), tasks.stop.clone());
+                    tasks
+                        .tracker
+                        .spawn(crate::http::serve(backend, stream, client, drain, stop));
+                }
+            }
+            Err(error) => {
+                // Out of file descriptors, mostly: wait instead of spinning.
+                tracing::warn!(%addr, %error, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(%addr, "listener closed");
+}
+
+/// Tests of [`plan`].
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use signpost_core::model::{Health, Weights};
+    use signpost_core::policy::Policy;
+
+    use super::*;
+
+    fn spec(ports: &[u16]) -> ServiceSpec {
+        ServiceSpec {
+            name: "web".to_string(),
+            service: "web".to_string(),
+            vip: Ipv4Addr::new(127, 77, 0, 9),
+            protocol: Protocol::Http,
+            endpoints: ports
+                .iter()
+                .enumerate()
+                .map(|(i, &port)| Endpoint {
+                    addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], port)),
+                    zone: String::new(),
+                    health: Health::Passing,
+                    weights: Weights::default(),
+                })
+                .collect(),
+            policy: Policy::default(),
+        }
+    }
+
+    fn ports(plan: &Plan) -> Vec<(u16, Option<u16>)> {
+        plan.listeners
+            .iter()
+            .map(|(addr, key)| (addr.port(), key.1))
+            .collect()
+    }
+
+    #[test]
+    fn one_port_and_the_http_port_share_a_backend() {
+        let p = plan(&spec(&[8080, 8080]), Protocol::Http, 80);
+        assert_eq!(ports(&p), vec![(8080, None), (80, None)]);
+        assert_eq!(p.backends.len(), 1);
+        let tcp = plan(&spec(&[6379]), Protocol::Tcp, 80);
+        assert_eq!(ports(&tcp), vec![(6379, None)]);
+        let off = plan(&spec(&[8080]), Protocol::Http, 0);
+        assert_eq!(ports(&off), vec![(8080, None)]);
+    }
+
+    #[test]
+    fn different_ports_get_their_own_backends() {
+        let p = plan(&spec(&[8080, 9090, 9090]), Protocol::Http, 80);
+        assert_eq!(
+            ports(&p),
+            vec![(8080, Some(8080)), (9090, Some(9090)), (80, None)]
+        );
+        let by_port = |port| {
+            p.backends
+                .iter()
+                .find(|(k, _)| k.1 == Some(port))
+                .map(|(_, e)| e.len())
+        };
+        assert_eq!(by_port(8080), Some(1));
+        assert_eq!(by_port(9090), Some(2));
+    }
+
+    #[test]
+    fn no_instances_no_listeners() {
+        assert!(plan(&spec(&[]), Protocol::Http, 80).listeners.is_empty());
+    }
+}

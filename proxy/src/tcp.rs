@@ -1,0 +1,115 @@
+//! L4: a client connection is joined to a connection to one instance and
+//! bytes flow both ways. A failed connect is tried on another instance
+//! (nothing was sent yet); after that, the instance's close closes the
+//! client's connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use signpost_core::policy::Balancer;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Backend;
+use crate::balance::hash_key;
+use crate::error::ProxyError;
+
+/// Serves one client connection until either side closes it or `stop`
+/// fires.
+pub(crate) async fn serve(
+    backend: Arc<Backend>,
+    mut inbound: TcpStream,
+    client: SocketAddr,
+    stop: CancellationToken,
+) {
+    let _admitted = match backend.admit_connection() {
+        Ok(guard) => guard,
+        Err(error) => {
+            tracing::warn!(service = %backend.name, %client, reason = error.reason(), %error, "connection refused");
+            backend.shared.metrics.error(&backend.name, error.reason());
+            return;
+        }
+    };
+    backend.used();
+    let started = Instant::now();
+    let snapshot = backend.snapshot_full();
+    let policy = &snapshot.policy;
+    let key =
+        (policy.balancer == Balancer::Hash).then(|| hash_key(client.ip().to_string().as_bytes()));
+    let mut tried = Vec::new();
+    let mut last = ProxyError::NoInstance;
+    for attempt in 0..=policy.retries {
+        let Some(pick) = backend.pick(&snapshot, &tried, key) else {
+            break;
+        };
+        let member = &snapshot.members[pick.index];
+        tried.push(member.endpoint.addr);
+        if attempt > 0 {
+            // Connect failures carry no load to the service: not charged
+            // to the retry budget.
+            backend.shared.metrics.retry(&backend.name);
+        }
+        let connect_started = Instant::now();
+        let connected = tokio::time::timeout(
+            policy.connect_timeout,
+            TcpStream::connect(member.endpoint.addr),
+        )
+        .await;
+        let mut outbound = match connected {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                backend.failed(&snapshot, member, connect_started.elapsed());
+                last = ProxyError::Connect {
+                    addr: member.label.clone(),
+                    reason: e.to_string(),
+                };
+                tracing::debug!(service = %backend.name, instance = %member.label, error = %last, "connect failed");
+                continue;
+            }
+            Err(_) => {
+                backend.failed(&snapshot, member, connect_started.elapsed());
+                last = ProxyError::Connect {
+                    addr: member.label.clone(),
+                    reason: format!("timed out after {:?}", policy.connect_timeout),
+                };
+                tracing::debug!(service = %backend.name, instance = %member.label, error = %last, "connect failed");
+                continue;
+            }
+        };
+        backend.succeeded(member, connect_started.elapsed());
+        crate::nodelay(&inbound);
+        crate::nodelay(&outbound);
+        member.stats.active.fetch_add(1, Ordering::Relaxed);
+        let copied = tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => Some(copied),
+            () = stop.cancelled() => None,
+        };
+        member.stats.active.fetch_sub(1, Ordering::Relaxed);
+        match copied {
+            Some(Ok((up, down))) => {
+                if backend.shared.access_log {
+                    tracing::info!(
+                        target: "signpost::access",
+                        service = %backend.name,
+                        %client,
+                        instance = %member.label,
+                        bytes_sent = up,
+                        bytes_received = down,
+                        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    );
+                }
+            }
+            Some(Err(error)) => {
+                tracing::debug!(service = %backend.name, %client, instance = %member.label, %error, "connection ended with an error");
+            }
+            None => {
+                tracing::debug!(service = %backend.name, %client, "connection closed at shutdown");
+            }
+        }
+        return;
+    }
+    tracing::warn!(service = %backend.name, %client, reason = last.reason(), error = %last, "no instance took the connection; closing it");
+    backend.shared.metrics.error(&backend.name, last.reason());
+}
