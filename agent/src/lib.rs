@@ -15,14 +15,17 @@
 //!   `data_dir`.
 //! - `sync` and [`fleet`]: the stream to the control plane, and the view
 //!   of the services this host uses that it maintains.
-//! - `dns` and [`vips`]: the local DNS server (the `signpost-dns` crate)
-//!   answering from this node's state and the fleet view, and the stable
-//!   service VIPs it hands out.
+//! - `catalog`: this node's state and the fleet view as one catalog, with
+//!   the stable service VIPs ([`vips`]).
+//! - `dns` and `proxy`: the local DNS server (the `signpost-dns` crate)
+//!   and the L4/L7 proxy on the VIPs (the `signpost-proxy` crate), both
+//!   answering from that catalog.
 //! - [`cli`], [`dev`]: the `signpost` subcommands that talk to an agent,
 //!   and the one-command demo.
 
 pub mod agent;
 mod api;
+mod catalog;
 pub mod checks;
 pub mod cli;
 pub mod dev;
@@ -31,6 +34,7 @@ mod files;
 pub mod fleet;
 pub mod metrics;
 mod persist;
+mod proxy;
 pub mod state;
 mod sync;
 pub mod telemetry;
@@ -87,6 +91,8 @@ pub async fn run(
     let mut metrics = Metrics::new();
     let dns_metrics = Arc::new(signpost_dns::DnsMetrics::default());
     dns_metrics.register(metrics.registry_mut());
+    let proxy_metrics = Arc::new(signpost_proxy::ProxyMetrics::default());
+    proxy_metrics.register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let supervisor = Supervisor::new(
         state.clone(),
@@ -153,7 +159,7 @@ pub async fn run(
         }
         None => None,
     };
-    let dns_server = if agent.config.dns.enabled {
+    let catalog = if agent.config.dns.enabled || agent.config.proxy.enabled {
         let vips = Vips::load(&agent.config.data_dir, agent.config.proxy.vip_range).with_context(
             || {
                 format!(
@@ -162,23 +168,41 @@ pub async fn run(
                 )
             },
         )?;
-        let catalog = dns::AgentCatalog {
+        Some(Arc::new(catalog::AgentCatalog {
             agent: agent.clone(),
             fleet: fleet.clone(),
             vips: Arc::new(vips),
-        };
-        let server = dns::bind(catalog, dns_metrics)
-            .await
-            .context("cannot start the DNS server (dns.listen)")?;
-        tracing::info!(addr = %server.local_addr(), domain = %agent.config.dns.domain, "DNS listening (UDP and TCP)");
-        let token = shutdown.clone();
-        Some(tokio::spawn(async move {
-            if let Err(e) = server.run_until(token.cancelled_owned()).await {
-                tracing::error!(error = %e, "DNS server failed");
-            }
         }))
     } else {
         None
+    };
+    let dns_server = match &catalog {
+        Some(catalog) if agent.config.dns.enabled => {
+            let server = dns::bind(catalog.clone(), dns_metrics)
+                .await
+                .context("cannot start the DNS server (dns.listen)")?;
+            tracing::info!(addr = %server.local_addr(), domain = %agent.config.dns.domain, "DNS listening (UDP and TCP)");
+            let token = shutdown.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = server.run_until(token.cancelled_owned()).await {
+                    tracing::error!(error = %e, "DNS server failed");
+                }
+            }))
+        }
+        _ => None,
+    };
+    let proxy_task = match &catalog {
+        Some(catalog) if agent.config.proxy.enabled => {
+            let proxy = proxy::new(catalog, proxy_metrics);
+            tracing::info!(vip_range = %agent.config.proxy.vip_range, "proxy serving the service VIPs");
+            Some(tokio::spawn(proxy::run(
+                proxy,
+                catalog.clone(),
+                shutdown.clone(),
+                SHUTDOWN_GRACE,
+            )))
+        }
+        _ => None,
     };
     let router = api::router(api::Api {
         agent: agent.clone(),
@@ -209,6 +233,11 @@ pub async fn run(
         && tokio::time::timeout(SHUTDOWN_GRACE, dns).await.is_err()
     {
         tracing::warn!("DNS server did not stop in time");
+    }
+    if let Some(proxy) = proxy_task
+        && let Err(e) = proxy.await
+    {
+        tracing::error!(error = %e, "proxy task failed");
     }
     agent.stop_checks().await;
     background.cancel();

@@ -20,6 +20,8 @@ struct VipFile {
 pub struct Vips {
     table: Mutex<VipTable>,
     path: PathBuf,
+    /// Bumped on every allocation, so the proxy opens its listeners.
+    allocated: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,7 @@ impl Vips {
         Ok(Vips {
             table: Mutex::new(table),
             path,
+            allocated: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -103,8 +106,24 @@ impl Vips {
                 source,
             });
         }
+        drop(table);
         tracing::info!(service, tag, vip = %ip, "allocated a VIP");
+        self.allocated.send_modify(|n| *n += 1);
         Ok(ip)
+    }
+
+    /// Every VIP by its name (`service` or `tag.service`).
+    pub fn entries(&self) -> Vec<(String, Ipv4Addr)> {
+        self.lock()
+            .entries()
+            .iter()
+            .map(|(k, ip)| (k.clone(), *ip))
+            .collect()
+    }
+
+    /// Wakes up on every new VIP.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.allocated.subscribe()
     }
 
     /// The name (`service` or `tag.service`) a VIP belongs to.

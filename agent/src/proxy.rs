@@ -1,0 +1,132 @@
+//! Wires the `proxy` crate into the agent. Every name with a VIP on this
+//! host (looked up through DNS, or listed in `upstreams`) gets listeners;
+//! its instances come from [`AgentCatalog`] and its policy from
+//! `proxy.defaults` and `proxy.services`. The proxy is updated in place
+//! on every change of this node's state, the fleet cache or the VIP
+//! table.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use signpost_core::model::Protocol;
+use signpost_proxy::{Endpoint, Proxy, ProxyMetrics, ServiceSpec, Settings};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{AgentCatalog, Instance};
+
+/// How soon listeners that could not be opened are tried again.
+const RETRY_LISTEN: Duration = Duration::from_secs(5);
+
+/// A proxy for the agent's configuration; it reports use of a service to
+/// the fleet cache, which keeps the service subscribed.
+pub(crate) fn new(catalog: &AgentCatalog, metrics: Arc<ProxyMetrics>) -> Proxy {
+    let config = &catalog.agent.config;
+    let settings = Settings {
+        zone: config.zone.clone(),
+        http_port: config.proxy.http_port,
+        pool_idle_timeout: config.proxy.pool_idle_timeout,
+        access_log: config.proxy.access_log,
+    };
+    let fleet = catalog.fleet.clone();
+    Proxy::new(settings, metrics, move |service| {
+        if let Some(fleet) = &fleet {
+            fleet.touch(service);
+        }
+    })
+}
+
+/// Keeps the proxy's services current until `shutdown`, then drains it
+/// for up to `grace`.
+pub(crate) async fn run(
+    proxy: Proxy,
+    catalog: Arc<AgentCatalog>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    for upstream in &catalog.agent.config.upstreams {
+        if let Err(error) = catalog.vips.get_or_allocate(upstream, None) {
+            tracing::error!(service = %upstream, %error, "no VIP for the upstream: it is not proxied");
+        }
+    }
+    let mut state = catalog.agent.state.subscribe();
+    let mut fleet = catalog.fleet.as_ref().map(|f| f.subscribe_changes());
+    let mut vips = catalog.vips.subscribe();
+    loop {
+        let failures = proxy.update(services(&catalog));
+        let retry = async {
+            if failures > 0 {
+                tokio::time::sleep(RETRY_LISTEN).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let fleet_changed = async {
+            match &mut fleet {
+                Some(changes) => {
+                    if changes.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = state.changed() => {}
+            _ = vips.changed() => {}
+            () = fleet_changed => {}
+            () = retry => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    proxy.shutdown(grace).await;
+}
+
+/// What the proxy should serve now: one entry per VIP.
+fn services(catalog: &AgentCatalog) -> Vec<ServiceSpec> {
+    let config = &catalog.agent.config.proxy;
+    catalog
+        .vips
+        .entries()
+        .into_iter()
+        .filter_map(|(key, vip)| {
+            let (service, tag) = catalog.vip_owner(key.clone());
+            let (service, instances) = catalog.instances_of(&service, tag.as_deref())?;
+            let policy = config.policy(&service);
+            Some(ServiceSpec {
+                protocol: protocol(&instances),
+                endpoints: instances.iter().filter_map(endpoint).collect(),
+                name: key,
+                service,
+                vip,
+                policy,
+            })
+        })
+        .collect()
+}
+
+/// The protocol most instances registered (TCP when none).
+fn protocol(instances: &[Instance]) -> Protocol {
+    let mut counts: Vec<(Protocol, usize)> = Vec::new();
+    for i in instances {
+        match counts.iter_mut().find(|(p, _)| *p == i.protocol) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((i.protocol, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map_or(Protocol::Tcp, |(p, _)| p)
+}
+
+/// An instance the proxy can connect to: an IP address and a port.
+fn endpoint(i: &Instance) -> Option<Endpoint> {
+    let ip: IpAddr = i.address?;
+    (i.port != 0).then(|| Endpoint {
+        addr: SocketAddr::new(ip, i.port),
+        zone: i.zone.clone(),
+        health: i.health,
+        weights: i.weights,
+    })
+}
