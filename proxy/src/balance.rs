@@ -85,7 +85,7 @@ pub(crate) fn pick(
             }
         };
         let chosen = match req.policy.balancer {
-            Balancer::P2cEwma => p2c(members, &candidates, weight),
+            Balancer::P2cEwma => p2c(members, &candidates, weight, now),
             Balancer::RoundRobin => round_robin_pick(&candidates, weight, round_robin),
             Balancer::Hash => rendezvous(members, &candidates, weight, req.key.unwrap_or(0)),
         };
@@ -102,7 +102,12 @@ pub(crate) fn pick(
 
 /// Two weighted random candidates; the one with the lower cost per unit
 /// of weight wins.
-fn p2c(members: &[Member], candidates: &[usize], weight: impl Fn(usize) -> u64) -> usize {
+fn p2c(
+    members: &[Member],
+    candidates: &[usize],
+    weight: impl Fn(usize) -> u64,
+    now: Instant,
+) -> usize {
     if candidates.len() == 1 {
         return 0;
     }
@@ -110,7 +115,7 @@ fn p2c(members: &[Member], candidates: &[usize], weight: impl Fn(usize) -> u64) 
     let b = weighted_random(candidates, &weight, Some(a));
     let cost = |c: usize| {
         let i = candidates[c];
-        members[i].stats.cost() / weight(i) as f64
+        members[i].stats.cost(now) / weight(i) as f64
     };
     if cost(b) < cost(a) { b } else { a }
 }
@@ -283,7 +288,10 @@ mod tests {
             member(3, "b", Health::Passing),
             member(4, "b", Health::Passing),
         ];
-        let policy = Policy::default();
+        let policy = Policy {
+            balancer: Balancer::RoundRobin,
+            ..Policy::default()
+        };
         assert_eq!(counts(&members, &policy, |_| None)[2..], [0, 0]);
         // One of two local instances left is still half: kept local.
         members[1].endpoint.health = Health::Critical;

@@ -107,9 +107,13 @@ impl Stats {
     }
 
     /// The balancer's cost: peak-EWMA latency times the load in flight.
-    pub(crate) fn cost(&self) -> f64 {
+    /// Reading decays the estimate toward zero (as tower's PeakEwma
+    /// does), so an instance left alone after a slow spell is tried again.
+    pub(crate) fn cost(&self, now: Instant) -> f64 {
         let active = f64::from(self.active.load(Ordering::Relaxed));
-        self.lock().ewma * (active + 1.0)
+        let mut l = self.lock();
+        observe(&mut l, Duration::ZERO, now);
+        l.ewma * (active + 1.0)
     }
 
     pub(crate) fn standing(&self, now: Instant) -> Standing {
@@ -165,13 +169,19 @@ impl Stats {
         may_eject: impl FnOnce() -> bool,
     ) -> FailureOutcome {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut l = self.lock();
-        observe(&mut l, rtt.max(FAILURE_PENALTY), now);
-        let probe_failed = l.probing.is_some();
-        let due = eject_after > 0 && failures >= eject_after && l.ejected_until.is_none();
-        if !probe_failed && !(due && may_eject()) {
+        let (probe_failed, due) = {
+            let mut l = self.lock();
+            observe(&mut l, rtt.max(FAILURE_PENALTY), now);
+            let due = eject_after > 0 && failures >= eject_after && l.ejected_until.is_none();
+            (l.probing.is_some(), due)
+        };
+        // `may_eject` looks at every instance, this one included: not
+        // under this one's lock.
+        let eject = probe_failed || (due && may_eject());
+        if !eject {
             return FailureOutcome::Counted;
         }
+        let mut l = self.lock();
         let factor = 1u32 << l.ejections.min(16);
         let period = base.saturating_mul(factor).min(max);
         l.ejections = l.ejections.saturating_add(1);
@@ -289,19 +299,24 @@ mod tests {
         let s = stats();
         let mut now = Instant::now();
         s.success(Duration::from_millis(500), now);
-        let slow = s.cost();
+        let slow = s.cost(now);
         assert!((slow - 0.5).abs() < 1e-9, "{slow}");
         for _ in 0..50 {
             now += Duration::from_secs(1);
             s.success(Duration::from_millis(1), now);
         }
-        assert!(s.cost() < 0.01, "{}", s.cost());
-        let idle = s.cost();
+        let idle = s.cost(now);
+        assert!(idle < 0.01, "{idle}");
         s.active.store(3, Ordering::Relaxed);
+        let busy = s.cost(now);
         assert!(
-            (s.cost() - 4.0 * idle).abs() < 1e-12,
+            (busy - 4.0 * idle).abs() < 1e-12,
             "cost grows with the load"
         );
+        s.active.store(0, Ordering::Relaxed);
+        // Left alone, the estimate fades, so the instance is tried again.
+        let left_alone = s.cost(now + Duration::from_secs(30));
+        assert!(left_alone < idle / 10.0, "{left_alone} vs {idle}");
     }
 
     #[test]

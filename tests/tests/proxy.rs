@@ -1,0 +1,756 @@
+//! The local proxy end to end: a real agent, real upstream servers on
+//! loopback, clients that resolve the service name through the agent's
+//! DNS and connect to the VIP it returns.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::rr::{RData, RecordType};
+use signpost_tests::Agent;
+use signpost_tests::dns::{Transport, query};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+/// A status that makes an [`Upstream`] accept requests and never answer.
+const HANG: u16 = 0;
+
+/// An HTTP/1.1 instance on its own loopback address: answers with its
+/// name, or the status the test sets, after the delay the test sets.
+struct Upstream {
+    addr: SocketAddr,
+    name: String,
+    status: Arc<AtomicU16>,
+    delay_ms: Arc<AtomicU64>,
+    hits: Arc<AtomicUsize>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+impl Upstream {
+    /// Starts one on a fresh loopback address, on `port` (0: any).
+    async fn start(name: &str, port: u16) -> Upstream {
+        let listener = bind(port).await;
+        let addr = listener.local_addr().unwrap();
+        let status = Arc::new(AtomicU16::new(200));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let tasks = Arc::new(Mutex::new(JoinSet::new()));
+        let (s, d, h, t, n) = (
+            status.clone(),
+            delay_ms.clone(),
+            hits.clone(),
+            tasks.clone(),
+            name.to_string(),
+        );
+        tasks.lock().unwrap().spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (s, d, h, n) = (s.clone(), d.clone(), h.clone(), n.clone());
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (s, d, h, n) = (s.clone(), d.clone(), h.clone(), n.clone());
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            let code = s.load(Ordering::SeqCst);
+                            if code == HANG {
+                                std::future::pending::<()>().await;
+                            }
+                            let delay = d.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            let attempt = req
+                                .headers()
+                                .get("x-signpost-attempt")
+                                .map(|v| v.to_str().unwrap().to_string())
+                                .unwrap_or_default();
+                            let body = http_body_util::Full::new(bytes::Bytes::from(n));
+                            let response = hyper::Response::builder()
+                                .status(code)
+                                .header("x-attempt-seen", attempt)
+                                .body(body)
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    },
+                );
+                t.lock().unwrap().spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            name: name.to_string(),
+            status,
+            delay_ms,
+            hits,
+            tasks,
+        }
+    }
+
+    fn set_status(&self, code: u16) {
+        self.status.store(code, Ordering::SeqCst);
+    }
+
+    fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Dies like a killed process: the listener and every connection close.
+    fn kill(&self) {
+        self.tasks.lock().unwrap().abort_all();
+    }
+
+    /// Its service-file entry.
+    fn entry(&self, service: &str, protocol: &str) -> String {
+        format!(
+            "  - name: {service}\n    id: {}\n    address: {}\n    port: {}\n    protocol: {protocol}\n",
+            self.name,
+            self.addr.ip(),
+            self.addr.port()
+        )
+    }
+}
+
+/// A listener on a fresh loopback address, on `port` (0: any).
+async fn bind(port: u16) -> TcpListener {
+    loop {
+        let ip = signpost_tests::free_addr().ip();
+        if let Ok(l) = TcpListener::bind((ip, port)).await {
+            return l;
+        }
+    }
+}
+
+/// `n` upstreams serving the same port, as a service's instances do.
+async fn upstreams(prefix: &str, n: usize) -> Vec<Upstream> {
+    let first = Upstream::start(&format!("{prefix}-1"), 0).await;
+    let port = first.addr.port();
+    let mut all = vec![first];
+    for i in 2..=n {
+        all.push(Upstream::start(&format!("{prefix}-{i}"), port).await);
+    }
+    all
+}
+
+/// An agent with its own VIP range (tests run side by side) and `proxy`
+/// settings (YAML lines under `proxy:`, indented by two spaces).
+async fn agent(proxy: &str) -> Agent {
+    let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
+    Agent::start(&format!(
+        "dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n{proxy}"
+    ))
+    .await
+}
+
+fn register(agent: &Agent, file: &str, service: &str, protocol: &str, ups: &[Upstream]) {
+    let entries: String = ups.iter().map(|u| u.entry(service, protocol)).collect();
+    agent.write_service_file(file, &format!("services:\n{entries}"));
+}
+
+/// Resolves `name` with the agent's DNS, as an application does.
+async fn resolve(agent: &Agent, name: &str) -> Option<Ipv4Addr> {
+    let m = query(agent.dns_addr(), name, RecordType::A, Transport::Udp).await;
+    m.answers.iter().find_map(|r| match &r.data {
+        RData::A(a) => Some(a.0),
+        _ => None,
+    })
+}
+
+/// The service's VIP once the agent knows the service and its proxy
+/// listens on `port` there.
+async fn vip(agent: &Agent, service: &str, port: u16) -> SocketAddr {
+    let name = format!("{service}.service.internal");
+    let ip = agent
+        .eventually(&format!("{name} to resolve"), || async {
+            resolve(agent, &name).await
+        })
+        .await;
+    let addr = SocketAddr::from((ip, port));
+    agent
+        .eventually(&format!("a listener on {addr}"), || async {
+            TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+    addr
+}
+
+/// An HTTP client that reaches `host` at `addr`, the way a program that
+/// resolved the name does.
+fn client(host: &str, addr: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .resolve(host, addr)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// GETs `url` `n` times; returns the bodies (instance names) by count.
+async fn spread(client: &reqwest::Client, url: &str, n: usize) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let r = client.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        *seen.entry(r.text().await.unwrap()).or_insert(0) += 1;
+    }
+    seen
+}
+
+async fn echo_server() -> SocketAddr {
+    let listener = bind(0).await;
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn echo(stream: &mut TcpStream, text: &str) -> String {
+    stream.write_all(text.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; text.len()];
+    stream.read_exact(&mut buf).await.unwrap();
+    String::from_utf8(buf).unwrap()
+}
+
+#[tokio::test]
+async fn http_and_tcp_services_are_reached_through_their_vip_names() {
+    let agent = agent("  defaults:\n    balancer: round_robin\n").await;
+    let web = upstreams("web", 2).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let echo_addr = echo_server().await;
+    agent.write_service_file(
+        "echo.yaml",
+        &format!(
+            "services:\n  - name: echo\n    address: {}\n    port: {}\n",
+            echo_addr.ip(),
+            echo_addr.port()
+        ),
+    );
+
+    // L7, on the instances' port and on port 80.
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let seen = spread(&c, &format!("http://web.service.internal:{port}/"), 20).await;
+    assert_eq!(seen.len(), 2, "both instances serve: {seen:?}");
+    let on_80 = vip(&agent, "web", 80).await;
+    let c80 = client("web.service.internal", on_80);
+    let r = c80
+        .get("http://web.service.internal/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().starts_with("web-"));
+
+    // L4: bytes both ways.
+    let addr = vip(&agent, "echo", echo_addr.port()).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(
+        echo(&mut stream, "hello through the VIP").await,
+        "hello through the VIP"
+    );
+
+    let m = agent
+        .metric(&format!(
+            "signpost_agent_proxy_requests_total{{service=\"web\",instance=\"{}\",class=\"2xx\"}}",
+            web[0].addr
+        ))
+        .await;
+    assert!(m >= 1.0, "requests are counted per instance");
+}
+
+/// gRPC (HTTP/2 with prior knowledge on both sides) through the VIP.
+#[tokio::test]
+async fn grpc_goes_through_the_proxy_over_h2c() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let agent = agent("").await;
+    let listener = bind(0).await;
+    let grpc = listener.local_addr().unwrap();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("ledger", tonic_health::ServingStatus::Serving)
+        .await;
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    agent.write_service_file(
+        "ledger.yaml",
+        &format!(
+            "services:\n  - name: ledger\n    address: {}\n    port: {}\n    protocol: grpc\n",
+            grpc.ip(),
+            grpc.port()
+        ),
+    );
+    let addr = vip(&agent, "ledger", grpc.port()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    for _ in 0..3 {
+        let r = client
+            .check(HealthCheckRequest {
+                service: "ledger".to_string(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().status, ServingStatus::Serving as i32);
+    }
+    let unknown = client
+        .check(HealthCheckRequest {
+            service: "nope".to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unknown.code(),
+        tonic::Code::NotFound,
+        "gRPC status passes through"
+    );
+}
+
+/// An instance dies while clients keep sending GETs: none of them fails.
+#[tokio::test]
+async fn a_killed_instance_costs_no_idempotent_request() {
+    let agent = agent("").await;
+    let web = upstreams("web", 3).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let url = format!("http://web.service.internal:{port}/");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = JoinSet::new();
+    for _ in 0..4 {
+        let (c, url, stop) = (
+            client("web.service.internal", addr),
+            url.clone(),
+            stop.clone(),
+        );
+        load.spawn(async move {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(format!(
+                        "{} {:?}",
+                        r.status(),
+                        r.headers().get("x-signpost-error")
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        });
+    }
+    // Some load first, then the kill, then more load.
+    agent
+        .eventually("traffic on every instance", || async {
+            web.iter().all(|u| u.hits() > 20).then_some(())
+        })
+        .await;
+    web[1].kill();
+    let after = web[0].hits() + web[2].hits();
+    agent
+        .eventually("more traffic after the kill", || async {
+            (web[0].hits() + web[2].hits() > after + 300).then_some(())
+        })
+        .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    while let Some(result) = load.join_next().await {
+        let (ok, failed) = result.unwrap();
+        assert!(
+            failed.is_empty(),
+            "failed requests: {failed:?}\n{}",
+            agent.log()
+        );
+        total += ok;
+    }
+    assert!(total > 300, "{total}");
+}
+
+/// An instance that accepts and never answers: the per-try timeout moves
+/// the request to another instance.
+#[tokio::test]
+async fn a_hanging_instance_times_out_per_try_and_the_request_goes_elsewhere() {
+    let agent = agent("  defaults:\n    try_timeout: 300ms\n    balancer: round_robin\n").await;
+    let web = upstreams("web", 2).await;
+    web[0].set_status(HANG);
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    // Round robin sends every other request to the hanging instance
+    // first (until it is ejected).
+    let mut retried = 0;
+    for _ in 0..6 {
+        let r = c
+            .get(format!("http://web.service.internal:{port}/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if r.headers()["x-attempt-seen"] == "2" {
+            retried += 1;
+        }
+        assert_eq!(r.text().await.unwrap(), "web-2");
+    }
+    assert!(retried >= 1, "some requests were answered by their retry");
+    assert!(web[0].hits() >= 1);
+    let retries = agent
+        .metric("signpost_agent_proxy_retries_total{service=\"web\"}")
+        .await;
+    assert!(retries >= 1.0, "{retries}");
+
+    // POST is not idempotent: after a try timeout it is not sent again,
+    // the client gets 504 with the reason.
+    web[1].set_status(HANG);
+    let r = c
+        .post(format!("http://web.service.internal:{port}/"))
+        .body("pay")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["x-signpost-error"], "try_timeout");
+}
+
+/// Peak-EWMA: a slow instance gets a small share of the requests.
+#[tokio::test]
+async fn a_slow_instance_receives_less_traffic() {
+    let agent = agent("").await;
+    let web = upstreams("web", 2).await;
+    web[0].set_delay(100);
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let seen = spread(&c, &format!("http://web.service.internal:{port}/"), 100).await;
+    let slow = seen.get("web-1").copied().unwrap_or(0);
+    assert!(slow <= 10, "the slow instance got {slow} of 100: {seen:?}");
+}
+
+/// Consecutive 5xx eject an instance; once its ejection is over, one
+/// probe request readmits it if it answers well.
+#[tokio::test]
+async fn failing_instances_are_ejected_and_readmitted_after_a_good_probe() {
+    let agent = agent(
+        "  defaults:\n    balancer: round_robin\n    retries: 0\n    eject_after: 3\n    eject_base: 1s\n",
+    )
+    .await;
+    let web = upstreams("web", 2).await;
+    web[0].set_status(500);
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let url = format!("http://web.service.internal:{port}/");
+    let mut errors = 0;
+    for _ in 0..20 {
+        let r = c.get(&url).send().await;
+        let r = r.unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()));
+        if r.status() == 500 {
+            errors += 1;
+        }
+    }
+    assert_eq!(errors, 3, "ejected after 3 consecutive 5xx");
+    let ejections = agent
+        .metric(&format!(
+            "signpost_agent_proxy_ejections_total{{service=\"web\",instance=\"{}\"}}",
+            web[0].addr
+        ))
+        .await;
+    assert_eq!(ejections, 1.0);
+
+    web[0].set_status(200);
+    let before = web[0].hits();
+    // After the ejection period the instance gets its probe, then traffic.
+    agent
+        .eventually("the healed instance to be used again", || async {
+            let seen = spread(&c, &url, 4).await;
+            (seen.get("web-1").copied().unwrap_or(0) >= 2).then_some(())
+        })
+        .await;
+    assert!(web[0].hits() > before);
+    assert!(agent.log().contains("readmitted"), "{}", agent.log());
+}
+
+/// With fewer than half the instances healthy, the proxy balances over
+/// all of them rather than piling everything on the survivors.
+#[tokio::test]
+async fn below_the_panic_threshold_all_instances_get_traffic() {
+    let agent = agent("  defaults:\n    balancer: round_robin\n").await;
+    let web = upstreams("web", 3).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let url = format!("http://web.service.internal:{port}/");
+
+    // One of three in maintenance (critical): the other two take it all.
+    agent
+        .put("/v1/agent/service/maintenance/web-1?enable=true", None)
+        .await;
+    agent
+        .eventually("web-1 to leave the rotation", || async {
+            let seen = spread(&c, &url, 12).await;
+            (!seen.contains_key("web-1")).then_some(())
+        })
+        .await;
+    assert_eq!(
+        agent
+            .metric("signpost_agent_proxy_panic{service=\"web\"}")
+            .await,
+        0.0
+    );
+
+    // Two of three: 33 % available is under 50 %, so all three serve.
+    agent
+        .put("/v1/agent/service/maintenance/web-2?enable=true", None)
+        .await;
+    agent
+        .eventually("every instance to serve in panic", || async {
+            let seen = spread(&c, &url, 12).await;
+            (seen.len() == 3).then_some(())
+        })
+        .await;
+    assert_eq!(
+        agent
+            .metric("signpost_agent_proxy_panic{service=\"web\"}")
+            .await,
+        1.0
+    );
+}
+
+/// When every instance answers 503, retries stop at the budget instead of
+/// multiplying the load.
+#[tokio::test]
+async fn the_retry_budget_caps_retries() {
+    let agent = agent(
+        "  defaults:\n    retries: 2\n    retry_budget_ratio: 0\n    retry_budget_min_per_second: 1\n    retry_backoff: 1ms\n    retry_backoff_max: 1ms\n    eject_after: 0\n",
+    )
+    .await;
+    let web = upstreams("web", 2).await;
+    for u in &web {
+        u.set_status(503);
+    }
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    for _ in 0..60 {
+        let r = c
+            .get(format!("http://web.service.internal:{port}/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    let sent = web[0].hits() + web[1].hits();
+    let retries = agent
+        .metric("signpost_agent_proxy_retries_total{service=\"web\"}")
+        .await;
+    let exhausted = agent
+        .metric("signpost_agent_proxy_retry_budget_exhausted_total{service=\"web\"}")
+        .await;
+    // Without a budget: 60 requests x 3 attempts = 180.
+    assert!(sent < 90, "{sent} attempts reached the instances");
+    assert_eq!(
+        sent as f64,
+        60.0 + retries,
+        "every attempt is a request or a counted retry"
+    );
+    assert!(exhausted >= 30.0, "{exhausted}");
+}
+
+/// Services come and go; listeners open and close; a connection through
+/// another service's VIP never notices.
+#[tokio::test]
+async fn listeners_come_and_go_without_disturbing_other_connections() {
+    let agent = agent("").await;
+    let a = echo_server().await;
+    let b = echo_server().await;
+    let file = |name: &str, addr: SocketAddr| {
+        format!(
+            "services:\n  - name: {name}\n    address: {}\n    port: {}\n",
+            addr.ip(),
+            addr.port()
+        )
+    };
+    agent.write_service_file("a.yaml", &file("alpha", a));
+    let alpha = vip(&agent, "alpha", a.port()).await;
+    let mut long_lived = TcpStream::connect(alpha).await.unwrap();
+    assert_eq!(echo(&mut long_lived, "one").await, "one");
+
+    // A new service: its listener opens.
+    agent.write_service_file("b.yaml", &file("beta", b));
+    let beta = vip(&agent, "beta", b.port()).await;
+    let mut short = TcpStream::connect(beta).await.unwrap();
+    assert_eq!(echo(&mut short, "beta").await, "beta");
+    assert_eq!(echo(&mut long_lived, "two").await, "two");
+
+    // The service goes away: its listener closes, its open connection
+    // and the other service's carry on.
+    std::fs::remove_file(agent.services_dir().join("b.yaml")).unwrap();
+    agent
+        .eventually("beta's listener to close", || async {
+            TcpStream::connect(beta).await.is_err().then_some(())
+        })
+        .await;
+    assert_eq!(echo(&mut short, "still").await, "still");
+    assert_eq!(echo(&mut long_lived, "three").await, "three");
+    assert_eq!(
+        agent.metric("signpost_agent_proxy_listeners").await,
+        1.0,
+        "only alpha's listener is left"
+    );
+}
+
+/// Beyond max_requests and max_pending a request fails at once with 503
+/// and the limit's name; beyond max_connections a connection does.
+#[tokio::test]
+async fn limits_fail_fast_with_the_reason() {
+    let agent =
+        agent("  defaults:\n    max_requests: 1\n    max_pending: 0\n    max_connections: 3\n")
+            .await;
+    let web = upstreams("web", 1).await;
+    web[0].set_delay(1000);
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let url = format!("http://web.service.internal:{port}/");
+    let slow = {
+        let (c, url) = (client("web.service.internal", addr), url.clone());
+        tokio::spawn(async move { c.get(&url).send().await.unwrap().status() })
+    };
+    agent
+        .eventually("the slow request to reach the instance", || async {
+            (web[0].hits() == 1).then_some(())
+        })
+        .await;
+    let r = client("web.service.internal", addr)
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-signpost-error"], "max_pending");
+    assert_eq!(slow.await.unwrap(), 200, "the admitted request is served");
+    assert!(
+        agent.log().contains("max_pending"),
+        "the log names the limit"
+    );
+
+    // Three connections are open (the two above may still be pooled, so
+    // open fresh ones until one is refused).
+    web[0].set_delay(0);
+    let mut held = Vec::new();
+    let refused = loop {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        if head.starts_with("HTTP/1.1 503") {
+            break head;
+        }
+        assert!(held.len() < 5, "max_connections never applied: {head}");
+        held.push(s);
+    };
+    assert!(
+        refused
+            .to_ascii_lowercase()
+            .contains("x-signpost-error: max_connections"),
+        "{refused}"
+    );
+}
+
+/// A real Redis server reached with its own client through the L4 proxy.
+#[tokio::test]
+#[ignore = "needs redis-server and redis-cli"]
+async fn redis_works_through_the_l4_proxy() {
+    let agent = agent("").await;
+    let port = bind(0).await.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = tokio::process::Command::new("redis-server")
+        .args([
+            "--bind",
+            &port.ip().to_string(),
+            "--port",
+            &port.port().to_string(),
+        ])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir.path())
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("cannot run redis-server (install redis-server)");
+    agent.write_service_file(
+        "redis.yaml",
+        &format!(
+            "services:\n  - name: cache\n    address: {}\n    port: {}\n    protocol: tcp\n",
+            port.ip(),
+            port.port()
+        ),
+    );
+    let addr = vip(&agent, "cache", port.port()).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .args(args)
+            .output()
+            .expect("cannot run redis-cli (install redis-tools)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // redis-server may still be starting.
+    agent
+        .eventually("redis to answer through the VIP", || async {
+            (cli(&["PING"]) == "PONG").then_some(())
+        })
+        .await;
+    assert_eq!(cli(&["SET", "greeting", "through signpost"]), "OK");
+    assert_eq!(cli(&["GET", "greeting"]), "through signpost");
+    redis.kill().await.unwrap();
+}
