@@ -12,6 +12,9 @@ use signpost_core::control_plane_config::{ControlPlaneConfig, GrpcConfig, HttpCo
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The port HTTP services' VIPs listen on in `signpost dev`.
+const DEV_HTTP_PORT: u16 = 8080;
+
 /// Starts two demo instances, writes their service file and runs an agent
 /// with its API on `http_addr` until `shutdown`.
 pub async fn run(
@@ -108,6 +111,8 @@ pub async fn run(
     };
     config.api.listen = listen;
     config.dns.listen = dns;
+    // Port 80 needs privileges a newcomer's shell may not have.
+    config.proxy.http_port = DEV_HTTP_PORT;
     crate::telemetry::init(&config.log);
 
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -139,6 +144,7 @@ Try:
   curl -s '{base}/v1/health/service/demo?passing'
   dig @{dns_ip} -p {dns_port} demo.service.internal          # the service's stable VIP
   dig @{dns_ip} -p {dns_port} _demo._tcp.service.internal SRV   # VIP and port
+  curl -s http://$(dig +short @{dns_ip} -p {dns_port} demo.service.internal):{http_port}/   # through the proxy, to a healthy instance
   dig @{dns_ip} -p {dns_port} dev.node.internal
   signpost maint demo-1 --enable --reason 'trying Signpost'{flag}
   curl -s '{base}/v1/health/service/demo?passing'   # demo-1 is gone
@@ -158,6 +164,7 @@ Ctrl-C stops it and removes {dir}."#,
         cp_grpc = cp.grpc,
         dns_ip = dns.ip(),
         dns_port = dns.port(),
+        http_port = DEV_HTTP_PORT,
     );
     let result = agent.await?;
     let cp_result = control_plane.await?;

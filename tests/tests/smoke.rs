@@ -61,6 +61,35 @@ async fn dev_runs_control_plane_agent_and_demo() {
         .unwrap();
     assert_eq!(nodes[0]["Node"], "dev");
     assert_eq!(nodes[0]["Status"], "alive");
+
+    // The hint: the demo's name, then its VIP on port 8080, through the
+    // proxy to an instance.
+    let m = signpost_tests::dns::query(
+        dns,
+        "demo.service.internal",
+        hickory_proto::rr::RecordType::A,
+        signpost_tests::dns::Transport::Udp,
+    )
+    .await;
+    let vip = m
+        .answers
+        .iter()
+        .find_map(|r| match &r.data {
+            hickory_proto::rr::RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .unwrap();
+    assert!(printed.contains(":8080/"), "{printed}");
+    let hello = loop {
+        if let Ok(r) = client.get(format!("http://{vip}:8080/")).send().await
+            && r.status() == 200
+        {
+            break r.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "nothing answers on {vip}:8080");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(hello.starts_with("hello from demo-"), "{hello}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
