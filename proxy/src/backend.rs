@@ -65,6 +65,9 @@ pub(crate) struct Backend {
     pub(crate) duration: Histogram,
     accepted: Counter,
     active: Gauge,
+    pub(crate) retries: Counter,
+    exhausted: Counter,
+    panic: Gauge,
     /// Answers of the proxy itself, by status class.
     own_statuses: StatusCounters,
     pub(crate) shared: Arc<Shared>,
@@ -81,6 +84,7 @@ impl Backend {
     ) -> Backend {
         let metrics: &ProxyMetrics = &shared.metrics;
         let (accepted, active) = metrics.connection_metrics(name);
+        let (retries, exhausted, panic) = metrics.retry_metrics(name);
         let backend = Backend {
             name: name.to_string(),
             service: service.to_string(),
@@ -100,6 +104,9 @@ impl Backend {
             duration: metrics.duration(name),
             accepted,
             active,
+            retries,
+            exhausted,
+            panic,
             own_statuses: metrics.status_counters(name, ""),
             shared: shared.clone(),
         };
@@ -203,7 +210,7 @@ impl Backend {
             key,
         };
         let (pick, panic) = balance::pick(&snapshot.members, &req, &self.round_robin);
-        self.shared.metrics.set_panic(&self.name, panic);
+        self.panic.set(i64::from(panic));
         pick
     }
 
@@ -248,10 +255,10 @@ impl Backend {
     /// Takes a retry from the budget; false (and counted) when spent.
     pub(crate) fn withdraw(&self) -> bool {
         if self.budget.load().2.withdraw() {
-            self.shared.metrics.retry(&self.name);
+            self.retries.inc();
             true
         } else {
-            self.shared.metrics.budget_exhausted(&self.name);
+            self.exhausted.inc();
             false
         }
     }

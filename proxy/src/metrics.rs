@@ -153,12 +153,13 @@ impl ProxyMetrics {
         )
     }
 
-    pub(crate) fn retry(&self, service: &str) {
-        self.retries.get_or_create(&label(service)).inc();
-    }
-
-    pub(crate) fn budget_exhausted(&self, service: &str) {
-        self.budget_exhausted.get_or_create(&label(service)).inc();
+    /// The retry, budget-exhausted and panic series of a service.
+    pub(crate) fn retry_metrics(&self, service: &str) -> (Counter, Counter, Gauge) {
+        (
+            self.retries.get_or_create(&label(service)).clone(),
+            self.budget_exhausted.get_or_create(&label(service)).clone(),
+            self.panic.get_or_create(&label(service)).clone(),
+        )
     }
 
     pub(crate) fn ejection(&self, service: &str, instance: &str) {
@@ -168,12 +169,6 @@ impl ProxyMetrics {
                 instance: instance.to_string(),
             })
             .inc();
-    }
-
-    pub(crate) fn set_panic(&self, service: &str, panic: bool) {
-        self.panic
-            .get_or_create(&label(service))
-            .set(i64::from(panic));
     }
 
     pub(crate) fn error(&self, service: &str, reason: &str) {

@@ -49,7 +49,7 @@ pub(crate) async fn serve(
         if attempt > 0 {
             // Connect failures carry no load to the service: not charged
             // to the retry budget.
-            backend.shared.metrics.retry(&backend.name);
+            backend.retries.inc();
         }
         let connect_started = Instant::now();
         let connected = tokio::time::timeout(

@@ -754,3 +754,70 @@ async fn redis_works_through_the_l4_proxy() {
     assert_eq!(cli(&["GET", "greeting"]), "through signpost");
     redis.kill().await.unwrap();
 }
+
+/// Instances in the agent's zone take the traffic while they are
+/// available; then the other zone does.
+#[tokio::test]
+async fn the_agents_zone_is_preferred_while_it_has_available_instances() {
+    let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
+    let agent = Agent::start(&format!(
+        "zone: east\ndns:\n  recursors: []\nproxy:\n  vip_range: {range}\n  defaults:\n    balancer: round_robin\n"
+    ))
+    .await;
+    let web = upstreams("web", 3).await;
+    let zones = ["east", "west", "west"];
+    let entries: String = web
+        .iter()
+        .zip(zones)
+        .map(|(u, zone)| format!("{}    zone: {zone}\n", u.entry("web", "http")))
+        .collect();
+    agent.write_service_file("web.yaml", &format!("services:\n{entries}"));
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let url = format!("http://web.service.internal:{port}/");
+    let seen = spread(&c, &url, 12).await;
+    assert_eq!(
+        seen.get("web-1"),
+        Some(&12),
+        "all in the agent's zone: {seen:?}"
+    );
+
+    agent
+        .put("/v1/agent/service/maintenance/web-1?enable=true", None)
+        .await;
+    agent
+        .eventually("the other zone to take over", || async {
+            let seen = spread(&c, &url, 12).await;
+            (!seen.contains_key("web-1") && seen.len() == 2).then_some(())
+        })
+        .await;
+}
+
+/// A hash balancer keeps a key on one instance and spreads the keys.
+#[tokio::test]
+async fn a_hash_key_sticks_to_one_instance() {
+    let agent = agent("  defaults:\n    balancer: hash\n    hash_key: header:x-user\n").await;
+    let web = upstreams("web", 3).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let url = format!("http://web.service.internal:{port}/");
+    let mut owners = HashMap::new();
+    for round in 0..3 {
+        for user in 0..30 {
+            let r = c
+                .get(&url)
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            let instance = r.text().await.unwrap();
+            let first = owners.entry(user).or_insert_with(|| instance.clone());
+            assert_eq!(*first, instance, "user-{user} moved in round {round}");
+        }
+    }
+    let used: std::collections::HashSet<&String> = owners.values().collect();
+    assert_eq!(used.len(), 3, "30 keys spread over the 3 instances");
+}
