@@ -24,12 +24,14 @@
 #     the proxy's CPU seconds per GiB;
 #   - the proxies' peak RSS (VmHWM, summed over an nginx's processes; the
 #     agent's includes its DNS server, API and checks) at the end.
-# Non-2xx answers and socket errors are counted in every row. Nothing is
+# Non-2xx answers and socket errors are counted in every row (oha's
+# "aborted due to deadline", the requests still in flight when a run
+# ends, is not an error and is left out). Nothing is
 # pinned: wrk/oha/iperf3, the proxy and the upstream share the machine's
 # cores (2 on our machines), so the ceiling of each row is the sum of
 # three programs' CPU, not the proxy's alone; compare rows of one run.
 #
-#   bash bench/proxy.sh [SECONDS]        # default 10 s per run, about 4 minutes
+#   bash bench/proxy.sh [SECONDS]        # default 10 s per run: about 3 minutes, plus the build
 # Needs: haproxy, nginx (with libnginx-mod-stream for its L4 row), wrk,
 # iperf3, jq, dig, curl (apt-get install haproxy nginx libnginx-mod-stream
 # wrk iperf3 jq bind9-dnsutils curl), and oha for the fixed-rate rows:
@@ -284,6 +286,7 @@ for t in $TARGETS; do
   wrk -t1 -c64 -d2s "${HTTP_URL[$t]}" > /dev/null 2>&1
 done
 
+us() { awk -v s="$1" 'BEGIN { printf "%.0f", s * 1e6 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else printf "-" }'; }
 
 log "max requests/s (wrk -t1 -c64, ${SECONDS_PER_RUN}s per run)"
@@ -314,12 +317,13 @@ if [ -n "$OHA" ]; then
         --output-format json "${HTTP_URL[$t]}" > "$WORK/oha.json" 2> "$WORK/oha.err"
       t1=0
       [ ${#procs[@]} -gt 0 ] && t1=$(cpu_ticks "${procs[@]}")
-      read -r p50 p99 p999 achieved ok non2xx errs < <(jq -r '
+      read -r p50 p99 p999 achieved ok non2xx errs aborted < <(jq -r '
         [ .latencyPercentiles.p50, .latencyPercentiles.p99, .latencyPercentiles["p99.9"],
           .summary.requestsPerSec,
           ([.statusCodeDistribution | to_entries[] | select(.key | startswith("2")) | .value] | add // 0),
           ([.statusCodeDistribution | to_entries[] | select(.key | startswith("2") | not) | .value] | add // 0),
-          ([.errorDistribution | to_entries[] | .value] | add // 0) ]
+          ([.errorDistribution | to_entries[] | select(.key != "aborted due to deadline") | .value] | add // 0),
+          (.errorDistribution["aborted due to deadline"] // 0) ]
         | map(tostring) | join(" ")' "$WORK/oha.json")
       key=$rate.$t
       P50[$key]=$p50 P99[$key]=$p99 P999[$key]=$p999 ACHIEVED[$key]=$achieved
@@ -330,7 +334,8 @@ if [ -n "$OHA" ]; then
       else
         CPU_REQ[$key]=-
       fi
-      log "  $t: p50 $p50 s, p99 $p99 s, p99.9 $p999 s, $ok ok, $non2xx non-2xx, $errs errors, CPU ${CPU_REQ[$key]} us/req"
+      log "  $t: p50 $p50 s, p99 $p99 s, p99.9 $p999 s, $ok ok, $non2xx non-2xx, $errs errors" \
+        "($aborted in flight at the end), CPU ${CPU_REQ[$key]} us/req"
       if [ "$errs" != 0 ]; then
         jq -c .errorDistribution "$WORK/oha.json" >&2
       fi
@@ -393,7 +398,6 @@ if [ -n "$OHA" ]; then
     d=$rate.direct
     for t in $TARGETS; do
       k=$rate.$t
-      us() { awk -v s="$1" 'BEGIN { printf "%.0f", s * 1e6 }'; }
       if [ $t = direct ]; then
         added="-"
       else
@@ -425,9 +429,18 @@ for t in signpost haproxy nginx; do
   echo "| $t | ${RSS[$t]} | $(ratio "${RSS[$t]}" "${RSS[haproxy]}") |"
 done
 
+# What the agent counted: requests per instance (both get traffic) and
+# status class, retries, errors, ejections.
+echo
+echo "agent proxy counters:"
+curl -fsS --max-time 2 "http://127.0.0.1:$SP_API/metrics" |
+  grep -E '^[a-z_]*proxy_(requests|retries|retry_budget_exhausted|errors|ejections)[a-z_]*[{ ]' |
+  grep -v '_created' | sed 's/^/    /' || echo "    (none)"
+
 # What the agent logged (warn and above) during the runs.
 if [ -s "$WORK/agent.log" ]; then
-  echo
   echo "agent log: $(wc -l < "$WORK/agent.log") lines (warn and above); the last ones:"
   tail -n 10 "$WORK/agent.log" | sed 's/^/    /'
+else
+  echo "agent log: nothing at warn or above"
 fi
