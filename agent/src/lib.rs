@@ -193,7 +193,8 @@ pub async fn run(
     };
     let proxy_task = match &catalog {
         Some(catalog) if agent.config.proxy.enabled => {
-            let proxy = proxy::new(catalog, proxy_metrics);
+            let proxy =
+                proxy::new(catalog, proxy_metrics).context("cannot start the proxy's threads")?;
             tracing::info!(vip_range = %agent.config.proxy.vip_range, "proxy serving the service VIPs");
             Some(tokio::spawn(proxy::run(
                 proxy,

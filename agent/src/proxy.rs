@@ -20,13 +20,18 @@ const RETRY_LISTEN: Duration = Duration::from_secs(5);
 
 /// A proxy for the agent's configuration; it reports use of a service to
 /// the fleet cache, which keeps the service subscribed.
-pub(crate) fn new(catalog: &AgentCatalog, metrics: Arc<ProxyMetrics>) -> Proxy {
+pub(crate) fn new(catalog: &AgentCatalog, metrics: Arc<ProxyMetrics>) -> std::io::Result<Proxy> {
     let config = &catalog.agent.config;
+    let threads = match config.proxy.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        n => n,
+    };
     let settings = Settings {
         zone: config.zone.clone(),
         http_port: config.proxy.http_port,
         pool_idle_timeout: config.proxy.pool_idle_timeout,
         access_log: config.proxy.access_log,
+        threads,
     };
     let fleet = catalog.fleet.clone();
     Proxy::new(settings, metrics, move |service| {

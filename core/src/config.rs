@@ -248,6 +248,8 @@ pub struct ProxyConfig {
     pub vip_range: VipRange,
     /// The extra port every HTTP service's VIP listens on (0: none).
     pub http_port: u16,
+    /// Threads connections run on; 0: one per core, up to 4.
+    pub threads: usize,
     /// Idle pooled connections to instances are closed after this; keep it
     /// below the instances' own keep-alive timeout.
     #[serde(with = "crate::duration::serde_go")]
@@ -268,6 +270,7 @@ impl Default for ProxyConfig {
             enabled: true,
             vip_range: VipRange::default(),
             http_port: 80,
+            threads: 0,
             pool_idle_timeout: Duration::from_secs(3),
             access_log: false,
             defaults: PolicyOverride::default(),
@@ -490,6 +493,13 @@ impl AgentConfig {
                     reason,
                 });
             }
+        }
+        if proxy.threads > 64 {
+            return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                field: "proxy.threads".to_string(),
+                reason: "at most 64 (0: one per core)".to_string(),
+            });
         }
         if proxy.pool_idle_timeout.is_zero() {
             return Err(ConfigError::Invalid {

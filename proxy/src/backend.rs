@@ -39,13 +39,22 @@ pub(crate) type HttpClient = Client<HttpConnector, ProxyBody>;
 /// How long a deposit counts in the retry budget (Linkerd's 10 s).
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
+impl Snapshot {
+    /// This worker thread's pool (HTTP services only).
+    pub(crate) fn client(&self) -> Option<&HttpClient> {
+        let clients = self.clients.as_ref()?;
+        clients.get(crate::workers::current() % clients.len())
+    }
+}
+
 /// One catalog update's worth of a backend.
 pub(crate) struct Snapshot {
     pub(crate) policy: Policy,
     pub(crate) protocol: Protocol,
     pub(crate) members: Vec<Member>,
-    /// The pool to the instances (HTTP services only).
-    pub(crate) client: Option<HttpClient>,
+    /// The pools to the instances, one per worker thread (HTTP services
+    /// only).
+    clients: Option<Arc<[HttpClient]>>,
 }
 
 pub(crate) struct Backend {
@@ -92,7 +101,7 @@ impl Backend {
                 policy: policy.clone(),
                 protocol,
                 members: Vec::new(),
-                client: None,
+                clients: None,
             }),
             round_robin: AtomicU64::new(0),
             budget: ArcSwap::from_pointee(budget(&policy)),
@@ -142,26 +151,33 @@ impl Backend {
                         self.shared.metrics.status_counters(&self.name, &label),
                     ))
                 });
+                // An `ip:port` always makes a valid authority.
+                let authority = http::uri::Authority::try_from(label.as_str())
+                    .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
                 Member {
                     endpoint,
                     stats,
                     label,
+                    authority,
                 }
             })
             .collect();
         let same_pool = old.protocol == protocol
             && old.policy.connect_timeout == policy.connect_timeout
-            && old.client.is_some();
-        let client = if protocol == Protocol::Tcp {
+            && old.clients.is_some();
+        let clients = if protocol == Protocol::Tcp {
             None
         } else if same_pool {
-            old.client.clone()
+            old.clients.clone()
         } else {
-            Some(http_client(
-                protocol,
-                policy.connect_timeout,
-                self.shared.pool_idle_timeout,
-            ))
+            let pools = (0..self.shared.workers).map(|_| {
+                http_client(
+                    protocol,
+                    policy.connect_timeout,
+                    self.shared.pool_idle_timeout,
+                )
+            });
+            Some(pools.collect())
         };
         let (ratio, min, _) = &**self.budget.load();
         if (*ratio, *min)
@@ -177,7 +193,7 @@ impl Backend {
             policy,
             protocol,
             members,
-            client,
+            clients,
         }));
     }
 

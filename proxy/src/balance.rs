@@ -38,62 +38,55 @@ pub(crate) fn pick(
     round_robin: &AtomicU64,
 ) -> (Option<Pick>, bool) {
     let now = Instant::now();
-    let standing: Vec<Standing> = members.iter().map(|m| m.stats.standing(now)).collect();
-    let usable = |i: usize| {
-        members[i].endpoint.health != Health::Critical
-            && members[i].endpoint.weight() > 0
-            && standing[i] != Standing::Ejected
+    // (index, standing) of every member, in one allocation.
+    let mut candidates: Vec<(usize, Standing)> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (i, m.stats.standing(now)))
+        .collect();
+    let usable = |&(i, standing): &(usize, Standing)| {
+        let e = &members[i].endpoint;
+        e.health != Health::Critical && e.weight() > 0 && standing != Standing::Ejected
     };
-    let available = (0..members.len()).filter(|&i| usable(i)).count();
+    let available = candidates.iter().filter(|c| usable(c)).count();
     let panic = !members.is_empty()
         && (available as f64) < req.policy.panic_threshold * members.len() as f64;
-    let mut candidates: Vec<usize> = if panic {
-        (0..members.len()).collect()
-    } else {
-        (0..members.len()).filter(|&i| usable(i)).collect()
-    };
+    if !panic {
+        candidates.retain(usable);
+    }
     if req.policy.zone_aware && !panic {
-        let in_zone = |i: &usize| members[*i].endpoint.zone == req.zone;
-        let local: Vec<usize> = candidates.iter().copied().filter(in_zone).collect();
-        let zone_size = (0..members.len()).filter(in_zone).count();
-        if !local.is_empty()
-            && local.len() as f64 >= req.policy.zone_min_available * zone_size as f64
-        {
-            candidates = local;
+        let in_zone = |i: usize| members[i].endpoint.zone == req.zone;
+        let local = candidates.iter().filter(|(i, _)| in_zone(*i)).count();
+        let zone_size = (0..members.len()).filter(|&i| in_zone(i)).count();
+        if local > 0 && local as f64 >= req.policy.zone_min_available * zone_size as f64 {
+            candidates.retain(|(i, _)| in_zone(*i));
         }
     }
-    let untried: Vec<usize> = candidates
-        .iter()
-        .copied()
-        .filter(|&i| !req.tried.contains(&members[i].endpoint.addr))
-        .collect();
-    if !untried.is_empty() {
-        candidates = untried;
+    let tried = |i: usize| req.tried.contains(&members[i].endpoint.addr);
+    if candidates.iter().any(|(i, _)| !tried(*i)) {
+        candidates.retain(|(i, _)| !tried(*i));
     }
+    // In panic every instance counts as passing.
+    let weight = |i: usize| {
+        let e = &members[i].endpoint;
+        if panic {
+            2 * u64::from(e.weights.passing.max(1))
+        } else {
+            e.weight()
+        }
+    };
     // A probe that another request claimed first is not a candidate.
     loop {
         if candidates.is_empty() {
             return (None, panic);
         }
-        // In panic every instance counts as passing.
-        let weight = |i: usize| {
-            let e = &members[i].endpoint;
-            if panic {
-                2 * u64::from(e.weights.passing.max(1))
-            } else {
-                e.weight()
-            }
-        };
         let chosen = match req.policy.balancer {
             Balancer::P2cEwma => p2c(members, &candidates, weight, now),
             Balancer::RoundRobin => round_robin_pick(&candidates, weight, round_robin),
             Balancer::Hash => rendezvous(members, &candidates, weight, req.key.unwrap_or(0)),
         };
-        let i = candidates[chosen];
-        if standing[i] != Standing::Probe {
-            return (Some(Pick { index: i }), panic);
-        }
-        if members[i].stats.claim_probe(now) {
+        let (i, standing) = candidates[chosen];
+        if standing != Standing::Probe || members[i].stats.claim_probe(now) {
             return (Some(Pick { index: i }), panic);
         }
         candidates.swap_remove(chosen);
@@ -104,7 +97,7 @@ pub(crate) fn pick(
 /// of weight wins.
 fn p2c(
     members: &[Member],
-    candidates: &[usize],
+    candidates: &[(usize, Standing)],
     weight: impl Fn(usize) -> u64,
     now: Instant,
 ) -> usize {
@@ -114,20 +107,20 @@ fn p2c(
     let a = weighted_random(candidates, &weight, None);
     let b = weighted_random(candidates, &weight, Some(a));
     let cost = |c: usize| {
-        let i = candidates[c];
+        let i = candidates[c].0;
         members[i].stats.cost(now) / weight(i) as f64
     };
     if cost(b) < cost(a) { b } else { a }
 }
 
 fn weighted_random(
-    candidates: &[usize],
+    candidates: &[(usize, Standing)],
     weight: impl Fn(usize) -> u64,
     skip: Option<usize>,
 ) -> usize {
     let total: u64 = (0..candidates.len())
         .filter(|c| Some(*c) != skip)
-        .map(|c| weight(candidates[c]))
+        .map(|c| weight(candidates[c].0))
         .sum();
     if total == 0 {
         return (0..candidates.len())
@@ -136,7 +129,7 @@ fn weighted_random(
     }
     let mut at = rand::random_range(0..total);
     for c in (0..candidates.len()).filter(|c| Some(*c) != skip) {
-        let w = weight(candidates[c]);
+        let w = weight(candidates[c].0);
         if at < w {
             return c;
         }
@@ -146,16 +139,16 @@ fn weighted_random(
 }
 
 fn round_robin_pick(
-    candidates: &[usize],
+    candidates: &[(usize, Standing)],
     weight: impl Fn(usize) -> u64,
     counter: &AtomicU64,
 ) -> usize {
-    let total: u64 = candidates.iter().map(|&i| weight(i)).sum();
+    let total: u64 = candidates.iter().map(|&(i, _)| weight(i)).sum();
     if total == 0 {
         return 0;
     }
     let mut at = counter.fetch_add(1, Ordering::Relaxed) % total;
-    for (c, &i) in candidates.iter().enumerate() {
+    for (c, &(i, _)) in candidates.iter().enumerate() {
         let w = weight(i);
         if at < w {
             return c;
@@ -170,12 +163,12 @@ fn round_robin_pick(
 /// move. Weighted with the logarithm method.
 fn rendezvous(
     members: &[Member],
-    candidates: &[usize],
+    candidates: &[(usize, Standing)],
     weight: impl Fn(usize) -> u64,
     key: u64,
 ) -> usize {
     let score = |c: usize| {
-        let i = candidates[c];
+        let i = candidates[c].0;
         let mut h = DefaultHasher::new();
         (key, members[i].endpoint.addr).hash(&mut h);
         // A uniform number in (0, 1).
@@ -216,6 +209,7 @@ mod tests {
                 crate::ProxyMetrics::default().status_counters("web", "a"),
             )),
             label: port.to_string(),
+            authority: http::uri::Authority::from_static("127.0.0.1:1"),
         }
     }
 

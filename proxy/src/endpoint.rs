@@ -220,6 +220,8 @@ pub(crate) struct Member {
     pub(crate) stats: Arc<Stats>,
     /// `ip:port`, the instance label of metrics and logs.
     pub(crate) label: String,
+    /// The same, as the authority of request URIs.
+    pub(crate) authority: http::uri::Authority,
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{self, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
@@ -180,7 +181,7 @@ async fn forward<'a>(
 ) -> Result<(Response<ProxyBody>, &'a str), ProxyError> {
     let policy = &snapshot.policy;
     let deadline = started + policy.timeout;
-    let Some(pool) = &snapshot.client else {
+    let Some(pool) = snapshot.client() else {
         return Err(ProxyError::NoInstance);
     };
     let _permit = backend.admit_request(policy, deadline).await?;
@@ -208,8 +209,8 @@ async fn forward<'a>(
     let path = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let version = match snapshot.protocol {
         Protocol::Http2 | Protocol::Grpc => Version::HTTP_2,
         _ => Version::HTTP_11,
@@ -240,7 +241,11 @@ async fn forward<'a>(
         request
             .headers_mut()
             .insert(ATTEMPT_HEADER, HeaderValue::from(attempt + 1));
-        *request.uri_mut() = Uri::try_from(format!("http://{addr}{path}"))
+        let mut target = uri::Parts::default();
+        target.scheme = Some(Scheme::HTTP);
+        target.authority = Some(member.authority.clone());
+        target.path_and_query = Some(path.clone());
+        *request.uri_mut() = Uri::from_parts(target)
             .map_err(|e| ProxyError::ClientBody(format!("bad request target: {e}")))?;
 
         let try_started = Instant::now();

@@ -10,6 +10,8 @@
 //! Layout, in the order a connection meets it:
 //! - [`listeners`]: which (VIP, port) serves which backend; opened and
 //!   closed as the services change, without touching open connections.
+//! - `workers`: the threads connections run on, one current-thread
+//!   runtime each, so a request never crosses threads.
 //! - `tcp` / `http`: a connection joined to an instance (L4), or HTTP/1.1
 //!   and h2c requests forwarded over pooled connections with deadlines
 //!   and budgeted retries (L7).
@@ -29,6 +31,7 @@ mod http;
 mod listeners;
 pub mod metrics;
 mod tcp;
+mod workers;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -58,6 +61,8 @@ pub struct Settings {
     pub pool_idle_timeout: Duration,
     /// A log line per request (L7) or connection (L4).
     pub access_log: bool,
+    /// Threads connections run on (at least one).
+    pub threads: usize,
 }
 
 /// One name the proxy serves: a service, or a tag-filtered view of one,
@@ -84,6 +89,8 @@ pub(crate) struct Shared {
     metrics: Arc<ProxyMetrics>,
     on_use: Box<dyn Fn(&str) + Send + Sync>,
     started: std::time::Instant,
+    /// How many worker threads (each gets its own pools).
+    workers: usize,
 }
 
 struct Inner {
@@ -109,8 +116,9 @@ impl Proxy {
         settings: Settings,
         metrics: Arc<ProxyMetrics>,
         on_use: impl Fn(&str) + Send + Sync + 'static,
-    ) -> Proxy {
-        Proxy {
+    ) -> std::io::Result<Proxy> {
+        let workers = Arc::new(workers::Workers::start(settings.threads)?);
+        Ok(Proxy {
             shared: Arc::new(Shared {
                 zone: settings.zone,
                 pool_idle_timeout: settings.pool_idle_timeout,
@@ -118,6 +126,7 @@ impl Proxy {
                 metrics,
                 on_use: Box::new(on_use),
                 started: std::time::Instant::now(),
+                workers: workers.count(),
             }),
             http_port: settings.http_port,
             inner: Mutex::new(Inner {
@@ -127,10 +136,11 @@ impl Proxy {
             }),
             tasks: Tasks {
                 tracker: TaskTracker::new(),
+                workers,
                 drain: CancellationToken::new(),
                 stop: CancellationToken::new(),
             },
-        }
+        })
     }
 
     /// Serves exactly `services` from now on: backends are updated in
@@ -240,6 +250,7 @@ impl Proxy {
             self.tasks.stop.cancel();
             self.tasks.tracker.wait().await;
         }
+        self.tasks.workers.stop().await;
     }
 }
 

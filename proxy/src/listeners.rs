@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::ServiceSpec;
 use crate::backend::Backend;
 use crate::endpoint::Endpoint;
+use crate::workers::Workers;
 
 /// A backend's identity: the VIP name, and the one instance port it is
 /// limited to when a service's instances serve different ports.
@@ -86,6 +87,8 @@ impl Open {
 #[derive(Clone)]
 pub(crate) struct Tasks {
     pub(crate) tracker: TaskTracker,
+    /// The threads connections run on.
+    pub(crate) workers: Arc<Workers>,
     /// Connections finish their requests and close (HTTP) ...
     pub(crate) drain: CancellationToken,
     /// ... and stop at once (L4, and whatever is left after the grace).
@@ -102,34 +105,45 @@ pub(crate) fn open(
     let listener = bind(addr)?;
     let target = Arc::new(ArcSwap::new(backend));
     let stop = tasks.drain.child_token();
-    let open = Open {
-        target: target.clone(),
-        key,
-        stop: stop.clone(),
-    };
-    let tasks2 = tasks.clone();
-    tasks
-        .tracker
-        .spawn(accept_loop(listener, addr, target, stop, tasks2));
-    Ok(open)
+    // Every worker accepts on the same socket: a connection is served
+    // where it was accepted, with no hand-over between threads.
+    for worker in 0..tasks.workers.count() {
+        let listener = listener.try_clone()?;
+        let (target, stop, tasks2) = (target.clone(), stop.clone(), tasks.clone());
+        tasks.workers.spawn_on(
+            worker,
+            tasks
+                .tracker
+                .track_future(accept_loop(listener, addr, target, stop, tasks2)),
+        );
+    }
+    Ok(Open { target, key, stop })
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
+/// One worker's accept loop on a listener.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     addr: SocketAddr,
     target: Arc<ArcSwap<Backend>>,
     stop: CancellationToken,
     tasks: Tasks,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%addr, %error, "cannot accept on the listener");
+            return;
+        }
+    };
     tracing::debug!(%addr, service = %target.load().name, "listening");
     loop {
         let accepted = tokio::select! {
@@ -139,14 +153,12 @@ async fn accept_loop(
         match accepted {
             Ok((stream, client)) => {
                 let backend = target.load_full();
-                let tcp = backend.snapshot().protocol == Protocol::Tcp;
-                if tcp {
-                    let stop = tasks.stop.clone();
+                let (drain, stop) = (tasks.drain.clone(), tasks.stop.clone());
+                if backend.snapshot().protocol == Protocol::Tcp {
                     tasks
                         .tracker
                         .spawn(crate::tcp::serve(backend, stream, client, stop));
                 } else {
-                    let (drain, stop) = (tasks.drain.clone(), tasks.stop.clone());
                     tasks
                         .tracker
                         .spawn(crate::http::serve(backend, stream, client, drain, stop));
