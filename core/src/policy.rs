@@ -1,5 +1,6 @@
 //! The proxy's per-service traffic policy: timeouts, retries, limits,
-//! balancer, panic threshold, zone preference and outlier ejection.
+//! balancer, panic threshold, zone preference, outlier ejection, blocked
+//! instances and a forced circuit state.
 //!
 //! [`Policy`] is the resolved form the proxy reads on every request; a
 //! [`PolicyOverride`] (every field optional) is what the agent's
@@ -10,6 +11,7 @@
 //! retries).
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -40,6 +42,18 @@ impl Balancer {
             Balancer::Hash => "hash",
         }
     }
+}
+
+/// A service's circuit as an operator sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Circuit {
+    /// Requests and connections flow.
+    #[default]
+    Closed,
+    /// Every request and connection fails at once, without reaching an
+    /// instance.
+    Open,
 }
 
 /// What a [`Balancer::Hash`] service hashes on.
@@ -147,6 +161,10 @@ pub struct Policy {
     /// Never eject more than this share of a service's instances (at least
     /// one may always be).
     pub eject_max_share: f64,
+    /// Instances (`ip:port`) that get no new connections or requests,
+    /// whatever their health; requests in flight finish.
+    pub blocked: Vec<SocketAddr>,
+    pub circuit: Circuit,
 }
 
 impl Default for Policy {
@@ -174,6 +192,8 @@ impl Default for Policy {
             eject_base: Duration::from_secs(1),
             eject_max: Duration::from_secs(60),
             eject_max_share: 0.5,
+            blocked: Vec::new(),
+            circuit: Circuit::Closed,
         }
     }
 }
@@ -212,6 +232,8 @@ pub struct PolicyOverride {
     #[serde(with = "crate::duration::serde_go_opt")]
     pub eject_max: Option<Duration>,
     pub eject_max_share: Option<f64>,
+    pub blocked: Option<Vec<SocketAddr>>,
+    pub circuit: Option<Circuit>,
 }
 
 impl Policy {
@@ -248,6 +270,8 @@ impl Policy {
             eject_base: o.eject_base.unwrap_or(p.eject_base),
             eject_max: o.eject_max.unwrap_or(p.eject_max),
             eject_max_share: o.eject_max_share.unwrap_or(p.eject_max_share),
+            blocked: o.blocked.clone().unwrap_or(p.blocked),
+            circuit: o.circuit.unwrap_or(p.circuit),
         }
     }
 

@@ -38,26 +38,33 @@ pub(crate) fn pick(
     round_robin: &AtomicU64,
 ) -> (Option<Pick>, bool) {
     let now = Instant::now();
-    // (index, standing) of every member, in one allocation.
+    // (index, standing) of every member not blocked, in one allocation;
+    // blocked instances are out of the pool altogether.
+    let blocked = |m: &Member| req.policy.blocked.contains(&m.endpoint.addr);
     let mut candidates: Vec<(usize, Standing)> = members
         .iter()
         .enumerate()
+        .filter(|(_, m)| !blocked(m))
         .map(|(i, m)| (i, m.stats.standing(now)))
         .collect();
+    let pool = candidates.len();
     let usable = |&(i, standing): &(usize, Standing)| {
         let e = &members[i].endpoint;
         e.health != Health::Critical && e.weight() > 0 && standing != Standing::Ejected
     };
     let available = candidates.iter().filter(|c| usable(c)).count();
-    let panic = !members.is_empty()
-        && (available as f64) < req.policy.panic_threshold * members.len() as f64;
+    let panic = pool > 0 && (available as f64) < req.policy.panic_threshold * pool as f64;
     if !panic {
         candidates.retain(usable);
     }
     if req.policy.zone_aware && !panic {
         let in_zone = |i: usize| members[i].endpoint.zone == req.zone;
         let local = candidates.iter().filter(|(i, _)| in_zone(*i)).count();
-        let zone_size = (0..members.len()).filter(|&i| in_zone(i)).count();
+        let zone_size = members
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| in_zone(*i) && !blocked(m))
+            .count();
         if local > 0 && local as f64 >= req.policy.zone_min_available * zone_size as f64 {
             candidates.retain(|(i, _)| in_zone(*i));
         }
@@ -343,6 +350,28 @@ mod tests {
                 assert_eq!(chosen(rest, k as u64), *addr, "key {k} moved");
             }
         }
+    }
+
+    #[test]
+    fn blocked_instances_get_nothing_even_in_panic() {
+        let members = [
+            member(1, "a", Health::Passing),
+            member(2, "a", Health::Critical),
+            member(3, "a", Health::Critical),
+        ];
+        let policy = Policy {
+            balancer: Balancer::RoundRobin,
+            blocked: vec![members[0].endpoint.addr],
+            ..Policy::default()
+        };
+        let c = counts(&members, &policy, |_| None);
+        assert_eq!(c[0], 0, "{c:?}");
+        assert!(c[1] > 400 && c[2] > 400, "the rest are in panic: {c:?}");
+        let all = Policy {
+            blocked: members.iter().map(|m| m.endpoint.addr).collect(),
+            ..policy
+        };
+        assert_eq!(counts(&members, &all, |_| None), vec![0, 0, 0]);
     }
 
     #[test]

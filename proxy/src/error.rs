@@ -31,6 +31,8 @@ pub enum ProxyError {
     Reset { addr: String, reason: String },
     #[error("{addr} answered 503")]
     Unavailable { addr: String },
+    #[error("the circuit is open")]
+    CircuitOpen,
     #[error("{limit} reached ({value})")]
     Limit { limit: &'static str, value: u32 },
     #[error("cannot read the request body: {0}")]
@@ -40,9 +42,10 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn origin(&self) -> Origin {
         match self {
-            ProxyError::NoInstance | ProxyError::Limit { .. } | ProxyError::Timeout(_) => {
-                Origin::Proxy
-            }
+            ProxyError::NoInstance
+            | ProxyError::CircuitOpen
+            | ProxyError::Limit { .. }
+            | ProxyError::Timeout(_) => Origin::Proxy,
             ProxyError::Connect { .. }
             | ProxyError::TryTimeout { .. }
             | ProxyError::Reset { .. }
@@ -61,6 +64,7 @@ impl ProxyError {
             | ProxyError::Reset { .. }
             | ProxyError::Unavailable { .. } => idempotent,
             ProxyError::NoInstance
+            | ProxyError::CircuitOpen
             | ProxyError::Timeout(_)
             | ProxyError::Limit { .. }
             | ProxyError::ClientBody(_) => false,
@@ -70,6 +74,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoInstance
+            | ProxyError::CircuitOpen
             | ProxyError::Connect { .. }
             | ProxyError::Unavailable { .. }
             | ProxyError::Limit { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -83,6 +88,7 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::NoInstance => "no_instance",
+            ProxyError::CircuitOpen => "circuit_open",
             ProxyError::Connect { .. } => "connect_failed",
             ProxyError::TryTimeout { .. } => "try_timeout",
             ProxyError::Timeout(_) => "timeout",

@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use signpost_core::model::Protocol;
-use signpost_core::policy::{Balancer, HashKey, Policy};
+use signpost_core::policy::{Balancer, Circuit, HashKey, Policy};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -184,6 +184,9 @@ async fn forward<'a>(
     let Some(pool) = snapshot.client() else {
         return Err(ProxyError::NoInstance);
     };
+    if policy.circuit == Circuit::Open {
+        return Err(ProxyError::CircuitOpen);
+    }
     let _permit = backend.admit_request(policy, deadline).await?;
     let idempotent = policy.retry_non_idempotent || is_idempotent(req.method());
     let retry_here = policy.retries > 0 && !req.headers().contains_key(ATTEMPT_HEADER);

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use signpost_core::policy::Balancer;
+use signpost_core::policy::{Balancer, Circuit};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,11 @@ pub(crate) async fn serve(
         (policy.balancer == Balancer::Hash).then(|| hash_key(client.ip().to_string().as_bytes()));
     let mut tried = Vec::new();
     let mut last = ProxyError::NoInstance;
+    if policy.circuit == Circuit::Open {
+        tracing::warn!(service = %backend.name, %client, reason = "circuit_open", "connection refused: the circuit is open");
+        backend.shared.metrics.error(&backend.name, "circuit_open");
+        return;
+    }
     for attempt in 0..=policy.retries {
         let Some(pick) = backend.pick(&snapshot, &tried, key) else {
             break;

@@ -821,3 +821,35 @@ async fn a_hash_key_sticks_to_one_instance() {
     let used: std::collections::HashSet<&String> = owners.values().collect();
     assert_eq!(used.len(), 3, "30 keys spread over the 3 instances");
 }
+
+/// An operator's policy: a blocked instance gets nothing, an open circuit
+/// fails every request at once with the reason.
+#[tokio::test]
+async fn blocked_instances_and_an_open_circuit_apply() {
+    let web = upstreams("web", 2).await;
+    let api = upstreams("api", 1).await;
+    let agent = agent(&format!(
+        "  services:\n    web: {{blocked: [\"{}\"]}}\n    api: {{circuit: open}}\n",
+        web[0].addr
+    ))
+    .await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    register(&agent, "api.yaml", "api", "http", &api);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let seen = spread(&c, &format!("http://web.service.internal:{port}/"), 20).await;
+    assert_eq!(seen.get("web-2"), Some(&20), "{seen:?}");
+    assert_eq!(web[0].hits(), 0);
+
+    let port = api[0].addr.port();
+    let addr = vip(&agent, "api", port).await;
+    let r = client("api.service.internal", addr)
+        .get(format!("http://api.service.internal:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-signpost-error"], "circuit_open");
+    assert_eq!(api[0].hits(), 0, "nothing reaches the instance");
+}
