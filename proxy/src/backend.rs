@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -32,8 +33,10 @@ use crate::endpoint::{Endpoint, FailureOutcome, Member, Stats};
 use crate::error::ProxyError;
 use crate::metrics::{ProxyMetrics, StatusCounters};
 
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
+/// A body the proxy sends: one it holds whole (a kept request body, its
+/// own answers) or one it streams (from the client or the instance). No
+/// box, so no allocation per message.
+pub(crate) type ProxyBody = Either<Full<Bytes>, Incoming>;
 pub(crate) type HttpClient = Client<HttpConnector, ProxyBody>;
 
 /// How long a deposit counts in the retry budget (Linkerd's 10 s).
@@ -327,7 +330,11 @@ impl Backend {
     /// it stays subscribed to its instances.
     pub(crate) fn used(&self) {
         let now = self.shared.started.elapsed().as_secs();
-        if self.last_use.swap(now, Ordering::Relaxed) != now {
+        // Read first: a write on every request would bounce the cache
+        // line between the worker threads.
+        if self.last_use.load(Ordering::Relaxed) != now
+            && self.last_use.swap(now, Ordering::Relaxed) != now
+        {
             (self.shared.on_use)(&self.service);
         }
     }

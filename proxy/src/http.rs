@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{self, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -161,12 +161,8 @@ impl Payload {
     /// The body for the next attempt; `None` once a stream was used.
     fn next(&mut self) -> Option<ProxyBody> {
         match self {
-            Payload::Kept(bytes) => Some(
-                Full::new(bytes.clone())
-                    .map_err(|never| match never {})
-                    .boxed(),
-            ),
-            Payload::Stream(body) => body.take().map(|b| b.map_err(Into::into).boxed()),
+            Payload::Kept(bytes) => Some(Either::Left(Full::new(bytes.clone()))),
+            Payload::Stream(body) => body.take().map(Either::Right),
         }
     }
 }
@@ -274,7 +270,7 @@ async fn forward<'a>(
                 }
                 member.stats.statuses.count(status.as_u16());
                 if !retry_503 {
-                    let mut response = response.map(|b| b.map_err(Into::into).boxed());
+                    let mut response = response.map(Either::Right);
                     strip_hop_by_hop(response.headers_mut());
                     return Ok((response, &member.label));
                 }
@@ -412,11 +408,7 @@ fn error_response(backend: &Backend, error: &ProxyError) -> Response<ProxyBody> 
     backend.own_status(status.as_u16());
     backend.shared.metrics.error(&backend.name, error.reason());
     let body = format!("signpost: {}: {error}\n", backend.name);
-    let mut response = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(ERROR_HEADER, HeaderValue::from_static(error.reason()));
