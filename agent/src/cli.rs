@@ -1,45 +1,95 @@
 //! The `signpost` subcommands that talk to a running agent over its local
-//! API: readable tables by default, `--json` for scripts.
+//! API, or to the control plane (`acl`, `audit`): readable tables by
+//! default, `--json` for scripts; a refused token exits with 77.
 
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-/// A client of the agent's local API.
+/// A client of the agent's local API, or of the control plane's.
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// "the agent" or "the control plane", for messages.
+    peer: &'static str,
+    /// Where the address comes from, for messages.
+    flag: &'static str,
+    token: Option<String>,
+}
+
+/// The server refused the token (401 or 403): the command exits with
+/// [`EXIT_DENIED`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(String);
+
+/// Exit code when the token was refused (sysexits EX_NOPERM).
+pub const EXIT_DENIED: u8 = 77;
+
+fn base_url(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{addr}")
+    }
 }
 
 impl Client {
+    /// A client of the agent at `addr`.
     pub fn new(addr: &str) -> Self {
-        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
-            addr.trim_end_matches('/').to_string()
-        } else {
-            format!("http://{addr}")
-        };
         crate::tls::install_crypto_provider();
         Client {
-            base,
+            base: base_url(addr),
             http: reqwest::Client::new(),
+            peer: "the agent",
+            flag: "--http-addr",
+            token: None,
+        }
+    }
+
+    /// A client of the control plane's HTTP API at `addr`, presenting
+    /// `token` (an ACL token's secret).
+    pub fn control_plane(addr: &str, token: Option<String>) -> Self {
+        Client {
+            peer: "the control plane",
+            flag: "--control-plane",
+            token,
+            ..Client::new(addr)
         }
     }
 
     async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<String> {
+        let request = match &self.token {
+            Some(token) => request.header("X-Consul-Token", token),
+            None => request,
+        };
         let response = request.send().await.with_context(|| {
             format!(
-                "cannot reach the agent at {} (is it running? see --http-addr)",
-                self.base
+                "cannot reach {} at {} (is it running? see {})",
+                self.peer, self.base, self.flag
             )
         })?;
         let status = response.status();
         let text = response
             .text()
             .await
-            .context("cannot read the agent's answer")?;
+            .with_context(|| format!("cannot read {}'s answer", self.peer))?;
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            let hint = if self.token.is_none() {
+                " (pass a token with --token or SIGNPOST_TOKEN)"
+            } else {
+                ""
+            };
+            return Err(Denied(format!(
+                "{what}: {} answered {status}: {}{hint}",
+                self.peer,
+                text.trim()
+            ))
+            .into());
+        }
         if !status.is_success() {
-            bail!("{what}: the agent answered {status}: {}", text.trim());
+            bail!("{what}: {} answered {status}: {}", self.peer, text.trim());
         }
         Ok(text)
     }
@@ -48,7 +98,11 @@ impl Client {
         let text = self
             .send(self.http.get(format!("{}{path}", self.base)), "query")
             .await?;
-        serde_json::from_str(&text).context("the agent's answer is not JSON")
+        self.parse(&text)
+    }
+
+    fn parse(&self, text: &str) -> anyhow::Result<Value> {
+        serde_json::from_str(text).with_context(|| format!("{}'s answer is not JSON", self.peer))
     }
 
     /// A PUT whose answer is JSON, waiting up to `timeout`.
@@ -63,7 +117,19 @@ impl Client {
             .put(format!("{}{path}", self.base))
             .timeout(timeout);
         let text = self.send(request, what).await?;
-        serde_json::from_str(&text).context("the agent's answer is not JSON")
+        self.parse(&text)
+    }
+
+    /// A PUT with a JSON body whose answer is JSON.
+    pub async fn put_body(&self, path: &str, body: &Value, what: &str) -> anyhow::Result<Value> {
+        let request = self.http.put(format!("{}{path}", self.base)).json(body);
+        let text = self.send(request, what).await?;
+        self.parse(&text)
+    }
+
+    pub async fn delete(&self, path: &str, what: &str) -> anyhow::Result<()> {
+        let request = self.http.delete(format!("{}{path}", self.base));
+        self.send(request, what).await.map(|_| ())
     }
 
     pub async fn put(&self, path: &str, body: Option<&Value>, what: &str) -> anyhow::Result<()> {
@@ -378,4 +444,107 @@ pub fn validate_service_files(dir: &Path) -> Result<usize, Vec<String>> {
     } else {
         Err(errors)
     }
+}
+
+/// `signpost acl token create`.
+pub async fn token_create(
+    client: &Client,
+    role: &str,
+    description: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "Role": role, "Description": description });
+    let token = client
+        .put_body("/v1/acl/token", &body, "create the token")
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&token)?);
+    } else {
+        table(
+            &["ACCESSOR", "ROLE", "SECRET (shown once)"],
+            vec![vec![
+                str_of(&token, "AccessorID").to_string(),
+                str_of(&token, "Role").to_string(),
+                str_of(&token, "SecretID").to_string(),
+            ]],
+        );
+    }
+    Ok(())
+}
+
+/// `signpost acl token list`.
+pub async fn token_list(client: &Client, json: bool) -> anyhow::Result<()> {
+    let tokens = client.get("/v1/acl/tokens").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&tokens)?);
+        return Ok(());
+    }
+    let rows = tokens
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            vec![
+                str_of(t, "AccessorID").to_string(),
+                str_of(t, "Role").to_string(),
+                str_of(t, "CreatedBy").to_string(),
+                str_of(t, "Description").to_string(),
+            ]
+        })
+        .collect();
+    table(&["ACCESSOR", "ROLE", "CREATED BY", "DESCRIPTION"], rows);
+    Ok(())
+}
+
+/// `signpost acl token delete`.
+pub async fn token_delete(client: &Client, accessor: &str) -> anyhow::Result<()> {
+    client
+        .delete(&format!("/v1/acl/token/{accessor}"), "delete the token")
+        .await?;
+    println!("token {accessor} deleted");
+    Ok(())
+}
+
+/// `signpost audit`: the newest entries of the control plane's audit log.
+pub async fn audit(client: &Client, limit: usize, json: bool) -> anyhow::Result<()> {
+    let entries = client.get(&format!("/v1/audit?limit={limit}")).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    let rows = entries
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let who = match str_of(e, "who") {
+                "" => "-",
+                w => w,
+            };
+            vec![
+                e.get("time")
+                    .and_then(Value::as_u64)
+                    .map_or(String::new(), ago),
+                who.to_string(),
+                str_of(e, "action").to_string(),
+                str_of(e, "target").to_string(),
+                str_of(e, "outcome").to_string(),
+                str_of(e, "reason").to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["TIME", "WHO", "ACTION", "TARGET", "OUTCOME", "REASON"],
+        rows,
+    );
+    Ok(())
+}
+
+/// How long ago a Unix time in milliseconds was, e.g. `1m30s ago`.
+fn ago(unix_millis: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let elapsed = std::time::Duration::from_secs(now.saturating_sub(unix_millis) / 1000);
+    format!("{} ago", signpost_core::duration::format(elapsed))
 }

@@ -26,6 +26,17 @@ struct Cli {
         default_value = "127.0.0.1:8500"
     )]
     http_addr: String,
+    /// The control plane's HTTP API, for `acl` and `audit`.
+    #[arg(
+        long,
+        global = true,
+        env = "SIGNPOST_CONTROL_PLANE",
+        default_value = "127.0.0.1:8700"
+    )]
+    control_plane: String,
+    /// An ACL token's secret, for `acl` and `audit`.
+    #[arg(long, global = true, env = "SIGNPOST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,6 +86,20 @@ enum Command {
     },
     /// Deregister a service registered through the API.
     Deregister { id: String },
+    /// Manage the control plane's ACL tokens (needs an admin token).
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
+    },
+    /// The control plane's audit log: token changes and refused requests
+    /// (needs an operator token).
+    Audit {
+        /// The newest entries to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Put a service (or, without ID, the whole node) in or out of maintenance.
     Maint {
         id: Option<String>,
@@ -85,6 +110,36 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// Tokens: create, list, delete.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; its secret is shown this once.
+    Create {
+        /// read, agent, operator or admin.
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a token by its accessor.
+    Delete { accessor: String },
 }
 
 fn main() -> ExitCode {
@@ -118,9 +173,31 @@ fn main() -> ExitCode {
                 disable: _,
                 reason,
             } => cli::maint(&client, id.as_deref(), enable, &reason).await,
+            Command::Acl {
+                command: AclCommand::Token { command },
+            } => {
+                let cp = Client::control_plane(&cli.control_plane, cli.token);
+                match command {
+                    TokenCommand::Create {
+                        role,
+                        description,
+                        json,
+                    } => cli::token_create(&cp, &role, &description, json).await,
+                    TokenCommand::List { json } => cli::token_list(&cp, json).await,
+                    TokenCommand::Delete { accessor } => cli::token_delete(&cp, &accessor).await,
+                }
+            }
+            Command::Audit { limit, json } => {
+                let cp = Client::control_plane(&cli.control_plane, cli.token);
+                cli::audit(&cp, limit, json).await
+            }
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.downcast_ref::<cli::Denied>().is_some() => {
+                eprintln!("signpost: {e:#}");
+                ExitCode::from(cli::EXIT_DENIED)
+            }
             Err(e) => {
                 eprintln!("signpost: {e:#}");
                 ExitCode::FAILURE

@@ -1,5 +1,9 @@
 //! The control plane's HTTP API: the fleet's nodes with their liveness,
-//! the catalog and health of services in Consul's shapes, and `/metrics`.
+//! the catalog and health of services in Consul's shapes, `/metrics`
+//! (all readable without a token), and ACL tokens and the audit log
+//! ([`acl`], which every write goes through).
+
+mod acl;
 
 use std::sync::Arc;
 
@@ -7,7 +11,7 @@ use axum::Router;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, put};
 use serde_json::{Value, json};
 use signpost_core::proto::{Check, Instance};
 
@@ -16,6 +20,7 @@ use crate::catalog::{Catalog, NodeEntry};
 #[derive(Clone)]
 pub struct HttpState {
     pub catalog: Arc<Catalog>,
+    pub acl: Arc<crate::acl::Acl>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub datacenter: String,
 }
@@ -31,6 +36,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/health/checks/{name}", get(health_checks))
         .route("/v1/health/state/{state}", get(health_state))
         .route("/v1/health/node/{node}", get(health_node))
+        .route("/v1/acl/token", put(acl::create))
+        .route("/v1/acl/tokens", get(acl::list))
+        .route("/v1/acl/token/self", get(acl::whoami))
+        .route("/v1/acl/token/{accessor}", delete(acl::delete))
+        .route("/v1/audit", get(acl::audit))
         .route("/metrics", get(metrics))
         .with_state(state)
 }

@@ -10,12 +10,15 @@
 //!   `/metrics`.
 //! - [`tls`]: `init-tls`, the private CA and server certificate.
 //! - [`store`]: the last catalog snapshot, kept under `data_dir`.
+//! - [`acl`]: tokens with roles (hashed, bootstrap admin token on first
+//!   start) and the audit log.
 //!
 //! The agents are the source of truth for their hosts; the kept snapshot
 //! only bridges a restart: a restarted control plane serves every known
 //! instance (nodes `unreachable`) until their agents reconnect and resend
 //! their state, so nothing vanishes on the way.
 
+pub mod acl;
 pub mod catalog;
 pub mod http;
 pub mod metrics;
@@ -92,6 +95,12 @@ pub async fn run(
             }
         });
     }
+    let acl = Arc::new(acl::Acl::open(&config.data_dir).with_context(|| {
+        format!(
+            "cannot open the ACL tokens in {}",
+            config.data_dir.display()
+        )
+    })?);
     let tokens = Arc::new(config.agent_tokens.clone());
     let service = sync::SyncService {
         catalog: catalog.clone(),
@@ -118,7 +127,7 @@ pub async fn run(
             .context("invalid TLS certificate or key")?
             .add_service(SyncServer::with_interceptor(
                 service,
-                sync::check_token(tokens),
+                sync::check_token(tokens, acl.clone()),
             ))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
@@ -127,6 +136,7 @@ pub async fn run(
     );
     let router = http::router(http::HttpState {
         catalog,
+        acl,
         metrics: Arc::new(metrics::Metrics::default()),
         datacenter: "dc1".to_string(),
     });

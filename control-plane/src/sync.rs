@@ -28,9 +28,11 @@ pub struct SyncService {
     pub epoch: String,
 }
 
-/// Refuses streams without a known agent token (`authorization: Bearer`).
+/// Refuses streams without a known agent token (`authorization: Bearer`):
+/// one of `agent_tokens`, or an ACL token with the agent role.
 pub fn check_token(
     tokens: Arc<Vec<String>>,
+    acl: Arc<crate::acl::Acl>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
         let presented = request
@@ -42,7 +44,8 @@ pub fn check_token(
             Some(token)
                 if tokens
                     .iter()
-                    .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) =>
+                    .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+                    || acl.authorize(Some(token), crate::acl::Role::Agent).is_ok() =>
             {
                 Ok(request)
             }
@@ -59,7 +62,7 @@ pub fn check_token(
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

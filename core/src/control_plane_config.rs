@@ -16,7 +16,8 @@ pub struct ControlPlaneConfig {
     pub data_dir: PathBuf,
     pub grpc: GrpcConfig,
     pub http: HttpConfig,
-    /// Tokens agents present (`control_plane.token` in their config).
+    /// Tokens agents present (`control_plane.token` in their config), on
+    /// top of the ACL tokens with the `agent` role.
     pub agent_tokens: Vec<String>,
     /// A failed node's registrations are removed after this.
     #[serde(with = "crate::duration::serde_go")]
@@ -86,12 +87,6 @@ impl ControlPlaneConfig {
             field: field.to_string(),
             reason: reason.to_string(),
         };
-        if config.agent_tokens.is_empty() {
-            return Err(invalid(
-                "agent_tokens",
-                "at least one token is needed, or no agent can connect",
-            ));
-        }
         if config.agent_tokens.iter().any(|t| t.len() < 16) {
             return Err(invalid(
                 "agent_tokens",
