@@ -739,3 +739,201 @@ pub mod dns {
         (message, bytes.len())
     }
 }
+
+/// Upstream instances for proxy tests, and clients that reach a service
+/// through its VIP name as a program on the host does.
+pub mod upstream {
+    use std::collections::HashMap;
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use hickory_proto::rr::{RData, RecordType};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinSet;
+
+    use crate::Agent;
+    use crate::dns::{Transport, query};
+
+    /// A status that makes an [`Upstream`] accept requests and never answer.
+    pub const HANG: u16 = 0;
+
+    /// An HTTP/1.1 instance on its own loopback address: answers with its
+    /// name, or the status the test sets, after the delay the test sets.
+    pub struct Upstream {
+        pub addr: SocketAddr,
+        name: String,
+        status: Arc<AtomicU16>,
+        delay_ms: Arc<AtomicU64>,
+        hits: Arc<AtomicUsize>,
+        tasks: Arc<Mutex<JoinSet<()>>>,
+    }
+
+    impl Upstream {
+        /// Starts one on a fresh loopback address, on `port` (0: any).
+        pub async fn start(name: &str, port: u16) -> Upstream {
+            let listener = bind(port).await;
+            let addr = listener.local_addr().unwrap();
+            let status = Arc::new(AtomicU16::new(200));
+            let delay_ms = Arc::new(AtomicU64::new(0));
+            let hits = Arc::new(AtomicUsize::new(0));
+            let tasks = Arc::new(Mutex::new(JoinSet::new()));
+            let (s, d, h, t, n) = (
+                status.clone(),
+                delay_ms.clone(),
+                hits.clone(),
+                tasks.clone(),
+                name.to_string(),
+            );
+            tasks.lock().unwrap().spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (s, d, h, n) = (s.clone(), d.clone(), h.clone(), n.clone());
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (s, d, h, n) = (s.clone(), d.clone(), h.clone(), n.clone());
+                            async move {
+                                h.fetch_add(1, Ordering::SeqCst);
+                                let code = s.load(Ordering::SeqCst);
+                                if code == HANG {
+                                    std::future::pending::<()>().await;
+                                }
+                                let delay = d.load(Ordering::SeqCst);
+                                if delay > 0 {
+                                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                                }
+                                let attempt = req
+                                    .headers()
+                                    .get("x-signpost-attempt")
+                                    .map(|v| v.to_str().unwrap().to_string())
+                                    .unwrap_or_default();
+                                let body = http_body_util::Full::new(bytes::Bytes::from(n));
+                                let response = hyper::Response::builder()
+                                    .status(code)
+                                    .header("x-attempt-seen", attempt)
+                                    .body(body)
+                                    .unwrap();
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    t.lock().unwrap().spawn(async move {
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    });
+                }
+            });
+            Upstream {
+                addr,
+                name: name.to_string(),
+                status,
+                delay_ms,
+                hits,
+                tasks,
+            }
+        }
+
+        pub fn set_status(&self, code: u16) {
+            self.status.store(code, Ordering::SeqCst);
+        }
+
+        pub fn set_delay(&self, ms: u64) {
+            self.delay_ms.store(ms, Ordering::SeqCst);
+        }
+
+        pub fn hits(&self) -> usize {
+            self.hits.load(Ordering::SeqCst)
+        }
+
+        /// Dies like a killed process: the listener and every connection close.
+        pub fn kill(&self) {
+            self.tasks.lock().unwrap().abort_all();
+        }
+
+        /// Its service-file entry.
+        pub fn entry(&self, service: &str, protocol: &str) -> String {
+            format!(
+                "  - name: {service}\n    id: {}\n    address: {}\n    port: {}\n    protocol: {protocol}\n",
+                self.name,
+                self.addr.ip(),
+                self.addr.port()
+            )
+        }
+    }
+
+    /// A listener on a fresh loopback address, on `port` (0: any).
+    pub async fn bind(port: u16) -> TcpListener {
+        loop {
+            let ip = crate::free_addr().ip();
+            if let Ok(l) = TcpListener::bind((ip, port)).await {
+                return l;
+            }
+        }
+    }
+
+    /// `n` upstreams serving the same port, as a service's instances do.
+    pub async fn upstreams(prefix: &str, n: usize) -> Vec<Upstream> {
+        let first = Upstream::start(&format!("{prefix}-1"), 0).await;
+        let port = first.addr.port();
+        let mut all = vec![first];
+        for i in 2..=n {
+            all.push(Upstream::start(&format!("{prefix}-{i}"), port).await);
+        }
+        all
+    }
+
+    /// Resolves `name` with the agent's DNS, as an application does.
+    pub async fn resolve(agent: &Agent, name: &str) -> Option<Ipv4Addr> {
+        let m = query(agent.dns_addr(), name, RecordType::A, Transport::Udp).await;
+        m.answers.iter().find_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+    }
+
+    /// The service's VIP once the agent knows the service and its proxy
+    /// listens on `port` there.
+    pub async fn vip(agent: &Agent, service: &str, port: u16) -> SocketAddr {
+        let name = format!("{service}.service.internal");
+        let ip = agent
+            .eventually(&format!("{name} to resolve"), || async {
+                resolve(agent, &name).await
+            })
+            .await;
+        let addr = SocketAddr::from((ip, port));
+        agent
+            .eventually(&format!("a listener on {addr}"), || async {
+                TcpStream::connect(addr).await.ok().map(|_| ())
+            })
+            .await;
+        addr
+    }
+
+    /// An HTTP client that reaches `host` at `addr`, the way a program that
+    /// resolved the name does.
+    pub fn client(host: &str, addr: SocketAddr) -> reqwest::Client {
+        reqwest::Client::builder()
+            .no_proxy()
+            .resolve(host, addr)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    /// GETs `url` `n` times; returns the bodies (instance names) by count.
+    pub async fn spread(client: &reqwest::Client, url: &str, n: usize) -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        for _ in 0..n {
+            let r = client.get(url).send().await.unwrap();
+            let reason = r.headers().get("x-signpost-error").cloned();
+            assert_eq!(r.status(), 200, "{url}: {reason:?}");
+            *seen.entry(r.text().await.unwrap()).or_insert(0) += 1;
+        }
+        seen
+    }
+}
