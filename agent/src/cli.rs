@@ -1,6 +1,9 @@
 //! The `signpost` subcommands that talk to a running agent over its local
 //! API, or to the control plane (`acl`, `audit`): readable tables by
-//! default, `--json` for scripts; a refused token exits with 77.
+//! default, `--json` for scripts; a refused token exits with 77, input
+//! the server refused with 65.
+
+pub mod cmd;
 
 use std::path::Path;
 
@@ -26,6 +29,15 @@ pub struct Denied(String);
 
 /// Exit code when the token was refused (sysexits EX_NOPERM).
 pub const EXIT_DENIED: u8 = 77;
+
+/// The server refused what was sent as invalid (400): the command exits
+/// with [`EXIT_INVALID`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(String);
+
+/// Exit code for input the server refused (sysexits EX_DATAERR).
+pub const EXIT_INVALID: u8 = 65;
 
 fn base_url(addr: &str) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
@@ -88,6 +100,14 @@ impl Client {
             ))
             .into());
         }
+        if status == reqwest::StatusCode::BAD_REQUEST {
+            return Err(Invalid(format!(
+                "{what}: {} answered {status}: {}",
+                self.peer,
+                text.trim()
+            ))
+            .into());
+        }
         if !status.is_success() {
             bail!("{what}: {} answered {status}: {}", self.peer, text.trim());
         }
@@ -116,6 +136,13 @@ impl Client {
             .http
             .put(format!("{}{path}", self.base))
             .timeout(timeout);
+        let text = self.send(request, what).await?;
+        self.parse(&text)
+    }
+
+    /// A POST with a JSON body whose answer is JSON.
+    pub async fn post_body(&self, path: &str, body: &Value, what: &str) -> anyhow::Result<Value> {
+        let request = self.http.post(format!("{}{path}", self.base)).json(body);
         let text = self.send(request, what).await?;
         self.parse(&text)
     }

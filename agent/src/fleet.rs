@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use signpost_core::command::Command;
 use signpost_core::proto::{
     AckQuery, AckStatus, CatalogInstance, FleetSnapshot, ServiceNames, ServiceUpdate,
 };
@@ -32,6 +33,8 @@ pub struct FleetInner {
     pub version: u64,
     /// The control plane's epoch the indexes belong to.
     pub epoch: String,
+    /// The operator commands last received (the agent expires them).
+    pub commands: Vec<Command>,
 }
 
 pub struct FleetCache {
@@ -255,7 +258,24 @@ impl FleetCache {
                 })
                 .collect(),
             names: inner.names.clone(),
+            commands: inner
+                .commands
+                .iter()
+                .filter_map(|c| serde_json::to_string(c).ok())
+                .collect(),
         }
+    }
+
+    /// Replaces the operator commands with the control plane's set;
+    /// returns the ids taken. A command that cannot be read is reported
+    /// and left out.
+    pub fn set_commands(&self, json: &[String]) -> Vec<String> {
+        let commands = parse_commands(json);
+        let ids = commands.iter().map(|c| c.id.clone()).collect();
+        let mut inner = self.lock();
+        inner.commands = commands;
+        self.changed(&mut inner);
+        ids
     }
 
     /// Loads what a previous run kept on disk; the services in it are
@@ -265,6 +285,7 @@ impl FleetCache {
             let mut inner = self.lock();
             inner.epoch = snapshot.epoch;
             inner.names = snapshot.names;
+            inner.commands = parse_commands(&snapshot.commands);
             let now = Instant::now();
             for update in &snapshot.services {
                 inner
@@ -280,6 +301,18 @@ impl FleetCache {
         // Restored knowledge is not contact with the control plane.
         self.lock().last_contact = None;
     }
+}
+
+fn parse_commands(json: &[String]) -> Vec<Command> {
+    json.iter()
+        .filter_map(|text| match serde_json::from_str::<Command>(text) {
+            Ok(command) => Some(command),
+            Err(error) => {
+                tracing::error!(%error, "unreadable operator command ignored");
+                None
+            }
+        })
+        .collect()
 }
 
 /// The file the fleet view is kept in.

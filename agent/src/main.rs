@@ -86,6 +86,12 @@ enum Command {
     },
     /// Deregister a service registered through the API.
     Deregister { id: String },
+    /// Operator commands applied by every agent's proxy (an operator
+    /// token creates and revokes them).
+    Cmd {
+        #[command(subcommand)]
+        command: CmdCommand,
+    },
     /// Manage the control plane's ACL tokens (needs an admin token).
     Acl {
         #[command(subcommand)]
@@ -110,6 +116,81 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
+}
+
+/// What every new command says.
+#[derive(clap::Args)]
+struct CommandArgs {
+    /// Why (goes to the audit log).
+    #[arg(long)]
+    reason: String,
+    /// How long it lasts (at most 168h).
+    #[arg(long, value_parser = parse_duration)]
+    ttl: std::time::Duration,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum CmdCommand {
+    /// An instance gets no new connections or requests.
+    Block {
+        service: String,
+        /// The instance, as ip:port.
+        instance: String,
+        #[command(flatten)]
+        args: CommandArgs,
+    },
+    /// Revoke the blocks of an instance.
+    Unblock { service: String, instance: String },
+    /// Answer for the service without calling it: with --status (and
+    /// --body, --header), or fail fast with 503.
+    Degrade {
+        service: String,
+        #[arg(long)]
+        status: Option<u16>,
+        #[arg(long, default_value = "")]
+        body: String,
+        /// `Name: value`, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[command(flatten)]
+        args: CommandArgs,
+    },
+    /// Force the service's circuit open or closed.
+    Circuit {
+        service: String,
+        #[arg(value_parser = ["open", "closed"])]
+        state: String,
+        #[command(flatten)]
+        args: CommandArgs,
+    },
+    /// Traffic policy: the proxy.services fields as JSON, e.g.
+    /// '{"retries": 0, "timeout": "2s"}'.
+    Policy {
+        service: String,
+        policy: String,
+        #[command(flatten)]
+        args: CommandArgs,
+    },
+    /// List commands.
+    List {
+        #[arg(long)]
+        service: Option<String>,
+        /// active, expired or revoked.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One command, with how many agents applied it.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a command before its expiry.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -187,6 +268,10 @@ fn main() -> ExitCode {
                     TokenCommand::Delete { accessor } => cli::token_delete(&cp, &accessor).await,
                 }
             }
+            Command::Cmd { command } => {
+                let cp = Client::control_plane(&cli.control_plane, cli.token);
+                operator_command(&cp, command).await
+            }
             Command::Audit { limit, json } => {
                 let cp = Client::control_plane(&cli.control_plane, cli.token);
                 cli::audit(&cp, limit, json).await
@@ -197,6 +282,10 @@ fn main() -> ExitCode {
             Err(e) if e.downcast_ref::<cli::Denied>().is_some() => {
                 eprintln!("signpost: {e:#}");
                 ExitCode::from(cli::EXIT_DENIED)
+            }
+            Err(e) if e.downcast_ref::<cli::Invalid>().is_some() => {
+                eprintln!("signpost: {e:#}");
+                ExitCode::from(cli::EXIT_INVALID)
             }
             Err(e) => {
                 eprintln!("signpost: {e:#}");
@@ -239,6 +328,82 @@ async fn agent(path: PathBuf, validate: bool) -> ExitCode {
             eprintln!("signpost: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn operator_command(cp: &Client, command: CmdCommand) -> anyhow::Result<()> {
+    use cli::cmd::{Common, create};
+    use serde_json::json;
+    fn common<'a>(service: &'a str, args: &'a CommandArgs) -> Common<'a> {
+        Common {
+            service,
+            reason: &args.reason,
+            ttl: args.ttl,
+            json: args.json,
+        }
+    }
+    match &command {
+        CmdCommand::Block {
+            service,
+            instance,
+            args,
+        } => {
+            create(
+                cp,
+                &common(service, args),
+                json!({"kind": "block"}),
+                Some(instance),
+            )
+            .await
+        }
+        CmdCommand::Unblock { service, instance } => cli::cmd::unblock(cp, service, instance).await,
+        CmdCommand::Degrade {
+            service,
+            status,
+            body,
+            headers,
+            args,
+        } => {
+            let action = match status {
+                Some(status) => {
+                    let mut map = serde_json::Map::new();
+                    for h in headers {
+                        let (name, value) = h.split_once(':').ok_or_else(|| {
+                            anyhow::anyhow!("--header {h:?}: expected `Name: value`")
+                        })?;
+                        map.insert(name.trim().to_string(), json!(value.trim()));
+                    }
+                    json!({"kind": "degrade", "fallback": {"status": status, "body": body, "headers": map}})
+                }
+                None => json!({"kind": "degrade"}),
+            };
+            create(cp, &common(service, args), action, None).await
+        }
+        CmdCommand::Circuit {
+            service,
+            state,
+            args,
+        } => {
+            let action = json!({"kind": "circuit", "state": state});
+            create(cp, &common(service, args), action, None).await
+        }
+        CmdCommand::Policy {
+            service,
+            policy,
+            args,
+        } => {
+            let policy: serde_json::Value = serde_json::from_str(policy)
+                .map_err(|e| anyhow::anyhow!("the policy is not JSON: {e}"))?;
+            let action = json!({"kind": "policy", "policy": policy});
+            create(cp, &common(service, args), action, None).await
+        }
+        CmdCommand::List {
+            service,
+            state,
+            json,
+        } => cli::cmd::list(cp, service.as_deref(), state.as_deref(), *json).await,
+        CmdCommand::Show { id, json } => cli::cmd::show(cp, id, *json).await,
+        CmdCommand::Revoke { id } => cli::cmd::revoke(cp, id).await,
     }
 }
 

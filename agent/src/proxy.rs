@@ -1,15 +1,18 @@
 //! Wires the `proxy` crate into the agent. Every name with a VIP on this
 //! host (looked up through DNS, or listed in `upstreams`) gets listeners;
 //! its instances come from [`AgentCatalog`] and its policy from
-//! `proxy.defaults` and `proxy.services`. The proxy is updated in place
-//! on every change of this node's state, the fleet cache or the VIP
-//! table.
+//! `proxy.defaults` and `proxy.services`, with the operator commands in
+//! force applied over it. The proxy is updated in place on every change
+//! of this node's state, the fleet cache (commands included) or the VIP
+//! table, and when a command expires.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use signpost_core::command::{Action, Command};
 use signpost_core::model::Protocol;
+use signpost_core::policy::Policy;
 use signpost_proxy::{Endpoint, Proxy, ProxyMetrics, ServiceSpec, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -59,11 +62,15 @@ pub(crate) async fn run(
     let mut vips = catalog.vips.subscribe();
     loop {
         let failures = proxy.update(services(&catalog));
+        let now = now_millis();
+        // Commands expire here even with the control plane gone.
+        let expiry = next_expiry(&catalog, now).map(|at| Duration::from_millis(at - now));
         let retry = async {
-            if failures > 0 {
-                tokio::time::sleep(RETRY_LISTEN).await;
-            } else {
-                std::future::pending::<()>().await;
+            match (failures > 0, expiry) {
+                (true, Some(e)) => tokio::time::sleep(e.min(RETRY_LISTEN)).await,
+                (true, None) => tokio::time::sleep(RETRY_LISTEN).await,
+                (false, Some(e)) => tokio::time::sleep(e).await,
+                (false, None) => std::future::pending::<()>().await,
             }
         };
         let fleet_changed = async {
@@ -90,6 +97,8 @@ pub(crate) async fn run(
 /// What the proxy should serve now: one entry per VIP.
 fn services(catalog: &AgentCatalog) -> Vec<ServiceSpec> {
     let config = &catalog.agent.config.proxy;
+    let commands = commands(catalog);
+    let now = now_millis();
     catalog
         .vips
         .entries()
@@ -97,7 +106,7 @@ fn services(catalog: &AgentCatalog) -> Vec<ServiceSpec> {
         .filter_map(|(key, vip)| {
             let (service, tag) = catalog.vip_owner(key.clone());
             let (service, instances) = catalog.instances_of(&service, tag.as_deref())?;
-            let policy = config.policy(&service);
+            let policy = with_commands(config.policy(&service), &service, &commands, now);
             Some(ServiceSpec {
                 protocol: protocol(&instances),
                 endpoints: instances.iter().filter_map(endpoint).collect(),
@@ -108,6 +117,48 @@ fn services(catalog: &AgentCatalog) -> Vec<ServiceSpec> {
             })
         })
         .collect()
+}
+
+/// The operator commands received, oldest first (later ones win).
+fn commands(catalog: &AgentCatalog) -> Vec<Command> {
+    let mut commands = catalog
+        .fleet
+        .as_ref()
+        .map(|f| f.read(|inner| inner.commands.clone()))
+        .unwrap_or_default();
+    commands.sort_by_key(|c| c.created_at);
+    commands
+}
+
+/// `policy` with the commands in force for `service` applied.
+fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u64) -> Policy {
+    let applying = commands
+        .iter()
+        .filter(|c| c.active(now) && c.target.service.eq_ignore_ascii_case(service));
+    for command in applying {
+        match &command.action {
+            Action::Block => policy.blocked.extend(command.target.instance),
+            Action::Circuit { state } => policy.circuit = *state,
+            Action::Degrade { fallback } => policy.degraded = Some(fallback.clone()),
+            Action::Policy { policy: o } => policy = policy.apply(o),
+        }
+    }
+    policy
+}
+
+/// When the next command in force expires (Unix ms).
+fn next_expiry(catalog: &AgentCatalog, now: u64) -> Option<u64> {
+    commands(catalog)
+        .iter()
+        .filter(|c| c.active(now))
+        .map(|c| c.expires_at)
+        .min()
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The protocol most instances registered (TCP when none).

@@ -14,8 +14,8 @@ use rand::Rng;
 use signpost_core::config::ControlPlaneClientConfig;
 use signpost_core::proto::sync_client::SyncClient;
 use signpost_core::proto::{
-    Ack, AckStatus, AgentMessage, Check, ControlMessage, Delta, FullState, Hello, Instance,
-    ProbeRequest, ProbeResult, Subscribe, Unsubscribe, agent_message, control_message,
+    Ack, AckStatus, AgentMessage, Check, CommandsApplied, ControlMessage, Delta, FullState, Hello,
+    Instance, ProbeRequest, ProbeResult, Subscribe, Unsubscribe, agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -330,6 +330,12 @@ async fn session(
                         }
                     }
                     Some(control_message::Body::Names(names)) => fleet.apply_names(names),
+                    Some(control_message::Body::Commands(set)) => {
+                        let ids = fleet.set_commands(&set.commands);
+                        tracing::info!(commands = ids.len(), "operator commands received");
+                        let applied = CommandsApplied { ids };
+                        tx.send(message(agent_message::Body::CommandsApplied(applied))).await?;
+                    }
                     Some(control_message::Body::Probe(request)) => {
                         let tx = tx.clone();
                         tokio::spawn(async move {

@@ -111,6 +111,13 @@ pub struct Inner {
     next_probe: u64,
 }
 
+impl Inner {
+    /// Agents with a stream open now.
+    pub fn connected(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
 pub struct Catalog {
     inner: Mutex<Inner>,
     /// Bumped on every change worth keeping on disk.

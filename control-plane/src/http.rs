@@ -4,6 +4,7 @@
 //! ([`acl`], which every write goes through).
 
 mod acl;
+mod commands;
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use crate::catalog::{Catalog, NodeEntry};
 pub struct HttpState {
     pub catalog: Arc<Catalog>,
     pub acl: Arc<crate::acl::Acl>,
+    pub commands: Arc<crate::commands::Commands>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub datacenter: String,
 }
@@ -41,6 +43,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/acl/token/self", get(acl::whoami))
         .route("/v1/acl/token/{accessor}", delete(acl::delete))
         .route("/v1/audit", get(acl::audit))
+        .route("/v1/commands", get(commands::list).post(commands::create))
+        .route(
+            "/v1/commands/{id}",
+            get(commands::show).delete(commands::revoke),
+        )
         .route("/metrics", get(metrics))
         .with_state(state)
 }

@@ -10,6 +10,7 @@
 //!   `/metrics`.
 //! - [`tls`]: `init-tls`, the private CA and server certificate.
 //! - [`store`]: the last catalog snapshot, kept under `data_dir`.
+//! - [`commands`]: operator commands, stored and sent to every agent.
 //! - [`acl`]: tokens with roles (hashed, bootstrap admin token on first
 //!   start) and the audit log.
 //!
@@ -20,6 +21,7 @@
 
 pub mod acl;
 pub mod catalog;
+pub mod commands;
 pub mod http;
 pub mod metrics;
 pub mod store;
@@ -101,11 +103,16 @@ pub async fn run(
             config.data_dir.display()
         )
     })?);
+    let commands =
+        Arc::new(commands::Commands::open(&config.data_dir).with_context(|| {
+            format!("cannot open the commands in {}", config.data_dir.display())
+        })?);
     let tokens = Arc::new(config.agent_tokens.clone());
     let service = sync::SyncService {
         catalog: catalog.clone(),
         tokens: tokens.clone(),
         epoch: format!("{:016x}", rand::random::<u64>()),
+        commands: commands.clone(),
     };
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
@@ -137,6 +144,7 @@ pub async fn run(
     let router = http::router(http::HttpState {
         catalog,
         acl,
+        commands,
         metrics: Arc::new(metrics::Metrics::default()),
         datacenter: "dc1".to_string(),
     });

@@ -26,6 +26,26 @@ pub struct SyncService {
     pub tokens: Arc<Vec<String>>,
     /// Identifies this catalog's indexes (see `Welcome.epoch`).
     pub epoch: String,
+    pub commands: Arc<crate::commands::Commands>,
+}
+
+/// Sends the commands in force on the session now and after every
+/// change, until the session ends.
+async fn send_commands(commands: Arc<crate::commands::Commands>, tx: mpsc::Sender<ControlMessage>) {
+    let mut changes = commands.subscribe();
+    loop {
+        let set = ControlMessage {
+            body: Some(Body::Commands(signpost_core::proto::CommandSet {
+                commands: commands.active_json(),
+            })),
+        };
+        if tx.send(set).await.is_err() {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Refuses streams without a known agent token (`authorization: Bearer`):
@@ -100,9 +120,11 @@ impl Sync for SyncService {
             return Err(Status::internal("cannot queue the welcome"));
         }
         let node = hello.node.clone();
+        tokio::spawn(send_commands(self.commands.clone(), tx.clone()));
         let session = self.catalog.connect(hello, tx);
         tracing::info!(node = %node, session, peer = ?peer, "agent connected");
         let catalog = self.catalog.clone();
+        let commands = self.commands.clone();
         tokio::spawn(async move {
             loop {
                 match inbound.next().await {
@@ -121,6 +143,9 @@ impl Sync for SyncService {
                             catalog.ack(session, a.service, a.index)
                         }
                         Some(agent_message::Body::AckQuery(q)) => catalog.ack_query(session, q),
+                        Some(agent_message::Body::CommandsApplied(a)) => {
+                            commands.applied(&node, &a.ids);
+                        }
                         Some(agent_message::Body::ProbeResult(r)) => {
                             if !r.reachable && !r.error.is_empty() {
                                 tracing::debug!(by = %node, error = %r.error, "peer probe failed");

@@ -6,6 +6,8 @@
 //! - [`model`]: services, instances' checks and health, with newtypes for the
 //!   identifiers (`ServiceId`, `ServiceName`, `CheckId`) and the validation
 //!   rules that hold whatever the source (YAML file or HTTP API).
+//! - [`command`]: operator commands (block, degrade, circuit, policy) with
+//!   their target, reason and expiry, and their validation.
 //! - [`config`], [`control_plane_config`]: the agent's and the control
 //!   plane's YAML configuration, strictly typed and validated before any
 //!   socket is bound.
@@ -21,6 +23,7 @@
 //!
 //! This crate never reads files or the environment; the binaries do.
 
+pub mod command;
 pub mod config;
 pub mod control_plane_config;
 pub mod duration;

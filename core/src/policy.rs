@@ -15,12 +15,12 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::model::Protocol;
 
 /// How the proxy picks an instance for a connection or request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Balancer {
     /// Power of two choices over peak-EWMA latency × in-flight load
@@ -45,7 +45,7 @@ impl Balancer {
 }
 
 /// A service's circuit as an operator sets it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Circuit {
     /// Requests and connections flow.
@@ -54,6 +54,17 @@ pub enum Circuit {
     /// Every request and connection fails at once, without reaching an
     /// instance.
     Open,
+}
+
+/// What the proxy answers for a degraded service instead of calling it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    pub status: u16,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: String,
 }
 
 /// What a [`Balancer::Hash`] service hashes on.
@@ -93,6 +104,12 @@ impl fmt::Display for HashKey {
             HashKey::Header(name) => write!(f, "header:{name}"),
             HashKey::Cookie(name) => write!(f, "cookie:{name}"),
         }
+    }
+}
+
+impl Serialize for HashKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -165,6 +182,9 @@ pub struct Policy {
     /// whatever their health; requests in flight finish.
     pub blocked: Vec<SocketAddr>,
     pub circuit: Circuit,
+    /// Degraded: every request is answered with the fallback (`None`
+    /// inside: 503) without calling the service.
+    pub degraded: Option<Option<Fallback>>,
 }
 
 impl Default for Policy {
@@ -194,13 +214,14 @@ impl Default for Policy {
             eject_max_share: 0.5,
             blocked: Vec::new(),
             circuit: Circuit::Closed,
+            degraded: None,
         }
     }
 }
 
 /// A partial [`Policy`], as written in `proxy.defaults` and
 /// `proxy.services`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyOverride {
     pub protocol: Option<Protocol>,
@@ -272,6 +293,7 @@ impl Policy {
             eject_max_share: o.eject_max_share.unwrap_or(p.eject_max_share),
             blocked: o.blocked.clone().unwrap_or(p.blocked),
             circuit: o.circuit.unwrap_or(p.circuit),
+            degraded: p.degraded,
         }
     }
 

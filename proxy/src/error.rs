@@ -33,6 +33,8 @@ pub enum ProxyError {
     Unavailable { addr: String },
     #[error("the circuit is open")]
     CircuitOpen,
+    #[error("the service is degraded by an operator")]
+    Degraded,
     #[error("{limit} reached ({value})")]
     Limit { limit: &'static str, value: u32 },
     #[error("cannot read the request body: {0}")]
@@ -44,6 +46,7 @@ impl ProxyError {
         match self {
             ProxyError::NoInstance
             | ProxyError::CircuitOpen
+            | ProxyError::Degraded
             | ProxyError::Limit { .. }
             | ProxyError::Timeout(_) => Origin::Proxy,
             ProxyError::Connect { .. }
@@ -65,6 +68,7 @@ impl ProxyError {
             | ProxyError::Unavailable { .. } => idempotent,
             ProxyError::NoInstance
             | ProxyError::CircuitOpen
+            | ProxyError::Degraded
             | ProxyError::Timeout(_)
             | ProxyError::Limit { .. }
             | ProxyError::ClientBody(_) => false,
@@ -75,6 +79,7 @@ impl ProxyError {
         match self {
             ProxyError::NoInstance
             | ProxyError::CircuitOpen
+            | ProxyError::Degraded
             | ProxyError::Connect { .. }
             | ProxyError::Unavailable { .. }
             | ProxyError::Limit { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -89,6 +94,7 @@ impl ProxyError {
         match self {
             ProxyError::NoInstance => "no_instance",
             ProxyError::CircuitOpen => "circuit_open",
+            ProxyError::Degraded => "degraded",
             ProxyError::Connect { .. } => "connect_failed",
             ProxyError::TryTimeout { .. } => "try_timeout",
             ProxyError::Timeout(_) => "timeout",

@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use signpost_core::model::Protocol;
-use signpost_core::policy::{Balancer, Circuit, HashKey, Policy};
+use signpost_core::policy::{Balancer, Circuit, Fallback, HashKey, Policy};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -180,6 +180,12 @@ async fn forward<'a>(
     let Some(pool) = snapshot.client() else {
         return Err(ProxyError::NoInstance);
     };
+    if let Some(degraded) = &policy.degraded {
+        return match degraded {
+            Some(fallback) => Ok((fallback_response(backend, fallback), "")),
+            None => Err(ProxyError::Degraded),
+        };
+    }
     if policy.circuit == Circuit::Open {
         return Err(ProxyError::CircuitOpen);
     }
@@ -398,6 +404,26 @@ fn reject(
     tracing::warn!(service = %backend.name, method = %req.method(), path = req.uri().path(), reason = error.reason(), %error, "request refused");
     let response = error_response(backend, &error);
     backend.duration.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The answer an operator set for a degraded service.
+fn fallback_response(backend: &Backend, fallback: &Fallback) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(fallback.body.clone()))));
+    *response.status_mut() =
+        StatusCode::from_u16(fallback.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    for (name, value) in &fallback.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
+        .headers_mut()
+        .insert(ERROR_HEADER, HeaderValue::from_static("degraded"));
+    backend.own_status(response.status().as_u16());
     response
 }
 

@@ -44,9 +44,16 @@ pub(crate) async fn serve(
         (policy.balancer == Balancer::Hash).then(|| hash_key(client.ip().to_string().as_bytes()));
     let mut tried = Vec::new();
     let mut last = ProxyError::NoInstance;
-    if policy.circuit == Circuit::Open {
-        tracing::warn!(service = %backend.name, %client, reason = "circuit_open", "connection refused: the circuit is open");
-        backend.shared.metrics.error(&backend.name, "circuit_open");
+    let refused = if policy.degraded.is_some() {
+        Some(ProxyError::Degraded)
+    } else if policy.circuit == Circuit::Open {
+        Some(ProxyError::CircuitOpen)
+    } else {
+        None
+    };
+    if let Some(error) = refused {
+        tracing::warn!(service = %backend.name, %client, reason = error.reason(), "connection refused: {error}");
+        backend.shared.metrics.error(&backend.name, error.reason());
         return;
     }
     for attempt in 0..=policy.retries {

@@ -1,0 +1,266 @@
+//! Operator commands end to end: created with the CLI on a real control
+//! plane, applied by a real agent's proxy to real traffic, expired and
+//! revoked, kept across an agent restart with the control plane down.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
+
+use serde_json::Value;
+use signpost_tests::upstream::{client, spread, upstreams, vip};
+use signpost_tests::{AGENT_TOKEN, Agent, ControlPlane, signpost};
+
+/// An operator token's secret, made with the bootstrap admin token.
+fn operator(cp: &ControlPlane) -> String {
+    let admin = std::fs::read_to_string(cp.dir.path().join("data").join("bootstrap-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let (code, out, err) = cmd(
+        cp,
+        &admin,
+        &["acl", "token", "create", "--role", "operator", "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let token: Value = serde_json::from_str(&out).unwrap();
+    token["SecretID"].as_str().unwrap().to_string()
+}
+
+fn cmd(cp: &ControlPlane, token: &str, args: &[&str]) -> (i32, String, String) {
+    let addr = cp.http.to_string();
+    let mut all = vec!["--control-plane", &addr, "--token", token];
+    all.extend_from_slice(args);
+    signpost(&all)
+}
+
+/// Creates a command with the CLI; returns its id.
+fn create(cp: &ControlPlane, token: &str, args: &[&str]) -> String {
+    let mut all = vec!["cmd"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let (code, out, err) = cmd(cp, token, &all);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    let command: Value = serde_json::from_str(&out).unwrap();
+    command["id"].as_str().unwrap().to_string()
+}
+
+async fn agent(cp: &ControlPlane) -> Agent {
+    let range = format!("127.75.{}.0/24", rand::random_range(0..=255u8));
+    Agent::start_named(
+        "cmd-node",
+        &format!(
+            "{}dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n  defaults:\n    balancer: round_robin\n",
+            cp.agent_config(AGENT_TOKEN)
+        ),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn block_degrade_circuit_and_policy_change_traffic_until_revoked_or_expired() {
+    let cp = ControlPlane::start().await;
+    let token = operator(&cp);
+    let web = upstreams("web", 2).await;
+    let mut agent = agent(&cp).await;
+    let entries: String = web.iter().map(|u| u.entry("web", "http")).collect();
+    agent.write_service_file("web.yaml", &format!("services:\n{entries}"));
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let url = format!("http://web.service.internal:{port}/");
+    assert_eq!(spread(&c, &url, 10).await.len(), 2);
+
+    // Block web-1: it gets nothing.
+    let instance = web[0].addr.to_string();
+    let block = create(
+        &cp,
+        &token,
+        &[
+            "block", "web", &instance, "--reason", "bad disk", "--ttl", "10m",
+        ],
+    );
+    agent
+        .eventually("web-1 to be blocked", || async {
+            let seen = spread(&c, &url, 10).await;
+            (seen.get("web-2") == Some(&10)).then_some(())
+        })
+        .await;
+    // The control plane knows the agent applied it.
+    let (_, out, _) = cmd(&cp, &token, &["cmd", "show", &block, "--json"]);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["state"], "active");
+    assert_eq!(
+        shown["applied_by"],
+        serde_json::json!(["cmd-node"]),
+        "{shown}"
+    );
+
+    // Degrade with a fallback answer: the service is not called.
+    let degrade = create(
+        &cp,
+        &token,
+        &[
+            "degrade",
+            "web",
+            "--status",
+            "200",
+            "--body",
+            "cached answer",
+            "--header",
+            "x-from: fallback",
+            "--reason",
+            "db down",
+            "--ttl",
+            "10m",
+        ],
+    );
+    let hits = web[1].hits();
+    agent
+        .eventually("the fallback answer", || async {
+            let r = c.get(&url).send().await.unwrap();
+            let from = r.headers().get("x-from").cloned();
+            (r.text().await.unwrap() == "cached answer" && from.is_some()).then_some(())
+        })
+        .await;
+    let settled = web[1].hits();
+    for _ in 0..5 {
+        assert_eq!(
+            c.get(&url).send().await.unwrap().text().await.unwrap(),
+            "cached answer"
+        );
+    }
+    assert_eq!(web[1].hits(), settled, "a degraded service is not called");
+    assert!(settled >= hits);
+
+    // Revoke both; open the circuit instead: fail fast with the reason.
+    for id in [&block, &degrade] {
+        let (code, _, err) = cmd(&cp, &token, &["cmd", "revoke", id]);
+        assert_eq!(code, 0, "{err}");
+    }
+    create(
+        &cp,
+        &token,
+        &[
+            "circuit", "web", "open", "--reason", "overload", "--ttl", "2s",
+        ],
+    );
+    agent
+        .eventually("the circuit to open", || async {
+            let r = c.get(&url).send().await.unwrap();
+            (r.status() == 503 && r.headers()["x-signpost-error"] == "circuit_open").then_some(())
+        })
+        .await;
+    // It expires by itself: traffic flows again, to both instances.
+    agent
+        .eventually("the circuit to expire", || async {
+            (c.get(&url).send().await.unwrap().status() == 200).then_some(())
+        })
+        .await;
+    assert_eq!(spread(&c, &url, 10).await.len(), 2);
+
+    // A policy command: no retries, a short try timeout (validated).
+    let (code, _, err) = cmd(
+        &cp,
+        &token,
+        &[
+            "cmd",
+            "policy",
+            "web",
+            r#"{"retries": 20}"#,
+            "--reason",
+            "x",
+            "--ttl",
+            "1m",
+        ],
+    );
+    assert_eq!(code, 65, "an invalid policy is refused: {err}");
+    assert!(err.contains("retries"), "{err}");
+
+    // Survives an agent restart with the control plane down.
+    create(
+        &cp,
+        &token,
+        &[
+            "block",
+            "web",
+            &instance,
+            "--reason",
+            "still bad",
+            "--ttl",
+            "10m",
+        ],
+    );
+    agent
+        .eventually("web-1 to be blocked again", || async {
+            let seen = spread(&c, &url, 10).await;
+            (seen.get("web-2") == Some(&10)).then_some(())
+        })
+        .await;
+    drop(cp);
+    agent.restart().await;
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let seen = spread(&c, &url, 10).await;
+    assert_eq!(
+        seen.get("web-2"),
+        Some(&10),
+        "the block was kept on disk: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn commands_need_an_operator_token_and_are_audited() {
+    let cp = ControlPlane::start().await;
+    let token = operator(&cp);
+    let (code, _, err) = cmd(
+        &cp,
+        "wrong",
+        &[
+            "cmd", "circuit", "web", "open", "--reason", "x", "--ttl", "1m",
+        ],
+    );
+    assert_eq!(code, 77, "{err}");
+    let (code, _, err) = cmd(
+        &cp,
+        &token,
+        &[
+            "cmd", "circuit", "web", "open", "--reason", "x", "--ttl", "200h",
+        ],
+    );
+    assert_eq!(code, 65, "{err}");
+    assert!(err.contains("ttl"), "{err}");
+    let id = create(
+        &cp,
+        &token,
+        &[
+            "circuit",
+            "web",
+            "open",
+            "--reason",
+            "load test",
+            "--ttl",
+            "1m",
+        ],
+    );
+    let (code, out, _) = cmd(&cp, &token, &["cmd", "list", "--state", "active"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&id) && out.contains("circuit") && out.contains("load test"),
+        "{out}"
+    );
+    let (_, out, _) = cmd(&cp, &token, &["audit", "--json"]);
+    let audit: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "command.create.circuit" && e["reason"] == "load test")
+    );
+    assert!(
+        audit.iter().any(|e| e["action"] == "command.create"
+            && e["outcome"].as_str().unwrap().starts_with("denied"))
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "command.create"
+                && e["outcome"].as_str().unwrap().contains("ttl"))
+    );
+}
