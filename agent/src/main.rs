@@ -165,6 +165,20 @@ enum CmdCommand {
         #[command(flatten)]
         args: CommandArgs,
     },
+    /// At most --per-second requests (connections for TCP services), with
+    /// bursts of --burst, on each agent; --split makes it the fleet's rate,
+    /// shared among the agents using the service.
+    Ratelimit {
+        service: String,
+        #[arg(long)]
+        per_second: f64,
+        #[arg(long)]
+        burst: u32,
+        #[arg(long)]
+        split: bool,
+        #[command(flatten)]
+        args: CommandArgs,
+    },
     /// Traffic policy: the proxy.services fields as JSON, e.g.
     /// '{"retries": 0, "timeout": "2s"}'.
     Policy {
@@ -385,6 +399,16 @@ async fn operator_command(cp: &Client, command: CmdCommand) -> anyhow::Result<()
             args,
         } => {
             let action = json!({"kind": "circuit", "state": state});
+            create(cp, &common(service, args), action, None).await
+        }
+        CmdCommand::Ratelimit {
+            service,
+            per_second,
+            burst,
+            split,
+            args,
+        } => {
+            let action = json!({"kind": "rate_limit", "per_second": per_second, "burst": burst, "split": split});
             create(cp, &common(service, args), action, None).await
         }
         CmdCommand::Policy {

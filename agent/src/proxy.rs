@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use signpost_core::command::{Action, Command};
 use signpost_core::model::Protocol;
-use signpost_core::policy::Policy;
+use signpost_core::policy::{Policy, RateLimit};
 use signpost_proxy::{Endpoint, Proxy, ProxyMetrics, ServiceSpec, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -140,6 +140,15 @@ fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u
             Action::Block => policy.blocked.extend(command.target.instance),
             Action::Circuit { state } => policy.circuit = *state,
             Action::Degrade { fallback } => policy.degraded = Some(fallback.clone()),
+            // A split limit arrives as this agent's share already.
+            Action::RateLimit {
+                per_second, burst, ..
+            } => {
+                policy.rate_limit = Some(RateLimit {
+                    per_second: *per_second,
+                    burst: *burst,
+                })
+            }
             Action::Policy { policy: o } => policy = policy.apply(o),
         }
     }

@@ -116,6 +116,11 @@ impl Inner {
     pub fn connected(&self) -> usize {
         self.sessions.len()
     }
+
+    /// Agents subscribed to `service` now.
+    pub fn subscribers(&self, service: &str) -> usize {
+        self.subscribers.get(service).map_or(0, HashSet::len)
+    }
 }
 
 pub struct Catalog {

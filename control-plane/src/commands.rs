@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use signpost_core::command::{Command, NewCommand};
+use signpost_core::command::{Action, Command, NewCommand};
 use tokio::sync::watch;
 
 use crate::store::write_atomic;
@@ -135,13 +135,29 @@ impl Commands {
         all
     }
 
-    /// The commands in force now, as JSON for the agents.
-    pub fn active_json(&self) -> Vec<String> {
+    /// The commands in force now, as JSON for the agents. A `split`
+    /// rate limit carries each agent's share: the fleet-wide rate and
+    /// burst divided among the `subscribers` of its service.
+    pub fn active_json(&self, subscribers: impl Fn(&str) -> usize) -> Vec<String> {
         let now = now_millis();
         self.lock()
             .values()
             .filter(|c| c.active(now))
-            .filter_map(|c| serde_json::to_string(c).ok())
+            .map(|c| {
+                let mut c = c.clone();
+                if let Action::RateLimit {
+                    per_second,
+                    burst,
+                    split: true,
+                } = &mut c.action
+                {
+                    let share = subscribers(&c.target.service).max(1);
+                    *per_second /= share as f64;
+                    *burst = burst.div_ceil(share as u32).max(1);
+                }
+                c
+            })
+            .filter_map(|c| serde_json::to_string(&c).ok())
             .collect()
     }
 
@@ -167,5 +183,47 @@ impl Commands {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use signpost_core::command::Target;
+
+    use super::*;
+
+    #[test]
+    fn a_split_rate_is_shared_among_the_services_users_and_commands_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let commands = Commands::open(dir.path()).unwrap();
+        let new = NewCommand {
+            action: Action::RateLimit {
+                per_second: 100.0,
+                burst: 10,
+                split: true,
+            },
+            target: Target {
+                service: "web".to_string(),
+                instance: None,
+            },
+            reason: "fair share".to_string(),
+            ttl: Duration::from_secs(60),
+        };
+        let created = commands.create(new, "op").unwrap();
+        let sent: Command = serde_json::from_str(&commands.active_json(|_| 4)[0]).unwrap();
+        assert_eq!(
+            sent.action,
+            Action::RateLimit {
+                per_second: 25.0,
+                burst: 3,
+                split: true
+            }
+        );
+        let reopened = Commands::open(dir.path()).unwrap();
+        assert_eq!(reopened.get(&created.id), Some(created.clone()));
+        reopened.revoke(&created.id).unwrap();
+        assert!(reopened.active_json(|_| 1).is_empty());
     }
 }

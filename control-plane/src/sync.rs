@@ -30,23 +30,39 @@ pub struct SyncService {
 }
 
 /// Sends the commands in force on the session now and after every
-/// change, until the session ends.
-async fn send_commands(commands: Arc<crate::commands::Commands>, tx: mpsc::Sender<ControlMessage>) {
+/// change, until the session ends. Split rate limits depend on how many
+/// agents use each service, so the set is also recomputed every
+/// [`SPLIT_REFRESH`] and sent again when it differs.
+async fn send_commands(
+    commands: Arc<crate::commands::Commands>,
+    catalog: Arc<Catalog>,
+    tx: mpsc::Sender<ControlMessage>,
+) {
     let mut changes = commands.subscribe();
+    let mut last: Option<Vec<String>> = None;
     loop {
-        let set = ControlMessage {
-            body: Some(Body::Commands(signpost_core::proto::CommandSet {
-                commands: commands.active_json(),
-            })),
-        };
-        if tx.send(set).await.is_err() {
-            return;
+        let set = catalog.read(|inner| commands.active_json(|s| inner.subscribers(s)));
+        if last.as_ref() != Some(&set) {
+            let message = ControlMessage {
+                body: Some(Body::Commands(signpost_core::proto::CommandSet {
+                    commands: set.clone(),
+                })),
+            };
+            if tx.send(message).await.is_err() {
+                return;
+            }
+            last = Some(set);
         }
-        if changes.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(SPLIT_REFRESH) => {}
+            () = tx.closed() => return,
         }
     }
 }
+
+/// How often split rate limits are recomputed.
+const SPLIT_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Refuses streams without a known agent token (`authorization: Bearer`):
 /// one of `agent_tokens`, or an ACL token with the agent role.
@@ -120,7 +136,11 @@ impl Sync for SyncService {
             return Err(Status::internal("cannot queue the welcome"));
         }
         let node = hello.node.clone();
-        tokio::spawn(send_commands(self.commands.clone(), tx.clone()));
+        tokio::spawn(send_commands(
+            self.commands.clone(),
+            self.catalog.clone(),
+            tx.clone(),
+        ));
         let session = self.catalog.connect(hello, tx);
         tracing::info!(node = %node, session, peer = ?peer, "agent connected");
         let catalog = self.catalog.clone();

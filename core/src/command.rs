@@ -39,6 +39,16 @@ pub enum Action {
     },
     /// Force the circuit open or closed.
     Circuit { state: Circuit },
+    /// At most `per_second` requests (connections for L4 services) with
+    /// bursts of `burst`, on each agent; with `split`, the rate is for
+    /// the whole fleet and each agent takes its share among the agents
+    /// using the service.
+    RateLimit {
+        per_second: f64,
+        burst: u32,
+        #[serde(default)]
+        split: bool,
+    },
     /// Traffic policy for the service (timeouts, retries, balancer...).
     Policy { policy: Box<PolicyOverride> },
 }
@@ -49,6 +59,7 @@ impl Action {
             Action::Block => "block",
             Action::Degrade { .. } => "degrade",
             Action::Circuit { .. } => "circuit",
+            Action::RateLimit { .. } => "rate_limit",
             Action::Policy { .. } => "policy",
         }
     }
@@ -124,6 +135,17 @@ impl NewCommand {
                 "action.fallback.status",
                 "must be an HTTP status (100-599)",
             )),
+            Action::RateLimit {
+                per_second, burst, ..
+            } => {
+                if !per_second.is_finite() || *per_second <= 0.0 {
+                    Err(invalid("action.per_second", "must be greater than 0"))
+                } else if *burst == 0 {
+                    Err(invalid("action.burst", "must be at least 1"))
+                } else {
+                    Ok(())
+                }
+            }
             Action::Policy { policy } => crate::policy::Policy::default()
                 .apply(policy)
                 .check()
@@ -179,6 +201,10 @@ mod tests {
             (
                 r#"{"action":{"kind":"degrade","fallback":{"status":42}},"target":{"service":"web"},"reason":"x","ttl":"1m"}"#,
                 "action.fallback.status",
+            ),
+            (
+                r#"{"action":{"kind":"rate_limit","per_second":0,"burst":5},"target":{"service":"web"},"reason":"x","ttl":"1m"}"#,
+                "action.per_second",
             ),
             (
                 r#"{"action":{"kind":"policy","policy":{"panic_threshold":3}},"target":{"service":"web"},"reason":"x","ttl":"1m"}"#,

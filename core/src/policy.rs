@@ -67,6 +67,15 @@ pub struct Fallback {
     pub body: String,
 }
 
+/// A rate limit this agent applies: a token bucket of `burst` requests
+/// (L7) or connections (L4), refilled at `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
 /// What a [`Balancer::Hash`] service hashes on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum HashKey {
@@ -185,6 +194,8 @@ pub struct Policy {
     /// Degraded: every request is answered with the fallback (`None`
     /// inside: 503) without calling the service.
     pub degraded: Option<Option<Fallback>>,
+    /// Beyond this rate, requests get 429 and connections are closed.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for Policy {
@@ -215,6 +226,7 @@ impl Default for Policy {
             blocked: Vec::new(),
             circuit: Circuit::Closed,
             degraded: None,
+            rate_limit: None,
         }
     }
 }
@@ -294,6 +306,7 @@ impl Policy {
             blocked: o.blocked.clone().unwrap_or(p.blocked),
             circuit: o.circuit.unwrap_or(p.circuit),
             degraded: p.degraded,
+            rate_limit: p.rate_limit,
         }
     }
 

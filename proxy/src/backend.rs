@@ -72,6 +72,7 @@ pub(crate) struct Backend {
     requests_limit: Mutex<u32>,
     pending: AtomicU32,
     connections: AtomicU32,
+    limiter: crate::rate::Limiter,
     /// Seconds since the proxy started at the last use reported.
     last_use: AtomicU64,
     pub(crate) duration: Histogram,
@@ -112,6 +113,7 @@ impl Backend {
             requests_limit: Mutex::new(policy.max_requests),
             pending: AtomicU32::new(0),
             connections: AtomicU32::new(0),
+            limiter: crate::rate::Limiter::default(),
             last_use: AtomicU64::new(u64::MAX),
             duration: metrics.duration(name),
             accepted,
@@ -308,6 +310,15 @@ impl Backend {
                 value: policy.max_requests,
             }),
             Err(_) => Err(ProxyError::Timeout(policy.timeout)),
+        }
+    }
+
+    /// Takes a token from the operator's rate limit, if any.
+    pub(crate) fn within_rate(&self, policy: &Policy) -> Result<(), ProxyError> {
+        if self.limiter.allow(policy.rate_limit, Instant::now()) {
+            Ok(())
+        } else {
+            Err(ProxyError::RateLimited)
         }
     }
 

@@ -35,6 +35,8 @@ pub enum ProxyError {
     CircuitOpen,
     #[error("the service is degraded by an operator")]
     Degraded,
+    #[error("over the operator's rate limit")]
+    RateLimited,
     #[error("{limit} reached ({value})")]
     Limit { limit: &'static str, value: u32 },
     #[error("cannot read the request body: {0}")]
@@ -47,6 +49,7 @@ impl ProxyError {
             ProxyError::NoInstance
             | ProxyError::CircuitOpen
             | ProxyError::Degraded
+            | ProxyError::RateLimited
             | ProxyError::Limit { .. }
             | ProxyError::Timeout(_) => Origin::Proxy,
             ProxyError::Connect { .. }
@@ -69,6 +72,7 @@ impl ProxyError {
             ProxyError::NoInstance
             | ProxyError::CircuitOpen
             | ProxyError::Degraded
+            | ProxyError::RateLimited
             | ProxyError::Timeout(_)
             | ProxyError::Limit { .. }
             | ProxyError::ClientBody(_) => false,
@@ -86,6 +90,7 @@ impl ProxyError {
             ProxyError::TryTimeout { .. } | ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Reset { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -95,6 +100,7 @@ impl ProxyError {
             ProxyError::NoInstance => "no_instance",
             ProxyError::CircuitOpen => "circuit_open",
             ProxyError::Degraded => "degraded",
+            ProxyError::RateLimited => "rate_limited",
             ProxyError::Connect { .. } => "connect_failed",
             ProxyError::TryTimeout { .. } => "try_timeout",
             ProxyError::Timeout(_) => "timeout",

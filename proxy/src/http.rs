@@ -189,6 +189,7 @@ async fn forward<'a>(
     if policy.circuit == Circuit::Open {
         return Err(ProxyError::CircuitOpen);
     }
+    backend.within_rate(policy)?;
     let _permit = backend.admit_request(policy, deadline).await?;
     let idempotent = policy.retry_non_idempotent || is_idempotent(req.method());
     let retry_here = policy.retries > 0 && !req.headers().contains_key(ATTEMPT_HEADER);

@@ -20,6 +20,7 @@
 //! - `balance` and `endpoint`: which instance (health, panic threshold,
 //!   zone, P2C peak-EWMA / round robin / rendezvous hash) and what was
 //!   learned about each (latency, load, consecutive failures, ejection).
+//! - `rate`: the token bucket of an operator's rate limit.
 //! - [`error`]: failures classified by origin, retryability and status.
 //! - [`metrics`]: per service and instance.
 
@@ -30,6 +31,7 @@ pub mod error;
 mod http;
 mod listeners;
 pub mod metrics;
+mod rate;
 mod tcp;
 mod workers;
 

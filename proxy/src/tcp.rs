@@ -49,7 +49,7 @@ pub(crate) async fn serve(
     } else if policy.circuit == Circuit::Open {
         Some(ProxyError::CircuitOpen)
     } else {
-        None
+        backend.within_rate(policy).err()
     };
     if let Some(error) = refused {
         tracing::warn!(service = %backend.name, %client, reason = error.reason(), "connection refused: {error}");

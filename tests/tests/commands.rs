@@ -156,6 +156,46 @@ async fn block_degrade_circuit_and_policy_change_traffic_until_revoked_or_expire
         .await;
     assert_eq!(spread(&c, &url, 10).await.len(), 2);
 
+    // A rate limit: a burst of 5, then 429 with the reason.
+    let limit = create(
+        &cp,
+        &token,
+        &[
+            "ratelimit",
+            "web",
+            "--per-second",
+            "1",
+            "--burst",
+            "5",
+            "--reason",
+            "abuse",
+            "--ttl",
+            "10m",
+        ],
+    );
+    let mut statuses = Vec::new();
+    agent
+        .eventually("the rate limit to apply", || async {
+            let r = c.get(&url).send().await.unwrap();
+            let limited = r.status() == 429 && r.headers()["x-signpost-error"] == "rate_limited";
+            limited.then_some(())
+        })
+        .await;
+    for _ in 0..20 {
+        statuses.push(c.get(&url).send().await.unwrap().status().as_u16());
+    }
+    let allowed = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        allowed <= 3,
+        "at most the refill gets through: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().filter(|s| **s == 429).count() >= 17,
+        "{statuses:?}"
+    );
+    let (code, _, _) = cmd(&cp, &token, &["cmd", "revoke", &limit]);
+    assert_eq!(code, 0);
+
     // A policy command: no retries, a short try timeout (validated).
     let (code, _, err) = cmd(
         &cp,
