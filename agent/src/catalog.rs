@@ -32,6 +32,7 @@ pub(crate) struct Instance {
     pub(crate) weights: Weights,
     pub(crate) zone: String,
     pub(crate) protocol: Protocol,
+    pub(crate) tags: Vec<String>,
 }
 
 impl AgentCatalog {
@@ -116,6 +117,7 @@ impl AgentCatalog {
                             .clone()
                             .unwrap_or_else(|| inner.node.zone.clone()),
                         protocol: s.def.protocol,
+                        tags: s.def.tags.clone(),
                     }
                 })
                 .collect();
@@ -186,5 +188,6 @@ fn remote_instance(ci: &CatalogInstance, tag: Option<&str>) -> Option<Instance> 
             i.zone.clone()
         },
         protocol: i.protocol.parse().unwrap_or_default(),
+        tags: i.tags.clone(),
     })
 }

@@ -191,6 +191,7 @@ fn endpoint(i: &Instance) -> Option<Endpoint> {
     (i.port != 0).then(|| Endpoint {
         addr: SocketAddr::new(ip, i.port),
         zone: i.zone.clone(),
+        tags: i.tags.clone(),
         health: i.health,
         weights: i.weights,
     })

@@ -196,6 +196,11 @@ pub struct Policy {
     pub degraded: Option<Option<Fallback>>,
     /// Beyond this rate, requests get 429 and connections are closed.
     pub rate_limit: Option<RateLimit>,
+    /// Traffic shares by instance tag (a canary: `{v1: 95, v2: 5}`):
+    /// each request or connection first picks a tag by these weights
+    /// among the tags with available instances, then an instance with
+    /// it. Empty: every instance.
+    pub tag_weights: std::collections::BTreeMap<String, u32>,
 }
 
 impl Default for Policy {
@@ -227,6 +232,7 @@ impl Default for Policy {
             circuit: Circuit::Closed,
             degraded: None,
             rate_limit: None,
+            tag_weights: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -267,6 +273,7 @@ pub struct PolicyOverride {
     pub eject_max_share: Option<f64>,
     pub blocked: Option<Vec<SocketAddr>>,
     pub circuit: Option<Circuit>,
+    pub tag_weights: Option<std::collections::BTreeMap<String, u32>>,
 }
 
 impl Policy {
@@ -307,6 +314,7 @@ impl Policy {
             circuit: o.circuit.unwrap_or(p.circuit),
             degraded: p.degraded,
             rate_limit: p.rate_limit,
+            tag_weights: o.tag_weights.clone().unwrap_or(p.tag_weights),
         }
     }
 
@@ -354,6 +362,12 @@ impl Policy {
             if v == 0 {
                 return Err((field, "must be at least 1".to_string()));
             }
+        }
+        if !self.tag_weights.is_empty() && self.tag_weights.values().all(|w| *w == 0) {
+            return Err((
+                "tag_weights",
+                "at least one weight must be above 0".to_string(),
+            ));
         }
         if self.retries > 10 {
             return Err(("retries", "at most 10".to_string()));

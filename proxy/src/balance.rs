@@ -69,6 +69,9 @@ pub(crate) fn pick(
             candidates.retain(|(i, _)| in_zone(*i));
         }
     }
+    if !req.policy.tag_weights.is_empty() {
+        by_tag_weight(members, &mut candidates, &req.policy.tag_weights);
+    }
     let tried = |i: usize| req.tried.contains(&members[i].endpoint.addr);
     if candidates.iter().any(|(i, _)| !tried(*i)) {
         candidates.retain(|(i, _)| !tried(*i));
@@ -98,6 +101,40 @@ pub(crate) fn pick(
         }
         candidates.swap_remove(chosen);
     }
+}
+
+/// Keeps the candidates of one tag, chosen by `weights` among the tags
+/// that have candidates; instances with none of the tags get nothing
+/// (unless no weighted tag has a candidate left).
+fn by_tag_weight(
+    members: &[Member],
+    candidates: &mut Vec<(usize, Standing)>,
+    weights: &std::collections::BTreeMap<String, u32>,
+) {
+    let tag_of = |i: usize| {
+        weights
+            .keys()
+            .find(|t| members[i].endpoint.tags.iter().any(|have| have == *t))
+    };
+    let present: Vec<(&String, u32)> = weights
+        .iter()
+        .filter(|(tag, w)| **w > 0 && candidates.iter().any(|(i, _)| tag_of(*i) == Some(*tag)))
+        .map(|(tag, w)| (tag, *w))
+        .collect();
+    let total: u64 = present.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return;
+    }
+    let mut at = rand::random_range(0..total);
+    let chosen = present
+        .iter()
+        .find(|(_, w)| {
+            let hit = at < u64::from(*w);
+            at = at.saturating_sub(u64::from(*w));
+            hit
+        })
+        .map(|(tag, _)| *tag);
+    candidates.retain(|(i, _)| tag_of(*i) == chosen);
 }
 
 /// Two weighted random candidates; the one with the lower cost per unit
@@ -209,6 +246,7 @@ mod tests {
             endpoint: Endpoint {
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
                 zone: zone.to_string(),
+                tags: vec![format!("v{}", port % 2 + 1)],
                 health,
                 weights: Weights::default(),
             },
@@ -372,6 +410,29 @@ mod tests {
             ..policy
         };
         assert_eq!(counts(&members, &all, |_| None), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn tag_weights_split_the_traffic() {
+        // Ports 1 and 3 are tagged v2, 2 and 4 v1.
+        let members: Vec<Member> = (1..=4).map(|p| member(p, "a", Health::Passing)).collect();
+        let policy = Policy {
+            balancer: Balancer::RoundRobin,
+            tag_weights: [("v1".to_string(), 90), ("v2".to_string(), 10)].into(),
+            ..Policy::default()
+        };
+        let c = counts(&members, &policy, |_| None);
+        let v2 = c[0] + c[2];
+        assert!((60..=150).contains(&v2), "about 10 % to v2: {c:?}");
+        assert_eq!(c.iter().sum::<u32>(), 1000);
+        // Without available v1 instances, v2 takes it all.
+        let v1_gone = Policy {
+            blocked: vec![members[1].endpoint.addr, members[3].endpoint.addr],
+            ..policy
+        };
+        let c = counts(&members, &v1_gone, |_| None);
+        assert_eq!(c[1] + c[3], 0);
+        assert_eq!(c[0] + c[2], 1000);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::metrics::StatusCounters;
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub zone: String,
+    pub tags: Vec<String>,
     pub health: Health,
     pub weights: Weights,
 }
@@ -326,6 +327,7 @@ mod tests {
         let mut e = Endpoint {
             addr: "127.0.0.1:1".parse().unwrap(),
             zone: String::new(),
+            tags: Vec::new(),
             health: Health::Passing,
             weights: Weights::default(),
         };

@@ -196,6 +196,7 @@ mod tests {
                 .map(|(i, &port)| Endpoint {
                     addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], port)),
                     zone: String::new(),
+                    tags: Vec::new(),
                     health: Health::Passing,
                     weights: Weights::default(),
                 })

@@ -304,3 +304,57 @@ async fn commands_need_an_operator_token_and_are_audited() {
                 && e["outcome"].as_str().unwrap().contains("ttl"))
     );
 }
+
+/// A canary: a policy command sends 10 % of the traffic to the instances
+/// tagged v2, until it is revoked.
+#[tokio::test]
+async fn weights_by_tag_split_traffic_for_a_canary() {
+    let cp = ControlPlane::start().await;
+    let token = operator(&cp);
+    let web = upstreams("web", 2).await;
+    let agent = agent(&cp).await;
+    let entries: String = web
+        .iter()
+        .zip(["v1", "v2"])
+        .map(|(u, tag)| format!("{}    tags: [{tag}]\n", u.entry("web", "http")))
+        .collect();
+    agent.write_service_file("web.yaml", &format!("services:\n{entries}"));
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let url = format!("http://web.service.internal:{port}/");
+    let id = create(
+        &cp,
+        &token,
+        &[
+            "policy",
+            "web",
+            r#"{"tag_weights": {"v1": 90, "v2": 10}}"#,
+            "--reason",
+            "canary v2",
+            "--ttl",
+            "10m",
+        ],
+    );
+    agent
+        .eventually("the canary split to apply", || async {
+            let seen = spread(&c, &url, 40).await;
+            (seen.get("web-1").copied().unwrap_or(0) >= 30).then_some(())
+        })
+        .await;
+    let seen = spread(&c, &url, 400).await;
+    let v2 = seen.get("web-2").copied().unwrap_or(0);
+    assert!(
+        (15..=80).contains(&v2),
+        "about 10 % (40 of 400) to v2: {seen:?}"
+    );
+
+    let (code, _, _) = cmd(&cp, &token, &["cmd", "revoke", &id]);
+    assert_eq!(code, 0);
+    agent
+        .eventually("an even split again", || async {
+            let seen = spread(&c, &url, 40).await;
+            (seen.get("web-2") == Some(&20)).then_some(())
+        })
+        .await;
+}
