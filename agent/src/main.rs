@@ -127,6 +127,9 @@ struct CommandArgs {
     /// How long it lasts (at most 168h).
     #[arg(long, value_parser = parse_duration)]
     ttl: std::time::Duration,
+    /// Apply it only on hosts that run this service (repeatable).
+    #[arg(long = "caller")]
+    callers: Vec<String>,
     #[arg(long)]
     json: bool,
 }
@@ -351,6 +354,7 @@ async fn operator_command(cp: &Client, command: CmdCommand) -> anyhow::Result<()
     fn common<'a>(service: &'a str, args: &'a CommandArgs) -> Common<'a> {
         Common {
             service,
+            callers: &args.callers,
             reason: &args.reason,
             ttl: args.ttl,
             json: args.json,

@@ -97,7 +97,24 @@ pub(crate) async fn run(
 /// What the proxy should serve now: one entry per VIP.
 fn services(catalog: &AgentCatalog) -> Vec<ServiceSpec> {
     let config = &catalog.agent.config.proxy;
-    let commands = commands(catalog);
+    let here: Vec<String> = catalog.agent.state.read(|inner| {
+        inner
+            .services
+            .values()
+            .map(|s| s.def.name.to_string())
+            .collect()
+    });
+    // Commands for callers apply only on the hosts of those callers.
+    let commands: Vec<Command> = commands(catalog)
+        .into_iter()
+        .filter(|c| {
+            c.target.callers.is_empty()
+                || c.target
+                    .callers
+                    .iter()
+                    .any(|caller| here.iter().any(|s| s.eq_ignore_ascii_case(caller)))
+        })
+        .collect();
     let now = now_millis();
     catalog
         .vips

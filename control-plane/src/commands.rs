@@ -207,6 +207,7 @@ mod tests {
             target: Target {
                 service: "web".to_string(),
                 instance: None,
+                callers: Vec::new(),
             },
             reason: "fair share".to_string(),
             ttl: Duration::from_secs(60),

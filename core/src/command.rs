@@ -24,6 +24,10 @@ pub struct Target {
     /// One instance, as `ip:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<SocketAddr>,
+    /// Only the agents of hosts that run one of these services apply it
+    /// (empty: every agent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub callers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

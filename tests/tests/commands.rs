@@ -196,6 +196,37 @@ async fn block_degrade_circuit_and_policy_change_traffic_until_revoked_or_expire
     let (code, _, _) = cmd(&cp, &token, &["cmd", "revoke", &limit]);
     assert_eq!(code, 0);
 
+    // A command for other callers: this host runs no `billing`, so its
+    // traffic is untouched once the command is applied.
+    let other = create(
+        &cp,
+        &token,
+        &[
+            "circuit",
+            "web",
+            "open",
+            "--caller",
+            "billing",
+            "--reason",
+            "billing only",
+            "--ttl",
+            "10m",
+        ],
+    );
+    agent
+        .eventually("the agent to have the command", || async {
+            let (_, out, _) = cmd(&cp, &token, &["cmd", "show", &other, "--json"]);
+            let shown: Value = serde_json::from_str(&out).unwrap();
+            (shown["applied"] == 1).then_some(())
+        })
+        .await;
+    assert_eq!(
+        spread(&c, &url, 10).await.len(),
+        2,
+        "not for this host's callers"
+    );
+    cmd(&cp, &token, &["cmd", "revoke", &other]);
+
     // A policy command: no retries, a short try timeout (validated).
     let (code, _, err) = cmd(
         &cp,
@@ -247,8 +278,8 @@ async fn block_degrade_circuit_and_policy_change_traffic_until_revoked_or_expire
 }
 
 #[tokio::test]
-async fn commands_need_an_operator_token_and_are_audited() {
-    let cp = ControlPlane::start().await;
+async fn commands_need_an_operator_token_are_audited_and_survive_a_restart() {
+    let mut cp = ControlPlane::start().await;
     let token = operator(&cp);
     let (code, _, err) = cmd(
         &cp,

@@ -11,6 +11,8 @@ use super::{Client, ago, str_of, table};
 /// What every new command carries.
 pub struct Common<'a> {
     pub service: &'a str,
+    /// Only the agents on hosts running these services apply it.
+    pub callers: &'a [String],
     pub reason: &'a str,
     pub ttl: Duration,
     pub json: bool,
@@ -23,7 +25,7 @@ pub async fn create(
     action: Value,
     instance: Option<&str>,
 ) -> anyhow::Result<()> {
-    let mut target = json!({ "service": common.service });
+    let mut target = json!({ "service": common.service, "callers": common.callers });
     if let Some(instance) = instance {
         target["instance"] = json!(instance);
     }
