@@ -334,6 +334,11 @@ async fn commands_need_an_operator_token_are_audited_and_survive_a_restart() {
             .any(|e| e["action"] == "command.create"
                 && e["outcome"].as_str().unwrap().contains("ttl"))
     );
+
+    cp.restart().await;
+    let (_, out, _) = cmd(&cp, &token, &["cmd", "show", &id, "--json"]);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["state"], "active", "kept across a restart: {shown}");
 }
 
 /// A canary: a policy command sends 10 % of the traffic to the instances
