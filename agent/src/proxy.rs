@@ -155,7 +155,7 @@ fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u
     for command in applying {
         match &command.action {
             Action::Block => policy.blocked.extend(command.target.instance),
-            Action::Circuit { state } => policy.circuit = *state,
+            Action::Circuit { state } => policy.circuit = Some(*state),
             Action::Degrade { fallback } => policy.degraded = Some(fallback.clone()),
             // A split limit arrives as this agent's share already.
             Action::RateLimit {

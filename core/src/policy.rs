@@ -190,7 +190,20 @@ pub struct Policy {
     /// Instances (`ip:port`) that get no new connections or requests,
     /// whatever their health; requests in flight finish.
     pub blocked: Vec<SocketAddr>,
-    pub circuit: Circuit,
+    /// An operator's forced circuit state; `None`: the automatic breaker
+    /// decides (when `breaker_failures` or `breaker_error_rate` is set).
+    pub circuit: Option<Circuit>,
+    /// Open the circuit after this many failed requests in a row (0: no)...
+    pub breaker_failures: u32,
+    /// ...or when this share of requests failed (0: no) within
+    /// `breaker_window`, once there were `breaker_min_requests`.
+    pub breaker_error_rate: f64,
+    pub breaker_min_requests: u32,
+    pub breaker_window: Duration,
+    /// How long it stays open before probe requests are let through.
+    pub breaker_open_for: Duration,
+    /// Probe requests that must succeed to close it again.
+    pub breaker_probes: u32,
     /// Degraded: every request is answered with the fallback (`None`
     /// inside: 503) without calling the service.
     pub degraded: Option<Option<Fallback>>,
@@ -229,7 +242,13 @@ impl Default for Policy {
             eject_max: Duration::from_secs(60),
             eject_max_share: 0.5,
             blocked: Vec::new(),
-            circuit: Circuit::Closed,
+            circuit: None,
+            breaker_failures: 0,
+            breaker_error_rate: 0.0,
+            breaker_min_requests: 20,
+            breaker_window: Duration::from_secs(10),
+            breaker_open_for: Duration::from_secs(30),
+            breaker_probes: 1,
             degraded: None,
             rate_limit: None,
             tag_weights: std::collections::BTreeMap::new(),
@@ -273,6 +292,14 @@ pub struct PolicyOverride {
     pub eject_max_share: Option<f64>,
     pub blocked: Option<Vec<SocketAddr>>,
     pub circuit: Option<Circuit>,
+    pub breaker_failures: Option<u32>,
+    pub breaker_error_rate: Option<f64>,
+    pub breaker_min_requests: Option<u32>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub breaker_window: Option<Duration>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub breaker_open_for: Option<Duration>,
+    pub breaker_probes: Option<u32>,
     pub tag_weights: Option<std::collections::BTreeMap<String, u32>>,
 }
 
@@ -311,7 +338,13 @@ impl Policy {
             eject_max: o.eject_max.unwrap_or(p.eject_max),
             eject_max_share: o.eject_max_share.unwrap_or(p.eject_max_share),
             blocked: o.blocked.clone().unwrap_or(p.blocked),
-            circuit: o.circuit.unwrap_or(p.circuit),
+            circuit: o.circuit.or(p.circuit),
+            breaker_failures: o.breaker_failures.unwrap_or(p.breaker_failures),
+            breaker_error_rate: o.breaker_error_rate.unwrap_or(p.breaker_error_rate),
+            breaker_min_requests: o.breaker_min_requests.unwrap_or(p.breaker_min_requests),
+            breaker_window: o.breaker_window.unwrap_or(p.breaker_window),
+            breaker_open_for: o.breaker_open_for.unwrap_or(p.breaker_open_for),
+            breaker_probes: o.breaker_probes.unwrap_or(p.breaker_probes),
             degraded: p.degraded,
             rate_limit: p.rate_limit,
             tag_weights: o.tag_weights.clone().unwrap_or(p.tag_weights),
@@ -330,6 +363,7 @@ impl Policy {
         share("panic_threshold", self.panic_threshold)?;
         share("zone_min_available", self.zone_min_available)?;
         share("eject_max_share", self.eject_max_share)?;
+        share("breaker_error_rate", self.breaker_error_rate)?;
         let positive = |field, d: Duration| {
             if d.is_zero() {
                 Err((field, "must be greater than 0".to_string()))
@@ -340,6 +374,8 @@ impl Policy {
         positive("connect_timeout", self.connect_timeout)?;
         positive("timeout", self.timeout)?;
         positive("eject_base", self.eject_base)?;
+        positive("breaker_window", self.breaker_window)?;
+        positive("breaker_open_for", self.breaker_open_for)?;
         if self.eject_max < self.eject_base {
             return Err(("eject_max", "must be at least eject_base".to_string()));
         }

@@ -73,6 +73,7 @@ pub(crate) struct Backend {
     pending: AtomicU32,
     connections: AtomicU32,
     limiter: crate::rate::Limiter,
+    breaker: crate::breaker::Breaker,
     /// Seconds since the proxy started at the last use reported.
     last_use: AtomicU64,
     pub(crate) duration: Histogram,
@@ -114,6 +115,7 @@ impl Backend {
             pending: AtomicU32::new(0),
             connections: AtomicU32::new(0),
             limiter: crate::rate::Limiter::default(),
+            breaker: crate::breaker::Breaker::default(),
             last_use: AtomicU64::new(u64::MAX),
             duration: metrics.duration(name),
             accepted,
@@ -310,6 +312,27 @@ impl Backend {
                 value: policy.max_requests,
             }),
             Err(_) => Err(ProxyError::Timeout(policy.timeout)),
+        }
+    }
+
+    /// Whether the circuit lets a request or connection through.
+    pub(crate) fn through_circuit(&self, policy: &Policy) -> Result<(), ProxyError> {
+        match self.breaker.admit(policy, Instant::now()) {
+            crate::breaker::Admission::Pass => Ok(()),
+            crate::breaker::Admission::Refuse => Err(ProxyError::CircuitOpen),
+        }
+    }
+
+    /// The outcome of a request or connection the circuit let through.
+    pub(crate) fn circuit_outcome(&self, policy: &Policy, ok: bool) {
+        match self.breaker.record(policy, ok, Instant::now()) {
+            Some(crate::breaker::Transition::Opened) => {
+                tracing::warn!(service = %self.name, open_for = ?policy.breaker_open_for, "circuit opened: too many failures");
+            }
+            Some(crate::breaker::Transition::Closed) => {
+                tracing::info!(service = %self.name, "circuit closed: the probes succeeded");
+            }
+            None => {}
         }
     }
 

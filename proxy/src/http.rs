@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use signpost_core::model::Protocol;
-use signpost_core::policy::{Balancer, Circuit, Fallback, HashKey, Policy};
+use signpost_core::policy::{Balancer, Fallback, HashKey, Policy};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -115,7 +115,26 @@ async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mut attempts = 0;
-    let result = forward(backend, &snapshot, req, client, started, &mut attempts).await;
+    let mut admitted = false;
+    let result = forward(
+        backend,
+        &snapshot,
+        req,
+        client,
+        started,
+        (&mut attempts, &mut admitted),
+    )
+    .await;
+    if admitted {
+        let ok = match &result {
+            Ok((response, _)) => !response.status().is_server_error(),
+            Err(error) => {
+                error.origin() != crate::error::Origin::Upstream
+                    && !matches!(error, ProxyError::NoInstance | ProxyError::Timeout(_))
+            }
+        };
+        backend.circuit_outcome(&snapshot.policy, ok);
+    }
     let response = match result {
         Ok((response, instance)) => {
             access_log(
@@ -173,7 +192,7 @@ async fn forward<'a>(
     req: Request<Incoming>,
     client: SocketAddr,
     started: Instant,
-    attempts: &mut u32,
+    (attempts, admitted): (&mut u32, &mut bool),
 ) -> Result<(Response<ProxyBody>, &'a str), ProxyError> {
     let policy = &snapshot.policy;
     let deadline = started + policy.timeout;
@@ -186,10 +205,9 @@ async fn forward<'a>(
             None => Err(ProxyError::Degraded),
         };
     }
-    if policy.circuit == Circuit::Open {
-        return Err(ProxyError::CircuitOpen);
-    }
     backend.within_rate(policy)?;
+    backend.through_circuit(policy)?;
+    *admitted = true;
     let _permit = backend.admit_request(policy, deadline).await?;
     let idempotent = policy.retry_non_idempotent || is_idempotent(req.method());
     let retry_here = policy.retries > 0 && !req.headers().contains_key(ATTEMPT_HEADER);

@@ -20,12 +20,15 @@
 //! - `balance` and `endpoint`: which instance (health, panic threshold,
 //!   zone, P2C peak-EWMA / round robin / rendezvous hash) and what was
 //!   learned about each (latency, load, consecutive failures, ejection).
+//! - `breaker`: the automatic circuit breaker (and the operator's
+//!   forced state).
 //! - `rate`: the token bucket of an operator's rate limit.
 //! - [`error`]: failures classified by origin, retryability and status.
 //! - [`metrics`]: per service and instance.
 
 mod backend;
 mod balance;
+mod breaker;
 mod endpoint;
 pub mod error;
 mod http;

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use signpost_core::policy::{Balancer, Circuit};
+use signpost_core::policy::Balancer;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,10 +46,11 @@ pub(crate) async fn serve(
     let mut last = ProxyError::NoInstance;
     let refused = if policy.degraded.is_some() {
         Some(ProxyError::Degraded)
-    } else if policy.circuit == Circuit::Open {
-        Some(ProxyError::CircuitOpen)
     } else {
-        backend.within_rate(policy).err()
+        backend
+            .within_rate(policy)
+            .and_then(|()| backend.through_circuit(policy))
+            .err()
     };
     if let Some(error) = refused {
         tracing::warn!(service = %backend.name, %client, reason = error.reason(), "connection refused: {error}");
@@ -95,6 +96,7 @@ pub(crate) async fn serve(
             }
         };
         backend.succeeded(member, connect_started.elapsed());
+        backend.circuit_outcome(policy, true);
         crate::nodelay(&inbound);
         crate::nodelay(&outbound);
         member.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -131,6 +133,7 @@ pub(crate) async fn serve(
         }
         return;
     }
+    backend.circuit_outcome(policy, false);
     tracing::warn!(service = %backend.name, %client, reason = last.reason(), error = %last, "no instance took the connection; closing it");
     backend.shared.metrics.error(&backend.name, last.reason());
 }

@@ -671,3 +671,40 @@ async fn blocked_instances_and_an_open_circuit_apply() {
     assert_eq!(r.headers()["x-signpost-error"], "circuit_open");
     assert_eq!(api[0].hits(), 0, "nothing reaches the instance");
 }
+
+/// The automatic breaker: consecutive failed requests open the circuit
+/// (requests fail fast without reaching the service), a good probe after
+/// `breaker_open_for` closes it.
+#[tokio::test]
+async fn the_breaker_opens_on_failures_and_a_good_probe_closes_it() {
+    let agent = agent(
+        "  defaults:\n    retries: 0\n    eject_after: 0\n    breaker_failures: 3\n    breaker_open_for: 1s\n",
+    )
+    .await;
+    let web = upstreams("web", 1).await;
+    web[0].set_status(500);
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let url = format!("http://web.service.internal:{port}/");
+    for _ in 0..3 {
+        assert_eq!(c.get(&url).send().await.unwrap().status(), 500);
+    }
+    let hits = web[0].hits();
+    for _ in 0..5 {
+        let r = c.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["x-signpost-error"], "circuit_open");
+    }
+    assert_eq!(web[0].hits(), hits, "an open circuit calls nothing");
+
+    web[0].set_status(200);
+    agent
+        .eventually("the circuit to close after a good probe", || async {
+            (c.get(&url).send().await.unwrap().status() == 200).then_some(())
+        })
+        .await;
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    assert!(agent.log().contains("circuit closed"), "{}", agent.log());
+}
