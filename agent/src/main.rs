@@ -130,6 +130,13 @@ struct CommandArgs {
     /// Apply it only on hosts that run this service (repeatable).
     #[arg(long = "caller")]
     callers: Vec<String>,
+    /// Only requests whose path starts with this (degrade, circuit,
+    /// ratelimit of HTTP services).
+    #[arg(long)]
+    path: Option<String>,
+    /// With --path: only requests with this method.
+    #[arg(long, requires = "path")]
+    method: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -355,6 +362,8 @@ async fn operator_command(cp: &Client, command: CmdCommand) -> anyhow::Result<()
         Common {
             service,
             callers: &args.callers,
+            path: args.path.as_deref(),
+            method: args.method.as_deref(),
             reason: &args.reason,
             ttl: args.ttl,
             json: args.json,

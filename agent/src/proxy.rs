@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use signpost_core::command::{Action, Command};
 use signpost_core::model::Protocol;
-use signpost_core::policy::{Policy, RateLimit};
+use signpost_core::policy::{Policy, RateLimit, Route, RoutePolicy};
 use signpost_proxy::{Endpoint, Proxy, ProxyMetrics, ServiceSpec, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -153,6 +153,10 @@ fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u
         .iter()
         .filter(|c| c.active(now) && c.target.service.eq_ignore_ascii_case(service));
     for command in applying {
+        if let Some(route) = &command.target.route {
+            with_route_command(&mut policy, route, &command.action);
+            continue;
+        }
         match &command.action {
             Action::Block => policy.blocked.extend(command.target.instance),
             Action::Circuit { state } => policy.circuit = Some(*state),
@@ -170,6 +174,37 @@ fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u
         }
     }
     policy
+}
+
+/// A route-scoped command: merged into that route's entry.
+fn with_route_command(policy: &mut Policy, route: &Route, action: &Action) {
+    let entry = match policy.routes.iter().position(|r| &r.route == route) {
+        Some(i) => &mut policy.routes[i],
+        None => {
+            policy.routes.push(RoutePolicy {
+                route: route.clone(),
+                degraded: None,
+                circuit: None,
+                rate_limit: None,
+            });
+            let last = policy.routes.len() - 1;
+            &mut policy.routes[last]
+        }
+    };
+    match action {
+        Action::Degrade { fallback } => entry.degraded = Some(fallback.clone()),
+        Action::Circuit { state } => entry.circuit = Some(*state),
+        Action::RateLimit {
+            per_second, burst, ..
+        } => {
+            entry.rate_limit = Some(RateLimit {
+                per_second: *per_second,
+                burst: *burst,
+            })
+        }
+        // Refused by the control plane's validation.
+        Action::Block | Action::Policy { .. } => {}
+    }
 }
 
 /// When the next command in force expires (Unix ms).

@@ -207,6 +207,7 @@ mod tests {
             target: Target {
                 service: "web".to_string(),
                 instance: None,
+                route: None,
                 callers: Vec::new(),
             },
             reason: "fair share".to_string(),

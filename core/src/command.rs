@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Circuit, Fallback, PolicyOverride};
+use crate::policy::{Circuit, Fallback, PolicyOverride, Route};
 
 /// The longest a command may last.
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -24,6 +24,10 @@ pub struct Target {
     /// One instance, as `ip:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<SocketAddr>,
+    /// Only requests of this route (HTTP services; not for `block` or
+    /// `policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<Route>,
     /// Only the agents of hosts that run one of these services apply it
     /// (empty: every agent).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -128,6 +132,17 @@ impl NewCommand {
         if self.ttl > MAX_TTL {
             return Err(invalid("ttl", "at most 168h (7 days); renew it if needed"));
         }
+        if let Some(route) = &self.target.route {
+            route
+                .check()
+                .map_err(|reason| invalid("target.route", reason))?;
+            if matches!(self.action, Action::Block | Action::Policy { .. }) {
+                return Err(invalid(
+                    "target.route",
+                    "block and policy apply to a service or an instance, not a route",
+                ));
+            }
+        }
         match &self.action {
             Action::Block if self.target.instance.is_none() => Err(invalid(
                 "target.instance",
@@ -205,6 +220,10 @@ mod tests {
             (
                 r#"{"action":{"kind":"degrade","fallback":{"status":42}},"target":{"service":"web"},"reason":"x","ttl":"1m"}"#,
                 "action.fallback.status",
+            ),
+            (
+                r#"{"action":{"kind":"circuit","state":"open"},"target":{"service":"web","route":{"path_prefix":"api"}},"reason":"x","ttl":"1m"}"#,
+                "target.route",
             ),
             (
                 r#"{"action":{"kind":"rate_limit","per_second":0,"burst":5},"target":{"service":"web"},"reason":"x","ttl":"1m"}"#,

@@ -76,6 +76,50 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+/// Requests a route-scoped command applies to: a method (any if `None`)
+/// and a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    pub path_prefix: String,
+}
+
+impl Route {
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        self.method
+            .as_deref()
+            .is_none_or(|m| m.eq_ignore_ascii_case(method))
+            && path.starts_with(&self.path_prefix)
+    }
+
+    /// The first rule this route breaks.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.path_prefix.starts_with('/') {
+            return Err(format!(
+                "path_prefix {:?} must start with /",
+                self.path_prefix
+            ));
+        }
+        if let Some(m) = &self.method
+            && (m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            return Err(format!("method {m:?} must be an HTTP method such as GET"));
+        }
+        Ok(())
+    }
+}
+
+/// What applies to the requests of one route, over the service's policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutePolicy {
+    pub route: Route,
+    pub degraded: Option<Option<Fallback>>,
+    pub circuit: Option<Circuit>,
+    pub rate_limit: Option<RateLimit>,
+}
+
 /// What a [`Balancer::Hash`] service hashes on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum HashKey {
@@ -209,6 +253,9 @@ pub struct Policy {
     pub degraded: Option<Option<Fallback>>,
     /// Beyond this rate, requests get 429 and connections are closed.
     pub rate_limit: Option<RateLimit>,
+    /// Route-scoped commands (HTTP only); the longest matching prefix
+    /// wins.
+    pub routes: Vec<RoutePolicy>,
     /// Traffic shares by instance tag (a canary: `{v1: 95, v2: 5}`):
     /// each request or connection first picks a tag by these weights
     /// among the tags with available instances, then an instance with
@@ -251,6 +298,7 @@ impl Default for Policy {
             breaker_probes: 1,
             degraded: None,
             rate_limit: None,
+            routes: Vec::new(),
             tag_weights: std::collections::BTreeMap::new(),
         }
     }
@@ -304,6 +352,14 @@ pub struct PolicyOverride {
 }
 
 impl Policy {
+    /// The route-scoped policy for a request, if one matches.
+    pub fn route(&self, method: &str, path: &str) -> Option<&RoutePolicy> {
+        self.routes
+            .iter()
+            .filter(|r| r.route.matches(method, path))
+            .max_by_key(|r| (r.route.path_prefix.len(), r.route.method.is_some()))
+    }
+
     /// This policy with what `o` sets replacing its values.
     pub fn apply(&self, o: &PolicyOverride) -> Policy {
         let p = self.clone();
@@ -347,6 +403,7 @@ impl Policy {
             breaker_probes: o.breaker_probes.unwrap_or(p.breaker_probes),
             degraded: p.degraded,
             rate_limit: p.rate_limit,
+            routes: p.routes,
             tag_weights: o.tag_weights.clone().unwrap_or(p.tag_weights),
         }
     }

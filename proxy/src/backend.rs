@@ -73,6 +73,8 @@ pub(crate) struct Backend {
     pending: AtomicU32,
     connections: AtomicU32,
     limiter: crate::rate::Limiter,
+    /// Rate limits of route-scoped commands, by route.
+    route_limiters: Mutex<HashMap<signpost_core::policy::Route, Arc<crate::rate::Limiter>>>,
     breaker: crate::breaker::Breaker,
     /// Seconds since the proxy started at the last use reported.
     last_use: AtomicU64,
@@ -115,6 +117,7 @@ impl Backend {
             pending: AtomicU32::new(0),
             connections: AtomicU32::new(0),
             limiter: crate::rate::Limiter::default(),
+            route_limiters: Mutex::new(HashMap::new()),
             breaker: crate::breaker::Breaker::default(),
             last_use: AtomicU64::new(u64::MAX),
             duration: metrics.duration(name),
@@ -313,6 +316,41 @@ impl Backend {
             }),
             Err(_) => Err(ProxyError::Timeout(policy.timeout)),
         }
+    }
+
+    /// What a route-scoped command says about this request: its fallback
+    /// or refusal, checked before the service-wide ones.
+    pub(crate) fn route_check(
+        &self,
+        policy: &Policy,
+        method: &str,
+        path: &str,
+    ) -> Result<Option<signpost_core::policy::Fallback>, ProxyError> {
+        let Some(route) = policy.route(method, path) else {
+            return Ok(None);
+        };
+        if let Some(degraded) = &route.degraded {
+            return match degraded {
+                Some(fallback) => Ok(Some(fallback.clone())),
+                None => Err(ProxyError::Degraded),
+            };
+        }
+        if route.circuit == Some(signpost_core::policy::Circuit::Open) {
+            return Err(ProxyError::CircuitOpen);
+        }
+        if let Some(limit) = route.rate_limit {
+            let limiter = self
+                .route_limiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(route.route.clone())
+                .or_default()
+                .clone();
+            if !limiter.allow(Some(limit), Instant::now()) {
+                return Err(ProxyError::RateLimited);
+            }
+        }
+        Ok(None)
     }
 
     /// Whether the circuit lets a request or connection through.

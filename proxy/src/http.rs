@@ -199,6 +199,9 @@ async fn forward<'a>(
     let Some(pool) = snapshot.client() else {
         return Err(ProxyError::NoInstance);
     };
+    if let Some(fallback) = backend.route_check(policy, req.method().as_str(), req.uri().path())? {
+        return Ok((fallback_response(backend, &fallback), ""));
+    }
     if let Some(degraded) = &policy.degraded {
         return match degraded {
             Some(fallback) => Ok((fallback_response(backend, fallback), "")),

@@ -135,6 +135,41 @@ async fn block_degrade_circuit_and_policy_change_traffic_until_revoked_or_expire
         let (code, _, err) = cmd(&cp, &token, &["cmd", "revoke", id]);
         assert_eq!(code, 0, "{err}");
     }
+    // A route: only GET /search is degraded; the rest is served.
+    let route = create(
+        &cp,
+        &token,
+        &[
+            "degrade",
+            "web",
+            "--path",
+            "/search",
+            "--method",
+            "get",
+            "--status",
+            "200",
+            "--body",
+            "no results",
+            "--reason",
+            "search down",
+            "--ttl",
+            "10m",
+        ],
+    );
+    let search = format!("http://web.service.internal:{port}/search?q=x");
+    agent
+        .eventually("the route to be degraded", || async {
+            let r = c.get(&search).send().await.unwrap();
+            (r.text().await.unwrap() == "no results").then_some(())
+        })
+        .await;
+    let post = c.post(&search).send().await.unwrap();
+    assert!(
+        post.text().await.unwrap().starts_with("web-"),
+        "POST is not in the route"
+    );
+    cmd(&cp, &token, &["cmd", "revoke", &route]);
+
     create(
         &cp,
         &token,

@@ -13,6 +13,9 @@ pub struct Common<'a> {
     pub service: &'a str,
     /// Only the agents on hosts running these services apply it.
     pub callers: &'a [String],
+    /// Only requests under this path prefix (and with this method).
+    pub path: Option<&'a str>,
+    pub method: Option<&'a str>,
     pub reason: &'a str,
     pub ttl: Duration,
     pub json: bool,
@@ -26,6 +29,10 @@ pub async fn create(
     instance: Option<&str>,
 ) -> anyhow::Result<()> {
     let mut target = json!({ "service": common.service, "callers": common.callers });
+    if let Some(path) = common.path {
+        target["route"] =
+            json!({ "path_prefix": path, "method": common.method.map(str::to_ascii_uppercase) });
+    }
     if let Some(instance) = instance {
         target["instance"] = json!(instance);
     }
