@@ -137,6 +137,7 @@ struct CommandArgs {
     /// With --path: only requests with this method.
     #[arg(long, requires = "path")]
     method: Option<String>,
+
     #[arg(long)]
     json: bool,
 }
@@ -157,6 +158,9 @@ enum CmdCommand {
     /// --body, --header), or fail fast with 503.
     Degrade {
         service: String,
+        /// Only the requests this instance (ip:port) would get.
+        #[arg(long)]
+        instance: Option<String>,
         #[arg(long)]
         status: Option<u16>,
         #[arg(long, default_value = "")]
@@ -170,6 +174,9 @@ enum CmdCommand {
     /// Force the service's circuit open or closed.
     Circuit {
         service: String,
+        /// Only this instance (ip:port): open blocks it.
+        #[arg(long)]
+        instance: Option<String>,
         #[arg(value_parser = ["open", "closed"])]
         state: String,
         #[command(flatten)]
@@ -180,6 +187,9 @@ enum CmdCommand {
     /// shared among the agents using the service.
     Ratelimit {
         service: String,
+        /// Only the requests this instance (ip:port) would get.
+        #[arg(long)]
+        instance: Option<String>,
         #[arg(long)]
         per_second: f64,
         #[arg(long)]
@@ -386,6 +396,7 @@ async fn operator_command(cp: &Client, command: CmdCommand) -> anyhow::Result<()
         CmdCommand::Unblock { service, instance } => cli::cmd::unblock(cp, service, instance).await,
         CmdCommand::Degrade {
             service,
+            instance,
             status,
             body,
             headers,
@@ -404,25 +415,27 @@ async fn operator_command(cp: &Client, command: CmdCommand) -> anyhow::Result<()
                 }
                 None => json!({"kind": "degrade"}),
             };
-            create(cp, &common(service, args), action, None).await
+            create(cp, &common(service, args), action, instance.as_deref()).await
         }
         CmdCommand::Circuit {
             service,
+            instance,
             state,
             args,
         } => {
             let action = json!({"kind": "circuit", "state": state});
-            create(cp, &common(service, args), action, None).await
+            create(cp, &common(service, args), action, instance.as_deref()).await
         }
         CmdCommand::Ratelimit {
             service,
+            instance,
             per_second,
             burst,
             split,
             args,
         } => {
             let action = json!({"kind": "rate_limit", "per_second": per_second, "burst": burst, "split": split});
-            create(cp, &common(service, args), action, None).await
+            create(cp, &common(service, args), action, instance.as_deref()).await
         }
         CmdCommand::Policy {
             service,
@@ -480,4 +493,15 @@ fn shutdown_on_signal() -> CancellationToken {
         std::process::exit(130);
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the definitions (unique names, valid
+    /// requirements), which otherwise fail only when a command runs.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -157,6 +157,13 @@ fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u
             with_route_command(&mut policy, route, &command.action);
             continue;
         }
+        if let (Some(instance), false) = (
+            command.target.instance,
+            matches!(command.action, Action::Block),
+        ) {
+            with_instance_command(&mut policy, instance, &command.action);
+            continue;
+        }
         match &command.action {
             Action::Block => policy.blocked.extend(command.target.instance),
             Action::Circuit { state } => policy.circuit = Some(*state),
@@ -174,6 +181,32 @@ fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u
         }
     }
     policy
+}
+
+/// An instance-scoped command (other than a block).
+fn with_instance_command(policy: &mut Policy, instance: SocketAddr, action: &Action) {
+    match action {
+        Action::Degrade { fallback } => {
+            policy.instances.entry(instance).or_default().degraded = Some(fallback.clone());
+        }
+        Action::RateLimit {
+            per_second, burst, ..
+        } => {
+            policy.instances.entry(instance).or_default().rate_limit = Some(RateLimit {
+                per_second: *per_second,
+                burst: *burst,
+            });
+        }
+        // An open circuit on one instance is a block; closed is the norm.
+        Action::Circuit { state } => {
+            if *state == signpost_core::policy::Circuit::Open {
+                policy.blocked.push(instance);
+            }
+        }
+        // Refused by the control plane's validation; a block is handled
+        // with the service's.
+        Action::Policy { .. } | Action::Block => {}
+    }
 }
 
 /// A route-scoped command: merged into that route's entry.

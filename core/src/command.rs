@@ -143,6 +143,12 @@ impl NewCommand {
                 ));
             }
         }
+        if self.target.instance.is_some() && matches!(self.action, Action::Policy { .. }) {
+            return Err(invalid(
+                "target.instance",
+                "a policy applies to a whole service",
+            ));
+        }
         match &self.action {
             Action::Block if self.target.instance.is_none() => Err(invalid(
                 "target.instance",

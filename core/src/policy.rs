@@ -120,6 +120,16 @@ pub struct RoutePolicy {
     pub rate_limit: Option<RateLimit>,
 }
 
+/// What applies to the requests one instance would get (set by
+/// instance-scoped commands).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct InstancePolicy {
+    /// Answered with the fallback (`None` inside: 503) instead of calling
+    /// the instance.
+    pub degraded: Option<Option<Fallback>>,
+    pub rate_limit: Option<RateLimit>,
+}
+
 /// What a [`Balancer::Hash`] service hashes on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum HashKey {
@@ -256,6 +266,8 @@ pub struct Policy {
     /// Route-scoped commands (HTTP only); the longest matching prefix
     /// wins.
     pub routes: Vec<RoutePolicy>,
+    /// Instance-scoped commands, by instance.
+    pub instances: std::collections::BTreeMap<SocketAddr, InstancePolicy>,
     /// Traffic shares by instance tag (a canary: `{v1: 95, v2: 5}`):
     /// each request or connection first picks a tag by these weights
     /// among the tags with available instances, then an instance with
@@ -299,6 +311,7 @@ impl Default for Policy {
             degraded: None,
             rate_limit: None,
             routes: Vec::new(),
+            instances: std::collections::BTreeMap::new(),
             tag_weights: std::collections::BTreeMap::new(),
         }
     }
@@ -404,6 +417,7 @@ impl Policy {
             degraded: p.degraded,
             rate_limit: p.rate_limit,
             routes: p.routes,
+            instances: p.instances,
             tag_weights: o.tag_weights.clone().unwrap_or(p.tag_weights),
         }
     }

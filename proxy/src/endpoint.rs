@@ -57,6 +57,8 @@ pub(crate) struct Stats {
     inner: Mutex<Learned>,
     /// Requests answered by this instance, by status class.
     pub(crate) statuses: StatusCounters,
+    /// An instance-scoped rate limit's bucket.
+    pub(crate) limiter: crate::rate::Limiter,
 }
 
 struct Learned {
@@ -100,6 +102,7 @@ impl Stats {
                 probing: None,
             }),
             statuses,
+            limiter: crate::rate::Limiter::default(),
         }
     }
 

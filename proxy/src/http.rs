@@ -259,6 +259,22 @@ async fn forward<'a>(
         };
         let member = &snapshot.members[pick.index];
         let addr = member.endpoint.addr;
+        if let Some(scoped) = policy.instances.get(&addr) {
+            match &scoped.degraded {
+                Some(Some(fallback)) => {
+                    return Ok((fallback_response(backend, fallback), &member.label));
+                }
+                Some(None) => return Err(ProxyError::Degraded),
+                None => {}
+            }
+            if !member
+                .stats
+                .limiter
+                .allow(scoped.rate_limit, Instant::now())
+            {
+                return Err(ProxyError::RateLimited);
+            }
+        }
         tried.push(addr);
         *attempts = attempt + 1;
         let mut request = Request::new(body);

@@ -163,6 +163,33 @@ async fn block_degrade_circuit_and_policy_change_traffic_until_revoked_or_expire
             (r.text().await.unwrap() == "no results").then_some(())
         })
         .await;
+    // One instance degraded: the requests it would get get the fallback.
+    let one = create(
+        &cp,
+        &token,
+        &[
+            "degrade",
+            "web",
+            "--instance",
+            &instance,
+            "--status",
+            "200",
+            "--body",
+            "from the fallback",
+            "--reason",
+            "web-1 slow",
+            "--ttl",
+            "10m",
+        ],
+    );
+    agent
+        .eventually("web-1's share to be answered by the fallback", || async {
+            let seen = spread(&c, &url, 10).await;
+            (seen.get("from the fallback") == Some(&5) && seen.get("web-2") == Some(&5))
+                .then_some(())
+        })
+        .await;
+    cmd(&cp, &token, &["cmd", "revoke", &one]);
     let post = c.post(&search).send().await.unwrap();
     assert!(
         post.text().await.unwrap().starts_with("web-"),
