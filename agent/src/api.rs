@@ -13,6 +13,7 @@ mod agent_routes;
 mod blocking;
 mod catalog;
 pub(crate) mod decode;
+mod forward;
 mod render;
 
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{any, get, put};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentError};
@@ -36,6 +37,8 @@ pub(crate) struct Api {
     pub(crate) fleet: Option<Arc<crate::fleet::FleetCache>>,
     /// Fired at shutdown, so blocking queries answer at once.
     pub(crate) shutdown: CancellationToken,
+    /// For operator actions forwarded to the control plane.
+    pub(crate) http: reqwest::Client,
 }
 
 /// An error answered as Consul does: a status and a plain-text message.
@@ -162,6 +165,12 @@ pub(crate) fn router(api: Api) -> Router {
         )
         .route("/v1/signpost/status", get(agent_routes::signpost_status))
         .route("/v1/signpost/drain/{id}", put(agent_routes::signpost_drain))
+        // Operator actions: forwarded to the control plane with the
+        // caller's token only.
+        .route("/v1/commands", any(forward::forward))
+        .route("/v1/commands/{id}", any(forward::forward))
+        .route("/v1/acl/{*rest}", any(forward::forward))
+        .route("/v1/audit", any(forward::forward))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), count_requests))

@@ -102,6 +102,7 @@ pub async fn run(
             ca_file: tls.ca.clone(),
             token,
             server_name: None,
+            http: Some(cp.http.to_string()),
             first_lookup_wait: Duration::from_millis(250),
             subscription_idle: Duration::from_secs(600),
         }),

@@ -209,6 +209,11 @@ pub async fn run(
         agent: agent.clone(),
         fleet,
         shutdown: shutdown.clone(),
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .context("cannot build the HTTP client for the control plane")?,
     });
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {

@@ -62,6 +62,11 @@ pub struct ControlPlaneClientConfig {
     /// part of the address.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// `host:port` of the control plane's HTTP API, where the local API
+    /// forwards operator actions (`/v1/commands`, `/v1/acl/...`,
+    /// `/v1/audit`) that carry a token.
+    #[serde(default)]
+    pub http: Option<String>,
     /// How long the first lookup of a service not subscribed to yet waits
     /// for the control plane's snapshot before answering with what is known.
     #[serde(
