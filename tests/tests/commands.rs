@@ -93,6 +93,7 @@ async fn block_degrade_circuit_and_policy_change_traffic_until_revoked_or_expire
         serde_json::json!(["cmd-node"]),
         "{shown}"
     );
+    assert_eq!(shown["agents_subscribed"], 1, "the agent uses web: {shown}");
 
     // Degrade with a fallback answer: the service is not called.
     let degrade = create(

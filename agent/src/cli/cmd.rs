@@ -136,9 +136,10 @@ fn print(commands: &[Value], json: bool) -> anyhow::Result<()> {
                 target,
                 str_of(c, "state").to_string(),
                 format!(
-                    "{}/{}",
+                    "{} of {} ({} using it)",
                     c["applied"].as_u64().unwrap_or(0),
-                    c["agents_connected"].as_u64().unwrap_or(0)
+                    c["agents_connected"].as_u64().unwrap_or(0),
+                    c["agents_subscribed"].as_u64().unwrap_or(0)
                 ),
                 expires,
                 str_of(c, "reason").to_string(),

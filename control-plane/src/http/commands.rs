@@ -25,7 +25,12 @@ fn command_json(s: &HttpState, c: &Command, now: u64) -> Value {
     let applied = s.commands.applied_by(&c.id);
     v["applied"] = json!(applied.len());
     v["applied_by"] = json!(applied);
-    v["agents_connected"] = json!(s.catalog.read(|i| i.connected()));
+    let (connected, subscribed) = s
+        .catalog
+        .read(|i| (i.connected(), i.subscribers(&c.target.service)));
+    v["agents_connected"] = json!(connected);
+    // The agents using the service: the ones whose traffic it changes.
+    v["agents_subscribed"] = json!(subscribed);
     v
 }
 
