@@ -703,7 +703,8 @@ impl Inner {
                 .map(|i| Self::catalog_instance(entry, i))
                 .collect();
         }
-        self.publish(changes);
+        // Names first: an agent that sees a new service's instances already
+        // lists the service.
         let names = self.compute_names();
         if names != self.names {
             self.names = names;
@@ -713,6 +714,7 @@ impl Inner {
                 self.send(session, message.clone());
             }
         }
+        self.publish(changes);
     }
 
     /// Gives each changed service a new index and sends its delta to its
