@@ -106,6 +106,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff).
+    #[command(hide = true)]
+    Man,
     /// Put a service (or, without ID, the whole node) in or out of maintenance.
     Maint {
         id: Option<String>,
@@ -305,6 +310,18 @@ fn main() -> ExitCode {
             Command::Cmd { command } => {
                 let cp = Client::control_plane(&cli.control_plane, cli.token);
                 operator_command(&cp, command).await
+            }
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                let mut command = Cli::command();
+                clap_complete::generate(shell, &mut command, "signpost", &mut std::io::stdout());
+                Ok(())
+            }
+            Command::Man => {
+                use clap::CommandFactory;
+                clap_mangen::Man::new(Cli::command())
+                    .render(&mut std::io::stdout())
+                    .map_err(anyhow::Error::from)
             }
             Command::Audit { limit, json } => {
                 let cp = Client::control_plane(&cli.control_plane, cli.token);

@@ -34,6 +34,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff).
+    #[command(hide = true)]
+    Man,
     /// Create a private CA and a server certificate for the agents' endpoint.
     InitTls {
         /// Where to write them (default: data_dir/tls).
@@ -47,6 +52,31 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // These need no configuration.
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(
+                *shell,
+                &mut command,
+                "signpost-control-plane",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man) => {
+            use clap::CommandFactory;
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("signpost-control-plane: cannot write the manual page: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let config = match std::fs::read_to_string(&cli.config)
         .map_err(|e| format!("{}: cannot read: {e}", cli.config.display()))
         .and_then(|text| {
@@ -123,4 +153,14 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the definitions.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

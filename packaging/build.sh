@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds the Signpost packages from release binaries: signpost (agent and
+# CLI) and signpost-control-plane, as .deb (cargo-deb). Man pages and shell
+# completions are generated from the binaries' clap definitions.
+#
+#   bash packaging/build.sh            # writes target/debian/*.deb
+# Needs: cargo-deb (cargo install cargo-deb --locked)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
+PATH="$HOME/.cache/signpost/tools/bin:$PATH"
+command -v cargo-deb > /dev/null || { echo "needs cargo-deb: cargo install cargo-deb --locked" >&2; exit 1; }
+cargo build --release --locked -p signpost-agent -p signpost-control-plane --bins
+REL="$CARGO_TARGET_DIR/release"
+GEN="$REL/gen"
+mkdir -p "$GEN"
+for bin in signpost signpost-control-plane; do
+  "$REL/$bin" man | gzip -9n > "$GEN/$bin.1.gz"
+  "$REL/$bin" completions bash > "$GEN/$bin.bash"
+  "$REL/$bin" completions zsh > "$GEN/_$bin"
+  "$REL/$bin" completions fish > "$GEN/$bin.fish"
+done
+cargo deb --no-build --locked -p signpost-agent
+cargo deb --no-build --locked -p signpost-control-plane
+ls -1 "$CARGO_TARGET_DIR"/debian/*.deb
