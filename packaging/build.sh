@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Builds the Signpost packages from release binaries: signpost (agent and
-# CLI) and signpost-control-plane, as .deb (cargo-deb). Man pages and shell
-# completions are generated from the binaries' clap definitions.
+# CLI) and signpost-control-plane, as .deb (cargo-deb) and .rpm
+# (cargo-generate-rpm). Man pages and shell completions are generated from
+# the binaries' clap definitions.
 #
-#   bash packaging/build.sh            # writes target/debian/*.deb
-# Needs: cargo-deb (cargo install cargo-deb --locked)
+#   bash packaging/build.sh       # writes target/debian/*.deb and target/generate-rpm/*.rpm
+# Needs: cargo install --locked cargo-deb cargo-generate-rpm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
 PATH="$HOME/.cache/signpost/tools/bin:$PATH"
-command -v cargo-deb > /dev/null || { echo "needs cargo-deb: cargo install cargo-deb --locked" >&2; exit 1; }
+for tool in cargo-deb cargo-generate-rpm; do
+  command -v "$tool" > /dev/null || { echo "needs $tool: cargo install --locked $tool" >&2; exit 1; }
+done
 cargo build --release --locked -p signpost-agent -p signpost-control-plane --bins
 REL="$CARGO_TARGET_DIR/release"
 GEN="$REL/gen"
@@ -22,4 +25,6 @@ for bin in signpost signpost-control-plane; do
 done
 cargo deb --no-build --locked -p signpost-agent
 cargo deb --no-build --locked -p signpost-control-plane
-ls -1 "$CARGO_TARGET_DIR"/debian/*.deb
+cargo generate-rpm -p agent
+cargo generate-rpm -p control-plane
+ls -1 "$CARGO_TARGET_DIR"/debian/*.deb "$CARGO_TARGET_DIR"/generate-rpm/*.rpm

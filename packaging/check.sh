@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Checks the packages built by packaging/build.sh the way a user meets
-# them: lintian (no errors), then on this machine (as root, without
+# them: lintian (no errors) on the .debs, the .rpms' contents, config
+# files and scripts (rpm -qip/-qlp), then on this machine (as root, without
 # systemd) install the agent .deb, run the installed binary as the
 # signpost user with the installed configuration, as the unit would,
 # query its DNS and API, upgrade over itself, remove (config and state
 # stay), purge (they go).
 #
 #   bash packaging/check.sh
-# Needs: lintian, dig, curl; root.
+# Needs: lintian, rpm, dig, curl; root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
@@ -20,6 +21,19 @@ echo "== lintian"
 out=$(lintian "$AGENT_DEB" "$CP_DEB" 2>&1 | grep -v "root privileges" || true)
 echo "$out"
 if echo "$out" | grep -q '^E:'; then fail "lintian errors"; fi
+
+echo "== rpm contents and scripts"
+for rpm in "$CARGO_TARGET_DIR"/generate-rpm/signpost-*.rpm; do
+  rpm -qip "$rpm" > /dev/null || fail "$rpm: unreadable"
+  files=$(rpm -qlp "$rpm")
+  scripts=$(rpm -qp --scripts "$rpm")
+  echo "$files" | grep -q '^/usr/bin/signpost' || fail "$rpm: no binary"
+  echo "$files" | grep -q '^/usr/lib/systemd/system/signpost' || fail "$rpm: no unit"
+  echo "$files" | grep -q '^/usr/share/man/man1/' || fail "$rpm: no man page"
+  rpm -qp --configfiles "$rpm" | grep -q '^/etc/signpost/' || fail "$rpm: no config file"
+  echo "$scripts" | grep -q 'useradd --system' || fail "$rpm: no user creation"
+  echo "$rpm: $(echo "$files" | wc -l) files"
+done
 
 echo "== install"
 apt-get install -y -qq "$AGENT_DEB" > /dev/null
