@@ -569,9 +569,7 @@ pub async fn audit(client: &Client, limit: usize, json: bool) -> anyhow::Result<
 
 /// How long ago a Unix time in milliseconds was, e.g. `1m30s ago`.
 fn ago(unix_millis: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let now = signpost_core::command::now_millis();
     let elapsed = std::time::Duration::from_secs(now.saturating_sub(unix_millis) / 1000);
     format!("{} ago", signpost_core::duration::format(elapsed))
 }

@@ -8,9 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use signpost_core::command::{Action, Command, NewCommand};
+use signpost_core::command::{Action, Command, NewCommand, now_millis};
 use tokio::sync::watch;
 
 use crate::store::write_atomic;
@@ -36,12 +35,6 @@ pub struct Commands {
     applied: Mutex<BTreeMap<String, BTreeSet<String>>>,
     /// Bumped on every change.
     changes: watch::Sender<u64>,
-}
-
-pub fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Commands {

@@ -13,6 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{Circuit, Fallback, PolicyOverride, Route};
 
+/// Now, in Unix milliseconds: how command times are kept.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The longest a command may last.
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 

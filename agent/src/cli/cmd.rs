@@ -118,9 +118,7 @@ fn print(commands: &[Value], json: bool) -> anyhow::Result<()> {
                 None => str_of(&c["target"], "service").to_string(),
             };
             let expires = c["expires_at"].as_u64().map_or(String::new(), |t| {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
+                let now = signpost_core::command::now_millis();
                 if t > now {
                     format!(
                         "in {}",

@@ -8,12 +8,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use signpost_core::command::{Command, NewCommand};
+use signpost_core::command::{Command, NewCommand, now_millis};
 
 use super::HttpState;
 use super::acl::authorize;
 use crate::acl::{AuditEntry, Role};
-use crate::commands::now_millis;
 
 fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
