@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use signpost_core::command::{Action, Command};
+use signpost_core::command::{Action, Command, now_millis};
 use signpost_core::model::Protocol;
 use signpost_core::policy::{Policy, RateLimit, Route, RoutePolicy};
 use signpost_proxy::{Endpoint, Proxy, ProxyMetrics, ServiceSpec, Settings};
@@ -61,10 +61,15 @@ pub(crate) async fn run(
     let mut fleet = catalog.fleet.as_ref().map(|f| f.subscribe_changes());
     let mut vips = catalog.vips.subscribe();
     loop {
-        let failures = proxy.update(services(&catalog));
         let now = now_millis();
+        let commands = commands(&catalog);
+        let failures = proxy.update(services(&catalog, &commands, now));
         // Commands expire here even with the control plane gone.
-        let expiry = next_expiry(&catalog, now).map(|at| Duration::from_millis(at - now));
+        let expiry = commands
+            .iter()
+            .filter(|c| c.active(now))
+            .map(|c| Duration::from_millis(c.expires_at - now))
+            .min();
         let retry = async {
             match (failures > 0, expiry) {
                 (true, Some(e)) => tokio::time::sleep(e.min(RETRY_LISTEN)).await,
@@ -95,7 +100,7 @@ pub(crate) async fn run(
 }
 
 /// What the proxy should serve now: one entry per VIP.
-fn services(catalog: &AgentCatalog) -> Vec<ServiceSpec> {
+fn services(catalog: &AgentCatalog, commands: &[Command], now: u64) -> Vec<ServiceSpec> {
     let config = &catalog.agent.config.proxy;
     let here: Vec<String> = catalog.agent.state.read(|inner| {
         inner
@@ -105,8 +110,8 @@ fn services(catalog: &AgentCatalog) -> Vec<ServiceSpec> {
             .collect()
     });
     // Commands for callers apply only on the hosts of those callers.
-    let commands: Vec<Command> = commands(catalog)
-        .into_iter()
+    let commands: Vec<Command> = commands
+        .iter()
         .filter(|c| {
             c.target.callers.is_empty()
                 || c.target
@@ -114,8 +119,8 @@ fn services(catalog: &AgentCatalog) -> Vec<ServiceSpec> {
                     .iter()
                     .any(|caller| here.iter().any(|s| s.eq_ignore_ascii_case(caller)))
         })
+        .cloned()
         .collect();
-    let now = now_millis();
     catalog
         .vips
         .entries()
@@ -238,21 +243,6 @@ fn with_route_command(policy: &mut Policy, route: &Route, action: &Action) {
         // Refused by the control plane's validation.
         Action::Block | Action::Policy { .. } => {}
     }
-}
-
-/// When the next command in force expires (Unix ms).
-fn next_expiry(catalog: &AgentCatalog, now: u64) -> Option<u64> {
-    commands(catalog)
-        .iter()
-        .filter(|c| c.active(now))
-        .map(|c| c.expires_at)
-        .min()
-}
-
-fn now_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The protocol most instances registered (TCP when none).

@@ -39,6 +39,22 @@ pub mod service_file;
 pub mod vip;
 pub mod yaml;
 
+/// An error and its causes on one line (`a: b: c`), each cause once even
+/// when a message already repeats it: for logs and health-check output.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod examples {
     //! Every shipped example must parse and validate.

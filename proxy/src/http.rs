@@ -327,12 +327,12 @@ async fn forward<'a>(
                 if e.is_connect() {
                     ProxyError::Connect {
                         addr: member.label.clone(),
-                        reason: error_chain(&e),
+                        reason: signpost_core::error_chain(&e),
                     }
                 } else {
                     ProxyError::Reset {
                         addr: member.label.clone(),
-                        reason: error_chain(&e),
+                        reason: signpost_core::error_chain(&e),
                     }
                 }
             }
@@ -419,18 +419,6 @@ fn balance_key(policy: &Policy, req: &Request<Incoming>, client: SocketAddr) -> 
             .map(|(_, v)| hash_key(v.as_bytes())),
     };
     found.unwrap_or_else(|| hash_key(client.ip().to_string().as_bytes()))
-}
-
-/// The error and its causes, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn reject(

@@ -223,7 +223,10 @@ impl HttpProbe {
                 // The error names the URL already (the rewritten one when
                 // tls_server_name is set): leave it out.
                 let e = e.without_url();
-                return Outcome::new(Health::Critical, format!("{prefix}: {}", error_chain(&e)));
+                return Outcome::new(
+                    Health::Critical,
+                    format!("{prefix}: {}", signpost_core::error_chain(&e)),
+                );
             }
         };
         let status = response.status();
@@ -249,20 +252,6 @@ impl HttpProbe {
         );
         Outcome::new(health, truncate_output(output, self.max_output))
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
