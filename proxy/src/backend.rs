@@ -15,9 +15,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -32,21 +29,20 @@ use crate::balance::{self, Pick};
 use crate::endpoint::{Endpoint, FailureOutcome, Member, Stats};
 use crate::error::ProxyError;
 use crate::metrics::{ProxyMetrics, StatusCounters};
+use crate::pool::Pool;
 
-/// A body the proxy sends: one it holds whole (a kept request body, its
-/// own answers) or one it streams (from the client or the instance). No
-/// box, so no allocation per message.
+/// A request body the proxy sends: one it holds whole (kept for retries)
+/// or the client's, streamed. No box, so no allocation per message.
 pub(crate) type ProxyBody = Either<Full<Bytes>, Incoming>;
-pub(crate) type HttpClient = Client<HttpConnector, ProxyBody>;
 
 /// How long a deposit counts in the retry budget (Linkerd's 10 s).
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
 impl Snapshot {
     /// This worker thread's pool (HTTP services only).
-    pub(crate) fn client(&self) -> Option<&HttpClient> {
-        let clients = self.clients.as_ref()?;
-        clients.get(crate::workers::current() % clients.len())
+    pub(crate) fn pool(&self) -> Option<&Pool> {
+        let pools = self.pools.as_ref()?;
+        pools.get(crate::workers::current() % pools.len())
     }
 }
 
@@ -57,7 +53,7 @@ pub(crate) struct Snapshot {
     pub(crate) members: Vec<Member>,
     /// The pools to the instances, one per worker thread (HTTP services
     /// only).
-    clients: Option<Arc<[HttpClient]>>,
+    pools: Option<Arc<[Pool]>>,
 }
 
 pub(crate) struct Backend {
@@ -108,7 +104,7 @@ impl Backend {
                 policy: policy.clone(),
                 protocol,
                 members: Vec::new(),
-                clients: None,
+                pools: None,
             }),
             round_robin: AtomicU64::new(0),
             budget: ArcSwap::from_pointee(budget(&policy)),
@@ -174,19 +170,15 @@ impl Backend {
             .collect();
         let same_pool = old.protocol == protocol
             && old.policy.connect_timeout == policy.connect_timeout
-            && old.clients.is_some();
-        let clients = if protocol == Protocol::Tcp {
+            && old.pools.is_some();
+        let pools = if protocol == Protocol::Tcp {
             None
         } else if same_pool {
-            old.clients.clone()
+            old.pools.clone()
         } else {
-            let pools = (0..self.shared.workers).map(|_| {
-                http_client(
-                    protocol,
-                    policy.connect_timeout,
-                    self.shared.pool_idle_timeout,
-                )
-            });
+            let http2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc);
+            let pools = (0..self.shared.workers)
+                .map(|_| Pool::new(http2, policy.connect_timeout, self.shared.pool_idle_timeout));
             Some(pools.collect())
         };
         let (ratio, min, _) = &**self.budget.load();
@@ -203,7 +195,7 @@ impl Backend {
             policy,
             protocol,
             members,
-            clients,
+            pools,
         }));
     }
 
@@ -228,20 +220,23 @@ impl Backend {
         snapshot: &Snapshot,
         tried: &[SocketAddr],
         key: Option<u64>,
+        now: Instant,
     ) -> Option<Pick> {
         let req = balance::Request {
             policy: &snapshot.policy,
             zone: &self.shared.zone,
             tried,
             key,
+            now,
         };
         let (pick, panic) = balance::pick(&snapshot.members, &req, &self.round_robin);
         self.panic.set(i64::from(panic));
         pick
     }
 
-    pub(crate) fn succeeded(&self, member: &Member, rtt: Duration) {
-        if member.stats.success(rtt, Instant::now()) {
+    /// A success that took `rtt`, known at `now`.
+    pub(crate) fn succeeded(&self, member: &Member, rtt: Duration, now: Instant) {
+        if member.stats.success(rtt, now) {
             tracing::info!(service = %self.name, instance = %member.label, "instance readmitted after a good probe");
         }
     }
@@ -354,16 +349,16 @@ impl Backend {
     }
 
     /// Whether the circuit lets a request or connection through.
-    pub(crate) fn through_circuit(&self, policy: &Policy) -> Result<(), ProxyError> {
-        match self.breaker.admit(policy, Instant::now()) {
+    pub(crate) fn through_circuit(&self, policy: &Policy, now: Instant) -> Result<(), ProxyError> {
+        match self.breaker.admit(policy, now) {
             crate::breaker::Admission::Pass => Ok(()),
             crate::breaker::Admission::Refuse => Err(ProxyError::CircuitOpen),
         }
     }
 
     /// The outcome of a request or connection the circuit let through.
-    pub(crate) fn circuit_outcome(&self, policy: &Policy, ok: bool) {
-        match self.breaker.record(policy, ok, Instant::now()) {
+    pub(crate) fn circuit_outcome(&self, policy: &Policy, ok: bool, now: Instant) {
+        match self.breaker.record(policy, ok, now) {
             Some(crate::breaker::Transition::Opened) => {
                 tracing::warn!(service = %self.name, open_for = ?policy.breaker_open_for, "circuit opened: too many failures");
             }
@@ -375,8 +370,8 @@ impl Backend {
     }
 
     /// Takes a token from the operator's rate limit, if any.
-    pub(crate) fn within_rate(&self, policy: &Policy) -> Result<(), ProxyError> {
-        if self.limiter.allow(policy.rate_limit, Instant::now()) {
+    pub(crate) fn within_rate(&self, policy: &Policy, now: Instant) -> Result<(), ProxyError> {
+        if self.limiter.allow(policy.rate_limit, now) {
             Ok(())
         } else {
             Err(ProxyError::RateLimited)
@@ -400,8 +395,11 @@ impl Backend {
 
     /// Tells the agent the service is in use (at most once a second), so
     /// it stays subscribed to its instances.
-    pub(crate) fn used(&self) {
-        let now = self.shared.started.elapsed().as_secs();
+    pub(crate) fn used(&self, now: Instant) {
+        let now = now
+            .into_std()
+            .saturating_duration_since(self.shared.started)
+            .as_secs();
         // Read first: a write on every request would bounce the cache
         // line between the worker threads.
         if self.last_use.load(Ordering::Relaxed) != now
@@ -437,17 +435,4 @@ fn budget(policy: &Policy) -> (f32, u32, TpsBudget) {
             policy.retry_budget_ratio,
         ),
     )
-}
-
-/// The pool to a service's instances: HTTP/1.1, or HTTP/2 with prior
-/// knowledge (h2c) for `http2` and `grpc`.
-fn http_client(protocol: Protocol, connect_timeout: Duration, idle: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(idle)
-        .pool_timer(TokioTimer::new())
-        .http2_only(matches!(protocol, Protocol::Http2 | Protocol::Grpc))
-        .build(connector)
 }

@@ -28,6 +28,8 @@ pub(crate) struct Request<'a> {
     pub(crate) tried: &'a [SocketAddr],
     /// The hash of the request's key, for [`Balancer::Hash`].
     pub(crate) key: Option<u64>,
+    /// When the choice is made (ejections end, latency estimates decay).
+    pub(crate) now: Instant,
 }
 
 /// Picks an instance; `None` when there is none. Also says whether the
@@ -37,7 +39,7 @@ pub(crate) fn pick(
     req: &Request<'_>,
     round_robin: &AtomicU64,
 ) -> (Option<Pick>, bool) {
-    let now = Instant::now();
+    let now = req.now;
     // (index, standing) of every member not blocked, in one allocation;
     // blocked instances are out of the pool altogether.
     let blocked = |m: &Member| req.policy.blocked.contains(&m.endpoint.addr);
@@ -267,6 +269,7 @@ mod tests {
                 zone: "a",
                 tried: &[],
                 key: key(n),
+                now: Instant::now(),
             };
             if let (Some(p), _) = pick(members, &req, &rr) {
                 counts[p.index] += 1;
@@ -306,6 +309,7 @@ mod tests {
             zone: "a",
             tried: &[],
             key: None,
+            now: Instant::now(),
         };
         assert!(
             pick(&members, &req, &rr).1,
@@ -369,6 +373,7 @@ mod tests {
                 zone: "a",
                 tried: &[],
                 key: Some(key),
+                now: Instant::now(),
             };
             members[pick(members, &req, &rr).0.unwrap().index]
                 .endpoint
@@ -450,6 +455,7 @@ mod tests {
                 zone: "a",
                 tried: &tried,
                 key: None,
+                now: Instant::now(),
             };
             assert_eq!(pick(&members, &req, &rr).0.unwrap().index, 1);
         }
@@ -459,6 +465,7 @@ mod tests {
             zone: "a",
             tried: &both,
             key: None,
+            now: Instant::now(),
         };
         assert!(
             pick(&members, &req, &rr).0.is_some(),

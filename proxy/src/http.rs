@@ -3,7 +3,9 @@
 //! and retries to another instance within the service's budget.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -15,17 +17,21 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioExecutor;
 use signpost_core::model::Protocol;
 use signpost_core::policy::{Balancer, Fallback, HashKey, Policy};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::backend::{Backend, ProxyBody, Snapshot};
 use crate::balance::hash_key;
 use crate::error::ProxyError;
+use crate::pool::{Answer, PoolError};
+
+/// An answer body the proxy sends a client: its own (an error, an
+/// operator's fallback) or the instance's, streamed.
+type AnswerBody = Either<Full<Bytes>, Answer>;
 
 /// Set on every request to an instance: the attempt's number. A request
 /// that arrives with it was sent by another proxy that retries itself, so
@@ -84,17 +90,31 @@ pub(crate) async fn serve(
             }
         })
     };
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = drain.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = conn.as_mut() => result,
-                () = stop.cancelled() => Ok(()),
-            }
+    // One wait for the drain, from the first byte to the last request.
+    let drained = drain.cancelled();
+    tokio::pin!(drained);
+    let sniffed = tokio::select! {
+        sniffed = crate::first_bytes::sniff(stream) => sniffed,
+        // Nothing asked yet: nothing to finish.
+        () = drained.as_mut() => return,
+    };
+    let result = match sniffed {
+        Ok((io, true)) => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service);
+            drive(conn, |c| c.graceful_shutdown(), drained, &stop).await
+        }
+        Ok((io, false)) => {
+            // One flat write per answer rather than a vectored one: the
+            // copy costs less than the kernel's handling of the pieces.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .writev(false)
+                .serve_connection(io, service);
+            drive(conn, |c| c.graceful_shutdown(), drained, &stop).await
+        }
+        Err(error) => {
+            tracing::debug!(service = %backend.name, %client, %error, "cannot read from a client");
+            Ok(())
         }
     };
     if let Err(error) = result {
@@ -103,17 +123,43 @@ pub(crate) async fn serve(
     drop(admitted);
 }
 
+/// Runs a client connection until it ends; once `drained`, lets it
+/// finish its requests (`shutdown`) until `stop` fires.
+async fn drive<C>(
+    conn: C,
+    shutdown: fn(Pin<&mut C>),
+    drained: Pin<&mut WaitForCancellationFuture<'_>>,
+    stop: &CancellationToken,
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = drained => {
+            shutdown(conn.as_mut());
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = stop.cancelled() => Ok(()),
+            }
+        }
+    }
+}
+
 /// One request from a client, answered by an instance or by the proxy.
 async fn handle(
     backend: &Backend,
     req: Request<Incoming>,
     client: SocketAddr,
-) -> Response<ProxyBody> {
+) -> Response<AnswerBody> {
     let started = Instant::now();
-    backend.used();
+    backend.used(started);
     let snapshot = backend.snapshot_full();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // For the logs (a cheap clone: it shares the request's buffer).
+    let target = req.uri().path_and_query().cloned();
+    let path = target.as_ref().map_or("/", PathAndQuery::path);
     let mut attempts = 0;
     let mut admitted = false;
     let result = forward(
@@ -125,6 +171,7 @@ async fn handle(
         (&mut attempts, &mut admitted),
     )
     .await;
+    let finished = Instant::now();
     if admitted {
         let ok = match &result {
             Ok((response, _)) => !response.status().is_server_error(),
@@ -133,14 +180,14 @@ async fn handle(
                     && !matches!(error, ProxyError::NoInstance | ProxyError::Timeout(_))
             }
         };
-        backend.circuit_outcome(&snapshot.policy, ok);
+        backend.circuit_outcome(&snapshot.policy, ok, finished);
     }
     let response = match result {
         Ok((response, instance)) => {
             access_log(
                 backend,
                 &method,
-                &path,
+                path,
                 response.status(),
                 instance,
                 attempts,
@@ -155,7 +202,7 @@ async fn handle(
             access_log(
                 backend,
                 &method,
-                &path,
+                path,
                 response.status(),
                 "",
                 attempts,
@@ -165,7 +212,7 @@ async fn handle(
             response
         }
     };
-    backend.duration.observe(started.elapsed().as_secs_f64());
+    backend.duration.observe((finished - started).as_secs_f64());
     response
 }
 
@@ -193,10 +240,10 @@ async fn forward<'a>(
     client: SocketAddr,
     started: Instant,
     (attempts, admitted): (&mut u32, &mut bool),
-) -> Result<(Response<ProxyBody>, &'a str), ProxyError> {
+) -> Result<(Response<AnswerBody>, &'a str), ProxyError> {
     let policy = &snapshot.policy;
     let deadline = started + policy.timeout;
-    let Some(pool) = snapshot.client() else {
+    let Some(pool) = snapshot.pool() else {
         return Err(ProxyError::NoInstance);
     };
     if let Some(fallback) = backend.route_check(policy, req.method().as_str(), req.uri().path())? {
@@ -208,8 +255,8 @@ async fn forward<'a>(
             None => Err(ProxyError::Degraded),
         };
     }
-    backend.within_rate(policy)?;
-    backend.through_circuit(policy)?;
+    backend.within_rate(policy, started)?;
+    backend.through_circuit(policy, started)?;
     *admitted = true;
     let _permit = backend.admit_request(policy, deadline).await?;
     let idempotent = policy.retry_non_idempotent || is_idempotent(req.method());
@@ -238,12 +285,11 @@ async fn forward<'a>(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let version = match snapshot.protocol {
-        Protocol::Http2 | Protocol::Grpc => Version::HTTP_2,
-        _ => Version::HTTP_11,
-    };
+    let http2 = matches!(snapshot.protocol, Protocol::Http2 | Protocol::Grpc);
 
     backend.deposit();
+    // The first try starts now, with the body read and a slot taken.
+    let ready = Instant::now();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last: Option<ProxyError> = None;
     for attempt in 0..=policy.retries {
@@ -254,7 +300,8 @@ async fn forward<'a>(
             backoff(policy, attempt, deadline).await;
         }
         let Some(body) = payload.next() else { break };
-        let Some(pick) = backend.pick(snapshot, &tried, key) else {
+        let try_started = if attempt == 0 { ready } else { Instant::now() };
+        let Some(pick) = backend.pick(snapshot, &tried, key, try_started) else {
             return Err(last.unwrap_or(ProxyError::NoInstance));
         };
         let member = &snapshot.members[pick.index];
@@ -267,39 +314,41 @@ async fn forward<'a>(
                 Some(None) => return Err(ProxyError::Degraded),
                 None => {}
             }
-            if !member
-                .stats
-                .limiter
-                .allow(scoped.rate_limit, Instant::now())
-            {
+            if !member.stats.limiter.allow(scoped.rate_limit, try_started) {
                 return Err(ProxyError::RateLimited);
             }
         }
-        tried.push(addr);
         *attempts = attempt + 1;
         let mut request = Request::new(body);
         *request.method_mut() = parts.method.clone();
-        *request.version_mut() = version;
         *request.headers_mut() = headers.clone();
-        request
-            .headers_mut()
-            .insert(ATTEMPT_HEADER, HeaderValue::from(attempt + 1));
+        let request_headers = request.headers_mut();
+        request_headers.insert(ATTEMPT_HEADER, attempt_value(attempt + 1));
+        // HTTP/2 names the instance in the URI (`:authority`); HTTP/1.1
+        // sends the origin-form and a Host header.
         let mut target = uri::Parts::default();
-        target.scheme = Some(Scheme::HTTP);
-        target.authority = Some(member.authority.clone());
+        if http2 {
+            *request.version_mut() = Version::HTTP_2;
+            target.scheme = Some(Scheme::HTTP);
+            target.authority = Some(member.authority.clone());
+        } else if !request_headers.contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(member.authority.as_str())
+        {
+            request_headers.insert(header::HOST, host);
+        }
         target.path_and_query = Some(path.clone());
         *request.uri_mut() = Uri::from_parts(target)
             .map_err(|e| ProxyError::ClientBody(format!("bad request target: {e}")))?;
 
-        let try_started = Instant::now();
         let limit = match policy.try_timeout {
             Some(t) => (try_started + t).min(deadline),
             None => deadline,
         };
         member.stats.active.fetch_add(1, Ordering::Relaxed);
-        let answered = tokio::time::timeout_at(limit, pool.request(request)).await;
+        let answered = tokio::time::timeout_at(limit, pool.request(addr, request)).await;
         member.stats.active.fetch_sub(1, Ordering::Relaxed);
-        let rtt = try_started.elapsed();
+        let answered_at = Instant::now();
+        let rtt = answered_at - try_started;
         let error = match answered {
             Ok(Ok(response)) => {
                 let status = response.status();
@@ -310,7 +359,7 @@ async fn forward<'a>(
                 if status.is_server_error() {
                     backend.failed(snapshot, member, rtt);
                 } else {
-                    backend.succeeded(member, rtt);
+                    backend.succeeded(member, rtt, answered_at);
                 }
                 member.stats.statuses.count(status.as_u16());
                 if !retry_503 {
@@ -322,21 +371,21 @@ async fn forward<'a>(
                     addr: member.label.clone(),
                 }
             }
-            Ok(Err(e)) => {
+            Ok(Err(PoolError::Connect(reason))) => {
                 backend.failed(snapshot, member, rtt);
-                if e.is_connect() {
-                    ProxyError::Connect {
-                        addr: member.label.clone(),
-                        reason: signpost_core::error_chain(&e),
-                    }
-                } else {
-                    ProxyError::Reset {
-                        addr: member.label.clone(),
-                        reason: signpost_core::error_chain(&e),
-                    }
+                ProxyError::Connect {
+                    addr: member.label.clone(),
+                    reason,
                 }
             }
-            Err(_) if Instant::now() >= deadline => {
+            Ok(Err(PoolError::Http(e))) => {
+                backend.failed(snapshot, member, rtt);
+                ProxyError::Reset {
+                    addr: member.label.clone(),
+                    reason: signpost_core::error_chain(&e),
+                }
+            }
+            Err(_) if answered_at >= deadline => {
                 backend.failed(snapshot, member, rtt);
                 return Err(ProxyError::Timeout(policy.timeout));
             }
@@ -350,12 +399,23 @@ async fn forward<'a>(
         };
         tracing::debug!(service = %backend.name, instance = %member.label, attempt = attempt + 1, %error, "attempt failed");
         let again = error.retryable(idempotent) && retry_here;
+        // Only a retry looks at what was tried: no allocation until then.
+        tried.push(addr);
         last = Some(error);
         if !again {
             break;
         }
     }
     Err(last.unwrap_or(ProxyError::NoInstance))
+}
+
+/// The attempt header's value; the usual ones without an allocation.
+fn attempt_value(attempt: u32) -> HeaderValue {
+    const VALUES: [&str; 4] = ["1", "2", "3", "4"];
+    match VALUES.get(attempt.wrapping_sub(1) as usize) {
+        Some(value) => HeaderValue::from_static(value),
+        None => HeaderValue::from(attempt),
+    }
 }
 
 /// Full-jitter exponential back-off, never past the deadline.
@@ -379,13 +439,24 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
+    // Many messages carry none of them: one pass over the names, no
+    // hashing.
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || name == header::TE)
+    {
+        return;
+    }
+    // Headers named in Connection are hop-by-hop too (its usual
+    // `close` and `keep-alive` need no lookup).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for name in HOP_BY_HOP.iter().chain(&named) {
         headers.remove(name);
@@ -426,7 +497,7 @@ fn reject(
     req: &Request<Incoming>,
     error: ProxyError,
     started: Instant,
-) -> Response<ProxyBody> {
+) -> Response<AnswerBody> {
     tracing::warn!(service = %backend.name, method = %req.method(), path = req.uri().path(), reason = error.reason(), %error, "request refused");
     let response = error_response(backend, &error);
     backend.duration.observe(started.elapsed().as_secs_f64());
@@ -434,7 +505,7 @@ fn reject(
 }
 
 /// The answer an operator set for a degraded service.
-fn fallback_response(backend: &Backend, fallback: &Fallback) -> Response<ProxyBody> {
+fn fallback_response(backend: &Backend, fallback: &Fallback) -> Response<AnswerBody> {
     let mut response = Response::new(Either::Left(Full::new(Bytes::from(fallback.body.clone()))));
     *response.status_mut() =
         StatusCode::from_u16(fallback.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
@@ -455,7 +526,7 @@ fn fallback_response(backend: &Backend, fallback: &Fallback) -> Response<ProxyBo
 
 /// The proxy's own answer to a failure: its status, the reason in
 /// `x-signpost-error`, the message in the body; counted.
-fn error_response(backend: &Backend, error: &ProxyError) -> Response<ProxyBody> {
+fn error_response(backend: &Backend, error: &ProxyError) -> Response<AnswerBody> {
     let status = error.status();
     backend.own_status(status.as_u16());
     backend.shared.metrics.error(&backend.name, error.reason());
@@ -519,6 +590,13 @@ mod tests {
         grpc.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut grpc);
         assert!(grpc.contains_key(header::TE));
+    }
+
+    #[test]
+    fn attempt_numbers_are_written_in_decimal() {
+        for n in [1, 2, 4, 5, 12] {
+            assert_eq!(attempt_value(n), n.to_string().as_str());
+        }
     }
 
     #[test]

@@ -14,9 +14,11 @@
 //!   runtime each, so a request never crosses threads.
 //! - `tcp` / `http`: a connection joined to an instance (L4), or HTTP/1.1
 //!   and h2c requests forwarded over pooled connections with deadlines
-//!   and budgeted retries (L7).
+//!   and budgeted retries (L7); `first_bytes` tells h2c from HTTP/1.1.
 //! - `backend`: one service's instances, policy snapshot, limits, retry
-//!   budget and pool.
+//!   budget and pools.
+//! - `pool`: the connections to instances kept open between requests,
+//!   one pool per backend and worker thread.
 //! - `balance` and `endpoint`: which instance (health, panic threshold,
 //!   zone, P2C peak-EWMA / round robin / rendezvous hash) and what was
 //!   learned about each (latency, load, consecutive failures, ejection).
@@ -31,9 +33,11 @@ mod balance;
 mod breaker;
 mod endpoint;
 pub mod error;
+mod first_bytes;
 mod http;
 mod listeners;
 pub mod metrics;
+mod pool;
 mod rate;
 mod tcp;
 mod workers;

@@ -36,8 +36,8 @@ pub(crate) async fn serve(
             return;
         }
     };
-    backend.used();
     let started = Instant::now();
+    backend.used(started);
     let snapshot = backend.snapshot_full();
     let policy = &snapshot.policy;
     let key =
@@ -48,8 +48,8 @@ pub(crate) async fn serve(
         Some(ProxyError::Degraded)
     } else {
         backend
-            .within_rate(policy)
-            .and_then(|()| backend.through_circuit(policy))
+            .within_rate(policy, started)
+            .and_then(|()| backend.through_circuit(policy, started))
             .err()
     };
     if let Some(error) = refused {
@@ -58,7 +58,7 @@ pub(crate) async fn serve(
         return;
     }
     for attempt in 0..=policy.retries {
-        let Some(pick) = backend.pick(&snapshot, &tried, key) else {
+        let Some(pick) = backend.pick(&snapshot, &tried, key, Instant::now()) else {
             break;
         };
         let member = &snapshot.members[pick.index];
@@ -95,8 +95,9 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        backend.succeeded(member, connect_started.elapsed());
-        backend.circuit_outcome(policy, true);
+        let connected = Instant::now();
+        backend.succeeded(member, connected - connect_started, connected);
+        backend.circuit_outcome(policy, true, connected);
         crate::nodelay(&inbound);
         crate::nodelay(&outbound);
         member.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -133,7 +134,7 @@ pub(crate) async fn serve(
         }
         return;
     }
-    backend.circuit_outcome(policy, false);
+    backend.circuit_outcome(policy, false, Instant::now());
     tracing::warn!(service = %backend.name, %client, reason = last.reason(), error = %last, "no instance took the connection; closing it");
     backend.shared.metrics.error(&backend.name, last.reason());
 }

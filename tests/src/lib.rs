@@ -745,7 +745,7 @@ pub mod dns {
 pub mod upstream {
     use std::collections::HashMap;
     use std::net::{Ipv4Addr, SocketAddr};
-    use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -760,13 +760,16 @@ pub mod upstream {
     pub const HANG: u16 = 0;
 
     /// An HTTP/1.1 instance on its own loopback address: answers with its
-    /// name, or the status the test sets, after the delay the test sets.
+    /// name, or the status the test sets, after the delay the test sets;
+    /// closes each connection after one answer when the test says so.
     pub struct Upstream {
         pub addr: SocketAddr,
         name: String,
         status: Arc<AtomicU16>,
         delay_ms: Arc<AtomicU64>,
+        close: Arc<AtomicBool>,
         hits: Arc<AtomicUsize>,
+        connections: Arc<AtomicUsize>,
         tasks: Arc<Mutex<JoinSet<()>>>,
     }
 
@@ -777,24 +780,30 @@ pub mod upstream {
             let addr = listener.local_addr().unwrap();
             let status = Arc::new(AtomicU16::new(200));
             let delay_ms = Arc::new(AtomicU64::new(0));
+            let close = Arc::new(AtomicBool::new(false));
             let hits = Arc::new(AtomicUsize::new(0));
+            let connections = Arc::new(AtomicUsize::new(0));
             let tasks = Arc::new(Mutex::new(JoinSet::new()));
-            let (s, d, h, t, n) = (
+            let (s, d, c, h, t, n) = (
                 status.clone(),
                 delay_ms.clone(),
+                close.clone(),
                 hits.clone(),
                 tasks.clone(),
                 name.to_string(),
             );
+            let accepted = connections.clone();
             tasks.lock().unwrap().spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         return;
                     };
-                    let (s, d, h, n) = (s.clone(), d.clone(), h.clone(), n.clone());
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let (s, d, c, h, n) = (s.clone(), d.clone(), c.clone(), h.clone(), n.clone());
                     let service = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
-                            let (s, d, h, n) = (s.clone(), d.clone(), h.clone(), n.clone());
+                            let (s, d, c, h, n) =
+                                (s.clone(), d.clone(), c.clone(), h.clone(), n.clone());
                             async move {
                                 h.fetch_add(1, Ordering::SeqCst);
                                 let code = s.load(Ordering::SeqCst);
@@ -811,11 +820,13 @@ pub mod upstream {
                                     .map(|v| v.to_str().unwrap().to_string())
                                     .unwrap_or_default();
                                 let body = http_body_util::Full::new(bytes::Bytes::from(n));
-                                let response = hyper::Response::builder()
+                                let mut response = hyper::Response::builder()
                                     .status(code)
-                                    .header("x-attempt-seen", attempt)
-                                    .body(body)
-                                    .unwrap();
+                                    .header("x-attempt-seen", attempt);
+                                if c.load(Ordering::SeqCst) {
+                                    response = response.header("connection", "close");
+                                }
+                                let response = response.body(body).unwrap();
                                 Ok::<_, std::convert::Infallible>(response)
                             }
                         },
@@ -833,7 +844,9 @@ pub mod upstream {
                 name: name.to_string(),
                 status,
                 delay_ms,
+                close,
                 hits,
+                connections,
                 tasks,
             }
         }
@@ -846,8 +859,18 @@ pub mod upstream {
             self.delay_ms.store(ms, Ordering::SeqCst);
         }
 
+        /// From now on, close each connection after its answer (or not).
+        pub fn set_close(&self, close: bool) {
+            self.close.store(close, Ordering::SeqCst);
+        }
+
         pub fn hits(&self) -> usize {
             self.hits.load(Ordering::SeqCst)
+        }
+
+        /// Connections accepted so far.
+        pub fn connections(&self) -> usize {
+            self.connections.load(Ordering::SeqCst)
         }
 
         /// Dies like a killed process: the listener and every connection close.

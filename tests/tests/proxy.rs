@@ -109,6 +109,48 @@ async fn http_and_tcp_services_are_reached_through_their_vip_names() {
     assert!(m >= 1.0, "requests are counted per instance");
 }
 
+/// Requests reuse the proxy's connections to an instance; a connection the
+/// instance closed is never used again, so even a POST (never retried)
+/// gets through.
+#[tokio::test]
+async fn connections_to_instances_are_pooled_and_closed_ones_replaced() {
+    let agent = agent("").await;
+    let web = upstreams("web", 1).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let url = format!("http://web.service.internal:{port}/");
+    for _ in 0..20 {
+        let r = c.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    let pooled = web[0].connections();
+    assert!(
+        (1..=2).contains(&pooled),
+        "20 requests in a row took {pooled} connections to the instance"
+    );
+
+    web[0].set_close(true);
+    for n in 0..5 {
+        let r = c.post(&url).body("once").send().await.unwrap();
+        assert_eq!(r.status(), 200, "POST {n} after the instance closed");
+        assert!(
+            r.headers().get("connection").is_none(),
+            "the instance's Connection header is its own"
+        );
+        r.text().await.unwrap();
+    }
+    // The first POST went on the pooled connection; the instance closed
+    // it and each of the others after one answer.
+    assert_eq!(
+        web[0].connections(),
+        pooled + 4,
+        "each closed connection was replaced once"
+    );
+}
+
 /// gRPC (HTTP/2 with prior knowledge on both sides) through the VIP.
 #[tokio::test]
 async fn grpc_goes_through_the_proxy_over_h2c() {

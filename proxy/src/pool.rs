@@ -1,0 +1,296 @@
+//! The connections to instances, kept open between requests. There is one
+//! pool per backend and worker thread, so a request only ever uses
+//! connections its own thread made and the lock is never contended.
+//!
+//! HTTP/1.1: idle connections per instance, the most recently used first;
+//! an answer gives its connection back when its body has been read to the
+//! end (a connection whose answer was not read to the end is closed). A
+//! request that a pooled connection could not even start to send (the
+//! instance had just closed it) goes on a new one. HTTP/2 (h2c): one
+//! multiplexed connection per instance.
+//!
+//! Connections idle longer than the idle timeout are closed by a sweeper
+//! that runs while the pool holds any.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::backend::ProxyBody;
+
+/// Why a request could not be sent or answered.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PoolError {
+    /// No connection to the instance: nothing was sent.
+    #[error("{0}")]
+    Connect(String),
+    /// The connection failed while the request was sent or answered.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+pub(crate) struct Pool {
+    http2: bool,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    idle: Arc<Mutex<Idle>>,
+}
+
+#[derive(Default)]
+struct Idle {
+    http1: HashMap<SocketAddr, Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
+    http2: HashMap<SocketAddr, (http2::SendRequest<ProxyBody>, Instant)>,
+    /// A sweeper task is running.
+    sweeping: bool,
+}
+
+impl Idle {
+    fn is_empty(&self) -> bool {
+        self.http1.is_empty() && self.http2.is_empty()
+    }
+
+    /// Drops connections closed or idle since before `oldest`.
+    fn sweep(&mut self, oldest: Instant) {
+        self.http1.retain(|_, list| {
+            list.retain(|(sender, since)| *since >= oldest && !sender.is_closed());
+            !list.is_empty()
+        });
+        self.http2
+            .retain(|_, (sender, since)| *since >= oldest && !sender.is_closed());
+    }
+}
+
+fn lock(idle: &Mutex<Idle>) -> MutexGuard<'_, Idle> {
+    idle.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Pool {
+    /// HTTP/2 with prior knowledge when `http2`, else HTTP/1.1.
+    pub(crate) fn new(http2: bool, connect_timeout: Duration, idle_timeout: Duration) -> Pool {
+        Pool {
+            http2,
+            connect_timeout,
+            idle_timeout,
+            idle: Arc::default(),
+        }
+    }
+
+    /// Sends `req` to `addr` on a pooled connection or a new one. The
+    /// request's URI must be in the form the protocol wants: origin-form
+    /// with a `Host` header for HTTP/1.1, absolute for HTTP/2.
+    pub(crate) async fn request(
+        &self,
+        addr: SocketAddr,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Answer>, PoolError> {
+        if self.http2 {
+            let mut sender = self.http2_sender(addr).await?;
+            let response = sender.send_request(req).await?;
+            return Ok(response.map(|body| Answer {
+                body,
+                checkin: None,
+            }));
+        }
+        let mut req = req;
+        loop {
+            let pooled = lock(&self.idle).http1.get_mut(&addr).and_then(Vec::pop);
+            let Some((mut sender, since)) = pooled else {
+                break;
+            };
+            if since.elapsed() >= self.idle_timeout || sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok(self.answer(addr, sender, response)),
+                Err(mut error) => match error.take_message() {
+                    // Not sent: the instance closed this connection first.
+                    Some(back) => req = back,
+                    None => return Err(PoolError::Http(error.into_error())),
+                },
+            }
+        }
+        let io = self.connect(addr).await?;
+        // Flat writes, as to clients (see `http::serve`).
+        let (mut sender, conn) = http1::Builder::new()
+            .writev(false)
+            .handshake(io)
+            .await
+            .map_err(|e| PoolError::Connect(signpost_core::error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%addr, %error, "connection to an instance ended with an error");
+            }
+        });
+        let response = sender.send_request(req).await?;
+        Ok(self.answer(addr, sender, response))
+    }
+
+    /// The answer, with what gives its connection back once read.
+    fn answer(
+        &self,
+        addr: SocketAddr,
+        sender: http1::SendRequest<ProxyBody>,
+        response: Response<Incoming>,
+    ) -> Response<Answer> {
+        let checkin = Checkin {
+            pool: Arc::downgrade(&self.idle),
+            idle_timeout: self.idle_timeout,
+            addr,
+            sender,
+        };
+        let mut answer = response.map(|body| Answer {
+            body,
+            checkin: Some(checkin),
+        });
+        answer.body_mut().finish_if_read();
+        answer
+    }
+
+    async fn http2_sender(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http2::SendRequest<ProxyBody>, PoolError> {
+        {
+            let mut idle = lock(&self.idle);
+            if let Some((sender, since)) = idle.http2.get_mut(&addr)
+                && !sender.is_closed()
+            {
+                *since = Instant::now();
+                return Ok(sender.clone());
+            }
+        }
+        let io = self.connect(addr).await?;
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| PoolError::Connect(signpost_core::error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%addr, %error, "HTTP/2 connection to an instance ended with an error");
+            }
+        });
+        let mut idle = lock(&self.idle);
+        idle.http2.insert(addr, (sender.clone(), Instant::now()));
+        start_sweeper(&self.idle, &mut idle, self.idle_timeout);
+        Ok(sender)
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, PoolError> {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                crate::nodelay(&stream);
+                Ok(TokioIo::new(stream))
+            }
+            Ok(Err(error)) => Err(PoolError::Connect(error.to_string())),
+            Err(_) => Err(PoolError::Connect(format!(
+                "timed out after {:?}",
+                self.connect_timeout
+            ))),
+        }
+    }
+}
+
+/// Starts the sweeper of `pool` unless it runs already; it stops when the
+/// pool is empty or gone.
+fn start_sweeper(pool: &Arc<Mutex<Idle>>, idle: &mut Idle, idle_timeout: Duration) {
+    if idle.sweeping {
+        return;
+    }
+    idle.sweeping = true;
+    let pool = Arc::downgrade(pool);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(idle_timeout).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let mut idle = lock(&pool);
+            idle.sweep(Instant::now() - idle_timeout);
+            if idle.is_empty() {
+                idle.sweeping = false;
+                return;
+            }
+        }
+    });
+}
+
+/// An HTTP/1.1 connection on its way back to its pool.
+struct Checkin {
+    pool: Weak<Mutex<Idle>>,
+    idle_timeout: Duration,
+    addr: SocketAddr,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+/// An instance's answer body: gives its connection back to the pool once
+/// read to the end.
+pub(crate) struct Answer {
+    body: Incoming,
+    checkin: Option<Checkin>,
+}
+
+impl Checkin {
+    fn give_back(self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let mut idle = lock(&pool);
+        idle.http1
+            .entry(self.addr)
+            .or_default()
+            .push((self.sender, Instant::now()));
+        start_sweeper(&pool, &mut idle, self.idle_timeout);
+    }
+}
+
+impl Answer {
+    fn finish_if_read(&mut self) {
+        if self.body.is_end_stream()
+            && let Some(checkin) = self.checkin.take()
+        {
+            checkin.give_back();
+        }
+    }
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => this.finish_if_read(),
+            // The end of a body of unknown length.
+            Poll::Ready(None) => {
+                if let Some(checkin) = this.checkin.take() {
+                    checkin.give_back();
+                }
+            }
+            // A broken body: its connection is not reused.
+            Poll::Ready(Some(Err(_))) => this.checkin = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
