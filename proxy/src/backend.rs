@@ -63,7 +63,7 @@ pub(crate) struct Backend {
     pub(crate) service: String,
     snapshot: ArcSwap<Snapshot>,
     round_robin: AtomicU64,
-    budget: ArcSwap<(f32, u32, TpsBudget)>,
+    budget: ArcSwap<RetryBudget>,
     requests: Arc<Semaphore>,
     requests_limit: Mutex<u32>,
     pending: AtomicU32,
@@ -107,7 +107,7 @@ impl Backend {
                 pools: None,
             }),
             round_robin: AtomicU64::new(0),
-            budget: ArcSwap::from_pointee(budget(&policy)),
+            budget: ArcSwap::from_pointee(RetryBudget::new(&policy, shared.workers)),
             requests: Arc::new(Semaphore::new(policy.max_requests as usize)),
             requests_limit: Mutex::new(policy.max_requests),
             pending: AtomicU32::new(0),
@@ -181,14 +181,15 @@ impl Backend {
                 .map(|_| Pool::new(http2, policy.connect_timeout, self.shared.pool_idle_timeout));
             Some(pools.collect())
         };
-        let (ratio, min, _) = &**self.budget.load();
+        let RetryBudget { ratio, min, .. } = &**self.budget.load();
         if (*ratio, *min)
             != (
                 policy.retry_budget_ratio,
                 policy.retry_budget_min_per_second,
             )
         {
-            self.budget.store(Arc::new(budget(&policy)));
+            self.budget
+                .store(Arc::new(RetryBudget::new(&policy, self.shared.workers)));
         }
         self.resize_requests(policy.max_requests);
         self.snapshot.store(Arc::new(Snapshot {
@@ -230,7 +231,10 @@ impl Backend {
             now,
         };
         let (pick, panic) = balance::pick(&snapshot.members, &req, &self.round_robin);
-        self.panic.set(i64::from(panic));
+        // Written only on a change: every worker thread reads it.
+        if self.panic.get() != i64::from(panic) {
+            self.panic.set(i64::from(panic));
+        }
         pick
     }
 
@@ -270,12 +274,12 @@ impl Backend {
 
     /// Counts a request toward the retry budget.
     pub(crate) fn deposit(&self) {
-        self.budget.load().2.deposit();
+        self.budget.load().here().deposit();
     }
 
     /// Takes a retry from the budget; false (and counted) when spent.
     pub(crate) fn withdraw(&self) -> bool {
-        if self.budget.load().2.withdraw() {
+        if self.budget.load().here().withdraw() {
             self.retries.inc();
             true
         } else {
@@ -425,14 +429,40 @@ impl Drop for ConnectionGuard {
     }
 }
 
-fn budget(policy: &Policy) -> (f32, u32, TpsBudget) {
-    (
-        policy.retry_budget_ratio,
-        policy.retry_budget_min_per_second,
-        TpsBudget::new(
-            BUDGET_WINDOW,
-            policy.retry_budget_min_per_second,
-            policy.retry_budget_ratio,
-        ),
-    )
+/// The retry budget: the policy's ratio and minimum, kept per worker
+/// thread (its requests, its retries, its share of the minimum), so that
+/// no request takes a lock another thread takes too.
+struct RetryBudget {
+    ratio: f32,
+    min: u32,
+    workers: Box<[WorkerBudget]>,
+}
+
+/// One worker's budget, alone on its cache lines.
+#[repr(align(128))]
+struct WorkerBudget(TpsBudget);
+
+impl RetryBudget {
+    fn new(policy: &Policy, workers: usize) -> RetryBudget {
+        let workers = workers.max(1);
+        let min = policy.retry_budget_min_per_second;
+        let share = min.div_ceil(workers as u32);
+        let budgets = (0..workers).map(|_| {
+            WorkerBudget(TpsBudget::new(
+                BUDGET_WINDOW,
+                share,
+                policy.retry_budget_ratio,
+            ))
+        });
+        RetryBudget {
+            ratio: policy.retry_budget_ratio,
+            min,
+            workers: budgets.collect(),
+        }
+    }
+
+    /// The current worker thread's.
+    fn here(&self) -> &TpsBudget {
+        &self.workers[crate::workers::current() % self.workers.len()].0
+    }
 }

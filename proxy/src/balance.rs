@@ -2,6 +2,7 @@
 //! ejection, panic threshold, zone) and which candidate gets the request
 //! (P2C over peak-EWMA cost, weighted round robin, or a rendezvous hash).
 
+use std::cell::Cell;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,16 +40,36 @@ pub(crate) fn pick(
     req: &Request<'_>,
     round_robin: &AtomicU64,
 ) -> (Option<Pick>, bool) {
+    let mut candidates = CANDIDATES.take();
+    candidates.clear();
+    let picked = choose(members, req, round_robin, &mut candidates);
+    CANDIDATES.set(candidates);
+    picked
+}
+
+thread_local! {
+    /// [`pick`]'s working list, kept between calls so that a request
+    /// allocates none.
+    static CANDIDATES: Cell<Vec<(usize, Standing)>> = const { Cell::new(Vec::new()) };
+}
+
+fn choose(
+    members: &[Member],
+    req: &Request<'_>,
+    round_robin: &AtomicU64,
+    candidates: &mut Vec<(usize, Standing)>,
+) -> (Option<Pick>, bool) {
     let now = req.now;
-    // (index, standing) of every member not blocked, in one allocation;
-    // blocked instances are out of the pool altogether.
+    // (index, standing) of every member not blocked; blocked instances
+    // are out of the pool altogether.
     let blocked = |m: &Member| req.policy.blocked.contains(&m.endpoint.addr);
-    let mut candidates: Vec<(usize, Standing)> = members
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| !blocked(m))
-        .map(|(i, m)| (i, m.stats.standing(now)))
-        .collect();
+    candidates.extend(
+        members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !blocked(m))
+            .map(|(i, m)| (i, m.stats.standing(now))),
+    );
     let pool = candidates.len();
     let usable = |&(i, standing): &(usize, Standing)| {
         let e = &members[i].endpoint;
@@ -72,7 +93,7 @@ pub(crate) fn pick(
         }
     }
     if !req.policy.tag_weights.is_empty() {
-        by_tag_weight(members, &mut candidates, &req.policy.tag_weights);
+        by_tag_weight(members, candidates, &req.policy.tag_weights);
     }
     let tried = |i: usize| req.tried.contains(&members[i].endpoint.addr);
     if candidates.iter().any(|(i, _)| !tried(*i)) {
@@ -93,9 +114,9 @@ pub(crate) fn pick(
             return (None, panic);
         }
         let chosen = match req.policy.balancer {
-            Balancer::P2cEwma => p2c(members, &candidates, weight, now),
-            Balancer::RoundRobin => round_robin_pick(&candidates, weight, round_robin),
-            Balancer::Hash => rendezvous(members, &candidates, weight, req.key.unwrap_or(0)),
+            Balancer::P2cEwma => p2c(members, candidates, weight, now),
+            Balancer::RoundRobin => round_robin_pick(candidates, weight, round_robin),
+            Balancer::Hash => rendezvous(members, candidates, weight, req.key.unwrap_or(0)),
         };
         let (i, standing) = candidates[chosen];
         if standing != Standing::Probe || members[i].stats.claim_probe(now) {

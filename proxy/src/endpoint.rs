@@ -5,7 +5,7 @@
 //! flip elsewhere does not reset an instance's latency or ejection.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -54,6 +54,10 @@ pub(crate) struct Stats {
     /// Requests (L7) or connections (L4) in flight.
     pub(crate) active: AtomicU32,
     consecutive_failures: AtomicU32,
+    /// Whether `inner` has an ejection (set and cleared under its lock):
+    /// the balancer reads this for every instance on every request,
+    /// without taking the lock.
+    ejected: AtomicBool,
     inner: Mutex<Learned>,
     /// Requests answered by this instance, by status class.
     pub(crate) statuses: StatusCounters,
@@ -94,6 +98,7 @@ impl Stats {
         Stats {
             active: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
+            ejected: AtomicBool::new(false),
             inner: Mutex::new(Learned {
                 ewma: DEFAULT_RTT.as_secs_f64(),
                 stamp: Instant::now(),
@@ -121,6 +126,9 @@ impl Stats {
     }
 
     pub(crate) fn standing(&self, now: Instant) -> Standing {
+        if !self.ejected.load(Ordering::Acquire) {
+            return Standing::Available;
+        }
         let l = self.lock();
         match l.ejected_until {
             None => Standing::Available,
@@ -150,11 +158,18 @@ impl Stats {
     /// A success at `now` that took `rtt`; returns true if it readmitted
     /// the instance.
     pub(crate) fn success(&self, rtt: Duration, now: Instant) -> bool {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
+        // Read first: a write on every request would bounce the cache line
+        // between the worker threads.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
         let mut l = self.lock();
         observe(&mut l, rtt, now);
         let readmitted = l.ejected_until.is_some();
         l.ejected_until = None;
+        if readmitted {
+            self.ejected.store(false, Ordering::Release);
+        }
         l.probing = None;
         l.ejections = 0;
         readmitted
@@ -190,6 +205,7 @@ impl Stats {
         let period = base.saturating_mul(factor).min(max);
         l.ejections = l.ejections.saturating_add(1);
         l.ejected_until = Some(now + period);
+        self.ejected.store(true, Ordering::Release);
         l.probing = None;
         FailureOutcome::Ejected(period)
     }

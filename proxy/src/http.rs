@@ -66,30 +66,27 @@ pub(crate) async fn serve(
 ) {
     crate::nodelay(&stream);
     let admitted = backend.admit_connection();
-    let service = {
-        let backend = backend.clone();
-        let rejected = admitted.as_ref().err().map(ToString::to_string);
-        service_fn(move |req: Request<Incoming>| {
-            let backend = backend.clone();
-            let rejected = rejected.clone();
-            async move {
-                let response = match rejected {
-                    // Over max_connections: every request fails fast.
-                    Some(_) => reject(
-                        &backend,
-                        &req,
-                        ProxyError::Limit {
-                            limit: "max_connections",
-                            value: backend.snapshot().policy.max_connections,
-                        },
-                        Instant::now(),
-                    ),
-                    None => handle(&backend, req, client).await,
+    // What the connection's requests share. Cloning it per request only
+    // touches this thread's cache, where cloning the backend would touch
+    // a count every worker thread writes.
+    let shared = Arc::new((backend.clone(), admitted.is_err()));
+    let service = service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        async move {
+            let (backend, over_limit) = &*shared;
+            let response = if *over_limit {
+                // Over max_connections: every request fails fast.
+                let limit = ProxyError::Limit {
+                    limit: "max_connections",
+                    value: backend.snapshot().policy.max_connections,
                 };
-                Ok::<_, Infallible>(response)
-            }
-        })
-    };
+                reject(backend, &req, limit, Instant::now())
+            } else {
+                handle(backend, req, client).await
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
     // One wait for the drain, from the first byte to the last request.
     let drained = drain.cancelled();
     tokio::pin!(drained);
@@ -102,7 +99,9 @@ pub(crate) async fn serve(
         Ok((io, true)) => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(io, service);
-            drive(conn, |c| c.graceful_shutdown(), drained, &stop).await
+            // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1
+            // one's, and every connection's task would be that large.
+            Box::pin(drive(conn, |c| c.graceful_shutdown(), drained, &stop)).await
         }
         Ok((io, false)) => {
             // One flat write per answer rather than a vectored one: the

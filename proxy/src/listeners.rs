@@ -145,6 +145,9 @@ async fn accept_loop(
         }
     };
     tracing::debug!(%addr, service = %target.load().name, "listening");
+    // This loop's own tokens: a connection's clone and wait then lock
+    // only them, not the proxy's tokens that every thread shares.
+    let (conn_drain, conn_stop) = (tasks.drain.child_token(), tasks.stop.child_token());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -153,7 +156,7 @@ async fn accept_loop(
         match accepted {
             Ok((stream, client)) => {
                 let backend = target.load_full();
-                let (drain, stop) = (tasks.drain.clone(), tasks.stop.clone());
+                let (drain, stop) = (conn_drain.clone(), conn_stop.clone());
                 if backend.snapshot().protocol == Protocol::Tcp {
                     tasks
                         .tracker

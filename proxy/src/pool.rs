@@ -94,13 +94,10 @@ impl Pool {
         addr: SocketAddr,
         req: Request<ProxyBody>,
     ) -> Result<Response<Answer>, PoolError> {
+        // The paths that connect are boxed: their futures are large, and
+        // this one is moved with every request.
         if self.http2 {
-            let mut sender = self.http2_sender(addr).await?;
-            let response = sender.send_request(req).await?;
-            return Ok(response.map(|body| Answer {
-                body,
-                checkin: None,
-            }));
+            return Box::pin(self.request_http2(addr, req)).await;
         }
         let mut req = req;
         loop {
@@ -120,6 +117,28 @@ impl Pool {
                 },
             }
         }
+        Box::pin(self.request_new_http1(addr, req)).await
+    }
+
+    async fn request_http2(
+        &self,
+        addr: SocketAddr,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Answer>, PoolError> {
+        let mut sender = self.http2_sender(addr).await?;
+        let response = sender.send_request(req).await?;
+        Ok(response.map(|body| Answer {
+            body,
+            checkin: None,
+        }))
+    }
+
+    /// Sends `req` on a new HTTP/1.1 connection, pooled afterwards.
+    async fn request_new_http1(
+        &self,
+        addr: SocketAddr,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Answer>, PoolError> {
         let io = self.connect(addr).await?;
         // Flat writes, as to clients (see `http::serve`).
         let (mut sender, conn) = http1::Builder::new()
