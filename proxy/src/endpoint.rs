@@ -5,7 +5,7 @@
 //! flip elsewhere does not reset an instance's latency or ejection.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -54,6 +54,11 @@ pub(crate) struct Stats {
     /// Requests (L7) or connections (L4) in flight.
     pub(crate) active: AtomicU32,
     consecutive_failures: AtomicU32,
+    /// Peak-EWMA latency (f32 seconds, high half) and when it was last
+    /// updated (milliseconds since `epoch`, low half), in one word: every
+    /// request reads and updates it without a lock.
+    ewma: AtomicU64,
+    epoch: Instant,
     /// Whether `inner` has an ejection (set and cleared under its lock):
     /// the balancer reads this for every instance on every request,
     /// without taking the lock.
@@ -66,9 +71,6 @@ pub(crate) struct Stats {
 }
 
 struct Learned {
-    /// Peak-EWMA latency, in seconds.
-    ewma: f64,
-    stamp: Instant,
     /// Ejections in a row; the next lasts `base * 2^ejections`.
     ejections: u32,
     ejected_until: Option<Instant>,
@@ -98,10 +100,10 @@ impl Stats {
         Stats {
             active: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
+            ewma: AtomicU64::new(pack(DEFAULT_RTT.as_secs_f64(), 0)),
+            epoch: Instant::now(),
             ejected: AtomicBool::new(false),
             inner: Mutex::new(Learned {
-                ewma: DEFAULT_RTT.as_secs_f64(),
-                stamp: Instant::now(),
                 ejections: 0,
                 ejected_until: None,
                 probing: None,
@@ -116,13 +118,38 @@ impl Stats {
     }
 
     /// The balancer's cost: peak-EWMA latency times the load in flight.
-    /// Reading decays the estimate toward zero (as tower's PeakEwma
-    /// does), so an instance left alone after a slow spell is tried again.
+    /// The estimate decays toward zero with the time since its last
+    /// sample, so an instance left alone after a slow spell is tried again.
     pub(crate) fn cost(&self, now: Instant) -> f64 {
         let active = f64::from(self.active.load(Ordering::Relaxed));
-        let mut l = self.lock();
-        observe(&mut l, Duration::ZERO, now);
-        l.ewma * (active + 1.0)
+        let (ewma, stamp) = unpack(self.ewma.load(Ordering::Relaxed));
+        ewma * decay(stamp, self.millis(now)) * (active + 1.0)
+    }
+
+    fn millis(&self, now: Instant) -> u32 {
+        // Wraps after 49 days; `decay` allows for that.
+        now.saturating_duration_since(self.epoch).as_millis() as u32
+    }
+
+    /// Takes a latency sample into the estimate.
+    fn observe(&self, rtt: Duration, now: Instant) {
+        let now = self.millis(now);
+        let sample = rtt.as_secs_f64();
+        // Never fails: the closure always gives a value.
+        let _ = self
+            .ewma
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                let (ewma, stamp) = unpack(word);
+                // Peak EWMA: a slower sample is taken at once, a faster one
+                // is blended in by how long it has been since the last.
+                let ewma = if sample > ewma {
+                    sample
+                } else {
+                    let w = decay(stamp, now);
+                    ewma * w + sample * (1.0 - w)
+                };
+                Some(pack(ewma, now))
+            });
     }
 
     pub(crate) fn standing(&self, now: Instant) -> Standing {
@@ -163,8 +190,13 @@ impl Stats {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
+        self.observe(rtt, now);
+        // Without an ejection there is nothing to clear (the probe and the
+        // count of ejections go with it).
+        if !self.ejected.load(Ordering::Acquire) {
+            return false;
+        }
         let mut l = self.lock();
-        observe(&mut l, rtt, now);
         let readmitted = l.ejected_until.is_some();
         l.ejected_until = None;
         if readmitted {
@@ -188,9 +220,9 @@ impl Stats {
         may_eject: impl FnOnce() -> bool,
     ) -> FailureOutcome {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        self.observe(rtt.max(FAILURE_PENALTY), now);
         let (probe_failed, due) = {
-            let mut l = self.lock();
-            observe(&mut l, rtt.max(FAILURE_PENALTY), now);
+            let l = self.lock();
             let due = eject_after > 0 && failures >= eject_after && l.ejected_until.is_none();
             (l.probing.is_some(), due)
         };
@@ -220,18 +252,20 @@ fn probe_pending(l: &Learned, now: Instant) -> bool {
         .is_some_and(|sent| now.saturating_duration_since(sent) < PROBE_PATIENCE)
 }
 
-/// Peak EWMA: a slower sample is taken at once, a faster one is blended in
-/// by how long it has been since the last.
-fn observe(l: &mut Learned, rtt: Duration, now: Instant) {
-    let sample = rtt.as_secs_f64();
-    if sample > l.ewma {
-        l.ewma = sample;
-    } else {
-        let elapsed = now.saturating_duration_since(l.stamp).as_secs_f64();
-        let w = (-elapsed / DECAY.as_secs_f64()).exp();
-        l.ewma = l.ewma * w + sample * (1.0 - w);
-    }
-    l.stamp = now;
+fn pack(ewma: f64, millis: u32) -> u64 {
+    (u64::from((ewma as f32).to_bits()) << 32) | u64::from(millis)
+}
+
+fn unpack(word: u64) -> (f64, u32) {
+    (f64::from(f32::from_bits((word >> 32) as u32)), word as u32)
+}
+
+/// How much of an estimate stamped at `stamp` is left at `now` (both in
+/// milliseconds, wrapping). A stamp just after `now` (another thread's
+/// sample) counts as now.
+fn decay(stamp: u32, now: u32) -> f64 {
+    let elapsed = f64::from((now.wrapping_sub(stamp) as i32).max(0)) / 1000.0;
+    (-elapsed / DECAY.as_secs_f64()).exp()
 }
 
 /// An endpoint with the stats the proxy keeps for it.
@@ -339,6 +373,19 @@ mod tests {
         // Left alone, the estimate fades, so the instance is tried again.
         let left_alone = s.cost(now + Duration::from_secs(30));
         assert!(left_alone < idle / 10.0, "{left_alone} vs {idle}");
+    }
+
+    #[test]
+    fn the_decay_allows_for_racing_stamps_and_wrapping() {
+        assert_eq!(decay(10, 10), 1.0);
+        assert_eq!(decay(15, 10), 1.0, "another thread's later stamp");
+        let across_the_wrap = decay(u32::MAX - 499, 500);
+        assert!(
+            (across_the_wrap - (-0.1f64).exp()).abs() < 1e-12,
+            "{across_the_wrap}"
+        );
+        let (ewma, stamp) = unpack(pack(0.25, 1234));
+        assert_eq!((ewma, stamp), (0.25, 1234));
     }
 
     #[test]
