@@ -17,7 +17,6 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use signpost_core::model::Protocol;
 use signpost_core::policy::Policy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -74,7 +73,7 @@ pub(crate) struct Backend {
     breaker: crate::breaker::Breaker,
     /// Seconds since the proxy started at the last use reported.
     last_use: AtomicU64,
-    pub(crate) duration: Histogram,
+    pub(crate) duration: crate::metrics::DurationHistogram,
     accepted: Counter,
     active: Gauge,
     pub(crate) retries: Counter,

@@ -1,13 +1,14 @@
 //! The proxy's Prometheus metrics, per service (the VIP name: `web` or
 //! `v2.web`) and, where it matters, per instance (`ip:port`).
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,9 +38,10 @@ struct ReasonLabels {
 }
 
 /// Every proxy metric; register once into the agent's registry.
+#[derive(Default)]
 pub struct ProxyMetrics {
     requests: Family<RequestLabels, Counter>,
-    duration: Family<ServiceLabels, Histogram>,
+    duration: Family<ServiceLabels, DurationHistogram>,
     connections: Family<ServiceLabels, Counter>,
     active: Family<ServiceLabels, Gauge>,
     retries: Family<ServiceLabels, Counter>,
@@ -49,29 +51,6 @@ pub struct ProxyMetrics {
     errors: Family<ReasonLabels, Counter>,
     listeners: Gauge,
     listen_errors: Counter,
-}
-
-impl Default for ProxyMetrics {
-    fn default() -> Self {
-        ProxyMetrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(|| {
-                // 0.5 ms to about 16 s.
-                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                    0.0005, 2.0, 16,
-                ))
-            }),
-            connections: Family::default(),
-            active: Family::default(),
-            retries: Family::default(),
-            budget_exhausted: Family::default(),
-            ejections: Family::default(),
-            panic: Family::default(),
-            errors: Family::default(),
-            listeners: Gauge::default(),
-            listen_errors: Counter::default(),
-        }
-    }
 }
 
 impl ProxyMetrics {
@@ -141,7 +120,7 @@ impl ProxyMetrics {
         }
     }
 
-    pub(crate) fn duration(&self, service: &str) -> Histogram {
+    pub(crate) fn duration(&self, service: &str) -> DurationHistogram {
         self.duration.get_or_create(&label(service)).clone()
     }
 
@@ -216,8 +195,130 @@ impl StatusCounters {
     }
 }
 
+/// Upper bounds of the request duration buckets: 0.5 ms doubling to
+/// about 16 s, then +Inf.
+const DURATION_BUCKETS: usize = 16;
+
+fn duration_bound(bucket: usize) -> f64 {
+    0.0005 * f64::from(1u32 << bucket)
+}
+
+/// The request duration histogram of a service. Each worker thread counts
+/// into a shard of its own, summed when scraped: a shared histogram (the
+/// Prometheus client's takes a mutex per observation) had both threads
+/// contend for one lock on every request.
+#[derive(Clone, Debug)]
+pub(crate) struct DurationHistogram(Arc<[Shard]>);
+
+/// One thread's counts, alone on its cache lines.
+#[repr(align(128))]
+#[derive(Default, Debug)]
+struct Shard {
+    /// The sum of the observations, as f64 bits.
+    sum: AtomicU64,
+    count: AtomicU64,
+    /// Per bucket (not cumulative), the last one +Inf.
+    buckets: [AtomicU64; DURATION_BUCKETS + 1],
+}
+
+impl Default for DurationHistogram {
+    fn default() -> Self {
+        let shards = std::thread::available_parallelism().map_or(1, usize::from);
+        DurationHistogram((0..shards).map(|_| Shard::default()).collect())
+    }
+}
+
+impl DurationHistogram {
+    pub(crate) fn observe(&self, seconds: f64) {
+        let shard = &self.0[crate::workers::current() % self.0.len()];
+        let bucket = (0..DURATION_BUCKETS)
+            .find(|&b| seconds <= duration_bound(b))
+            .unwrap_or(DURATION_BUCKETS);
+        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        shard.count.fetch_add(1, Ordering::Relaxed);
+        // Never fails: the closure always gives a value.
+        let _ = shard
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |sum| {
+                Some((f64::from_bits(sum) + seconds).to_bits())
+            });
+    }
+}
+
+impl TypedMetric for DurationHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DurationHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut sum = 0.0;
+        let mut count = 0;
+        // The encoder takes (upper bound, count) per bucket.
+        let mut buckets: Vec<(f64, u64)> = (0..=DURATION_BUCKETS)
+            .map(|b| match b {
+                DURATION_BUCKETS => (f64::INFINITY, 0),
+                b => (duration_bound(b), 0),
+            })
+            .collect();
+        for shard in self.0.iter() {
+            sum += f64::from_bits(shard.sum.load(Ordering::Relaxed));
+            count += shard.count.load(Ordering::Relaxed);
+            for (total, n) in buckets.iter_mut().zip(&shard.buckets) {
+                total.1 += n.load(Ordering::Relaxed);
+            }
+        }
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 fn label(service: &str) -> ServiceLabels {
     ServiceLabels {
         service: service.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_duration_histogram_sums_its_shards_when_scraped() {
+        let metrics = ProxyMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let web = metrics.duration("web");
+        // The bucket bounds are inclusive; 100 s is past the last one.
+        for seconds in [0.0005, 0.0007, 0.002, 100.0] {
+            web.observe(seconds);
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| web.observe(0.0007));
+        });
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let line = |le: &str| {
+            text.lines()
+                .find(|l| {
+                    l.contains("request_duration_seconds_bucket")
+                        && l.contains(&format!("le=\"{le}\""))
+                })
+                .unwrap_or_else(|| panic!("no le={le} bucket in {text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(line("0.0005"), "1");
+        assert_eq!(line("0.001"), "3", "cumulative, both threads");
+        assert_eq!(line("0.002"), "4");
+        assert_eq!(line("+Inf"), "5");
+        assert!(
+            text.contains("request_duration_seconds_count{service=\"web\"} 5"),
+            "{text}"
+        );
     }
 }
