@@ -19,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use signpost_core::model::Protocol;
 use signpost_core::policy::Policy;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
@@ -63,7 +63,7 @@ pub(crate) struct Backend {
     snapshot: ArcSwap<Snapshot>,
     round_robin: AtomicU64,
     budget: ArcSwap<RetryBudget>,
-    requests: Arc<Semaphore>,
+    requests: Semaphore,
     requests_limit: Mutex<u32>,
     pending: AtomicU32,
     connections: AtomicU32,
@@ -107,7 +107,7 @@ impl Backend {
             }),
             round_robin: AtomicU64::new(0),
             budget: ArcSwap::from_pointee(RetryBudget::new(&policy, shared.workers)),
-            requests: Arc::new(Semaphore::new(policy.max_requests as usize)),
+            requests: Semaphore::new(policy.max_requests as usize),
             requests_limit: Mutex::new(policy.max_requests),
             pending: AtomicU32::new(0),
             connections: AtomicU32::new(0),
@@ -293,8 +293,10 @@ impl Backend {
         &self,
         policy: &Policy,
         deadline: Instant,
-    ) -> Result<OwnedSemaphorePermit, ProxyError> {
-        if let Ok(permit) = self.requests.clone().try_acquire_owned() {
+    ) -> Result<SemaphorePermit<'_>, ProxyError> {
+        // Borrowed, not owned: an owned permit clones the semaphore's Arc,
+        // whose count every worker thread writes.
+        if let Ok(permit) = self.requests.try_acquire() {
             return Ok(permit);
         }
         if self.pending.fetch_add(1, Ordering::AcqRel) >= policy.max_pending {
@@ -304,7 +306,7 @@ impl Backend {
                 value: policy.max_pending,
             });
         }
-        let waited = tokio::time::timeout_at(deadline, self.requests.clone().acquire_owned()).await;
+        let waited = tokio::time::timeout_at(deadline, self.requests.acquire()).await;
         self.pending.fetch_sub(1, Ordering::AcqRel);
         match waited {
             Ok(Ok(permit)) => Ok(permit),

@@ -40,7 +40,7 @@ struct ReasonLabels {
 /// Every proxy metric; register once into the agent's registry.
 #[derive(Default)]
 pub struct ProxyMetrics {
-    requests: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, RequestCounter>,
     duration: Family<ServiceLabels, DurationHistogram>,
     connections: Family<ServiceLabels, Counter>,
     active: Family<ServiceLabels, Gauge>,
@@ -171,10 +171,10 @@ impl ProxyMetrics {
 /// Request counters by status class, each created on its first use and
 /// then counted without a lookup.
 pub(crate) struct StatusCounters {
-    family: Family<RequestLabels, Counter>,
+    family: Family<RequestLabels, RequestCounter>,
     service: String,
     instance: String,
-    cells: [OnceLock<Counter>; 5],
+    cells: [OnceLock<RequestCounter>; 5],
 }
 
 impl StatusCounters {
@@ -223,14 +223,23 @@ struct Shard {
 
 impl Default for DurationHistogram {
     fn default() -> Self {
-        let shards = std::thread::available_parallelism().map_or(1, usize::from);
-        DurationHistogram((0..shards).map(|_| Shard::default()).collect())
+        DurationHistogram((0..shard_count()).map(|_| Shard::default()).collect())
     }
+}
+
+/// One shard per core: the proxy's default count of worker threads.
+fn shard_count() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// The current worker thread's shard among `len`.
+fn shard_index(len: usize) -> usize {
+    crate::workers::current() % len
 }
 
 impl DurationHistogram {
     pub(crate) fn observe(&self, seconds: f64) {
-        let shard = &self.0[crate::workers::current() % self.0.len()];
+        let shard = &self.0[shard_index(self.0.len())];
         let bucket = (0..DURATION_BUCKETS)
             .find(|&b| seconds <= duration_bound(b))
             .unwrap_or(DURATION_BUCKETS);
@@ -275,6 +284,44 @@ impl EncodeMetric for DurationHistogram {
     }
 }
 
+/// A request counter, sharded per worker thread like
+/// [`DurationHistogram`] (one line per thread, summed when scraped).
+#[derive(Clone, Debug)]
+pub(crate) struct RequestCounter(Arc<[PaddedCount]>);
+
+#[repr(align(128))]
+#[derive(Default, Debug)]
+struct PaddedCount(AtomicU64);
+
+impl Default for RequestCounter {
+    fn default() -> Self {
+        RequestCounter((0..shard_count()).map(|_| PaddedCount::default()).collect())
+    }
+}
+
+impl RequestCounter {
+    fn inc(&self) {
+        self.0[shard_index(self.0.len())]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for RequestCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for RequestCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let total: u64 = self.0.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
+        encoder.encode_counter::<NoLabelSet, u64, f64>(&total, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 fn label(service: &str) -> ServiceLabels {
     ServiceLabels {
         service: service.to_string(),
@@ -286,7 +333,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_duration_histogram_sums_its_shards_when_scraped() {
+    fn sharded_metrics_sum_their_shards_when_scraped() {
         let metrics = ProxyMetrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
@@ -320,5 +367,21 @@ mod tests {
             text.contains("request_duration_seconds_count{service=\"web\"} 5"),
             "{text}"
         );
+
+        let counts = metrics.status_counters("web", "10.0.0.1:80");
+        counts.count(200);
+        std::thread::scope(|s| {
+            s.spawn(|| counts.count(204));
+        });
+        counts.count(503);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                "proxy_requests_total{service=\"web\",instance=\"10.0.0.1:80\",class=\"2xx\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("class=\"5xx\"} 1"), "{text}");
     }
 }
