@@ -57,6 +57,10 @@ impl Read for Prefixed {
         let n = self.first.len().min(buf.remaining());
         buf.put_slice(&self.first[..n]);
         self.first.advance(n);
+        if self.first.is_empty() {
+            // Frees the buffer rather than keep it for the connection's life.
+            self.first = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
