@@ -92,6 +92,24 @@ async fn http_and_tcp_services_are_reached_through_their_vip_names() {
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().starts_with("web-"));
 
+    // An HTTP/2 client (prior knowledge) to the same HTTP/1.1 instances.
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .resolve("web.service.internal", addr)
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let r = h2
+            .get(format!("http://web.service.internal:{port}/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        assert!(r.text().await.unwrap().starts_with("web-"));
+    }
+
     // L4: bytes both ways.
     let addr = vip(&agent, "echo", echo_addr.port()).await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
