@@ -147,72 +147,76 @@ where
 }
 
 /// One request from a client, answered by an instance or by the proxy.
-async fn handle(
+/// Not an `async fn`, for the reason [`forward`] is not.
+#[allow(clippy::manual_async_fn)]
+fn handle(
     backend: &Backend,
     req: Request<Incoming>,
     client: SocketAddr,
-) -> Response<AnswerBody> {
-    let started = Instant::now();
-    backend.used(started);
-    let snapshot = backend.snapshot_full();
-    let method = req.method().clone();
-    // For the logs (a cheap clone: it shares the request's buffer).
-    let target = req.uri().path_and_query().cloned();
-    let path = target.as_ref().map_or("/", PathAndQuery::path);
-    let mut attempts = 0;
-    let mut admitted = false;
-    let result = forward(
-        backend,
-        &snapshot,
-        req,
-        client,
-        started,
-        (&mut attempts, &mut admitted),
-    )
-    .await;
-    let finished = Instant::now();
-    if admitted {
-        let ok = match &result {
-            Ok((response, _)) => !response.status().is_server_error(),
+) -> impl Future<Output = Response<AnswerBody>> + '_ {
+    async move {
+        let started = Instant::now();
+        backend.used(started);
+        let snapshot = backend.snapshot_full();
+        let method = req.method().clone();
+        // For the logs (a cheap clone: it shares the request's buffer).
+        let target = req.uri().path_and_query().cloned();
+        let path = target.as_ref().map_or("/", PathAndQuery::path);
+        let mut attempts = 0;
+        let mut admitted = false;
+        let result = forward(
+            backend,
+            &snapshot,
+            req,
+            client,
+            started,
+            (&mut attempts, &mut admitted),
+        )
+        .await;
+        let finished = Instant::now();
+        if admitted {
+            let ok = match &result {
+                Ok((response, _)) => !response.status().is_server_error(),
+                Err(error) => {
+                    error.origin() != crate::error::Origin::Upstream
+                        && !matches!(error, ProxyError::NoInstance | ProxyError::Timeout(_))
+                }
+            };
+            backend.circuit_outcome(&snapshot.policy, ok, finished);
+        }
+        let response = match result {
+            Ok((response, instance)) => {
+                access_log(
+                    backend,
+                    &method,
+                    path,
+                    response.status(),
+                    instance,
+                    attempts,
+                    started,
+                    client,
+                );
+                response
+            }
             Err(error) => {
-                error.origin() != crate::error::Origin::Upstream
-                    && !matches!(error, ProxyError::NoInstance | ProxyError::Timeout(_))
+                tracing::warn!(service = %backend.name, %client, %method, path, reason = error.reason(), %error, "request failed");
+                let response = error_response(backend, &error);
+                access_log(
+                    backend,
+                    &method,
+                    path,
+                    response.status(),
+                    "",
+                    attempts,
+                    started,
+                    client,
+                );
+                response
             }
         };
-        backend.circuit_outcome(&snapshot.policy, ok, finished);
+        backend.duration.observe((finished - started).as_secs_f64());
+        response
     }
-    let response = match result {
-        Ok((response, instance)) => {
-            access_log(
-                backend,
-                &method,
-                path,
-                response.status(),
-                instance,
-                attempts,
-                started,
-                client,
-            );
-            response
-        }
-        Err(error) => {
-            tracing::warn!(service = %backend.name, %client, %method, path, reason = error.reason(), %error, "request failed");
-            let response = error_response(backend, &error);
-            access_log(
-                backend,
-                &method,
-                path,
-                response.status(),
-                "",
-                attempts,
-                started,
-                client,
-            );
-            response
-        }
-    };
-    backend.duration.observe((finished - started).as_secs_f64());
-    response
 }
 
 /// The request's body as sent to an instance: kept whole when small
@@ -232,180 +236,189 @@ impl Payload {
     }
 }
 
-async fn forward<'a>(
-    backend: &Backend,
-    snapshot: &'a Snapshot,
+/// Not an `async fn`: one of those keeps each argument twice in its
+/// state (the argument, and the local it is moved to), and this state is
+/// moved with every request.
+#[allow(clippy::manual_async_fn)]
+fn forward<'s: 'f, 'f>(
+    backend: &'f Backend,
+    snapshot: &'s Snapshot,
     req: Request<Incoming>,
     client: SocketAddr,
     started: Instant,
-    (attempts, admitted): (&mut u32, &mut bool),
-) -> Result<(Response<AnswerBody>, &'a str), ProxyError> {
-    let policy = &snapshot.policy;
-    let deadline = started + policy.timeout;
-    let Some(pool) = snapshot.pool() else {
-        return Err(ProxyError::NoInstance);
-    };
-    if let Some(fallback) = backend.route_check(policy, req.method().as_str(), req.uri().path())? {
-        return Ok((fallback_response(backend, &fallback), ""));
-    }
-    if let Some(degraded) = &policy.degraded {
-        return match degraded {
-            Some(fallback) => Ok((fallback_response(backend, fallback), "")),
-            None => Err(ProxyError::Degraded),
+    (attempts, admitted): (&'f mut u32, &'f mut bool),
+) -> impl Future<Output = Result<(Response<AnswerBody>, &'s str), ProxyError>> + 'f {
+    async move {
+        let policy = &snapshot.policy;
+        let deadline = started + policy.timeout;
+        let Some(pool) = snapshot.pool() else {
+            return Err(ProxyError::NoInstance);
         };
-    }
-    backend.within_rate(policy, started)?;
-    backend.through_circuit(policy, started)?;
-    *admitted = true;
-    let _permit = backend.admit_request(policy, deadline).await?;
-    let idempotent = policy.retry_non_idempotent || is_idempotent(req.method());
-    let retry_here = policy.retries > 0 && !req.headers().contains_key(ATTEMPT_HEADER);
-    let key = (policy.balancer == Balancer::Hash).then(|| balance_key(policy, &req, client));
-    let (parts, body) = req.into_parts();
-    let mut payload = if retry_here && body.size_hint().upper().is_some_and(|n| n <= MAX_BUFFERED) {
-        let kept = Limited::new(body, MAX_BUFFERED as usize)
-            .collect()
-            .await
-            .map_err(|e| ProxyError::ClientBody(e.to_string()))?;
-        Payload::Kept(kept.to_bytes())
-    } else {
-        Payload::Stream(Some(body))
-    };
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    if !headers.contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        headers.insert(header::HOST, host);
-    }
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let http2 = matches!(snapshot.protocol, Protocol::Http2 | Protocol::Grpc);
+        if let Some(fallback) =
+            backend.route_check(policy, req.method().as_str(), req.uri().path())?
+        {
+            return Ok((fallback_response(backend, &fallback), ""));
+        }
+        if let Some(degraded) = &policy.degraded {
+            return match degraded {
+                Some(fallback) => Ok((fallback_response(backend, fallback), "")),
+                None => Err(ProxyError::Degraded),
+            };
+        }
+        backend.within_rate(policy, started)?;
+        backend.through_circuit(policy, started)?;
+        *admitted = true;
+        let _permit = backend.admit_request(policy, deadline).await?;
+        let idempotent = policy.retry_non_idempotent || is_idempotent(req.method());
+        let retry_here = policy.retries > 0 && !req.headers().contains_key(ATTEMPT_HEADER);
+        let key = (policy.balancer == Balancer::Hash).then(|| balance_key(policy, &req, client));
+        let (parts, body) = req.into_parts();
+        let mut payload =
+            if retry_here && body.size_hint().upper().is_some_and(|n| n <= MAX_BUFFERED) {
+                let kept = Limited::new(body, MAX_BUFFERED as usize)
+                    .collect()
+                    .await
+                    .map_err(|e| ProxyError::ClientBody(e.to_string()))?;
+                Payload::Kept(kept.to_bytes())
+            } else {
+                Payload::Stream(Some(body))
+            };
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        if !headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(header::HOST, host);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let http2 = matches!(snapshot.protocol, Protocol::Http2 | Protocol::Grpc);
 
-    backend.deposit();
-    // The first try starts now, with the body read and a slot taken.
-    let ready = Instant::now();
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut last: Option<ProxyError> = None;
-    for attempt in 0..=policy.retries {
-        if attempt > 0 {
-            if !backend.withdraw() {
+        backend.deposit();
+        // The first try starts now, with the body read and a slot taken.
+        let ready = Instant::now();
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last: Option<ProxyError> = None;
+        for attempt in 0..=policy.retries {
+            if attempt > 0 {
+                if !backend.withdraw() {
+                    break;
+                }
+                backoff(policy, attempt, deadline).await;
+            }
+            let Some(body) = payload.next() else { break };
+            let try_started = if attempt == 0 { ready } else { Instant::now() };
+            let Some(pick) = backend.pick(snapshot, &tried, key, try_started) else {
+                return Err(last.unwrap_or(ProxyError::NoInstance));
+            };
+            let member = &snapshot.members[pick.index];
+            let addr = member.endpoint.addr;
+            if let Some(scoped) = policy.instances.get(&addr) {
+                match &scoped.degraded {
+                    Some(Some(fallback)) => {
+                        return Ok((fallback_response(backend, fallback), &member.label));
+                    }
+                    Some(None) => return Err(ProxyError::Degraded),
+                    None => {}
+                }
+                if !member.stats.limiter.allow(scoped.rate_limit, try_started) {
+                    return Err(ProxyError::RateLimited);
+                }
+            }
+            *attempts = attempt + 1;
+            let mut request = Request::new(body);
+            *request.method_mut() = parts.method.clone();
+            *request.headers_mut() = headers.clone();
+            let request_headers = request.headers_mut();
+            request_headers.insert(ATTEMPT_HEADER, attempt_value(attempt + 1));
+            // HTTP/2 names the instance in the URI (`:authority`); HTTP/1.1
+            // sends the origin-form and a Host header.
+            let mut target = uri::Parts::default();
+            if http2 {
+                *request.version_mut() = Version::HTTP_2;
+                target.scheme = Some(Scheme::HTTP);
+                target.authority = Some(member.authority.clone());
+            } else if !request_headers.contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(member.authority.as_str())
+            {
+                request_headers.insert(header::HOST, host);
+            }
+            target.path_and_query = Some(path.clone());
+            *request.uri_mut() = Uri::from_parts(target)
+                .map_err(|e| ProxyError::ClientBody(format!("bad request target: {e}")))?;
+
+            let limit = match policy.try_timeout {
+                Some(t) => (try_started + t).min(deadline),
+                None => deadline,
+            };
+            member.stats.active.fetch_add(1, Ordering::Relaxed);
+            let answered = tokio::time::timeout_at(limit, pool.request(addr, request)).await;
+            member.stats.active.fetch_sub(1, Ordering::Relaxed);
+            let answered_at = Instant::now();
+            let rtt = answered_at - try_started;
+            let error = match answered {
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    let retry_503 = status == StatusCode::SERVICE_UNAVAILABLE
+                        && idempotent
+                        && retry_here
+                        && attempt < policy.retries;
+                    if status.is_server_error() {
+                        backend.failed(snapshot, member, rtt);
+                    } else {
+                        backend.succeeded(member, rtt, answered_at);
+                    }
+                    member.stats.statuses.count(status.as_u16());
+                    if !retry_503 {
+                        let mut response = response.map(Either::Right);
+                        strip_hop_by_hop(response.headers_mut());
+                        return Ok((response, &member.label));
+                    }
+                    ProxyError::Unavailable {
+                        addr: member.label.clone(),
+                    }
+                }
+                Ok(Err(PoolError::Connect(reason))) => {
+                    backend.failed(snapshot, member, rtt);
+                    ProxyError::Connect {
+                        addr: member.label.clone(),
+                        reason,
+                    }
+                }
+                Ok(Err(PoolError::Http(e))) => {
+                    backend.failed(snapshot, member, rtt);
+                    ProxyError::Reset {
+                        addr: member.label.clone(),
+                        reason: signpost_core::error_chain(&e),
+                    }
+                }
+                Err(_) if answered_at >= deadline => {
+                    backend.failed(snapshot, member, rtt);
+                    return Err(ProxyError::Timeout(policy.timeout));
+                }
+                Err(_) => {
+                    backend.failed(snapshot, member, rtt);
+                    ProxyError::TryTimeout {
+                        addr: member.label.clone(),
+                        timeout: policy.try_timeout.unwrap_or(policy.timeout),
+                    }
+                }
+            };
+            tracing::debug!(service = %backend.name, instance = %member.label, attempt = attempt + 1, %error, "attempt failed");
+            let again = error.retryable(idempotent) && retry_here;
+            // Only a retry looks at what was tried: no allocation until then.
+            tried.push(addr);
+            last = Some(error);
+            if !again {
                 break;
             }
-            backoff(policy, attempt, deadline).await;
         }
-        let Some(body) = payload.next() else { break };
-        let try_started = if attempt == 0 { ready } else { Instant::now() };
-        let Some(pick) = backend.pick(snapshot, &tried, key, try_started) else {
-            return Err(last.unwrap_or(ProxyError::NoInstance));
-        };
-        let member = &snapshot.members[pick.index];
-        let addr = member.endpoint.addr;
-        if let Some(scoped) = policy.instances.get(&addr) {
-            match &scoped.degraded {
-                Some(Some(fallback)) => {
-                    return Ok((fallback_response(backend, fallback), &member.label));
-                }
-                Some(None) => return Err(ProxyError::Degraded),
-                None => {}
-            }
-            if !member.stats.limiter.allow(scoped.rate_limit, try_started) {
-                return Err(ProxyError::RateLimited);
-            }
-        }
-        *attempts = attempt + 1;
-        let mut request = Request::new(body);
-        *request.method_mut() = parts.method.clone();
-        *request.headers_mut() = headers.clone();
-        let request_headers = request.headers_mut();
-        request_headers.insert(ATTEMPT_HEADER, attempt_value(attempt + 1));
-        // HTTP/2 names the instance in the URI (`:authority`); HTTP/1.1
-        // sends the origin-form and a Host header.
-        let mut target = uri::Parts::default();
-        if http2 {
-            *request.version_mut() = Version::HTTP_2;
-            target.scheme = Some(Scheme::HTTP);
-            target.authority = Some(member.authority.clone());
-        } else if !request_headers.contains_key(header::HOST)
-            && let Ok(host) = HeaderValue::from_str(member.authority.as_str())
-        {
-            request_headers.insert(header::HOST, host);
-        }
-        target.path_and_query = Some(path.clone());
-        *request.uri_mut() = Uri::from_parts(target)
-            .map_err(|e| ProxyError::ClientBody(format!("bad request target: {e}")))?;
-
-        let limit = match policy.try_timeout {
-            Some(t) => (try_started + t).min(deadline),
-            None => deadline,
-        };
-        member.stats.active.fetch_add(1, Ordering::Relaxed);
-        let answered = tokio::time::timeout_at(limit, pool.request(addr, request)).await;
-        member.stats.active.fetch_sub(1, Ordering::Relaxed);
-        let answered_at = Instant::now();
-        let rtt = answered_at - try_started;
-        let error = match answered {
-            Ok(Ok(response)) => {
-                let status = response.status();
-                let retry_503 = status == StatusCode::SERVICE_UNAVAILABLE
-                    && idempotent
-                    && retry_here
-                    && attempt < policy.retries;
-                if status.is_server_error() {
-                    backend.failed(snapshot, member, rtt);
-                } else {
-                    backend.succeeded(member, rtt, answered_at);
-                }
-                member.stats.statuses.count(status.as_u16());
-                if !retry_503 {
-                    let mut response = response.map(Either::Right);
-                    strip_hop_by_hop(response.headers_mut());
-                    return Ok((response, &member.label));
-                }
-                ProxyError::Unavailable {
-                    addr: member.label.clone(),
-                }
-            }
-            Ok(Err(PoolError::Connect(reason))) => {
-                backend.failed(snapshot, member, rtt);
-                ProxyError::Connect {
-                    addr: member.label.clone(),
-                    reason,
-                }
-            }
-            Ok(Err(PoolError::Http(e))) => {
-                backend.failed(snapshot, member, rtt);
-                ProxyError::Reset {
-                    addr: member.label.clone(),
-                    reason: signpost_core::error_chain(&e),
-                }
-            }
-            Err(_) if answered_at >= deadline => {
-                backend.failed(snapshot, member, rtt);
-                return Err(ProxyError::Timeout(policy.timeout));
-            }
-            Err(_) => {
-                backend.failed(snapshot, member, rtt);
-                ProxyError::TryTimeout {
-                    addr: member.label.clone(),
-                    timeout: policy.try_timeout.unwrap_or(policy.timeout),
-                }
-            }
-        };
-        tracing::debug!(service = %backend.name, instance = %member.label, attempt = attempt + 1, %error, "attempt failed");
-        let again = error.retryable(idempotent) && retry_here;
-        // Only a retry looks at what was tried: no allocation until then.
-        tried.push(addr);
-        last = Some(error);
-        if !again {
-            break;
-        }
+        Err(last.unwrap_or(ProxyError::NoInstance))
     }
-    Err(last.unwrap_or(ProxyError::NoInstance))
 }
 
 /// The attempt header's value; the usual ones without an allocation.
