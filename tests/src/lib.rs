@@ -770,6 +770,7 @@ pub mod upstream {
         close: Arc<AtomicBool>,
         hits: Arc<AtomicUsize>,
         connections: Arc<AtomicUsize>,
+        open: Arc<AtomicUsize>,
         tasks: Arc<Mutex<JoinSet<()>>>,
     }
 
@@ -783,6 +784,7 @@ pub mod upstream {
             let close = Arc::new(AtomicBool::new(false));
             let hits = Arc::new(AtomicUsize::new(0));
             let connections = Arc::new(AtomicUsize::new(0));
+            let open = Arc::new(AtomicUsize::new(0));
             let tasks = Arc::new(Mutex::new(JoinSet::new()));
             let (s, d, c, h, t, n) = (
                 status.clone(),
@@ -792,13 +794,15 @@ pub mod upstream {
                 tasks.clone(),
                 name.to_string(),
             );
-            let accepted = connections.clone();
+            let (accepted, still_open) = (connections.clone(), open.clone());
             tasks.lock().unwrap().spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         return;
                     };
                     accepted.fetch_add(1, Ordering::SeqCst);
+                    still_open.fetch_add(1, Ordering::SeqCst);
+                    let closed = still_open.clone();
                     let (s, d, c, h, n) = (s.clone(), d.clone(), c.clone(), h.clone(), n.clone());
                     let service = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
@@ -836,6 +840,7 @@ pub mod upstream {
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(io, service)
                             .await;
+                        closed.fetch_sub(1, Ordering::SeqCst);
                     });
                 }
             });
@@ -847,6 +852,7 @@ pub mod upstream {
                 close,
                 hits,
                 connections,
+                open,
                 tasks,
             }
         }
@@ -871,6 +877,11 @@ pub mod upstream {
         /// Connections accepted so far.
         pub fn connections(&self) -> usize {
             self.connections.load(Ordering::SeqCst)
+        }
+
+        /// Connections open now (closed by either side: not counted).
+        pub fn open(&self) -> usize {
+            self.open.load(Ordering::SeqCst)
         }
 
         /// Dies like a killed process: the listener and every connection close.

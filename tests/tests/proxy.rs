@@ -169,6 +169,36 @@ async fn connections_to_instances_are_pooled_and_closed_ones_replaced() {
     );
 }
 
+/// Pooled connections left idle past `pool_idle_timeout` are closed.
+#[tokio::test]
+async fn idle_pooled_connections_are_closed() {
+    let agent = agent("  pool_idle_timeout: 300ms\n").await;
+    let web = upstreams("web", 1).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let c = client("web.service.internal", addr);
+    let r = c
+        .get(format!("http://web.service.internal:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    assert!(web[0].open() >= 1, "the proxy keeps its connection open");
+    drop(c);
+    // Polled, not timed: the sweeper runs every idle timeout.
+    let mut open = web[0].open();
+    for _ in 0..100 {
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        open = web[0].open();
+    }
+    assert_eq!(open, 0, "idle connections to the instance are closed");
+}
+
 /// gRPC (HTTP/2 with prior knowledge on both sides) through the VIP.
 #[tokio::test]
 async fn grpc_goes_through_the_proxy_over_h2c() {
