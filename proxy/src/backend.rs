@@ -40,8 +40,7 @@ const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 impl Snapshot {
     /// This worker thread's pool (HTTP services only).
     pub(crate) fn pool(&self) -> Option<&Pool> {
-        let pools = self.pools.as_ref()?;
-        pools.get(crate::workers::current() % pools.len())
+        self.pools.as_deref().map(crate::workers::local)
     }
 }
 
@@ -464,6 +463,6 @@ impl RetryBudget {
 
     /// The current worker thread's.
     fn here(&self) -> &TpsBudget {
-        &self.workers[crate::workers::current() % self.workers.len()].0
+        &crate::workers::local(&self.workers).0
     }
 }

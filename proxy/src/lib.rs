@@ -263,6 +263,19 @@ impl Proxy {
     }
 }
 
+/// Connects to an instance within `timeout`, with TCP_NODELAY set; the
+/// error is the reason, for [`error::ProxyError::Connect`].
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            nodelay(&stream);
+            Ok(stream)
+        }
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("timed out after {timeout:?}")),
+    }
+}
+
 /// Sets TCP_NODELAY: a proxy must not hold back small writes.
 fn nodelay(stream: &TcpStream) {
     if let Err(error) = stream.set_nodelay(true) {

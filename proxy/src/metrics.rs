@@ -232,14 +232,9 @@ fn shard_count() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-/// The current worker thread's shard among `len`.
-fn shard_index(len: usize) -> usize {
-    crate::workers::current() % len
-}
-
 impl DurationHistogram {
     pub(crate) fn observe(&self, seconds: f64) {
-        let shard = &self.0[shard_index(self.0.len())];
+        let shard = crate::workers::local(&self.0);
         let bucket = (0..DURATION_BUCKETS)
             .find(|&b| seconds <= duration_bound(b))
             .unwrap_or(DURATION_BUCKETS);
@@ -301,7 +296,7 @@ impl Default for RequestCounter {
 
 impl RequestCounter {
     fn inc(&self) {
-        self.0[shard_index(self.0.len())]
+        crate::workers::local(&self.0)
             .0
             .fetch_add(1, Ordering::Relaxed);
     }

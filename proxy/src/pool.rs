@@ -13,6 +13,7 @@
 //! that runs while the pool holds any.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -92,14 +93,13 @@ impl Pool {
     pub(crate) async fn request(
         &self,
         addr: SocketAddr,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
     ) -> Result<Response<Answer>, PoolError> {
         // The paths that connect are boxed: their futures are large, and
         // this one is moved with every request.
         if self.http2 {
             return Box::pin(self.request_http2(addr, req)).await;
         }
-        let mut req = req;
         loop {
             let pooled = lock(&self.idle).http1.get_mut(&addr).and_then(Vec::pop);
             let Some((mut sender, since)) = pooled else {
@@ -146,11 +146,7 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(|e| PoolError::Connect(signpost_core::error_chain(&e)))?;
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%addr, %error, "connection to an instance ended with an error");
-            }
-        });
+        run_connection(addr, conn);
         let response = sender.send_request(req).await?;
         Ok(self.answer(addr, sender, response))
     }
@@ -193,11 +189,7 @@ impl Pool {
         let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
             .await
             .map_err(|e| PoolError::Connect(signpost_core::error_chain(&e)))?;
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%addr, %error, "HTTP/2 connection to an instance ended with an error");
-            }
-        });
+        run_connection(addr, conn);
         let mut idle = lock(&self.idle);
         idle.http2.insert(addr, (sender.clone(), Instant::now()));
         start_sweeper(&self.idle, &mut idle, self.idle_timeout);
@@ -205,18 +197,23 @@ impl Pool {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, PoolError> {
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                crate::nodelay(&stream);
-                Ok(TokioIo::new(stream))
-            }
-            Ok(Err(error)) => Err(PoolError::Connect(error.to_string())),
-            Err(_) => Err(PoolError::Connect(format!(
-                "timed out after {:?}",
-                self.connect_timeout
-            ))),
-        }
+        crate::connect(addr, self.connect_timeout)
+            .await
+            .map(TokioIo::new)
+            .map_err(PoolError::Connect)
     }
+}
+
+/// Runs a connection to `addr` on its own task until it closes.
+fn run_connection<C>(addr: SocketAddr, conn: C)
+where
+    C: Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%addr, %error, "connection to an instance ended with an error");
+        }
+    });
 }
 
 /// Starts the sweeper of `pool` unless it runs already; it stops when the

@@ -69,27 +69,14 @@ pub(crate) async fn serve(
             backend.retries.inc();
         }
         let connect_started = Instant::now();
-        let connected = tokio::time::timeout(
-            policy.connect_timeout,
-            TcpStream::connect(member.endpoint.addr),
-        )
-        .await;
-        let mut outbound = match connected {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
+        let mut outbound = match crate::connect(member.endpoint.addr, policy.connect_timeout).await
+        {
+            Ok(stream) => stream,
+            Err(reason) => {
                 backend.failed(&snapshot, member, connect_started.elapsed());
                 last = ProxyError::Connect {
                     addr: member.label.clone(),
-                    reason: e.to_string(),
-                };
-                tracing::debug!(service = %backend.name, instance = %member.label, error = %last, "connect failed");
-                continue;
-            }
-            Err(_) => {
-                backend.failed(&snapshot, member, connect_started.elapsed());
-                last = ProxyError::Connect {
-                    addr: member.label.clone(),
-                    reason: format!("timed out after {:?}", policy.connect_timeout),
+                    reason,
                 };
                 tracing::debug!(service = %backend.name, instance = %member.label, error = %last, "connect failed");
                 continue;
@@ -99,7 +86,6 @@ pub(crate) async fn serve(
         backend.succeeded(member, connected - connect_started, connected);
         backend.circuit_outcome(policy, true, connected);
         crate::nodelay(&inbound);
-        crate::nodelay(&outbound);
         member.stats.active.fetch_add(1, Ordering::Relaxed);
         let copied = tokio::select! {
             copied = tokio::io::copy_bidirectional_with_sizes(

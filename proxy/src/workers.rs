@@ -22,6 +22,11 @@ pub(crate) fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
+/// The current worker's own item among per-worker `items` (never empty).
+pub(crate) fn local<T>(items: &[T]) -> &T {
+    &items[current() % items.len()]
+}
+
 pub(crate) struct Workers {
     handles: Vec<Handle>,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
