@@ -959,6 +959,15 @@ pub mod upstream {
             .unwrap()
     }
 
+    /// A client for `service`'s VIP on `port` (found through the agent's
+    /// DNS), and the URL of the service's root there.
+    pub async fn vip_client(agent: &Agent, service: &str, port: u16) -> (reqwest::Client, String) {
+        let addr = vip(agent, service, port).await;
+        let host = format!("{service}.service.internal");
+        let url = format!("http://{host}:{port}/");
+        (client(&host, addr), url)
+    }
+
     /// GETs `url` `n` times; returns the bodies (instance names) by count.
     pub async fn spread(client: &reqwest::Client, url: &str, n: usize) -> HashMap<String, usize> {
         let mut seen = HashMap::new();

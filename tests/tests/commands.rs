@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
 
 use serde_json::Value;
-use signpost_tests::upstream::{client, spread, upstreams, vip};
+use signpost_tests::upstream::{client, spread, upstreams, vip, vip_client};
 use signpost_tests::{AGENT_TOKEN, Agent, ControlPlane, signpost};
 
 /// An operator token's secret, made with the bootstrap admin token.
@@ -64,9 +64,7 @@ async fn block_degrade_circuit_and_policy_change_traffic_until_revoked_or_expire
     let entries: String = web.iter().map(|u| u.entry("web", "http")).collect();
     agent.write_service_file("web.yaml", &format!("services:\n{entries}"));
     let port = web[0].addr.port();
-    let addr = vip(&agent, "web", port).await;
-    let c = client("web.service.internal", addr);
-    let url = format!("http://web.service.internal:{port}/");
+    let (c, url) = vip_client(&agent, "web", port).await;
     assert_eq!(spread(&c, &url, 10).await.len(), 2);
 
     // Block web-1: it gets nothing.
@@ -422,9 +420,7 @@ async fn weights_by_tag_split_traffic_for_a_canary() {
         .collect();
     agent.write_service_file("web.yaml", &format!("services:\n{entries}"));
     let port = web[0].addr.port();
-    let addr = vip(&agent, "web", port).await;
-    let c = client("web.service.internal", addr);
-    let url = format!("http://web.service.internal:{port}/");
+    let (c, url) = vip_client(&agent, "web", port).await;
     let id = create(
         &cp,
         &token,

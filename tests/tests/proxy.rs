@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use signpost_tests::Agent;
-use signpost_tests::upstream::{HANG, Upstream, bind, client, spread, upstreams, vip};
+use signpost_tests::upstream::{HANG, Upstream, bind, client, spread, upstreams, vip, vip_client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -136,9 +136,7 @@ async fn connections_to_instances_are_pooled_and_closed_ones_replaced() {
     let web = upstreams("web", 1).await;
     register(&agent, "web.yaml", "web", "http", &web);
     let port = web[0].addr.port();
-    let addr = vip(&agent, "web", port).await;
-    let c = client("web.service.internal", addr);
-    let url = format!("http://web.service.internal:{port}/");
+    let (c, url) = vip_client(&agent, "web", port).await;
     for _ in 0..20 {
         let r = c.get(&url).send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -390,9 +388,7 @@ async fn failing_instances_are_ejected_and_readmitted_after_a_good_probe() {
     web[0].set_status(500);
     register(&agent, "web.yaml", "web", "http", &web);
     let port = web[0].addr.port();
-    let addr = vip(&agent, "web", port).await;
-    let c = client("web.service.internal", addr);
-    let url = format!("http://web.service.internal:{port}/");
+    let (c, url) = vip_client(&agent, "web", port).await;
     let mut errors = 0;
     for _ in 0..20 {
         let r = c.get(&url).send().await;
@@ -431,9 +427,7 @@ async fn below_the_panic_threshold_all_instances_get_traffic() {
     let web = upstreams("web", 3).await;
     register(&agent, "web.yaml", "web", "http", &web);
     let port = web[0].addr.port();
-    let addr = vip(&agent, "web", port).await;
-    let c = client("web.service.internal", addr);
-    let url = format!("http://web.service.internal:{port}/");
+    let (c, url) = vip_client(&agent, "web", port).await;
 
     // One of three in maintenance (critical): the other two take it all.
     agent
@@ -681,9 +675,7 @@ async fn the_agents_zone_is_preferred_while_it_has_available_instances() {
         .collect();
     agent.write_service_file("web.yaml", &format!("services:\n{entries}"));
     let port = web[0].addr.port();
-    let addr = vip(&agent, "web", port).await;
-    let c = client("web.service.internal", addr);
-    let url = format!("http://web.service.internal:{port}/");
+    let (c, url) = vip_client(&agent, "web", port).await;
     let seen = spread(&c, &url, 12).await;
     assert_eq!(
         seen.get("web-1"),
@@ -709,9 +701,7 @@ async fn a_hash_key_sticks_to_one_instance() {
     let web = upstreams("web", 3).await;
     register(&agent, "web.yaml", "web", "http", &web);
     let port = web[0].addr.port();
-    let addr = vip(&agent, "web", port).await;
-    let c = client("web.service.internal", addr);
-    let url = format!("http://web.service.internal:{port}/");
+    let (c, url) = vip_client(&agent, "web", port).await;
     let mut owners = HashMap::new();
     for round in 0..3 {
         for user in 0..30 {
@@ -775,9 +765,7 @@ async fn the_breaker_opens_on_failures_and_a_good_probe_closes_it() {
     web[0].set_status(500);
     register(&agent, "web.yaml", "web", "http", &web);
     let port = web[0].addr.port();
-    let addr = vip(&agent, "web", port).await;
-    let c = client("web.service.internal", addr);
-    let url = format!("http://web.service.internal:{port}/");
+    let (c, url) = vip_client(&agent, "web", port).await;
     for _ in 0..3 {
         assert_eq!(c.get(&url).send().await.unwrap().status(), 500);
     }
