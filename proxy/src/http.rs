@@ -270,27 +270,37 @@ fn forward<'s: 'f, 'f>(
         *admitted = true;
         let _permit = backend.admit_request(policy, deadline).await?;
         let idempotent = policy.retry_non_idempotent || is_idempotent(req.method());
-        let retry_here = policy.retries > 0 && !req.headers().contains_key(ATTEMPT_HEADER);
-        let key = (policy.balancer == Balancer::Hash).then(|| balance_key(policy, &req, client));
         let (parts, body) = req.into_parts();
-        let mut payload =
-            if retry_here && body.size_hint().upper().is_some_and(|n| n <= MAX_BUFFERED) {
-                let kept = Limited::new(body, MAX_BUFFERED as usize)
-                    .collect()
-                    .await
-                    .map_err(|e| ProxyError::ClientBody(e.to_string()))?;
-                Payload::Kept(kept.to_bytes())
-            } else {
-                Payload::Stream(Some(body))
-            };
         let mut headers = parts.headers;
+        let key =
+            (policy.balancer == Balancer::Hash).then(|| balance_key(policy, &headers, client));
         strip_hop_by_hop(&mut headers);
-        if !headers.contains_key(header::HOST)
+        // The header goes in the map every attempt clones, so that a clone
+        // (made to its length) never grows: later attempts only replace
+        // its value. What it replaces says whether a proxy before this
+        // one retries already.
+        let marked = headers.insert(ATTEMPT_HEADER, attempt_value(1)).is_some();
+        let retry_here = policy.retries > 0 && !marked;
+        let mut has_host = headers.contains_key(header::HOST);
+        if !has_host
             && let Some(authority) = parts.uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
             headers.insert(header::HOST, host);
+            has_host = true;
         }
+        let mut payload = if body.is_end_stream() {
+            // Nothing to read (a GET): nothing to wait for.
+            Payload::Kept(Bytes::new())
+        } else if retry_here && body.size_hint().upper().is_some_and(|n| n <= MAX_BUFFERED) {
+            let kept = Limited::new(body, MAX_BUFFERED as usize)
+                .collect()
+                .await
+                .map_err(|e| ProxyError::ClientBody(e.to_string()))?;
+            Payload::Kept(kept.to_bytes())
+        } else {
+            Payload::Stream(Some(body))
+        };
         let path = parts
             .uri
             .path_and_query()
@@ -334,7 +344,9 @@ fn forward<'s: 'f, 'f>(
             *request.method_mut() = parts.method.clone();
             *request.headers_mut() = headers.clone();
             let request_headers = request.headers_mut();
-            request_headers.insert(ATTEMPT_HEADER, attempt_value(attempt + 1));
+            if attempt > 0 {
+                request_headers.insert(ATTEMPT_HEADER, attempt_value(attempt + 1));
+            }
             // HTTP/2 names the instance in the URI (`:authority`); HTTP/1.1
             // sends the origin-form and a Host header.
             let mut target = uri::Parts::default();
@@ -342,9 +354,7 @@ fn forward<'s: 'f, 'f>(
                 *request.version_mut() = Version::HTTP_2;
                 target.scheme = Some(Scheme::HTTP);
                 target.authority = Some(member.authority.clone());
-            } else if !request_headers.contains_key(header::HOST)
-                && let Ok(host) = HeaderValue::from_str(member.authority.as_str())
-            {
+            } else if !has_host && let Ok(host) = HeaderValue::from_str(member.authority.as_str()) {
                 request_headers.insert(header::HOST, host);
             }
             target.path_and_query = Some(path.clone());
@@ -450,33 +460,62 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+/// Where `name` is in [`HOP_BY_HOP`]: a match on the name's text, which
+/// looks at its length first, where comparing `HeaderName`s one by one
+/// compares bytes for every custom one.
+fn hop_by_hop(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "transfer-encoding" => Some(3),
+        "upgrade" => Some(4),
+        "proxy-authorization" => Some(5),
+        _ => None,
+    }
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names says which are here (most messages carry
     // one or none): only those are looked up and removed.
-    let mut present = [false; 6];
+    let mut present = [false; HOP_BY_HOP.len()];
     let mut te = false;
     for name in headers.keys() {
-        match HOP_BY_HOP.iter().position(|hop| hop == name) {
+        match hop_by_hop(name) {
             Some(i) => present[i] = true,
             None => te |= name == header::TE,
         }
     }
-    // Headers named in Connection (HOP_BY_HOP[0]) are hop-by-hop too
-    // (its usual `close` and `keep-alive` need no lookup).
-    let named: Vec<HeaderName> = if present[0] {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
+    // Headers named in Connection (HOP_BY_HOP[0]) are hop-by-hop too (its
+    // usual `close` and `keep-alive` need no lookup). One lookup removes
+    // it and yields its values.
+    let mut named: Vec<HeaderName> = Vec::new();
+    if present[0]
+        && let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION)
+    {
+        for value in connection.remove_entry_mult().1 {
+            let bytes = value.as_bytes();
+            if bytes.eq_ignore_ascii_case(b"keep-alive") || bytes.eq_ignore_ascii_case(b"close") {
+                continue;
+            }
+            let Ok(value) = value.to_str() else { continue };
+            named.extend(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| {
+                        !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive")
+                    })
+                    .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
+            );
+        }
+    }
+    for (name, _) in HOP_BY_HOP
+        .iter()
+        .zip(present)
+        .skip(1)
+        .filter(|(_, here)| *here)
+    {
         headers.remove(name);
     }
     for name in &named {
@@ -494,15 +533,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// What a [`Balancer::Hash`] service hashes for this request; the client's
 /// IP when the header or cookie is missing.
-fn balance_key(policy: &Policy, req: &Request<Incoming>, client: SocketAddr) -> u64 {
+fn balance_key(policy: &Policy, headers: &HeaderMap, client: SocketAddr) -> u64 {
     let found = match &policy.hash_key {
         HashKey::ClientIp => None,
-        HashKey::Header(name) => req
-            .headers()
-            .get(name.as_str())
-            .map(|v| hash_key(v.as_bytes())),
-        HashKey::Cookie(name) => req
-            .headers()
+        HashKey::Header(name) => headers.get(name.as_str()).map(|v| hash_key(v.as_bytes())),
+        HashKey::Cookie(name) => headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -612,6 +647,33 @@ mod tests {
         grpc.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut grpc);
         assert!(grpc.contains_key(header::TE));
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_found_by_text() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop(name), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop(&header::TE), None);
+        assert_eq!(hop_by_hop(&header::HOST), None);
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("x-a"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-b"),
+        );
+        for name in [
+            "x-a",
+            "x-b",
+            "keep-alive",
+            "upgrade",
+            "proxy-authorization",
+            "x-kept",
+        ] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]
