@@ -31,7 +31,12 @@
 # cores (2 on our machines), so the ceiling of each row is the sum of
 # three programs' CPU, not the proxy's alone; compare rows of one run.
 #
-#   bash bench/proxy.sh [SECONDS]        # default 10 s per run: about 3 minutes, plus the build
+# Each HTTP row runs ROUNDS times (default 3), the targets interleaved
+# within each round, and reports the median (and every round's value for
+# requests/s): on a shared 2-core VM one run of one target swings by
+# +-10 %, more than the differences measured.
+#
+#   bash bench/proxy.sh [SECONDS]        # default 10 s per run: about 9 minutes, plus the build
 # Needs: haproxy, nginx (with libnginx-mod-stream for its L4 row), wrk,
 # iperf3, jq, dig, curl (apt-get install haproxy nginx libnginx-mod-stream
 # wrk iperf3 jq bind9-dnsutils curl), and oha for the fixed-rate rows:
@@ -43,6 +48,7 @@ set -euo pipefail
 SECONDS_PER_RUN=${1:-10}
 L4_BYTES=${L4_BYTES:-4G}
 RATES=${RATES:-"1000 5000"}
+ROUNDS=${ROUNDS:-3}
 cd "$(dirname "$0")/.."
 for tool in haproxy nginx wrk iperf3 jq dig curl; do
   command -v "$tool" > /dev/null || {
@@ -288,27 +294,44 @@ done
 
 us() { awk -v s="$1" 'BEGIN { printf "%.0f", s * 1e6 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else printf "-" }'; }
+# median VALUE... -> the middle value (the mean of the two middle ones for
+# an even count); "-" when the values are "-".
+median() {
+  [ "$1" = - ] && { echo -; return; }
+  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+    if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 
-log "max requests/s (wrk -t1 -c64, ${SECONDS_PER_RUN}s per run)"
-declare -A RPS NON2XX ERRS
+log "max requests/s (wrk -t1 -c64, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds)"
+declare -A RPS RPS_ALL NON2XX ERRS
 for mode in keep-alive close; do
+  for round in $(seq 1 "$ROUNDS"); do
+    for t in $TARGETS; do
+      if [ $mode = close ]; then
+        read -r rps n e < <(wrk_run "${HTTP_URL[$t]}" -H 'Connection: close')
+      else
+        read -r rps n e < <(wrk_run "${HTTP_URL[$t]}")
+      fi
+      RPS_ALL[$mode.$t]="${RPS_ALL[$mode.$t]:-} $rps"
+      NON2XX[$mode.$t]=$((${NON2XX[$mode.$t]:-0} + n)) ERRS[$mode.$t]=$((${ERRS[$mode.$t]:-0} + e))
+      log "  $mode, round $round, $t: $rps req/s, $n non-2xx, $e socket errors"
+    done
+  done
   for t in $TARGETS; do
-    if [ $mode = close ]; then
-      read -r rps n e < <(wrk_run "${HTTP_URL[$t]}" -H 'Connection: close')
-    else
-      read -r rps n e < <(wrk_run "${HTTP_URL[$t]}")
-    fi
-    RPS[$mode.$t]=$rps NON2XX[$mode.$t]=$n ERRS[$mode.$t]=$e
-    log "  $mode $t: $rps req/s, $n non-2xx, $e socket errors"
+    # shellcheck disable=SC2086 # the rounds' values, one argument each
+    RPS[$mode.$t]=$(median ${RPS_ALL[$mode.$t]})
   done
 done
 
 # Fixed rates (oha, keep-alive): latency percentiles and proxy CPU per
 # request over the run.
 declare -A P50 P99 P999 ACHIEVED CPU_REQ LAT_NON2XX LAT_ERRS
+# Every round's values, medians taken after the last round.
+declare -A R_P50 R_P99 R_P999 R_ACHIEVED R_CPU
 if [ -n "$OHA" ]; then
   for rate in $RATES; do
-    log "latency at $rate req/s (oha, ${SECONDS_PER_RUN}s per run)"
+   for round in $(seq 1 "$ROUNDS"); do
+    log "latency at $rate req/s (oha, ${SECONDS_PER_RUN}s per run), round $round of $ROUNDS"
     for t in $TARGETS; do
       read -r -a procs <<< "$(pids $t)"
       t0=0
@@ -326,19 +349,27 @@ if [ -n "$OHA" ]; then
           (.errorDistribution["aborted due to deadline"] // 0) ]
         | map(tostring) | join(" ")' "$WORK/oha.json")
       key=$rate.$t
-      P50[$key]=$p50 P99[$key]=$p99 P999[$key]=$p999 ACHIEVED[$key]=$achieved
-      LAT_NON2XX[$key]=$non2xx LAT_ERRS[$key]=$errs
+      cpu=-
       if [ ${#procs[@]} -gt 0 ]; then
-        CPU_REQ[$key]=$(awk -v a="$t0" -v b="$t1" -v n="$((ok + non2xx))" -v hz="$HZ" \
+        cpu=$(awk -v a="$t0" -v b="$t1" -v n="$((ok + non2xx))" -v hz="$HZ" \
           'BEGIN { if (n > 0) printf "%.1f", (b - a) * 1e6 / hz / n; else printf "-" }')
-      else
-        CPU_REQ[$key]=-
       fi
+      R_P50[$key]="${R_P50[$key]:-} $p50" R_P99[$key]="${R_P99[$key]:-} $p99" R_P999[$key]="${R_P999[$key]:-} $p999"
+      R_ACHIEVED[$key]="${R_ACHIEVED[$key]:-} $achieved" R_CPU[$key]="${R_CPU[$key]:-} $cpu"
+      LAT_NON2XX[$key]=$((${LAT_NON2XX[$key]:-0} + non2xx)) LAT_ERRS[$key]=$((${LAT_ERRS[$key]:-0} + errs))
       log "  $t: p50 $p50 s, p99 $p99 s, p99.9 $p999 s, $ok ok, $non2xx non-2xx, $errs errors" \
-        "($aborted in flight at the end), CPU ${CPU_REQ[$key]} us/req"
+        "($aborted in flight at the end), CPU $cpu us/req"
       if [ "$errs" != 0 ]; then
         jq -c .errorDistribution "$WORK/oha.json" >&2
       fi
+    done
+   done
+    for t in $TARGETS; do
+      key=$rate.$t
+      # shellcheck disable=SC2086 # the rounds' values, one argument each
+      P50[$key]=$(median ${R_P50[$key]}) P99[$key]=$(median ${R_P99[$key]}) P999[$key]=$(median ${R_P999[$key]})
+      # shellcheck disable=SC2086
+      ACHIEVED[$key]=$(median ${R_ACHIEVED[$key]}) CPU_REQ[$key]=$(median ${R_CPU[$key]})
     done
   done
 else
@@ -381,18 +412,18 @@ for t in signpost haproxy nginx; do
 done
 
 echo
-echo "| wrk -t1 -c64, ${SECONDS_PER_RUN}s | target | requests/s | non-2xx | socket errors | vs direct | vs haproxy |"
-echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+echo "| wrk -t1 -c64, ${SECONDS_PER_RUN}s, median of $ROUNDS | target | requests/s | each round | non-2xx | socket errors | vs direct | vs haproxy |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for mode in keep-alive close; do
   for t in $TARGETS; do
     k=$mode.$t
-    echo "| $mode | $t | ${RPS[$k]} | ${NON2XX[$k]} | ${ERRS[$k]} | $(ratio "${RPS[$k]}" "${RPS[$mode.direct]}") | $(ratio "${RPS[$k]}" "${RPS[$mode.haproxy]}") |"
+    echo "| $mode | $t | $(printf %.0f "${RPS[$k]}") |${RPS_ALL[$k]} | ${NON2XX[$k]} | ${ERRS[$k]} | $(ratio "${RPS[$k]}" "${RPS[$mode.direct]}") | $(ratio "${RPS[$k]}" "${RPS[$mode.haproxy]}") |"
   done
 done
 
 if [ -n "$OHA" ]; then
   echo
-  echo "| oha keep-alive, -c 32, ${SECONDS_PER_RUN}s | target | achieved req/s | p50 (µs) | p99 (µs) | p99.9 (µs) | added p50 / p99 / p99.9 (µs) | proxy CPU per request (µs) | CPU vs haproxy | non-2xx | errors |"
+  echo "| oha keep-alive, -c 32, ${SECONDS_PER_RUN}s, medians of $ROUNDS | target | achieved req/s | p50 (µs) | p99 (µs) | p99.9 (µs) | added p50 / p99 / p99.9 (µs) | proxy CPU per request (µs) | CPU vs haproxy | non-2xx | errors |"
   echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   for rate in $RATES; do
     d=$rate.direct
