@@ -3,7 +3,9 @@
 //! learned stats, the retry budget, the limits, the connection pool. The
 //! catalog part and the policy are one snapshot swapped at once
 //! ([`ArcSwap`]), so a request sees a consistent view and an update never
-//! waits for requests.
+//! waits for requests. Each worker thread has its own copy of the
+//! snapshot: a request holds it, and holding one shared copy would have
+//! every thread write its reference count.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use signpost_core::model::Protocol;
 use signpost_core::policy::Policy;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
@@ -29,6 +31,7 @@ use crate::endpoint::{Endpoint, FailureOutcome, Member, Stats};
 use crate::error::ProxyError;
 use crate::metrics::{ProxyMetrics, StatusCounters};
 use crate::pool::Pool;
+use crate::workers::PerWorker;
 
 /// A request body the proxy sends: one it holds whole (kept for retries)
 /// or the client's, streamed. No box, so no allocation per message.
@@ -40,18 +43,19 @@ const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 impl Snapshot {
     /// This worker thread's pool (HTTP services only).
     pub(crate) fn pool(&self) -> Option<&Pool> {
-        self.pools.as_deref().map(crate::workers::local)
+        self.pools.as_deref().map(PerWorker::local)
     }
 }
 
 /// One catalog update's worth of a backend.
+#[derive(Clone)]
 pub(crate) struct Snapshot {
     pub(crate) policy: Policy,
     pub(crate) protocol: Protocol,
     pub(crate) members: Vec<Member>,
     /// The pools to the instances, one per worker thread (HTTP services
     /// only).
-    pools: Option<Arc<[Pool]>>,
+    pools: Option<Arc<PerWorker<Pool>>>,
 }
 
 pub(crate) struct Backend {
@@ -59,12 +63,17 @@ pub(crate) struct Backend {
     pub(crate) name: String,
     /// The catalog service.
     pub(crate) service: String,
-    snapshot: ArcSwap<Snapshot>,
+    /// The same snapshot, one copy per worker thread.
+    snapshots: PerWorker<ArcSwap<Snapshot>>,
     round_robin: AtomicU64,
     budget: ArcSwap<RetryBudget>,
-    requests: Semaphore,
-    requests_limit: Mutex<u32>,
+    /// Requests in flight, against `max_requests`: a count rather than a
+    /// semaphore, whose every release takes its waiters' lock.
+    in_flight: AtomicU32,
+    /// Requests waiting for a slot (at most `max_pending`).
     pending: AtomicU32,
+    /// Wakes the waiting when a slot frees or the limit grows.
+    slot_freed: Notify,
     connections: AtomicU32,
     limiter: crate::rate::Limiter,
     /// Rate limits of route-scoped commands, by route.
@@ -98,17 +107,19 @@ impl Backend {
         let backend = Backend {
             name: name.to_string(),
             service: service.to_string(),
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                policy: policy.clone(),
-                protocol,
-                members: Vec::new(),
-                pools: None,
+            snapshots: PerWorker::new(shared.workers, || {
+                ArcSwap::from_pointee(Snapshot {
+                    policy: policy.clone(),
+                    protocol,
+                    members: Vec::new(),
+                    pools: None,
+                })
             }),
             round_robin: AtomicU64::new(0),
             budget: ArcSwap::from_pointee(RetryBudget::new(&policy, shared.workers)),
-            requests: Semaphore::new(policy.max_requests as usize),
-            requests_limit: Mutex::new(policy.max_requests),
+            in_flight: AtomicU32::new(0),
             pending: AtomicU32::new(0),
+            slot_freed: Notify::new(),
             connections: AtomicU32::new(0),
             limiter: crate::rate::Limiter::default(),
             route_limiters: Mutex::new(HashMap::new()),
@@ -128,19 +139,19 @@ impl Backend {
     }
 
     pub(crate) fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
-        self.snapshot.load()
+        self.snapshots.local().load()
     }
 
     /// The snapshot, to hold across awaits.
     pub(crate) fn snapshot_full(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
+        self.snapshots.local().load_full()
     }
 
     /// Replaces the instances and the policy; what was learned about an
     /// instance still present is kept, and so is the pool unless its
     /// settings changed.
     pub(crate) fn update(&self, endpoints: Vec<Endpoint>, protocol: Protocol, policy: Policy) {
-        let old = self.snapshot.load_full();
+        let old = self.snapshot_full();
         let mut stats: HashMap<SocketAddr, Arc<Stats>> = old
             .members
             .iter()
@@ -153,6 +164,7 @@ impl Backend {
                 let stats = stats.remove(&endpoint.addr).unwrap_or_else(|| {
                     Arc::new(Stats::new(
                         self.shared.metrics.status_counters(&self.name, &label),
+                        self.shared.workers,
                     ))
                 });
                 // An `ip:port` always makes a valid authority.
@@ -175,9 +187,9 @@ impl Backend {
             old.pools.clone()
         } else {
             let http2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc);
-            let pools = (0..self.shared.workers)
-                .map(|_| Pool::new(http2, policy.connect_timeout, self.shared.pool_idle_timeout));
-            Some(pools.collect())
+            Some(Arc::new(PerWorker::new(self.shared.workers, || {
+                Pool::new(http2, policy.connect_timeout, self.shared.pool_idle_timeout)
+            })))
         };
         let RetryBudget { ratio, min, .. } = &**self.budget.load();
         if (*ratio, *min)
@@ -189,27 +201,19 @@ impl Backend {
             self.budget
                 .store(Arc::new(RetryBudget::new(&policy, self.shared.workers)));
         }
-        self.resize_requests(policy.max_requests);
-        self.snapshot.store(Arc::new(Snapshot {
+        let more_requests = policy.max_requests > old.policy.max_requests;
+        let snapshot = Snapshot {
             policy,
             protocol,
             members,
             pools,
-        }));
-    }
-
-    fn resize_requests(&self, limit: u32) {
-        let mut current = self
-            .requests_limit
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if limit > *current {
-            self.requests.add_permits((limit - *current) as usize);
-            *current = limit;
-        } else if limit < *current {
-            // Permits in use are forgotten as they come back later.
-            let forgotten = self.requests.forget_permits((*current - limit) as usize);
-            *current -= forgotten as u32;
+        };
+        for copy in self.snapshots.iter() {
+            copy.store(Arc::new(snapshot.clone()));
+        }
+        if more_requests {
+            // Requests waiting for a slot may have one now.
+            self.slot_freed.notify_waiters();
         }
     }
 
@@ -292,29 +296,47 @@ impl Backend {
         &self,
         policy: &Policy,
         deadline: Instant,
-    ) -> Result<SemaphorePermit<'_>, ProxyError> {
-        // Borrowed, not owned: an owned permit clones the semaphore's Arc,
-        // whose count every worker thread writes.
-        if let Ok(permit) = self.requests.try_acquire() {
-            return Ok(permit);
+    ) -> Result<RequestSlot<'_>, ProxyError> {
+        if self.take_slot(policy.max_requests) {
+            return Ok(RequestSlot(self));
         }
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= policy.max_pending {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= policy.max_pending {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
             return Err(ProxyError::Limit {
                 limit: "max_pending",
                 value: policy.max_pending,
             });
         }
-        let waited = tokio::time::timeout_at(deadline, self.requests.acquire()).await;
-        self.pending.fetch_sub(1, Ordering::AcqRel);
+        let waited = tokio::time::timeout_at(deadline, async {
+            loop {
+                // Registered before the second look, so that a slot freed
+                // in between still wakes this request.
+                let freed = self.slot_freed.notified();
+                tokio::pin!(freed);
+                freed.as_mut().enable();
+                // The limit as it is now: an update may have raised it.
+                if self.take_slot(self.snapshot().policy.max_requests) {
+                    return;
+                }
+                freed.await;
+            }
+        })
+        .await;
+        self.pending.fetch_sub(1, Ordering::SeqCst);
         match waited {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(ProxyError::Limit {
-                limit: "max_requests",
-                value: policy.max_requests,
-            }),
+            Ok(()) => Ok(RequestSlot(self)),
             Err(_) => Err(ProxyError::Timeout(policy.timeout)),
         }
+    }
+
+    /// Takes a slot if fewer than `max` are taken. A lowered limit lets
+    /// requests in flight finish and admits again once they are below it.
+    fn take_slot(&self, max: u32) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// What a route-scoped command says about this request: its fallback
@@ -384,7 +406,7 @@ impl Backend {
 
     /// A client connection, unless `max_connections` are open.
     pub(crate) fn admit_connection(self: &Arc<Self>) -> Result<ConnectionGuard, ProxyError> {
-        let limit = self.snapshot.load().policy.max_connections;
+        let limit = self.snapshot().policy.max_connections;
         if self.connections.fetch_add(1, Ordering::AcqRel) >= limit {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(ProxyError::Limit {
@@ -429,40 +451,160 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// A request's slot among the service's `max_requests`, given back when
+/// dropped.
+pub(crate) struct RequestSlot<'a>(&'a Backend);
+
+impl Drop for RequestSlot<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // Sequentially consistent with the waiter's count and second look:
+        // either it sees the slot free, or this sees it waiting.
+        if self.0.pending.load(Ordering::SeqCst) > 0 {
+            self.0.slot_freed.notify_one();
+        }
+    }
+}
+
 /// The retry budget: the policy's ratio and minimum, kept per worker
 /// thread (its requests, its retries, its share of the minimum), so that
 /// no request takes a lock another thread takes too.
 struct RetryBudget {
     ratio: f32,
     min: u32,
-    workers: Box<[WorkerBudget]>,
+    workers: PerWorker<TpsBudget>,
 }
-
-/// One worker's budget, alone on its cache lines.
-#[repr(align(128))]
-struct WorkerBudget(TpsBudget);
 
 impl RetryBudget {
     fn new(policy: &Policy, workers: usize) -> RetryBudget {
         let workers = workers.max(1);
         let min = policy.retry_budget_min_per_second;
         let share = min.div_ceil(workers as u32);
-        let budgets = (0..workers).map(|_| {
-            WorkerBudget(TpsBudget::new(
-                BUDGET_WINDOW,
-                share,
-                policy.retry_budget_ratio,
-            ))
-        });
         RetryBudget {
             ratio: policy.retry_budget_ratio,
             min,
-            workers: budgets.collect(),
+            workers: PerWorker::new(workers, || {
+                TpsBudget::new(BUDGET_WINDOW, share, policy.retry_budget_ratio)
+            }),
         }
     }
 
     /// The current worker thread's.
     fn here(&self) -> &TpsBudget {
-        &crate::workers::local(&self.workers).0
+        self.workers.local()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(policy: &Policy) -> Arc<Backend> {
+        let shared = Arc::new(Shared {
+            zone: String::new(),
+            pool_idle_timeout: Duration::from_secs(3),
+            access_log: false,
+            metrics: Arc::default(),
+            on_use: Box::new(|_| {}),
+            started: std::time::Instant::now(),
+            workers: 2,
+        });
+        let web = Backend::new(
+            "web",
+            "web",
+            Vec::new(),
+            Protocol::Http,
+            policy.clone(),
+            shared,
+        );
+        Arc::new(web)
+    }
+
+    /// Starts a request that waits for a slot; it says when it has one and
+    /// holds it until told.
+    fn waiter(
+        backend: &Arc<Backend>,
+        policy: &Policy,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (admitted_tx, admitted) = tokio::sync::oneshot::channel();
+        let (release, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let (backend, policy) = (backend.clone(), policy.clone());
+        tokio::spawn(async move {
+            let far = Instant::now() + Duration::from_secs(60);
+            let slot = backend.admit_request(&policy, far).await;
+            assert!(slot.is_ok(), "the waiter was refused");
+            let _ = admitted_tx.send(());
+            let _ = release_rx.await;
+        });
+        (admitted, release)
+    }
+
+    async fn until_waiting(backend: &Backend, n: u32) {
+        while backend.pending.load(Ordering::SeqCst) != n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_gets_the_slot_freed_and_more_wait_no_longer() {
+        let policy = Policy {
+            max_requests: 1,
+            max_pending: 1,
+            ..Policy::default()
+        };
+        let web = backend(&policy);
+        let far = Instant::now() + Duration::from_secs(60);
+        let first = web.admit_request(&policy, far).await.ok();
+        assert!(first.is_some());
+        let (mut admitted, _release) = waiter(&web, &policy);
+        until_waiting(&web, 1).await;
+        assert!(admitted.try_recv().is_err(), "admitted over max_requests");
+        // One waits already: the next is refused at once.
+        let refused = web.admit_request(&policy, far).await.err();
+        assert!(
+            matches!(
+                refused,
+                Some(ProxyError::Limit {
+                    limit: "max_pending",
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        drop(first);
+        admitted.await.unwrap();
+        assert_eq!(web.pending.load(Ordering::SeqCst), 0);
+        assert_eq!(web.in_flight.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_raised_limit_admits_the_waiting_and_a_lowered_one_the_next() {
+        let mut policy = Policy {
+            max_requests: 1,
+            max_pending: 10,
+            ..Policy::default()
+        };
+        let web = backend(&policy);
+        let far = Instant::now() + Duration::from_secs(60);
+        let first = web.admit_request(&policy, far).await.ok();
+        let (admitted, release) = waiter(&web, &policy);
+        until_waiting(&web, 1).await;
+        policy.max_requests = 2;
+        web.update(Vec::new(), Protocol::Http, policy.clone());
+        admitted.await.unwrap();
+
+        // Lowered to 1 with 2 in flight: the next waits until both end.
+        policy.max_requests = 1;
+        web.update(Vec::new(), Protocol::Http, policy.clone());
+        let (mut third, _release) = waiter(&web, &policy);
+        until_waiting(&web, 1).await;
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(third.try_recv().is_err(), "admitted with 1 of 1 in flight");
+        release.send(()).unwrap();
+        third.await.unwrap();
     }
 }

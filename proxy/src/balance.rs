@@ -275,6 +275,7 @@ mod tests {
             },
             stats: Arc::new(Stats::new(
                 crate::ProxyMetrics::default().status_counters("web", "a"),
+                1,
             )),
             label: port.to_string(),
             authority: http::uri::Authority::from_static("127.0.0.1:1"),

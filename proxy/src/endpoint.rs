@@ -13,6 +13,7 @@ use signpost_core::model::{Health, Weights};
 use tokio::time::Instant;
 
 use crate::metrics::StatusCounters;
+use crate::workers::PerWorker;
 
 /// An instance of a service, as the agent's catalog gives it.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,13 +52,11 @@ const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 /// What the proxy learned about one instance.
 pub(crate) struct Stats {
-    /// Requests (L7) or connections (L4) in flight.
-    pub(crate) active: AtomicU32,
+    /// What the balancer weighs, kept per worker thread: each worker
+    /// balances its own requests (as Envoy's workers do), so the two words
+    /// every request writes are never written by two threads.
+    load: PerWorker<Load>,
     consecutive_failures: AtomicU32,
-    /// Peak-EWMA latency (f32 seconds, high half) and when it was last
-    /// updated (milliseconds since `epoch`, low half), in one word: every
-    /// request reads and updates it without a lock.
-    ewma: AtomicU64,
     epoch: Instant,
     /// Whether `inner` has an ejection (set and cleared under its lock):
     /// the balancer reads this for every instance on every request,
@@ -68,6 +67,25 @@ pub(crate) struct Stats {
     pub(crate) statuses: StatusCounters,
     /// An instance-scoped rate limit's bucket.
     pub(crate) limiter: crate::rate::Limiter,
+}
+
+struct Load {
+    /// Requests (L7) or connections (L4) in flight.
+    active: AtomicU32,
+    /// Peak-EWMA latency (f32 seconds, high half) and when it was last
+    /// updated (milliseconds since `epoch`, low half), in one word: read
+    /// and updated without a lock.
+    ewma: AtomicU64,
+}
+
+/// A request or connection in flight to an instance, counted until
+/// dropped (also when the client goes away first).
+pub(crate) struct InFlight<'a>(&'a AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct Learned {
@@ -96,11 +114,14 @@ pub(crate) enum FailureOutcome {
 }
 
 impl Stats {
-    pub(crate) fn new(statuses: StatusCounters) -> Stats {
+    /// Stats with one balancer's share per worker thread.
+    pub(crate) fn new(statuses: StatusCounters, workers: usize) -> Stats {
         Stats {
-            active: AtomicU32::new(0),
+            load: PerWorker::new(workers, || Load {
+                active: AtomicU32::new(0),
+                ewma: AtomicU64::new(pack(DEFAULT_RTT.as_secs_f64(), 0)),
+            }),
             consecutive_failures: AtomicU32::new(0),
-            ewma: AtomicU64::new(pack(DEFAULT_RTT.as_secs_f64(), 0)),
             epoch: Instant::now(),
             ejected: AtomicBool::new(false),
             inner: Mutex::new(Learned {
@@ -121,9 +142,18 @@ impl Stats {
     /// The estimate decays toward zero with the time since its last
     /// sample, so an instance left alone after a slow spell is tried again.
     pub(crate) fn cost(&self, now: Instant) -> f64 {
-        let active = f64::from(self.active.load(Ordering::Relaxed));
-        let (ewma, stamp) = unpack(self.ewma.load(Ordering::Relaxed));
+        let load = self.load.local();
+        let active = f64::from(load.active.load(Ordering::Relaxed));
+        let (ewma, stamp) = unpack(load.ewma.load(Ordering::Relaxed));
         ewma * decay(stamp, self.millis(now)) * (active + 1.0)
+    }
+
+    /// Counts a request or connection to the instance until the guard
+    /// is dropped.
+    pub(crate) fn in_flight(&self) -> InFlight<'_> {
+        let active = &self.load.local().active;
+        active.fetch_add(1, Ordering::Relaxed);
+        InFlight(active)
     }
 
     fn millis(&self, now: Instant) -> u32 {
@@ -137,6 +167,8 @@ impl Stats {
         let sample = rtt.as_secs_f64();
         // Never fails: the closure always gives a value.
         let _ = self
+            .load
+            .local()
             .ewma
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
                 let (ewma, stamp) = unpack(word);
@@ -269,6 +301,7 @@ fn decay(stamp: u32, now: u32) -> f64 {
 }
 
 /// An endpoint with the stats the proxy keeps for it.
+#[derive(Clone)]
 pub(crate) struct Member {
     pub(crate) endpoint: Endpoint,
     pub(crate) stats: Arc<Stats>,
@@ -283,7 +316,10 @@ mod tests {
     use super::*;
 
     fn stats() -> Stats {
-        Stats::new(crate::ProxyMetrics::default().status_counters("web", "a"))
+        Stats::new(
+            crate::ProxyMetrics::default().status_counters("web", "a"),
+            1,
+        )
     }
 
     #[test]
@@ -363,13 +399,14 @@ mod tests {
         }
         let idle = s.cost(now);
         assert!(idle < 0.01, "{idle}");
-        s.active.store(3, Ordering::Relaxed);
-        let busy = s.cost(now);
+        let busy = [s.in_flight(), s.in_flight(), s.in_flight()];
+        let cost = s.cost(now);
         assert!(
-            (busy - 4.0 * idle).abs() < 1e-12,
+            (cost - 4.0 * idle).abs() < 1e-12,
             "cost grows with the load"
         );
-        s.active.store(0, Ordering::Relaxed);
+        drop(busy);
+        assert_eq!(s.cost(now), idle, "and falls back when the requests end");
         // Left alone, the estimate fades, so the instance is tried again.
         let left_alone = s.cost(now + Duration::from_secs(30));
         assert!(left_alone < idle / 10.0, "{left_alone} vs {idle}");

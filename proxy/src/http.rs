@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -365,9 +364,9 @@ fn forward<'s: 'f, 'f>(
                 Some(t) => (try_started + t).min(deadline),
                 None => deadline,
             };
-            member.stats.active.fetch_add(1, Ordering::Relaxed);
+            let in_flight = member.stats.in_flight();
             let answered = tokio::time::timeout_at(limit, pool.request(addr, request)).await;
-            member.stats.active.fetch_sub(1, Ordering::Relaxed);
+            drop(in_flight);
             let answered_at = Instant::now();
             let rtt = answered_at - try_started;
             let error = match answered {

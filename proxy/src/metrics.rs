@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+use crate::workers::PerWorker;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
     service: String,
@@ -208,10 +210,9 @@ fn duration_bound(bucket: usize) -> f64 {
 /// Prometheus client's takes a mutex per observation) had both threads
 /// contend for one lock on every request.
 #[derive(Clone, Debug)]
-pub(crate) struct DurationHistogram(Arc<[Shard]>);
+pub(crate) struct DurationHistogram(Arc<PerWorker<Shard>>);
 
-/// One thread's counts, alone on its cache lines.
-#[repr(align(128))]
+/// One thread's counts.
 #[derive(Default, Debug)]
 struct Shard {
     /// The sum of the observations, as f64 bits.
@@ -223,7 +224,7 @@ struct Shard {
 
 impl Default for DurationHistogram {
     fn default() -> Self {
-        DurationHistogram((0..shard_count()).map(|_| Shard::default()).collect())
+        DurationHistogram(Arc::new(PerWorker::new(shard_count(), Shard::default)))
     }
 }
 
@@ -234,7 +235,7 @@ fn shard_count() -> usize {
 
 impl DurationHistogram {
     pub(crate) fn observe(&self, seconds: f64) {
-        let shard = crate::workers::local(&self.0);
+        let shard = self.0.local();
         let bucket = (0..DURATION_BUCKETS)
             .find(|&b| seconds <= duration_bound(b))
             .unwrap_or(DURATION_BUCKETS);
@@ -282,23 +283,17 @@ impl EncodeMetric for DurationHistogram {
 /// A request counter, sharded per worker thread like
 /// [`DurationHistogram`] (one line per thread, summed when scraped).
 #[derive(Clone, Debug)]
-pub(crate) struct RequestCounter(Arc<[PaddedCount]>);
-
-#[repr(align(128))]
-#[derive(Default, Debug)]
-struct PaddedCount(AtomicU64);
+pub(crate) struct RequestCounter(Arc<PerWorker<AtomicU64>>);
 
 impl Default for RequestCounter {
     fn default() -> Self {
-        RequestCounter((0..shard_count()).map(|_| PaddedCount::default()).collect())
+        RequestCounter(Arc::new(PerWorker::new(shard_count(), AtomicU64::default)))
     }
 }
 
 impl RequestCounter {
     fn inc(&self) {
-        crate::workers::local(&self.0)
-            .0
-            .fetch_add(1, Ordering::Relaxed);
+        self.0.local().fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -308,7 +303,7 @@ impl TypedMetric for RequestCounter {
 
 impl EncodeMetric for RequestCounter {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let total: u64 = self.0.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
+        let total: u64 = self.0.iter().map(|c| c.load(Ordering::Relaxed)).sum();
         encoder.encode_counter::<NoLabelSet, u64, f64>(&total, None)
     }
 

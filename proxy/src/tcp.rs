@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use signpost_core::policy::Balancer;
 use tokio::net::TcpStream;
@@ -86,7 +85,7 @@ pub(crate) async fn serve(
         backend.succeeded(member, connected - connect_started, connected);
         backend.circuit_outcome(policy, true, connected);
         crate::nodelay(&inbound);
-        member.stats.active.fetch_add(1, Ordering::Relaxed);
+        let in_flight = member.stats.in_flight();
         let copied = tokio::select! {
             copied = tokio::io::copy_bidirectional_with_sizes(
                 &mut inbound,
@@ -96,7 +95,7 @@ pub(crate) async fn serve(
             ) => Some(copied),
             () = stop.cancelled() => None,
         };
-        member.stats.active.fetch_sub(1, Ordering::Relaxed);
+        drop(in_flight);
         match copied {
             Some(Ok((up, down))) => {
                 if backend.shared.access_log {

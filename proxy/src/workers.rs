@@ -18,13 +18,39 @@ thread_local! {
 }
 
 /// The worker the current thread is (0 elsewhere).
-pub(crate) fn current() -> usize {
+fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
-/// The current worker's own item among per-worker `items` (never empty).
-pub(crate) fn local<T>(items: &[T]) -> &T {
-    &items[current() % items.len()]
+/// One `T` per worker thread, each alone on its cache lines (128 bytes:
+/// two lines, as CPUs fetch them in pairs), so that what one worker
+/// writes on every request never evicts what another one reads. Threads
+/// that are not workers use the first.
+pub(crate) struct PerWorker<T>(Box<[Padded<T>]>);
+
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> PerWorker<T> {
+    /// `count` items (at least one), each from `make`.
+    pub(crate) fn new(count: usize, mut make: impl FnMut() -> T) -> PerWorker<T> {
+        PerWorker((0..count.max(1)).map(|_| Padded(make())).collect())
+    }
+
+    /// The current worker's.
+    pub(crate) fn local(&self) -> &T {
+        &self.0[current() % self.0.len()].0
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|padded| &padded.0)
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for PerWorker<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 pub(crate) struct Workers {
