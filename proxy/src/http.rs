@@ -105,8 +105,13 @@ pub(crate) async fn serve(
         Ok((io, false)) => {
             // One flat write per answer rather than a vectored one: the
             // copy costs less than the kernel's handling of the pieces.
+            // Half-closed clients get their answer (as from HAProxy): and
+            // without it hyper reads the socket once more while each
+            // request is in flight, to see an early end, into a new 8 KiB
+            // buffer, the request still holding the last one.
             let conn = hyper::server::conn::http1::Builder::new()
                 .writev(false)
+                .half_close(true)
                 .serve_connection(io, service);
             drive(conn, |c| c.graceful_shutdown(), drained, &stop).await
         }

@@ -198,6 +198,26 @@ async fn idle_pooled_connections_are_closed() {
 }
 
 /// gRPC (HTTP/2 with prior knowledge on both sides) through the VIP.
+/// A client that shuts its sending side after the request (HTTP/1.1
+/// allows it) still gets the answer.
+#[tokio::test]
+async fn a_half_closed_client_gets_its_answer() {
+    let agent = agent("").await;
+    let web = upstreams("web", 1).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /half HTTP/1.1\r\nHost: web.service.internal\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
 #[tokio::test]
 async fn grpc_goes_through_the_proxy_over_h2c() {
     use tonic_health::pb::HealthCheckRequest;
