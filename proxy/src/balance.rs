@@ -60,43 +60,50 @@ fn choose(
     candidates: &mut Vec<(usize, Standing)>,
 ) -> (Option<Pick>, bool) {
     let now = req.now;
-    // (index, standing) of every member not blocked; blocked instances
-    // are out of the pool altogether.
-    let blocked = |m: &Member| req.policy.blocked.contains(&m.endpoint.addr);
+    let usable = |i: usize, standing: Standing| {
+        let e = &members[i].endpoint;
+        e.health != Health::Critical && e.weight() > 0 && standing != Standing::Ejected
+    };
+    let in_zone = |i: usize| members[i].endpoint.zone == req.zone;
+    // (index, standing) of every member not blocked (blocked instances
+    // are out of the pool altogether), and in the same pass the counts
+    // the panic threshold and the zone preference look at.
+    let (mut available, mut local, mut zone_size) = (0usize, 0usize, 0usize);
     candidates.extend(
         members
             .iter()
             .enumerate()
-            .filter(|(_, m)| !blocked(m))
-            .map(|(i, m)| (i, m.stats.standing(now))),
+            .filter(|(_, m)| !req.policy.blocked.contains(&m.endpoint.addr))
+            .map(|(i, m)| {
+                let standing = m.stats.standing(now);
+                let here = req.policy.zone_aware && in_zone(i);
+                zone_size += usize::from(here);
+                if usable(i, standing) {
+                    available += 1;
+                    local += usize::from(here);
+                }
+                (i, standing)
+            }),
     );
     let pool = candidates.len();
-    let usable = |&(i, standing): &(usize, Standing)| {
-        let e = &members[i].endpoint;
-        e.health != Health::Critical && e.weight() > 0 && standing != Standing::Ejected
-    };
-    let available = candidates.iter().filter(|c| usable(c)).count();
     let panic = pool > 0 && (available as f64) < req.policy.panic_threshold * pool as f64;
-    if !panic {
-        candidates.retain(usable);
+    if !panic && available < pool {
+        candidates.retain(|&(i, standing)| usable(i, standing));
     }
-    if req.policy.zone_aware && !panic {
-        let in_zone = |i: usize| members[i].endpoint.zone == req.zone;
-        let local = candidates.iter().filter(|(i, _)| in_zone(*i)).count();
-        let zone_size = members
-            .iter()
-            .enumerate()
-            .filter(|(i, m)| in_zone(*i) && !blocked(m))
-            .count();
-        if local > 0 && local as f64 >= req.policy.zone_min_available * zone_size as f64 {
-            candidates.retain(|(i, _)| in_zone(*i));
-        }
+    // Only the usable ones are local (`local` counts no others).
+    if req.policy.zone_aware
+        && !panic
+        && local > 0
+        && local < candidates.len()
+        && local as f64 >= req.policy.zone_min_available * zone_size as f64
+    {
+        candidates.retain(|(i, _)| in_zone(*i));
     }
     if !req.policy.tag_weights.is_empty() {
         by_tag_weight(members, candidates, &req.policy.tag_weights);
     }
     let tried = |i: usize| req.tried.contains(&members[i].endpoint.addr);
-    if candidates.iter().any(|(i, _)| !tried(*i)) {
+    if !req.tried.is_empty() && candidates.iter().any(|(i, _)| !tried(*i)) {
         candidates.retain(|(i, _)| !tried(*i));
     }
     // In panic every instance counts as passing.
@@ -168,11 +175,20 @@ fn p2c(
     weight: impl Fn(usize) -> u64,
     now: Instant,
 ) -> usize {
-    if candidates.len() == 1 {
+    let n = candidates.len();
+    if n == 1 {
         return 0;
     }
-    let a = weighted_random(candidates, &weight, None);
-    let b = weighted_random(candidates, &weight, Some(a));
+    let first = weight(candidates[0].0);
+    let (a, b) = if candidates.iter().all(|(i, _)| weight(*i) == first) {
+        // Equal weights (the usual case): two distinct at random.
+        let a = rand::random_range(0..n);
+        let b = rand::random_range(0..n - 1);
+        (a, if b >= a { b + 1 } else { b })
+    } else {
+        let a = weighted_random(candidates, &weight, None);
+        (a, weighted_random(candidates, &weight, Some(a)))
+    };
     let cost = |c: usize| {
         let i = candidates[c].0;
         members[i].stats.cost(now) / weight(i) as f64

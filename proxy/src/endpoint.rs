@@ -296,7 +296,12 @@ fn unpack(word: u64) -> (f64, u32) {
 /// milliseconds, wrapping). A stamp just after `now` (another thread's
 /// sample) counts as now.
 fn decay(stamp: u32, now: u32) -> f64 {
-    let elapsed = f64::from((now.wrapping_sub(stamp) as i32).max(0)) / 1000.0;
+    let elapsed = (now.wrapping_sub(stamp) as i32).max(0);
+    if elapsed == 0 {
+        // Busy instances were updated this millisecond: no `exp`.
+        return 1.0;
+    }
+    let elapsed = f64::from(elapsed) / 1000.0;
     (-elapsed / DECAY.as_secs_f64()).exp()
 }
 
