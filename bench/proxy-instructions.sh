@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Instructions per proxied request: the agent's L7 proxy and HAProxy 2.6,
+# each run under callgrind in front of the same two upstream nginx
+# instances (`200 ok\n`). Unlike CPU time on a shared VM (which swings by
+# ±10 % from run to run), the count repeats to about ±0.3 %, so it shows
+# what a change to the request path costs or saves.
+#
+# For each target: start it under `valgrind --tool=callgrind
+# --instr-atstart=no`, send WARMUP keep-alive requests (pools filled),
+# switch counting on (`callgrind_control -i on`), send REQUESTS with
+# `oha -n REQUESTS -c 16`, dump, and divide the instructions counted by
+# the requests. Every answer must be a 200.
+#
+#   bash bench/proxy-instructions.sh [REQUESTS]   # default 20000; about 1 minute, plus the build
+# Needs: valgrind, haproxy, nginx, oha, jq, dig, curl (apt-get install
+# valgrind haproxy nginx jq bind9-dnsutils curl; oha as in bench/proxy.sh).
+set -euo pipefail
+REQUESTS=${1:-20000}
+WARMUP=${WARMUP:-2000}
+cd "$(dirname "$0")/.."
+OHA=${OHA:-$HOME/.cache/signpost/tools/bin/oha}
+[ -x "$OHA" ] || OHA=$(command -v oha || true)
+for tool in valgrind callgrind_control haproxy nginx jq dig curl "$OHA"; do
+  command -v "$tool" > /dev/null || {
+    echo "needs $tool (apt-get install valgrind haproxy nginx jq bind9-dnsutils curl; oha: see bench/proxy.sh)" >&2
+    exit 1
+  }
+done
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
+cargo build --release -q -p signpost-agent --bins
+BIN="$CARGO_TARGET_DIR/release/signpost"
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ]; then
+    for log in "$WORK"/*.log; do
+      [ -s "$log" ] && { echo "== $log" >&2; tail -n 20 "$log" >&2; }
+    done
+  fi
+  kill "${PIDS[@]}" 2> /dev/null || true
+  wait 2> /dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+log() { echo "[$(date +%T)] $*" >&2; }
+
+UP1=19011 UP2=19012 HAPROXY_HTTP=19111 SP_API=19510 SP_DNS=19610 SP_HTTP=19090
+ME=$(id -un)
+mkdir -p "$WORK/upstream"
+cat > "$WORK/upstream.conf" <<CONF
+daemon off;
+master_process on;
+worker_processes 1;
+user $ME;
+pid $WORK/upstream/nginx.pid;
+error_log $WORK/upstream/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/upstream/body;
+  proxy_temp_path $WORK/upstream/proxy;
+  fastcgi_temp_path $WORK/upstream/fastcgi;
+  uwsgi_temp_path $WORK/upstream/uwsgi;
+  scgi_temp_path $WORK/upstream/scgi;
+  server { listen 127.0.0.1:$UP1; location / { return 200 "ok\n"; } }
+  server { listen 127.0.0.1:$UP2; location / { return 200 "ok\n"; } }
+}
+CONF
+nginx -p "$WORK/upstream" -c "$WORK/upstream.conf" 2> "$WORK/upstream.log" &
+PIDS+=($!)
+
+mkdir -p "$WORK/signpost/services.d"
+cat > "$WORK/signpost/services.d/web.yaml" <<YAML
+services:
+  - {name: web, id: web-1, address: 127.0.0.1, port: $UP1, protocol: http}
+  - {name: web, id: web-2, address: 127.0.0.1, port: $UP2, protocol: http}
+YAML
+cat > "$WORK/signpost/agent.yaml" <<YAML
+node_name: instructions
+data_dir: $WORK/signpost/data
+services_dir: $WORK/signpost/services.d
+advertise_addr: 127.0.0.1
+api: {listen: "127.0.0.1:$SP_API"}
+dns: {listen: "127.0.0.1:$SP_DNS", recursors: []}
+proxy: {vip_range: 127.97.0.0/24, http_port: $SP_HTTP, access_log: false}
+log: {level: warn}
+YAML
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  maxconn 8000
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+frontend web
+  bind 127.0.0.1:$HAPROXY_HTTP
+  default_backend web
+backend web
+  balance roundrobin
+  server web-1 127.0.0.1:$UP1
+  server web-2 127.0.0.1:$UP2
+CONF
+
+# count NAME URL -> instructions per request of the process last started
+# (its pid in $TARGET_PID), under callgrind.
+count() {
+  local name=$1 url=$2 ok=""
+  for _ in $(seq 1 300); do
+    ok=$(curl -fsS --max-time 2 "$url" 2> /dev/null) || true
+    [ "$ok" = ok ] && break
+    sleep 0.2
+  done
+  [ "$ok" = ok ] || { echo "$name ($url) does not answer 200 ok" >&2; exit 1; }
+  "$OHA" -n "$WARMUP" -c 16 --no-tui "$url" > /dev/null
+  callgrind_control -i on "$TARGET_PID" > /dev/null 2>&1
+  local answered
+  answered=$("$OHA" -n "$REQUESTS" -c 16 --no-tui --output-format json "$url" |
+    jq -r '.statusCodeDistribution["200"] // 0')
+  callgrind_control -d "$TARGET_PID" > /dev/null 2>&1
+  # Not the shutdown.
+  callgrind_control -i off "$TARGET_PID" > /dev/null 2>&1
+  kill "$TARGET_PID"
+  wait "$TARGET_PID" 2> /dev/null || true
+  [ "$answered" = "$REQUESTS" ] || { echo "$name: $answered of $REQUESTS answers were 200" >&2; exit 1; }
+  # Every dump of the process (one per thread group), summed.
+  cat "$WORK/$name".cg* | awk -v n="$REQUESTS" '/^totals:/ { s += $2 } END { printf "%.0f", s / n }'
+}
+
+log "signpost under callgrind"
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/signpost.cg" \
+  "$BIN" agent --config "$WORK/signpost/agent.yaml" 2> "$WORK/signpost.log" &
+TARGET_PID=$!
+PIDS+=("$TARGET_PID")
+vip=""
+for _ in $(seq 1 300); do
+  vip=$(dig +short +time=1 +tries=1 @127.0.0.1 -p $SP_DNS web.service.internal A 2> /dev/null |
+    grep -E '^[0-9.]+$' | head -n 1) || true
+  [ -n "$vip" ] && break
+  sleep 0.2
+done
+[ -n "$vip" ] || { echo "the agent does not resolve web.service.internal" >&2; exit 1; }
+SIGNPOST=$(count signpost "http://$vip:$SP_HTTP/")
+log "  $SIGNPOST instructions per request"
+
+log "haproxy under callgrind"
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/haproxy.cg" \
+  haproxy -db -f "$WORK/haproxy.cfg" > "$WORK/haproxy.log" 2>&1 &
+TARGET_PID=$!
+PIDS+=("$TARGET_PID")
+HAPROXY=$(count haproxy "http://127.0.0.1:$HAPROXY_HTTP/")
+log "  $HAPROXY instructions per request"
+
+echo
+echo "| callgrind, oha -n $REQUESTS -c 16 keep-alive | instructions per request | vs haproxy |"
+echo "| --- | ---: | ---: |"
+echo "| signpost | $SIGNPOST | $(awk -v a="$SIGNPOST" -v b="$HAPROXY" 'BEGIN { printf "%.2fx", a / b }') |"
+echo "| haproxy | $HAPROXY | 1.00x |"
