@@ -48,29 +48,9 @@ log() { echo "[$(date +%T)] $*" >&2; }
 
 UP1=19011 UP2=19012 HAPROXY_HTTP=19111 SP_API=19510 SP_DNS=19610 SP_HTTP=19090
 ME=$(id -un)
-mkdir -p "$WORK/upstream"
-cat > "$WORK/upstream.conf" <<CONF
-daemon off;
-master_process on;
-worker_processes 1;
-user $ME;
-pid $WORK/upstream/nginx.pid;
-error_log $WORK/upstream/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $WORK/upstream/body;
-  proxy_temp_path $WORK/upstream/proxy;
-  fastcgi_temp_path $WORK/upstream/fastcgi;
-  uwsgi_temp_path $WORK/upstream/uwsgi;
-  scgi_temp_path $WORK/upstream/scgi;
-  server { listen 127.0.0.1:$UP1; location / { return 200 "ok\n"; } }
-  server { listen 127.0.0.1:$UP2; location / { return 200 "ok\n"; } }
-}
-CONF
-nginx -p "$WORK/upstream" -c "$WORK/upstream.conf" 2> "$WORK/upstream.log" &
-PIDS+=($!)
+# shellcheck source=bench/proxy-common.sh
+. bench/proxy-common.sh
+start_upstream $UP1 $UP2
 
 mkdir -p "$WORK/signpost/services.d"
 cat > "$WORK/signpost/services.d/web.yaml" <<YAML
@@ -88,24 +68,7 @@ dns: {listen: "127.0.0.1:$SP_DNS", recursors: []}
 proxy: {vip_range: 127.97.0.0/24, http_port: $SP_HTTP, access_log: false}
 log: {level: warn}
 YAML
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  maxconn 8000
-defaults
-  mode http
-  option http-keep-alive
-  http-reuse always
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-frontend web
-  bind 127.0.0.1:$HAPROXY_HTTP
-  default_backend web
-backend web
-  balance roundrobin
-  server web-1 127.0.0.1:$UP1
-  server web-2 127.0.0.1:$UP2
-CONF
+haproxy_http_conf $HAPROXY_HTTP $UP1 $UP2 > "$WORK/haproxy.cfg"
 
 # count NAME URL -> instructions per request of the process last started
 # (its pid in $TARGET_PID), under callgrind.

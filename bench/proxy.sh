@@ -87,45 +87,11 @@ SP_API=19500 SP_DNS=19600 SP_HTTP=19080 # the agent; its VIPs come from 127.99.0
 ME=$(id -un)
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
-# nginx_conf DIR -> the global part of an nginx configuration kept in DIR.
-nginx_conf() {
-  mkdir -p "$1"
-  cat <<CONF
-daemon off;
-master_process on;
-worker_processes auto;
-user $ME;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-events { worker_connections 8192; }
-CONF
-}
-nginx_http_common() { # dir
-  cat <<CONF
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 75s;
-  client_body_temp_path $1/body;
-  proxy_temp_path $1/proxy;
-  fastcgi_temp_path $1/fastcgi;
-  uwsgi_temp_path $1/uwsgi;
-  scgi_temp_path $1/scgi;
-CONF
-}
+# shellcheck source=bench/proxy-common.sh
+. bench/proxy-common.sh
 
 # The upstreams: one nginx serving both HTTP instances; iperf3 for L4.
-{
-  nginx_conf "$WORK/upstream"
-  echo "http {"
-  nginx_http_common "$WORK/upstream"
-  cat <<CONF
-  server { listen 127.0.0.1:$UP1; location / { return 200 "ok\n"; } }
-  server { listen 127.0.0.1:$UP2; location / { return 200 "ok\n"; } }
-}
-CONF
-} > "$WORK/upstream.conf"
-nginx -p "$WORK/upstream" -c "$WORK/upstream.conf" 2> "$WORK/upstream.log" &
-PIDS+=($!)
+start_upstream $UP1 $UP2
 iperf3 -s -B 127.0.0.1 -p $BULK > "$WORK/iperf3.log" 2>&1 &
 PIDS+=($!)
 
@@ -159,29 +125,15 @@ PIDS+=($!)
 SIGNPOST_PID=$!
 
 # HAProxy: one process, one thread per core (its default).
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  maxconn 8000
-defaults
-  mode http
-  option http-keep-alive
-  http-reuse always
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  timeout http-keep-alive 75s
-frontend web
-  bind 127.0.0.1:$HAPROXY_HTTP
-  default_backend web
-backend web
-  balance roundrobin
-  server web-1 127.0.0.1:$UP1
-  server web-2 127.0.0.1:$UP2
+{
+  haproxy_http_conf $HAPROXY_HTTP $UP1 $UP2
+  cat <<CONF
 listen bulk
   mode tcp
   bind 127.0.0.1:$HAPROXY_TCP
   server bulk-1 127.0.0.1:$BULK
 CONF
+} > "$WORK/haproxy.cfg"
 haproxy -db -f "$WORK/haproxy.cfg" > "$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
 HAPROXY_PID=$!
