@@ -499,7 +499,13 @@ impl RetryBudget {
 mod tests {
     use super::*;
 
-    fn backend(policy: &Policy) -> Arc<Backend> {
+    /// A backend with these limits, and its policy.
+    fn limited(max_requests: u32, max_pending: u32) -> (Arc<Backend>, Policy) {
+        let policy = Policy {
+            max_requests,
+            max_pending,
+            ..Policy::default()
+        };
         let shared = Arc::new(Shared {
             zone: String::new(),
             pool_idle_timeout: Duration::from_secs(3),
@@ -517,7 +523,12 @@ mod tests {
             policy.clone(),
             shared,
         );
-        Arc::new(web)
+        (Arc::new(web), policy)
+    }
+
+    /// A deadline no test reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
     }
 
     /// Starts a request that waits for a slot; it says when it has one and
@@ -533,8 +544,7 @@ mod tests {
         let (release, release_rx) = tokio::sync::oneshot::channel::<()>();
         let (backend, policy) = (backend.clone(), policy.clone());
         tokio::spawn(async move {
-            let far = Instant::now() + Duration::from_secs(60);
-            let slot = backend.admit_request(&policy, far).await;
+            let slot = backend.admit_request(&policy, far()).await;
             assert!(slot.is_ok(), "the waiter was refused");
             let _ = admitted_tx.send(());
             let _ = release_rx.await;
@@ -550,20 +560,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_request_gets_the_slot_freed_and_more_wait_no_longer() {
-        let policy = Policy {
-            max_requests: 1,
-            max_pending: 1,
-            ..Policy::default()
-        };
-        let web = backend(&policy);
-        let far = Instant::now() + Duration::from_secs(60);
-        let first = web.admit_request(&policy, far).await.ok();
+        let (web, policy) = limited(1, 1);
+        let first = web.admit_request(&policy, far()).await.ok();
         assert!(first.is_some());
         let (mut admitted, _release) = waiter(&web, &policy);
         until_waiting(&web, 1).await;
         assert!(admitted.try_recv().is_err(), "admitted over max_requests");
         // One waits already: the next is refused at once.
-        let refused = web.admit_request(&policy, far).await.err();
+        let refused = web.admit_request(&policy, far()).await.err();
         assert!(
             matches!(
                 refused,
@@ -582,14 +586,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_raised_limit_admits_the_waiting_and_a_lowered_one_the_next() {
-        let mut policy = Policy {
-            max_requests: 1,
-            max_pending: 10,
-            ..Policy::default()
-        };
-        let web = backend(&policy);
-        let far = Instant::now() + Duration::from_secs(60);
-        let first = web.admit_request(&policy, far).await.ok();
+        let (web, mut policy) = limited(1, 10);
+        let first = web.admit_request(&policy, far()).await.ok();
         let (admitted, release) = waiter(&web, &policy);
         until_waiting(&web, 1).await;
         policy.max_requests = 2;

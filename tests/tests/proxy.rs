@@ -173,14 +173,8 @@ async fn idle_pooled_connections_are_closed() {
     let agent = agent("  pool_idle_timeout: 300ms\n").await;
     let web = upstreams("web", 1).await;
     register(&agent, "web.yaml", "web", "http", &web);
-    let port = web[0].addr.port();
-    let addr = vip(&agent, "web", port).await;
-    let c = client("web.service.internal", addr);
-    let r = c
-        .get(format!("http://web.service.internal:{port}/"))
-        .send()
-        .await
-        .unwrap();
+    let (c, url) = vip_client(&agent, "web", web[0].addr.port()).await;
+    let r = c.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
     r.text().await.unwrap();
     assert!(web[0].open() >= 1, "the proxy keeps its connection open");
