@@ -105,8 +105,8 @@ pub(crate) fn open(
     let listener = bind(addr)?;
     let target = Arc::new(ArcSwap::new(backend));
     let stop = tasks.drain.child_token();
-    // Every worker accepts on the same socket: a connection is served
-    // where it was accepted, with no hand-over between threads.
+    // Every worker accepts on the same socket; a connection is served
+    // where it was accepted unless another worker serves fewer.
     for worker in 0..tasks.workers.count() {
         let listener = listener.try_clone()?;
         let (target, stop, tasks2) = (target.clone(), stop.clone(), tasks.clone());
@@ -157,14 +157,15 @@ async fn accept_loop(
             Ok((stream, client)) => {
                 let backend = target.load_full();
                 let (drain, stop) = (conn_drain.clone(), conn_stop.clone());
+                let workers = &tasks.workers;
                 if backend.snapshot().protocol == Protocol::Tcp {
-                    tasks
-                        .tracker
-                        .spawn(crate::tcp::serve(backend, stream, client, stop));
+                    workers.spawn_connection(&tasks.tracker, stream, move |stream| {
+                        crate::tcp::serve(backend, stream, client, stop)
+                    });
                 } else {
-                    tasks
-                        .tracker
-                        .spawn(crate::http::serve(backend, stream, client, drain, stop));
+                    workers.spawn_connection(&tasks.tracker, stream, move |stream| {
+                        crate::http::serve(backend, stream, client, drain, stop)
+                    });
                 }
             }
             Err(error) => {

@@ -7,10 +7,14 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
+use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 thread_local! {
     /// This thread's worker number (0 on threads that are not workers).
@@ -39,7 +43,12 @@ impl<T> PerWorker<T> {
 
     /// The current worker's.
     pub(crate) fn local(&self) -> &T {
-        &self.0[current() % self.0.len()].0
+        self.get(current())
+    }
+
+    /// Worker `n`'s.
+    pub(crate) fn get(&self, n: usize) -> &T {
+        &self.0[n % self.0.len()].0
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
@@ -53,8 +62,22 @@ impl<T: std::fmt::Debug> std::fmt::Debug for PerWorker<T> {
     }
 }
 
+/// A connection counted on the worker that serves it, until dropped.
+struct Serving {
+    counts: Arc<PerWorker<AtomicUsize>>,
+    worker: usize,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.counts.get(self.worker).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub(crate) struct Workers {
     handles: Vec<Handle>,
+    /// How many connections each worker serves.
+    serving: Arc<PerWorker<AtomicUsize>>,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     stop: CancellationToken,
 }
@@ -80,6 +103,7 @@ impl Workers {
             threads.push(thread);
         }
         Ok(Workers {
+            serving: Arc::new(PerWorker::new(handles.len(), AtomicUsize::default)),
             handles,
             threads: std::sync::Mutex::new(threads),
             stop,
@@ -90,12 +114,77 @@ impl Workers {
         self.handles.len()
     }
 
+    /// Runs `serve` on a connection accepted on this thread: here, unless
+    /// another worker serves at least two fewer connections (HAProxy hands its accepted
+    /// connections to the least loaded thread too). All workers accept on
+    /// the same sockets and the first awake takes what waits, so without
+    /// this one thread can take most of a burst of connections and be busy
+    /// while the other idles. A connection handed over is registered with
+    /// its new thread's reactor, so its I/O never crosses threads.
+    pub(crate) fn spawn_connection<S, F>(&self, tracker: &TaskTracker, stream: TcpStream, serve: S)
+    where
+        S: FnOnce(TcpStream) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let here = current();
+        let local = self.serving.get(here).load(Ordering::Relaxed);
+        let mut least = (here, local);
+        for (n, serving) in self.serving.iter().enumerate() {
+            let count = serving.load(Ordering::Relaxed);
+            if count < least.1 {
+                least = (n, count);
+            }
+        }
+        // A hand-over costs a wake-up of the other thread and two more
+        // reactor calls: only worth it when one more connection here would
+        // leave this thread two ahead.
+        let worker = if least.1 + 1 < local { least.0 } else { here };
+        self.serving.get(worker).fetch_add(1, Ordering::Relaxed);
+        let serving = Serving {
+            counts: self.serving.clone(),
+            worker,
+        };
+        if worker == here {
+            tracker.spawn(async move {
+                let _serving = serving;
+                serve(stream).await;
+            });
+            return;
+        }
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%error, "cannot hand a connection to another thread");
+                return;
+            }
+        };
+        let task = tracker.track_future(async move {
+            let _serving = serving;
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream).await,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot take a connection from another thread")
+                }
+            }
+        });
+        self.spawn_on(worker, task);
+    }
+
     /// Runs `task` on worker `n`.
     pub(crate) fn spawn_on<F>(&self, n: usize, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         self.handles[n % self.handles.len()].spawn(task);
+    }
+
+    /// How many connections each worker serves.
+    #[cfg(test)]
+    pub(crate) fn serving(&self) -> Vec<usize> {
+        self.serving
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Stops the threads; tasks still running on them are dropped.
@@ -118,5 +207,59 @@ impl Workers {
         if let Err(error) = joined {
             tracing::error!(%error, "cannot wait for the proxy threads");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections accepted on one thread are spread over both, each run
+    /// where it is counted, and counted until it ends.
+    #[tokio::test]
+    async fn connections_accepted_on_one_thread_are_spread() {
+        let workers = Arc::new(Workers::start(2).unwrap());
+        let tracker = TaskTracker::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let release = CancellationToken::new();
+        let (ran, mut runs) = tokio::sync::mpsc::unbounded_channel();
+        let (accepted, all_accepted) = tokio::sync::oneshot::channel();
+        let (w, t, r) = (workers.clone(), tracker.clone(), release.clone());
+        // Every connection is accepted on worker 0.
+        workers.spawn_on(0, async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            for _ in 0..10 {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (r, ran) = (r.clone(), ran.clone());
+                w.spawn_connection(&t, stream, move |stream| async move {
+                    ran.send(current()).unwrap();
+                    r.cancelled().await;
+                    drop(stream);
+                });
+            }
+            accepted.send(()).unwrap();
+        });
+        all_accepted.await.unwrap();
+        let mut ran_on = [0_usize; 2];
+        for _ in 0..10 {
+            ran_on[runs.recv().await.unwrap()] += 1;
+        }
+        assert!(
+            ran_on[1] > 0 && ran_on[0].abs_diff(ran_on[1]) <= 2,
+            "{ran_on:?}"
+        );
+        assert_eq!(workers.serving(), ran_on.to_vec());
+
+        release.cancel();
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(workers.serving(), vec![0, 0]);
+        workers.stop().await;
     }
 }
