@@ -9,14 +9,24 @@
 # --instr-atstart=no`, send WARMUP keep-alive requests (pools filled),
 # switch counting on (`callgrind_control -i on`), send REQUESTS with
 # `oha -n REQUESTS -c 16`, dump, and divide the instructions counted by
-# the requests. Every answer must be a 200.
+# the requests. Every answer must be a 200. With CLOSE=1 every request
+# comes on a new client connection (`oha --disable-keepalive`), so the
+# count includes accepting and closing it.
 #
 #   bash bench/proxy-instructions.sh [REQUESTS]   # default 20000; about 1 minute, plus the build
+#   CLOSE=1 bash bench/proxy-instructions.sh
 # Needs: valgrind, haproxy, nginx, oha, jq, dig, curl (apt-get install
 # valgrind haproxy nginx jq bind9-dnsutils curl; oha as in bench/proxy.sh).
 set -euo pipefail
 REQUESTS=${1:-20000}
 WARMUP=${WARMUP:-2000}
+CLOSE=${CLOSE:-0}
+OHA_MODE=()
+MODE=keep-alive
+if [ "$CLOSE" = 1 ]; then
+  OHA_MODE=(--disable-keepalive)
+  MODE="a new connection each"
+fi
 cd "$(dirname "$0")/.."
 OHA=${OHA:-$HOME/.cache/signpost/tools/bin/oha}
 [ -x "$OHA" ] || OHA=$(command -v oha || true)
@@ -80,10 +90,10 @@ count() {
     sleep 0.2
   done
   [ "$ok" = ok ] || { echo "$name ($url) does not answer 200 ok" >&2; exit 1; }
-  "$OHA" -n "$WARMUP" -c 16 --no-tui "$url" > /dev/null
+  "$OHA" -n "$WARMUP" -c 16 "${OHA_MODE[@]}" --no-tui "$url" > /dev/null
   callgrind_control -i on "$TARGET_PID" > /dev/null 2>&1
   local answered
-  answered=$("$OHA" -n "$REQUESTS" -c 16 --no-tui --output-format json "$url" |
+  answered=$("$OHA" -n "$REQUESTS" -c 16 "${OHA_MODE[@]}" --no-tui --output-format json "$url" |
     jq -r '.statusCodeDistribution["200"] // 0')
   callgrind_control -d "$TARGET_PID" > /dev/null 2>&1
   # Not the shutdown.
@@ -120,7 +130,7 @@ HAPROXY=$(count haproxy "http://127.0.0.1:$HAPROXY_HTTP/")
 log "  $HAPROXY instructions per request"
 
 echo
-echo "| callgrind, oha -n $REQUESTS -c 16 keep-alive | instructions per request | vs haproxy |"
+echo "| callgrind, oha -n $REQUESTS -c 16, $MODE | instructions per request | vs haproxy |"
 echo "| --- | ---: | ---: |"
 echo "| signpost | $SIGNPOST | $(awk -v a="$SIGNPOST" -v b="$HAPROXY" 'BEGIN { printf "%.2fx", a / b }') |"
 echo "| haproxy | $HAPROXY | 1.00x |"
