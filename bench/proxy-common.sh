@@ -1,9 +1,41 @@
 # shellcheck shell=bash
 # What bench/proxy.sh and bench/proxy-instructions.sh share, sourced by
-# both: the nginx configuration pieces, the upstream (one nginx serving
-# two HTTP instances that answer `200 ok\n`) and HAProxy's HTTP part.
-# Expects WORK (a directory), ME (the user nginx runs as) and PIDS (the
-# processes to stop at exit).
+# both (from the repository root): finding oha, building the agent with
+# a work directory cleaned up at exit (bench_start), the nginx
+# configuration pieces, the upstream (one nginx serving two HTTP
+# instances that answer `200 ok\n`) and HAProxy's HTTP part.
+
+OHA=${OHA:-$HOME/.cache/signpost/tools/bin/oha}
+[ -x "$OHA" ] || OHA=$(command -v oha || true)
+ME=$(id -un)
+
+log() { echo "[$(date +%T)] $*" >&2; }
+
+# bench_start: builds the agent (BIN) and makes WORK, removed at exit
+# with the processes in PIDS stopped; on a failure, the logs' last lines.
+bench_start() {
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
+  cargo build --release -q -p signpost-agent --bins
+  # shellcheck disable=SC2034 # used by the scripts that source this
+  BIN="$CARGO_TARGET_DIR/release/signpost"
+  WORK=$(mktemp -d)
+  chmod 755 "$WORK"
+  PIDS=()
+  trap cleanup EXIT
+}
+
+cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ]; then
+    echo "failed (exit $rc); the last lines of the logs in $WORK:" >&2
+    for log in "$WORK"/*.log "$WORK"/*/*.log; do
+      [ -s "$log" ] && { echo "== $log" >&2; tail -n 30 "$log" >&2; }
+    done
+  fi
+  kill "${PIDS[@]}" 2> /dev/null || true
+  wait 2> /dev/null || true
+  rm -rf "$WORK"
+}
 
 # nginx_conf DIR -> the global part of an nginx configuration kept in DIR.
 nginx_conf() {

@@ -28,38 +28,17 @@ if [ "$CLOSE" = 1 ]; then
   MODE="a new connection each"
 fi
 cd "$(dirname "$0")/.."
-OHA=${OHA:-$HOME/.cache/signpost/tools/bin/oha}
-[ -x "$OHA" ] || OHA=$(command -v oha || true)
+# shellcheck source=bench/proxy-common.sh
+. bench/proxy-common.sh
 for tool in valgrind callgrind_control haproxy nginx jq dig curl "$OHA"; do
   command -v "$tool" > /dev/null || {
     echo "needs $tool (apt-get install valgrind haproxy nginx jq bind9-dnsutils curl; oha: see bench/proxy.sh)" >&2
     exit 1
   }
 done
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
-cargo build --release -q -p signpost-agent --bins
-BIN="$CARGO_TARGET_DIR/release/signpost"
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-  local rc=$?
-  if [ "$rc" != 0 ]; then
-    for log in "$WORK"/*.log; do
-      [ -s "$log" ] && { echo "== $log" >&2; tail -n 20 "$log" >&2; }
-    done
-  fi
-  kill "${PIDS[@]}" 2> /dev/null || true
-  wait 2> /dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-log() { echo "[$(date +%T)] $*" >&2; }
+bench_start
 
 UP1=19011 UP2=19012 HAPROXY_HTTP=19111 SP_API=19510 SP_DNS=19610 SP_HTTP=19090
-ME=$(id -un)
-# shellcheck source=bench/proxy-common.sh
-. bench/proxy-common.sh
 start_upstream $UP1 $UP2
 
 mkdir -p "$WORK/signpost/services.d"

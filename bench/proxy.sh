@@ -50,45 +50,22 @@ L4_BYTES=${L4_BYTES:-4G}
 RATES=${RATES:-"1000 5000"}
 ROUNDS=${ROUNDS:-3}
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/proxy-common.sh
+. bench/proxy-common.sh
 for tool in haproxy nginx wrk iperf3 jq dig curl; do
   command -v "$tool" > /dev/null || {
     echo "needs $tool (apt-get install haproxy nginx libnginx-mod-stream wrk iperf3 jq bind9-dnsutils curl)" >&2
     exit 1
   }
 done
-OHA=${OHA:-$HOME/.cache/signpost/tools/bin/oha}
-[ -x "$OHA" ] || OHA=$(command -v oha || true)
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
-cargo build --release -q -p signpost-agent --bins
-BIN="$CARGO_TARGET_DIR/release/signpost"
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-  local rc=$?
-  if [ "$rc" != 0 ]; then
-    echo "failed (exit $rc); the last lines of the logs in $WORK:" >&2
-    for log in "$WORK"/*.log "$WORK"/*/*.log; do
-      [ -s "$log" ] && { echo "== $log" >&2; tail -n 30 "$log" >&2; }
-    done
-  fi
-  kill "${PIDS[@]}" 2> /dev/null || true
-  wait 2> /dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-log() { echo "[$(date +%T)] $*" >&2; }
+bench_start
 
 # Ports, all on loopback.
 UP1=19001 UP2=19002 BULK=19003          # upstreams: two HTTP instances, iperf3
 HAPROXY_HTTP=19101 HAPROXY_TCP=19103
 NGINX_HTTP=19201 NGINX_TCP=19203
 SP_API=19500 SP_DNS=19600 SP_HTTP=19080 # the agent; its VIPs come from 127.99.0.0/24
-ME=$(id -un)
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
-
-# shellcheck source=bench/proxy-common.sh
-. bench/proxy-common.sh
 
 # The upstreams: one nginx serving both HTTP instances; iperf3 for L4.
 start_upstream $UP1 $UP2
