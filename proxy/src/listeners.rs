@@ -106,7 +106,7 @@ pub(crate) fn open(
     let target = Arc::new(ArcSwap::new(backend));
     let stop = tasks.drain.child_token();
     // Every worker accepts on the same socket; a connection is served
-    // where it was accepted unless another worker serves fewer.
+    // where it was accepted unless another worker serves two fewer.
     for worker in 0..tasks.workers.count() {
         let listener = listener.try_clone()?;
         let (target, stop, tasks2) = (target.clone(), stop.clone(), tasks.clone());

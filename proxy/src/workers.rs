@@ -115,12 +115,13 @@ impl Workers {
     }
 
     /// Runs `serve` on a connection accepted on this thread: here, unless
-    /// another worker serves at least two fewer connections (HAProxy hands its accepted
-    /// connections to the least loaded thread too). All workers accept on
-    /// the same sockets and the first awake takes what waits, so without
-    /// this one thread can take most of a burst of connections and be busy
-    /// while the other idles. A connection handed over is registered with
-    /// its new thread's reactor, so its I/O never crosses threads.
+    /// another worker serves at least two fewer connections (HAProxy hands
+    /// its accepted connections to the least loaded thread too). All
+    /// workers accept on the same sockets and the first awake takes what
+    /// waits, so without this one thread can take most of a burst of
+    /// connections and be busy while the other idles. A connection handed
+    /// over is registered with its new thread's reactor, so its I/O never
+    /// crosses threads.
     pub(crate) fn spawn_connection<S, F>(&self, tracker: &TaskTracker, stream: TcpStream, serve: S)
     where
         S: FnOnce(TcpStream) -> F + Send + 'static,
