@@ -191,7 +191,6 @@ async fn idle_pooled_connections_are_closed() {
     assert_eq!(open, 0, "idle connections to the instance are closed");
 }
 
-/// gRPC (HTTP/2 with prior knowledge on both sides) through the VIP.
 /// A client that shuts its sending side after the request (HTTP/1.1
 /// allows it) still gets the answer.
 #[tokio::test]
@@ -212,6 +211,7 @@ async fn a_half_closed_client_gets_its_answer() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
 }
 
+/// gRPC (HTTP/2 with prior knowledge on both sides) through the VIP.
 #[tokio::test]
 async fn grpc_goes_through_the_proxy_over_h2c() {
     use tonic_health::pb::HealthCheckRequest;
