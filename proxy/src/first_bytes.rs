@@ -11,7 +11,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+
+use crate::accept::ClientStream;
 
 /// What an HTTP/2 client sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -22,11 +23,11 @@ const FIRST_READ: usize = 2048;
 /// A client connection whose first bytes were read already.
 pub(crate) struct Prefixed {
     first: Bytes,
-    inner: TokioIo<TcpStream>,
+    inner: TokioIo<ClientStream>,
 }
 
 /// Reads the first bytes of `stream`; true if the client speaks HTTP/2.
-pub(crate) async fn sniff(mut stream: TcpStream) -> io::Result<(Prefixed, bool)> {
+pub(crate) async fn sniff(mut stream: ClientStream) -> io::Result<(Prefixed, bool)> {
     let mut first = BytesMut::with_capacity(FIRST_READ);
     let http2 = loop {
         let read = stream.read_buf(&mut first).await?;
@@ -98,14 +99,17 @@ impl Write for Prefixed {
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncWriteExt;
-    use tokio::net::TcpListener;
+    use tokio::net::TcpStream;
 
     use super::*;
+    use crate::accept::Listener;
 
     /// What `sniff` says of a client that sends `chunks` one at a time.
     async fn sniffed(chunks: &[&'static [u8]]) -> (bool, Vec<u8>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
+        let listener = Listener::new(listener).unwrap();
         let chunks = chunks.to_vec();
         let client = tokio::spawn(async move {
             let mut stream = TcpStream::connect(addr).await.unwrap();

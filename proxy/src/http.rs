@@ -19,10 +19,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use signpost_core::model::Protocol;
 use signpost_core::policy::{Balancer, Fallback, HashKey, Policy};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
+use crate::accept::ClientStream;
 use crate::backend::{Backend, ProxyBody, Snapshot};
 use crate::balance::hash_key;
 use crate::error::ProxyError;
@@ -58,12 +58,11 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 /// finish its requests and close.
 pub(crate) async fn serve(
     backend: Arc<Backend>,
-    stream: TcpStream,
+    stream: ClientStream,
     client: SocketAddr,
     drain: CancellationToken,
     stop: CancellationToken,
 ) {
-    crate::nodelay(&stream);
     let admitted = backend.admit_connection();
     // What the connection's requests share. Cloning it per request only
     // touches this thread's cache, where cloning the backend would touch

@@ -10,6 +10,8 @@
 //! Layout, in the order a connection meets it:
 //! - [`listeners`]: which (VIP, port) serves which backend; opened and
 //!   closed as the services change, without touching open connections.
+//! - `accept`: client connections, registered with a thread's reactor
+//!   only when they first have to wait.
 //! - `workers`: the threads connections run on, one current-thread
 //!   runtime each, so a request never crosses threads.
 //! - `tcp` / `http`: a connection joined to an instance (L4), or HTTP/1.1
@@ -28,6 +30,7 @@
 //! - [`error`]: failures classified by origin, retryability and status.
 //! - [`metrics`]: per service and instance.
 
+mod accept;
 mod backend;
 mod balance;
 mod breaker;
@@ -277,8 +280,8 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Strin
 }
 
 /// Sets TCP_NODELAY: a proxy must not hold back small writes.
-fn nodelay(stream: &TcpStream) {
-    if let Err(error) = stream.set_nodelay(true) {
+fn nodelay(stream: &impl std::os::fd::AsFd) {
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use signpost_core::model::Protocol;
 use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -137,7 +136,7 @@ async fn accept_loop(
     stop: CancellationToken,
     tasks: Tasks,
 ) {
-    let listener = match TcpListener::from_std(listener) {
+    let listener = match crate::accept::Listener::new(listener) {
         Ok(listener) => listener,
         Err(error) => {
             tracing::error!(%addr, %error, "cannot accept on the listener");

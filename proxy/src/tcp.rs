@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use signpost_core::policy::Balancer;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::ClientStream;
 use crate::backend::Backend;
 use crate::balance::hash_key;
 use crate::error::ProxyError;
@@ -23,7 +23,7 @@ const COPY_BUFFER: usize = 64 * 1024;
 /// fires.
 pub(crate) async fn serve(
     backend: Arc<Backend>,
-    mut inbound: TcpStream,
+    mut inbound: ClientStream,
     client: SocketAddr,
     stop: CancellationToken,
 ) {
@@ -84,7 +84,6 @@ pub(crate) async fn serve(
         let connected = Instant::now();
         backend.succeeded(member, connected - connect_started, connected);
         backend.circuit_outcome(policy, true, connected);
-        crate::nodelay(&inbound);
         let in_flight = member.stats.in_flight();
         let copied = tokio::select! {
             copied = tokio::io::copy_bidirectional_with_sizes(

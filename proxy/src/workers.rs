@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
-use tokio::net::TcpStream;
+use crate::accept::ClientStream;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -119,12 +119,16 @@ impl Workers {
     /// its accepted connections to the least loaded thread too). All
     /// workers accept on the same sockets and the first awake takes what
     /// waits, so without this one thread can take most of a burst of
-    /// connections and be busy while the other idles. A connection handed
-    /// over is registered with its new thread's reactor, so its I/O never
-    /// crosses threads.
-    pub(crate) fn spawn_connection<S, F>(&self, tracker: &TaskTracker, stream: TcpStream, serve: S)
-    where
-        S: FnOnce(TcpStream) -> F + Send + 'static,
+    /// connections and be busy while the other idles. Accepted connections
+    /// are not registered with a reactor yet (`accept`): one handed over is
+    /// registered with its new thread's, so its I/O never crosses threads.
+    pub(crate) fn spawn_connection<S, F>(
+        &self,
+        tracker: &TaskTracker,
+        stream: ClientStream,
+        serve: S,
+    ) where
+        S: FnOnce(ClientStream) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let here = current();
@@ -136,39 +140,23 @@ impl Workers {
                 least = (n, count);
             }
         }
-        // A hand-over costs a wake-up of the other thread and two more
-        // reactor calls: only worth it when one more connection here would
-        // leave this thread two ahead.
+        // A hand-over costs a wake-up of the other thread: only worth it
+        // when one more connection here would leave this thread two ahead.
         let worker = if least.1 + 1 < local { least.0 } else { here };
         self.serving.get(worker).fetch_add(1, Ordering::Relaxed);
         let serving = Serving {
             counts: self.serving.clone(),
             worker,
         };
-        if worker == here {
-            tracker.spawn(async move {
-                let _serving = serving;
-                serve(stream).await;
-            });
-            return;
-        }
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::debug!(%error, "cannot hand a connection to another thread");
-                return;
-            }
-        };
-        let task = tracker.track_future(async move {
+        let task = async move {
             let _serving = serving;
-            match TcpStream::from_std(stream) {
-                Ok(stream) => serve(stream).await,
-                Err(error) => {
-                    tracing::debug!(%error, "cannot take a connection from another thread")
-                }
-            }
-        });
-        self.spawn_on(worker, task);
+            serve(stream).await;
+        };
+        if worker == here {
+            tracker.spawn(task);
+        } else {
+            self.spawn_on(worker, tracker.track_future(task));
+        }
     }
 
     /// Runs `task` on worker `n`.
@@ -213,6 +201,9 @@ impl Workers {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
     use super::*;
 
     /// Connections accepted on one thread are spread over both, each run
@@ -234,12 +225,17 @@ mod tests {
         let (w, t, r) = (workers.clone(), tracker.clone(), release.clone());
         // Every connection is accepted on worker 0.
         workers.spawn_on(0, async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let listener = crate::accept::Listener::new(listener).unwrap();
             for _ in 0..10 {
                 let (stream, _) = listener.accept().await.unwrap();
                 let (r, ran) = (r.clone(), ran.clone());
-                w.spawn_connection(&t, stream, move |stream| async move {
+                w.spawn_connection(&t, stream, move |mut stream| async move {
                     ran.send(current()).unwrap();
+                    // Waits for the client (registered here), answers
+                    // with this thread's number.
+                    let mut byte = [0];
+                    stream.read_exact(&mut byte).await.unwrap();
+                    stream.write_all(&[current() as u8]).await.unwrap();
                     r.cancelled().await;
                     drop(stream);
                 });
@@ -251,6 +247,14 @@ mod tests {
         for _ in 0..10 {
             ran_on[runs.recv().await.unwrap()] += 1;
         }
+        let mut answered = [0_usize; 2];
+        for client in &mut clients {
+            client.write_all(b"?").await.unwrap();
+            let mut worker = [0];
+            client.read_exact(&mut worker).await.unwrap();
+            answered[usize::from(worker[0])] += 1;
+        }
+        assert_eq!(answered, ran_on, "each connection is served where it runs");
         assert!(
             ran_on[1] > 0 && ran_on[0].abs_diff(ran_on[1]) <= 2,
             "{ran_on:?}"
