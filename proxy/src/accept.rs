@@ -21,9 +21,10 @@ use tokio::net::TcpStream;
 pub(crate) struct Listener(AsyncFd<mio::net::TcpListener>);
 
 impl Listener {
-    /// Registers `listener` (non-blocking) with the current thread's
-    /// reactor; must run on a runtime.
+    /// Registers `listener` with the current thread's reactor; must run
+    /// on a runtime.
     pub(crate) fn new(listener: std::net::TcpListener) -> io::Result<Listener> {
+        listener.set_nonblocking(true)?;
         let listener = mio::net::TcpListener::from_std(listener);
         // tokio's own listener would register every accepted connection;
         // `AsyncFd` is how a socket is polled without that.
@@ -65,7 +66,15 @@ enum State {
     Closed,
 }
 
+/// The most a direct read takes at once: it zeroes the space first.
+const DIRECT_READ: usize = 16 * 1024;
+
 impl ClientStream {
+    /// Whether the connection has had to wait (it is then registered).
+    pub(crate) fn is_registered(&self) -> bool {
+        matches!(self.0, State::Registered(_))
+    }
+
     /// The stream registered with this thread's reactor, after a direct
     /// read or write would have blocked.
     fn registered(&mut self) -> io::Result<Pin<&mut TcpStream>> {
@@ -121,8 +130,11 @@ impl AsyncRead for ClientStream {
         if let State::Direct(stream) = &this.0 {
             // Zeroes what the read may fill (reading into uninitialised
             // memory takes unsafe code): only until the first read that
-            // would block, as reads go to tokio's stream after it.
-            match retry_interrupted(|| (&*stream).read(buf.initialize_unfilled())) {
+            // would block, as reads go to tokio's stream after it. Direct
+            // reads and writes spend none of tokio's cooperative budget;
+            // hyper and the L4 copy yield on their own.
+            let len = buf.remaining().min(DIRECT_READ);
+            match retry_interrupted(|| (&*stream).read(buf.initialize_unfilled_to(len))) {
                 Ok(read) => {
                     buf.advance(read);
                     return Poll::Ready(Ok(()));
@@ -175,7 +187,11 @@ impl AsyncWrite for ClientStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_mut().poll_io(
             cx,
-            |stream| stream.shutdown(Shutdown::Write),
+            // As tokio's: a connection the client reset is shut already.
+            |stream| match stream.shutdown(Shutdown::Write) {
+                Err(error) if error.kind() == io::ErrorKind::NotConnected => Ok(()),
+                done => done,
+            },
             |stream, cx| stream.poll_shutdown(cx),
         )
     }
@@ -183,13 +199,14 @@ impl AsyncWrite for ClientStream {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
     async fn pair() -> (ClientStream, TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let listener = Listener::new(listener).unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
@@ -198,8 +215,24 @@ mod tests {
         (accepted, client)
     }
 
-    fn is_registered(stream: &ClientStream) -> bool {
-        matches!(stream.0, State::Registered(_))
+    /// `io`, or a failure where a lost wake-up would hang the test.
+    async fn within<T>(io: impl Future<Output = io::Result<T>>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), io)
+            .await
+            .expect("no wake-up in 10 s")
+            .unwrap()
+    }
+
+    /// Waits (blocking) until the unregistered socket has something to
+    /// read, or an error; what `peek` says.
+    fn wait_for_input(stream: &ClientStream) -> io::Result<usize> {
+        let State::Direct(socket) = &stream.0 else {
+            panic!("registered already");
+        };
+        socket.set_nonblocking(false).unwrap();
+        let peeked = socket.peek(&mut [0; 64]);
+        socket.set_nonblocking(true).unwrap();
+        peeked
     }
 
     /// A request that is there when read, and an answer: no registration.
@@ -207,26 +240,20 @@ mod tests {
     async fn a_short_exchange_is_never_registered() {
         let (mut accepted, mut client) = pair().await;
         client.write_all(b"ping").await.unwrap();
-        // Until the bytes are there, as they are on a new connection's
-        // first read, mostly.
-        let State::Direct(socket) = &accepted.0 else {
-            panic!("registered before any read");
-        };
-        socket.set_nonblocking(false).unwrap();
-        socket.peek(&mut [0; 4]).unwrap();
-        socket.set_nonblocking(true).unwrap();
+        // As on a new connection's first read, mostly.
+        wait_for_input(&accepted).unwrap();
         let mut read = [0; 4];
         let mut got = 0;
         while got < 4 {
-            got += accepted.read(&mut read[got..]).await.unwrap();
+            got += within(accepted.read(&mut read[got..])).await;
         }
         assert_eq!(&read, b"ping");
-        accepted.write_all(b"pong").await.unwrap();
-        accepted.shutdown().await.unwrap();
+        within(accepted.write_all(b"pong")).await;
+        within(accepted.shutdown()).await;
         let mut answer = Vec::new();
-        client.read_to_end(&mut answer).await.unwrap();
+        within(client.read_to_end(&mut answer)).await;
         assert_eq!(answer, b"pong");
-        assert!(!is_registered(&accepted));
+        assert!(!accepted.is_registered());
     }
 
     /// A read with nothing there waits (registered) and gets what comes.
@@ -235,14 +262,27 @@ mod tests {
         let (mut accepted, mut client) = pair().await;
         let reader = tokio::spawn(async move {
             let mut read = [0; 5];
-            accepted.read_exact(&mut read).await.unwrap();
+            within(accepted.read_exact(&mut read)).await;
             (read, accepted)
         });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         client.write_all(b"hello").await.unwrap();
         let (read, accepted) = reader.await.unwrap();
         assert_eq!(&read, b"hello");
-        assert!(is_registered(&accepted));
+        assert!(accepted.is_registered());
+    }
+
+    /// Bytes that arrived before the registration are read after it: the
+    /// reactor learns of them when the socket is added.
+    #[tokio::test]
+    async fn bytes_there_before_the_registration_are_read() {
+        let (mut accepted, mut client) = pair().await;
+        client.write_all(b"early").await.unwrap();
+        wait_for_input(&accepted).unwrap();
+        accepted.registered().unwrap();
+        let mut read = [0; 5];
+        within(accepted.read_exact(&mut read)).await;
+        assert_eq!(&read, b"early");
     }
 
     /// A write larger than the socket's buffers waits for the client to
@@ -253,12 +293,12 @@ mod tests {
         let sent: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
         let expected = sent.clone();
         let writer = tokio::spawn(async move {
-            accepted.write_all(&sent).await.unwrap();
-            accepted.shutdown().await.unwrap();
+            within(accepted.write_all(&sent)).await;
+            within(accepted.shutdown()).await;
             accepted
         });
         let mut received = Vec::new();
-        client.read_to_end(&mut received).await.unwrap();
+        within(client.read_to_end(&mut received)).await;
         let accepted = writer.await.unwrap();
         assert!(
             received == expected,
@@ -266,6 +306,21 @@ mod tests {
             received.len(),
             expected.len()
         );
-        assert!(is_registered(&accepted));
+        assert!(accepted.is_registered());
+    }
+
+    /// Shutting down a connection the client reset succeeds, as with
+    /// tokio's stream (hyper and the L4 copy treat a failure as an error).
+    #[tokio::test]
+    async fn shutting_down_a_reset_connection_succeeds() {
+        let (mut accepted, client) = pair().await;
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        let reset = wait_for_input(&accepted).unwrap_err();
+        assert_eq!(reset.kind(), io::ErrorKind::ConnectionReset);
+        within(accepted.shutdown()).await;
+        assert!(!accepted.is_registered());
     }
 }

@@ -131,6 +131,7 @@ impl Workers {
         S: FnOnce(ClientStream) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
+        debug_assert!(!stream.is_registered(), "a connection as accepted");
         let here = current();
         let local = self.serving.get(here).load(Ordering::Relaxed);
         let mut least = (here, local);
@@ -206,14 +207,15 @@ mod tests {
 
     use super::*;
 
-    /// Connections accepted on one thread are spread over both, each run
-    /// where it is counted, and counted until it ends.
+    /// Connections accepted on one thread are spread over both, each
+    /// served by the thread it runs on (registered with that thread's
+    /// reactor: it answers while the other thread is blocked), and
+    /// counted until it ends.
     #[tokio::test]
     async fn connections_accepted_on_one_thread_are_spread() {
         let workers = Arc::new(Workers::start(2).unwrap());
         let tracker = TaskTracker::new();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut clients = Vec::new();
         for _ in 0..10 {
@@ -247,19 +249,43 @@ mod tests {
         for _ in 0..10 {
             ran_on[runs.recv().await.unwrap()] += 1;
         }
-        let mut answered = [0_usize; 2];
-        for client in &mut clients {
-            client.write_all(b"?").await.unwrap();
-            let mut worker = [0];
-            client.read_exact(&mut worker).await.unwrap();
-            answered[usize::from(worker[0])] += 1;
-        }
-        assert_eq!(answered, ran_on, "each connection is served where it runs");
         assert!(
             ran_on[1] > 0 && ran_on[0].abs_diff(ran_on[1]) <= 2,
             "{ran_on:?}"
         );
         assert_eq!(workers.serving(), ran_on.to_vec());
+
+        // Worker 0's thread blocks: the connections on worker 1 answer
+        // all the same, then worker 0's once it is released.
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let (blocked, worker_0_blocked) = tokio::sync::oneshot::channel();
+        let b = barrier.clone();
+        workers.spawn_on(0, async move {
+            blocked.send(()).unwrap();
+            b.wait();
+        });
+        worker_0_blocked.await.unwrap();
+        let (answer, mut answers) = tokio::sync::mpsc::unbounded_channel();
+        for mut client in clients {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                client.write_all(b"?").await.unwrap();
+                let mut worker = [0];
+                client.read_exact(&mut worker).await.unwrap();
+                answer.send(usize::from(worker[0])).unwrap();
+                client
+            });
+        }
+        let wait = std::time::Duration::from_secs(10);
+        for _ in 0..ran_on[1] {
+            let worker = tokio::time::timeout(wait, answers.recv()).await;
+            assert_eq!(worker, Ok(Some(1)), "only worker 1 runs");
+        }
+        barrier.wait();
+        for _ in 0..ran_on[0] {
+            let worker = tokio::time::timeout(wait, answers.recv()).await;
+            assert_eq!(worker, Ok(Some(0)));
+        }
 
         release.cancel();
         tracker.close();
