@@ -149,10 +149,14 @@ impl Workers {
             counts: self.serving.clone(),
             worker,
         };
-        let task = async move {
+        // Boxed: tokio allocates a task 128-byte aligned, and an
+        // allocator serves a small aligned block from its free lists, where
+        // a task holding the connection's whole state (kilobytes) takes its
+        // slow path.
+        let task = Box::pin(async move {
             let _serving = serving;
             serve(stream).await;
-        };
+        });
         if worker == here {
             tracker.spawn(task);
         } else {
