@@ -78,10 +78,9 @@ impl ClientStream {
     /// The stream registered with this thread's reactor, after a direct
     /// read or write would have blocked.
     fn registered(&mut self) -> io::Result<Pin<&mut TcpStream>> {
-        if let State::Direct(_) = self.0 {
-            let State::Direct(stream) = std::mem::replace(&mut self.0, State::Closed) else {
-                return Err(io::ErrorKind::NotConnected.into());
-            };
+        if matches!(self.0, State::Direct(_))
+            && let State::Direct(stream) = std::mem::replace(&mut self.0, State::Closed)
+        {
             self.0 = State::Registered(TcpStream::from_std(stream)?);
         }
         match &mut self.0 {

@@ -107,7 +107,6 @@ mod tests {
     /// What `sniff` says of a client that sends `chunks` one at a time.
     async fn sniffed(chunks: &[&'static [u8]]) -> (bool, Vec<u8>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let listener = Listener::new(listener).unwrap();
         let chunks = chunks.to_vec();
