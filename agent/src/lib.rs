@@ -22,8 +22,10 @@
 //!   answering from that catalog.
 //! - [`cli`], [`dev`]: the `signpost` subcommands that talk to an agent,
 //!   and the one-command demo.
+//! - [`alloc`]: the binary's global allocator.
 
 pub mod agent;
+pub mod alloc;
 mod api;
 mod catalog;
 pub mod checks;

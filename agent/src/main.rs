@@ -269,7 +269,7 @@ enum TokenCommand {
 /// on a new connection costs 8 % fewer instructions (1.4 % with
 /// keep-alive), for 2 MiB more RSS (bench/RESULTS.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: signpost_agent::alloc::MiMalloc = signpost_agent::alloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
