@@ -31,12 +31,14 @@
 # cores (2 on our machines), so the ceiling of each row is the sum of
 # three programs' CPU, not the proxy's alone; compare rows of one run.
 #
-# Each HTTP row runs ROUNDS times (default 3), the targets interleaved
-# within each round, and reports the median (and every round's value for
-# requests/s): on a shared 2-core VM one run of one target swings by
-# +-10 %, more than the differences measured.
+# Each HTTP row runs ROUNDS times (default 5), the targets interleaved
+# within each round, each round starting one target later than the one
+# before (so that no target always follows the same one), and reports the
+# median (and every round's value for requests/s): on a shared 2-core VM
+# one run of one target swings by up to 20 %, more than the differences
+# measured.
 #
-#   bash bench/proxy.sh [SECONDS]        # default 10 s per run: about 9 minutes, plus the build
+#   bash bench/proxy.sh [SECONDS]        # default 10 s per run: about 14 minutes, plus the build
 # Needs: haproxy, nginx (with libnginx-mod-stream for its L4 row), wrk,
 # iperf3, jq, dig, curl (apt-get install haproxy nginx libnginx-mod-stream
 # wrk iperf3 jq bind9-dnsutils curl), and oha for the fixed-rate rows:
@@ -48,7 +50,7 @@ set -euo pipefail
 SECONDS_PER_RUN=${1:-10}
 L4_BYTES=${L4_BYTES:-4G}
 RATES=${RATES:-"1000 5000"}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/proxy-common.sh
 . bench/proxy-common.sh
@@ -231,11 +233,22 @@ median() {
     if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
+# in_round ROUND -> the targets in the order of that round: rotated by
+# one more each round.
+in_round() {
+  local -a all
+  read -r -a all <<< "$TARGETS"
+  local n=${#all[@]} i
+  for ((i = 0; i < n; i++)); do
+    printf '%s ' "${all[$(((i + $1 - 1) % n))]}"
+  done
+}
+
 log "max requests/s (wrk -t1 -c64, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds)"
 declare -A RPS RPS_ALL NON2XX ERRS
 for mode in keep-alive close; do
   for round in $(seq 1 "$ROUNDS"); do
-    for t in $TARGETS; do
+    for t in $(in_round "$round"); do
       if [ $mode = close ]; then
         read -r rps n e < <(wrk_run "${HTTP_URL[$t]}" -H 'Connection: close')
       else
@@ -261,7 +274,7 @@ if [ -n "$OHA" ]; then
   for rate in $RATES; do
    for round in $(seq 1 "$ROUNDS"); do
     log "latency at $rate req/s (oha, ${SECONDS_PER_RUN}s per run), round $round of $ROUNDS"
-    for t in $TARGETS; do
+    for t in $(in_round "$round"); do
       read -r -a procs <<< "$(pids $t)"
       t0=0
       [ ${#procs[@]} -gt 0 ] && t0=$(cpu_ticks "${procs[@]}")
