@@ -32,8 +32,8 @@
 # three programs' CPU, not the proxy's alone; compare rows of one run.
 #
 # Each HTTP row runs ROUNDS times (default 5), the targets interleaved
-# within each round, each round starting one target later than the one
-# before (so that no target always follows the same one), and reports the
+# within each round in an order that changes from round to round (so
+# that no target always runs after the same one), and reports the
 # median (and every round's value for requests/s): on a shared 2-core VM
 # one run of one target swings by up to 20 %, more than the differences
 # measured.
@@ -234,13 +234,18 @@ median() {
 }
 
 # in_round ROUND -> the targets in the order of that round: rotated by
-# one more each round.
+# one more each round, and reversed in even rounds, so that each target
+# follows different ones (a rotation alone keeps the cyclic order).
 in_round() {
   local -a all
   read -r -a all <<< "$TARGETS"
   local n=${#all[@]} i
   for ((i = 0; i < n; i++)); do
-    printf '%s ' "${all[$(((i + $1 - 1) % n))]}"
+    if (($1 % 2)); then
+      printf '%s ' "${all[$(((i + $1 - 1) % n))]}"
+    else
+      printf '%s ' "${all[$(((n - 1 - i + $1 - 1) % n))]}"
+    fi
   done
 }
 
