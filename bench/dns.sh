@@ -123,10 +123,10 @@ for i in $(seq 1 10000); do echo "h$i.fwd.test A"; done > "$WORK/forwarded.txt"
 # Every server answers before measuring.
 for port in $SIGNPOST1 $SIGNPOSTN $UNBOUND1 $UNBOUNDN $DNSMASQ; do
   for _ in $(seq 1 100); do
-    dig +short +time=1 +tries=1 @127.0.0.1 -p $port web.service.internal A 2> /dev/null | grep -q . && break
+    dig +short +time=1 +tries=1 @127.0.0.1 -p $port web.service.internal A 2> /dev/null | grep -qE '^[0-9.]+$' && break
     sleep 0.1
   done
-  dig +short @127.0.0.1 -p $port web.service.internal A | grep -q . || { echo "server on $port does not answer" >&2; cat "$WORK"/*.log >&2; exit 1; }
+  dig +short @127.0.0.1 -p $port web.service.internal A | grep -qE '^[0-9.]+$' || { echo "server on $port does not answer" >&2; cat "$WORK"/*.log >&2; exit 1; }
 done
 
 # run PORT FILE -> "qps mean_ms"

@@ -156,7 +156,10 @@ NGINX_PID=$!
 resolve() {
   local vip=""
   for _ in $(seq 1 100); do
-    vip=$(dig +short +time=1 +tries=1 @127.0.0.1 -p $SP_DNS "$1" A 2> /dev/null | head -n 1) || true
+    # Only an address: dig prints its errors (";; communications error
+    # ...", while the agent starts) on stdout.
+    vip=$(dig +short +time=1 +tries=1 @127.0.0.1 -p $SP_DNS "$1" A 2> /dev/null |
+      grep -E '^[0-9.]+$' | head -n 1) || true
     [ -n "$vip" ] && break
     sleep 0.1
   done
