@@ -101,13 +101,18 @@ pub(crate) fn open(
     backend: Arc<Backend>,
     tasks: &Tasks,
 ) -> std::io::Result<Open> {
-    let listener = bind(addr)?;
+    // One socket per worker, all bound to `addr` (SO_REUSEPORT): the
+    // kernel spreads new connections over them, and a connection wakes
+    // only the worker whose socket it came to, where one shared socket
+    // woke every worker for each connection and all but one found
+    // nothing to accept. All are bound before any is served, so a port
+    // in use fails the whole listener.
+    let sockets = (0..tasks.workers.count())
+        .map(|_| bind(addr))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let target = Arc::new(ArcSwap::new(backend));
     let stop = tasks.drain.child_token();
-    // Every worker accepts on the same socket; a connection is served
-    // where it was accepted unless another worker serves two fewer.
-    for worker in 0..tasks.workers.count() {
-        let listener = listener.try_clone()?;
+    for (worker, listener) in sockets.into_iter().enumerate() {
         let (target, stop, tasks2) = (target.clone(), stop.clone(), tasks.clone());
         tasks.workers.spawn_on(
             worker,
@@ -122,6 +127,7 @@ pub(crate) fn open(
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
@@ -240,6 +246,19 @@ mod tests {
         };
         assert_eq!(by_port(8080), Some(1));
         assert_eq!(by_port(9090), Some(2));
+    }
+
+    /// Every worker's socket binds the same address, but a port that
+    /// another program listens on is refused, as without SO_REUSEPORT.
+    #[test]
+    fn workers_share_an_address_that_others_cannot_take() {
+        let first = bind(SocketAddr::from(([127, 77, 0, 9], 0))).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind(addr).unwrap();
+        assert_eq!(second.local_addr().unwrap(), addr);
+        let taken = std::net::TcpListener::bind("127.77.0.10:0").unwrap();
+        let refused = bind(taken.local_addr().unwrap()).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::AddrInUse);
     }
 
     #[test]
