@@ -11,21 +11,33 @@
 # `oha -n REQUESTS -c 16`, dump, and divide the instructions counted by
 # the requests. Every answer must be a 200. With CLOSE=1 every request
 # comes on a new client connection (`oha --disable-keepalive`), so the
-# count includes accepting and closing it.
+# count includes accepting and closing it. With RATE=N the counted
+# requests come at N per second (`oha -q N`) rather than as fast as the
+# target answers, so that most requests wake the target up: the count
+# then includes what each wake-up costs, as at the fixed rates of
+# bench/proxy.sh (keep RATE low, such as 500: callgrind runs the target
+# some 50 times slower).
 #
 #   bash bench/proxy-instructions.sh [REQUESTS]   # default 20000; about 1 minute, plus the build
 #   CLOSE=1 bash bench/proxy-instructions.sh
+#   RATE=500 bash bench/proxy-instructions.sh 5000
 # Needs: valgrind, haproxy, nginx, oha, jq, dig, curl (apt-get install
 # valgrind haproxy nginx jq bind9-dnsutils curl; oha as in bench/proxy.sh).
 set -euo pipefail
 REQUESTS=${1:-20000}
 WARMUP=${WARMUP:-2000}
 CLOSE=${CLOSE:-0}
+RATE=${RATE:-}
 OHA_MODE=()
 MODE=keep-alive
 if [ "$CLOSE" = 1 ]; then
   OHA_MODE=(--disable-keepalive)
   MODE="a new connection each"
+fi
+OHA_RATE=()
+if [ -n "$RATE" ]; then
+  OHA_RATE=(-q "$RATE")
+  MODE="$MODE, $RATE req/s"
 fi
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/proxy-common.sh
@@ -72,7 +84,7 @@ count() {
   "$OHA" -n "$WARMUP" -c 16 "${OHA_MODE[@]}" --no-tui "$url" > /dev/null
   callgrind_control -i on "$TARGET_PID" > /dev/null 2>&1
   local answered
-  answered=$("$OHA" -n "$REQUESTS" -c 16 "${OHA_MODE[@]}" --no-tui --output-format json "$url" |
+  answered=$("$OHA" -n "$REQUESTS" -c 16 "${OHA_MODE[@]}" "${OHA_RATE[@]}" --no-tui --output-format json "$url" |
     jq -r '.statusCodeDistribution["200"] // 0')
   callgrind_control -d "$TARGET_PID" > /dev/null 2>&1
   # Not the shutdown.
