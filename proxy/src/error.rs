@@ -31,6 +31,8 @@ pub enum ProxyError {
     Reset { addr: String, reason: String },
     #[error("{addr} answered 503")]
     Unavailable { addr: String },
+    #[error("{addr} switched protocols, which the request did not ask for")]
+    Upgrade { addr: String },
     #[error("the circuit is open")]
     CircuitOpen,
     #[error("the service is degraded by an operator")]
@@ -55,7 +57,8 @@ impl ProxyError {
             ProxyError::Connect { .. }
             | ProxyError::TryTimeout { .. }
             | ProxyError::Reset { .. }
-            | ProxyError::Unavailable { .. } => Origin::Upstream,
+            | ProxyError::Unavailable { .. }
+            | ProxyError::Upgrade { .. } => Origin::Upstream,
             ProxyError::ClientBody(_) => Origin::Client,
         }
     }
@@ -75,6 +78,7 @@ impl ProxyError {
             | ProxyError::RateLimited
             | ProxyError::Timeout(_)
             | ProxyError::Limit { .. }
+            | ProxyError::Upgrade { .. }
             | ProxyError::ClientBody(_) => false,
         }
     }
@@ -88,7 +92,7 @@ impl ProxyError {
             | ProxyError::Unavailable { .. }
             | ProxyError::Limit { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::TryTimeout { .. } | ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Reset { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Reset { .. } | ProxyError::Upgrade { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -106,6 +110,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => "timeout",
             ProxyError::Reset { .. } => "upstream_reset",
             ProxyError::Unavailable { .. } => "upstream_unavailable",
+            ProxyError::Upgrade { .. } => "upstream_upgrade",
             ProxyError::Limit { limit, .. } => limit,
             ProxyError::ClientBody(_) => "client_body",
         }

@@ -1,12 +1,14 @@
 //! L7: HTTP/1.1 and HTTP/2 (h2c) from the client, pooled HTTP/1.1 or
 //! HTTP/2 to the instances, with one overall deadline, per-try timeouts
-//! and retries to another instance within the service's budget.
+//! and retries to another instance within the service's budget. An
+//! HTTP/1.1 request that switches protocols (a WebSocket) becomes a
+//! tunnel between the client and the instance that accepted it.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +18,8 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioExecutor;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use signpost_core::model::Protocol;
 use signpost_core::policy::{Balancer, Fallback, HashKey, Policy};
 use tokio::time::Instant;
@@ -67,11 +70,20 @@ pub(crate) async fn serve(
     // What the connection's requests share. Cloning it per request only
     // touches this thread's cache, where cloning the backend would touch
     // a count every worker thread writes.
-    let shared = Arc::new((backend.clone(), admitted.is_err()));
+    let shared = Arc::new(ClientConnection {
+        backend: backend.clone(),
+        over_limit: admitted.is_err(),
+        tunnel: Mutex::default(),
+    });
+    let state = shared.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let shared = shared.clone();
         async move {
-            let (backend, over_limit) = &*shared;
+            let ClientConnection {
+                backend,
+                over_limit,
+                tunnel,
+            } = &*shared;
             let response = if *over_limit {
                 // Over max_connections: every request fails fast.
                 let limit = ProxyError::Limit {
@@ -80,7 +92,7 @@ pub(crate) async fn serve(
                 };
                 reject(backend, &req, limit, Instant::now())
             } else {
-                handle(backend, req, client).await
+                handle(backend, req, client, tunnel).await
             };
             Ok::<_, Infallible>(response)
         }
@@ -111,7 +123,8 @@ pub(crate) async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .writev(false)
                 .half_close(true)
-                .serve_connection(io, service);
+                .serve_connection(io, service)
+                .with_upgrades();
             drive(conn, |c| c.graceful_shutdown(), drained, &stop).await
         }
         Err(error) => {
@@ -122,7 +135,74 @@ pub(crate) async fn serve(
     if let Err(error) = result {
         tracing::debug!(service = %backend.name, %client, %error, "client connection ended with an error");
     }
+    // A switched connection is still this one: it keeps its admission.
+    let tunnel = state
+        .tunnel
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(tunnel) = tunnel {
+        run_tunnel(&backend, client, tunnel, &stop).await;
+    }
     drop(admitted);
+}
+
+/// What a client connection's requests share.
+struct ClientConnection {
+    backend: Arc<Backend>,
+    /// Over `max_connections`: every request fails fast.
+    over_limit: bool,
+    /// Set by the request whose answer switched protocols.
+    tunnel: Mutex<Option<Tunnel>>,
+}
+
+/// A connection an instance switched to another protocol (a WebSocket):
+/// the client's side and the instance's, each handed over by hyper once
+/// the 101 has gone through.
+struct Tunnel {
+    client: OnUpgrade,
+    instance: OnUpgrade,
+    label: String,
+}
+
+/// Joins the two sides of a switched connection; bytes flow both ways
+/// until either side closes it or `stop` fires, as on an L4 listener.
+async fn run_tunnel(
+    backend: &Backend,
+    client: SocketAddr,
+    tunnel: Tunnel,
+    stop: &CancellationToken,
+) {
+    let instance = tunnel.label;
+    let sides = async { Ok::<_, hyper::Error>((tunnel.client.await?, tunnel.instance.await?)) };
+    let joined = tokio::select! {
+        sides = sides => sides,
+        () = stop.cancelled() => return,
+    };
+    let (client_side, instance_side) = match joined {
+        Ok(sides) => sides,
+        Err(error) => {
+            tracing::debug!(service = %backend.name, %client, %instance, %error, "a switched connection closed before it started");
+            return;
+        }
+    };
+    let (mut client_side, mut instance_side) =
+        (TokioIo::new(client_side), TokioIo::new(instance_side));
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client_side, &mut instance_side) => Some(copied),
+        () = stop.cancelled() => None,
+    };
+    match copied {
+        Some(Ok((up, down))) => {
+            tracing::debug!(service = %backend.name, %client, %instance, bytes_sent = up, bytes_received = down, "switched connection closed");
+        }
+        Some(Err(error)) => {
+            tracing::debug!(service = %backend.name, %client, %instance, %error, "switched connection ended with an error");
+        }
+        None => {
+            tracing::debug!(service = %backend.name, %client, %instance, "switched connection closed at shutdown");
+        }
+    }
 }
 
 /// Runs a client connection until it ends; once `drained`, lets it
@@ -152,12 +232,15 @@ where
 /// One request from a client, answered by an instance or by the proxy.
 /// Not an `async fn`, for the reason [`forward`] is not.
 #[allow(clippy::manual_async_fn)]
-fn handle(
-    backend: &Backend,
-    req: Request<Incoming>,
+fn handle<'a>(
+    backend: &'a Backend,
+    mut req: Request<Incoming>,
     client: SocketAddr,
-) -> impl Future<Output = Response<AnswerBody>> + '_ {
+    tunnel: &'a Mutex<Option<Tunnel>>,
+) -> impl Future<Output = Response<AnswerBody>> + 'a {
     async move {
+        // There when hyper saw an HTTP/1.1 request to switch protocols.
+        let mut upgrade = req.extensions_mut().remove::<OnUpgrade>();
         let started = Instant::now();
         backend.used(started);
         let snapshot = backend.snapshot_full();
@@ -167,15 +250,35 @@ fn handle(
         let path = target.as_ref().map_or("/", PathAndQuery::path);
         let mut attempts = 0;
         let mut admitted = false;
-        let result = forward(
+        let mut result = forward(
             backend,
             &snapshot,
             req,
             client,
             started,
+            upgrade.is_some(),
             (&mut attempts, &mut admitted),
         )
         .await;
+        // An answer that switched protocols leaves a tunnel for `serve`.
+        if let Ok((response, instance)) = &mut result
+            && response.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            let label = instance.to_string();
+            let sides = upgrade
+                .take()
+                .zip(response.extensions_mut().remove::<OnUpgrade>());
+            match sides {
+                Some((client, instance)) => {
+                    *tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(Tunnel {
+                        client,
+                        instance,
+                        label,
+                    });
+                }
+                None => result = Err(ProxyError::Upgrade { addr: label }),
+            }
+        }
         let finished = Instant::now();
         if admitted {
             let ok = match &result {
@@ -249,6 +352,7 @@ fn forward<'s: 'f, 'f>(
     req: Request<Incoming>,
     client: SocketAddr,
     started: Instant,
+    can_upgrade: bool,
     (attempts, admitted): (&'f mut u32, &'f mut bool),
 ) -> impl Future<Output = Result<(Response<AnswerBody>, &'s str), ProxyError>> + 'f {
     async move {
@@ -277,7 +381,16 @@ fn forward<'s: 'f, 'f>(
         let mut headers = parts.headers;
         let key =
             (policy.balancer == Balancer::Hash).then(|| balance_key(policy, &headers, client));
-        strip_hop_by_hop(&mut headers);
+        let http2 = matches!(snapshot.protocol, Protocol::Http2 | Protocol::Grpc);
+        // A switch of protocols (a WebSocket) goes on to an HTTP/1.1
+        // instance, with this hop's own two headers.
+        let upgrade = strip_hop_by_hop(&mut headers)
+            .filter(|protocols| can_upgrade && !http2 && !names_h2c(protocols));
+        let upgrading = upgrade.is_some();
+        if let Some(protocols) = upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocols);
+        }
         // The header goes in the map every attempt clones, so that a clone
         // (made to its length) never grows: later attempts only replace
         // its value. What it replaces says whether a proxy before this
@@ -309,7 +422,6 @@ fn forward<'s: 'f, 'f>(
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let http2 = matches!(snapshot.protocol, Protocol::Http2 | Protocol::Grpc);
 
         backend.deposit();
         // The first try starts now, with the body read and a slot taken.
@@ -388,7 +500,18 @@ fn forward<'s: 'f, 'f>(
                     member.stats.statuses.count(status.as_u16());
                     if !retry_503 {
                         let mut response = response.map(Either::Right);
-                        strip_hop_by_hop(response.headers_mut());
+                        let switched = strip_hop_by_hop(response.headers_mut());
+                        if status == StatusCode::SWITCHING_PROTOCOLS {
+                            // The connection becomes a tunnel (see `serve`).
+                            let Some(protocols) = switched.filter(|_| upgrading) else {
+                                return Err(ProxyError::Upgrade {
+                                    addr: member.label.clone(),
+                                });
+                            };
+                            let headers = response.headers_mut();
+                            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                            headers.insert(header::UPGRADE, protocols);
+                        }
                         return Ok((response, &member.label));
                     }
                     ProxyError::Unavailable {
@@ -478,7 +601,10 @@ fn hop_by_hop(name: &HeaderName) -> Option<usize> {
     }
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes the headers that belong to one connection. Returns the
+/// `Upgrade` header's value when `Connection` names it: the protocols the
+/// message asks to switch to (or, on a 101, switches to).
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     // One pass over the names says which are here (most messages carry
     // one or none): only those are looked up and removed.
     let mut present = [false; HOP_BY_HOP.len()];
@@ -493,6 +619,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // usual `close` and `keep-alive` need no lookup). One lookup removes
     // it and yields its values.
     let mut named: Vec<HeaderName> = Vec::new();
+    let mut upgrade_named = false;
     if present[0]
         && let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION)
     {
@@ -507,19 +634,27 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
                     .split(',')
                     .map(str::trim)
                     .filter(|n| {
+                        if n.eq_ignore_ascii_case("upgrade") {
+                            upgrade_named = true;
+                            return false;
+                        }
                         !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive")
                     })
                     .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
             );
         }
     }
+    let mut upgrade = None;
     for (name, _) in HOP_BY_HOP
         .iter()
         .zip(present)
         .skip(1)
         .filter(|(_, here)| *here)
     {
-        headers.remove(name);
+        let removed = headers.remove(name);
+        if *name == header::UPGRADE {
+            upgrade = removed;
+        }
     }
     for name in &named {
         headers.remove(name);
@@ -532,6 +667,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     {
         headers.remove(header::TE);
     }
+    upgrade.filter(|_| upgrade_named)
+}
+
+/// Does an `Upgrade` value name h2c? That switch is not passed on: the
+/// connection would carry HTTP/2 past the proxy's per-request routing,
+/// and the proxy speaks h2c to clients itself (as Envoy strips it).
+fn names_h2c(protocols: &HeaderValue) -> bool {
+    protocols
+        .as_bytes()
+        .split(|b| *b == b',')
+        .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
 }
 
 /// What a [`Balancer::Hash`] service hashes for this request; the client's
@@ -675,8 +821,27 @@ mod tests {
         ] {
             h.insert(name, HeaderValue::from_static("1"));
         }
-        strip_hop_by_hop(&mut h);
+        // An Upgrade header that Connection does not name asks for nothing.
+        assert_eq!(strip_hop_by_hop(&mut h), None);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn a_switch_of_protocols_is_found_and_h2c_told_apart() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("sec-websocket-key", HeaderValue::from_static("k"));
+        assert_eq!(
+            strip_hop_by_hop(&mut h),
+            Some(HeaderValue::from_static("websocket"))
+        );
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["sec-websocket-key"]);
+        assert!(names_h2c(&HeaderValue::from_static("foo, H2C")));
+        assert!(!names_h2c(&HeaderValue::from_static("websocket")));
     }
 
     #[test]

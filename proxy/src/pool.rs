@@ -6,8 +6,9 @@
 //! an answer gives its connection back when its body has been read to the
 //! end (a connection whose answer was not read to the end is closed). A
 //! request that a pooled connection could not even start to send (the
-//! instance had just closed it) goes on a new one. HTTP/2 (h2c): one
-//! multiplexed connection per instance.
+//! instance had just closed it) goes on a new one; one whose answer
+//! switched protocols (101) is not given back: it carries the tunnel.
+//! HTTP/2 (h2c): one multiplexed connection per instance.
 //!
 //! Connections idle longer than the idle timeout are closed by a sweeper
 //! that runs while the pool holds any.
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fnv::FnvHashMap;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -148,28 +149,28 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(|e| PoolError::Connect(signpost_core::error_chain(&e)))?;
-        run_connection(addr, conn);
+        // An answer that switches protocols (101) hands the connection
+        // over to the proxy's tunnel.
+        run_connection(addr, conn.with_upgrades());
         let response = sender.send_request(req).await?;
         Ok(self.answer(addr, sender, response))
     }
 
-    /// The answer, with what gives its connection back once read.
+    /// The answer, with what gives its connection back once read (unless
+    /// it switched protocols: then the connection is the tunnel's).
     fn answer(
         &self,
         addr: SocketAddr,
         sender: http1::SendRequest<ProxyBody>,
         response: Response<Incoming>,
     ) -> Response<Answer> {
-        let checkin = Checkin {
+        let checkin = (response.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Checkin {
             pool: Arc::downgrade(&self.idle),
             idle_timeout: self.idle_timeout,
             addr,
             sender,
-        };
-        let mut answer = response.map(|body| Answer {
-            body,
-            checkin: Some(checkin),
         });
+        let mut answer = response.map(|body| Answer { body, checkin });
         answer.body_mut().finish_if_read();
         answer
     }

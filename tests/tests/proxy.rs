@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use signpost_tests::Agent;
 use signpost_tests::upstream::{HANG, Upstream, bind, client, spread, upstreams, vip, vip_client};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
@@ -799,4 +799,184 @@ async fn the_breaker_opens_on_failures_and_a_good_probe_closes_it() {
         .await;
     assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
     assert!(agent.log().contains("circuit closed"), "{}", agent.log());
+}
+
+/// An HTTP/1.1 instance that switches to an echo protocol when asked
+/// (`Upgrade: echo`), also unasked on `/unasked`, and otherwise answers
+/// with the `Upgrade` header it received (`-` when none).
+async fn upgrading_server() -> SocketAddr {
+    let listener = bind(0).await;
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|mut req: hyper::Request<_>| async move {
+                let asked = req.headers().get("upgrade").cloned();
+                let echo = asked.as_ref().is_some_and(|v| v == "echo");
+                let response = if echo || req.uri().path() == "/unasked" {
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = upgrade.await else { return };
+                        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n @ 1..) = io.read(&mut buf).await {
+                            if io.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    hyper::Response::builder()
+                        .status(101)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "echo")
+                        .body(http_body_util::Full::new(bytes::Bytes::new()))
+                } else {
+                    let seen = asked.map_or("-".to_string(), |v| v.to_str().unwrap().to_string());
+                    hyper::Response::builder()
+                        .body(http_body_util::Full::new(bytes::Bytes::from(seen)))
+                };
+                Ok::<_, std::convert::Infallible>(response.unwrap())
+            });
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads an answer's head (to the blank line), lower-cased.
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "closed after {head:?}"
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+/// A client that asks to switch protocols (as a WebSocket does) gets the
+/// instance's 101 and then a tunnel to it that holds its connection
+/// (admission included) until the client closes it; an h2c switch is not
+/// passed on, and a 101 nobody asked for is the instance's error.
+#[tokio::test]
+async fn a_switch_of_protocols_becomes_a_tunnel_to_the_instance() {
+    let agent = agent("").await;
+    let server = upgrading_server().await;
+    agent.write_service_file(
+        "ws.yaml",
+        &format!(
+            "services:\n  - name: ws\n    address: {}\n    port: {}\n    protocol: http\n",
+            server.ip(),
+            server.port()
+        ),
+    );
+    let addr = vip(&agent, "ws", server.port()).await;
+    let active = "signpost_agent_proxy_connections_active{service=\"ws\"}";
+
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: ws.service.internal\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("\r\nupgrade: echo\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert_eq!(echo(&mut stream, "hello").await, "hello");
+    let long = "x".repeat(100_000);
+    assert_eq!(echo(&mut stream, &long).await, long);
+    assert_eq!(
+        agent.metric(active).await,
+        1.0,
+        "the tunnel is still a connection"
+    );
+    drop(stream);
+    agent
+        .eventually("the tunnel's connection to close", || async {
+            (agent.metric(active).await == 0.0).then_some(())
+        })
+        .await;
+
+    let (client, url) = vip_client(&agent, "ws", server.port()).await;
+    let answer = client
+        .get(&url)
+        .header("connection", "upgrade")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.text().await.unwrap(),
+        "-",
+        "h2c reached the instance"
+    );
+
+    let answer = client.get(format!("{url}unasked")).send().await.unwrap();
+    assert_eq!(answer.status(), 502);
+    assert_eq!(answer.headers()["x-signpost-error"], "upstream_upgrade");
+}
+
+/// A real WebSocket server and client (python3-websockets, from the
+/// Debian package, hence the system interpreter) talk through the VIP.
+#[tokio::test]
+#[ignore = "needs python3-websockets"]
+async fn a_websocket_client_reaches_a_websocket_server_through_the_vip() {
+    const PYTHON: &str = "/usr/bin/python3";
+    let peer = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/websocket.py");
+    let agent = agent("").await;
+    let port = bind(0).await.local_addr().unwrap();
+    let mut server = tokio::process::Command::new(PYTHON)
+        .args([
+            peer,
+            "serve",
+            &port.ip().to_string(),
+            &port.port().to_string(),
+        ])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run /usr/bin/python3 (install python3-websockets)");
+    let mut ready = String::new();
+    tokio::io::BufReader::new(server.stdout.as_mut().unwrap())
+        .read_line(&mut ready)
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.trim(),
+        "listening",
+        "the server did not start (install python3-websockets)"
+    );
+    agent.write_service_file(
+        "ws.yaml",
+        &format!(
+            "services:\n  - name: chat\n    address: {}\n    port: {}\n    protocol: http\n",
+            port.ip(),
+            port.port()
+        ),
+    );
+    let addr = vip(&agent, "chat", port.port()).await;
+    let out = tokio::process::Command::new(PYTHON)
+        .args([peer, "client", &format!("ws://{addr}/chat")])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "{stdout}\n{stderr}"
+    );
+    server.kill().await.unwrap();
 }
