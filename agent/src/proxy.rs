@@ -33,6 +33,7 @@ pub(crate) fn new(catalog: &AgentCatalog, metrics: Arc<ProxyMetrics>) -> std::io
         zone: config.zone.clone(),
         http_port: config.proxy.http_port,
         pool_idle_timeout: config.proxy.pool_idle_timeout,
+        client_idle_timeout: config.proxy.client_idle_timeout,
         access_log: config.proxy.access_log,
         threads,
     };

@@ -259,6 +259,11 @@ pub struct ProxyConfig {
     /// below the instances' own keep-alive timeout.
     #[serde(with = "crate::duration::serde_go")]
     pub pool_idle_timeout: Duration,
+    /// A client's HTTP connection that starts no request for this long is
+    /// closed once its current exchange ends (0: never); keep it above
+    /// the clients' own pool idle timeouts.
+    #[serde(with = "crate::duration::serde_go")]
+    pub client_idle_timeout: Duration,
     /// One JSON (or plain) log line per request or connection, on the
     /// `signpost::access` target.
     pub access_log: bool,
@@ -277,6 +282,7 @@ impl Default for ProxyConfig {
             http_port: 80,
             threads: 0,
             pool_idle_timeout: Duration::from_secs(3),
+            client_idle_timeout: Duration::from_secs(600),
             access_log: false,
             defaults: PolicyOverride::default(),
             services: BTreeMap::new(),

@@ -509,6 +509,7 @@ mod tests {
         let shared = Arc::new(Shared {
             zone: String::new(),
             pool_idle_timeout: Duration::from_secs(3),
+            client_idle_timeout: Duration::ZERO,
             access_log: false,
             metrics: Arc::default(),
             on_use: Box::new(|_| {}),

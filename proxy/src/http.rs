@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use signpost_core::model::Protocol;
 use signpost_core::policy::{Balancer, Fallback, HashKey, Policy};
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::sync::CancellationToken;
 
 use crate::accept::ClientStream;
 use crate::backend::{Backend, ProxyBody, Snapshot};
@@ -73,6 +74,7 @@ pub(crate) async fn serve(
     let shared = Arc::new(ClientConnection {
         backend: backend.clone(),
         over_limit: admitted.is_err(),
+        busy: AtomicBool::new(false),
         tunnel: Mutex::default(),
     });
     let state = shared.clone();
@@ -82,8 +84,10 @@ pub(crate) async fn serve(
             let ClientConnection {
                 backend,
                 over_limit,
+                busy,
                 tunnel,
             } = &*shared;
+            busy.store(true, Ordering::Relaxed);
             let response = if *over_limit {
                 // Over max_connections: every request fails fast.
                 let limit = ProxyError::Limit {
@@ -97,13 +101,21 @@ pub(crate) async fn serve(
             Ok::<_, Infallible>(response)
         }
     });
-    // One wait for the drain, from the first byte to the last request.
-    let drained = drain.cancelled();
-    tokio::pin!(drained);
+    // One wait, from the first byte to the last request, for a reason to
+    // close: the listener drains, or the client leaves the connection idle.
+    let closing = async {
+        tokio::select! {
+            () = drain.cancelled() => {}
+            () = idle(&state.busy, backend.shared.client_idle_timeout) => {
+                tracing::debug!(service = %backend.name, %client, "closing an idle client connection");
+            }
+        }
+    };
+    tokio::pin!(closing);
     let sniffed = tokio::select! {
         sniffed = crate::first_bytes::sniff(stream) => sniffed,
         // Nothing asked yet: nothing to finish.
-        () = drained.as_mut() => return,
+        () = closing.as_mut() => return,
     };
     let result = match sniffed {
         Ok((io, true)) => {
@@ -111,7 +123,7 @@ pub(crate) async fn serve(
                 .serve_connection(io, service);
             // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1
             // one's, and every connection's task would be that large.
-            Box::pin(drive(conn, |c| c.graceful_shutdown(), drained, &stop)).await
+            Box::pin(drive(conn, |c| c.graceful_shutdown(), closing, &stop)).await
         }
         Ok((io, false)) => {
             // One flat write per answer rather than a vectored one: the
@@ -125,7 +137,7 @@ pub(crate) async fn serve(
                 .half_close(true)
                 .serve_connection(io, service)
                 .with_upgrades();
-            drive(conn, |c| c.graceful_shutdown(), drained, &stop).await
+            drive(conn, |c| c.graceful_shutdown(), closing, &stop).await
         }
         Err(error) => {
             tracing::debug!(service = %backend.name, %client, %error, "cannot read from a client");
@@ -147,11 +159,29 @@ pub(crate) async fn serve(
     drop(admitted);
 }
 
+/// Resolves once the connection started no request (`busy` stayed
+/// false) for a whole `period`; never when `period` is zero. It looks once
+/// a period (one timer per connection, none per request), so an idle
+/// connection closes one to two periods after its last request began.
+async fn idle(busy: &AtomicBool, period: Duration) {
+    if period.is_zero() {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(period).await;
+        if !busy.swap(false, Ordering::Relaxed) {
+            return;
+        }
+    }
+}
+
 /// What a client connection's requests share.
 struct ClientConnection {
     backend: Arc<Backend>,
     /// Over `max_connections`: every request fails fast.
     over_limit: bool,
+    /// A request started since [`idle`] last looked.
+    busy: AtomicBool,
     /// Set by the request whose answer switched protocols.
     tunnel: Mutex<Option<Tunnel>>,
 }
@@ -205,21 +235,22 @@ async fn run_tunnel(
     }
 }
 
-/// Runs a client connection until it ends; once `drained`, lets it
+/// Runs a client connection until it ends; once `closing`, lets it
 /// finish its requests (`shutdown`) until `stop` fires.
-async fn drive<C>(
+async fn drive<C, F>(
     conn: C,
     shutdown: fn(Pin<&mut C>),
-    drained: Pin<&mut WaitForCancellationFuture<'_>>,
+    closing: Pin<&mut F>,
     stop: &CancellationToken,
 ) -> hyper::Result<()>
 where
     C: Future<Output = hyper::Result<()>>,
+    F: Future<Output = ()>,
 {
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => result,
-        () = drained => {
+        () = closing => {
             shutdown(conn.as_mut());
             tokio::select! {
                 result = conn.as_mut() => result,

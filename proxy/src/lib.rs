@@ -71,6 +71,9 @@ pub struct Settings {
     pub http_port: u16,
     /// Idle pooled connections to instances close after this.
     pub pool_idle_timeout: Duration,
+    /// A client's HTTP connection that starts no request for this long
+    /// closes once its current exchange ends (zero: never).
+    pub client_idle_timeout: Duration,
     /// A log line per request (L7) or connection (L4).
     pub access_log: bool,
     /// Threads connections run on (at least one).
@@ -97,6 +100,7 @@ pub struct ServiceSpec {
 pub(crate) struct Shared {
     zone: String,
     pool_idle_timeout: Duration,
+    client_idle_timeout: Duration,
     access_log: bool,
     metrics: Arc<ProxyMetrics>,
     on_use: Box<dyn Fn(&str) + Send + Sync>,
@@ -134,6 +138,7 @@ impl Proxy {
             shared: Arc::new(Shared {
                 zone: settings.zone,
                 pool_idle_timeout: settings.pool_idle_timeout,
+                client_idle_timeout: settings.client_idle_timeout,
                 access_log: settings.access_log,
                 metrics,
                 on_use: Box::new(on_use),

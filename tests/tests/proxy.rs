@@ -191,6 +191,38 @@ async fn idle_pooled_connections_are_closed() {
     assert_eq!(open, 0, "idle connections to the instance are closed");
 }
 
+/// A client connection that starts no request for `client_idle_timeout`
+/// is closed, but never in the middle of an exchange: a request slower
+/// than the timeout gets its whole answer first.
+#[tokio::test]
+async fn idle_client_connections_are_closed_after_their_exchange() {
+    let agent = agent("  client_idle_timeout: 300ms\n").await;
+    let web = upstreams("web", 1).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let addr = vip(&agent, "web", web[0].addr.port()).await;
+    web[0].set_delay(1500);
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: web.service.internal\r\n\r\n")
+        .await
+        .unwrap();
+    // To the end of the stream: the proxy closes it after the answer
+    // (the limit only keeps a broken proxy from hanging the test).
+    let limit = std::time::Duration::from_secs(60);
+    let mut answer = String::new();
+    tokio::time::timeout(limit, slow.read_to_string(&mut answer))
+        .await
+        .expect("the idle connection was never closed")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("web-1"), "the whole answer: {answer}");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(limit, silent.read_to_end(&mut rest))
+        .await
+        .expect("the silent connection was never closed");
+    assert_eq!(read.unwrap(), 0);
+}
+
 /// A client that shuts its sending side after the request (HTTP/1.1
 /// allows it) still gets the answer.
 #[tokio::test]
