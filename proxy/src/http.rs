@@ -8,8 +8,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +30,7 @@ use crate::accept::ClientStream;
 use crate::backend::{Backend, ProxyBody, Snapshot};
 use crate::balance::hash_key;
 use crate::error::ProxyError;
+use crate::idle::Activity;
 use crate::pool::{Answer, PoolError};
 
 /// An answer body the proxy sends a client: its own (an error, an
@@ -74,7 +75,7 @@ pub(crate) async fn serve(
     let shared = Arc::new(ClientConnection {
         backend: backend.clone(),
         over_limit: admitted.is_err(),
-        busy: AtomicBool::new(false),
+        activity: Activity::default(),
         tunnel: Mutex::default(),
     });
     let state = shared.clone();
@@ -84,10 +85,10 @@ pub(crate) async fn serve(
             let ClientConnection {
                 backend,
                 over_limit,
-                busy,
+                activity,
                 tunnel,
             } = &*shared;
-            busy.store(true, Ordering::Relaxed);
+            activity.request();
             let response = if *over_limit {
                 // Over max_connections: every request fails fast.
                 let limit = ProxyError::Limit {
@@ -101,16 +102,19 @@ pub(crate) async fn serve(
             Ok::<_, Infallible>(response)
         }
     });
+    let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+    let watch = crate::idle::watch(state.clone(), waker, backend.shared.client_idle_timeout);
     // One wait, from the first byte to the last request, for a reason to
-    // close: the listener drains, or the client leaves the connection idle.
-    let closing = async {
-        tokio::select! {
-            () = drain.cancelled() => {}
-            () = idle(&state.busy, backend.shared.client_idle_timeout) => {
-                tracing::debug!(service = %backend.name, %client, "closing an idle client connection");
-            }
+    // close: the listener drains, or the client left the connection idle.
+    let drained = drain.cancelled();
+    tokio::pin!(drained);
+    let closing = std::future::poll_fn(|cx| {
+        if state.activity.is_idle() {
+            tracing::debug!(service = %backend.name, %client, "closing an idle client connection");
+            return Poll::Ready(());
         }
-    };
+        drained.as_mut().poll(cx)
+    });
     tokio::pin!(closing);
     let sniffed = tokio::select! {
         sniffed = crate::first_bytes::sniff(stream) => sniffed,
@@ -147,6 +151,7 @@ pub(crate) async fn serve(
     if let Err(error) = result {
         tracing::debug!(service = %backend.name, %client, %error, "client connection ended with an error");
     }
+    drop(watch);
     // A switched connection is still this one: it keeps its admission.
     let tunnel = state
         .tunnel
@@ -159,31 +164,21 @@ pub(crate) async fn serve(
     drop(admitted);
 }
 
-/// Resolves once the connection started no request (`busy` stayed
-/// false) for a whole `period`; never when `period` is zero. It looks once
-/// a period (one timer per connection, none per request), so an idle
-/// connection closes one to two periods after its last request began.
-async fn idle(busy: &AtomicBool, period: Duration) {
-    if period.is_zero() {
-        return std::future::pending().await;
-    }
-    loop {
-        tokio::time::sleep(period).await;
-        if !busy.swap(false, Ordering::Relaxed) {
-            return;
-        }
-    }
-}
-
 /// What a client connection's requests share.
 struct ClientConnection {
     backend: Arc<Backend>,
     /// Over `max_connections`: every request fails fast.
     over_limit: bool,
-    /// A request started since [`idle`] last looked.
-    busy: AtomicBool,
+    /// When it last started a request, for the idle sweeper.
+    activity: Activity,
     /// Set by the request whose answer switched protocols.
     tunnel: Mutex<Option<Tunnel>>,
+}
+
+impl AsRef<Activity> for ClientConnection {
+    fn as_ref(&self) -> &Activity {
+        &self.activity
+    }
 }
 
 /// A connection an instance switched to another protocol (a WebSocket):

@@ -38,6 +38,7 @@ mod endpoint;
 pub mod error;
 mod first_bytes;
 mod http;
+mod idle;
 mod listeners;
 pub mod metrics;
 mod pool;
