@@ -115,6 +115,9 @@ struct Inner {
     listeners: HashMap<SocketAddr, Open>,
     /// Listeners that could not be opened last time (logged once).
     failed: HashSet<SocketAddr>,
+    /// The instances with metric series: (VIP name, address). Several
+    /// backends of one name share an instance's series.
+    instances: HashSet<(String, SocketAddr)>,
 }
 
 /// The running proxy.
@@ -151,6 +154,7 @@ impl Proxy {
                 backends: HashMap::new(),
                 listeners: HashMap::new(),
                 failed: HashSet::new(),
+                instances: HashSet::new(),
             }),
             tasks: Tasks {
                 tracker: TaskTracker::new(),
@@ -198,6 +202,17 @@ impl Proxy {
             }
         }
         inner.backends = wanted_backends;
+        // Series of instances no backend has any more go.
+        let mut instances = HashSet::new();
+        for backend in inner.backends.values() {
+            let snapshot = backend.snapshot();
+            let members = snapshot.members.iter();
+            instances.extend(members.map(|m| (backend.name.clone(), m.endpoint.addr)));
+        }
+        for (name, addr) in inner.instances.difference(&instances) {
+            self.shared.metrics.remove_instance(name, &addr.to_string());
+        }
+        inner.instances = instances;
 
         inner.listeners.retain(|addr, open| {
             let keep = wanted_listeners.contains_key(addr);

@@ -152,6 +152,22 @@ impl ProxyMetrics {
             .inc();
     }
 
+    /// Drops the series of an instance that left a service, so that a
+    /// fleet whose instances come and go does not grow them for ever.
+    pub(crate) fn remove_instance(&self, service: &str, instance: &str) {
+        for class in 1..=5 {
+            self.requests.remove(&RequestLabels {
+                service: service.to_string(),
+                instance: instance.to_string(),
+                class: format!("{class}xx"),
+            });
+        }
+        self.ejections.remove(&InstanceLabels {
+            service: service.to_string(),
+            instance: instance.to_string(),
+        });
+    }
+
     pub(crate) fn error(&self, service: &str, reason: &str) {
         self.errors
             .get_or_create(&ReasonLabels {

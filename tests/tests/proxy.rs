@@ -1012,3 +1012,36 @@ async fn a_websocket_client_reaches_a_websocket_server_through_the_vip() {
     );
     server.kill().await.unwrap();
 }
+
+/// An instance's metric series go when it leaves the service (a fleet
+/// whose instances come and go would otherwise grow them for ever); the
+/// remaining instance's series stay and keep counting.
+#[tokio::test]
+async fn an_instances_metric_series_go_when_it_leaves() {
+    let agent = agent("  defaults:\n    balancer: round_robin\n").await;
+    let web = upstreams("web", 2).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let (c, url) = vip_client(&agent, "web", web[0].addr.port()).await;
+    let seen = spread(&c, &url, 4).await;
+    assert_eq!(seen.len(), 2, "both instances answered: {seen:?}");
+    let series = |u: &Upstream| {
+        format!(
+            "signpost_agent_proxy_requests_total{{service=\"web\",instance=\"{}\",class=\"2xx\"}}",
+            u.addr
+        )
+    };
+    assert!(agent.metric(&series(&web[0])).await >= 1.0);
+    assert!(agent.metric(&series(&web[1])).await >= 1.0);
+
+    register(&agent, "web.yaml", "web", "http", &web[..1]);
+    let gone = format!("instance=\"{}\"", web[1].addr);
+    agent
+        .eventually("the series of the instance that left to go", || async {
+            (!agent.get("/metrics").await.text.contains(&gone)).then_some(())
+        })
+        .await;
+    let before = agent.metric(&series(&web[0])).await;
+    assert!(before >= 1.0, "the remaining instance's series stays");
+    spread(&c, &url, 2).await;
+    assert_eq!(agent.metric(&series(&web[0])).await, before + 2.0);
+}
