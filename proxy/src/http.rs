@@ -187,7 +187,10 @@ impl AsRef<Activity> for ClientConnection {
 struct Tunnel {
     client: OnUpgrade,
     instance: OnUpgrade,
-    label: String,
+    /// The instance: `snapshot.members[member]`, counted in flight (as
+    /// its requests are, for the balancer) while the tunnel lasts.
+    snapshot: Arc<Snapshot>,
+    member: usize,
 }
 
 /// Joins the two sides of a switched connection; bytes flow both ways
@@ -198,7 +201,9 @@ async fn run_tunnel(
     tunnel: Tunnel,
     stop: &CancellationToken,
 ) {
-    let instance = tunnel.label;
+    let member = &tunnel.snapshot.members[tunnel.member];
+    let _in_flight = member.stats.in_flight();
+    let instance = &member.label;
     let sides = async { Ok::<_, hyper::Error>((tunnel.client.await?, tunnel.instance.await?)) };
     let joined = tokio::select! {
         sides = sides => sides,
@@ -290,19 +295,24 @@ fn handle<'a>(
         if let Ok((response, instance)) = &mut result
             && response.status() == StatusCode::SWITCHING_PROTOCOLS
         {
-            let label = instance.to_string();
+            let member = snapshot.members.iter().position(|m| m.label == *instance);
             let sides = upgrade
                 .take()
-                .zip(response.extensions_mut().remove::<OnUpgrade>());
+                .zip(response.extensions_mut().remove::<OnUpgrade>())
+                .zip(member);
             match sides {
-                Some((client, instance)) => {
+                Some(((client, instance), member)) => {
                     *tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(Tunnel {
                         client,
                         instance,
-                        label,
+                        snapshot: snapshot.clone(),
+                        member,
                     });
                 }
-                None => result = Err(ProxyError::Upgrade { addr: label }),
+                None => {
+                    let addr = instance.to_string();
+                    result = Err(ProxyError::Upgrade { addr });
+                }
             }
         }
         let finished = Instant::now();
