@@ -424,8 +424,7 @@ fn forward<'s: 'f, 'f>(
             .filter(|protocols| can_upgrade && !http2 && !names_h2c(protocols));
         let upgrading = upgrade.is_some();
         if let Some(protocols) = upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, protocols);
+            set_upgrade(&mut headers, protocols);
         }
         // The header goes in the map every attempt clones, so that a clone
         // (made to its length) never grows: later attempts only replace
@@ -544,9 +543,7 @@ fn forward<'s: 'f, 'f>(
                                     addr: member.label.clone(),
                                 });
                             };
-                            let headers = response.headers_mut();
-                            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                            headers.insert(header::UPGRADE, protocols);
+                            set_upgrade(response.headers_mut(), protocols);
                         }
                         return Ok((response, &member.label));
                     }
@@ -704,6 +701,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
         headers.remove(header::TE);
     }
     upgrade.filter(|_| upgrade_named)
+}
+
+/// This hop's own headers for a switch to `protocols` (the ones the last
+/// hop sent were stripped with the other hop-by-hop headers).
+fn set_upgrade(headers: &mut HeaderMap, protocols: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocols);
 }
 
 /// Does an `Upgrade` value name h2c? That switch is not passed on: the

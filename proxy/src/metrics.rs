@@ -159,7 +159,7 @@ impl ProxyMetrics {
             self.requests.remove(&RequestLabels {
                 service: service.to_string(),
                 instance: instance.to_string(),
-                class: format!("{class}xx"),
+                class: class_label(class),
             });
         }
         self.ejections.remove(&InstanceLabels {
@@ -186,6 +186,11 @@ impl ProxyMetrics {
     }
 }
 
+/// The `class` label of status class `class` (2 for 200 to 299): `2xx`.
+fn class_label(class: u16) -> String {
+    format!("{class}xx")
+}
+
 /// Request counters by status class, each created on its first use and
 /// then counted without a lookup.
 pub(crate) struct StatusCounters {
@@ -205,7 +210,7 @@ impl StatusCounters {
                 .get_or_create(&RequestLabels {
                     service: self.service.clone(),
                     instance: self.instance.clone(),
-                    class: format!("{}xx", status / 100),
+                    class: class_label(status / 100),
                 })
                 .clone()
         })
