@@ -14,9 +14,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use signpost_core::model::Protocol;
@@ -32,10 +29,6 @@ use crate::error::ProxyError;
 use crate::metrics::{ProxyMetrics, StatusCounters};
 use crate::pool::Pool;
 use crate::workers::PerWorker;
-
-/// A request body the proxy sends: one it holds whole (kept for retries)
-/// or the client's, streamed. No box, so no allocation per message.
-pub(crate) type ProxyBody = Either<Full<Bytes>, Incoming>;
 
 /// How long a deposit counts in the retry budget (Linkerd's 10 s).
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);

@@ -27,8 +27,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::accept::ClientStream;
-use crate::backend::{Backend, ProxyBody, Snapshot};
+use crate::backend::{Backend, Snapshot};
 use crate::balance::hash_key;
+use crate::body::{MAX_KEPT, Payload};
 use crate::error::ProxyError;
 use crate::idle::Activity;
 use crate::pool::{Answer, PoolError};
@@ -44,10 +45,6 @@ pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-signpost-attem
 
 /// Set on every answer the proxy makes itself: why it failed.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-signpost-error");
-
-/// Request bodies up to this size are kept for a retry (Linkerd's 64 KiB);
-/// a longer one is streamed and its request is not retried.
-const MAX_BUFFERED: u64 = 64 * 1024;
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
 static HOP_BY_HOP: [HeaderName; 6] = [
@@ -361,23 +358,6 @@ fn handle<'a>(
     }
 }
 
-/// The request's body as sent to an instance: kept whole when small
-/// enough to be sent again, else streamed once.
-enum Payload {
-    Kept(Bytes),
-    Stream(Option<Incoming>),
-}
-
-impl Payload {
-    /// The body for the next attempt; `None` once a stream was used.
-    fn next(&mut self) -> Option<ProxyBody> {
-        match self {
-            Payload::Kept(bytes) => Some(Either::Left(Full::new(bytes.clone()))),
-            Payload::Stream(body) => body.take().map(Either::Right),
-        }
-    }
-}
-
 /// Not an `async fn`: one of those keeps each argument twice in its
 /// state (the argument, and the local it is moved to), and this state is
 /// moved with every request.
@@ -443,14 +423,17 @@ fn forward<'s: 'f, 'f>(
         let mut payload = if body.is_end_stream() {
             // Nothing to read (a GET): nothing to wait for.
             Payload::Kept(Bytes::new())
-        } else if retry_here && body.size_hint().upper().is_some_and(|n| n <= MAX_BUFFERED) {
-            let kept = Limited::new(body, MAX_BUFFERED as usize)
+        } else if retry_here && body.size_hint().upper().is_some_and(|n| n <= MAX_KEPT) {
+            // A length known to be small: read whole before the first try.
+            let kept = Limited::new(body, MAX_KEPT as usize)
                 .collect()
                 .await
                 .map_err(|e| ProxyError::ClientBody(e.to_string()))?;
             Payload::Kept(kept.to_bytes())
         } else {
-            Payload::Stream(Some(body))
+            // Streamed (chunked, or HTTP/2 without a length): copied as it
+            // goes when an answer could still be retried once it is sent.
+            Payload::streamed(body, retry_here && idempotent)
         };
         let path = parts
             .uri
@@ -526,7 +509,8 @@ fn forward<'s: 'f, 'f>(
                     let retry_503 = status == StatusCode::SERVICE_UNAVAILABLE
                         && idempotent
                         && retry_here
-                        && attempt < policy.retries;
+                        && attempt < policy.retries
+                        && payload.can_resend();
                     if status.is_server_error() {
                         backend.failed(snapshot, member, rtt);
                     } else {
@@ -551,7 +535,8 @@ fn forward<'s: 'f, 'f>(
                         addr: member.label.clone(),
                     }
                 }
-                Ok(Err(PoolError::Connect(reason))) => {
+                Ok(Err(PoolError::Connect { reason, request })) => {
+                    payload.unsent(request.into_body());
                     backend.failed(snapshot, member, rtt);
                     ProxyError::Connect {
                         addr: member.label.clone(),
@@ -578,7 +563,7 @@ fn forward<'s: 'f, 'f>(
                 }
             };
             tracing::debug!(service = %backend.name, instance = %member.label, attempt = attempt + 1, %error, "attempt failed");
-            let again = error.retryable(idempotent) && retry_here;
+            let again = error.retryable(idempotent) && retry_here && payload.can_resend();
             // Only a retry looks at what was tried: no allocation until then.
             tried.push(addr);
             last = Some(error);

@@ -16,7 +16,8 @@
 //!   runtime each, so a request never crosses threads.
 //! - `tcp` / `http`: a connection joined to an instance (L4), or HTTP/1.1
 //!   and h2c requests forwarded over pooled connections with deadlines
-//!   and budgeted retries (L7); `first_bytes` tells h2c from HTTP/1.1.
+//!   and budgeted retries (L7); `first_bytes` tells h2c from HTTP/1.1,
+//!   and `body` keeps what a retry sends again.
 //! - `backend`: one service's instances, policy snapshot, limits, retry
 //!   budget and pools.
 //! - `pool`: the connections to instances kept open between requests,
@@ -33,6 +34,7 @@
 mod accept;
 mod backend;
 mod balance;
+mod body;
 mod breaker;
 mod endpoint;
 pub mod error;

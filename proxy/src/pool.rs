@@ -4,11 +4,14 @@
 //!
 //! HTTP/1.1: idle connections per instance, the most recently used first;
 //! an answer gives its connection back when its body has been read to the
-//! end (a connection whose answer was not read to the end is closed). A
+//! end (a connection whose answer was not read to the end is closed), and
+//! one that switched protocols (101) not at all: it carries the tunnel. A
 //! request that a pooled connection could not even start to send (the
-//! instance had just closed it) goes on a new one; one whose answer
-//! switched protocols (101) is not given back: it carries the tunnel.
+//! instance had just closed it) goes on a new one.
 //! HTTP/2 (h2c): one multiplexed connection per instance.
+//!
+//! A request that no connection could take comes back with the error, so
+//! that another instance can have it, streamed body and all.
 //!
 //! Connections idle longer than the idle timeout are closed by a sweeper
 //! that runs while the pool holds any.
@@ -29,14 +32,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::backend::ProxyBody;
+use crate::body::ProxyBody;
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PoolError {
-    /// No connection to the instance: nothing was sent.
-    #[error("{0}")]
-    Connect(String),
+    /// No connection to the instance: nothing was sent, and the request
+    /// comes back for another instance.
+    #[error("{reason}")]
+    Connect {
+        reason: String,
+        request: Box<Request<ProxyBody>>,
+    },
     /// The connection failed while the request was sent or answered.
     #[error(transparent)]
     Http(#[from] hyper::Error),
@@ -128,12 +135,22 @@ impl Pool {
         addr: SocketAddr,
         req: Request<ProxyBody>,
     ) -> Result<Response<Answer>, PoolError> {
-        let mut sender = self.http2_sender(addr).await?;
-        let response = sender.send_request(req).await?;
-        Ok(response.map(|body| Answer {
-            body,
-            checkin: None,
-        }))
+        let mut sender = match self.http2_sender(addr).await {
+            Ok(sender) => sender,
+            Err(reason) => return Err(not_sent(reason, req)),
+        };
+        match sender.try_send_request(req).await {
+            Ok(response) => Ok(response.map(|body| Answer {
+                body,
+                checkin: None,
+            })),
+            Err(mut error) => Err(match error.take_message() {
+                // The instance closed the connection before the request
+                // went out on it (it is going away).
+                Some(back) => not_sent(signpost_core::error_chain(error.error()), back),
+                None => PoolError::Http(error.into_error()),
+            }),
+        }
     }
 
     /// Sends `req` on a new HTTP/1.1 connection, pooled afterwards.
@@ -142,13 +159,15 @@ impl Pool {
         addr: SocketAddr,
         req: Request<ProxyBody>,
     ) -> Result<Response<Answer>, PoolError> {
-        let io = self.connect(addr).await?;
+        let io = match self.connect(addr).await {
+            Ok(io) => io,
+            Err(reason) => return Err(not_sent(reason, req)),
+        };
         // Flat writes, as to clients (see `http::serve`).
-        let (mut sender, conn) = http1::Builder::new()
-            .writev(false)
-            .handshake(io)
-            .await
-            .map_err(|e| PoolError::Connect(signpost_core::error_chain(&e)))?;
+        let (mut sender, conn) = match http1::Builder::new().writev(false).handshake(io).await {
+            Ok(handshake) => handshake,
+            Err(e) => return Err(not_sent(signpost_core::error_chain(&e), req)),
+        };
         // An answer that switches protocols (101) hands the connection
         // over to the proxy's tunnel.
         run_connection(addr, conn.with_upgrades());
@@ -178,7 +197,7 @@ impl Pool {
     async fn http2_sender(
         &self,
         addr: SocketAddr,
-    ) -> Result<http2::SendRequest<ProxyBody>, PoolError> {
+    ) -> Result<http2::SendRequest<ProxyBody>, String> {
         {
             let mut idle = lock(&self.idle);
             if let Some((sender, since)) = idle.http2.get_mut(&addr)
@@ -191,7 +210,7 @@ impl Pool {
         let io = self.connect(addr).await?;
         let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
             .await
-            .map_err(|e| PoolError::Connect(signpost_core::error_chain(&e)))?;
+            .map_err(|e| signpost_core::error_chain(&e))?;
         run_connection(addr, conn);
         let mut idle = lock(&self.idle);
         idle.http2.insert(addr, (sender.clone(), Instant::now()));
@@ -199,11 +218,18 @@ impl Pool {
         Ok(sender)
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, PoolError> {
+    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, String> {
         crate::connect(addr, self.connect_timeout)
             .await
             .map(TokioIo::new)
-            .map_err(PoolError::Connect)
+    }
+}
+
+/// The error for a request that never went out, which comes back with it.
+fn not_sent(reason: String, request: Request<ProxyBody>) -> PoolError {
+    PoolError::Connect {
+        reason,
+        request: Box::new(request),
     }
 }
 

@@ -759,9 +759,11 @@ pub mod upstream {
     /// A status that makes an [`Upstream`] accept requests and never answer.
     pub const HANG: u16 = 0;
 
-    /// An HTTP/1.1 instance on its own loopback address: answers with its
-    /// name, or the status the test sets, after the delay the test sets;
-    /// closes each connection after one answer when the test says so.
+    /// An HTTP/1.1 instance on its own loopback address: reads the request
+    /// body, then answers with its name (and the body's length in
+    /// `x-body-length`), or with the status the test sets, after the delay
+    /// the test sets; closes each connection after one answer when the
+    /// test says so.
     pub struct Upstream {
         pub addr: SocketAddr,
         name: String,
@@ -810,6 +812,13 @@ pub mod upstream {
                                 (s.clone(), d.clone(), c.clone(), h.clone(), n.clone());
                             async move {
                                 h.fetch_add(1, Ordering::SeqCst);
+                                let (head, body) = req.into_parts();
+                                // Read whole before any answer, as most
+                                // applications do.
+                                let received = http_body_util::BodyExt::collect(body)
+                                    .await
+                                    .map(|b| b.to_bytes().len())
+                                    .unwrap_or_default();
                                 let code = s.load(Ordering::SeqCst);
                                 if code == HANG {
                                     std::future::pending::<()>().await;
@@ -818,15 +827,16 @@ pub mod upstream {
                                 if delay > 0 {
                                     tokio::time::sleep(Duration::from_millis(delay)).await;
                                 }
-                                let attempt = req
-                                    .headers()
+                                let attempt = head
+                                    .headers
                                     .get("x-signpost-attempt")
                                     .map(|v| v.to_str().unwrap().to_string())
                                     .unwrap_or_default();
                                 let body = http_body_util::Full::new(bytes::Bytes::from(n));
                                 let mut response = hyper::Response::builder()
                                     .status(code)
-                                    .header("x-attempt-seen", attempt);
+                                    .header("x-attempt-seen", attempt)
+                                    .header("x-body-length", received);
                                 if c.load(Ordering::SeqCst) {
                                     response = response.header("connection", "close");
                                 }

@@ -407,6 +407,156 @@ async fn a_hanging_instance_times_out_per_try_and_the_request_goes_elsewhere() {
     assert_eq!(r.headers()["x-signpost-error"], "try_timeout");
 }
 
+/// What an instance behind the VIP answered to a streamed request.
+struct Streamed {
+    status: u16,
+    /// The instance's name; the proxy's message when it answered itself.
+    body: String,
+    /// How many body bytes the instance read.
+    length: Option<usize>,
+    /// Which attempt reached the instance.
+    attempt: Option<String>,
+    error: Option<String>,
+}
+
+/// Sends `method` to `addr` with a body of `parts` whose length is not
+/// known ahead: chunked over HTTP/1.1, data frames without a length over
+/// HTTP/2 (as gRPC sends), the way a client that streams does.
+async fn send_streamed(addr: SocketAddr, http2: bool, method: &str, parts: &[usize]) -> Streamed {
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+
+    let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = parts
+        .iter()
+        .map(|&n| Ok(Frame::data(bytes::Bytes::from(vec![b'x'; n]))))
+        .collect();
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .header("host", "web.service.internal");
+    let response = if http2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        request = request
+            .uri(format!("http://web.service.internal:{}/", addr.port()))
+            .version(hyper::Version::HTTP_2);
+        sender.send_request(request.body(body).unwrap()).await
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        sender
+            .send_request(request.uri("/").body(body).unwrap())
+            .await
+    }
+    .unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let (length, attempt, error) = (
+        header("x-body-length").map(|v| v.parse().unwrap()),
+        header("x-attempt-seen"),
+        header("x-signpost-error"),
+    );
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Streamed {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        length,
+        attempt,
+        error,
+    }
+}
+
+/// A streamed body (no length ahead, so not read whole first) is never
+/// lost to an instance that cannot be reached: nothing of it was sent, so
+/// even a POST goes on to another instance.
+#[tokio::test]
+async fn a_streamed_body_goes_on_to_another_instance_when_one_is_unreachable() {
+    let agent = agent("  defaults:\n    balancer: round_robin\n    eject_after: 0\n").await;
+    let web = upstreams("web", 2).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    // Killed after its registration: the proxy still has it in its list
+    // (no health check), and each connection to it is refused.
+    web[1].kill();
+    for http2 in [false, true] {
+        // Round robin sends every other request to the dead instance first.
+        for n in 0..6 {
+            let r = send_streamed(addr, http2, "POST", &[1000, 2000, 3000]).await;
+            assert_eq!(
+                (r.status, r.error.as_deref()),
+                (200, None),
+                "POST {n} (HTTP/2: {http2}): {}",
+                r.body
+            );
+            assert_eq!(r.body, "web-1");
+            assert_eq!(r.length, Some(6000), "the whole body reached the instance");
+        }
+    }
+    let retries = agent
+        .metric("signpost_agent_proxy_retries_total{service=\"web\"}")
+        .await;
+    assert!(
+        retries >= 2.0,
+        "the dead instance was tried first: {retries}"
+    );
+}
+
+/// An idempotent request whose streamed body ended within 64 KiB is sent
+/// again after a 503, from the copy the proxy kept as it went; a longer
+/// one is sent once, and the instance's own answer comes back.
+#[tokio::test]
+async fn a_streamed_body_within_64_kib_is_sent_again_on_a_retry() {
+    let agent = agent("  defaults:\n    balancer: round_robin\n    eject_after: 0\n").await;
+    let web = upstreams("web", 2).await;
+    web[0].set_status(503);
+    register(&agent, "web.yaml", "web", "http", &web);
+    let port = web[0].addr.port();
+    let addr = vip(&agent, "web", port).await;
+    let mut retried = 0;
+    for http2 in [false, true] {
+        for n in 0..6 {
+            let r = send_streamed(addr, http2, "PUT", &[1000, 30_000, 5000]).await;
+            assert_eq!(r.status, 200, "PUT {n} (HTTP/2: {http2}): {}", r.body);
+            assert_eq!(r.body, "web-2");
+            assert_eq!(r.length, Some(36_000), "the whole body, once");
+            if r.attempt.as_deref() == Some("2") {
+                retried += 1;
+            }
+        }
+    }
+    assert!(
+        retried >= 2,
+        "some PUTs reached web-2 on their second attempt"
+    );
+
+    // Over 64 KiB: not kept, so the 503 of the instance that read it all
+    // is the answer when that instance came first.
+    let mut refused = 0;
+    for n in 0..4 {
+        let r = send_streamed(addr, false, "PUT", &[40_000, 40_000]).await;
+        assert_eq!(r.length, Some(80_000), "PUT {n}: the instance read it all");
+        match r.status {
+            200 => assert_eq!(r.body, "web-2"),
+            503 => {
+                assert_eq!(r.error, None, "the instance's own answer");
+                refused += 1;
+            }
+            other => panic!("PUT {n}: {other} {}", r.body),
+        }
+    }
+    assert!(refused >= 1, "round robin sent one to web-1 first");
+}
+
 /// Peak-EWMA: a slow instance gets a small share of the requests.
 #[tokio::test]
 async fn a_slow_instance_receives_less_traffic() {
