@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -353,10 +353,7 @@ impl Backend {
             return Err(ProxyError::CircuitOpen);
         }
         if let Some(limit) = route.rate_limit {
-            let limiter = self
-                .route_limiters
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
+            let limiter = crate::lock(&self.route_limiters)
                 .entry(route.route.clone())
                 .or_default()
                 .clone();

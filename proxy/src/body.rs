@@ -3,7 +3,7 @@
 //! of what went by while that stays within [`MAX_KEPT`].
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -52,7 +52,7 @@ impl Payload {
                         copy: copy.clone(),
                     }));
                 }
-                let whole = lock(copy.as_ref()?).whole()?;
+                let whole = crate::lock(copy.as_ref()?).whole()?;
                 *self = Payload::Kept(whole);
                 self.next()
             }
@@ -63,7 +63,9 @@ impl Payload {
     pub(crate) fn can_resend(&self) -> bool {
         match self {
             Payload::Kept(_) | Payload::Streamed { body: Some(_), .. } => true,
-            Payload::Streamed { copy, .. } => copy.as_ref().is_some_and(|c| lock(c).is_whole()),
+            Payload::Streamed { copy, .. } => {
+                copy.as_ref().is_some_and(|c| crate::lock(c).is_whole())
+            }
         }
     }
 
@@ -136,10 +138,6 @@ impl Recording {
     }
 }
 
-fn lock(copy: &Mutex<Recording>) -> std::sync::MutexGuard<'_, Recording> {
-    copy.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Body for Streamed {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -151,7 +149,7 @@ impl Body for Streamed {
         let this = self.get_mut();
         let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
         if let Some(copy) = &this.copy {
-            let mut copy = lock(copy);
+            let mut copy = crate::lock(copy);
             copy.saw(frame.as_ref());
             // HTTP/2 flags the last frame, and then hyper polls no more.
             copy.ended |= this.body.is_end_stream();

@@ -4,7 +4,7 @@
 //! (half-open) and closes when they all succeed. An operator's forced
 //! state ([`Policy::circuit`]) overrides it.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 use signpost_core::policy::{Circuit, Policy};
 use tokio::time::Instant;
@@ -55,7 +55,7 @@ pub(crate) enum Transition {
 
 impl Breaker {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock(&self.state)
     }
 
     /// May a request (or connection) go through now?

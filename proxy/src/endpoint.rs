@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use signpost_core::model::{Health, Weights};
@@ -135,7 +135,7 @@ impl Stats {
     }
 
     fn lock(&self) -> MutexGuard<'_, Learned> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock(&self.inner)
     }
 
     /// The balancer's cost: peak-EWMA latency times the load in flight.

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -150,11 +150,7 @@ pub(crate) async fn serve(
     }
     drop(watch);
     // A switched connection is still this one: it keeps its admission.
-    let tunnel = state
-        .tunnel
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take();
+    let tunnel = crate::lock(&state.tunnel).take();
     if let Some(tunnel) = tunnel {
         run_tunnel(&backend, client, tunnel, &stop).await;
     }
@@ -299,7 +295,7 @@ fn handle<'a>(
                 .zip(member);
             match sides {
                 Some(((client, instance), member)) => {
-                    *tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(Tunnel {
+                    *crate::lock(tunnel) = Some(Tunnel {
                         client,
                         instance,
                         snapshot: snapshot.clone(),

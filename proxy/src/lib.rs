@@ -50,7 +50,7 @@ mod workers;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use signpost_core::model::Protocol;
@@ -173,7 +173,7 @@ impl Proxy {
     /// opened; call again later to retry them. Must be called within a
     /// Tokio runtime.
     pub fn update(&self, services: Vec<ServiceSpec>) -> usize {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = lock(&self.inner);
         let inner = &mut *inner;
         let mut wanted_backends: HashMap<BackendKey, Arc<Backend>> = HashMap::new();
         let mut wanted_listeners: HashMap<SocketAddr, BackendKey> = HashMap::new();
@@ -261,7 +261,7 @@ impl Proxy {
 
     /// The addresses listened on.
     pub fn listening(&self) -> Vec<SocketAddr> {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let inner = lock(&self.inner);
         inner.listeners.keys().copied().collect()
     }
 
@@ -269,7 +269,7 @@ impl Proxy {
     /// L4 connections run for up to `grace`, then closes what is left.
     pub async fn shutdown(&self, grace: Duration) {
         {
-            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut inner = lock(&self.inner);
             for open in inner.listeners.values() {
                 open.close();
             }
@@ -287,6 +287,12 @@ impl Proxy {
         }
         self.tasks.workers.stop().await;
     }
+}
+
+/// Locks `mutex`, also after a panic while it was held elsewhere: every
+/// state the proxy keeps under a lock is whole between its statements.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Connects to an instance within `timeout`, with TCP_NODELAY set; the

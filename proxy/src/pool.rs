@@ -19,7 +19,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -82,10 +82,6 @@ impl Idle {
     }
 }
 
-fn lock(idle: &Mutex<Idle>) -> MutexGuard<'_, Idle> {
-    idle.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Pool {
     /// HTTP/2 with prior knowledge when `http2`, else HTTP/1.1.
     pub(crate) fn new(http2: bool, connect_timeout: Duration, idle_timeout: Duration) -> Pool {
@@ -111,7 +107,10 @@ impl Pool {
             return Box::pin(self.request_http2(addr, req)).await;
         }
         loop {
-            let pooled = lock(&self.idle).http1.get_mut(&addr).and_then(Vec::pop);
+            let pooled = crate::lock(&self.idle)
+                .http1
+                .get_mut(&addr)
+                .and_then(Vec::pop);
             let Some((mut sender, since)) = pooled else {
                 break;
             };
@@ -199,7 +198,7 @@ impl Pool {
         addr: SocketAddr,
     ) -> Result<http2::SendRequest<ProxyBody>, String> {
         {
-            let mut idle = lock(&self.idle);
+            let mut idle = crate::lock(&self.idle);
             if let Some((sender, since)) = idle.http2.get_mut(&addr)
                 && !sender.is_closed()
             {
@@ -212,7 +211,7 @@ impl Pool {
             .await
             .map_err(|e| signpost_core::error_chain(&e))?;
         run_connection(addr, conn);
-        let mut idle = lock(&self.idle);
+        let mut idle = crate::lock(&self.idle);
         idle.http2.insert(addr, (sender.clone(), Instant::now()));
         start_sweeper(&self.idle, &mut idle, self.idle_timeout);
         Ok(sender)
@@ -257,7 +256,7 @@ fn start_sweeper(pool: &Arc<Mutex<Idle>>, idle: &mut Idle, idle_timeout: Duratio
         loop {
             tokio::time::sleep(idle_timeout).await;
             let Some(pool) = pool.upgrade() else { return };
-            let mut idle = lock(&pool);
+            let mut idle = crate::lock(&pool);
             idle.sweep(Instant::now() - idle_timeout);
             if idle.is_empty() {
                 idle.sweeping = false;
@@ -287,7 +286,7 @@ impl Checkin {
         let Some(pool) = self.pool.upgrade() else {
             return;
         };
-        let mut idle = lock(&pool);
+        let mut idle = crate::lock(&pool);
         idle.http1
             .entry(self.addr)
             .or_default()

@@ -2,7 +2,7 @@
 //! refilled at `per_second`; a request (or an L4 connection) takes one or
 //! is refused.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use signpost_core::policy::RateLimit;
 use tokio::time::Instant;
@@ -22,7 +22,7 @@ impl Limiter {
     /// Takes a token under `limit` (none: always allowed). A changed limit
     /// starts with a full bucket.
     pub(crate) fn allow(&self, limit: Option<RateLimit>, now: Instant) -> bool {
-        let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut bucket = crate::lock(&self.bucket);
         let Some(limit) = limit else {
             *bucket = None;
             return true;

@@ -187,12 +187,7 @@ impl Workers {
     /// Stops the threads; tasks still running on them are dropped.
     pub(crate) async fn stop(&self) {
         self.stop.cancel();
-        let threads = std::mem::take(
-            &mut *self
-                .threads
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let threads = std::mem::take(&mut *crate::lock(&self.threads));
         let joined = tokio::task::spawn_blocking(move || {
             for thread in threads {
                 if thread.join().is_err() {
