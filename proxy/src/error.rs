@@ -45,6 +45,24 @@ pub enum ProxyError {
     ClientBody(String),
 }
 
+/// Every [`ProxyError::reason`], for dropping a service's series.
+pub(crate) const REASONS: [&str; 14] = [
+    "no_instance",
+    "circuit_open",
+    "degraded",
+    "rate_limited",
+    "connect_failed",
+    "try_timeout",
+    "timeout",
+    "upstream_reset",
+    "upstream_unavailable",
+    "upstream_upgrade",
+    "max_connections",
+    "max_pending",
+    "max_requests",
+    "client_body",
+];
+
 impl ProxyError {
     pub fn origin(&self) -> Origin {
         match self {
@@ -143,5 +161,41 @@ mod tests {
         assert!(!limit.retryable(true));
         assert_eq!(limit.origin(), Origin::Proxy);
         assert_eq!(limit.reason(), "max_requests");
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        let (addr, reason) = (String::new(), String::new());
+        let mut errors = vec![
+            ProxyError::NoInstance,
+            ProxyError::CircuitOpen,
+            ProxyError::Degraded,
+            ProxyError::RateLimited,
+            ProxyError::Connect {
+                addr: addr.clone(),
+                reason: reason.clone(),
+            },
+            ProxyError::TryTimeout {
+                addr: addr.clone(),
+                timeout: Duration::ZERO,
+            },
+            ProxyError::Timeout(Duration::ZERO),
+            ProxyError::Reset {
+                addr: addr.clone(),
+                reason,
+            },
+            ProxyError::Unavailable { addr: addr.clone() },
+            ProxyError::Upgrade { addr },
+            ProxyError::ClientBody(String::new()),
+        ];
+        // The limits the proxy enforces.
+        for limit in ["max_connections", "max_pending", "max_requests"] {
+            errors.push(ProxyError::Limit { limit, value: 1 });
+        }
+        let mut reasons: Vec<&str> = errors.iter().map(ProxyError::reason).collect();
+        let mut listed = REASONS.to_vec();
+        reasons.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(reasons, listed);
     }
 }

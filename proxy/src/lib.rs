@@ -120,6 +120,8 @@ struct Inner {
     /// The instances with metric series: (VIP name, address). Several
     /// backends of one name share an instance's series.
     instances: HashSet<(String, SocketAddr)>,
+    /// The VIP names with metric series.
+    names: HashSet<String>,
 }
 
 /// The running proxy.
@@ -157,6 +159,7 @@ impl Proxy {
                 listeners: HashMap::new(),
                 failed: HashSet::new(),
                 instances: HashSet::new(),
+                names: HashSet::new(),
             }),
             tasks: Tasks {
                 tracker: TaskTracker::new(),
@@ -204,17 +207,23 @@ impl Proxy {
             }
         }
         inner.backends = wanted_backends;
-        // Series of instances no backend has any more go.
+        // Series of services and instances no backend has any more go.
         let mut instances = HashSet::new();
+        let mut names = HashSet::new();
         for backend in inner.backends.values() {
             let snapshot = backend.snapshot();
             let members = snapshot.members.iter();
             instances.extend(members.map(|m| (backend.name.clone(), m.endpoint.addr)));
+            names.insert(backend.name.clone());
         }
         for (name, addr) in inner.instances.difference(&instances) {
             self.shared.metrics.remove_instance(name, &addr.to_string());
         }
+        for name in inner.names.difference(&names) {
+            self.shared.metrics.remove_service(name);
+        }
         inner.instances = instances;
+        inner.names = names;
 
         inner.listeners.retain(|addr, open| {
             let keep = wanted_listeners.contains_key(addr);

@@ -152,8 +152,9 @@ impl ProxyMetrics {
             .inc();
     }
 
-    /// Drops the series of an instance that left a service, so that a
-    /// fleet whose instances come and go does not grow them for ever.
+    /// Drops the series of an instance that left a service (`""`: the
+    /// proxy's own answers), so that a fleet whose instances come and go
+    /// does not grow them for ever.
     pub(crate) fn remove_instance(&self, service: &str, instance: &str) {
         for class in 1..=5 {
             self.requests.remove(&RequestLabels {
@@ -166,6 +167,25 @@ impl ProxyMetrics {
             service: service.to_string(),
             instance: instance.to_string(),
         });
+    }
+
+    /// Drops the series of a service no longer in use on the host (and
+    /// of its instances, which went with it).
+    pub(crate) fn remove_service(&self, service: &str) {
+        let labels = label(service);
+        self.duration.remove(&labels);
+        self.connections.remove(&labels);
+        self.active.remove(&labels);
+        self.retries.remove(&labels);
+        self.budget_exhausted.remove(&labels);
+        self.panic.remove(&labels);
+        for reason in crate::error::REASONS {
+            self.errors.remove(&ReasonLabels {
+                service: service.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+        self.remove_instance(service, "");
     }
 
     pub(crate) fn error(&self, service: &str, reason: &str) {

@@ -1195,3 +1195,44 @@ async fn an_instances_metric_series_go_when_it_leaves() {
     spread(&c, &url, 2).await;
     assert_eq!(agent.metric(&series(&web[0])).await, before + 2.0);
 }
+
+/// A service no longer in use on the host takes its metric series with
+/// it (requests, latency, connections, errors, retries); another
+/// service's stay.
+#[tokio::test]
+async fn a_services_metric_series_go_when_it_leaves() {
+    let agent = agent("  defaults:\n    eject_after: 0\n").await;
+    let web = upstreams("web", 1).await;
+    let api = upstreams("api", 1).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    register(&agent, "api.yaml", "api", "http", &api);
+    let (web_client, web_url) = vip_client(&agent, "web", web[0].addr.port()).await;
+    spread(&web_client, &web_url, 2).await;
+    let (c, url) = vip_client(&agent, "api", api[0].addr.port()).await;
+    spread(&c, &url, 2).await;
+    // The proxy's own answer: counted with its reason.
+    api[0].kill();
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["x-signpost-error"], "connect_failed");
+    let text = agent.get("/metrics").await.text;
+    for series in [
+        "signpost_agent_proxy_requests_total{service=\"api\",instance=\"\",class=\"5xx\"}",
+        "signpost_agent_proxy_errors_total{service=\"api\",reason=\"connect_failed\"}",
+        "signpost_agent_proxy_connections_total{service=\"api\"}",
+        "signpost_agent_proxy_request_duration_seconds_count{service=\"api\"}",
+    ] {
+        assert!(text.contains(series), "{series} in\n{text}");
+    }
+
+    std::fs::remove_file(agent.services_dir().join("api.yaml")).unwrap();
+    agent
+        .eventually("the series of the service that left to go", || async {
+            let text = agent.get("/metrics").await.text;
+            (!text.contains("service=\"api\"")).then_some(())
+        })
+        .await;
+    let web_requests = "signpost_agent_proxy_requests_total{service=\"web\",instance=";
+    let text = agent.get("/metrics").await.text;
+    assert!(text.contains(web_requests), "web's series stay:\n{text}");
+    assert!(text.contains("signpost_agent_proxy_connections_total{service=\"web\"}"));
+}
