@@ -7,16 +7,24 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 /// Request bodies up to this size are kept for a retry (Linkerd's 64 KiB,
 /// Envoy's default buffer); a longer one is sent once.
 pub(crate) const MAX_KEPT: u64 = 64 * 1024;
 
-/// A request body the proxy sends: one it holds whole (kept for retries)
-/// or the client's, streamed. No box, so no allocation per message.
-pub(crate) type ProxyBody = Either<Full<Bytes>, Streamed>;
+/// A request body the proxy sends. No box on the usual paths, so no
+/// allocation per message.
+#[derive(Debug)]
+pub(crate) enum ProxyBody {
+    /// Held whole (kept for retries).
+    Whole(Full<Bytes>),
+    /// The client's, streamed.
+    Streamed(Incoming),
+    /// The client's, streamed with a copy kept as it goes.
+    Copied(Box<Copied>),
+}
 
 /// A request's body across its attempts.
 pub(crate) enum Payload {
@@ -44,17 +52,20 @@ impl Payload {
     /// The body for the next attempt; `None` when none can be sent again.
     pub(crate) fn next(&mut self) -> Option<ProxyBody> {
         match self {
-            Payload::Kept(bytes) => Some(Either::Left(Full::new(bytes.clone()))),
+            Payload::Kept(bytes) => Some(ProxyBody::Whole(Full::new(bytes.clone()))),
             Payload::Streamed { body, copy } => {
                 if let Some(body) = body.take() {
-                    return Some(Either::Right(Streamed {
-                        body,
-                        copy: copy.clone(),
-                    }));
+                    return Some(match copy {
+                        Some(copy) => ProxyBody::Copied(Box::new(Copied {
+                            body,
+                            copy: copy.clone(),
+                        })),
+                        None => ProxyBody::Streamed(body),
+                    });
                 }
                 let whole = crate::lock(copy.as_ref()?).whole()?;
-                *self = Payload::Kept(whole);
-                self.next()
+                *self = Payload::Kept(whole.clone());
+                Some(ProxyBody::Whole(Full::new(whole)))
             }
         }
     }
@@ -71,18 +82,21 @@ impl Payload {
 
     /// Takes back a body that was never sent, for the next attempt.
     pub(crate) fn unsent(&mut self, sent: ProxyBody) {
-        if let (Payload::Streamed { body, .. }, Either::Right(streamed)) = (self, sent) {
-            *body = Some(streamed.body);
+        if let Payload::Streamed { body, .. } = self {
+            match sent {
+                ProxyBody::Streamed(sent) => *body = Some(sent),
+                ProxyBody::Copied(sent) => *body = Some(sent.body),
+                ProxyBody::Whole(_) => {}
+            }
         }
     }
 }
 
-/// The client's body on its way to an instance, copied as it goes when a
-/// retry may need it.
+/// The client's body on its way to an instance, copied as it goes.
 #[derive(Debug)]
-pub(crate) struct Streamed {
+pub(crate) struct Copied {
     body: Incoming,
-    copy: Option<Arc<Mutex<Recording>>>,
+    copy: Arc<Mutex<Recording>>,
 }
 
 /// What a streamed body has passed on so far.
@@ -138,7 +152,7 @@ impl Recording {
     }
 }
 
-impl Body for Streamed {
+impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -146,23 +160,36 @@ impl Body for Streamed {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
-        if let Some(copy) = &this.copy {
-            let mut copy = crate::lock(copy);
-            copy.saw(frame.as_ref());
-            // HTTP/2 flags the last frame, and then hyper polls no more.
-            copy.ended |= this.body.is_end_stream();
+        match self.get_mut() {
+            ProxyBody::Whole(whole) => Pin::new(whole)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            ProxyBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Copied(copied) => {
+                let frame = std::task::ready!(Pin::new(&mut copied.body).poll_frame(cx));
+                let mut copy = crate::lock(&copied.copy);
+                copy.saw(frame.as_ref());
+                // HTTP/2 flags the last frame, and then hyper polls no more.
+                copy.ended |= copied.body.is_end_stream();
+                Poll::Ready(frame)
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            ProxyBody::Whole(whole) => whole.is_end_stream(),
+            ProxyBody::Streamed(body) => body.is_end_stream(),
+            ProxyBody::Copied(copied) => copied.body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self {
+            ProxyBody::Whole(whole) => whole.size_hint(),
+            ProxyBody::Streamed(body) => body.size_hint(),
+            ProxyBody::Copied(copied) => copied.body.size_hint(),
+        }
     }
 }
 
