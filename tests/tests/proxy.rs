@@ -243,27 +243,54 @@ async fn a_half_closed_client_gets_its_answer() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
 }
 
-/// gRPC (HTTP/2 with prior knowledge on both sides) through the VIP.
-#[tokio::test]
-async fn grpc_goes_through_the_proxy_over_h2c() {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
-
-    let agent = agent("").await;
-    let listener = bind(0).await;
-    let grpc = listener.local_addr().unwrap();
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("ledger", tonic_health::ServingStatus::Serving)
-        .await;
+/// A gRPC instance (the standard health service, `ledger` serving) on
+/// `listener`.
+fn grpc_instance(listener: tokio::net::TcpListener) {
     tokio::spawn(async move {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("ledger", tonic_health::ServingStatus::Serving)
+            .await;
         tonic::transport::Server::builder()
             .add_service(health)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
             .unwrap();
     });
+}
+
+/// A gRPC health client of the instances behind `addr`.
+async fn health_client(
+    addr: SocketAddr,
+) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+}
+
+/// Asks the health service behind `client` for `service`.
+async fn health_check(
+    client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+    service: &str,
+) -> Result<i32, tonic::Status> {
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: service.to_string(),
+    };
+    Ok(client.check(request).await?.into_inner().status)
+}
+
+/// gRPC (HTTP/2 with prior knowledge on both sides) through the VIP.
+#[tokio::test]
+async fn grpc_goes_through_the_proxy_over_h2c() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let agent = agent("").await;
+    let listener = bind(0).await;
+    let grpc = listener.local_addr().unwrap();
+    grpc_instance(listener);
     agent.write_service_file(
         "ledger.yaml",
         &format!(
@@ -272,32 +299,56 @@ async fn grpc_goes_through_the_proxy_over_h2c() {
             grpc.port()
         ),
     );
-    let addr = vip(&agent, "ledger", grpc.port()).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = HealthClient::new(channel);
+    let mut client = health_client(vip(&agent, "ledger", grpc.port()).await).await;
     for _ in 0..3 {
-        let r = client
-            .check(HealthCheckRequest {
-                service: "ledger".to_string(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(r.into_inner().status, ServingStatus::Serving as i32);
+        let status = health_check(&mut client, "ledger").await.unwrap();
+        assert_eq!(status, ServingStatus::Serving as i32);
     }
-    let unknown = client
-        .check(HealthCheckRequest {
-            service: "nope".to_string(),
-        })
-        .await
-        .unwrap_err();
+    let unknown = health_check(&mut client, "nope").await.unwrap_err();
     assert_eq!(
         unknown.code(),
         tonic::Code::NotFound,
         "gRPC status passes through"
+    );
+}
+
+/// A gRPC call (a POST whose body has no length ahead) to an instance
+/// that refuses connections goes on to another: nothing of it was sent.
+#[tokio::test]
+async fn a_grpc_call_goes_on_to_another_instance_when_one_is_unreachable() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let agent = agent("  defaults:\n    balancer: round_robin\n    eject_after: 0\n").await;
+    let listener = bind(0).await;
+    let live = listener.local_addr().unwrap();
+    grpc_instance(listener);
+    // The same port on another address, closed again: refused.
+    let dead = bind(live.port()).await.local_addr().unwrap();
+    let entries: String = [("ledger-1", live), ("ledger-2", dead)]
+        .iter()
+        .map(|(id, a)| {
+            format!(
+                "  - name: ledger\n    id: {id}\n    address: {}\n    port: {}\n    protocol: grpc\n",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    agent.write_service_file("ledger.yaml", &format!("services:\n{entries}"));
+    let mut client = health_client(vip(&agent, "ledger", live.port()).await).await;
+    // Round robin sends every other call to the dead instance first.
+    for n in 0..6 {
+        let status = health_check(&mut client, "ledger")
+            .await
+            .unwrap_or_else(|e| panic!("call {n}: {e}"));
+        assert_eq!(status, ServingStatus::Serving as i32);
+    }
+    let retries = agent
+        .metric("signpost_agent_proxy_retries_total{service=\"ledger\"}")
+        .await;
+    assert!(
+        retries >= 1.0,
+        "the dead instance was tried first: {retries}"
     );
 }
 
