@@ -416,10 +416,14 @@ fn forward<'s: 'f, 'f>(
             headers.insert(header::HOST, host);
             has_host = true;
         }
+        // Only an answer to a request safe to repeat is retried once the
+        // body went out: other bodies need no copy (a connect failure
+        // hands the body back unsent).
+        let resend = retry_here && idempotent;
         let mut payload = if body.is_end_stream() {
             // Nothing to read (a GET): nothing to wait for.
             Payload::Kept(Bytes::new())
-        } else if retry_here && body.size_hint().upper().is_some_and(|n| n <= MAX_KEPT) {
+        } else if resend && body.size_hint().upper().is_some_and(|n| n <= MAX_KEPT) {
             // A length known to be small: read whole before the first try.
             let kept = Limited::new(body, MAX_KEPT as usize)
                 .collect()
@@ -427,9 +431,9 @@ fn forward<'s: 'f, 'f>(
                 .map_err(|e| ProxyError::ClientBody(e.to_string()))?;
             Payload::Kept(kept.to_bytes())
         } else {
-            // Streamed (chunked, or HTTP/2 without a length): copied as it
-            // goes when an answer could still be retried once it is sent.
-            Payload::streamed(body, retry_here && idempotent)
+            // Streamed (chunked, HTTP/2 without a length, or a request
+            // not to repeat): copied as it goes when it may be resent.
+            Payload::streamed(body, resend)
         };
         let path = parts
             .uri

@@ -562,6 +562,33 @@ async fn a_streamed_body_goes_on_to_another_instance_when_one_is_unreachable() {
     );
 }
 
+/// A POST (not repeated once sent) reaches the instance while its body is
+/// still on its way: the proxy keeps no copy, so it does not wait for the
+/// whole body first.
+#[tokio::test]
+async fn a_post_body_is_streamed_to_the_instance() {
+    let agent = agent("").await;
+    let web = upstreams("web", 1).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let addr = vip(&agent, "web", web[0].addr.port()).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nhost: web.service.internal\r\ncontent-length: 10\r\nconnection: close\r\n\r\nhello")
+        .await
+        .unwrap();
+    agent
+        .eventually(
+            "the instance to get the request before its body ends",
+            || async { (web[0].hits() == 1).then_some(()) },
+        )
+        .await;
+    stream.write_all(b"world").await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-body-length: 10\r\n"), "{answer}");
+}
+
 /// An idempotent request whose streamed body ended within 64 KiB is sent
 /// again after a 503, from the copy the proxy kept as it went; a longer
 /// one is sent once, and the instance's own answer comes back.
