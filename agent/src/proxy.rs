@@ -13,7 +13,7 @@ use std::time::Duration;
 use signpost_core::command::{Action, Command, now_millis};
 use signpost_core::model::Protocol;
 use signpost_core::policy::{Policy, RateLimit, Route, RoutePolicy};
-use signpost_proxy::{Endpoint, Proxy, ProxyMetrics, ServiceSpec, Settings};
+use signpost_proxy::{Endpoint, Liveness, Proxy, ProxyMetrics, ServiceSpec, Settings};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{AgentCatalog, Instance};
@@ -34,6 +34,10 @@ pub(crate) fn new(catalog: &AgentCatalog, metrics: Arc<ProxyMetrics>) -> std::io
         http_port: config.proxy.http_port,
         pool_idle_timeout: config.proxy.pool_idle_timeout,
         client_idle_timeout: config.proxy.client_idle_timeout,
+        liveness: Liveness {
+            keepalive: config.proxy.tcp_keepalive,
+            user_timeout: config.proxy.tcp_user_timeout,
+        },
         access_log: config.proxy.access_log,
         threads,
     };

@@ -264,6 +264,16 @@ pub struct ProxyConfig {
     /// the clients' own pool idle timeouts.
     #[serde(with = "crate::duration::serde_go")]
     pub client_idle_timeout: Duration,
+    /// TCP keep-alive probes on connections to instances, this far apart,
+    /// once a connection has carried nothing for this long (0: none), so
+    /// an idle L4 connection or tunnel to a host that is gone is noticed.
+    #[serde(with = "crate::duration::serde_go")]
+    pub tcp_keepalive: Duration,
+    /// A connection to an instance whose data or keep-alive probes go
+    /// unacknowledged this long is closed (`TCP_USER_TIMEOUT`; 0: the
+    /// kernel's retransmission limits, some 15 minutes).
+    #[serde(with = "crate::duration::serde_go")]
+    pub tcp_user_timeout: Duration,
     /// One JSON (or plain) log line per request or connection, on the
     /// `signpost::access` target.
     pub access_log: bool,
@@ -283,6 +293,8 @@ impl Default for ProxyConfig {
             threads: 0,
             pool_idle_timeout: Duration::from_secs(3),
             client_idle_timeout: Duration::from_secs(600),
+            tcp_keepalive: Duration::from_secs(10),
+            tcp_user_timeout: Duration::from_secs(30),
             access_log: false,
             defaults: PolicyOverride::default(),
             services: BTreeMap::new(),

@@ -181,7 +181,12 @@ impl Backend {
         } else {
             let http2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc);
             Some(Arc::new(PerWorker::new(self.shared.workers, || {
-                Pool::new(http2, policy.connect_timeout, self.shared.pool_idle_timeout)
+                Pool::new(
+                    http2,
+                    policy.connect_timeout,
+                    self.shared.liveness,
+                    self.shared.pool_idle_timeout,
+                )
             })))
         };
         let RetryBudget { ratio, min, .. } = &**self.budget.load();
@@ -500,6 +505,10 @@ mod tests {
             zone: String::new(),
             pool_idle_timeout: Duration::from_secs(3),
             client_idle_timeout: Duration::ZERO,
+            liveness: crate::Liveness {
+                keepalive: Duration::ZERO,
+                user_timeout: Duration::ZERO,
+            },
             access_log: false,
             metrics: Arc::default(),
             on_use: Box::new(|_| {}),

@@ -77,10 +77,26 @@ pub struct Settings {
     /// A client's HTTP connection that starts no request for this long
     /// closes once its current exchange ends (zero: never).
     pub client_idle_timeout: Duration,
+    /// How connections to instances notice a host that is gone.
+    pub liveness: Liveness,
     /// A log line per request (L7) or connection (L4).
     pub access_log: bool,
     /// Threads connections run on (at least one).
     pub threads: usize,
+}
+
+/// How a connection to an instance notices that the instance's host is
+/// gone without a word (stopped, or cut off by the network): with no
+/// reset, a connection would otherwise wait forever while idle (an L4
+/// connection, a tunnel) or for some 15 minutes of retransmissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// TCP keep-alive probes, this far apart, once the connection has
+    /// carried nothing for this long (zero: none).
+    pub keepalive: Duration,
+    /// Data or probes left unacknowledged this long close the connection
+    /// (`TCP_USER_TIMEOUT`; zero: the kernel's retransmission limits).
+    pub user_timeout: Duration,
 }
 
 /// One name the proxy serves: a service, or a tag-filtered view of one,
@@ -104,6 +120,7 @@ pub(crate) struct Shared {
     zone: String,
     pool_idle_timeout: Duration,
     client_idle_timeout: Duration,
+    liveness: Liveness,
     access_log: bool,
     metrics: Arc<ProxyMetrics>,
     on_use: Box<dyn Fn(&str) + Send + Sync>,
@@ -147,6 +164,7 @@ impl Proxy {
                 zone: settings.zone,
                 pool_idle_timeout: settings.pool_idle_timeout,
                 client_idle_timeout: settings.client_idle_timeout,
+                liveness: settings.liveness,
                 access_log: settings.access_log,
                 metrics,
                 on_use: Box::new(on_use),
@@ -304,12 +322,31 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Connects to an instance within `timeout`, with TCP_NODELAY set; the
-/// error is the reason, for [`error::ProxyError::Connect`].
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+/// Connects to an instance within `timeout`, with TCP_NODELAY and the
+/// `liveness` checks set; the error is the reason, for
+/// [`error::ProxyError::Connect`].
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    liveness: Liveness,
+) -> Result<TcpStream, String> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => {
             nodelay(&stream);
+            let socket = socket2::SockRef::from(&stream);
+            if !liveness.keepalive.is_zero() {
+                let probes = socket2::TcpKeepalive::new()
+                    .with_time(liveness.keepalive)
+                    .with_interval(liveness.keepalive);
+                if let Err(error) = socket.set_tcp_keepalive(&probes) {
+                    tracing::debug!(%addr, %error, "cannot set TCP keep-alive");
+                }
+            }
+            if !liveness.user_timeout.is_zero()
+                && let Err(error) = socket.set_tcp_user_timeout(Some(liveness.user_timeout))
+            {
+                tracing::debug!(%addr, %error, "cannot set TCP_USER_TIMEOUT");
+            }
             Ok(stream)
         }
         Ok(Err(error)) => Err(error.to_string()),

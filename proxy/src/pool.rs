@@ -32,6 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::Liveness;
 use crate::body::ProxyBody;
 
 /// Why a request could not be sent or answered.
@@ -52,6 +53,7 @@ pub(crate) enum PoolError {
 pub(crate) struct Pool {
     http2: bool,
     connect_timeout: Duration,
+    liveness: Liveness,
     idle_timeout: Duration,
     idle: Arc<Mutex<Idle>>,
 }
@@ -84,10 +86,16 @@ impl Idle {
 
 impl Pool {
     /// HTTP/2 with prior knowledge when `http2`, else HTTP/1.1.
-    pub(crate) fn new(http2: bool, connect_timeout: Duration, idle_timeout: Duration) -> Pool {
+    pub(crate) fn new(
+        http2: bool,
+        connect_timeout: Duration,
+        liveness: Liveness,
+        idle_timeout: Duration,
+    ) -> Pool {
         Pool {
             http2,
             connect_timeout,
+            liveness,
             idle_timeout,
             idle: Arc::default(),
         }
@@ -218,7 +226,7 @@ impl Pool {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, String> {
-        crate::connect(addr, self.connect_timeout)
+        crate::connect(addr, self.connect_timeout, self.liveness)
             .await
             .map(TokioIo::new)
     }

@@ -68,7 +68,12 @@ pub(crate) async fn serve(
             backend.retries.inc();
         }
         let connect_started = Instant::now();
-        let mut outbound = match crate::connect(member.endpoint.addr, policy.connect_timeout).await
+        let mut outbound = match crate::connect(
+            member.endpoint.addr,
+            policy.connect_timeout,
+            backend.shared.liveness,
+        )
+        .await
         {
             Ok(stream) => stream,
             Err(reason) => {

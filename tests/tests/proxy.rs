@@ -30,6 +30,18 @@ fn register(agent: &Agent, file: &str, service: &str, protocol: &str, ups: &[Ups
     agent.write_service_file(file, &format!("services:\n{entries}"));
 }
 
+/// Registers one instance of `service`, at `addr`.
+fn register_at(agent: &Agent, service: &str, protocol: &str, addr: SocketAddr) {
+    agent.write_service_file(
+        &format!("{service}.yaml"),
+        &format!(
+            "services:\n  - name: {service}\n    address: {}\n    port: {}\n    protocol: {protocol}\n",
+            addr.ip(),
+            addr.port()
+        ),
+    );
+}
+
 async fn echo_server() -> SocketAddr {
     let listener = bind(0).await;
     let addr = listener.local_addr().unwrap();
@@ -67,14 +79,7 @@ async fn http_and_tcp_services_are_reached_through_their_vip_names() {
     let web = upstreams("web", 2).await;
     register(&agent, "web.yaml", "web", "http", &web);
     let echo_addr = echo_server().await;
-    agent.write_service_file(
-        "echo.yaml",
-        &format!(
-            "services:\n  - name: echo\n    address: {}\n    port: {}\n",
-            echo_addr.ip(),
-            echo_addr.port()
-        ),
-    );
+    register_at(&agent, "echo", "tcp", echo_addr);
 
     // L7, on the instances' port and on port 80.
     let port = web[0].addr.port();
@@ -291,14 +296,7 @@ async fn grpc_goes_through_the_proxy_over_h2c() {
     let listener = bind(0).await;
     let grpc = listener.local_addr().unwrap();
     grpc_instance(listener);
-    agent.write_service_file(
-        "ledger.yaml",
-        &format!(
-            "services:\n  - name: ledger\n    address: {}\n    port: {}\n    protocol: grpc\n",
-            grpc.ip(),
-            grpc.port()
-        ),
-    );
+    register_at(&agent, "ledger", "grpc", grpc);
     let mut client = health_client(vip(&agent, "ledger", grpc.port()).await).await;
     for _ in 0..3 {
         let status = health_check(&mut client, "ledger").await.unwrap();
@@ -903,14 +901,7 @@ async fn redis_works_through_the_l4_proxy() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("cannot run redis-server (install redis-server)");
-    agent.write_service_file(
-        "redis.yaml",
-        &format!(
-            "services:\n  - name: cache\n    address: {}\n    port: {}\n    protocol: tcp\n",
-            port.ip(),
-            port.port()
-        ),
-    );
+    register_at(&agent, "cache", "tcp", port);
     let addr = vip(&agent, "cache", port.port()).await;
     let cli = |args: &[&str]| {
         let out = std::process::Command::new("redis-cli")
@@ -929,6 +920,70 @@ async fn redis_works_through_the_l4_proxy() {
     assert_eq!(cli(&["SET", "greeting", "through signpost"]), "OK");
     assert_eq!(cli(&["GET", "greeting"]), "through signpost");
     redis.kill().await.unwrap();
+}
+
+/// Every packet to and from an address is dropped while this lives: the
+/// host there is gone without a reset, as when it loses power or the
+/// network between is cut.
+struct Vanished(std::net::IpAddr);
+
+impl Vanished {
+    fn new(ip: std::net::IpAddr) -> Vanished {
+        for side in ["-s", "-d"] {
+            let status = std::process::Command::new("iptables")
+                .args(["-I", "INPUT", side, &ip.to_string(), "-j", "DROP"])
+                .status()
+                .expect("cannot run iptables (install iptables; needs root)");
+            assert!(status.success(), "iptables could not drop {side} {ip}");
+        }
+        Vanished(ip)
+    }
+}
+
+impl Drop for Vanished {
+    fn drop(&mut self) {
+        for side in ["-s", "-d"] {
+            let removed = std::process::Command::new("iptables")
+                .args(["-D", "INPUT", side, &self.0.to_string(), "-j", "DROP"])
+                .status();
+            if !removed.is_ok_and(|s| s.success()) {
+                eprintln!(
+                    "could not remove the iptables rule dropping {side} {}",
+                    self.0
+                );
+            }
+        }
+    }
+}
+
+/// L4 connections to an instance whose host goes silent are closed, and
+/// the clients' with them: keep-alive probes find the idle one, the
+/// unacknowledged data the busy one. Without them the idle connection
+/// would stay open forever and the busy one for 15 minutes.
+#[tokio::test]
+#[ignore = "needs root and iptables"]
+async fn connections_to_an_instance_whose_host_vanished_are_closed() {
+    let agent = agent("  tcp_keepalive: 1s\n  tcp_user_timeout: 3s\n").await;
+    let echo_addr = echo_server().await;
+    register_at(&agent, "echo", "tcp", echo_addr);
+    let addr = vip(&agent, "echo", echo_addr.port()).await;
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(echo(&mut idle, "idle").await, "idle");
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(echo(&mut busy, "busy").await, "busy");
+
+    let _gone = Vanished::new(echo_addr.ip());
+    busy.write_all(b"to a host that is gone").await.unwrap();
+    for (what, stream) in [("idle", &mut idle), ("busy", &mut busy)] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(2 * signpost_tests::PATIENCE, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("the {what} connection is still open"));
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the {what} connection is closed, not answered: {read:?}"
+        );
+    }
 }
 
 /// Instances in the agent's zone take the traffic while they are
@@ -1132,14 +1187,7 @@ async fn read_head(stream: &mut TcpStream) -> String {
 async fn a_switch_of_protocols_becomes_a_tunnel_to_the_instance() {
     let agent = agent("").await;
     let server = upgrading_server().await;
-    agent.write_service_file(
-        "ws.yaml",
-        &format!(
-            "services:\n  - name: ws\n    address: {}\n    port: {}\n    protocol: http\n",
-            server.ip(),
-            server.port()
-        ),
-    );
+    register_at(&agent, "ws", "http", server);
     let addr = vip(&agent, "ws", server.port()).await;
     let active = "signpost_agent_proxy_connections_active{service=\"ws\"}";
 
@@ -1218,14 +1266,7 @@ async fn a_websocket_client_reaches_a_websocket_server_through_the_vip() {
         "listening",
         "the server did not start (install python3-websockets)"
     );
-    agent.write_service_file(
-        "ws.yaml",
-        &format!(
-            "services:\n  - name: chat\n    address: {}\n    port: {}\n    protocol: http\n",
-            port.ip(),
-            port.port()
-        ),
-    );
+    register_at(&agent, "chat", "http", port);
     let addr = vip(&agent, "chat", port.port()).await;
     let out = tokio::process::Command::new(PYTHON)
         .args([peer, "client", &format!("ws://{addr}/chat")])
