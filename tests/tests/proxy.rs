@@ -956,10 +956,11 @@ impl Drop for Vanished {
     }
 }
 
-/// L4 connections to an instance whose host goes silent are closed, and
-/// the clients' with them: keep-alive probes find the idle one, the
-/// unacknowledged data the busy one. Without them the idle connection
-/// would stay open forever and the busy one for 15 minutes.
+/// Connections to an instance whose host goes silent are closed, and the
+/// clients' with them: keep-alive probes find an idle L4 connection and
+/// an idle tunnel (a switch of protocols), unacknowledged data a busy L4
+/// connection. Without them the idle ones would stay open forever and
+/// the busy one for 15 minutes.
 #[tokio::test]
 #[ignore = "needs root and iptables"]
 async fn connections_to_an_instance_whose_host_vanished_are_closed() {
@@ -971,10 +972,19 @@ async fn connections_to_an_instance_whose_host_vanished_are_closed() {
     assert_eq!(echo(&mut idle, "idle").await, "idle");
     let mut busy = TcpStream::connect(addr).await.unwrap();
     assert_eq!(echo(&mut busy, "busy").await, "busy");
+    let server = upgrading_server().await;
+    register_at(&agent, "ws", "http", server);
+    let (mut tunnel, head) = switch_to_echo(vip(&agent, "ws", server.port()).await).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(echo(&mut tunnel, "tunnel").await, "tunnel");
 
-    let _gone = Vanished::new(echo_addr.ip());
+    let _gone = [Vanished::new(echo_addr.ip()), Vanished::new(server.ip())];
     busy.write_all(b"to a host that is gone").await.unwrap();
-    for (what, stream) in [("idle", &mut idle), ("busy", &mut busy)] {
+    for (what, stream) in [
+        ("idle", &mut idle),
+        ("busy", &mut busy),
+        ("tunnel", &mut tunnel),
+    ] {
         let mut buf = [0u8; 64];
         let read = tokio::time::timeout(2 * signpost_tests::PATIENCE, stream.read(&mut buf))
             .await
@@ -1164,6 +1174,18 @@ async fn upgrading_server() -> SocketAddr {
     addr
 }
 
+/// Connects to `addr` and asks to switch to `upgrading_server`'s echo
+/// protocol; the answer's head, lower-cased.
+async fn switch_to_echo(addr: SocketAddr) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: ws.service.internal\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    (stream, head)
+}
+
 /// Reads an answer's head (to the blank line), lower-cased.
 async fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
@@ -1191,12 +1213,7 @@ async fn a_switch_of_protocols_becomes_a_tunnel_to_the_instance() {
     let addr = vip(&agent, "ws", server.port()).await;
     let active = "signpost_agent_proxy_connections_active{service=\"ws\"}";
 
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /chat HTTP/1.1\r\nHost: ws.service.internal\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n")
-        .await
-        .unwrap();
-    let head = read_head(&mut stream).await;
+    let (mut stream, head) = switch_to_echo(addr).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("\r\nupgrade: echo\r\n"), "{head}");
     assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
