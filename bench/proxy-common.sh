@@ -18,6 +18,8 @@ bench_start() {
   cargo build --release -q -p signpost-agent --bins
   # shellcheck disable=SC2034 # used by the scripts that source this
   BIN="$CARGO_TARGET_DIR/release/signpost"
+  # As packaged: laid out by its profile.
+  bash packaging/bolt.sh "$BIN"
   WORK=$(mktemp -d)
   chmod 755 "$WORK"
   PIDS=()

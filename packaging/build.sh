@@ -5,7 +5,8 @@
 # the binaries' clap definitions.
 #
 #   bash packaging/build.sh       # writes target/debian/*.deb and target/generate-rpm/*.rpm
-# Needs: cargo install --locked cargo-deb cargo-generate-rpm
+# Needs: cargo install --locked cargo-deb cargo-generate-rpm; and for
+# packaging/bolt.sh, Debian's bolt-16, wrk, curl and dnsutils
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
@@ -15,6 +16,10 @@ for tool in cargo-deb cargo-generate-rpm; do
 done
 cargo build --release --locked -p signpost-agent -p signpost-control-plane --bins
 REL="$CARGO_TARGET_DIR/release"
+# The agent laid out by its profile (packaging/bolt.sh), stripped; the
+# control plane stripped as it is.
+bash packaging/bolt.sh "$REL/signpost"
+strip "$REL/signpost-control-plane"
 GEN="$REL/gen"
 mkdir -p "$GEN"
 for bin in signpost signpost-control-plane; do
