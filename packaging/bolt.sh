@@ -105,6 +105,7 @@ for version in --http1.1 --http2-prior-knowledge; do
   [[ "$answer" == "hello from demo-"* ]] || { echo "bolt.sh: the rewritten binary answers '$answer' ($version)" >&2; exit 1; }
 done
 stop_demo
-# Replaced, not written over: cargo keeps its own record of the build.
+# Replaced, not written over: the file is a hard link to cargo's copy in
+# deps/, which stays as built (the next cargo build links it back).
 mv -f "$WORK/signpost.stripped" "$BIN"
 log "done: $(stat -c %s "$BIN") bytes"
