@@ -89,7 +89,7 @@ pub struct Settings {
 /// gone without a word (stopped, or cut off by the network): with no
 /// reset, a connection would otherwise wait forever while idle (an L4
 /// connection, a tunnel) or for some 15 minutes of retransmissions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Liveness {
     /// TCP keep-alive probes, this far apart, once the connection has
     /// carried nothing for this long (zero: none).

@@ -248,9 +248,11 @@ async fn a_half_closed_client_gets_its_answer() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
 }
 
-/// A gRPC instance (the standard health service, `ledger` serving) on
-/// `listener`.
-fn grpc_instance(listener: tokio::net::TcpListener) {
+/// A gRPC instance (the standard health service, `ledger` serving) on a
+/// loopback address of its own; that address.
+async fn grpc_instance() -> SocketAddr {
+    let listener = bind(0).await;
+    let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
@@ -262,6 +264,7 @@ fn grpc_instance(listener: tokio::net::TcpListener) {
             .await
             .unwrap();
     });
+    addr
 }
 
 /// A gRPC health client of the instances behind `addr`.
@@ -293,9 +296,7 @@ async fn grpc_goes_through_the_proxy_over_h2c() {
     use tonic_health::pb::health_check_response::ServingStatus;
 
     let agent = agent("").await;
-    let listener = bind(0).await;
-    let grpc = listener.local_addr().unwrap();
-    grpc_instance(listener);
+    let grpc = grpc_instance().await;
     register_at(&agent, "ledger", "grpc", grpc);
     let mut client = health_client(vip(&agent, "ledger", grpc.port()).await).await;
     for _ in 0..3 {
@@ -317,9 +318,7 @@ async fn a_grpc_call_goes_on_to_another_instance_when_one_is_unreachable() {
     use tonic_health::pb::health_check_response::ServingStatus;
 
     let agent = agent("  defaults:\n    balancer: round_robin\n    eject_after: 0\n").await;
-    let listener = bind(0).await;
-    let live = listener.local_addr().unwrap();
-    grpc_instance(listener);
+    let live = grpc_instance().await;
     // The same port on another address, closed again: refused.
     let dead = bind(live.port()).await.local_addr().unwrap();
     let entries: String = [("ledger-1", live), ("ledger-2", dead)]
