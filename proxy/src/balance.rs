@@ -4,7 +4,7 @@
 
 use std::cell::Cell;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use signpost_core::model::Health;
@@ -268,6 +268,14 @@ pub(crate) fn hash_key(key: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
+}
+
+/// The hash of a client's address, for `client_ip` keys.
+pub(crate) fn hash_ip(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => hash_key(&v4.octets()),
+        IpAddr::V6(v6) => hash_key(&v6.octets()),
+    }
 }
 
 #[cfg(test)]

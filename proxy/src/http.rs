@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accept::ClientStream;
 use crate::backend::{Backend, Snapshot};
-use crate::balance::hash_key;
+use crate::balance::{hash_ip, hash_key};
 use crate::body::{MAX_KEPT, Payload};
 use crate::error::ProxyError;
 use crate::idle::Activity;
@@ -720,7 +720,7 @@ fn balance_key(policy: &Policy, headers: &HeaderMap, client: SocketAddr) -> u64 
             .find(|(k, _)| k == name)
             .map(|(_, v)| hash_key(v.as_bytes())),
     };
-    found.unwrap_or_else(|| hash_key(client.ip().to_string().as_bytes()))
+    found.unwrap_or_else(|| hash_ip(client.ip()))
 }
 
 fn reject(

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accept::ClientStream;
 use crate::backend::Backend;
-use crate::balance::hash_key;
+use crate::balance::hash_ip;
 use crate::error::ProxyError;
 
 /// Bytes read at once in each direction (tokio's default is 8 KiB): fewer
@@ -39,8 +39,7 @@ pub(crate) async fn serve(
     backend.used(started);
     let snapshot = backend.snapshot_full();
     let policy = &snapshot.policy;
-    let key =
-        (policy.balancer == Balancer::Hash).then(|| hash_key(client.ip().to_string().as_bytes()));
+    let key = (policy.balancer == Balancer::Hash).then(|| hash_ip(client.ip()));
     let mut tried = Vec::new();
     let mut last = ProxyError::NoInstance;
     let refused = if policy.degraded.is_some() {
