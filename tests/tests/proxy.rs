@@ -18,11 +18,13 @@ use tokio::task::JoinSet;
 /// An agent with its own VIP range (tests run side by side) and `proxy`
 /// settings (YAML lines under `proxy:`, indented by two spaces).
 async fn agent(proxy: &str) -> Agent {
+    Agent::start(&config(proxy)).await
+}
+
+/// The configuration [`agent`] starts with.
+fn config(proxy: &str) -> String {
     let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
-    Agent::start(&format!(
-        "dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n{proxy}"
-    ))
-    .await
+    format!("dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n{proxy}")
 }
 
 fn register(agent: &Agent, file: &str, service: &str, protocol: &str, ups: &[Upstream]) {
@@ -226,6 +228,84 @@ async fn idle_client_connections_are_closed_after_their_exchange() {
         .await
         .expect("the silent connection was never closed");
     assert_eq!(read.unwrap(), 0);
+}
+
+/// With `proxy.access_log` on and JSON logs, each request (L7) and each
+/// connection (L4) gets one line on the `signpost::access` target naming
+/// the service, the client, the instance and what came of it.
+#[tokio::test]
+async fn the_access_log_has_a_line_per_request_and_connection() {
+    let agent = Agent::start(&format!(
+        "log:\n  format: json\n{}",
+        config("  access_log: true\n")
+    ))
+    .await;
+    let web = upstreams("web", 1).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let bulk = echo_server().await;
+    register_at(&agent, "bulk", "tcp", bulk);
+    let web_vip = vip(&agent, "web", web[0].addr.port()).await;
+    let bulk_vip = vip(&agent, "bulk", bulk.port()).await;
+    let net = rand::random_range(0..=255u8);
+    let connect_from = |host: u8, to: SocketAddr| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 78, net, host], 0)))
+            .unwrap();
+        socket.connect(to).await.unwrap()
+    };
+
+    let mut stream = connect_from(1, web_vip).await;
+    let web_client = stream.local_addr().unwrap();
+    stream
+        .write_all(b"GET /hello?to=you HTTP/1.1\r\nHost: web.service.internal\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut stream = connect_from(2, bulk_vip).await;
+    let bulk_client = stream.local_addr().unwrap();
+    assert_eq!(echo(&mut stream, "ping").await, "ping");
+    drop(stream);
+
+    // The lines of this test's two clients (`vip` has connected too).
+    let clients = [web_client.to_string(), bulk_client.to_string()];
+    let lines = agent
+        .eventually("two access log lines", || async {
+            let lines: Vec<serde_json::Value> = agent
+                .log()
+                .lines()
+                .filter_map(|line| serde_json::from_str(line).ok())
+                .filter(|line: &serde_json::Value| {
+                    line["target"] == "signpost::access"
+                        && clients.iter().any(|c| line["client"] == c.as_str())
+                })
+                .collect();
+            (lines.len() >= 2).then_some(lines)
+        })
+        .await;
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let request = &lines[0];
+    assert_eq!(request["service"], "web", "{request}");
+    assert_eq!(request["client"], web_client.to_string(), "{request}");
+    assert_eq!(request["method"], "GET", "{request}");
+    assert_eq!(request["path"], "/hello", "{request}");
+    assert_eq!(request["status"], 200, "{request}");
+    assert_eq!(request["instance"], web[0].addr.to_string(), "{request}");
+    assert_eq!(request["attempts"], 1, "{request}");
+    assert!(request["duration_ms"].as_f64().is_some(), "{request}");
+    let connection = &lines[1];
+    assert_eq!(connection["service"], "bulk", "{connection}");
+    assert_eq!(
+        connection["client"],
+        bulk_client.to_string(),
+        "{connection}"
+    );
+    assert_eq!(connection["instance"], bulk.to_string(), "{connection}");
+    assert_eq!(connection["bytes_sent"], 4, "{connection}");
+    assert_eq!(connection["bytes_received"], 4, "{connection}");
+    assert!(connection["duration_ms"].as_f64().is_some(), "{connection}");
 }
 
 /// A client that shuts its sending side after the request (HTTP/1.1
@@ -1032,30 +1112,97 @@ async fn the_agents_zone_is_preferred_while_it_has_available_instances() {
         .await;
 }
 
-/// A hash balancer keeps a key on one instance and spreads the keys.
-#[tokio::test]
-async fn a_hash_key_sticks_to_one_instance() {
-    let agent = agent("  defaults:\n    balancer: hash\n    hash_key: header:x-user\n").await;
-    let web = upstreams("web", 3).await;
-    register(&agent, "web.yaml", "web", "http", &web);
-    let port = web[0].addr.port();
-    let (c, url) = vip_client(&agent, "web", port).await;
+/// Asks for each of 30 keys three times, `ask(key)` giving the instance
+/// that answered; each key must stay on one instance and the keys must
+/// spread over all three.
+async fn keys_stick<F, Fut>(what: &str, mut ask: F)
+where
+    F: FnMut(u8) -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
     let mut owners = HashMap::new();
     for round in 0..3 {
-        for user in 0..30 {
-            let r = c
-                .get(&url)
-                .header("x-user", format!("user-{user}"))
-                .send()
-                .await
-                .unwrap();
-            let instance = r.text().await.unwrap();
-            let first = owners.entry(user).or_insert_with(|| instance.clone());
-            assert_eq!(*first, instance, "user-{user} moved in round {round}");
+        for key in 0..30 {
+            let instance = ask(key).await;
+            let first = owners.entry(key).or_insert_with(|| instance.clone());
+            assert_eq!(*first, instance, "{what}: key {key} moved in round {round}");
         }
     }
     let used: std::collections::HashSet<&String> = owners.values().collect();
-    assert_eq!(used.len(), 3, "30 keys spread over the 3 instances");
+    assert_eq!(used.len(), 3, "{what}: 30 keys spread over the 3 instances");
+}
+
+/// The hash balancer keeps each key on one instance: a header, a cookie
+/// (among others in the header), the client's address for L7 and, for
+/// L4, the client's address of each new connection.
+#[tokio::test]
+async fn a_hash_key_sticks_to_one_instance() {
+    let agent = agent(concat!(
+        "  services:\n",
+        "    header: {balancer: hash, hash_key: \"header:x-user\"}\n",
+        "    cookie: {balancer: hash, hash_key: \"cookie:sid\"}\n",
+        "    address: {balancer: hash, hash_key: client_ip}\n",
+        "    bulk: {balancer: hash}\n",
+    ))
+    .await;
+    let mut urls = HashMap::new();
+    for (service, protocol) in [
+        ("header", "http"),
+        ("cookie", "http"),
+        ("address", "http"),
+        ("bulk", "tcp"),
+    ] {
+        let ups = upstreams(service, 3).await;
+        register(&agent, &format!("{service}.yaml"), service, protocol, &ups);
+        let port = ups[0].addr.port();
+        let addr = vip(&agent, service, port).await;
+        urls.insert(
+            service,
+            (addr, format!("http://{service}.service.internal:{port}/")),
+        );
+    }
+    // A client of its own per key, on its own loopback address, opening
+    // a new connection for every request.
+    let net = rand::random_range(0..=255u8);
+    let from = |service: &str, key: u8| {
+        let (addr, _) = urls[service];
+        reqwest::Client::builder()
+            .no_proxy()
+            .resolve(&format!("{service}.service.internal"), addr)
+            .local_address(std::net::IpAddr::from([127, 78, net, key + 1]))
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    let text = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 200, "{:?}", r.headers().get("x-signpost-error"));
+        r.text().await.unwrap()
+    };
+
+    let c = from("header", 0);
+    keys_stick("header", |key| {
+        let r = c
+            .get(&urls["header"].1)
+            .header("x-user", format!("user-{key}"))
+            .send();
+        async move { text(r.await.unwrap()).await }
+    })
+    .await;
+    let c = from("cookie", 0);
+    keys_stick("cookie", |key| {
+        let cookie = format!("theme=dark; sid=session-{key}; lang=en");
+        let r = c.get(&urls["cookie"].1).header("cookie", cookie).send();
+        async move { text(r.await.unwrap()).await }
+    })
+    .await;
+    for service in ["address", "bulk"] {
+        let clients: Vec<_> = (0..30).map(|key| from(service, key)).collect();
+        keys_stick(service, |key| {
+            let r = clients[usize::from(key)].get(&urls[service].1).send();
+            async move { text(r.await.unwrap()).await }
+        })
+        .await;
+    }
 }
 
 /// An operator's policy: a blocked instance gets nothing, an open circuit
