@@ -961,12 +961,15 @@ pub mod upstream {
     /// An HTTP client that reaches `host` at `addr`, the way a program that
     /// resolved the name does.
     pub fn client(host: &str, addr: SocketAddr) -> reqwest::Client {
+        client_builder(host, addr).build().unwrap()
+    }
+
+    /// [`client`]'s settings, for a test to add its own.
+    pub fn client_builder(host: &str, addr: SocketAddr) -> reqwest::ClientBuilder {
         reqwest::Client::builder()
             .no_proxy()
             .resolve(host, addr)
             .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap()
     }
 
     /// A client for `service`'s VIP on `port` (found through the agent's

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use signpost_tests::Agent;
-use signpost_tests::upstream::{HANG, Upstream, bind, client, spread, upstreams, vip, vip_client};
+use signpost_tests::upstream::{
+    HANG, Upstream, bind, client, client_builder, spread, upstreams, vip, vip_client,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -1166,9 +1168,7 @@ async fn a_hash_key_sticks_to_one_instance() {
     let net = rand::random_range(0..=255u8);
     let from = |service: &str, key: u8| {
         let (addr, _) = urls[service];
-        reqwest::Client::builder()
-            .no_proxy()
-            .resolve(&format!("{service}.service.internal"), addr)
+        client_builder(&format!("{service}.service.internal"), addr)
             .local_address(std::net::IpAddr::from([127, 78, net, key + 1]))
             .pool_max_idle_per_host(0)
             .build()
