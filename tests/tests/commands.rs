@@ -192,11 +192,18 @@ async fn block_degrade_circuit_and_policy_change_traffic_until_revoked_or_expire
         })
         .await;
     cmd(&cp, &token, &["cmd", "revoke", &one]);
-    let post = c.post(&search).send().await.unwrap();
-    assert!(
-        post.text().await.unwrap().starts_with("web-"),
-        "POST is not in the route"
-    );
+    // The revoke reaches the agent asynchronously: until web-1 answers again,
+    // a request sent its way would still get the instance's fallback.
+    agent
+        .eventually("web-1 to serve again", || async {
+            spread(&c, &url, 10)
+                .await
+                .contains_key("web-1")
+                .then_some(())
+        })
+        .await;
+    let post = c.post(&search).send().await.unwrap().text().await.unwrap();
+    assert!(post.starts_with("web-"), "POST is not in the route: {post}");
     cmd(&cp, &token, &["cmd", "revoke", &route]);
 
     create(
