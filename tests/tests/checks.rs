@@ -49,9 +49,10 @@ async fn wait_output(agent: &Agent, id: &str, status: &str, want: impl Fn(&str) 
 }
 
 /// Polls the status of check `id` until it is `last`; returns the distinct
-/// statuses seen on the way, in order.
-async fn statuses_until(agent: &Agent, id: &str, last: &str) -> Vec<String> {
-    let seen = RefCell::new(Vec::<String>::new());
+/// statuses seen on the way, in order, starting with `from` when the caller
+/// has already seen that one (a change may come before the first poll).
+async fn statuses_until(agent: &Agent, id: &str, from: Option<&str>, last: &str) -> Vec<String> {
+    let seen = RefCell::new(from.into_iter().map(String::from).collect::<Vec<_>>());
     let seen_ref = &seen;
     agent
         .eventually(
@@ -472,7 +473,9 @@ async fn exec_checks_are_refused_unless_enabled() {
 #[tokio::test]
 async fn ttl_check_expires_with_its_last_output() {
     let agent = Agent::start("").await;
-    register(&agent, json!({"Name": "worker", "Check": {"TTL": "1s"}})).await;
+    // 3s: long enough that the check is surely still passing when read
+    // back right after the pass, even on a loaded machine.
+    register(&agent, json!({"Name": "worker", "Check": {"TTL": "3s"}})).await;
     assert_eq!(
         agent.check_status("service:worker").await.as_deref(),
         Some("critical")
@@ -490,7 +493,7 @@ async fn ttl_check_expires_with_its_last_output() {
 
     let expired = wait_output(&agent, "service:worker", "critical", |_| true).await;
     assert!(
-        passed_at.elapsed() >= Duration::from_secs(1),
+        passed_at.elapsed() >= Duration::from_secs(3),
         "expired before its TTL"
     );
     assert_eq!(
@@ -512,7 +515,7 @@ async fn failures_before_warning_and_critical_go_warning_first() {
     agent.wait_check("service:web", "passing").await;
 
     server.set(503);
-    let seen = statuses_until(&agent, "service:web", "critical").await;
+    let seen = statuses_until(&agent, "service:web", Some("passing"), "critical").await;
     let failed = agent
         .metric(r#"signpost_agent_check_probes_total{type="http",result="critical"}"#)
         .await;
@@ -536,7 +539,7 @@ async fn success_before_passing_needs_consecutive_successes() {
                "SuccessBeforePassing": 2}}),
     )
     .await;
-    let seen = statuses_until(&agent, "service:web", "passing").await;
+    let seen = statuses_until(&agent, "service:web", None, "passing").await;
     let answered = hits.load(Ordering::SeqCst);
     assert_eq!(seen, ["critical", "passing"]);
     assert!(answered >= 4, "passing after {answered} probes");
@@ -594,7 +597,7 @@ async fn fast_recheck_confirms_a_real_death_at_once() {
                "Status": "passing"}}),
     )
     .await;
-    let seen = statuses_until(&agent, "service:web", "critical").await;
+    let seen = statuses_until(&agent, "service:web", None, "critical").await;
     assert_eq!(seen, ["passing", "critical"]);
     let confirmed = r#"signpost_agent_check_fast_rechecks_total{outcome="confirmed"}"#;
     assert_eq!(agent.metric(confirmed).await, 1.0);

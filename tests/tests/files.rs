@@ -205,11 +205,12 @@ async fn deleting_a_file_removes_its_services() {
     std::fs::remove_file(agent.services_dir().join("pair.yaml")).unwrap();
     agent
         .eventually("the deleted file's services to go", || async {
+            // Its services go first, then its report.
             let services = agent.get("/v1/agent/services").await.json();
-            (services.get("left").is_none() && services.get("right").is_none()).then_some(())
+            let gone = services.get("left").is_none() && services.get("right").is_none();
+            (gone && file_report(&agent, "pair.yaml").await.is_none()).then_some(())
         })
         .await;
-    assert!(file_report(&agent, "pair.yaml").await.is_none());
     assert!(service(&agent, "keep").await.is_some());
 }
 

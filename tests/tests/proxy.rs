@@ -734,7 +734,7 @@ async fn a_slow_instance_receives_less_traffic() {
 #[tokio::test]
 async fn failing_instances_are_ejected_and_readmitted_after_a_good_probe() {
     let agent = agent(
-        "  defaults:\n    balancer: round_robin\n    retries: 0\n    eject_after: 3\n    eject_base: 1s\n",
+        "  defaults:\n    balancer: round_robin\n    retries: 0\n    eject_after: 3\n    eject_base: 3s\n",
     )
     .await;
     let web = upstreams("web", 2).await;
@@ -909,7 +909,8 @@ async fn limits_fail_fast_with_the_reason() {
         agent("  defaults:\n    max_requests: 1\n    max_pending: 0\n    max_connections: 3\n")
             .await;
     let web = upstreams("web", 1).await;
-    web[0].set_delay(1000);
+    // 3s: the second request surely comes while the first is held.
+    web[0].set_delay(3000);
     register(&agent, "web.yaml", "web", "http", &web);
     let port = web[0].addr.port();
     let addr = vip(&agent, "web", port).await;
@@ -1243,7 +1244,7 @@ async fn blocked_instances_and_an_open_circuit_apply() {
 #[tokio::test]
 async fn the_breaker_opens_on_failures_and_a_good_probe_closes_it() {
     let agent = agent(
-        "  defaults:\n    retries: 0\n    eject_after: 0\n    breaker_failures: 3\n    breaker_open_for: 1s\n",
+        "  defaults:\n    retries: 0\n    eject_after: 0\n    breaker_failures: 3\n    breaker_open_for: 3s\n",
     )
     .await;
     let web = upstreams("web", 1).await;

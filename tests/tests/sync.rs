@@ -42,6 +42,13 @@ async fn check_status(agent: &Agent, node: &str, field: &str, value: &str) -> Op
     Some(check["Status"].as_str().unwrap().to_string())
 }
 
+/// How many agents the control plane counts alive.
+async fn alive(cp: &ControlPlane) -> usize {
+    let nodes = cp.get("/v1/nodes").await.json();
+    let nodes = nodes.as_array().unwrap();
+    nodes.iter().filter(|n| n["Status"] == "alive").count()
+}
+
 /// The status of web-1's own check on `node`, in `agent`'s view.
 async fn service_status(agent: &Agent, node: &str) -> Option<String> {
     check_status(agent, node, "ServiceID", "web-1").await
@@ -54,21 +61,10 @@ async fn changes_on_one_host_reach_the_hosts_that_use_them() {
     let a = Agent::start_named("a", &join).await;
     let b = Agent::start_named("b", &format!("{join}upstreams: [web]\n")).await;
     let c = Agent::start_named("c", &join).await;
-    let nodes = |n: usize| {
-        let cp = &cp;
-        async move {
-            let nodes = cp.get("/v1/nodes").await.json();
-            (nodes
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|n| n["Status"] == "alive")
-                .count()
-                == n)
-                .then_some(())
-        }
-    };
-    b.eventually("three agents connected", || nodes(3)).await;
+    b.eventually("three agents connected", || async {
+        (alive(&cp).await == 3).then_some(())
+    })
+    .await;
 
     // Registration on A is visible on B (subscribed through `upstreams`).
     register_web(&a).await;
@@ -400,7 +396,8 @@ async fn unused_subscriptions_are_dropped_but_upstreams_stay() {
     let cp = ControlPlane::start().await;
     let join = cp.agent_config(AGENT_TOKEN);
     let a = Agent::start_named("a", &join).await;
-    let idle = format!("{join}  subscription_idle: 1s\nupstreams: [db]\n");
+    // 3s: C's subscriptions are read once it has its answer, well within.
+    let idle = format!("{join}  subscription_idle: 3s\nupstreams: [db]\n");
     let c = Agent::start_named("c", &idle).await;
     register_web(&a).await;
     c.eventually("web on the control plane", || async {
@@ -439,6 +436,10 @@ async fn control_plane_answers_the_catalog_and_health_endpoints_for_the_fleet() 
     let join = cp.agent_config(AGENT_TOKEN);
     let a = Agent::start_named("a", &join).await;
     let b = Agent::start_named("b", &join).await;
+    b.eventually("both agents connected", || async {
+        (alive(&cp).await == 2).then_some(())
+    })
+    .await;
     register_web(&a).await;
     let r = a
         .put("/v1/agent/check/fail/service:web-1?note=broken", None)
