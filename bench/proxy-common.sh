@@ -15,11 +15,10 @@ log() { echo "[$(date +%T)] $*" >&2; }
 # with the processes in PIDS stopped; on a failure, the logs' last lines.
 bench_start() {
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
-  cargo build --release -q -p signpost-agent --bins
+  # As packaged: built and laid out by its profile.
+  bash packaging/optimise.sh
   # shellcheck disable=SC2034 # used by the scripts that source this
   BIN="$CARGO_TARGET_DIR/release/signpost"
-  # As packaged: laid out by its profile.
-  bash packaging/bolt.sh "$BIN"
   WORK=$(mktemp -d)
   chmod 755 "$WORK"
   PIDS=()

@@ -44,7 +44,9 @@
 # wrk iperf3 jq bind9-dnsutils curl), and oha for the fixed-rate rows:
 #   CARGO_TARGET_DIR=$HOME/.cache/signpost/oha-target nice -n 19 \
 #     cargo install oha --locked --root $HOME/.cache/signpost/tools
-# (without oha those rows are skipped, with a note). L4_BYTES=1G etc.
+# (without oha those rows are skipped, with a note); and what
+# packaging/optimise.sh needs to build the agent as packaged (llvm-N,
+# bolt-16). L4_BYTES=1G etc.
 # changes the amount pushed per L4 run.
 set -euo pipefail
 SECONDS_PER_RUN=${1:-10}

@@ -6,7 +6,8 @@
 #
 #   bash packaging/build.sh       # writes target/debian/*.deb and target/generate-rpm/*.rpm
 # Needs: cargo install --locked cargo-deb cargo-generate-rpm; and for
-# packaging/bolt.sh, Debian's bolt-16, wrk, curl and dnsutils
+# packaging/optimise.sh, Debian's llvm-N (rustc's LLVM version), bolt-16,
+# wrk, curl and dnsutils
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
@@ -14,11 +15,11 @@ PATH="$HOME/.cache/signpost/tools/bin:$PATH"
 for tool in cargo-deb cargo-generate-rpm; do
   command -v "$tool" > /dev/null || { echo "needs $tool: cargo install --locked $tool" >&2; exit 1; }
 done
-cargo build --release --locked -p signpost-agent -p signpost-control-plane --bins
+# The agent built and laid out by its profile (packaging/optimise.sh),
+# stripped; the control plane a plain release build, stripped.
+bash packaging/optimise.sh
+cargo build --release --locked -p signpost-control-plane --bins
 REL="$CARGO_TARGET_DIR/release"
-# The agent laid out by its profile (packaging/bolt.sh), stripped; the
-# control plane stripped as it is.
-bash packaging/bolt.sh "$REL/signpost"
 strip "$REL/signpost-control-plane"
 GEN="$REL/gen"
 mkdir -p "$GEN"
