@@ -1,9 +1,10 @@
 # shellcheck shell=bash
-# What bench/proxy.sh and bench/proxy-instructions.sh share, sourced by
-# both (from the repository root): finding oha, building the agent with
-# a work directory cleaned up at exit (bench_start), the nginx
-# configuration pieces, the upstream (one nginx serving two HTTP
-# instances that answer `200 ok\n`) and HAProxy's HTTP part.
+# What the proxy benchmarks (bench/proxy.sh, proxy-instructions.sh,
+# proxy-ab.sh) share, sourced from the repository root: finding oha,
+# building the agent with a work directory cleaned up at exit
+# (bench_start), the nginx configuration pieces, the upstream (one nginx
+# serving two HTTP instances that answer `200 ok\n`), an agent proxying
+# to it (web_agent) and HAProxy's HTTP part.
 
 OHA=${OHA:-$HOME/.cache/signpost/tools/bin/oha}
 [ -x "$OHA" ] || OHA=$(command -v oha || true)
@@ -80,6 +81,29 @@ CONF
   } > "$WORK/upstream.conf"
   nginx -p "$WORK/upstream" -c "$WORK/upstream.conf" 2> "$WORK/upstream.log" &
   PIDS+=($!)
+}
+
+# web_agent DIR NAME API DNS HTTP VIP_RANGE UPSTREAM1 UPSTREAM2: an agent's
+# configuration in DIR/agent.yaml (API, DNS and the proxy's HTTP port on
+# loopback, VIPs from VIP_RANGE) with the service web, both upstream
+# instances, in DIR/services.d.
+web_agent() {
+  mkdir -p "$1/services.d"
+  cat > "$1/services.d/web.yaml" <<YAML
+services:
+  - {name: web, id: web-1, address: 127.0.0.1, port: $7, protocol: http}
+  - {name: web, id: web-2, address: 127.0.0.1, port: $8, protocol: http}
+YAML
+  cat > "$1/agent.yaml" <<YAML
+node_name: $2
+data_dir: $1/data
+services_dir: $1/services.d
+advertise_addr: 127.0.0.1
+api: {listen: "127.0.0.1:$3"}
+dns: {listen: "127.0.0.1:$4", recursors: []}
+proxy: {vip_range: $6, http_port: $5, access_log: false}
+log: {level: warn}
+YAML
 }
 
 # haproxy_http_conf PORT UPSTREAM1 UPSTREAM2 -> HAProxy in mode http on

@@ -53,22 +53,7 @@ bench_start
 UP1=19011 UP2=19012 HAPROXY_HTTP=19111 SP_API=19510 SP_DNS=19610 SP_HTTP=19090
 start_upstream $UP1 $UP2
 
-mkdir -p "$WORK/signpost/services.d"
-cat > "$WORK/signpost/services.d/web.yaml" <<YAML
-services:
-  - {name: web, id: web-1, address: 127.0.0.1, port: $UP1, protocol: http}
-  - {name: web, id: web-2, address: 127.0.0.1, port: $UP2, protocol: http}
-YAML
-cat > "$WORK/signpost/agent.yaml" <<YAML
-node_name: instructions
-data_dir: $WORK/signpost/data
-services_dir: $WORK/signpost/services.d
-advertise_addr: 127.0.0.1
-api: {listen: "127.0.0.1:$SP_API"}
-dns: {listen: "127.0.0.1:$SP_DNS", recursors: []}
-proxy: {vip_range: 127.97.0.0/24, http_port: $SP_HTTP, access_log: false}
-log: {level: warn}
-YAML
+web_agent "$WORK/signpost" instructions $SP_API $SP_DNS $SP_HTTP 127.97.0.0/24 $UP1 $UP2
 haproxy_http_conf $HAPROXY_HTTP $UP1 $UP2 > "$WORK/haproxy.cfg"
 
 # count NAME URL -> instructions per request of the process last started
