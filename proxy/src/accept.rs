@@ -6,6 +6,14 @@
 //! served without ever being registered, as HAProxy does: it reads a new
 //! connection before it polls it. A connection not yet registered also
 //! moves to another thread for free.
+//!
+//! On an HTTP listener the kernel acknowledges a request with its answer
+//! instead of in a packet of its own, as on HAProxy's: TCP_QUICKACK is
+//! off on the listening socket, which its connections inherit. A
+//! connection that then has to wait for more of what the client sends
+//! (the rest of a request, a body) turns it back on, so that a client
+//! holding back its next bytes until the last ones are acknowledged
+//! (Nagle's algorithm) is not kept waiting for the delayed ACK.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -18,13 +26,36 @@ use tokio::net::TcpStream;
 
 /// A listening socket, registered with the reactor of the thread that
 /// accepts on it.
-pub(crate) struct Listener(AsyncFd<mio::net::TcpListener>);
+pub(crate) struct Listener {
+    socket: AsyncFd<mio::net::TcpListener>,
+    acks: Acks,
+}
+
+/// When the kernel acknowledges what a client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Acks {
+    /// By its own rules (at once on a new connection).
+    Quick,
+    /// With the answer, until the connection waits for more bytes after
+    /// some came (`read`): for a protocol where the server answers each
+    /// request (HTTP).
+    Delayed { read: bool },
+}
 
 impl Listener {
-    /// Registers `listener` with the current thread's reactor; must run
-    /// on a runtime.
-    pub(crate) fn new(listener: std::net::TcpListener) -> io::Result<Listener> {
+    /// Registers `listener` (listening already) with the current
+    /// thread's reactor; must run on a runtime. Sets TCP_NODELAY on it,
+    /// and for `Acks::Delayed` TCP_QUICKACK off, which Linux copies to
+    /// every connection it accepts (TCP_QUICKACK only once it listens):
+    /// a proxy must not hold back small writes, and one `setsockopt` per
+    /// listener is none per connection.
+    pub(crate) fn new(listener: std::net::TcpListener, acks: Acks) -> io::Result<Listener> {
         listener.set_nonblocking(true)?;
+        let socket = socket2::SockRef::from(&listener);
+        socket.set_tcp_nodelay(true)?;
+        if acks != Acks::Quick {
+            socket.set_tcp_quickack(false)?;
+        }
         let listener = mio::net::TcpListener::from_std(listener);
         // tokio's own listener would register every accepted connection;
         // `AsyncFd` is how a socket is polled without that.
@@ -33,20 +64,24 @@ impl Listener {
         // `as_raw_fd` always returns it (`get_mut` is never used).
         #[allow(unsafe_code)]
         let registered = unsafe { AsyncFd::register(listener) };
-        registered.map(Listener).map_err(io::Error::from)
+        let socket = registered.map_err(io::Error::from)?;
+        Ok(Listener { socket, acks })
     }
 
-    /// The next connection: non-blocking, with TCP_NODELAY (a proxy must
-    /// not hold back small writes), and not registered.
+    /// The next connection: non-blocking, with the listener's TCP_NODELAY
+    /// and TCP_QUICKACK, and not registered.
     pub(crate) async fn accept(&self) -> io::Result<(ClientStream, SocketAddr)> {
         loop {
-            let mut ready = self.0.readable().await?;
+            let mut ready = self.socket.readable().await?;
             // One `accept4` gives a non-blocking socket.
             if let Ok(accepted) = ready.try_io(|listener| listener.get_ref().accept()) {
                 let (stream, client) = accepted?;
                 let stream = std::net::TcpStream::from(stream);
-                crate::nodelay(&stream);
-                return Ok((ClientStream(State::Direct(stream)), client));
+                let stream = ClientStream {
+                    state: State::Direct(stream),
+                    acks: self.acks,
+                };
+                return Ok((stream, client));
             }
         }
     }
@@ -55,7 +90,10 @@ impl Listener {
 /// A client connection, registered with the reactor of the thread that
 /// serves it when it first has to wait.
 #[derive(Debug)]
-pub(crate) struct ClientStream(State);
+pub(crate) struct ClientStream {
+    state: State,
+    acks: Acks,
+}
 
 #[derive(Debug)]
 enum State {
@@ -72,18 +110,18 @@ const DIRECT_READ: usize = 16 * 1024;
 impl ClientStream {
     /// Whether the connection has had to wait (it is then registered).
     pub(crate) fn is_registered(&self) -> bool {
-        matches!(self.0, State::Registered(_))
+        matches!(self.state, State::Registered(_))
     }
 
     /// The stream registered with this thread's reactor, after a direct
     /// read or write would have blocked.
     fn registered(&mut self) -> io::Result<Pin<&mut TcpStream>> {
-        if matches!(self.0, State::Direct(_))
-            && let State::Direct(stream) = std::mem::replace(&mut self.0, State::Closed)
+        if matches!(self.state, State::Direct(_))
+            && let State::Direct(stream) = std::mem::replace(&mut self.state, State::Closed)
         {
-            self.0 = State::Registered(TcpStream::from_std(stream)?);
+            self.state = State::Registered(TcpStream::from_std(stream)?);
         }
-        match &mut self.0 {
+        match &mut self.state {
             State::Registered(stream) => Ok(Pin::new(stream)),
             _ => Err(io::ErrorKind::NotConnected.into()),
         }
@@ -97,7 +135,7 @@ impl ClientStream {
         direct: impl Fn(&std::net::TcpStream) -> io::Result<R>,
         registered: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
-        if let State::Direct(stream) = &self.0 {
+        if let State::Direct(stream) = &self.state {
             match retry_interrupted(|| direct(stream)) {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 done => return Poll::Ready(done),
@@ -106,6 +144,34 @@ impl ClientStream {
         match self.registered() {
             Ok(stream) => registered(stream, cx),
             Err(error) => Poll::Ready(Err(error)),
+        }
+    }
+
+    /// `bytes` came from the client.
+    fn has_read(&mut self, bytes: usize) {
+        if bytes > 0
+            && let Acks::Delayed { read } = &mut self.acks
+        {
+            *read = true;
+        }
+    }
+
+    /// The connection waits for more of what the client sends, after some
+    /// came: the kernel acknowledges it at once from now on (what came
+    /// too), by its own rules again, so that a client waiting for that
+    /// ACK to send the rest does not wait for the delayed one.
+    fn waits_for_more(&mut self) {
+        if self.acks != (Acks::Delayed { read: true }) {
+            return;
+        }
+        self.acks = Acks::Quick;
+        let quick = match &self.state {
+            State::Direct(stream) => socket2::SockRef::from(stream).set_tcp_quickack(true),
+            State::Registered(stream) => socket2::SockRef::from(stream).set_tcp_quickack(true),
+            State::Closed => return,
+        };
+        if let Err(error) = quick {
+            tracing::debug!(%error, "cannot set TCP_QUICKACK");
         }
     }
 }
@@ -126,7 +192,8 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let State::Direct(stream) = &this.0 {
+        let filled = buf.filled().len();
+        if let State::Direct(stream) = &this.state {
             // Zeroes what the read may fill (reading into uninitialised
             // memory takes unsafe code): only until the first read that
             // would block, as reads go to tokio's stream after it. Direct
@@ -136,16 +203,23 @@ impl AsyncRead for ClientStream {
             match retry_interrupted(|| (&*stream).read(buf.initialize_unfilled_to(len))) {
                 Ok(read) => {
                     buf.advance(read);
+                    this.has_read(read);
                     return Poll::Ready(Ok(()));
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => return Poll::Ready(Err(error)),
             }
         }
-        match this.registered() {
+        let polled = match this.registered() {
             Ok(stream) => stream.poll_read(cx, buf),
-            Err(error) => Poll::Ready(Err(error)),
+            Err(error) => return Poll::Ready(Err(error)),
+        };
+        match polled {
+            Poll::Ready(Ok(())) => this.has_read(buf.filled().len() - filled),
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => this.waits_for_more(),
         }
+        polled
     }
 }
 
@@ -204,14 +278,132 @@ mod tests {
 
     use super::*;
 
-    async fn pair() -> (ClientStream, TcpStream) {
+    /// An accepted connection with `acks`, and its client.
+    async fn pair_with(acks: Acks) -> (ClientStream, TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let listener = Listener::new(listener).unwrap();
+        let listener = Listener::new(listener, acks).unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (accepted, from) = listener.accept().await.unwrap();
         assert_eq!(from, client.local_addr().unwrap());
         (accepted, client)
+    }
+
+    async fn pair() -> (ClientStream, TcpStream) {
+        pair_with(Acks::Quick).await
+    }
+
+    /// The socket of a connection not yet registered.
+    fn socket(stream: &ClientStream) -> &std::net::TcpStream {
+        match &stream.state {
+            State::Direct(socket) => socket,
+            _ => panic!("registered already"),
+        }
+    }
+
+    /// The connection's socket, registered or not.
+    fn sock_ref(stream: &ClientStream) -> socket2::SockRef<'_> {
+        match &stream.state {
+            State::Direct(socket) => socket.into(),
+            State::Registered(socket) => socket.into(),
+            State::Closed => panic!("closed"),
+        }
+    }
+
+    /// TCP segments the connection's socket has sent since the handshake
+    /// (TCP_INFO; the SYN-ACK is the listener's).
+    fn segments_sent(stream: &ClientStream) -> u32 {
+        use std::os::fd::AsRawFd;
+        let fd = sock_ref(stream).as_raw_fd();
+        // SAFETY: `tcp_info` is integers only, so all zeroes is a valid
+        // value, and TCP_INFO writes at most `len` bytes into it.
+        #[allow(unsafe_code)]
+        let (done, info) = unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let done = libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            );
+            (done, info)
+        };
+        assert_eq!(done, 0, "TCP_INFO: {}", io::Error::last_os_error());
+        info.tcpi_segs_out
+    }
+
+    /// Accepted connections send small writes at once (TCP_NODELAY, set
+    /// on the listener only).
+    #[tokio::test]
+    async fn accepted_connections_do_not_hold_back_small_writes() {
+        let (accepted, _client) = pair().await;
+        let nodelay = socket2::SockRef::from(socket(&accepted)).tcp_nodelay();
+        assert!(nodelay.unwrap());
+    }
+
+    /// A request read whole and answered at once, on a connection with
+    /// `acks`: the segments the proxy's side sent by the time the client
+    /// has the answer.
+    async fn exchange(acks: Acks) -> u32 {
+        let (mut accepted, mut client) = pair_with(acks).await;
+        let request = b"GET / HTTP/1.1\r\nhost: web\r\n\r\n";
+        client.write_all(request).await.unwrap();
+        wait_for_input(&accepted).unwrap();
+        let mut read = vec![0; request.len()];
+        within(accepted.read_exact(&mut read)).await;
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        within(accepted.write_all(answer)).await;
+        let mut got = vec![0; answer.len()];
+        within(client.read_exact(&mut got)).await;
+        assert!(!accepted.is_registered());
+        segments_sent(&accepted)
+    }
+
+    /// With delayed ACKs (HTTP listeners) the request's ACK goes with the
+    /// answer: one packet fewer each way than with the kernel's quick ACK
+    /// of a new connection's first bytes.
+    #[tokio::test]
+    async fn a_request_answered_at_once_is_acknowledged_with_its_answer() {
+        // The request's ACK, the answer.
+        assert_eq!(exchange(Acks::Quick).await, 2);
+        // The answer, with the ACK. On a loaded machine the
+        // delayed ACK's timer (40 ms) may fire before the answer is
+        // written: the fewest over a few exchanges.
+        let mut fewest = u32::MAX;
+        for _ in 0..5 {
+            fewest = fewest.min(exchange(Acks::Delayed { read: false }).await);
+            if fewest == 1 {
+                break;
+            }
+        }
+        assert_eq!(fewest, 1);
+    }
+
+    /// A connection with delayed ACKs that waits for the rest of what the
+    /// client sends acknowledges what came at once (and quick ACKs are
+    /// back on): a client that holds back its next bytes until then
+    /// (Nagle's algorithm) is not kept waiting.
+    #[tokio::test]
+    async fn waiting_for_more_acknowledges_what_came() {
+        let (mut accepted, mut client) = pair_with(Acks::Delayed { read: false }).await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        wait_for_input(&accepted).unwrap();
+        let mut part = [0; 16];
+        within(accepted.read_exact(&mut part)).await;
+        let mut rest = [0; 19];
+        let mut buf = ReadBuf::new(&mut rest);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let polled = Pin::new(&mut accepted).poll_read(&mut cx, &mut buf);
+        assert!(polled.is_pending());
+        // The ACK.
+        assert_eq!(segments_sent(&accepted), 1);
+        assert!(sock_ref(&accepted).tcp_quickack().unwrap());
+        client.write_all(b"host: web\r\n\r\n").await.unwrap();
+        let mut rest = [0; 13];
+        within(accepted.read_exact(&mut rest)).await;
+        assert_eq!(&rest, b"host: web\r\n\r\n");
     }
 
     /// `io`, or a failure where a lost wake-up would hang the test.
@@ -225,9 +417,7 @@ mod tests {
     /// Waits (blocking) until the unregistered socket has something to
     /// read, or an error; what `peek` says.
     fn wait_for_input(stream: &ClientStream) -> io::Result<usize> {
-        let State::Direct(socket) = &stream.0 else {
-            panic!("registered already");
-        };
+        let socket = socket(stream);
         socket.set_nonblocking(false).unwrap();
         let peeked = socket.peek(&mut [0; 64]);
         socket.set_nonblocking(true).unwrap();

@@ -108,7 +108,7 @@ mod tests {
     async fn sniffed(chunks: &[&'static [u8]]) -> (bool, Vec<u8>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let listener = Listener::new(listener).unwrap();
+        let listener = Listener::new(listener, crate::accept::Acks::Quick).unwrap();
         let chunks = chunks.to_vec();
         let client = tokio::spawn(async move {
             let mut stream = TcpStream::connect(addr).await.unwrap();

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ServiceSpec;
+use crate::accept::{Acks, Listener};
 use crate::backend::Backend;
 use crate::endpoint::Endpoint;
 use crate::workers::Workers;
@@ -141,7 +142,16 @@ async fn accept_loop(
     stop: CancellationToken,
     tasks: Tasks,
 ) {
-    let listener = match crate::accept::Listener::new(listener) {
+    // An HTTP instance answers every request: the request's ACK can go
+    // with the answer. A listener whose service changes protocol keeps
+    // its socket and this setting, which is then only a lost saving (an
+    // L4 connection turns quick ACKs back on as soon as it waits).
+    let acks = if target.load().snapshot().protocol == Protocol::Tcp {
+        Acks::Quick
+    } else {
+        Acks::Delayed { read: false }
+    };
+    let listener = match Listener::new(listener, acks) {
         Ok(listener) => listener,
         Err(error) => {
             tracing::error!(%addr, %error, "cannot accept on the listener");

@@ -229,7 +229,8 @@ mod tests {
         let (w, t, r) = (workers.clone(), tracker.clone(), release.clone());
         // Every connection is accepted on worker 0.
         workers.spawn_on(0, async move {
-            let listener = crate::accept::Listener::new(listener).unwrap();
+            let listener =
+                crate::accept::Listener::new(listener, crate::accept::Acks::Quick).unwrap();
             for _ in 0..10 {
                 let (stream, _) = listener.accept().await.unwrap();
                 let (r, ran) = (r.clone(), ran.clone());
