@@ -8,10 +8,15 @@
 # CPU it takes, which max requests/s (bench/proxy.sh) shows only through
 # the noise.
 #
+# Either may be `haproxy` instead: HAProxy as bench/proxy.sh runs it, so
+# that the agent is measured against it with the same fine interleaving.
+#
 #   bash bench/proxy-ab.sh BIN_A BIN_B            # keep-alive, 10 rounds of 3 s each
 #   MODE=close ROUNDS=16 bash bench/proxy-ab.sh BIN_A BIN_B   # Connection: close
+#   MODE=close ROUNDS=30 bash bench/proxy-ab.sh BIN haproxy
 # Prints each run and the medians, and in how many rounds B took less
-# user CPU than A. Needs: nginx, wrk, dig, curl.
+# user CPU than A and served more requests/s, with the median of the
+# rounds' requests/s ratios. Needs: nginx, wrk, dig, curl (haproxy).
 set -euo pipefail
 A=${1:?usage: proxy-ab.sh BIN_A BIN_B}
 B=${2:?usage: proxy-ab.sh BIN_A BIN_B}
@@ -21,8 +26,8 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-3}
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/proxy-common.sh
 . bench/proxy-common.sh
-for tool in nginx wrk dig curl; do
-  command -v "$tool" > /dev/null || { echo "needs $tool (apt-get install nginx wrk bind9-dnsutils curl)" >&2; exit 1; }
+for tool in nginx wrk dig curl $([ "$A" = haproxy ] || [ "$B" = haproxy ] && echo haproxy); do
+  command -v "$tool" > /dev/null || { echo "needs $tool (apt-get install nginx wrk bind9-dnsutils curl haproxy)" >&2; exit 1; }
 done
 WRK_MODE=()
 case "$MODE" in
@@ -40,6 +45,19 @@ start_upstream $UP1 $UP2
 declare -A PID URL
 # start NAME BIN API_PORT DNS_PORT HTTP_PORT VIP_RANGE
 start() {
+  if [ "$2" = haproxy ]; then
+    haproxy_http_conf "$5" $UP1 $UP2 > "$WORK/$1.cfg"
+    haproxy -db -f "$WORK/$1.cfg" > "$WORK/$1.log" 2>&1 &
+    PIDS+=($!)
+    PID[$1]=$!
+    URL[$1]="http://127.0.0.1:$5/"
+    for _ in $(seq 1 50); do
+      [ "$(curl -fsS --max-time 2 "${URL[$1]}" 2> /dev/null)" = ok ] && return
+      sleep 0.2
+    done
+    echo "$1 (haproxy) does not answer 200 ok" >&2
+    exit 1
+  fi
   web_agent "$WORK/$1" "$1" "$3" "$4" "$5" "$6" $UP1 $UP2
   "$2" agent --config "$WORK/$1/agent.yaml" 2> "$WORK/$1.log" &
   PIDS+=($!)
@@ -96,5 +114,14 @@ median() {
 for name in A B; do
   echo "| $name | $(median "$name" 2) | $(median "$name" 3) | $(median "$name" 4) |"
 done
-# Rounds where B took less user CPU than A (each round's two runs).
-awk '{ v[$1, int((NR - 1) / 2)] = $2 } END { for (i = 0; i < NR / 2; i++) { n++; if (v["B", i] < v["A", i]) b++ } printf "\nB took less user CPU than A in %d of %d rounds\n", b, n }' "$RESULTS"
+# Round by round (each round's two runs): B's user CPU and requests/s
+# against A's.
+awk '{ cpu[$1, int((NR - 1) / 2)] = $2; rps[$1, int((NR - 1) / 2)] = $4 }
+  END { for (i = 0; i < NR / 2; i++) print (cpu["B", i] < cpu["A", i]), (rps["B", i] > rps["A", i]), rps["B", i] / rps["A", i] }' \
+  "$RESULTS" | sort -k3 -n > "$WORK/rounds"
+awk '{ less += $1; more += $2; v[NR] = $3 }
+  END {
+    median = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    printf "\nB took less user CPU than A in %d of %d rounds\n", less, NR
+    printf "B served more requests/s than A in %d of %d rounds; median of the rounds\047 B/A: %.3f\n", more, NR, median
+  }' "$WORK/rounds"
