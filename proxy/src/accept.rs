@@ -165,13 +165,19 @@ impl ClientStream {
             return;
         }
         self.acks = Acks::Quick;
-        let quick = match &self.state {
-            State::Direct(stream) => socket2::SockRef::from(stream).set_tcp_quickack(true),
-            State::Registered(stream) => socket2::SockRef::from(stream).set_tcp_quickack(true),
-            State::Closed => return,
-        };
-        if let Err(error) = quick {
+        if let Some(socket) = self.socket()
+            && let Err(error) = socket.set_tcp_quickack(true)
+        {
             tracing::debug!(%error, "cannot set TCP_QUICKACK");
+        }
+    }
+
+    /// The connection's socket, registered or not; none once closed.
+    fn socket(&self) -> Option<socket2::SockRef<'_>> {
+        match &self.state {
+            State::Direct(stream) => Some(stream.into()),
+            State::Registered(stream) => Some(stream.into()),
+            State::Closed => None,
         }
     }
 }
@@ -293,28 +299,11 @@ mod tests {
         pair_with(Acks::Quick).await
     }
 
-    /// The socket of a connection not yet registered.
-    fn socket(stream: &ClientStream) -> &std::net::TcpStream {
-        match &stream.state {
-            State::Direct(socket) => socket,
-            _ => panic!("registered already"),
-        }
-    }
-
-    /// The connection's socket, registered or not.
-    fn sock_ref(stream: &ClientStream) -> socket2::SockRef<'_> {
-        match &stream.state {
-            State::Direct(socket) => socket.into(),
-            State::Registered(socket) => socket.into(),
-            State::Closed => panic!("closed"),
-        }
-    }
-
     /// TCP segments the connection's socket has sent since the handshake
     /// (TCP_INFO; the SYN-ACK is the listener's).
     fn segments_sent(stream: &ClientStream) -> u32 {
         use std::os::fd::AsRawFd;
-        let fd = sock_ref(stream).as_raw_fd();
+        let fd = stream.socket().unwrap().as_raw_fd();
         // SAFETY: `tcp_info` is integers only, so all zeroes is a valid
         // value, and TCP_INFO writes at most `len` bytes into it.
         #[allow(unsafe_code)]
@@ -339,8 +328,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_connections_do_not_hold_back_small_writes() {
         let (accepted, _client) = pair().await;
-        let nodelay = socket2::SockRef::from(socket(&accepted)).tcp_nodelay();
-        assert!(nodelay.unwrap());
+        assert!(accepted.socket().unwrap().tcp_nodelay().unwrap());
     }
 
     /// A request read whole and answered at once, on a connection with
@@ -399,7 +387,7 @@ mod tests {
         assert!(polled.is_pending());
         // The ACK.
         assert_eq!(segments_sent(&accepted), 1);
-        assert!(sock_ref(&accepted).tcp_quickack().unwrap());
+        assert!(accepted.socket().unwrap().tcp_quickack().unwrap());
         client.write_all(b"host: web\r\n\r\n").await.unwrap();
         let mut rest = [0; 13];
         within(accepted.read_exact(&mut rest)).await;
@@ -417,7 +405,9 @@ mod tests {
     /// Waits (blocking) until the unregistered socket has something to
     /// read, or an error; what `peek` says.
     fn wait_for_input(stream: &ClientStream) -> io::Result<usize> {
-        let socket = socket(stream);
+        let State::Direct(socket) = &stream.state else {
+            panic!("registered already");
+        };
         socket.set_nonblocking(false).unwrap();
         let peeked = socket.peek(&mut [0; 64]);
         socket.set_nonblocking(true).unwrap();
