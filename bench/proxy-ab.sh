@@ -14,25 +14,37 @@
 #   bash bench/proxy-ab.sh BIN_A BIN_B            # keep-alive, 10 rounds of 3 s each
 #   MODE=close ROUNDS=16 bash bench/proxy-ab.sh BIN_A BIN_B   # Connection: close
 #   MODE=close ROUNDS=30 bash bench/proxy-ab.sh BIN haproxy
+#   RATE=1000 ROUNDS=20 bash bench/proxy-ab.sh BIN haproxy   # latency at a fixed rate
 # Prints each run and the medians, and in how many rounds B took less
 # user CPU than A and served more requests/s, with the median of the
-# rounds' requests/s ratios. Needs: nginx, wrk, dig, curl (haproxy).
+# rounds' requests/s ratios. With RATE, oha sends that many requests/s
+# (-c 32, --latency-correction, as bench/proxy.sh) instead of wrk's
+# most, and the latency percentiles are printed too, with in how many
+# rounds B's p99 was lower than A's and the median of the rounds' B - A
+# p99: as both are in front of the same upstream, a round at a time, that
+# is the difference of what each adds to it. Needs: nginx, wrk (oha with
+# RATE), dig, curl (haproxy).
 set -euo pipefail
 A=${1:?usage: proxy-ab.sh BIN_A BIN_B}
 B=${2:?usage: proxy-ab.sh BIN_A BIN_B}
 ROUNDS=${ROUNDS:-10}
 MODE=${MODE:-keep-alive}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-3}
+RATE=${RATE:-}
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/proxy-common.sh
 . bench/proxy-common.sh
+if [ -n "$RATE" ]; then
+  [ -n "$OHA" ] || { echo "RATE needs oha (see the header of bench/proxy.sh to install it)" >&2; exit 1; }
+  command -v jq > /dev/null || { echo "RATE needs jq (apt-get install jq)" >&2; exit 1; }
+fi
 for tool in nginx wrk dig curl $([ "$A" = haproxy ] || [ "$B" = haproxy ] && echo haproxy); do
   command -v "$tool" > /dev/null || { echo "needs $tool (apt-get install nginx wrk bind9-dnsutils curl haproxy)" >&2; exit 1; }
 done
-WRK_MODE=()
+WRK_MODE=() OHA_MODE=()
 case "$MODE" in
   keep-alive) ;;
-  close) WRK_MODE=(-H 'Connection: close') ;;
+  close) WRK_MODE=(-H 'Connection: close') OHA_MODE=(--disable-keepalive) ;;
   *) echo "MODE is keep-alive or close, not '$MODE'" >&2; exit 1 ;;
 esac
 WORK=$(mktemp -d)
@@ -77,23 +89,44 @@ start A "$A" 19521 19621 19091 127.95.0.0/24
 start B "$B" 19522 19622 19092 127.96.0.0/24
 
 TICK=$(getconf CLK_TCK)
-# run NAME: one wrk run against NAME; prints NAME, user and system µs per
-# request, requests/s.
+# run NAME: one wrk run (or oha run with RATE) against NAME; prints NAME,
+# user and system µs per request, requests/s (with RATE also p50, p99 and
+# p99.9 in µs).
 run() {
-  local before after out
+  local before after out n r lat=""
   before=$(cut -d' ' -f14,15 "/proc/${PID[$1]}/stat")
-  out=$(wrk -t1 -c64 -d"${SECONDS_PER_RUN}s" "${WRK_MODE[@]}" "${URL[$1]}")
-  after=$(cut -d' ' -f14,15 "/proc/${PID[$1]}/stat")
-  echo "$out" | grep -q "Non-2xx" && { echo "$1: non-2xx answers" >&2; echo "$out" >&2; exit 1; }
-  awk -v name="$1" -v b="$before" -v a="$after" -v t="$TICK" \
-    -v n="$(echo "$out" | awk '/requests in/ { print $1 }')" \
-    -v r="$(echo "$out" | awk '/Requests\/sec/ { print $2 }')" \
+  if [ -n "$RATE" ]; then
+    "$OHA" -q "$RATE" -z "${SECONDS_PER_RUN}s" -c 32 --latency-correction --no-tui \
+      "${OHA_MODE[@]}" --output-format json "${URL[$1]}" > "$WORK/oha.json" 2> "$WORK/oha.err"
+    after=$(cut -d' ' -f14,15 "/proc/${PID[$1]}/stat")
+    read -r n r lat bad < <(jq -r '
+      [ ([.statusCodeDistribution | to_entries[] | .value] | add // 0), .summary.requestsPerSec,
+        ([.latencyPercentiles.p50, .latencyPercentiles.p99, .latencyPercentiles["p99.9"]]
+          | map(. * 1e6 | round | tostring) | join(",")),
+        (([.statusCodeDistribution | to_entries[] | select(.key | startswith("2") | not) | .value] | add // 0)
+          + ([.errorDistribution | to_entries[] | select(.key != "aborted due to deadline") | .value] | add // 0)) ]
+      | map(tostring) | join(" ")' "$WORK/oha.json")
+    [ "$bad" = 0 ] || { echo "$1: $bad non-2xx answers or errors" >&2; jq -c '.statusCodeDistribution, .errorDistribution' "$WORK/oha.json" >&2; exit 1; }
+    lat=${lat//,/ }
+  else
+    out=$(wrk -t1 -c64 -d"${SECONDS_PER_RUN}s" "${WRK_MODE[@]}" "${URL[$1]}")
+    after=$(cut -d' ' -f14,15 "/proc/${PID[$1]}/stat")
+    echo "$out" | grep -q "Non-2xx" && { echo "$1: non-2xx answers" >&2; echo "$out" >&2; exit 1; }
+    n=$(echo "$out" | awk '/requests in/ { print $1 }')
+    r=$(echo "$out" | awk '/Requests\/sec/ { print $2 }')
+  fi
+  awk -v name="$1" -v b="$before" -v a="$after" -v t="$TICK" -v n="$n" -v r="$r" -v lat="$lat" \
     'BEGIN { split(b, x, " "); split(a, y, " ");
-             printf "%s %.2f %.2f %.0f\n", name, (y[1] - x[1]) * 1e6 / t / n, (y[2] - x[2]) * 1e6 / t / n, r }'
+             printf "%s %.2f %.2f %.0f%s\n", name, (y[1] - x[1]) * 1e6 / t / n, (y[2] - x[2]) * 1e6 / t / n, r, (lat == "" ? "" : " " lat) }'
 }
 log "A: $A"
 log "B: $B"
-log "$MODE, wrk -t1 -c64, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds"
+if [ -n "$RATE" ]; then
+  LOAD="oha -q $RATE -c 32"
+else
+  LOAD="wrk -t1 -c64"
+fi
+log "$MODE, $LOAD, ${SECONDS_PER_RUN}s per run, $ROUNDS rounds"
 RESULTS="$WORK/results"
 for round in $(seq 1 "$ROUNDS"); do
   if [ $((round % 2)) = 1 ]; then order="A B"; else order="B A"; fi
@@ -104,24 +137,43 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 echo
-echo "| $MODE, wrk -t1 -c64, ${SECONDS_PER_RUN}s, median of $ROUNDS | user µs per request | system µs per request | requests/s |"
-echo "| --- | ---: | ---: | ---: |"
 # median NAME FIELD: the median of FIELD over NAME's runs.
 median() {
   awk -v name="$1" -v f="$2" '$1 == name { print $f }' "$RESULTS" | sort -n |
     awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
-for name in A B; do
-  echo "| $name | $(median "$name" 2) | $(median "$name" 3) | $(median "$name" 4) |"
-done
+if [ -n "$RATE" ]; then
+  echo "| $MODE, $LOAD, ${SECONDS_PER_RUN}s, median of $ROUNDS | user µs per request | system µs per request | requests/s | p50 (µs) | p99 (µs) | p99.9 (µs) |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  for name in A B; do
+    echo "| $name | $(median "$name" 2) | $(median "$name" 3) | $(median "$name" 4) | $(median "$name" 5) | $(median "$name" 6) | $(median "$name" 7) |"
+  done
+else
+  echo "| $MODE, $LOAD, ${SECONDS_PER_RUN}s, median of $ROUNDS | user µs per request | system µs per request | requests/s |"
+  echo "| --- | ---: | ---: | ---: |"
+  for name in A B; do
+    echo "| $name | $(median "$name" 2) | $(median "$name" 3) | $(median "$name" 4) |"
+  done
+fi
 # Round by round (each round's two runs): B's user CPU and requests/s
 # against A's.
 awk '{ cpu[$1, int((NR - 1) / 2)] = $2; rps[$1, int((NR - 1) / 2)] = $4 }
   END { for (i = 0; i < NR / 2; i++) print (cpu["B", i] < cpu["A", i]), (rps["B", i] > rps["A", i]), rps["B", i] / rps["A", i] }' \
   "$RESULTS" | sort -k3 -n > "$WORK/rounds"
-awk '{ less += $1; more += $2; v[NR] = $3 }
+awk -v rate="$RATE" '{ less += $1; more += $2; v[NR] = $3 }
   END {
     median = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
     printf "\nB took less user CPU than A in %d of %d rounds\n", less, NR
-    printf "B served more requests/s than A in %d of %d rounds; median of the rounds\047 B/A: %.3f\n", more, NR, median
+    if (rate == "") printf "B served more requests/s than A in %d of %d rounds; median of the rounds\047 B/A: %.3f\n", more, NR, median
   }' "$WORK/rounds"
+if [ -n "$RATE" ]; then
+  # Round by round: B's p99 against A's.
+  awk '{ p99[$1, int((NR - 1) / 2)] = $6 }
+    END { for (i = 0; i < NR / 2; i++) print (p99["B", i] < p99["A", i]), p99["B", i] - p99["A", i] }' \
+    "$RESULTS" | sort -k2 -n |
+    awk '{ lower += $1; v[NR] = $2 }
+      END {
+        median = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf "B\047s p99 was lower than A\047s in %d of %d rounds; median of the rounds\047 B - A p99: %+d µs\n", lower, NR, median
+      }'
+fi
