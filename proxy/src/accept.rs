@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A listening socket, registered with the reactor of the thread that
@@ -73,32 +73,16 @@ impl Listener {
     pub(crate) async fn accept(&self) -> io::Result<(ClientStream, SocketAddr)> {
         loop {
             let mut ready = self.socket.readable().await?;
+            // One `accept4` gives a non-blocking socket.
             if let Ok(accepted) = ready.try_io(|listener| listener.get_ref().accept()) {
                 let (stream, client) = accepted?;
-                return Ok((self.accepted(stream), client));
+                let stream = std::net::TcpStream::from(stream);
+                let stream = ClientStream {
+                    state: State::Direct(stream),
+                    acks: self.acks,
+                };
+                return Ok((stream, client));
             }
-        }
-    }
-
-    /// The next connection if one is waiting, as [`Listener::accept`],
-    /// without waiting: none when the listener has none (and then
-    /// `accept` waits for the next).
-    pub(crate) fn try_accept(&self) -> io::Result<Option<(ClientStream, SocketAddr)>> {
-        match self
-            .socket
-            .try_io(Interest::READABLE, |listener| listener.accept())
-        {
-            Ok((stream, client)) => Ok(Some((self.accepted(stream), client))),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(error) => Err(error),
-        }
-    }
-
-    /// One `accept4` gives a non-blocking socket.
-    fn accepted(&self, stream: mio::net::TcpStream) -> ClientStream {
-        ClientStream {
-            state: State::Direct(std::net::TcpStream::from(stream)),
-            acks: self.acks,
         }
     }
 }

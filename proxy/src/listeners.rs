@@ -20,7 +20,7 @@ use crate::ServiceSpec;
 use crate::accept::{Acks, Listener};
 use crate::backend::Backend;
 use crate::endpoint::Endpoint;
-use crate::workers::{HandOvers, Workers};
+use crate::workers::Workers;
 
 /// A backend's identity: the VIP name, and the one instance port it is
 /// limited to when a service's instances serve different ports.
@@ -134,10 +134,6 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// The most connections an accept loop takes at once, before it hands
-/// over those for other workers and lets the other tasks run.
-const MAX_ACCEPT: usize = 64;
-
 /// One worker's accept loop on a listener.
 async fn accept_loop(
     listener: std::net::TcpListener,
@@ -166,38 +162,31 @@ async fn accept_loop(
     // This loop's own tokens: a connection's clone and wait then lock
     // only them, not the proxy's tokens that every thread shares.
     let (conn_drain, conn_stop) = (tasks.drain.child_token(), tasks.stop.child_token());
-    let mut hand_overs = HandOvers::default();
     loop {
-        let mut accepted = tokio::select! {
-            accepted = listener.accept() => accepted.map(Some),
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        // Then those waiting with it, so that the ones for other workers
-        // go to each at once.
-        let mut taken = 0;
-        while let Ok(Some((stream, client))) = accepted {
-            let backend = target.load_full();
-            let (drain, stop) = (conn_drain.clone(), conn_stop.clone());
-            let workers = &tasks.workers;
-            if backend.snapshot().protocol == Protocol::Tcp {
-                let serve = move |stream| crate::tcp::serve(backend, stream, client, stop);
-                workers.spawn_connection(&tasks.tracker, stream, serve, &mut hand_overs);
-            } else {
-                let serve = move |stream| crate::http::serve(backend, stream, client, drain, stop);
-                workers.spawn_connection(&tasks.tracker, stream, serve, &mut hand_overs);
+        match accepted {
+            Ok((stream, client)) => {
+                let backend = target.load_full();
+                let (drain, stop) = (conn_drain.clone(), conn_stop.clone());
+                let workers = &tasks.workers;
+                if backend.snapshot().protocol == Protocol::Tcp {
+                    workers.spawn_connection(&tasks.tracker, stream, move |stream| {
+                        crate::tcp::serve(backend, stream, client, stop)
+                    });
+                } else {
+                    workers.spawn_connection(&tasks.tracker, stream, move |stream| {
+                        crate::http::serve(backend, stream, client, drain, stop)
+                    });
+                }
             }
-            taken += 1;
-            accepted = if taken < MAX_ACCEPT {
-                listener.try_accept()
-            } else {
-                Ok(None)
-            };
-        }
-        tasks.workers.hand_over(&mut hand_overs);
-        if let Err(error) = accepted {
-            // Out of file descriptors, mostly: wait instead of spinning.
-            tracing::warn!(%addr, %error, "cannot accept a connection");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(error) => {
+                // Out of file descriptors, mostly: wait instead of spinning.
+                tracing::warn!(%addr, %error, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
     tracing::debug!(%addr, "listener closed");

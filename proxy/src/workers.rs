@@ -7,7 +7,6 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -15,7 +14,6 @@ use std::thread::JoinHandle;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tokio_util::task::task_tracker::TrackedFuture;
 
 use crate::accept::ClientStream;
 
@@ -77,18 +75,6 @@ impl Drop for Serving {
     }
 }
 
-/// A connection's task, as handed to another worker.
-type Connection = TrackedFuture<Pin<Box<dyn Future<Output = ()> + Send>>>;
-
-/// The connections one wake-up of an accept loop took that go to other
-/// workers, until [`Workers::hand_over`] sends each worker its share at
-/// once. A spawn on another thread's runtime always wakes it (a write to
-/// its eventfd): one spawn per connection handed over woke the other
-/// thread for 40 % of the connections with a new connection per request,
-/// where an accept loop takes about ten connections per wake-up.
-#[derive(Default)]
-pub(crate) struct HandOvers(Vec<(usize, Connection)>);
-
 pub(crate) struct Workers {
     handles: Vec<Handle>,
     /// How many connections each worker serves.
@@ -138,14 +124,12 @@ impl Workers {
     /// did up to 61 % of the work when connections moved only to a worker
     /// serving half as many. Accepted connections are not registered
     /// with a reactor yet (`accept`): one handed over is registered with
-    /// its new thread's, so its I/O never crosses threads. One for another
-    /// worker waits in `hand_overs` until [`Workers::hand_over`].
+    /// its new thread's, so its I/O never crosses threads.
     pub(crate) fn spawn_connection<S, F>(
         &self,
         tracker: &TaskTracker,
         stream: ClientStream,
         serve: S,
-        hand_overs: &mut HandOvers,
     ) where
         S: FnOnce(ClientStream) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
@@ -179,30 +163,7 @@ impl Workers {
         if worker == here {
             tracker.spawn(task);
         } else {
-            let task: Pin<Box<dyn Future<Output = ()> + Send>> = task;
-            hand_overs.0.push((worker, tracker.track_future(task)));
-        }
-    }
-
-    /// Starts the connections in `hand_overs` on their workers: one
-    /// spawn, so one wake-up, for each worker.
-    pub(crate) fn hand_over(&self, hand_overs: &mut HandOvers) {
-        let mut left = std::mem::take(&mut hand_overs.0);
-        while let Some(&(worker, _)) = left.first() {
-            let (theirs, others): (Vec<_>, Vec<_>) =
-                left.into_iter().partition(|(w, _)| *w == worker);
-            left = others;
-            let mut tasks = theirs.into_iter().map(|(_, task)| task);
-            if let Some(first) = tasks.next() {
-                // The first runs in the task that starts the others.
-                let rest: Vec<Connection> = tasks.collect();
-                self.spawn_on(worker, async move {
-                    for task in rest {
-                        tokio::spawn(task);
-                    }
-                    first.await;
-                });
-            }
+            self.spawn_on(worker, tracker.track_future(task));
         }
     }
 
@@ -270,11 +231,10 @@ mod tests {
         workers.spawn_on(0, async move {
             let listener =
                 crate::accept::Listener::new(listener, crate::accept::Acks::Quick).unwrap();
-            let mut hand_overs = HandOvers::default();
             for _ in 0..10 {
                 let (stream, _) = listener.accept().await.unwrap();
                 let (r, ran) = (r.clone(), ran.clone());
-                let serve = move |mut stream: ClientStream| async move {
+                w.spawn_connection(&t, stream, move |mut stream| async move {
                     ran.send(current()).unwrap();
                     // Waits for the client (registered here), answers
                     // with this thread's number.
@@ -283,19 +243,14 @@ mod tests {
                     stream.write_all(&[current() as u8]).await.unwrap();
                     r.cancelled().await;
                     drop(stream);
-                };
-                w.spawn_connection(&t, stream, serve, &mut hand_overs);
+                });
             }
-            // Those for worker 1 start there together.
-            w.hand_over(&mut hand_overs);
             accepted.send(()).unwrap();
         });
         all_accepted.await.unwrap();
         let mut ran_on = [0_usize; 2];
-        let wait = std::time::Duration::from_secs(10);
         for _ in 0..10 {
-            let ran = tokio::time::timeout(wait, runs.recv()).await;
-            ran_on[ran.unwrap().unwrap()] += 1;
+            ran_on[runs.recv().await.unwrap()] += 1;
         }
         assert!(
             ran_on[1] > 0 && ran_on[0].abs_diff(ran_on[1]) <= 2,
@@ -324,6 +279,7 @@ mod tests {
                 client
             });
         }
+        let wait = std::time::Duration::from_secs(10);
         for _ in 0..ran_on[1] {
             let worker = tokio::time::timeout(wait, answers.recv()).await;
             assert_eq!(worker, Ok(Some(1)), "only worker 1 runs");
