@@ -22,8 +22,8 @@
 # most, and the latency percentiles are printed too, with in how many
 # rounds B's p99 was lower than A's and the median of the rounds' B - A
 # p99: as both are in front of the same upstream, a round at a time, that
-# is the difference of what each adds to it. Needs: nginx, wrk (oha with
-# RATE), dig, curl (haproxy).
+# is the difference of what each adds to it. Needs: nginx, wrk (oha and jq
+# with RATE), dig, curl (haproxy).
 set -euo pipefail
 A=${1:?usage: proxy-ab.sh BIN_A BIN_B}
 B=${2:?usage: proxy-ab.sh BIN_A BIN_B}
