@@ -137,43 +137,43 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 echo
+# mid: the median of the numbers on stdin, one a line.
+mid() {
+  sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 # median NAME FIELD: the median of FIELD over NAME's runs.
 median() {
-  awk -v name="$1" -v f="$2" '$1 == name { print $f }' "$RESULTS" | sort -n |
-    awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+  awk -v name="$1" -v f="$2" '$1 == name { print $f }' "$RESULTS" | mid
 }
+HEAD="| $MODE, $LOAD, ${SECONDS_PER_RUN}s, median of $ROUNDS | user µs per request | system µs per request | requests/s |"
+RULE="| --- | ---: | ---: | ---: |"
+FIELDS="2 3 4"
 if [ -n "$RATE" ]; then
-  echo "| $MODE, $LOAD, ${SECONDS_PER_RUN}s, median of $ROUNDS | user µs per request | system µs per request | requests/s | p50 (µs) | p99 (µs) | p99.9 (µs) |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-  for name in A B; do
-    echo "| $name | $(median "$name" 2) | $(median "$name" 3) | $(median "$name" 4) | $(median "$name" 5) | $(median "$name" 6) | $(median "$name" 7) |"
-  done
-else
-  echo "| $MODE, $LOAD, ${SECONDS_PER_RUN}s, median of $ROUNDS | user µs per request | system µs per request | requests/s |"
-  echo "| --- | ---: | ---: | ---: |"
-  for name in A B; do
-    echo "| $name | $(median "$name" 2) | $(median "$name" 3) | $(median "$name" 4) |"
-  done
+  HEAD="$HEAD p50 (µs) | p99 (µs) | p99.9 (µs) |" RULE="$RULE ---: | ---: | ---: |" FIELDS="2 3 4 5 6 7"
 fi
-# Round by round (each round's two runs): B's user CPU and requests/s
-# against A's.
-awk '{ cpu[$1, int((NR - 1) / 2)] = $2; rps[$1, int((NR - 1) / 2)] = $4 }
-  END { for (i = 0; i < NR / 2; i++) print (cpu["B", i] < cpu["A", i]), (rps["B", i] > rps["A", i]), rps["B", i] / rps["A", i] }' \
-  "$RESULTS" | sort -k3 -n > "$WORK/rounds"
-awk -v rate="$RATE" '{ less += $1; more += $2; v[NR] = $3 }
-  END {
-    median = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-    printf "\nB took less user CPU than A in %d of %d rounds\n", less, NR
-    if (rate == "") printf "B served more requests/s than A in %d of %d rounds; median of the rounds\047 B/A: %.3f\n", more, NR, median
-  }' "$WORK/rounds"
+echo "$HEAD"
+echo "$RULE"
+for name in A B; do
+  row="| $name |"
+  for f in $FIELDS; do row="$row $(median "$name" "$f") |"; done
+  echo "$row"
+done
+# Round by round (each round's two runs), B against A: took less user
+# CPU, served more requests/s, requests/s ratio, p99 lower, p99
+# difference (the last two with RATE).
+awk '{ r = int((NR - 1) / 2); cpu[$1, r] = $2; rps[$1, r] = $4; p99[$1, r] = $6 }
+  END { for (i = 0; i < NR / 2; i++)
+          print (cpu["B", i] < cpu["A", i]), (rps["B", i] > rps["A", i]), rps["B", i] / rps["A", i],
+            (p99["B", i] < p99["A", i]), p99["B", i] - p99["A", i] }' "$RESULTS" > "$WORK/rounds"
+# count FIELD: in how many rounds FIELD is 1.
+count() { awk -v f="$1" '{ n += $f } END { print n + 0 }' "$WORK/rounds"; }
+N=$(wc -l < "$WORK/rounds")
+echo
+echo "B took less user CPU than A in $(count 1) of $N rounds"
 if [ -n "$RATE" ]; then
-  # Round by round: B's p99 against A's.
-  awk '{ p99[$1, int((NR - 1) / 2)] = $6 }
-    END { for (i = 0; i < NR / 2; i++) print (p99["B", i] < p99["A", i]), p99["B", i] - p99["A", i] }' \
-    "$RESULTS" | sort -k2 -n |
-    awk '{ lower += $1; v[NR] = $2 }
-      END {
-        median = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-        printf "B\047s p99 was lower than A\047s in %d of %d rounds; median of the rounds\047 B - A p99: %+d µs\n", lower, NR, median
-      }'
+  printf "B's p99 was lower than A's in %d of %d rounds; median of the rounds' B - A p99: %+.0f µs\n" \
+    "$(count 4)" "$N" "$(cut -d' ' -f5 "$WORK/rounds" | mid)"
+else
+  printf "B served more requests/s than A in %d of %d rounds; median of the rounds' B/A: %.3f\n" \
+    "$(count 2)" "$N" "$(cut -d' ' -f3 "$WORK/rounds" | mid)"
 fi
