@@ -112,6 +112,8 @@ pub async fn run(
     };
     config.api.listen = listen;
     config.dns.listen = dns;
+    // Beside an agent already on this host (which has 127.0.0.1:8301).
+    config.liveness_port = 0;
     // Port 80 needs privileges a newcomer's shell may not have.
     config.proxy.http_port = DEV_HTTP_PORT;
     crate::telemetry::init(&config.log);

@@ -14,7 +14,9 @@
 //! - [`persist`]: API registrations, maintenance and TTL status in
 //!   `data_dir`.
 //! - `sync` and [`fleet`]: the stream to the control plane, and the view
-//!   of the services this host uses that it maintains.
+//!   of the services this host uses that it maintains; `advertise`: the
+//!   address the fleet knows this host by, and `liveness`: the read-only
+//!   listener there that peers probe when its stream drops.
 //! - `catalog`: this node's state and the fleet view as one catalog, with
 //!   the stable service VIPs ([`vips`]).
 //! - `dns` and `proxy`: the local DNS server (the `signpost-dns` crate)
@@ -24,6 +26,7 @@
 //!   and the one-command demo.
 //! - [`alloc`]: the binary's global allocator.
 
+mod advertise;
 pub mod agent;
 pub mod alloc;
 mod api;
@@ -34,6 +37,7 @@ pub mod dev;
 mod dns;
 mod files;
 pub mod fleet;
+mod liveness;
 pub mod metrics;
 mod persist;
 mod proxy;
@@ -43,7 +47,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod vips;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +76,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     tls::install_crypto_provider();
+    let advertise = advertise_addr(&config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     std::fs::create_dir_all(&config.services_dir).with_context(|| {
@@ -83,12 +88,12 @@ pub async fn run(
     let node = NodeInfo {
         name: node_name(&config),
         id: node_id(&config.data_dir)?,
-        address: config.advertise_addr.to_string(),
+        address: advertise.to_string(),
         datacenter: config.datacenter.clone(),
         zone: config.zone.clone(),
         meta: config.node_meta.clone(),
     };
-    tracing::info!(node = %node.name, id = %node.id, zone = %node.zone, "starting agent");
+    tracing::info!(node = %node.name, id = %node.id, zone = %node.zone, %advertise, "starting agent");
     let state = Arc::new(LocalState::new(node));
     let mut metrics = Metrics::new();
     let dns_metrics = Arc::new(signpost_dns::DnsMetrics::default());
@@ -142,6 +147,17 @@ pub async fn run(
     }
     let fleet = match agent.config.control_plane.clone() {
         Some(cp) => {
+            // Peers probe this host here when its stream drops.
+            let at = SocketAddr::new(advertise, agent.config.liveness_port);
+            let listener = TcpListener::bind(at).await.with_context(|| {
+                format!("cannot listen for peer liveness probes on {at} (advertise_addr and liveness_port)")
+            })?;
+            let probe_address = listener.local_addr()?;
+            tracing::info!(addr = %probe_address, "peer liveness listener on the advertise address");
+            let (name, id) = agent
+                .state
+                .read(|i| (i.node.name.clone(), i.node.id.clone()));
+            tasks.spawn(liveness::serve(listener, name, id, background.clone()));
             let (fleet, ack_queries) = fleet::FleetCache::new(&agent.config.upstreams);
             let fleet = Arc::new(fleet);
             fleet::load(&fleet, &agent.config.data_dir);
@@ -154,7 +170,10 @@ pub async fn run(
                 agent.clone(),
                 fleet.clone(),
                 ack_queries,
-                cp,
+                sync::Settings {
+                    config: cp,
+                    probe_address,
+                },
                 background.clone(),
             ));
             Some(fleet)
@@ -256,6 +275,14 @@ pub async fn run(
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The address other hosts reach this one at: `advertise_addr`, the
+/// address of the interface it names, or the host's one private address
+/// (loopback when the control plane is on loopback too). `--validate`
+/// checks it as the agent would.
+pub fn advertise_addr(config: &AgentConfig) -> anyhow::Result<IpAddr> {
+    Ok(advertise::resolve(config)?)
 }
 
 /// The configured node name, or the host name reduced to a DNS label.

@@ -364,6 +364,10 @@ async fn agent(path: PathBuf, validate: bool) -> ExitCode {
         }
     };
     if validate {
+        if let Err(e) = signpost_agent::advertise_addr(&config) {
+            eprintln!("{}: {e:#}", path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
         return match cli::validate_service_files(&config.services_dir) {
             Ok(n) => {
                 println!(

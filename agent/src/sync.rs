@@ -28,8 +28,22 @@ use crate::state::{CheckRole, Inner};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// A peer probe must be answered within this.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A peer probe must be answered within this: peers are on the same
+/// network, and the control plane waits for the verdict to fail a host.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// An HTTP/2 ping goes out after this long without hearing from the
+/// control plane...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// ...and a control plane that does not answer it within this is gone (a
+/// dead host or a cut link sends no reset): the agent fails over.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the sync needs besides the agent.
+pub(crate) struct Settings {
+    pub(crate) config: ControlPlaneClientConfig,
+    /// Where peers probe this host (the liveness listener).
+    pub(crate) probe_address: std::net::SocketAddr,
+}
 
 /// The local state as the control plane sees it.
 struct Local {
@@ -80,7 +94,7 @@ fn local(inner: &Inner) -> Local {
     }
 }
 
-fn hello(agent: &Agent) -> Hello {
+fn hello(agent: &Agent, probe_address: std::net::SocketAddr) -> Hello {
     agent.state.read(|inner| Hello {
         node: inner.node.name.clone(),
         node_id: inner.node.id.clone(),
@@ -89,25 +103,14 @@ fn hello(agent: &Agent) -> Hello {
         datacenter: inner.node.datacenter.clone(),
         meta: inner.node.meta.clone().into_iter().collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        probe_address: probe_address(agent),
+        probe_address: probe_address.to_string(),
     })
 }
 
-/// Where peers can reach this agent's API: its port on the advertised
-/// address unless the API listens on one specific address.
-fn probe_address(agent: &Agent) -> String {
-    let listen = agent.config.api.listen;
-    let ip = if listen.ip().is_unspecified() {
-        agent.config.advertise_addr
-    } else {
-        listen.ip()
-    };
-    std::net::SocketAddr::new(ip, listen.port()).to_string()
-}
-
 /// Answers a control plane's question: can this host reach that one? The
-/// peer's agent must answer its API (`/v1/agent/self`), not just accept a
-/// connection: a hung or dying agent whose kernel still accepts is not alive.
+/// peer's agent must answer on its liveness listener, as the node asked
+/// about: a hung or dying agent whose kernel still accepts is not alive,
+/// and another host that took over its address does not count.
 async fn probe(request: ProbeRequest) -> ProbeResult {
     static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
         std::sync::OnceLock::new();
@@ -121,18 +124,7 @@ async fn probe(request: ProbeRequest) -> ProbeResult {
             .map_err(|e| e.to_string())
     });
     let outcome = match client {
-        Ok(client) => client
-            .get(format!("http://{}/v1/agent/self", request.address))
-            .send()
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| {
-                if r.status().is_success() {
-                    Ok(())
-                } else {
-                    Err(format!("answered {}", r.status()))
-                }
-            }),
+        Ok(client) => ask(client, &request).await,
         Err(e) => Err(e.clone()),
     };
     let (reachable, error) = match outcome {
@@ -147,6 +139,30 @@ async fn probe(request: ProbeRequest) -> ProbeResult {
     }
 }
 
+/// One probe of a peer's liveness listener.
+async fn ask(client: &reqwest::Client, request: &ProbeRequest) -> Result<(), String> {
+    let url = format!("http://{}{}", request.address, crate::liveness::PATH);
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| signpost_core::error_chain(&e))?;
+    if !response.status().is_success() {
+        return Err(format!("answered {}", response.status()));
+    }
+    let answer: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| format!("unreadable answer: {e}"))?;
+    match answer["Node"].as_str() {
+        Some(node) if node == request.node => Ok(()),
+        other => Err(format!(
+            "answered as node {other:?}, not {:?}",
+            request.node
+        )),
+    }
+}
+
 fn message(body: agent_message::Body) -> AgentMessage {
     AgentMessage { body: Some(body) }
 }
@@ -156,9 +172,10 @@ pub(crate) async fn run(
     agent: Arc<Agent>,
     fleet: Arc<FleetCache>,
     mut ack_queries: mpsc::UnboundedReceiver<AckRequest>,
-    config: ControlPlaneClientConfig,
+    settings: Settings,
     shutdown: CancellationToken,
 ) {
+    let config = &settings.config;
     let ca = match std::fs::read(&config.ca_file) {
         Ok(ca) => ca,
         Err(e) => {
@@ -173,7 +190,7 @@ pub(crate) async fn run(
         attempt += 1;
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = session(&agent, &fleet, &mut ack_queries, &config, &ca, address) => r,
+            r = session(&agent, &fleet, &mut ack_queries, &settings, &ca, address) => r,
         };
         fleet.set_connected(false);
         agent.metrics.sync_connected(false);
@@ -200,10 +217,11 @@ async fn session(
     agent: &Agent,
     fleet: &FleetCache,
     ack_queries: &mut mpsc::UnboundedReceiver<AckRequest>,
-    config: &ControlPlaneClientConfig,
+    settings: &Settings,
     ca: &[u8],
     address: &str,
 ) -> anyhow::Result<()> {
+    let config = &settings.config;
     let host = address
         .rsplit_once(':')
         .map(|(h, _)| h.trim_matches(['[', ']']))
@@ -221,8 +239,8 @@ async fn session(
         .tls_config(tls)
         .context("TLS configuration")?
         .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .connect()
         .await
         .with_context(|| format!("cannot connect to the control plane at {address}"))?;
@@ -240,8 +258,11 @@ async fn session(
     let (tx, rx) = mpsc::channel::<AgentMessage>(256);
     let mut changes = agent.state.subscribe();
     let mut sent = agent.state.read(local);
-    tx.send(message(agent_message::Body::Hello(hello(agent))))
-        .await?;
+    tx.send(message(agent_message::Body::Hello(hello(
+        agent,
+        settings.probe_address,
+    ))))
+    .await?;
     tx.send(message(agent_message::Body::FullState(FullState {
         instances: sent.instances.values().cloned().collect(),
         node_checks: sent.node_checks.clone(),

@@ -24,9 +24,14 @@ pub struct AgentConfig {
     pub node_name: Option<String>,
     /// Where the agent keeps its state (API registrations, check status).
     pub data_dir: PathBuf,
-    /// The address other hosts reach this host's services at when a service
-    /// does not give its own.
-    pub advertise_addr: IpAddr,
+    /// The address other hosts reach this host at: its services that give
+    /// no address of their own, and its peer liveness listener. `None`:
+    /// detected at start (see [`Advertise`]).
+    pub advertise_addr: Option<Advertise>,
+    /// The port of the read-only liveness listener on the advertise
+    /// address, which peers probe when this host's stream to the control
+    /// plane drops (0: any free port, reported to the control plane).
+    pub liveness_port: u16,
     /// The failure domain this host is in (used for zone-aware routing).
     pub zone: String,
     /// Consul's datacenter, reported in API answers.
@@ -45,6 +50,70 @@ pub struct AgentConfig {
     pub upstreams: Vec<String>,
     pub dns: DnsConfig,
     pub proxy: ProxyConfig,
+}
+
+/// Where peers probe an agent by default (Consul's Serf LAN port).
+pub const DEFAULT_LIVENESS_PORT: u16 = 8301;
+
+/// `advertise_addr` as written: an address, or the address of a network
+/// interface (`interface:eth0`), found at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Advertise {
+    Ip(IpAddr),
+    Interface(String),
+}
+
+impl std::str::FromStr for Advertise {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(name) = s.strip_prefix("interface:") {
+            // Linux interface names: 1 to 15 bytes, no '/' or whitespace.
+            if name.is_empty()
+                || name.len() > 15
+                || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+            {
+                return Err(format!("{s:?}: {name:?} is not an interface name"));
+            }
+            return Ok(Advertise::Interface(name.to_string()));
+        }
+        s.parse::<IpAddr>()
+            .map(Advertise::Ip)
+            .map_err(|_| format!("{s:?} must be an IP address or interface:NAME"))
+    }
+}
+
+impl std::fmt::Display for Advertise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Advertise::Ip(ip) => ip.fmt(f),
+            Advertise::Interface(name) => write!(f, "interface:{name}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Advertise {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl ControlPlaneClientConfig {
+    /// Whether every control-plane address is on this host's loopback
+    /// (`127.0.0.0/8`, `::1` or `localhost`): then the fleet is this one
+    /// host, and loopback is a fine address to advertise.
+    pub fn on_loopback(&self) -> bool {
+        self.addresses.iter().all(|address| {
+            let host = address
+                .rsplit_once(':')
+                .map_or(address.as_str(), |(h, _)| h)
+                .trim_matches(['[', ']']);
+            host.eq_ignore_ascii_case("localhost")
+                || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        })
+    }
 }
 
 /// How the agent reaches the control plane.
@@ -96,7 +165,8 @@ impl Default for AgentConfig {
         AgentConfig {
             node_name: None,
             data_dir: PathBuf::from("/var/lib/signpost"),
-            advertise_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise_addr: None,
+            liveness_port: DEFAULT_LIVENESS_PORT,
             zone: "default".to_string(),
             datacenter: "dc1".to_string(),
             services_dir: PathBuf::from("/etc/signpost/services.d"),
@@ -430,10 +500,12 @@ impl AgentConfig {
                 format!("{name:?} must be 1 to 63 letters, digits, '-' or '_'"),
             ));
         }
-        if self.advertise_addr.is_unspecified() {
+        if let Some(Advertise::Ip(ip)) = &self.advertise_addr
+            && (ip.is_unspecified() || ip.is_multicast())
+        {
             return Err(invalid(
                 "advertise_addr",
-                "the unspecified address cannot be reached by other hosts".to_string(),
+                format!("{ip} cannot be reached by other hosts: give this host's own address"),
             ));
         }
         if self.zone.is_empty() {
@@ -690,6 +762,46 @@ mod tests {
     fn cross_field_rules() {
         let e = AgentConfig::from_yaml("a.yaml", "advertise_addr: 0.0.0.0\n").unwrap_err();
         assert!(e.to_string().contains("advertise_addr"), "{e}");
+    }
+
+    #[test]
+    fn advertise_addr_is_an_address_or_an_interface() {
+        let c = AgentConfig::from_yaml("a.yaml", "advertise_addr: 10.0.0.7\n").unwrap();
+        assert_eq!(
+            c.advertise_addr,
+            Some(Advertise::Ip("10.0.0.7".parse().unwrap()))
+        );
+        let c = AgentConfig::from_yaml("a.yaml", "advertise_addr: interface:eth0\n").unwrap();
+        assert_eq!(
+            c.advertise_addr,
+            Some(Advertise::Interface("eth0".to_string()))
+        );
+        assert_eq!(c.advertise_addr.unwrap().to_string(), "interface:eth0");
+        assert_eq!(AgentConfig::default().advertise_addr, None);
+        for bad in [
+            "advertise_addr: eth0\n",
+            "advertise_addr: \"interface:\"\n",
+            "advertise_addr: interface:a/b\n",
+        ] {
+            let e = AgentConfig::from_yaml("a.yaml", bad).unwrap_err();
+            assert!(e.to_string().starts_with("a.yaml:1:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_control_plane_on_loopback_is_told_apart() {
+        let cp = |addresses: &[&str]| ControlPlaneClientConfig {
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            ca_file: PathBuf::from("ca.pem"),
+            token: "t".to_string(),
+            server_name: None,
+            http: None,
+            first_lookup_wait: default_first_lookup_wait(),
+            subscription_idle: default_subscription_idle(),
+        };
+        assert!(cp(&["127.0.0.1:8300", "localhost:8300", "[::1]:8300"]).on_loopback());
+        assert!(!cp(&["127.0.0.1:8300", "198.18.0.1:8300"]).on_loopback());
+        assert!(!cp(&["cp.example:8300"]).on_loopback());
     }
 
     #[test]

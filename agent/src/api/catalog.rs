@@ -17,22 +17,22 @@ use signpost_core::proto::{CatalogInstance, Instance};
 use crate::fleet::FleetInner;
 use crate::state::{Inner, ServiceEntry};
 
+/// This agent, as Consul names its leader: the advertised address with
+/// the API's port.
+fn self_address(api: &Api) -> String {
+    let ip = api.agent.state.read(|inner| inner.node.address.clone());
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, api.agent.config.api.listen.port()).to_string(),
+        Err(_) => format!("{ip}:{}", api.agent.config.api.listen.port()),
+    }
+}
+
 pub(crate) async fn leader(State(api): State<Api>) -> Response {
-    let leader = format!(
-        "{}:{}",
-        api.agent.config.advertise_addr,
-        api.agent.config.api.listen.port()
-    );
-    json(&Value::String(leader))
+    json(&Value::String(self_address(&api)))
 }
 
 pub(crate) async fn peers(State(api): State<Api>) -> Response {
-    let peer = format!(
-        "{}:{}",
-        api.agent.config.advertise_addr,
-        api.agent.config.api.listen.port()
-    );
-    json(&json!([peer]))
+    json(&json!([self_address(&api)]))
 }
 
 pub(crate) async fn datacenters(State(api): State<Api>) -> Response {
