@@ -5,89 +5,36 @@
 //! on its bounded queue, so no I/O happens under the lock. A session whose
 //! queue is full is too slow to follow: it is dropped, and its agent
 //! reconnects and resynchronises from the indexes it has.
+//!
+//! [`liveness`]: whether each node is alive, unreachable or failed, the
+//! peer probes that decide it, and the reaper.
+
+mod liveness;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use signpost_core::proto::{
     AckQuery, AckStatus, CatalogInstance, CatalogSnapshot, Check, ControlMessage, Delta, FullState,
-    Hello, Instance, InstanceRef, NodeSnapshot, ProbeRequest, ServiceNames, ServiceUpdate, Tags,
+    Hello, Instance, InstanceRef, NodeSnapshot, ServiceNames, ServiceUpdate, Tags,
     control_message::Body,
 };
 use tokio::sync::{mpsc, watch};
+
+use self::liveness::PendingProbe;
+pub use self::liveness::{Liveness, NodeStatus, ProbeVerdict, liveness_check};
 
 pub type SessionId = u64;
 
 /// Messages a session may queue before it counts as too slow.
 pub const SESSION_QUEUE: usize = 4096;
-/// Peers asked to probe a node whose stream dropped.
-const PROBE_PEERS: usize = 3;
-
-/// A node's liveness as Consul's `serfHealth` check.
-pub fn liveness(node: &NodeEntry) -> Check {
-    let (status, output) = match node.status {
-        NodeStatus::Alive => ("passing", "Agent alive and reachable"),
-        NodeStatus::Unreachable => (
-            "passing",
-            "Agent stream to the control plane dropped; peers can reach it or are being asked",
-        ),
-        NodeStatus::Failed => (
-            "critical",
-            "Agent not reachable by the control plane nor by its peers",
-        ),
-    };
-    Check {
-        id: "serfHealth".to_string(),
-        name: "Serf Health Status".to_string(),
-        status: status.to_string(),
-        output: output.to_string(),
-        notes: String::new(),
-        r#type: String::new(),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeStatus {
-    /// Its agent holds a session.
-    Alive,
-    /// Its agent's session dropped; its instances stay routable.
-    Unreachable,
-    /// No peer could reach it either: its instances are critical.
-    Failed,
-}
-
-impl NodeStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeStatus::Alive => "alive",
-            NodeStatus::Unreachable => "unreachable",
-            NodeStatus::Failed => "failed",
-        }
-    }
-}
-
 pub struct NodeEntry {
     pub hello: Hello,
     pub instances: BTreeMap<String, Instance>,
     pub node_checks: Vec<Check>,
     pub session: Option<SessionId>,
-    pub status: NodeStatus,
-    pub failed_at: Option<std::time::Instant>,
-}
-
-/// A question to peers about an unreachable node.
-struct PendingProbe {
-    node: String,
-    outstanding: usize,
-}
-
-/// How a probe round ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeVerdict {
-    /// A peer reached it: the control plane is what is cut off.
-    Reachable,
-    /// Nobody reached it: the node failed.
-    Failed,
+    pub liveness: Liveness,
 }
 
 struct Session {
@@ -98,7 +45,6 @@ struct Session {
     acked: HashMap<String, u64>,
 }
 
-#[derive(Default)]
 pub struct Inner {
     pub index: u64,
     pub nodes: BTreeMap<String, NodeEntry>,
@@ -132,7 +78,19 @@ pub struct Catalog {
 impl Default for Catalog {
     fn default() -> Self {
         Catalog {
-            inner: Mutex::new(Inner::default()),
+            // Index 1 is what a service nobody registered has: the first
+            // change of anything must be above it.
+            inner: Mutex::new(Inner {
+                index: 1,
+                nodes: BTreeMap::new(),
+                service_index: HashMap::new(),
+                subscribers: HashMap::new(),
+                sessions: HashMap::new(),
+                names: BTreeMap::new(),
+                next_session: 0,
+                probes: HashMap::new(),
+                next_probe: 0,
+            }),
             changes: watch::channel(0).0,
         }
     }
@@ -173,14 +131,21 @@ impl Catalog {
                     hello: Some(n.hello.clone()),
                     instances: n.instances.values().cloned().collect(),
                     node_checks: n.node_checks.clone(),
+                    failed_at_unix_ms: n.liveness.failed_at_unix_ms(),
                 })
                 .collect(),
         }
     }
 
-    /// Loads a kept catalog at start: every node is unreachable until its
-    /// agent reconnects, and its instances stay routable meanwhile.
-    pub fn restore(&self, snapshot: CatalogSnapshot) {
+    /// Loads a kept catalog at start: a failed node stays failed; every
+    /// other node is unreachable, its instances routable, until its agent
+    /// reconnects, or is probed like any dropped node once `grace` has
+    /// passed without it.
+    pub fn restore(&self, snapshot: CatalogSnapshot, grace: Duration) {
+        self.restore_at(snapshot, Instant::now(), grace);
+    }
+
+    fn restore_at(&self, snapshot: CatalogSnapshot, now: Instant, grace: Duration) {
         let mut inner = self.lock();
         for node in snapshot.nodes {
             let Some(hello) = node.hello else { continue };
@@ -195,12 +160,10 @@ impl Catalog {
                         .collect(),
                     node_checks: node.node_checks,
                     session: None,
-                    status: NodeStatus::Unreachable,
-                    failed_at: None,
+                    liveness: Liveness::restored(node.failed_at_unix_ms, now, grace),
                 },
             );
         }
-        inner.index = 1;
         inner.names = inner.compute_names();
     }
 
@@ -215,9 +178,8 @@ impl Catalog {
         let previous = match inner.nodes.get_mut(&node) {
             Some(entry) => {
                 entry.hello = hello;
-                was_failed = entry.status == NodeStatus::Failed;
-                entry.status = NodeStatus::Alive;
-                entry.failed_at = None;
+                was_failed = entry.liveness.status == NodeStatus::Failed;
+                entry.liveness = Liveness::alive();
                 entry.session.replace(id)
             }
             None => {
@@ -228,8 +190,7 @@ impl Catalog {
                         instances: BTreeMap::new(),
                         node_checks: Vec::new(),
                         session: Some(id),
-                        status: NodeStatus::Alive,
-                        failed_at: None,
+                        liveness: Liveness::alive(),
                     },
                 );
                 None
@@ -256,84 +217,6 @@ impl Catalog {
         drop(inner);
         self.changed();
         id
-    }
-
-    /// The session ended: the node's instances stay, the node is
-    /// unreachable, and up to 3 other agents (same zone first) are asked to
-    /// probe it. Returns the probe round to conclude after a timeout.
-    pub fn disconnect(&self, session: SessionId) -> Option<u64> {
-        let mut inner = self.lock();
-        let mut probe = None;
-        if let Some(s) = inner.sessions.get(&session) {
-            let node = s.node.clone();
-            if let Some(entry) = inner.nodes.get_mut(&node)
-                && entry.session == Some(session)
-            {
-                entry.session = None;
-                entry.status = NodeStatus::Unreachable;
-                inner.drop_session(session);
-                probe = Some(inner.start_probe(&node));
-            }
-        }
-        inner.drop_session(session);
-        drop(inner);
-        self.changed();
-        probe
-    }
-
-    /// A peer's answer to a probe request; returns the verdict once known.
-    pub fn probe_result(&self, probe_id: u64, reachable: bool) -> Option<(String, ProbeVerdict)> {
-        let mut inner = self.lock();
-        let pending = inner.probes.get_mut(&probe_id)?;
-        pending.outstanding = pending.outstanding.saturating_sub(1);
-        if reachable {
-            return inner.conclude(probe_id, ProbeVerdict::Reachable);
-        }
-        if pending.outstanding == 0 {
-            let verdict = inner.conclude(probe_id, ProbeVerdict::Failed);
-            drop(inner);
-            self.changed();
-            return verdict;
-        }
-        None
-    }
-
-    /// The probe timeout ran out: whoever did not answer could not reach it.
-    pub fn probe_timeout(&self, probe_id: u64) -> Option<(String, ProbeVerdict)> {
-        let mut inner = self.lock();
-        let verdict = inner.conclude(probe_id, ProbeVerdict::Failed);
-        drop(inner);
-        self.changed();
-        verdict
-    }
-
-    /// Removes nodes failed for longer than `after`, with their instances.
-    pub fn reap(&self, after: std::time::Duration) -> Vec<String> {
-        let mut inner = self.lock();
-        let due: Vec<String> = inner
-            .nodes
-            .values()
-            .filter(|n| n.failed_at.is_some_and(|t| t.elapsed() >= after))
-            .map(|n| n.hello.node.clone())
-            .collect();
-        for node in &due {
-            let ids: Vec<String> = inner.nodes[node].instances.keys().cloned().collect();
-            inner.apply(
-                node,
-                Delta {
-                    upserts: Vec::new(),
-                    removed: ids,
-                    node_checks_changed: false,
-                    node_checks: Vec::new(),
-                },
-            );
-            inner.nodes.remove(node);
-        }
-        drop(inner);
-        if !due.is_empty() {
-            self.changed();
-        }
-        due
     }
 
     /// The agent's whole local state: replaces what the catalog had.
@@ -494,84 +377,11 @@ impl Inner {
             node_id: entry.hello.node_id.clone(),
             node_address: entry.hello.address.clone(),
             node_zone: entry.hello.zone.clone(),
-            node_checks: std::iter::once(liveness(entry))
+            node_checks: std::iter::once(liveness_check(entry))
                 .chain(entry.node_checks.iter().cloned())
                 .collect(),
             instance: Some(instance.clone()),
         }
-    }
-
-    /// Asks up to 3 connected agents, same zone first, to probe `node`.
-    fn start_probe(&mut self, node: &str) -> u64 {
-        self.next_probe += 1;
-        let id = self.next_probe;
-        let (zone, address) = self
-            .nodes
-            .get(node)
-            .map(|n| (n.hello.zone.clone(), n.hello.probe_address.clone()))
-            .unwrap_or_default();
-        let mut peers: Vec<(bool, SessionId)> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.node != node)
-            .map(|(id, s)| {
-                let same_zone = self
-                    .nodes
-                    .get(&s.node)
-                    .is_some_and(|n| n.hello.zone == zone);
-                (!same_zone, *id)
-            })
-            .collect();
-        peers.sort();
-        peers.truncate(PROBE_PEERS);
-        let asked = if address.is_empty() { 0 } else { peers.len() };
-        self.probes.insert(
-            id,
-            PendingProbe {
-                node: node.to_string(),
-                outstanding: asked,
-            },
-        );
-        tracing::info!(
-            node,
-            peers = asked,
-            "agent stream dropped: asking peers to probe it"
-        );
-        if asked > 0 {
-            for (_, session) in peers {
-                let request = ControlMessage {
-                    body: Some(Body::Probe(ProbeRequest {
-                        probe_id: id,
-                        node: node.to_string(),
-                        address: address.clone(),
-                    })),
-                };
-                self.send(session, request);
-            }
-        }
-        id
-    }
-
-    fn conclude(&mut self, probe_id: u64, verdict: ProbeVerdict) -> Option<(String, ProbeVerdict)> {
-        let pending = self.probes.remove(&probe_id)?;
-        let entry = self.nodes.get_mut(&pending.node)?;
-        // Reconnected meanwhile: nothing to decide.
-        if entry.status != NodeStatus::Unreachable {
-            return None;
-        }
-        match verdict {
-            ProbeVerdict::Reachable => {
-                tracing::info!(node = %pending.node, "peers reach the node: a control-plane partition, its instances stay");
-            }
-            ProbeVerdict::Failed => {
-                tracing::warn!(node = %pending.node, "no peer reaches the node: marking it failed");
-                entry.status = NodeStatus::Failed;
-                entry.failed_at = Some(std::time::Instant::now());
-                let node = pending.node.clone();
-                self.node_changed(&node);
-            }
-        }
-        Some((pending.node, verdict))
     }
 
     /// Sends every instance of `node` again (its liveness changed).

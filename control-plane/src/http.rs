@@ -76,7 +76,7 @@ async fn nodes(State(s): State<HttpState>) -> Response {
                     "Address": n.hello.address,
                     "Zone": n.hello.zone,
                     "Datacenter": n.hello.datacenter,
-                    "Status": n.status.as_str(),
+                    "Status": n.liveness.status.as_str(),
                     "Version": n.hello.version,
                     "Meta": n.hello.meta,
                     "Services": n.instances.len(),
@@ -123,7 +123,7 @@ async fn health_service(
         let entries: Vec<Value> = inner
             .instances_of(&name)
             .filter_map(|(node, instance)| {
-                let live = crate::catalog::liveness(node);
+                let live = crate::catalog::liveness_check(node);
                 let checks: Vec<Value> = std::iter::once(&live)
                     .chain(node.node_checks.iter())
                     .map(|c| check(node, None, c))
@@ -189,7 +189,7 @@ fn service_json(instance: &Instance) -> Value {
 
 /// Every check of a node (liveness and node checks) and of its instances.
 fn node_checks<'a>(node: &'a NodeEntry) -> impl Iterator<Item = Value> + 'a {
-    let live = crate::catalog::liveness(node);
+    let live = crate::catalog::liveness_check(node);
     std::iter::once(check(node, None, &live))
         .chain(node.node_checks.iter().map(move |c| check(node, None, c)))
         .chain(

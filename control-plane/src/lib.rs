@@ -30,6 +30,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use signpost_core::control_plane_config::ControlPlaneConfig;
@@ -38,6 +39,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::catalog::Catalog;
+
+/// How often node liveness moves on (probe deadlines, re-probes, reaping).
+const LIVENESS_TICK: Duration = Duration::from_millis(250);
+/// An HTTP/2 ping goes to an agent heard nothing from for this long...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// ...and an agent that does not answer it within this is gone: a host
+/// that lost power or its link sends no reset, and without the ping its
+/// stream would look open for as long as TCP keeps trying (minutes).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The addresses the control plane listens on, once it does.
 #[derive(Debug, Clone, Copy)]
@@ -69,9 +79,10 @@ pub async fn run(
         Ok(Some(snapshot)) => {
             tracing::info!(
                 nodes = snapshot.nodes.len(),
-                "catalog restored from the last snapshot"
+                grace = ?config.restore_grace,
+                "catalog restored from the last snapshot: nodes whose agents do not reconnect within the grace period are probed"
             );
-            catalog.restore(snapshot);
+            catalog.restore(snapshot, config.restore_grace);
         }
         Ok(None) => {}
         // A snapshot is only a bridge: start empty rather than not at all.
@@ -79,21 +90,18 @@ pub async fn run(
     }
     let keeper = tokio::spawn(store::keep(catalog.clone(), store, shutdown.clone()));
     {
-        // Failed nodes' registrations go after node_reap_after.
+        // Probe rounds time out, unreachable nodes are probed again and
+        // failed ones reaped after node_reap_after.
         let (catalog, stop, after) = (catalog.clone(), shutdown.clone(), config.node_reap_after);
         tokio::spawn(async move {
-            let every = (after / 10).clamp(
-                std::time::Duration::from_millis(100),
-                std::time::Duration::from_secs(10),
-            );
+            let mut every = tokio::time::interval(LIVENESS_TICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
+                    _ = every.tick() => {}
                 }
-                for node in catalog.reap(after) {
-                    tracing::warn!(node = %node, "failed node reaped: its registrations are removed");
-                }
+                catalog.tick(after);
             }
         });
     }
@@ -130,6 +138,8 @@ pub async fn run(
     let grpc_shutdown = shutdown.clone();
     let grpc = tokio::spawn(
         Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .tls_config(tls)
             .context("invalid TLS certificate or key")?
             .add_service(SyncServer::with_interceptor(

@@ -44,22 +44,22 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn render(&self, catalog: &Catalog) -> String {
-        let (alive, unreachable, instances) = catalog.read(|inner| {
-            let alive = inner
-                .nodes
-                .values()
-                .filter(|n| n.status == NodeStatus::Alive)
-                .count();
+        let (by_status, instances) = catalog.read(|inner| {
+            let by_status = NodeStatus::ALL.map(|status| {
+                let n = inner
+                    .nodes
+                    .values()
+                    .filter(|n| n.liveness.status == status)
+                    .count();
+                (status, n)
+            });
             let instances: usize = inner.nodes.values().map(|n| n.instances.len()).sum();
-            (alive, inner.nodes.len() - alive, instances)
+            (by_status, instances)
         });
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.sessions.set(gauge(catalog.session_count()));
         self.instances.set(gauge(instances));
-        for (status, n) in [
-            (NodeStatus::Alive, alive),
-            (NodeStatus::Unreachable, unreachable),
-        ] {
+        for (status, n) in by_status {
             self.nodes
                 .get_or_create(&StatusLabels {
                     status: status.as_str(),

@@ -15,9 +15,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{Catalog, SESSION_QUEUE};
 
-/// Peers have this long to report whether they reach a dropped node.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// An agent has this long to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -184,10 +181,7 @@ impl Sync for SyncService {
                 }
             }
             tracing::info!(node = %node, session, "agent disconnected");
-            if let Some(probe) = catalog.disconnect(session) {
-                tokio::time::sleep(PROBE_TIMEOUT).await;
-                catalog.probe_timeout(probe);
-            }
+            catalog.disconnect(session);
         });
         let outbound = ReceiverStream::new(rx).map(Ok);
         Ok(Response::new(Box::pin(outbound)))

@@ -22,6 +22,11 @@ pub struct ControlPlaneConfig {
     /// A failed node's registrations are removed after this.
     #[serde(with = "crate::duration::serde_go")]
     pub node_reap_after: std::time::Duration,
+    /// After a restart, nodes kept in the store whose agents have not
+    /// reconnected within this are probed by their peers, and failed if
+    /// none reaches them.
+    #[serde(with = "crate::duration::serde_go")]
+    pub restore_grace: std::time::Duration,
     pub log: LogConfig,
 }
 
@@ -33,6 +38,7 @@ impl Default for ControlPlaneConfig {
             http: HttpConfig::default(),
             agent_tokens: Vec::new(),
             node_reap_after: std::time::Duration::from_secs(600),
+            restore_grace: std::time::Duration::from_secs(30),
             log: LogConfig::default(),
         }
     }
@@ -92,6 +98,12 @@ impl ControlPlaneConfig {
                 "agent_tokens",
                 "tokens must be at least 16 characters",
             ));
+        }
+        if config.node_reap_after < std::time::Duration::from_secs(1) {
+            return Err(invalid("node_reap_after", "must be at least 1s"));
+        }
+        if config.restore_grace < std::time::Duration::from_secs(1) {
+            return Err(invalid("restore_grace", "must be at least 1s"));
         }
         if config.grpc.cert_file.is_some() != config.grpc.key_file.is_some() {
             return Err(invalid(
