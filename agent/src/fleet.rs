@@ -4,8 +4,8 @@
 //! and keeps it on disk (`data_dir/fleet.pb`) for a restart without one.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use signpost_core::command::Command;
@@ -14,9 +14,14 @@ use signpost_core::proto::{
 };
 use tokio::sync::{Notify, watch};
 
-#[derive(Default)]
+use crate::state::IndexClock;
+
 pub struct CachedService {
+    /// The control plane's index of the service (for resuming).
     pub index: u64,
+    /// The agent's index of what the API shows of the service: other
+    /// nodes' instances (from the agent's [`IndexClock`]).
+    pub view_index: u64,
     /// Keyed by (node, instance id).
     pub instances: BTreeMap<(String, String), CatalogInstance>,
 }
@@ -25,6 +30,8 @@ pub struct CachedService {
 pub struct FleetInner {
     pub services: HashMap<String, CachedService>,
     pub names: Option<ServiceNames>,
+    /// The agent's index of the service names (from its [`IndexClock`]).
+    pub names_index: u64,
     pub connected: bool,
     pub last_contact: Option<Instant>,
     /// Services something on this host uses.
@@ -39,6 +46,11 @@ pub struct FleetInner {
 
 pub struct FleetCache {
     inner: Mutex<FleetInner>,
+    /// This node: its own instances come back from the control plane, but
+    /// the API answers them from the local state, so their echo changes
+    /// no view index.
+    node: String,
+    clock: Arc<IndexClock>,
     changes: watch::Sender<u64>,
     /// The last version published on `changes`, for lock-free readers.
     published: AtomicU64,
@@ -55,9 +67,14 @@ pub struct AckRequest {
 }
 
 impl FleetCache {
-    /// The cache, and the queue of acknowledgement questions the sync
-    /// session forwards to the control plane.
-    pub fn new(upstreams: &[String]) -> (Self, tokio::sync::mpsc::UnboundedReceiver<AckRequest>) {
+    /// The cache of node `node`'s view, with indexes from `clock`, and the
+    /// queue of acknowledgement questions the sync session forwards to the
+    /// control plane.
+    pub fn new(
+        upstreams: &[String],
+        node: &str,
+        clock: Arc<IndexClock>,
+    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<AckRequest>) {
         let now = Instant::now();
         let inner = FleetInner {
             subscriptions: upstreams.iter().map(|u| (u.clone(), now)).collect(),
@@ -66,6 +83,8 @@ impl FleetCache {
         let (ack_queries, queries) = tokio::sync::mpsc::unbounded_channel();
         let cache = FleetCache {
             inner: Mutex::new(inner),
+            node: node.to_string(),
+            clock,
             changes: watch::channel(0).0,
             published: AtomicU64::new(0),
             subscribe: Notify::new(),
@@ -199,18 +218,40 @@ impl FleetCache {
     pub fn apply_update(&self, update: ServiceUpdate) {
         let mut inner = self.lock();
         inner.last_contact = Some(Instant::now());
-        let service = inner.services.entry(update.service.clone()).or_default();
-        if update.snapshot {
-            service.instances.clear();
-        }
+        let clock = &self.clock;
+        let service = inner
+            .services
+            .entry(update.service.clone())
+            .or_insert_with(|| CachedService {
+                index: 0,
+                // A service seen anew (also after it was unsubscribed from)
+                // never answers with an index it had before.
+                view_index: clock.next(),
+                instances: BTreeMap::new(),
+            });
+        let own = self.node.as_str();
+        let remote = |key: &(String, String)| key.0 != own;
+        let before = update
+            .snapshot
+            .then(|| std::mem::take(&mut service.instances));
+        let mut changed = false;
         for removed in update.removed {
-            service.instances.remove(&(removed.node, removed.id));
+            let key = (removed.node, removed.id);
+            changed |= service.instances.remove(&key).is_some() && remote(&key);
         }
         for upsert in update.upserts {
             if let Some(instance) = &upsert.instance {
                 let key = (upsert.node.clone(), instance.id.clone());
-                service.instances.insert(key, upsert);
+                let was = service.instances.insert(key.clone(), upsert);
+                changed |= remote(&key) && was.as_ref() != service.instances.get(&key);
             }
+        }
+        if let Some(before) = before {
+            let others = before.iter().filter(|(k, _)| remote(k));
+            changed = !others.eq(service.instances.iter().filter(|(k, _)| remote(k)));
+        }
+        if changed {
+            service.view_index = clock.next();
         }
         service.index = update.index;
         self.changed(&mut inner);
@@ -219,6 +260,13 @@ impl FleetCache {
     pub fn apply_names(&self, names: ServiceNames) {
         let mut inner = self.lock();
         inner.last_contact = Some(Instant::now());
+        if inner
+            .names
+            .as_ref()
+            .is_none_or(|n| n.services != names.services)
+        {
+            inner.names_index = self.clock.next();
+        }
         inner.names = Some(names);
         self.changed(&mut inner);
     }
@@ -373,5 +421,119 @@ fn write_cache(fleet: &FleetCache, path: &std::path::Path) {
     let bytes = fleet.snapshot().encode_to_vec();
     if let Err(e) = crate::persist::write_atomic(path, &bytes) {
         tracing::error!(path = %path.display(), error = %e, "cannot write the fleet cache");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signpost_core::proto::{Check, Instance, InstanceRef};
+
+    fn cache() -> FleetCache {
+        let clock = Arc::new(IndexClock::default());
+        FleetCache::new(&[], "here", clock).0
+    }
+
+    fn on(node: &str, id: &str, status: &str) -> CatalogInstance {
+        CatalogInstance {
+            node: node.to_string(),
+            instance: Some(Instance {
+                id: id.to_string(),
+                name: "web".to_string(),
+                checks: vec![Check {
+                    id: format!("service:{id}"),
+                    status: status.to_string(),
+                    ..Check::default()
+                }],
+                ..Instance::default()
+            }),
+            ..CatalogInstance::default()
+        }
+    }
+
+    fn update(index: u64, snapshot: bool, upserts: Vec<CatalogInstance>) -> ServiceUpdate {
+        ServiceUpdate {
+            service: "web".to_string(),
+            index,
+            snapshot,
+            upserts,
+            removed: Vec::new(),
+        }
+    }
+
+    fn view_index(fleet: &FleetCache) -> u64 {
+        fleet.read(|f| f.services["web"].view_index)
+    }
+
+    #[test]
+    fn the_view_index_moves_once_per_change_of_other_nodes_instances() {
+        let fleet = cache();
+        // Subscribed before any instance exists: an empty snapshot.
+        fleet.apply_update(update(1, true, Vec::new()));
+        let empty = view_index(&fleet);
+        // The first instance, on another node, even with the control
+        // plane's index unchanged.
+        fleet.apply_update(update(1, false, vec![on("a", "web-a", "passing")]));
+        let first = view_index(&fleet);
+        assert!(first > empty);
+        // This node's own instance coming back changes nothing shown.
+        fleet.apply_update(update(2, false, vec![on("here", "web-h", "passing")]));
+        assert_eq!(view_index(&fleet), first);
+        // The same instance again (a node-level resend) changes nothing.
+        fleet.apply_update(update(3, false, vec![on("a", "web-a", "passing")]));
+        assert_eq!(view_index(&fleet), first);
+        // A health flip does.
+        fleet.apply_update(update(4, false, vec![on("a", "web-a", "critical")]));
+        let flipped = view_index(&fleet);
+        assert!(flipped > first);
+        // A reconnect's snapshot of the same content (the control plane
+        // restarted: its indexes start over) changes nothing...
+        fleet.welcome("another epoch");
+        fleet.apply_update(update(
+            2,
+            true,
+            vec![on("a", "web-a", "critical"), on("here", "web-h", "passing")],
+        ));
+        assert_eq!(view_index(&fleet), flipped);
+        // ...and a removal does.
+        let mut gone = update(3, false, Vec::new());
+        gone.removed.push(InstanceRef {
+            node: "a".to_string(),
+            id: "web-a".to_string(),
+        });
+        fleet.apply_update(gone);
+        assert!(view_index(&fleet) > flipped);
+    }
+
+    #[test]
+    fn a_service_seen_anew_never_reuses_an_index() {
+        let fleet = cache();
+        fleet.apply_update(update(5, true, vec![on("a", "web-a", "passing")]));
+        let before = view_index(&fleet);
+        fleet.touch("web");
+        assert_eq!(
+            fleet.expire_idle(std::time::Duration::ZERO, &[]),
+            vec!["web"]
+        );
+        fleet.apply_update(update(5, true, vec![on("a", "web-a", "passing")]));
+        assert!(view_index(&fleet) > before);
+    }
+
+    #[test]
+    fn the_names_index_moves_when_the_names_change() {
+        let fleet = cache();
+        let names = |list: &[&str], index: u64| ServiceNames {
+            index,
+            services: list
+                .iter()
+                .map(|n| (n.to_string(), Default::default()))
+                .collect(),
+        };
+        fleet.apply_names(names(&["web"], 7));
+        let first = fleet.read(|f| f.names_index);
+        fleet.apply_names(names(&["web"], 2));
+        assert_eq!(fleet.read(|f| f.names_index), first);
+        fleet.apply_names(names(&["web", "db"], 3));
+        assert!(fleet.read(|f| f.names_index) > first);
     }
 }

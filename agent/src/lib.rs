@@ -158,7 +158,11 @@ pub async fn run(
                 .state
                 .read(|i| (i.node.name.clone(), i.node.id.clone()));
             tasks.spawn(liveness::serve(listener, name, id, background.clone()));
-            let (fleet, ack_queries) = fleet::FleetCache::new(&agent.config.upstreams);
+            let (fleet, ack_queries) = fleet::FleetCache::new(
+                &agent.config.upstreams,
+                &agent.state.read(|i| i.node.name.clone()),
+                agent.state.clock(),
+            );
             let fleet = Arc::new(fleet);
             fleet::load(&fleet, &agent.config.data_dir);
             tasks.spawn(fleet::keep(

@@ -7,6 +7,12 @@
 //! later the sync, DNS and proxy) learn that something changed. Output-only
 //! updates of a check whose status is steady are visible to readers but do
 //! not bump an index, as in Consul.
+//!
+//! Indexes come from the agent's one [`IndexClock`], which the fleet view
+//! draws from too: an answer made of local and remote instances carries
+//! the larger of their indexes, and that grows whenever either part
+//! changes, whatever the control plane's own indexes do (a restart, a
+//! fail-over).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -144,6 +150,24 @@ pub struct NodeInfo {
 
 pub const NODE_HEALTH_CHECK: &str = "serfHealth";
 
+/// The agent's one source of modification indexes; each is greater than
+/// every one handed out before.
+#[derive(Debug)]
+pub struct IndexClock(AtomicU64);
+
+impl Default for IndexClock {
+    /// A clock whose first index is 2: 1 is what an unchanged resource has.
+    fn default() -> IndexClock {
+        IndexClock(AtomicU64::new(1))
+    }
+}
+
+impl IndexClock {
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
 pub struct Inner {
     pub node: NodeInfo,
     /// The highest index handed out; never 0.
@@ -155,6 +179,7 @@ pub struct Inner {
     /// names that are gone, so a watcher of a deleted service wakes once.
     name_index: HashMap<ServiceName, u64>,
     next_generation: u64,
+    clock: std::sync::Arc<IndexClock>,
 }
 
 pub struct LocalState {
@@ -206,6 +231,7 @@ impl LocalState {
                 checks,
                 name_index: HashMap::new(),
                 next_generation: 1,
+                clock: std::sync::Arc::default(),
             }),
             changes,
             published: AtomicU64::new(1),
@@ -215,6 +241,11 @@ impl LocalState {
     /// Read access for answering queries; keep the closure free of I/O.
     pub fn read<R>(&self, f: impl FnOnce(&Inner) -> R) -> R {
         f(&self.lock())
+    }
+
+    /// The clock local changes take their indexes from, for the fleet view.
+    pub fn clock(&self) -> std::sync::Arc<IndexClock> {
+        self.lock().clock.clone()
     }
 
     /// The global index, without taking any lock.
@@ -576,7 +607,7 @@ impl LocalState {
 
 impl Inner {
     fn bump(&mut self) -> u64 {
-        self.index += 1;
+        self.index = self.clock.next();
         self.index
     }
 

@@ -47,7 +47,6 @@ pub(crate) async fn services(State(api): State<Api>, RawQuery(q): RawQuery) -> A
             let tags = names.entry(s.def.name.as_str()).or_default();
             tags.extend(s.def.tags.iter().map(String::as_str));
         }
-        let mut index = inner.index;
         if let Some(names_msg) = fleet.and_then(|f| f.names.as_ref()) {
             for (name, tags) in &names_msg.services {
                 names
@@ -55,8 +54,8 @@ pub(crate) async fn services(State(api): State<Api>, RawQuery(q): RawQuery) -> A
                     .or_default()
                     .extend(tags.tags.iter().map(String::as_str));
             }
-            index += names_msg.index;
         }
+        let index = inner.index.max(fleet.map_or(0, |f| f.names_index));
         (index, json!(names))
     })
     .await
@@ -98,13 +97,15 @@ fn remote_instances<'a>(
         .filter(move |(_, i)| has_tags(&i.tags, tags))
 }
 
-/// The index of a service across the local state and the fleet view: the
-/// sum of two monotonic counters moves whenever either does.
+/// The index of a service across the local state and the fleet view: both
+/// draw from the agent's one clock, so the larger grows whenever either
+/// part of the answer changes.
 fn fleet_index(inner: &Inner, fleet: Option<&FleetInner>, name: &str) -> u64 {
-    inner.service_name_index(name)
-        + fleet
+    inner.service_name_index(name).max(
+        fleet
             .and_then(|f| f.services.get(name))
-            .map_or(0, |s| s.index)
+            .map_or(0, |s| s.view_index),
+    )
 }
 
 /// Subscribes to a service on its first use and waits a little for the
