@@ -33,6 +33,8 @@ pub(crate) struct Instance {
     pub(crate) zone: String,
     pub(crate) protocol: Protocol,
     pub(crate) tags: Vec<String>,
+    /// Its node failed (the control plane and its peers cannot reach it).
+    pub(crate) host_gone: bool,
 }
 
 impl AgentCatalog {
@@ -118,6 +120,7 @@ impl AgentCatalog {
                             .unwrap_or_else(|| inner.node.zone.clone()),
                         protocol: s.def.protocol,
                         tags: s.def.tags.clone(),
+                        host_gone: false,
                     }
                 })
                 .collect();
@@ -189,5 +192,8 @@ fn remote_instance(ci: &CatalogInstance, tag: Option<&str>) -> Option<Instance> 
         },
         protocol: i.protocol.parse().unwrap_or_default(),
         tags: i.tags.clone(),
+        host_gone: ci.node_checks.iter().any(|c| {
+            c.id == crate::state::NODE_HEALTH_CHECK && c.status == Health::Critical.as_str()
+        }),
     })
 }

@@ -274,5 +274,6 @@ fn endpoint(i: &Instance) -> Option<Endpoint> {
         tags: i.tags.clone(),
         health: i.health,
         weights: i.weights,
+        host_gone: i.host_gone,
     })
 }

@@ -160,6 +160,7 @@ impl Backend {
                         self.shared.workers,
                     ))
                 });
+                stats.set_host_gone(endpoint.host_gone);
                 // An `ip:port` always makes a valid authority.
                 let authority = http::uri::Authority::try_from(label.as_str())
                     .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));

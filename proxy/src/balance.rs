@@ -296,6 +296,7 @@ mod tests {
                 tags: vec![format!("v{}", port % 2 + 1)],
                 health,
                 weights: Weights::default(),
+                host_gone: false,
             },
             stats: Arc::new(Stats::new(
                 crate::ProxyMetrics::default().status_counters("web", "a"),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use signpost_core::model::{Health, Weights};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::StatusCounters;
 use crate::workers::PerWorker;
@@ -23,6 +24,11 @@ pub struct Endpoint {
     pub tags: Vec<String>,
     pub health: Health,
     pub weights: Weights,
+    /// Its host is known to be gone (the control plane and its peers
+    /// could not reach it): connections to it will never answer, so they
+    /// are closed at once, and idempotent requests in flight on them are
+    /// retried on another instance instead of waiting for their deadline.
+    pub host_gone: bool,
 }
 
 impl Endpoint {
@@ -67,6 +73,9 @@ pub(crate) struct Stats {
     pub(crate) statuses: StatusCounters,
     /// An instance-scoped rate limit's bucket.
     pub(crate) limiter: crate::rate::Limiter,
+    /// Cancelled when the instance's host is known to be gone: every
+    /// connection to it closes. Read only when a connection is made.
+    gone: Mutex<CancellationToken>,
 }
 
 struct Load {
@@ -131,7 +140,25 @@ impl Stats {
             }),
             statuses,
             limiter: crate::rate::Limiter::default(),
+            gone: Mutex::new(CancellationToken::new()),
         }
+    }
+
+    /// Follows the catalog's word on the instance's host: gone closes
+    /// every connection to it; back, new connections live again.
+    pub(crate) fn set_host_gone(&self, gone: bool) {
+        let mut token = crate::lock(&self.gone);
+        if gone {
+            token.cancel();
+        } else if token.is_cancelled() {
+            *token = CancellationToken::new();
+        }
+    }
+
+    /// Fires when the instance's host is known to be gone; a connection
+    /// to the instance closes then.
+    pub(crate) fn gone(&self) -> CancellationToken {
+        crate::lock(&self.gone).clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Learned> {
@@ -328,6 +355,25 @@ mod tests {
     }
 
     #[test]
+    fn connections_made_before_the_host_went_close_and_later_ones_live() {
+        let stats = stats();
+        let before = stats.gone();
+        stats.set_host_gone(false);
+        assert!(
+            !before.is_cancelled(),
+            "a host that is there closes nothing"
+        );
+        stats.set_host_gone(true);
+        assert!(before.is_cancelled());
+        assert!(
+            stats.gone().is_cancelled(),
+            "still gone: nothing to connect to"
+        );
+        stats.set_host_gone(false);
+        assert!(!stats.gone().is_cancelled(), "back: new connections live");
+    }
+
+    #[test]
     fn consecutive_failures_eject_with_growing_periods_and_a_single_probe() {
         let s = stats();
         let base = Duration::from_secs(1);
@@ -438,6 +484,7 @@ mod tests {
             tags: Vec::new(),
             health: Health::Passing,
             weights: Weights::default(),
+            host_gone: false,
         };
         assert_eq!(e.weight(), 2);
         e.health = Health::Warning;

@@ -499,7 +499,8 @@ fn forward<'s: 'f, 'f>(
                 None => deadline,
             };
             let in_flight = member.stats.in_flight();
-            let answered = tokio::time::timeout_at(limit, pool.request(addr, request)).await;
+            let answered =
+                tokio::time::timeout_at(limit, pool.request(addr, &member.stats, request)).await;
             drop(in_flight);
             let answered_at = Instant::now();
             let rtt = answered_at - try_started;

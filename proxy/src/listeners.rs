@@ -217,6 +217,7 @@ mod tests {
                     tags: Vec::new(),
                     health: Health::Passing,
                     weights: Weights::default(),
+                    host_gone: false,
                 })
                 .collect(),
             policy: Policy::default(),

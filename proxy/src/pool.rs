@@ -32,8 +32,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::Liveness;
 use crate::body::ProxyBody;
+use crate::endpoint::Stats;
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
@@ -101,18 +104,20 @@ impl Pool {
         }
     }
 
-    /// Sends `req` to `addr` on a pooled connection or a new one. The
-    /// request's URI must be in the form the protocol wants: origin-form
-    /// with a `Host` header for HTTP/1.1, absolute for HTTP/2.
+    /// Sends `req` to `addr` on a pooled connection or a new one; a new
+    /// connection closes when `stats` says the instance's host is gone.
+    /// The request's URI must be in the form the protocol wants:
+    /// origin-form with a `Host` header for HTTP/1.1, absolute for HTTP/2.
     pub(crate) async fn request(
         &self,
         addr: SocketAddr,
+        stats: &Stats,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Answer>, PoolError> {
         // The paths that connect are boxed: their futures are large, and
         // this one is moved with every request.
         if self.http2 {
-            return Box::pin(self.request_http2(addr, req)).await;
+            return Box::pin(self.request_http2(addr, stats, req)).await;
         }
         loop {
             let pooled = crate::lock(&self.idle)
@@ -134,15 +139,16 @@ impl Pool {
                 },
             }
         }
-        Box::pin(self.request_new_http1(addr, req)).await
+        Box::pin(self.request_new_http1(addr, stats, req)).await
     }
 
     async fn request_http2(
         &self,
         addr: SocketAddr,
+        stats: &Stats,
         req: Request<ProxyBody>,
     ) -> Result<Response<Answer>, PoolError> {
-        let mut sender = match self.http2_sender(addr).await {
+        let mut sender = match self.http2_sender(addr, stats).await {
             Ok(sender) => sender,
             Err(reason) => return Err(not_sent(reason, req)),
         };
@@ -164,6 +170,7 @@ impl Pool {
     async fn request_new_http1(
         &self,
         addr: SocketAddr,
+        stats: &Stats,
         req: Request<ProxyBody>,
     ) -> Result<Response<Answer>, PoolError> {
         let io = match self.connect(addr).await {
@@ -177,7 +184,7 @@ impl Pool {
         };
         // An answer that switches protocols (101) hands the connection
         // over to the proxy's tunnel.
-        run_connection(addr, conn.with_upgrades());
+        run_connection(addr, conn.with_upgrades(), stats.gone());
         let response = sender.send_request(req).await?;
         Ok(self.answer(addr, sender, response))
     }
@@ -204,6 +211,7 @@ impl Pool {
     async fn http2_sender(
         &self,
         addr: SocketAddr,
+        stats: &Stats,
     ) -> Result<http2::SendRequest<ProxyBody>, String> {
         {
             let mut idle = crate::lock(&self.idle);
@@ -218,7 +226,7 @@ impl Pool {
         let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
             .await
             .map_err(|e| signpost_core::error_chain(&e))?;
-        run_connection(addr, conn);
+        run_connection(addr, conn, stats.gone());
         let mut idle = crate::lock(&self.idle);
         idle.http2.insert(addr, (sender.clone(), Instant::now()));
         start_sweeper(&self.idle, &mut idle, self.idle_timeout);
@@ -240,14 +248,21 @@ fn not_sent(reason: String, request: Request<ProxyBody>) -> PoolError {
     }
 }
 
-/// Runs a connection to `addr` on its own task until it closes.
-fn run_connection<C>(addr: SocketAddr, conn: C)
+/// Runs a connection to `addr` on its own task until it closes, or until
+/// the instance's host is known to be gone (`gone`): then it is dropped,
+/// and requests in flight on it fail at once (and may be retried).
+fn run_connection<C>(addr: SocketAddr, conn: C, gone: CancellationToken)
 where
     C: Future<Output = hyper::Result<()>> + Send + 'static,
 {
     tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            tracing::debug!(%addr, %error, "connection to an instance ended with an error");
+        tokio::select! {
+            ended = conn => if let Err(error) = ended {
+                tracing::debug!(%addr, %error, "connection to an instance ended with an error");
+            },
+            () = gone.cancelled() => {
+                tracing::debug!(%addr, "instance's host is gone: connection closed");
+            }
         }
     });
 }

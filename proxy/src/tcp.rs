@@ -1,7 +1,7 @@
 //! L4: a client connection is joined to a connection to one instance and
 //! bytes flow both ways. A failed connect is tried on another instance
 //! (nothing was sent yet); after that, the instance's close closes the
-//! client's connection.
+//! client's connection, and so does word that its host is gone.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,6 +89,7 @@ pub(crate) async fn serve(
         backend.succeeded(member, connected - connect_started, connected);
         backend.circuit_outcome(policy, true, connected);
         let in_flight = member.stats.in_flight();
+        let gone = member.stats.gone();
         let copied = tokio::select! {
             copied = tokio::io::copy_bidirectional_with_sizes(
                 &mut inbound,
@@ -97,6 +98,11 @@ pub(crate) async fn serve(
                 COPY_BUFFER,
             ) => Some(copied),
             () = stop.cancelled() => None,
+            // Nothing will ever come back: the client may as well know now.
+            () = gone.cancelled() => {
+                tracing::debug!(service = %backend.name, %client, instance = %member.label, "instance's host is gone: connection closed");
+                return;
+            }
         };
         drop(in_flight);
         match copied {
