@@ -5,6 +5,9 @@
 //! Each [`Agent`] gets a random 127.x.y.z address (all of 127.0.0.0/8 is
 //! local on Linux) and a free port on it, its own temporary data and
 //! service directories, and is killed when dropped.
+//!
+//! What crosses hosts runs in [`fleet`]: one network namespace per host,
+//! each agent with the packaged configuration.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,6 +22,8 @@ use nix::unistd::Pid;
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::Value;
+
+pub mod fleet;
 
 /// Upper bound for things that should happen "soon"; a test that reaches
 /// it fails. It is a safety net, not a speed assertion.
@@ -917,6 +922,43 @@ pub mod upstream {
             if let Ok(l) = TcpListener::bind((ip, port)).await {
                 return l;
             }
+        }
+    }
+
+    /// Serves the standard gRPC health service on `listener`, with
+    /// `service` serving ("" is the server as a whole).
+    pub async fn serve_grpc_health(listener: TcpListener, service: &'static str) {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    }
+
+    /// Echoes every connection on `listener` back to its sender.
+    pub async fn serve_echo(listener: TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
         }
     }
 

@@ -11,7 +11,8 @@ use std::sync::atomic::Ordering;
 
 use signpost_tests::Agent;
 use signpost_tests::upstream::{
-    HANG, Upstream, bind, client, client_builder, spread, upstreams, vip, vip_client,
+    HANG, Upstream, bind, client, client_builder, serve_echo, serve_grpc_health, spread, upstreams,
+    vip, vip_client,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -49,24 +50,7 @@ fn register_at(agent: &Agent, service: &str, protocol: &str, addr: SocketAddr) {
 async fn echo_server() -> SocketAddr {
     let listener = bind(0).await;
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
+    tokio::spawn(serve_echo(listener));
     addr
 }
 
@@ -335,17 +319,7 @@ async fn a_half_closed_client_gets_its_answer() {
 async fn grpc_instance() -> SocketAddr {
     let listener = bind(0).await;
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (reporter, health) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status("ledger", tonic_health::ServingStatus::Serving)
-            .await;
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
+    tokio::spawn(serve_grpc_health(listener, "ledger"));
     addr
 }
 
