@@ -273,6 +273,19 @@ impl Fleet {
         via: SocketAddr,
         settings: &str,
     ) -> Agent {
+        let agent = self.agent_stopped(name, cp, via, settings);
+        agent.start().await;
+        agent
+    }
+
+    /// [`Fleet::agent`], configured but not started.
+    pub fn agent_stopped(
+        &self,
+        name: &str,
+        cp: &ControlPlane,
+        via: SocketAddr,
+        settings: &str,
+    ) -> Agent {
         let host = self.host(name);
         let services = host.dir.join("services.d");
         std::fs::create_dir_all(&services).unwrap();
@@ -294,13 +307,11 @@ impl Fleet {
         ));
         let config = host.dir.join("agent.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let agent = Agent {
+        Agent {
             name: name.to_string(),
             host,
             config,
-        };
-        agent.start().await;
-        agent
+        }
     }
 }
 
@@ -411,6 +422,22 @@ impl Host {
             self.name,
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Gives the host another address, `cidr`, on a new interface `name`
+    /// (one end of a link to nowhere: this kernel has no dummy interfaces).
+    pub fn add_address(&self, name: &str, cidr: &str) {
+        let peer = format!("{name}p");
+        run(
+            "ip",
+            &[
+                "-n", &self.ns, "link", "add", name, "type", "veth", "peer", "name", &peer,
+            ],
+        );
+        run("ip", &["-n", &self.ns, "addr", "add", cidr, "dev", name]);
+        for link in [name, peer.as_str()] {
+            run("ip", &["-n", &self.ns, "link", "set", link, "up"]);
+        }
     }
 
     /// Drops everything between this host and `other`, both ways.
@@ -662,6 +689,24 @@ impl Agent {
 
     pub fn kill(&self) {
         self.host.kill_process("agent");
+    }
+
+    /// `signpost agent --validate` on its configuration, on its host.
+    pub fn validate(&self) -> Output {
+        let config = self.config.to_str().unwrap();
+        self.host.exec(
+            signpost_bin().to_str().unwrap(),
+            &["agent", "--config", config, "--validate"],
+        )
+    }
+
+    /// Runs the agent to its end (it must refuse to start).
+    pub fn run_to_exit(&self) -> Output {
+        let config = self.config.to_str().unwrap();
+        self.host.exec(
+            signpost_bin().to_str().unwrap(),
+            &["agent", "--config", config],
+        )
     }
 
     pub fn log(&self) -> String {

@@ -152,6 +152,50 @@ async fn a_service_on_one_host_is_reached_by_name_from_another() {
     );
 }
 
+/// A host with several private addresses does not guess which one the
+/// others reach: `--validate` and the agent refuse, listing them; named by
+/// interface, the address is the interface's.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root"]
+async fn a_host_with_several_addresses_is_told_which_to_advertise() {
+    let fleet = Fleet::new();
+    let cp = fleet.control_plane(&[]).await;
+    let unsure = fleet.agent_stopped("unsure", &cp, cp.grpc, "");
+    let named = fleet.agent_stopped("named", &cp, cp.grpc, "advertise_addr: interface:eth0\n");
+    for agent in [&unsure, &named] {
+        agent.host.add_address("extra0", "10.9.0.1/24");
+        agent.host.add_address("extra1", "172.20.0.1/24");
+    }
+    for out in [unsure.validate(), unsure.run_to_exit()] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("several private IPv4 addresses"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("10.9.0.1 (extra0)"), "{stderr}");
+        assert!(stderr.contains("172.20.0.1 (extra1)"), "{stderr}");
+        assert!(stderr.contains("set advertise_addr"), "{stderr}");
+    }
+    let out = named.validate();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    named.start().await;
+    cp.wait_status("named", "alive").await;
+    let nodes = cp.get("/v1/nodes").await.json();
+    let node = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["Node"] == "named")
+        .unwrap()
+        .clone();
+    assert_eq!(node["Address"], named.host.ip.to_string());
+}
+
 /// With the control plane gone, hosts keep resolving and routing to each
 /// other; what changed meanwhile arrives once it is back.
 #[tokio::test(flavor = "multi_thread")]
