@@ -236,8 +236,11 @@ async fn routes_survive_the_control_plane_and_changes_arrive_after_it() {
 /// instance's host) and failures.
 struct Load {
     stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<(BTreeMap<String, usize>, Vec<String>)>>,
+    tasks: Vec<tokio::task::JoinHandle<Tally>>,
 }
+
+/// Answers by body (the instance's host), and failures.
+type Tally = (BTreeMap<String, usize>, Vec<String>);
 
 impl Load {
     fn start(b: &Agent, vip: std::net::Ipv4Addr, workers: usize) -> Load {
@@ -275,7 +278,7 @@ impl Load {
         Load { stop, tasks }
     }
 
-    async fn finish(self) -> (BTreeMap<String, usize>, Vec<String>) {
+    async fn finish(self) -> Tally {
         self.stop.store(true, Ordering::SeqCst);
         let mut answers = BTreeMap::new();
         let mut failures = Vec::new();
