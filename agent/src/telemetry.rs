@@ -23,8 +23,10 @@ pub fn init(config: &LogConfig) {
         .filter(|d| !named.contains(d.split('=').next().unwrap_or_default()))
         .filter_map(|d| d.parse().ok())
         .fold(filter, EnvFilter::add_directive);
+    // Colours only for a person at a terminal, not in the journal or a file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = match config.format {
         LogFormat::Text => builder.try_init(),

@@ -101,6 +101,8 @@ impl Default for Catalog {
 struct ServiceChange {
     upserts: Vec<CatalogInstance>,
     removed: Vec<InstanceRef>,
+    /// The ids of the node's instances to send as upserts.
+    changed: BTreeSet<String>,
 }
 
 impl Catalog {
@@ -488,28 +490,35 @@ impl Inner {
                         id: instance.id.clone(),
                     });
             }
-            entry
-                .instances
-                .insert(instance.id.clone(), instance.clone());
-            changes.entry(instance.name.clone()).or_default();
+            changes
+                .entry(instance.name.clone())
+                .or_default()
+                .changed
+                .insert(instance.id.clone());
+            entry.instances.insert(instance.id.clone(), instance);
         }
         if delta.node_checks_changed && entry.node_checks != delta.node_checks {
             entry.node_checks = delta.node_checks;
             // Node checks are part of every instance's health.
             for instance in entry.instances.values() {
-                changes.entry(instance.name.clone()).or_default();
+                changes
+                    .entry(instance.name.clone())
+                    .or_default()
+                    .changed
+                    .insert(instance.id.clone());
             }
         }
         if changes.is_empty() {
             return;
         }
-        // Upserts carry the instance as stored now (with the node's checks).
+        // Upserts carry the changed instances as stored now (with the
+        // node's checks); the node's others are unchanged.
         let entry = &self.nodes[node];
-        for (service, change) in changes.iter_mut() {
-            change.upserts = entry
-                .instances
-                .values()
-                .filter(|i| &i.name == service)
+        for change in changes.values_mut() {
+            change.upserts = change
+                .changed
+                .iter()
+                .filter_map(|id| entry.instances.get(id))
                 .map(|i| Self::catalog_instance(entry, i))
                 .collect();
         }
