@@ -691,6 +691,19 @@ impl Agent {
         self.host.kill_process("agent");
     }
 
+    /// Adds `address` to the control-plane addresses it tries, after
+    /// those it has (takes effect at its next start).
+    pub fn add_control_plane_address(&self, address: SocketAddr) {
+        let yaml = std::fs::read_to_string(&self.config).unwrap();
+        let line = yaml
+            .lines()
+            .find(|l| l.starts_with("  addresses: ["))
+            .unwrap()
+            .to_string();
+        let more = line.replace(']', &format!(", \"{address}\"]"));
+        std::fs::write(&self.config, edit(&yaml, &line, &more)).unwrap();
+    }
+
     /// `signpost agent --validate` on its configuration, on its host.
     pub fn validate(&self) -> Output {
         let config = self.config.to_str().unwrap();

@@ -210,6 +210,7 @@ async fn routes_survive_the_control_plane_and_changes_arrive_after_it() {
     a.register(web("web-1", http_check(8080))).await;
     assert_eq!(http_get(&b, "http://web.service.internal:8080/").await, "a");
 
+    let before = b.get("/v1/health/service/web").await.index();
     cp.kill();
     b.eventually("b notices", || async {
         let r = b.get("/v1/health/service/web").await;
@@ -229,6 +230,58 @@ async fn routes_survive_the_control_plane_and_changes_arrive_after_it() {
     .await;
     cp.start().await;
     assert_eq!(http_get(&b, "http://api.service.internal:8081/").await, "a");
+    // The restarted control plane numbers everything anew; B's answers
+    // never go back, and a change after it still moves them on.
+    let after = b.get("/v1/health/service/web").await.index();
+    assert!(after >= before, "{after} < {before}");
+    let r = a
+        .put("/v1/agent/service/maintenance/web-1?enable=true", None)
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    b.eventually("the maintenance on b", || async {
+        let r = b.get("/v1/health/service/web").await;
+        let critical = r.text.contains("_service_maintenance:web-1");
+        (critical && r.index() > after).then_some(())
+    })
+    .await;
+}
+
+/// An agent whose control plane goes silent (the path to it drops
+/// everything: no reset) notices within seconds and fails over to its
+/// next address; what changes on its host still reaches the others.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and iptables"]
+async fn an_agent_fails_over_from_a_silent_control_plane_address() {
+    let fleet = Fleet::new();
+    let cp = fleet.control_plane(&[]).await;
+    // Two ways to the control plane: a relay first, the direct one next.
+    let relayed = std::net::SocketAddr::from((cp.host.ip, 8302));
+    delay_relay(&cp.host, relayed, cp.grpc, Duration::ZERO).await;
+    let a = fleet.agent_stopped("a", &cp, relayed, "");
+    a.add_control_plane_address(cp.grpc);
+    a.start().await;
+    let b = fleet.agent("b", &cp, cp.grpc, "upstreams: [web]\n").await;
+    all_alive(&cp, &[&a, &b]).await;
+    let connected =
+        |to: std::net::SocketAddr| format!("connected to the control plane address={to}");
+    assert!(a.log().contains(&connected(relayed)), "{}", a.log());
+
+    // The relay goes silent.
+    cp.host.firewall("-A INPUT -p tcp --dport 8302 -j DROP");
+    cp.host.firewall("-A OUTPUT -p tcp --sport 8302 -j DROP");
+    a.eventually("a on the direct address", || async {
+        a.log().contains(&connected(cp.grpc)).then_some(())
+    })
+    .await;
+    cp.wait_status("a", "alive").await;
+    a.register(web("web-a", json!({"TTL": "10m", "Status": "passing"})))
+        .await;
+    b.eventually("web-a on b", || async {
+        b.check_status("web", "a", "service:web-a")
+            .await
+            .filter(|s| s == "passing")
+    })
+    .await;
 }
 
 /// Requests from B to the instances of `web`, on `workers` keep-alive

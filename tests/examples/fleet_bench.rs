@@ -1,0 +1,235 @@
+//! Propagation and failure detection across real hosts: the namespace
+//! fleet of `signpost_tests::fleet` (a control plane and one agent per
+//! host, each with the packaged configuration), release binaries.
+//!
+//! - register on A → visible on B: A registers a new instance of `web`
+//!   through its API (and deregisters it before the next); each watcher
+//!   host holds a blocking query on `/v1/health/service/web` and the time
+//!   is taken when it returns with the new instance.
+//! - health flip on A → visible on B: the same for A's check going
+//!   critical or passing.
+//! - host death → failed: a host with an instance loses its link (no FIN,
+//!   no reset) and everything on it dies; the time until the control
+//!   plane calls it failed, and until B's view shows it critical.
+//!
+//! Usage (root): `cargo run --release -p signpost-tests --example
+//! fleet_bench -- [CHANGES] [WATCHERS] [DEATHS]` (defaults 200, 5, 5).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use signpost_tests::fleet::{Agent, Fleet};
+
+fn arg(n: usize, default: usize) -> usize {
+    std::env::args()
+        .nth(n)
+        .map_or(default, |a| a.parse().expect("arguments are numbers"))
+}
+
+/// Watches on `agent`'s host with blocking queries from `index` until
+/// `seen` holds for its health entries of `web`; when it did, taken on
+/// that host as the answer arrives.
+fn watch(
+    agent: &Agent,
+    mut index: u64,
+    seen: impl Fn(&Value) -> bool + Send + 'static,
+) -> tokio::task::JoinHandle<Instant> {
+    agent.host.spawn(async move {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        loop {
+            let url = format!("http://127.0.0.1:8500/v1/health/service/web?index={index}&wait=30s");
+            let r = client.get(url).send().await.unwrap();
+            index = r.headers()["X-Consul-Index"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let body: Value = r.json().await.unwrap();
+            if seen(&body) {
+                return Instant::now();
+            }
+        }
+    })
+}
+
+fn has_instance(entries: &Value, id: &str) -> bool {
+    entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["Service"]["ID"] == id)
+}
+
+fn check_is(entries: &Value, id: &str, status: &str) -> bool {
+    entries.as_array().unwrap().iter().any(|e| {
+        e["Service"]["ID"] == id
+            && e["Checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["ServiceID"] == id && c["Status"] == status)
+    })
+}
+
+/// p50, p99 and max of `samples`, in milliseconds.
+fn summary(samples: &mut [Duration]) -> String {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1000.0
+    };
+    format!(
+        "{} samples: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        samples.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
+}
+
+/// Makes `change` on A and times it to each watcher; B first.
+async fn propagate(
+    watchers: &[Agent],
+    change: impl std::future::Future<Output = ()>,
+    seen: impl Fn(&Value) -> bool + Clone + Send + 'static,
+) -> Vec<Duration> {
+    let mut waits = Vec::new();
+    for w in watchers {
+        let index = w.get("/v1/health/service/web").await.index();
+        waits.push(watch(w, index, seen.clone()));
+    }
+    let started = Instant::now();
+    change.await;
+    let mut times = Vec::new();
+    for wait in waits {
+        times.push(wait.await.unwrap() - started);
+    }
+    times
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let changes = arg(1, 200);
+    let watcher_count = arg(2, 5).max(1);
+    let deaths = arg(3, 5);
+    let fleet = Fleet::new();
+    let cp = fleet.control_plane(&[]).await;
+    let a = fleet.agent("a", &cp, cp.grpc, "").await;
+    let mut watchers = Vec::new();
+    for i in 0..watcher_count {
+        let name = format!("{}", (b'b' + i as u8) as char);
+        watchers.push(fleet.agent(&name, &cp, cp.grpc, "upstreams: [web]\n").await);
+    }
+    let b = &watchers[0];
+    println!(
+        "fleet: control plane + {} agent hosts (namespaces, packaged configuration)",
+        watcher_count + 1
+    );
+    let ttl = |id: &str| {
+        json!({"ID": id, "Name": "web", "Port": 8080,
+        "Check": {"TTL": "10m", "Status": "passing"}})
+    };
+
+    // Register on A -> visible on the watchers.
+    let mut on_b = Vec::new();
+    let mut on_all = Vec::new();
+    a.register(ttl("web-0")).await;
+    for i in 1..=changes {
+        let id = format!("web-{i}");
+        let body = ttl(&id);
+        let seen_id = id.clone();
+        let times = propagate(&watchers, a.register(body), move |e| {
+            has_instance(e, &seen_id)
+        })
+        .await;
+        on_b.push(times[0]);
+        on_all.extend(times);
+        // Gone again before the next, so every change is alike.
+        let path = format!("/v1/agent/service/deregister/{id}");
+        let gone = async {
+            let r = a.put(&path, None).await;
+            assert!(r.status.is_success(), "{}", r.text);
+        };
+        propagate(&watchers, gone, move |e| !has_instance(e, &id)).await;
+    }
+    println!("register on A -> visible on B: {}", summary(&mut on_b));
+    println!(
+        "register on A -> visible on each of {watcher_count} watchers: {}",
+        summary(&mut on_all)
+    );
+
+    // Health flips of web-0 on A.
+    let mut on_b = Vec::new();
+    let mut on_all = Vec::new();
+    for i in 0..changes {
+        let (verb, status) = if i % 2 == 0 {
+            ("fail", "critical")
+        } else {
+            ("pass", "passing")
+        };
+        let flip = async {
+            let r = a
+                .put(&format!("/v1/agent/check/{verb}/service:web-0"), None)
+                .await;
+            assert!(r.status.is_success(), "{}", r.text);
+        };
+        let times = propagate(&watchers, flip, move |e| check_is(e, "web-0", status)).await;
+        on_b.push(times[0]);
+        on_all.extend(times);
+    }
+    println!("health flip on A -> visible on B: {}", summary(&mut on_b));
+    println!(
+        "health flip on A -> visible on each of {watcher_count} watchers: {}",
+        summary(&mut on_all)
+    );
+
+    // Host deaths.
+    let mut failed = Vec::new();
+    let mut critical_on_b = Vec::new();
+    for k in 0..deaths {
+        let name = format!("dead{k}");
+        let dying = fleet.agent(&name, &cp, cp.grpc, "").await;
+        dying.register(ttl(&format!("web-{name}"))).await;
+        b.eventually("the dying host's instance on b", || async {
+            (b.check_status("web", &name, "serfHealth").await.as_deref() == Some("passing"))
+                .then_some(())
+        })
+        .await;
+        let died = Instant::now();
+        dying.host.power_off();
+        let mut failed_at = None;
+        let mut critical_at = None;
+        while failed_at.is_none() || critical_at.is_none() {
+            if failed_at.is_none() && cp.status(&name).await.as_deref() == Some("failed") {
+                failed_at = Some(died.elapsed());
+            }
+            if critical_at.is_none()
+                && b.check_status("web", &name, "serfHealth").await.as_deref() == Some("critical")
+            {
+                critical_at = Some(died.elapsed());
+            }
+            assert!(
+                died.elapsed() < Duration::from_secs(120),
+                "{name} never failed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        failed.push(failed_at.unwrap());
+        critical_on_b.push(critical_at.unwrap());
+    }
+    if deaths > 0 {
+        let list = |d: &[Duration]| {
+            d.iter()
+                .map(|d| format!("{:.2}", d.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "host death -> failed on the control plane (s): {}",
+            list(&failed)
+        );
+        println!("host death -> critical on B (s): {}", list(&critical_on_b));
+    }
+}
