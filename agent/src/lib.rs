@@ -148,21 +148,14 @@ pub async fn run(
     let fleet = match agent.config.control_plane.clone() {
         Some(cp) => {
             // Peers probe this host here when its stream drops.
-            let at = SocketAddr::new(advertise, agent.config.liveness_port);
-            let listener = TcpListener::bind(at).await.with_context(|| {
-                format!("cannot listen for peer liveness probes on {at} (advertise_addr and liveness_port)")
-            })?;
-            let probe_address = listener.local_addr()?;
-            tracing::info!(addr = %probe_address, "peer liveness listener on the advertise address");
+            let (listener, probe_address) =
+                liveness::bind(advertise, agent.config.liveness_port).await?;
             let (name, id) = agent
                 .state
                 .read(|i| (i.node.name.clone(), i.node.id.clone()));
+            let (fleet, ack_queries) =
+                fleet::FleetCache::new(&agent.config.upstreams, &name, agent.state.clock());
             tasks.spawn(liveness::serve(listener, name, id, background.clone()));
-            let (fleet, ack_queries) = fleet::FleetCache::new(
-                &agent.config.upstreams,
-                &agent.state.read(|i| i.node.name.clone()),
-                agent.state.clock(),
-            );
             let fleet = Arc::new(fleet);
             fleet::load(&fleet, &agent.config.data_dir);
             tasks.spawn(fleet::keep(

@@ -10,9 +10,11 @@
 //! probes are one small request each.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
@@ -29,6 +31,35 @@ const MAX_CONNECTIONS: usize = 64;
 
 /// A connection's whole life: one probe takes milliseconds.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds the listener on the advertise address, and says where peers
+/// reach it (`port` 0: a free one). An advertise address that is not this
+/// host's own (a NAT's public address) is listened for on every address
+/// of its family instead: the listener answers nothing but the node's
+/// name.
+pub(crate) async fn bind(
+    advertise: IpAddr,
+    port: u16,
+) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let at = SocketAddr::new(advertise, port);
+    let listener = match TcpListener::bind(at).await {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            let any = match advertise {
+                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            };
+            tracing::info!(%advertise, "the advertise address is not this host's: liveness listener on every address");
+            TcpListener::bind((any, port)).await
+        }
+        bound => bound,
+    }
+    .with_context(|| {
+        format!("cannot listen for peer liveness probes on {at} (advertise_addr and liveness_port)")
+    })?;
+    let probe_address = SocketAddr::new(advertise, listener.local_addr()?.port());
+    tracing::info!(addr = %probe_address, "peer liveness listener");
+    Ok((listener, probe_address))
+}
 
 /// Serves probes until `shutdown`, answering as node `name` with `id`.
 pub(crate) async fn serve(

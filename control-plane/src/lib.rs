@@ -147,7 +147,9 @@ pub async fn run(
                 sync::check_token(tokens, acl.clone()),
             ))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                // Small writes (a delta, a ping's answer) go out at once:
+                // tonic sets TCP_NODELAY only on listeners it binds itself.
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                 async move { grpc_shutdown.cancelled().await },
             ),
     );

@@ -11,6 +11,10 @@
 //! - host death → failed: a host with an instance loses its link (no FIN,
 //!   no reset) and everything on it dies; the time until the control
 //!   plane calls it failed, and until B's view shows it critical.
+//! - the peer: etcd (`/usr/bin/etcd`, Debian's etcd-server), one member on
+//!   the control plane's host; A puts a key through etcd's JSON gateway,
+//!   B holds a watch on it, and the time is taken when B's watch stream
+//!   delivers the put (matched by revision). Skipped without etcd.
 //!
 //! Usage (root): `cargo run --release -p signpost-tests --example
 //! fleet_bench -- [CHANGES] [WATCHERS] [DEATHS]` (defaults 200, 5, 5).
@@ -19,8 +23,10 @@
 
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
 use serde_json::{Value, json};
-use signpost_tests::fleet::{Agent, Fleet};
+use signpost_tests::fleet::{Agent, Fleet, Host};
 
 fn arg(n: usize, default: usize) -> usize {
     std::env::args()
@@ -37,7 +43,7 @@ fn watch(
     seen: impl Fn(&Value) -> bool + Send + 'static,
 ) -> tokio::task::JoinHandle<Instant> {
     agent.host.spawn(async move {
-        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let client = http();
         loop {
             let url = format!("http://127.0.0.1:8500/v1/health/service/web?index={index}&wait=30s");
             let r = client.get(url).send().await.unwrap();
@@ -89,10 +95,11 @@ fn summary(samples: &mut [Duration]) -> String {
     )
 }
 
-/// Makes `change` on A and times it to each watcher; B first.
+/// Makes `change` on A (which says when it started) and times it to each
+/// watcher; B first.
 async fn propagate(
     watchers: &[Agent],
-    change: impl std::future::Future<Output = ()>,
+    change: impl std::future::Future<Output = Instant>,
     seen: impl Fn(&Value) -> bool + Clone + Send + 'static,
 ) -> Vec<Duration> {
     let mut waits = Vec::new();
@@ -100,13 +107,157 @@ async fn propagate(
         let index = w.get("/v1/health/service/web").await.index();
         waits.push(watch(w, index, seen.clone()));
     }
-    let started = Instant::now();
-    change.await;
+    let started = change.await;
     let mut times = Vec::new();
     for wait in waits {
         times.push(wait.await.unwrap() - started);
     }
     times
+}
+
+/// etcd's row: put on A, watch event on B, `changes` times.
+async fn etcd(cp: &Host, a: &Host, b: &Host, changes: usize) -> Option<Vec<Duration>> {
+    let etcd = Path::new("/usr/bin/etcd");
+    if !etcd.exists() {
+        println!("etcd: /usr/bin/etcd not found (apt install etcd-server): no peer row");
+        return None;
+    }
+    let client = format!("http://{}:2379", cp.ip);
+    let data = cp.dir.join("etcd");
+    cp.start_process(
+        "etcd",
+        etcd,
+        &[
+            "--name",
+            "bench",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "bench=http://127.0.0.1:2380",
+        ],
+    );
+    let health = format!("{client}/health");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b
+        .run({
+            let health = health.clone();
+            async move {
+                http()
+                    .get(health)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not start:\n{}",
+            cp.log("etcd")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The key "bench" and the value "v", base64 as the gateway wants them.
+    const KEY: &str = "YmVuY2g=";
+    const VALUE: &str = "dg==";
+    // B's watch: every event's revision, with when it arrived on B.
+    let (events, mut arrived) = tokio::sync::mpsc::unbounded_channel::<(i64, Instant)>();
+    let url = format!("{client}/v3/watch");
+    b.spawn(async move {
+        let mut r = http()
+            .post(url)
+            .body(json!({"create_request": {"key": KEY}}).to_string())
+            .send()
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        // Until etcd stops (then the stream breaks off).
+        while let Ok(Some(chunk)) = r.chunk().await {
+            let now = Instant::now();
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|&c| c == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let Ok(message) = serde_json::from_slice::<Value>(&line) else {
+                    continue;
+                };
+                for event in message["result"]["events"].as_array().into_iter().flatten() {
+                    let revision = event["kv"]["mod_revision"]
+                        .as_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    if events.send((revision, now)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    // Let the watch be created before the first put.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let put = format!("{client}/v3/kv/put");
+    let on_a = http();
+    let mut times = Vec::new();
+    for _ in 0..changes {
+        let (put, on_a) = (put.clone(), on_a.clone());
+        let (revision, started): (i64, Instant) = a
+            .run(async move {
+                let request = on_a
+                    .post(put)
+                    .body(json!({"key": KEY, "value": VALUE}).to_string());
+                let started = Instant::now();
+                let r: Value = request.send().await.unwrap().json().await.unwrap();
+                let revision = r["header"]["revision"].as_str().unwrap().parse().unwrap();
+                (revision, started)
+            })
+            .await;
+        loop {
+            let (seen, at) = arrived.recv().await.expect("the etcd watch ended");
+            if seen == revision {
+                times.push(at - started);
+                break;
+            }
+        }
+    }
+    cp.kill_process("etcd");
+    Some(times)
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// A `PUT` on A's API with `client` (made once: making one costs more than
+/// the change), run on A; when it started, taken there just before it is
+/// sent.
+async fn put_on_a(
+    a: &Agent,
+    client: &reqwest::Client,
+    path: String,
+    body: Option<Value>,
+) -> Instant {
+    let client = client.clone();
+    a.host
+        .run(async move {
+            let mut request = client.put(format!("http://127.0.0.1:8500{path}"));
+            if let Some(body) = body {
+                request = request.body(body.to_string());
+            }
+            let started = Instant::now();
+            let r = request.send().await.unwrap();
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+            started
+        })
+        .await
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -135,23 +286,27 @@ async fn main() {
     // Register on A -> visible on the watchers.
     let mut on_b = Vec::new();
     let mut on_all = Vec::new();
+    let on_a = http();
     a.register(ttl("web-0")).await;
     for i in 1..=changes {
         let id = format!("web-{i}");
-        let body = ttl(&id);
+        let register = put_on_a(
+            &a,
+            &on_a,
+            "/v1/agent/service/register".to_string(),
+            Some(ttl(&id)),
+        );
         let seen_id = id.clone();
-        let times = propagate(&watchers, a.register(body), move |e| {
-            has_instance(e, &seen_id)
-        })
-        .await;
+        let times = propagate(&watchers, register, move |e| has_instance(e, &seen_id)).await;
         on_b.push(times[0]);
         on_all.extend(times);
         // Gone again before the next, so every change is alike.
-        let path = format!("/v1/agent/service/deregister/{id}");
-        let gone = async {
-            let r = a.put(&path, None).await;
-            assert!(r.status.is_success(), "{}", r.text);
-        };
+        let gone = put_on_a(
+            &a,
+            &on_a,
+            format!("/v1/agent/service/deregister/{id}"),
+            None,
+        );
         propagate(&watchers, gone, move |e| !has_instance(e, &id)).await;
     }
     println!("register on A -> visible on B: {}", summary(&mut on_b));
@@ -169,12 +324,12 @@ async fn main() {
         } else {
             ("pass", "passing")
         };
-        let flip = async {
-            let r = a
-                .put(&format!("/v1/agent/check/{verb}/service:web-0"), None)
-                .await;
-            assert!(r.status.is_success(), "{}", r.text);
-        };
+        let flip = put_on_a(
+            &a,
+            &on_a,
+            format!("/v1/agent/check/{verb}/service:web-0"),
+            None,
+        );
         let times = propagate(&watchers, flip, move |e| check_is(e, "web-0", status)).await;
         on_b.push(times[0]);
         on_all.extend(times);
@@ -184,6 +339,11 @@ async fn main() {
         "health flip on A -> visible on each of {watcher_count} watchers: {}",
         summary(&mut on_all)
     );
+
+    // The peer: the same kind of change through etcd.
+    if let Some(mut etcd) = etcd(&cp.host, &a.host, &b.host, changes).await {
+        println!("etcd put on A -> watch event on B: {}", summary(&mut etcd));
+    }
 
     // Host deaths.
     let mut failed = Vec::new();

@@ -466,7 +466,7 @@ impl Host {
 
     /// Starts `program` in the host's namespace, its stderr in
     /// `<dir>/<what>.log`; killed with the host.
-    fn start_process(&self, what: &str, program: &Path, args: &[&str]) {
+    pub fn start_process(&self, what: &str, program: &Path, args: &[&str]) {
         let log = File::create(self.dir.join(format!("{what}.log"))).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns])
@@ -484,7 +484,7 @@ impl Host {
     }
 
     /// SIGKILLs the process started as `what`.
-    fn kill_process(&self, what: &str) {
+    pub fn kill_process(&self, what: &str) {
         let mut processes = self.processes.lock().unwrap();
         for (_, child) in processes.iter_mut().filter(|(n, _)| n == what) {
             child.kill().ok();
@@ -502,6 +502,7 @@ impl Host {
             .and_then(|(_, child)| child.try_wait().unwrap())
     }
 
+    /// The stderr of the process started as `what`.
     pub fn log(&self, what: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{what}.log"))).unwrap_or_default()
     }
