@@ -24,7 +24,7 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,21 +32,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sched::CloneFlags;
-use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-use crate::{PATIENCE, Response, control_plane_bin, signpost_bin};
+use crate::PATIENCE;
 
-/// The token agents join with.
-pub const TOKEN: &str = "fleet-agent-token-0123456789";
+mod instances;
+mod processes;
+
+pub use self::instances::{delay_relay, echo_instance, grpc_instance, http_instance};
+pub use self::processes::{Agent, ControlPlane, TOKEN};
 
 /// The fleet's subnet; host `n` (1: the control plane) is `.n`.
 const SUBNET: [u8; 3] = [198, 18, 0];
-
-/// The packaged configurations, as installed in `/etc/signpost/`.
-const AGENT_YAML: &str = include_str!("../../packaging/etc/agent.yaml");
-const CONTROL_PLANE_YAML: &str = include_str!("../../packaging/etc/control-plane.yaml");
 
 /// Runs `ip` (or another command) and fails the test on an error.
 fn run(program: &str, args: &[&str]) -> Output {
@@ -61,20 +59,6 @@ fn run(program: &str, args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// `text` with the line that starts with `from` replaced by `to`; the
-/// line must be there (the packaged file changed otherwise).
-fn edit(text: &str, from: &str, to: &str) -> String {
-    assert!(
-        text.lines().any(|l| l.starts_with(from)),
-        "the packaged configuration has no line {from:?}"
-    );
-    text.lines()
-        .map(|l| if l.starts_with(from) { to } else { l })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
 }
 
 /// Removes what killed test runs left: namespaces named after a process
@@ -223,95 +207,6 @@ impl Fleet {
         });
         self.hosts.lock().unwrap().push(host.clone());
         host
-    }
-
-    /// A control plane on a host of its own, from the packaged
-    /// configuration with `changes` made (each replaces the line that
-    /// starts with its first part).
-    pub async fn control_plane(&self, changes: &[(&str, &str)]) -> ControlPlane {
-        let host = self.host("cp");
-        let data = host.dir.join("data");
-        let mut yaml = edit(
-            CONTROL_PLANE_YAML,
-            "data_dir:",
-            &format!("data_dir: {}", data.display()),
-        );
-        yaml = edit(&yaml, "agent_tokens:", &format!("agent_tokens: [{TOKEN}]"));
-        for (from, to) in changes {
-            yaml = edit(&yaml, from, to);
-        }
-        let config = host.dir.join("control-plane.yaml");
-        std::fs::write(&config, yaml).unwrap();
-        let out = Command::new(control_plane_bin())
-            .arg("--config")
-            .arg(&config)
-            .args(["init-tls", "--name", &host.ip.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "init-tls: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let cp = ControlPlane {
-            ca: data.join("tls").join("ca.pem"),
-            grpc: SocketAddr::from((host.ip, 8300)),
-            host,
-            config,
-        };
-        cp.start().await;
-        cp
-    }
-
-    /// An agent on a new host called `name`, joined to `cp` at `via` (the
-    /// control plane's own gRPC address unless a relay is in between),
-    /// from the packaged configuration with `settings` appended.
-    pub async fn agent(
-        &self,
-        name: &str,
-        cp: &ControlPlane,
-        via: SocketAddr,
-        settings: &str,
-    ) -> Agent {
-        let agent = self.agent_stopped(name, cp, via, settings);
-        agent.start().await;
-        agent
-    }
-
-    /// [`Fleet::agent`], configured but not started.
-    pub fn agent_stopped(
-        &self,
-        name: &str,
-        cp: &ControlPlane,
-        via: SocketAddr,
-        settings: &str,
-    ) -> Agent {
-        let host = self.host(name);
-        let services = host.dir.join("services.d");
-        std::fs::create_dir_all(&services).unwrap();
-        let mut yaml = edit(
-            AGENT_YAML,
-            "data_dir:",
-            &format!("data_dir: {}", host.dir.join("data").display()),
-        );
-        yaml = edit(
-            &yaml,
-            "services_dir:",
-            &format!("services_dir: {}", services.display()),
-        );
-        // The agent is the host's resolver (see /etc/netns/<ns>/resolv.conf).
-        yaml = edit(&yaml, "  listen: 127.0.0.1:8600", "  listen: 127.0.0.1:53");
-        yaml.push_str(&format!(
-            "node_name: {name}\ncontrol_plane:\n  addresses: [\"{via}\"]\n  ca_file: {}\n  token: {TOKEN}\n{settings}",
-            cp.ca.display()
-        ));
-        let config = host.dir.join("agent.yaml");
-        std::fs::write(&config, yaml).unwrap();
-        Agent {
-            name: name.to_string(),
-            host,
-            config,
-        }
     }
 }
 
@@ -570,343 +465,11 @@ impl Host {
     }
 }
 
+/// An HTTP client for a host's loopback (used on that host).
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(15))
         .build()
         .unwrap()
-}
-
-/// `GET`/`PUT` on a host's loopback (run on that host).
-async fn call(host: &Host, method: reqwest::Method, url: String, body: Option<Value>) -> Response {
-    host.run(async move {
-        let mut request = client().request(method, url);
-        if let Some(body) = body {
-            request = request.body(body.to_string());
-        }
-        Response::from(request.send().await.unwrap()).await
-    })
-    .await
-}
-
-/// The control plane's host and process.
-pub struct ControlPlane {
-    pub host: Arc<Host>,
-    /// The CA agents trust.
-    pub ca: PathBuf,
-    /// Where agents reach it.
-    pub grpc: SocketAddr,
-    config: PathBuf,
-}
-
-impl ControlPlane {
-    /// Starts the process (again) and waits until its API answers.
-    pub async fn start(&self) {
-        let config = self.config.to_str().unwrap().to_string();
-        self.host.start_process(
-            "control-plane",
-            &control_plane_bin(),
-            &["--config", &config],
-        );
-        self.host
-            .wait_answering("http://127.0.0.1:8700/v1/nodes", "control-plane")
-            .await;
-    }
-
-    pub fn kill(&self) {
-        self.host.kill_process("control-plane");
-    }
-
-    pub fn log(&self) -> String {
-        self.host.log("control-plane")
-    }
-
-    pub async fn get(&self, path: &str) -> Response {
-        call(
-            &self.host,
-            reqwest::Method::GET,
-            format!("http://127.0.0.1:8700{path}"),
-            None,
-        )
-        .await
-    }
-
-    /// Every node's liveness, by name.
-    pub async fn statuses(&self) -> std::collections::BTreeMap<String, String> {
-        let nodes = self.get("/v1/nodes").await.json();
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| {
-                (
-                    n["Node"].as_str().unwrap().to_string(),
-                    n["Status"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
-    }
-
-    pub async fn status(&self, node: &str) -> Option<String> {
-        self.statuses().await.remove(node)
-    }
-
-    /// Waits until `node` has `status`.
-    pub async fn wait_status(&self, node: &str, status: &str) {
-        let deadline = Instant::now() + 2 * PATIENCE;
-        loop {
-            if self.status(node).await.as_deref() == Some(status) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{node} never became {status} (now {:?})\ncontrol plane log:\n{}",
-                self.status(node).await,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// An agent's host and process.
-pub struct Agent {
-    pub name: String,
-    pub host: Arc<Host>,
-    config: PathBuf,
-}
-
-impl Agent {
-    /// Starts the process (again) and waits until its API answers.
-    pub async fn start(&self) {
-        let config = self.config.to_str().unwrap().to_string();
-        self.host
-            .start_process("agent", signpost_bin(), &["agent", "--config", &config]);
-        self.host
-            .wait_answering("http://127.0.0.1:8500/v1/agent/self", "agent")
-            .await;
-    }
-
-    pub fn kill(&self) {
-        self.host.kill_process("agent");
-    }
-
-    /// Adds `address` to the control-plane addresses it tries, after
-    /// those it has (takes effect at its next start).
-    pub fn add_control_plane_address(&self, address: SocketAddr) {
-        let yaml = std::fs::read_to_string(&self.config).unwrap();
-        let line = yaml
-            .lines()
-            .find(|l| l.starts_with("  addresses: ["))
-            .unwrap()
-            .to_string();
-        let more = line.replace(']', &format!(", \"{address}\"]"));
-        std::fs::write(&self.config, edit(&yaml, &line, &more)).unwrap();
-    }
-
-    /// `signpost agent --validate` on its configuration, on its host.
-    pub fn validate(&self) -> Output {
-        let config = self.config.to_str().unwrap();
-        self.host.exec(
-            signpost_bin().to_str().unwrap(),
-            &["agent", "--config", config, "--validate"],
-        )
-    }
-
-    /// Runs the agent to its end (it must refuse to start).
-    pub fn run_to_exit(&self) -> Output {
-        let config = self.config.to_str().unwrap();
-        self.host.exec(
-            signpost_bin().to_str().unwrap(),
-            &["agent", "--config", config],
-        )
-    }
-
-    pub fn log(&self) -> String {
-        self.host.log("agent")
-    }
-
-    pub fn services_dir(&self) -> PathBuf {
-        self.host.dir.join("services.d")
-    }
-
-    /// `GET` on the agent's local API.
-    pub async fn get(&self, path: &str) -> Response {
-        call(
-            &self.host,
-            reqwest::Method::GET,
-            format!("http://127.0.0.1:8500{path}"),
-            None,
-        )
-        .await
-    }
-
-    /// A `GET` left running (a blocking query), answered later.
-    pub fn get_later(&self, path: &str) -> JoinHandle<Response> {
-        let url = format!("http://127.0.0.1:8500{path}");
-        self.host.spawn(async move {
-            let client = reqwest::Client::builder().no_proxy().build().unwrap();
-            Response::from(client.get(url).send().await.unwrap()).await
-        })
-    }
-
-    pub async fn put(&self, path: &str, body: Option<Value>) -> Response {
-        call(
-            &self.host,
-            reqwest::Method::PUT,
-            format!("http://127.0.0.1:8500{path}"),
-            body,
-        )
-        .await
-    }
-
-    /// Registers a service instance through the API and fails the test if
-    /// it is refused.
-    pub async fn register(&self, body: Value) {
-        let r = self.put("/v1/agent/service/register", Some(body)).await;
-        assert!(r.status.is_success(), "{}: {}", self.name, r.text);
-    }
-
-    /// The health entries of `service` on node `node`, as this agent
-    /// sees them.
-    pub async fn entries(&self, service: &str, node: &str) -> Vec<Value> {
-        let body = self
-            .get(&format!("/v1/health/service/{service}"))
-            .await
-            .json();
-        body.as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["Node"]["Node"] == node)
-            .cloned()
-            .collect()
-    }
-
-    /// The status of check `check` of node `node`'s instance of
-    /// `service`, as this agent sees it.
-    pub async fn check_status(&self, service: &str, node: &str, check: &str) -> Option<String> {
-        let entries = self.entries(service, node).await;
-        let checks = entries.first()?["Checks"].as_array()?.clone();
-        checks
-            .iter()
-            .find(|c| c["CheckID"] == check)
-            .map(|c| c["Status"].as_str().unwrap().to_string())
-    }
-
-    /// Polls `f` until it returns `Some`; fails with this agent's log after
-    /// [`PATIENCE`].
-    pub async fn eventually<T, F, Fut>(&self, what: &str, mut f: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Option<T>>,
-    {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\nagent {} log:\n{}",
-                self.name,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Resolves `name` as a program on the host does (getaddrinfo, with
-    /// the host's resolv.conf): its first address, if any.
-    pub fn resolve(&self, name: &str) -> Option<Ipv4Addr> {
-        let out = self.host.exec("getent", &["ahostsv4", name]);
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .and_then(|a| a.parse().ok())
-    }
-}
-
-/// A TCP relay on `host` from `listen` to `to` that holds every chunk for
-/// `delay` in each direction (the added latency of a long link; this
-/// kernel has no `netem`). Runs until the host stops.
-pub async fn delay_relay(host: &Host, listen: SocketAddr, to: SocketAddr, delay: Duration) {
-    let listener = host
-        .run(async move { tokio::net::TcpListener::bind(listen).await.unwrap() })
-        .await;
-    host.spawn(async move {
-        loop {
-            let Ok((inbound, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
-                    return;
-                };
-                let (ri, wi) = inbound.into_split();
-                let (ro, wo) = outbound.into_split();
-                tokio::join!(delay_line(ri, wo, delay), delay_line(ro, wi, delay));
-            });
-        }
-    });
-}
-
-/// Copies `from` to `to`, each chunk `delay` after it was read, in order.
-async fn delay_line(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
-    let reader = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match from.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    let due = tokio::time::Instant::now() + delay;
-                    if tx.send((due, buf[..n].to_vec())).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    };
-    let writer = async move {
-        while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            if to.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        to.shutdown().await.ok();
-    };
-    tokio::join!(reader, writer);
-}
-
-/// An HTTP instance on `host` at `port` (all addresses): `/` answers the
-/// host's name, `/health` answers 200.
-pub async fn http_instance(host: &Host, port: u16) {
-    let name = host.name.clone();
-    let listener = host.listen(port).await;
-    host.spawn(async move {
-        let app = axum::Router::new()
-            .route("/", axum::routing::get(move || async move { name }))
-            .route("/health", axum::routing::get(|| async { "ok" }));
-        axum::serve(listener, app).await.ok();
-    });
-}
-
-/// A gRPC instance on `host` at `port`: the standard health service,
-/// serving.
-pub async fn grpc_instance(host: &Host, port: u16) {
-    let listener = host.listen(port).await;
-    host.spawn(crate::upstream::serve_grpc_health(listener, ""));
-}
-
-/// A TCP echo instance on `host` at `port`.
-pub async fn echo_instance(host: &Host, port: u16) {
-    let listener = host.listen(port).await;
-    host.spawn(crate::upstream::serve_echo(listener));
 }
