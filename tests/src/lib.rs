@@ -29,6 +29,32 @@ pub mod fleet;
 /// it fails. It is a safety net, not a speed assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Polls `f` every 50 ms until it returns `Some`; fails after `patience`
+/// with `what` and what `context` says (a log).
+pub async fn poll<T, F, Fut>(
+    what: &str,
+    patience: Duration,
+    context: impl Fn() -> String,
+    mut f: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The `signpost` binary, built on first use so that `cargo test` alone
 /// works from a clean checkout.
 pub fn signpost_bin() -> &'static Path {
@@ -327,23 +353,12 @@ impl Agent {
     }
 
     /// Polls `f` until it returns `Some`, or fails after [`PATIENCE`].
-    pub async fn eventually<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    pub async fn eventually<T, F, Fut>(&self, what: &str, f: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\nagent log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll(what, PATIENCE, || format!("agent log:\n{}", self.log()), f).await
     }
 
     /// The status of one check as `/v1/agent/checks` shows it.

@@ -7,13 +7,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use super::{Fleet, Host, client};
-use crate::{PATIENCE, Response, control_plane_bin, signpost_bin};
+use crate::{PATIENCE, Response, control_plane_bin, poll, signpost_bin};
 
 /// The token agents join with.
 pub const TOKEN: &str = "fleet-agent-token-0123456789";
@@ -201,21 +200,15 @@ impl ControlPlane {
         self.statuses().await.remove(node)
     }
 
-    /// Waits until `node` has `status`.
+    /// Waits until `node` has `status` (the control plane's restore grace
+    /// period, 30 s, may come first).
     pub async fn wait_status(&self, node: &str, status: &str) {
-        let deadline = Instant::now() + 2 * PATIENCE;
-        loop {
-            if self.status(node).await.as_deref() == Some(status) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{node} never became {status} (now {:?})\ncontrol plane log:\n{}",
-                self.status(node).await,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("{node} to be {status}");
+        let context = || format!("control plane log:\n{}", self.log());
+        poll(&what, 2 * PATIENCE, context, || async {
+            (self.status(node).await.as_deref() == Some(status)).then_some(())
+        })
+        .await
     }
 }
 
@@ -345,24 +338,13 @@ impl Agent {
 
     /// Polls `f` until it returns `Some`; fails with this agent's log after
     /// [`PATIENCE`].
-    pub async fn eventually<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    pub async fn eventually<T, F, Fut>(&self, what: &str, f: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\nagent {} log:\n{}",
-                self.name,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let context = || format!("agent {} log:\n{}", self.name, self.log());
+        poll(what, PATIENCE, context, f).await
     }
 
     /// Resolves `name` as a program on the host does (getaddrinfo, with
