@@ -198,7 +198,10 @@ impl Catalog {
         };
         let concluded = inner.conclude(probe_id, verdict, now, wall);
         drop(inner);
-        self.changed();
+        // Only a failure is worth keeping on disk.
+        if matches!(concluded, Some((_, ProbeVerdict::Failed))) {
+            self.changed();
+        }
         concluded
     }
 
@@ -213,6 +216,7 @@ impl Catalog {
 
     fn tick_at(&self, now: Instant, wall: SystemTime, reap_after: Duration) -> Vec<String> {
         let mut inner = self.lock();
+        // Whether a node failed or was reaped: worth keeping on disk.
         let mut changed = false;
         let expired: Vec<u64> = inner
             .probes
@@ -227,7 +231,8 @@ impl Catalog {
             } else {
                 ProbeVerdict::Failed
             };
-            changed |= inner.conclude(id, verdict, now, wall).is_some();
+            let concluded = inner.conclude(id, verdict, now, wall);
+            changed |= matches!(concluded, Some((_, ProbeVerdict::Failed)));
         }
         let due: Vec<String> = inner
             .nodes
