@@ -179,23 +179,34 @@ impl Supervisor {
             self.clients.clone(),
         );
         // The probe is built on the checks' runtime, so that what it spawns
-        // (a gRPC channel's worker) lives there too.
-        self.tracker.spawn_on(
-            async move {
-                let Some(probe) = Probe::new(&check.def, &clients) else {
-                    return;
-                };
-                let runner = runner::Runner {
-                    state,
-                    metrics,
-                    recheck,
-                    probe,
-                    check,
-                };
-                runner.run(token).await;
+        // (a gRPC channel's worker) lives there too. A runner that panics
+        // is started again (logged and counted), not lost.
+        let supervisor = crate::supervise::supervise(
+            "check runner",
+            metrics.clone(),
+            token.clone(),
+            move || {
+                let (state, metrics, clients) = (state.clone(), metrics.clone(), clients.clone());
+                let (check, token) = (check.clone(), token.clone());
+                async move {
+                    let Some(probe) = Probe::new(&check.def, &clients) else {
+                        // Refused at registration already; nothing to run.
+                        token.cancelled().await;
+                        return Ok(());
+                    };
+                    let runner = runner::Runner {
+                        state,
+                        metrics,
+                        recheck,
+                        probe,
+                        check,
+                    };
+                    runner.run(token).await;
+                    Ok(())
+                }
             },
-            &self.runtime,
         );
+        self.tracker.spawn_on(supervisor, &self.runtime);
     }
 
     pub fn stop(&self, id: &CheckId) {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context as _;
 use notify::{EventKind, RecursiveMode};
 use signpost_core::model::{CheckKind, ServiceDefinition};
 use tokio::sync::mpsc;
@@ -300,7 +301,12 @@ pub(crate) fn initial_scan(agent: &Agent) -> Arc<Mutex<ServiceFiles>> {
     Arc::new(Mutex::new(files))
 }
 
-/// Watches the directory and rescans it on every (debounced) change.
+/// Watches the directory and rescans it on every (debounced) change, and
+/// once as it starts (what changed before the watch began, or while a
+/// previous watch was down, is not missed). Ends with an error when the
+/// directory cannot be watched or is removed: the supervisor starts it
+/// again (with a back-off) until the directory is back, and meanwhile the
+/// services it had keep serving.
 pub(crate) async fn watch(
     agent: Arc<Agent>,
     files: Arc<Mutex<ServiceFiles>>,
@@ -331,12 +337,24 @@ pub(crate) async fn watch(
             }
         },
     )?;
-    debouncer.watch(&dir, RecursiveMode::NonRecursive)?;
+    debouncer
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch services_dir {}", dir.display()))?;
     tracing::info!(dir = %dir.display(), "watching service files");
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            event = rx.recv() => if event.is_none() { break },
+        if !first {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = rx.recv() => if event.is_none() { break },
+            }
+        }
+        first = false;
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "services_dir {} is gone: its services keep serving until it is back",
+                dir.display()
+            );
         }
         let (agent, files, dir) = (agent.clone(), files.clone(), dir.clone());
         tokio::task::spawn_blocking(move || {

@@ -56,8 +56,9 @@ pub struct FleetCache {
     published: AtomicU64,
     /// Poked when a new subscription needs sending.
     pub subscribe: Notify,
-    /// Questions for the control plane: how many agents applied a change.
-    ack_queries: tokio::sync::mpsc::UnboundedSender<AckRequest>,
+    /// Questions for the control plane: how many agents applied a change
+    /// (to the sync session running now, see [`FleetCache::ack_queries`]).
+    ack_queries: Mutex<tokio::sync::mpsc::UnboundedSender<AckRequest>>,
 }
 
 /// An [`AckQuery`] and where its answer goes.
@@ -67,30 +68,32 @@ pub struct AckRequest {
 }
 
 impl FleetCache {
-    /// The cache of node `node`'s view, with indexes from `clock`, and the
-    /// queue of acknowledgement questions the sync session forwards to the
-    /// control plane.
-    pub fn new(
-        upstreams: &[String],
-        node: &str,
-        clock: Arc<IndexClock>,
-    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<AckRequest>) {
+    /// The cache of node `node`'s view, with indexes from `clock`.
+    pub fn new(upstreams: &[String], node: &str, clock: Arc<IndexClock>) -> Self {
         let now = Instant::now();
         let inner = FleetInner {
             subscriptions: upstreams.iter().map(|u| (u.clone(), now)).collect(),
             ..FleetInner::default()
         };
-        let (ack_queries, queries) = tokio::sync::mpsc::unbounded_channel();
-        let cache = FleetCache {
+        let (ack_queries, _) = tokio::sync::mpsc::unbounded_channel();
+        FleetCache {
             inner: Mutex::new(inner),
             node: node.to_string(),
             clock,
             changes: watch::channel(0).0,
             published: AtomicU64::new(0),
             subscribe: Notify::new(),
-            ack_queries,
-        };
-        (cache, queries)
+            ack_queries: Mutex::new(ack_queries),
+        }
+    }
+
+    /// The queue of acknowledgement questions for the sync session to
+    /// forward to the control plane; a new session takes a new one (the
+    /// questions a previous one left are answered "unknown").
+    pub fn ack_queries(&self) -> tokio::sync::mpsc::UnboundedReceiver<AckRequest> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.ack_queries.lock().unwrap_or_else(|e| e.into_inner()) = tx;
+        rx
     }
 
     /// Asks how many agents subscribed to `service` applied its change
@@ -103,7 +106,11 @@ impl FleetCache {
             service: service.to_string(),
             min_index,
         };
-        self.ack_queries.send(AckRequest { query, reply }).ok()?;
+        self.ack_queries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(AckRequest { query, reply })
+            .ok()?;
         answer.await.ok()
     }
 
@@ -431,7 +438,7 @@ mod tests {
 
     fn cache() -> FleetCache {
         let clock = Arc::new(IndexClock::default());
-        FleetCache::new(&[], "here", clock).0
+        FleetCache::new(&[], "here", clock)
     }
 
     fn on(node: &str, id: &str, status: &str) -> CatalogInstance {

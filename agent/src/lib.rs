@@ -11,6 +11,9 @@
 //!   `watch` channel for blocking queries (and later the sync, DNS and
 //!   proxy).
 //! - [`checks`]: one task per active check, TTL expiry and the reaper.
+//! - `supervise`: every background task is started again if it stops
+//!   before shutdown, logged and counted; a serving component (DNS, proxy,
+//!   API) that stops takes the agent down loudly.
 //! - [`persist`]: API registrations, maintenance and TTL status in
 //!   `data_dir`.
 //! - `sync` and [`fleet`]: the stream to the control plane, and the view
@@ -42,6 +45,7 @@ pub mod metrics;
 mod persist;
 mod proxy;
 pub mod state;
+mod supervise;
 mod sync;
 pub mod telemetry;
 pub mod tls;
@@ -61,6 +65,7 @@ use crate::agent::Agent;
 use crate::checks::{CheckSettings, FastRecheck, Supervisor};
 use crate::metrics::Metrics;
 use crate::state::{LocalState, NodeInfo};
+use crate::supervise::supervise;
 use crate::vips::Vips;
 
 /// How long in-flight API requests get to finish after SIGTERM.
@@ -133,46 +138,94 @@ pub async fn run(
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "local API listening");
 
+    // Background tasks: each started again if it stops before shutdown.
     let mut tasks = tokio::task::JoinSet::new();
     let background = CancellationToken::new();
-    tasks.spawn(checks::reaper::run(agent.clone(), background.clone()));
-    tasks.spawn(persist::run(agent.clone(), background.clone()));
+    let supervised = |task: &'static str| (agent.metrics.clone(), background.clone(), task);
     {
+        let (metrics, stop, task) = supervised("reaper");
         let (agent, token) = (agent.clone(), background.clone());
-        tasks.spawn(async move {
-            if let Err(e) = files::watch(agent, files, token).await {
-                tracing::error!(error = %e, "cannot watch services_dir: changes need a restart");
+        tasks.spawn(supervise(task, metrics, stop, move || {
+            let (agent, token) = (agent.clone(), token.clone());
+            async move {
+                checks::reaper::run(agent, token).await;
+                Ok(())
             }
-        });
+        }));
+    }
+    {
+        let (metrics, stop, task) = supervised("state writer");
+        let (agent, token) = (agent.clone(), background.clone());
+        tasks.spawn(supervise(task, metrics, stop, move || {
+            let (agent, token) = (agent.clone(), token.clone());
+            async move {
+                persist::run(agent, token).await;
+                Ok(())
+            }
+        }));
+    }
+    {
+        let (metrics, stop, task) = supervised("service file watcher");
+        let (agent, token) = (agent.clone(), background.clone());
+        tasks.spawn(supervise(task, metrics, stop, move || {
+            files::watch(agent.clone(), files.clone(), token.clone())
+        }));
     }
     let fleet = match agent.config.control_plane.clone() {
         Some(cp) => {
             // Peers probe this host here when its stream drops.
             let (listener, probe_address) =
                 liveness::bind(advertise, agent.config.liveness_port).await?;
+            let listener = Arc::new(listener);
             let (name, id) = agent
                 .state
                 .read(|i| (i.node.name.clone(), i.node.id.clone()));
-            let (fleet, ack_queries) =
-                fleet::FleetCache::new(&agent.config.upstreams, &name, agent.state.clock());
-            tasks.spawn(liveness::serve(listener, name, id, background.clone()));
-            let fleet = Arc::new(fleet);
-            fleet::load(&fleet, &agent.config.data_dir);
-            tasks.spawn(fleet::keep(
-                fleet.clone(),
-                agent.config.data_dir.clone(),
-                background.clone(),
+            let fleet = Arc::new(fleet::FleetCache::new(
+                &agent.config.upstreams,
+                &name,
+                agent.state.clock(),
             ));
-            tasks.spawn(sync::run(
-                agent.clone(),
-                fleet.clone(),
-                ack_queries,
-                sync::Settings {
+            {
+                let (metrics, stop, task) = supervised("liveness listener");
+                let token = background.clone();
+                tasks.spawn(supervise(task, metrics, stop, move || {
+                    let (listener, name, id) = (listener.clone(), name.clone(), id.clone());
+                    let token = token.clone();
+                    async move {
+                        liveness::serve(&listener, name, id, token).await;
+                        Ok(())
+                    }
+                }));
+            }
+            fleet::load(&fleet, &agent.config.data_dir);
+            {
+                let (metrics, stop, task) = supervised("fleet view writer");
+                let (fleet, dir, token) = (
+                    fleet.clone(),
+                    agent.config.data_dir.clone(),
+                    background.clone(),
+                );
+                tasks.spawn(supervise(task, metrics, stop, move || {
+                    let (fleet, dir, token) = (fleet.clone(), dir.clone(), token.clone());
+                    async move {
+                        fleet::keep(fleet, dir, token).await;
+                        Ok(())
+                    }
+                }));
+            }
+            {
+                let (metrics, stop, task) = supervised("control-plane sync");
+                let settings = Arc::new(sync::Settings {
                     config: cp,
                     probe_address,
-                },
-                background.clone(),
-            ));
+                });
+                let (agent, fleet, token) = (agent.clone(), fleet.clone(), background.clone());
+                tasks.spawn(supervise(task, metrics, stop, move || {
+                    let (agent, fleet) = (agent.clone(), fleet.clone());
+                    let (settings, token) = (settings.clone(), token.clone());
+                    sync::run(agent, fleet, settings, token)
+                }));
+            }
             Some(fleet)
         }
         None => None,
@@ -194,35 +247,32 @@ pub async fn run(
     } else {
         None
     };
-    let dns_server = match &catalog {
-        Some(catalog) if agent.config.dns.enabled => {
-            let server = dns::bind(catalog.clone(), dns_metrics)
-                .await
-                .context("cannot start the DNS server (dns.listen)")?;
-            tracing::info!(addr = %server.local_addr(), domain = %agent.config.dns.domain, "DNS listening (UDP and TCP)");
-            let token = shutdown.clone();
-            Some(tokio::spawn(async move {
-                if let Err(e) = server.run_until(token.cancelled_owned()).await {
-                    tracing::error!(error = %e, "DNS server failed");
-                }
-            }))
-        }
-        _ => None,
-    };
-    let proxy_task = match &catalog {
-        Some(catalog) if agent.config.proxy.enabled => {
-            let proxy =
-                proxy::new(catalog, proxy_metrics).context("cannot start the proxy's threads")?;
-            tracing::info!(vip_range = %agent.config.proxy.vip_range, "proxy serving the service VIPs");
-            Some(tokio::spawn(proxy::run(
-                proxy,
-                catalog.clone(),
-                shutdown.clone(),
-                SHUTDOWN_GRACE,
-            )))
-        }
-        _ => None,
-    };
+    // The serving components run until shutdown. One that stops before it
+    // takes the agent down loudly (systemd starts it again) rather than
+    // leaving the host without its DNS, proxy or API.
+    let mut serving: tokio::task::JoinSet<(&'static str, Result<(), String>)> =
+        tokio::task::JoinSet::new();
+    if let Some(catalog) = catalog.as_ref().filter(|_| agent.config.dns.enabled) {
+        let server = dns::bind(catalog.clone(), dns_metrics)
+            .await
+            .context("cannot start the DNS server (dns.listen)")?;
+        tracing::info!(addr = %server.local_addr(), domain = %agent.config.dns.domain, "DNS listening (UDP and TCP)");
+        let token = shutdown.clone();
+        serving.spawn(async move {
+            let served = server.run_until(token.cancelled_owned()).await;
+            ("DNS server", served.map_err(|e| e.to_string()))
+        });
+    }
+    if let Some(catalog) = catalog.as_ref().filter(|_| agent.config.proxy.enabled) {
+        let proxy =
+            proxy::new(catalog, proxy_metrics).context("cannot start the proxy's threads")?;
+        tracing::info!(vip_range = %agent.config.proxy.vip_range, "proxy serving the service VIPs");
+        let (catalog, token) = (catalog.clone(), shutdown.clone());
+        serving.spawn(async move {
+            proxy::run(proxy, catalog, token, SHUTDOWN_GRACE).await;
+            ("proxy", Ok(()))
+        });
+    }
     let router = api::router(api::Api {
         agent: agent.clone(),
         fleet,
@@ -234,10 +284,11 @@ pub async fn run(
             .context("cannot build the HTTP client for the control plane")?,
     });
     let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
+    serving.spawn(async move {
+        let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-            .await
+            .await;
+        ("API server", served.map_err(|e| e.to_string()))
     });
     if let Some(ready) = ready
         && ready.send(local).is_err()
@@ -245,23 +296,34 @@ pub async fn run(
         tracing::debug!("nobody waits for the ready signal");
     }
 
-    shutdown.cancelled().await;
+    let stopped_early = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => None,
+        // Ending because of the shutdown (the select saw it first) is not
+        // ending early.
+        Some(ended) = serving.join_next() => (!shutdown.is_cancelled()).then(|| match ended {
+            Ok((what, Ok(()))) => format!("{what} stopped"),
+            Ok((what, Err(e))) => format!("{what} failed: {e}"),
+            Err(e) => format!("a serving task failed: {e}"),
+        }),
+    };
+    if let Some(why) = &stopped_early {
+        tracing::error!(error = %why, "the agent cannot serve without it: stopping");
+        shutdown.cancel();
+    }
     tracing::info!("shutting down: finishing in-flight requests");
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server failed"),
-        Ok(Err(e)) => tracing::error!(error = %e, "API server task failed"),
-        Err(_) => tracing::warn!("in-flight requests did not finish in time"),
-    }
-    if let Some(dns) = dns_server
-        && tokio::time::timeout(SHUTDOWN_GRACE, dns).await.is_err()
-    {
-        tracing::warn!("DNS server did not stop in time");
-    }
-    if let Some(proxy) = proxy_task
-        && let Err(e) = proxy.await
-    {
-        tracing::error!(error = %e, "proxy task failed");
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(5), async {
+        while let Some(ended) = serving.join_next().await {
+            match ended {
+                Ok((_, Ok(()))) => {}
+                Ok((what, Err(e))) => tracing::error!(error = %e, "{what} failed"),
+                Err(e) => tracing::error!(error = %e, "serving task failed"),
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("in-flight requests and connections did not finish in time");
     }
     agent.stop_checks().await;
     background.cancel();
@@ -270,16 +332,26 @@ pub async fn run(
             tracing::error!(error = %e, "agent task failed");
         }
     }
+    if let Some(why) = stopped_early {
+        anyhow::bail!("{why}");
+    }
     tracing::info!("agent stopped");
     Ok(())
 }
 
 /// The address other hosts reach this one at: `advertise_addr`, the
 /// address of the interface it names, or the host's one private address
-/// (loopback when the control plane is on loopback too). `--validate`
-/// checks it as the agent would.
-pub fn advertise_addr(config: &AgentConfig) -> anyhow::Result<IpAddr> {
+/// (loopback when the control plane is on loopback too).
+fn advertise_addr(config: &AgentConfig) -> anyhow::Result<IpAddr> {
     Ok(advertise::resolve(config)?)
+}
+
+/// What `--validate` checks beyond the files, as the agent would at start:
+/// the address to advertise can be found. (An unreadable CA does not stop
+/// the agent, which serves its last view and keeps trying.)
+pub fn preflight(config: &AgentConfig) -> anyhow::Result<()> {
+    advertise_addr(config)?;
+    Ok(())
 }
 
 /// The configured node name, or the host name reduced to a DNS label.

@@ -63,7 +63,7 @@ pub(crate) async fn bind(
 
 /// Serves probes until `shutdown`, answering as node `name` with `id`.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: &TcpListener,
     name: String,
     id: String,
     shutdown: CancellationToken,

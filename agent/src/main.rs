@@ -364,7 +364,7 @@ async fn agent(path: PathBuf, validate: bool) -> ExitCode {
         }
     };
     if validate {
-        if let Err(e) = signpost_agent::advertise_addr(&config) {
+        if let Err(e) = signpost_agent::preflight(&config) {
             eprintln!("{}: {e:#}", path.display());
             return ExitCode::from(EXIT_CONFIG);
         }

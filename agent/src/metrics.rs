@@ -29,6 +29,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     method: String,
     code: u16,
@@ -48,6 +53,7 @@ pub struct Metrics {
     api_requests: Family<RequestLabels, Counter>,
     sync_connected: Gauge,
     sync_updates: Counter,
+    task_restarts: Family<TaskLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -116,6 +122,12 @@ impl Metrics {
             "Local HTTP API requests, by method and status code",
             api_requests.clone(),
         );
+        let task_restarts = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "task_restarts",
+            "Background tasks started again after they stopped, failed or panicked, by task",
+            task_restarts.clone(),
+        );
         let sync_connected = Gauge::default();
         registry.register(
             "sync_connected",
@@ -131,6 +143,7 @@ impl Metrics {
         Metrics {
             registry,
             sync_connected,
+            task_restarts,
             sync_updates,
             probes,
             status_changes,
@@ -197,6 +210,10 @@ impl Metrics {
                 code,
             })
             .inc();
+    }
+
+    pub fn task_restart(&self, task: &'static str) {
+        self.task_restarts.get_or_create(&TaskLabels { task }).inc();
     }
 
     pub fn sync_connected(&self, connected: bool) {

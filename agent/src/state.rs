@@ -479,7 +479,8 @@ impl LocalState {
                 Some(CheckKind::Ttl { ttl }) => *ttl,
                 _ => return Err(StateError::NotTtl(id.clone())),
             };
-            entry.ttl_deadline = Some(Instant::now() + ttl);
+            // None (beyond the clock's range): it never expires.
+            entry.ttl_deadline = Instant::now().checked_add(ttl);
             Ok(inner.set_status(id, status, output))
         })
     }
@@ -532,7 +533,10 @@ impl LocalState {
                 let Some(after) = def.deregister_critical_after else {
                     continue;
                 };
-                let at = since + after;
+                // A deadline beyond the clock's range is never reached.
+                let Some(at) = since.checked_add(after) else {
+                    continue;
+                };
                 if at <= now {
                     due.push((service.clone(), check.id.clone()));
                 } else {
@@ -596,7 +600,7 @@ impl LocalState {
                     Some(CheckKind::Ttl { .. })
                 )
             {
-                entry.ttl_deadline = Some(Instant::now() + remaining);
+                entry.ttl_deadline = Instant::now().checked_add(remaining);
                 inner.set_status(id, status, output);
             }
         });
@@ -673,7 +677,7 @@ impl Inner {
             _ => {
                 let status = def.initial_status.unwrap_or(Health::Critical);
                 let ttl_deadline = match def.kind {
-                    CheckKind::Ttl { ttl } => Some(Instant::now() + ttl),
+                    CheckKind::Ttl { ttl } => Instant::now().checked_add(ttl),
                     _ => None,
                 };
                 let since = (status == Health::Critical).then(Instant::now);

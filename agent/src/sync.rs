@@ -163,33 +163,42 @@ async fn ask(client: &reqwest::Client, request: &ProbeRequest) -> Result<(), Str
     }
 }
 
+/// The control plane's CA (PEM), which must hold a certificate.
+fn read_ca(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let ca = std::fs::read(path)
+        .with_context(|| format!("cannot read control_plane.ca_file {}", path.display()))?;
+    if !String::from_utf8_lossy(&ca).contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!(
+            "control_plane.ca_file {}: no PEM certificate in it (give the ca.pem `signpost-control-plane init-tls` wrote)",
+            path.display()
+        );
+    }
+    Ok(ca)
+}
+
 fn message(body: agent_message::Body) -> AgentMessage {
     AgentMessage { body: Some(body) }
 }
 
-/// Keeps a session to the control plane until `shutdown`.
+/// Keeps a session to the control plane until `shutdown`. Fails when the
+/// CA cannot be read (it is read again when started again), meanwhile the
+/// agent serves its last view.
 pub(crate) async fn run(
     agent: Arc<Agent>,
     fleet: Arc<FleetCache>,
-    mut ack_queries: mpsc::UnboundedReceiver<AckRequest>,
-    settings: Settings,
+    settings: Arc<Settings>,
     shutdown: CancellationToken,
-) {
+) -> anyhow::Result<()> {
     let config = &settings.config;
-    let ca = match std::fs::read(&config.ca_file) {
-        Ok(ca) => ca,
-        Err(e) => {
-            tracing::error!(ca_file = %config.ca_file.display(), error = %e, "cannot read control_plane.ca_file: not syncing with the control plane");
-            return;
-        }
-    };
+    let ca = read_ca(&config.ca_file)?;
+    let mut ack_queries = fleet.ack_queries();
     let mut backoff = BACKOFF_MIN;
     let mut attempt = 0usize;
     loop {
         let address = &config.addresses[attempt % config.addresses.len()];
         attempt += 1;
         let result = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             r = session(&agent, &fleet, &mut ack_queries, &settings, &ca, address) => r,
         };
         fleet.set_connected(false);
@@ -207,7 +216,7 @@ pub(crate) async fn run(
         let wait = backoff.mul_f64(jitter);
         backoff = (backoff * 2).min(BACKOFF_MAX);
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(wait) => {}
         }
     }

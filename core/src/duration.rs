@@ -9,6 +9,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serializer};
 
+/// The longest duration: Go's (a signed 64-bit count of nanoseconds,
+/// 2562047h47m16.854775807s), so that Consul clients and Signpost agree on
+/// what parses, and no deadline computed from a duration can overflow.
+pub const MAX: Duration = Duration::from_nanos(i64::MAX as u64);
+
 /// Why a duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DurationError {
@@ -20,7 +25,7 @@ pub enum DurationError {
     Invalid(String),
     #[error("invalid duration {0:?}: negative durations are not allowed")]
     Negative(String),
-    #[error("invalid duration {0:?}: too large")]
+    #[error("invalid duration {0:?}: too large (at most 2562047h47m16.854775807s)")]
     Overflow(String),
 }
 
@@ -92,11 +97,23 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
             .ok_or_else(|| DurationError::Overflow(input.to_string()))?;
         rest = next;
     }
-    let secs = u64::try_from(total / 1_000_000_000)
-        .map_err(|_| DurationError::Overflow(input.to_string()))?;
-    // The remainder is below 1e9, so it fits a u32.
+    if total > MAX.as_nanos() {
+        return Err(DurationError::Overflow(input.to_string()));
+    }
+    // Below MAX, so both parts fit.
+    let secs = (total / 1_000_000_000) as u64;
     let nanos = (total % 1_000_000_000) as u32;
     Ok(Duration::new(secs, nanos))
+}
+
+/// A duration given as a number of nanoseconds (as Go's `time.Duration`
+/// marshals), at most [`MAX`].
+pub fn from_nanos(nanos: u64) -> Result<Duration, DurationError> {
+    let d = Duration::from_nanos(nanos);
+    if d > MAX {
+        return Err(DurationError::Overflow(nanos.to_string()));
+    }
+    Ok(d)
 }
 
 /// Formats like Go's `time.Duration.String()`: "1m30s", "250ms", "0s".
@@ -194,6 +211,23 @@ mod tests {
         for bad in ["", "10", "s", "10x", "1..5s", "-1s", "1 s", "10sm"] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn durations_beyond_gos_are_refused() {
+        assert_eq!(parse("2562047h47m16.854775807s"), Ok(MAX));
+        assert_eq!(format(MAX), "2562047h47m16.854775807s");
+        for big in [
+            "2562047h47m16.854775808s",
+            "3000000000000000h",
+            "99999999999999999999999999999h",
+        ] {
+            let e = parse(big).unwrap_err();
+            assert!(matches!(e, DurationError::Overflow(_)), "{big}: {e}");
+            assert!(e.to_string().contains("at most 2562047h"), "{e}");
+        }
+        assert_eq!(from_nanos(i64::MAX as u64), Ok(MAX));
+        assert!(from_nanos(i64::MAX as u64 + 1).is_err());
     }
 
     #[test]

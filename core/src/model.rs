@@ -567,6 +567,24 @@ impl CheckDefinition {
         {
             return Err(err("timeout must be greater than 0".to_string()));
         }
+        // Durations parsed from text are bounded already; these may come
+        // as numbers of nanoseconds or from an older state file.
+        let ttl = match &self.kind {
+            CheckKind::Ttl { ttl } => Some(*ttl),
+            _ => None,
+        };
+        for (field, d) in [
+            ("interval", Some(self.interval)),
+            ("timeout", self.timeout),
+            ("ttl", ttl),
+            ("deregister_critical_after", self.deregister_critical_after),
+        ] {
+            if d.is_some_and(|d| d > crate::duration::MAX) {
+                return Err(err(format!(
+                    "{field} is too large (at most 2562047h47m16.854775807s)"
+                )));
+            }
+        }
         if self.failures_before_warning > self.failures_before_critical
             && self.failures_before_critical > 0
         {

@@ -129,10 +129,12 @@ impl Fields {
                 .map(Some)
                 .map_err(|e| format!("Request decode failed: field {key:?}: {e}")),
             // A bare number is nanoseconds, as Go's time.Duration.
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .map(|n| Some(Duration::from_nanos(n)))
-                .ok_or_else(|| bad(key, "a duration")),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(n) => signpost_core::duration::from_nanos(n)
+                    .map(Some)
+                    .map_err(|e| format!("Request decode failed: field {key:?}: {e}")),
+                None => Err(bad(key, "a duration")),
+            },
             Some(_) => Err(bad(key, "a duration such as \"10s\"")),
         }
     }
