@@ -88,17 +88,28 @@ pub async fn run(
         // A snapshot is only a bridge: start empty rather than not at all.
         Err(e) => tracing::error!(error = %e, "cannot load the catalog snapshot; starting empty"),
     }
-    let keeper = tokio::spawn(store::keep(catalog.clone(), store, shutdown.clone()));
+    // Everything that runs until shutdown; one that ends before it takes
+    // the control plane down loudly (systemd starts it again) rather than
+    // leaving it half working.
+    let mut running: tokio::task::JoinSet<(&'static str, Result<(), String>)> =
+        tokio::task::JoinSet::new();
+    {
+        let (catalog, stop) = (catalog.clone(), shutdown.clone());
+        running.spawn(async move {
+            store::keep(catalog, store, stop).await;
+            ("catalog store", Ok(()))
+        });
+    }
     {
         // Probe rounds time out, unreachable nodes are probed again and
         // failed ones reaped after node_reap_after.
         let (catalog, stop, after) = (catalog.clone(), shutdown.clone(), config.node_reap_after);
-        tokio::spawn(async move {
+        running.spawn(async move {
             let mut every = tokio::time::interval(LIVENESS_TICK);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => return ("node liveness", Ok(())),
                     _ = every.tick() => {}
                 }
                 catalog.tick(after);
@@ -136,23 +147,22 @@ pub async fn run(
     tracing::info!(grpc = %listening.grpc, http = %listening.http, "control plane listening");
 
     let grpc_shutdown = shutdown.clone();
-    let grpc = tokio::spawn(
-        Server::builder()
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .tls_config(tls)
-            .context("invalid TLS certificate or key")?
-            .add_service(SyncServer::with_interceptor(
-                service,
-                sync::check_token(tokens, acl.clone()),
-            ))
-            .serve_with_incoming_shutdown(
-                // Small writes (a delta, a ping's answer) go out at once:
-                // tonic sets TCP_NODELAY only on listeners it binds itself.
-                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-                async move { grpc_shutdown.cancelled().await },
-            ),
-    );
+    let grpc = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tls_config(tls)
+        .context("invalid TLS certificate or key")?
+        .add_service(SyncServer::with_interceptor(
+            service,
+            sync::check_token(tokens, acl.clone()),
+        ))
+        .serve_with_incoming_shutdown(
+            // Small writes (a delta, a ping's answer) go out at once:
+            // tonic sets TCP_NODELAY only on listeners it binds itself.
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            async move { grpc_shutdown.cancelled().await },
+        );
+    running.spawn(async move { ("gRPC server", grpc.await.map_err(|e| e.to_string())) });
     let router = http::router(http::HttpState {
         catalog,
         acl,
@@ -161,20 +171,34 @@ pub async fn run(
         datacenter: "dc1".to_string(),
     });
     let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(http_listener, router)
+    running.spawn(async move {
+        let served = axum::serve(http_listener, router)
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await
+            .await;
+        ("HTTP server", served.map_err(|e| e.to_string()))
     });
     if let Some(ready) = ready
         && ready.send(listening).is_err()
     {
         tracing::debug!("nobody waits for the ready signal");
     }
-    let (grpc, http, keeper) = tokio::join!(grpc, http, keeper);
-    keeper.context("catalog store task")?;
-    grpc.context("gRPC server task")?.context("gRPC server")?;
-    http.context("HTTP server task")?.context("HTTP server")?;
+    let mut failure = None;
+    while let Some(ended) = running.join_next().await {
+        let why = match ended {
+            Ok((what, Err(e))) => Some(format!("{what} failed: {e}")),
+            Ok((what, Ok(()))) if !shutdown.is_cancelled() => Some(format!("{what} stopped")),
+            Ok(_) => None,
+            Err(e) => Some(format!("a control-plane task failed: {e}")),
+        };
+        if let Some(why) = why {
+            tracing::error!(error = %why, "the control plane cannot work without it: stopping");
+            shutdown.cancel();
+            failure.get_or_insert(why);
+        }
+    }
+    if let Some(why) = failure {
+        anyhow::bail!("{why}");
+    }
     tracing::info!("control plane stopped");
     Ok(())
 }
