@@ -18,6 +18,9 @@ pub const DEFAULT_OUTPUT_MAX_SIZE: usize = 4096;
 pub const DEFAULT_NETWORK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout of exec checks when the definition does not say.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of a check's output kept (a probe reads no more than this of
+/// an answer, so a service cannot make the agent buffer more).
+pub const MAX_OUTPUT_MAX_SIZE: usize = 1024 * 1024;
 
 /// A service, instance or check definition that breaks a rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -592,8 +595,10 @@ impl CheckDefinition {
                 "failures_before_warning must not exceed failures_before_critical".to_string(),
             ));
         }
-        if self.output_max_size == 0 {
-            return Err(err("output_max_size must be greater than 0".to_string()));
+        if self.output_max_size == 0 || self.output_max_size > MAX_OUTPUT_MAX_SIZE {
+            return Err(err(format!(
+                "output_max_size must be between 1 and {MAX_OUTPUT_MAX_SIZE} bytes"
+            )));
         }
         Ok(())
     }
@@ -681,6 +686,26 @@ mod tests {
         s.checks[0].failures_before_warning = 5;
         s.checks[0].failures_before_critical = 2;
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn durations_and_sizes_beyond_their_limits_are_refused() {
+        let huge = crate::duration::MAX + Duration::from_nanos(1);
+        let mut s = service(1);
+        s.checks[0].deregister_critical_after = Some(huge);
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("deregister_critical_after is too large"), "{e}");
+        let mut s = service(1);
+        s.checks[0].kind = CheckKind::Ttl { ttl: huge };
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("ttl is too large"), "{e}");
+        let mut s = service(1);
+        s.checks[0].output_max_size = MAX_OUTPUT_MAX_SIZE + 1;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("output_max_size"), "{e}");
+        let mut s = service(1);
+        s.checks[0].output_max_size = MAX_OUTPUT_MAX_SIZE;
+        s.validate().unwrap();
     }
 
     #[test]
