@@ -39,6 +39,28 @@ pub struct FileReport {
     pub error: Option<String>,
 }
 
+/// What an API change replaced, to put back when the change cannot be
+/// saved: memory stays as it was, as in Consul.
+pub(crate) enum Undo {
+    /// A service (with its checks), or none.
+    Service {
+        id: ServiceId,
+        before: Option<ServiceDefinition>,
+    },
+    /// A check registered through the API, or none.
+    Check {
+        id: CheckId,
+        before: Option<CheckDefinition>,
+    },
+    ServiceMaintenance {
+        id: ServiceId,
+        before: Option<String>,
+    },
+    NodeMaintenance {
+        before: Option<String>,
+    },
+}
+
 pub struct Agent {
     pub config: AgentConfig,
     pub state: Arc<LocalState>,
@@ -155,6 +177,81 @@ impl Agent {
         if self.state.set_node_maintenance(reason) {
             tracing::info!(enabled, "node maintenance mode changed");
             self.persist_soon();
+        }
+    }
+
+    /// What to put back should a change of service `id` not be saved: the
+    /// service as registered now (its checks embedded), if any.
+    pub(crate) fn undo_service(&self, id: &ServiceId) -> Undo {
+        let before = self.state.read(|inner| {
+            let entry = inner.services.get(id)?;
+            let mut def = entry.def.clone();
+            def.checks = inner
+                .checks_of(id)
+                .filter_map(|c| {
+                    let mut check = c.definition()?.clone();
+                    check.id = Some(c.id.clone());
+                    Some(check)
+                })
+                .collect();
+            Some(def)
+        });
+        Undo::Service {
+            id: id.clone(),
+            before,
+        }
+    }
+
+    /// What to put back should a change of check `id` not be saved.
+    pub(crate) fn undo_check(&self, id: &CheckId) -> Undo {
+        let before = self.state.read(|inner| {
+            let entry = inner.checks.get(id)?;
+            let mut def = entry.definition()?.clone();
+            def.id = Some(entry.id.clone());
+            def.service_id.clone_from(&entry.service_id);
+            Some(def)
+        });
+        Undo::Check {
+            id: id.clone(),
+            before,
+        }
+    }
+
+    /// What to put back should a maintenance change (of service `id`, or
+    /// of the node) not be saved.
+    pub(crate) fn undo_maintenance(&self, service: Option<&ServiceId>) -> Undo {
+        let check = service.map_or_else(CheckId::node_maintenance, CheckId::service_maintenance);
+        let before = self
+            .state
+            .read(|inner| inner.checks.get(&check).map(|c| c.notes.clone()));
+        match service {
+            Some(id) => Undo::ServiceMaintenance {
+                id: id.clone(),
+                before,
+            },
+            None => Undo::NodeMaintenance { before },
+        }
+    }
+
+    /// Puts back what an API change replaced (it could not be saved).
+    pub(crate) fn undo(&self, undo: Undo) {
+        let restored = match undo {
+            Undo::Service { id, before: None } => self.deregister_service(&id, &Source::Api),
+            Undo::Service {
+                before: Some(def), ..
+            } => self.register_service(def, Source::Api, true),
+            Undo::Check { id, before: None } => self.deregister_check(&id, &Source::Api),
+            Undo::Check {
+                before: Some(def), ..
+            } => self.register_check(def, Source::Api),
+            Undo::ServiceMaintenance { id, before } => self.set_service_maintenance(&id, before),
+            Undo::NodeMaintenance { before } => {
+                self.set_node_maintenance(before);
+                Ok(())
+            }
+        };
+        if let Err(e) = restored {
+            tracing::error!(error = %e, "cannot put back what an unsaved change replaced");
         }
     }
 

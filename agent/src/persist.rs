@@ -130,25 +130,37 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// the temporary file.
 static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn write(agent: &Agent) {
+/// The state file could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot save the agent state to {path}: {reason}")]
+pub(crate) struct SaveError {
+    path: String,
+    reason: String,
+}
+
+fn write(agent: &Agent) -> Result<(), SaveError> {
     let _writing = WRITER.lock().unwrap_or_else(|e| e.into_inner());
     let path = state_path(&agent.config.data_dir);
     let result = serde_json::to_vec_pretty(&snapshot(agent))
         .map_err(std::io::Error::other)
         .and_then(|bytes| write_atomic(&path, &bytes));
     agent.metrics.state_write(result.is_ok());
-    if let Err(e) = result {
-        tracing::error!(path = %path.display(), error = %e, "cannot write agent state");
-    }
+    result.map_err(|e| SaveError {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Writes the state now: API writes answer 200 only once they are on
 /// disk, as Consul's do.
-pub(crate) async fn flush(agent: &Arc<Agent>) {
+pub(crate) async fn flush(agent: &Arc<Agent>) -> Result<(), SaveError> {
     let a = agent.clone();
-    if let Err(e) = tokio::task::spawn_blocking(move || write(&a)).await {
-        tracing::error!(error = %e, "state writer failed");
-    }
+    tokio::task::spawn_blocking(move || write(&a))
+        .await
+        .map_err(|e| SaveError {
+            path: state_path(&agent.config.data_dir).display().to_string(),
+            reason: format!("the writer failed: {e}"),
+        })?
 }
 
 /// Writes the state whenever asked, and once more at shutdown.
@@ -169,12 +181,14 @@ pub(crate) async fn run(agent: Arc<Agent>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(COALESCE) => {}
         }
-        let a = agent.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || write(&a)).await {
-            tracing::error!(error = %e, "state writer failed");
+        // A failed write is counted; the next change tries again.
+        if let Err(e) = flush(&agent).await {
+            tracing::error!(error = %e, "cannot write agent state");
         }
     }
-    write(&agent);
+    if let Err(e) = write(&agent) {
+        tracing::error!(error = %e, "cannot write agent state at shutdown");
+    }
 }
 
 /// Loads the state file, if any. A corrupt file is moved aside and

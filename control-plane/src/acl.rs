@@ -248,19 +248,31 @@ impl Acl {
         Ok((record, secret))
     }
 
+    /// Adds a token; one that cannot be saved is not added.
     fn insert(&self, record: TokenRecord) -> Result<(), AclError> {
         let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
-        tokens.insert(record.accessor.clone(), record);
-        self.save(&tokens)
+        let accessor = record.accessor.clone();
+        let before = tokens.insert(accessor.clone(), record);
+        self.save(&tokens).inspect_err(|_| match before {
+            Some(before) => {
+                tokens.insert(accessor, before);
+            }
+            None => {
+                tokens.remove(&accessor);
+            }
+        })
     }
 
-    /// Deletes a token; false if there is none with that accessor.
+    /// Deletes a token; false if there is none with that accessor. A
+    /// deletion that cannot be saved leaves the token in place.
     pub fn delete(&self, accessor: &str) -> Result<bool, AclError> {
         let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
-        if tokens.remove(accessor).is_none() {
+        let Some(before) = tokens.remove(accessor) else {
             return Ok(false);
-        }
-        self.save(&tokens).map(|()| true)
+        };
+        self.save(&tokens).map(|()| true).inspect_err(|_| {
+            tokens.insert(accessor.to_string(), before);
+        })
     }
 
     fn save(&self, tokens: &BTreeMap<String, TokenRecord>) -> Result<(), AclError> {

@@ -107,11 +107,18 @@ impl Commands {
         let Some(command) = all.get_mut(id) else {
             return Ok(None);
         };
-        if command.revoked_at.is_none() {
+        let before = command.revoked_at;
+        if before.is_none() {
             command.revoked_at = Some(now_millis());
         }
         let revoked = command.clone();
-        self.save(&all)?;
+        if let Err(e) = self.save(&all) {
+            // Not saved: still in force.
+            if let Some(command) = all.get_mut(id) {
+                command.revoked_at = before;
+            }
+            return Err(e);
+        }
         drop(all);
         self.changes.send_modify(|n| *n += 1);
         Ok(Some(revoked))

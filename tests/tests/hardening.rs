@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is a test failure
 
 use serde_json::{Value, json};
-use signpost_tests::{Agent, signpost};
+use signpost_tests::{Agent, ControlPlane, signpost};
 
 /// A duration that fits a `u64` of seconds but no clock (Go refuses it too).
 const HUGE: &str = "3000000000000000h";
@@ -122,4 +122,141 @@ async fn a_services_dir_removed_and_made_again_is_watched_again() {
             service(&agent, "web").await.is_none().then_some(())
         })
         .await;
+}
+
+#[tokio::test]
+async fn a_change_that_cannot_be_saved_is_refused_and_taken_back() {
+    let mut agent = Agent::start("").await;
+    let register = |id: &str| json!({"ID": id, "Name": id, "Port": 80, "Check": {"TTL": "10m", "Status": "passing"}});
+    let r = agent
+        .put("/v1/agent/service/register", Some(register("kept")))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // A directory where the state file's temporary copy goes: every write
+    // fails, as on a full or read-only disk.
+    let in_the_way = agent.data_dir().join("state.tmp");
+    std::fs::create_dir(&in_the_way).unwrap();
+    let r = agent
+        .put("/v1/agent/service/register", Some(register("lost")))
+        .await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert!(r.text.contains("cannot save the agent state"), "{}", r.text);
+    assert!(service(&agent, "lost").await.is_none(), "taken back");
+    let r = agent.put("/v1/agent/service/deregister/kept", None).await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert!(service(&agent, "kept").await.is_some(), "put back");
+    let r = agent
+        .put("/v1/agent/service/maintenance/kept?enable=true", None)
+        .await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    let checks = agent.get("/v1/agent/checks").await.json();
+    assert!(
+        checks.get("_service_maintenance:kept").is_none(),
+        "{checks}"
+    );
+    let r = agent
+        .put(
+            "/v1/agent/check/register",
+            Some(json!({"ID": "alone", "Name": "alone", "TTL": "10m"})),
+        )
+        .await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert!(agent.check_status("alone").await.is_none());
+    assert!(
+        agent
+            .metric("signpost_agent_state_writes_total{outcome=\"error\"}")
+            .await
+            >= 4.0
+    );
+
+    // The disk is back: what was acknowledged, and only that, survives.
+    std::fs::remove_dir(&in_the_way).unwrap();
+    let r = agent
+        .put("/v1/agent/service/register", Some(register("later")))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    agent.restart().await;
+    assert!(service(&agent, "kept").await.is_some());
+    assert!(service(&agent, "later").await.is_some());
+    assert!(service(&agent, "lost").await.is_none());
+}
+
+/// A request to the control plane's HTTP API with an admin token.
+async fn cp_call(
+    cp: &ControlPlane,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let admin = std::fs::read_to_string(cp.dir.path().join("data").join("bootstrap-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut request = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .request(method, format!("http://{}{path}", cp.http))
+        .header("X-Consul-Token", admin);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn the_control_plane_keeps_nothing_it_could_not_save() {
+    use reqwest::Method;
+    let cp = ControlPlane::start().await;
+    let data = cp.dir.path().join("data");
+    let token = json!({"Role": "read", "Description": "a reader"});
+    let (status, reader) = cp_call(&cp, Method::PUT, "/v1/acl/token", Some(token.clone())).await;
+    assert_eq!(status, 200, "{reader}");
+    let command = json!({"action": {"kind": "circuit", "state": "open"},
+        "target": {"service": "web"}, "reason": "test", "ttl": "10m"});
+    let (status, created) = cp_call(&cp, Method::POST, "/v1/commands", Some(command.clone())).await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+
+    // Directories where the token and command files go: every save fails.
+    for file in ["acl.json", "commands.json"] {
+        std::fs::remove_file(data.join(file)).unwrap();
+        std::fs::create_dir_all(data.join(file).join("in-the-way")).unwrap();
+    }
+    let tokens = |list: &Value| list.as_array().unwrap().len();
+    let (_, before) = cp_call(&cp, Method::GET, "/v1/acl/tokens", None).await;
+    let (status, refused) = cp_call(&cp, Method::PUT, "/v1/acl/token", Some(token)).await;
+    assert_eq!(status, 500, "{refused}");
+    let (_, after) = cp_call(&cp, Method::GET, "/v1/acl/tokens", None).await;
+    assert_eq!(tokens(&after), tokens(&before), "not kept: {after}");
+    let accessor = reader["AccessorID"].as_str().unwrap();
+    let (status, _) = cp_call(
+        &cp,
+        Method::DELETE,
+        &format!("/v1/acl/token/{accessor}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 500);
+    let (_, after) = cp_call(&cp, Method::GET, "/v1/acl/tokens", None).await;
+    assert!(after.to_string().contains(accessor), "still there: {after}");
+
+    let (status, refused) = cp_call(&cp, Method::POST, "/v1/commands", Some(command)).await;
+    assert_eq!(status, 500, "{refused}");
+    let (status, _) = cp_call(&cp, Method::DELETE, &format!("/v1/commands/{id}"), None).await;
+    assert_eq!(status, 500);
+    let (_, list) = cp_call(&cp, Method::GET, "/v1/commands", None).await;
+    let commands = list.as_array().unwrap();
+    assert_eq!(commands.len(), 1, "{list}");
+    assert!(
+        commands[0]["revoked_at"].is_null(),
+        "still in force: {list}"
+    );
 }

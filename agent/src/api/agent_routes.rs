@@ -9,7 +9,25 @@ use signpost_core::model::{CheckId, Health, ServiceId};
 
 use super::render::{self, json};
 use super::{Api, ApiError, ApiResult, Params, decode};
+use crate::agent::Undo;
 use crate::state::{CheckRole, Inner, ServiceEntry, Source};
+
+/// Saves the state after an API change: a change that cannot be saved is
+/// taken back and answered 500 with the reason, as Consul does, so a 200
+/// always means the change survives a restart.
+async fn saved(api: &Api, undo: Undo) -> ApiResult<()> {
+    match crate::persist::flush(&api.agent).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::error!(error = %e, "an API change could not be saved: taken back");
+            api.agent.undo(undo);
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+            ))
+        }
+    }
+}
 
 pub(crate) async fn register_service(
     State(api): State<Api>,
@@ -22,8 +40,9 @@ pub(crate) async fn register_service(
         .and_then(decode::service)
         .map_err(ApiError::bad_request)?;
     let id = def.id.clone();
+    let undo = api.agent.undo_service(&id);
     api.agent.register_service(def, Source::Api, replace)?;
-    crate::persist::flush(&api.agent).await;
+    saved(&api, undo).await?;
     tracing::info!(service = %id, "service registered through the API");
     Ok(())
 }
@@ -33,8 +52,9 @@ pub(crate) async fn deregister_service(
     Path(id): Path<String>,
 ) -> ApiResult<()> {
     let id = ServiceId::new(id);
+    let undo = api.agent.undo_service(&id);
     api.agent.deregister_service(&id, &Source::Api)?;
-    crate::persist::flush(&api.agent).await;
+    saved(&api, undo).await?;
     tracing::info!(service = %id, "service deregistered through the API");
     Ok(())
 }
@@ -62,10 +82,10 @@ pub(crate) async fn service_maintenance(
 ) -> ApiResult<()> {
     let params = Params::parse(query.as_deref());
     let reason = maintenance_reason(&params)?;
-    api.agent
-        .set_service_maintenance(&ServiceId::new(id), reason)?;
-    crate::persist::flush(&api.agent).await;
-    Ok(())
+    let id = ServiceId::new(id);
+    let undo = api.agent.undo_maintenance(Some(&id));
+    api.agent.set_service_maintenance(&id, reason)?;
+    saved(&api, undo).await
 }
 
 pub(crate) async fn node_maintenance(
@@ -73,28 +93,29 @@ pub(crate) async fn node_maintenance(
     RawQuery(query): RawQuery,
 ) -> ApiResult<()> {
     let params = Params::parse(query.as_deref());
-    api.agent.set_node_maintenance(maintenance_reason(&params)?);
-    crate::persist::flush(&api.agent).await;
-    Ok(())
+    let reason = maintenance_reason(&params)?;
+    let undo = api.agent.undo_maintenance(None);
+    api.agent.set_node_maintenance(reason);
+    saved(&api, undo).await
 }
 
 pub(crate) async fn register_check(State(api): State<Api>, body: Bytes) -> ApiResult<()> {
     let def = decode::body(&body)
         .and_then(|v| decode::check(v, true))
         .map_err(ApiError::bad_request)?;
+    let undo = api.agent.undo_check(&def.effective_id());
     api.agent.register_check(def, Source::Api)?;
-    crate::persist::flush(&api.agent).await;
-    Ok(())
+    saved(&api, undo).await
 }
 
 pub(crate) async fn deregister_check(
     State(api): State<Api>,
     Path(id): Path<String>,
 ) -> ApiResult<()> {
-    api.agent
-        .deregister_check(&CheckId::new(id), &Source::Api)?;
-    crate::persist::flush(&api.agent).await;
-    Ok(())
+    let id = CheckId::new(id);
+    let undo = api.agent.undo_check(&id);
+    api.agent.deregister_check(&id, &Source::Api)?;
+    saved(&api, undo).await
 }
 
 async fn ttl(api: &Api, id: String, status: Health, query: Option<String>) -> ApiResult<()> {
