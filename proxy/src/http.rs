@@ -544,6 +544,11 @@ fn forward<'s: 'f, 'f>(
                         reason,
                     }
                 }
+                // The client's body broke off or was malformed on its way:
+                // the client's error (400), never held against the instance.
+                Ok(Err(PoolError::Http(e))) if e.is_user() => {
+                    return Err(ProxyError::ClientBody(signpost_core::error_chain(&e)));
+                }
                 Ok(Err(PoolError::Http(e))) => {
                     backend.failed(snapshot, member, rtt);
                     ProxyError::Reset {

@@ -260,3 +260,50 @@ async fn the_control_plane_keeps_nothing_it_could_not_save() {
         "still in force: {list}"
     );
 }
+
+#[tokio::test]
+async fn a_malformed_request_body_is_the_clients_error_not_the_instances() {
+    use signpost_tests::upstream::{Upstream, client, vip};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
+    let agent = Agent::start(&format!(
+        "dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n"
+    ))
+    .await;
+    let up = Upstream::start("web-1", 0).await;
+    agent.write_service_file(
+        "web.yaml",
+        &format!("services:\n{}", up.entry("web", "http")),
+    );
+    let addr = vip(&agent, "web", up.addr.port()).await;
+
+    // More bad requests than it takes to eject an instance (5 failures).
+    for _ in 0..8 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nnot-a-size\r\n",
+            )
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = stream.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+        assert!(answer.starts_with("http/1.1 400"), "{answer}");
+        assert!(answer.contains("x-signpost-error: client_body"), "{answer}");
+    }
+    // The instance is as good as before.
+    let r = client("web.service.internal", addr)
+        .get(format!("http://web.service.internal:{}/", up.addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "web-1");
+    let series = format!(
+        "signpost_agent_proxy_ejections_total{{service=\"web\",instance=\"{}\"}}",
+        up.addr
+    );
+    assert_eq!(agent.metric(&series).await, 0.0);
+}
