@@ -34,6 +34,7 @@ pub(crate) fn new(catalog: &AgentCatalog, metrics: Arc<ProxyMetrics>) -> std::io
         http_port: config.proxy.http_port,
         pool_idle_timeout: config.proxy.pool_idle_timeout,
         client_idle_timeout: config.proxy.client_idle_timeout,
+        client_first_byte_timeout: config.proxy.client_first_byte_timeout,
         liveness: Liveness {
             keepalive: config.proxy.tcp_keepalive,
             user_timeout: config.proxy.tcp_user_timeout,

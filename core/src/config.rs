@@ -334,6 +334,12 @@ pub struct ProxyConfig {
     /// the clients' own pool idle timeouts.
     #[serde(with = "crate::duration::serde_go")]
     pub client_idle_timeout: Duration,
+    /// A client's HTTP connection that sends nothing for this long after
+    /// it opened is closed (0: never), so connections that never ask for
+    /// anything cannot hold `max_connections` (HAProxy's `timeout
+    /// http-request` in spirit).
+    #[serde(with = "crate::duration::serde_go")]
+    pub client_first_byte_timeout: Duration,
     /// TCP keep-alive probes on connections to instances, this far apart,
     /// once a connection has carried nothing for this long (0: none), so
     /// an idle L4 connection or tunnel to a host that is gone is noticed.
@@ -363,6 +369,7 @@ impl Default for ProxyConfig {
             threads: 0,
             pool_idle_timeout: Duration::from_secs(3),
             client_idle_timeout: Duration::from_secs(600),
+            client_first_byte_timeout: Duration::from_secs(10),
             tcp_keepalive: Duration::from_secs(10),
             tcp_user_timeout: Duration::from_secs(30),
             access_log: false,

@@ -204,6 +204,10 @@ pub struct Policy {
     /// The whole HTTP request up to the response's headers, retries
     /// included.
     pub timeout: Duration,
+    /// An L4 connection that carries nothing either way for this long is
+    /// closed (`None`: never; database pools keep idle connections for
+    /// hours, so it is off unless a service asks for it).
+    pub idle_timeout: Option<Duration>,
     /// Retries after the first attempt (each to another instance when
     /// there is one).
     pub retries: u32,
@@ -284,6 +288,7 @@ impl Default for Policy {
             connect_timeout: Duration::from_secs(1),
             try_timeout: None,
             timeout: Duration::from_secs(15),
+            idle_timeout: None,
             retries: 2,
             retry_budget_ratio: 0.2,
             retry_budget_min_per_second: 10,
@@ -331,6 +336,8 @@ pub struct PolicyOverride {
     pub try_timeout: Option<Duration>,
     #[serde(with = "crate::duration::serde_go_opt")]
     pub timeout: Option<Duration>,
+    #[serde(with = "crate::duration::serde_go_opt")]
+    pub idle_timeout: Option<Duration>,
     pub retries: Option<u32>,
     pub retry_budget_ratio: Option<f32>,
     pub retry_budget_min_per_second: Option<u32>,
@@ -388,6 +395,12 @@ impl Policy {
                 None => p.try_timeout,
             },
             timeout: o.timeout.unwrap_or(p.timeout),
+            // Zero turns the idle timeout off.
+            idle_timeout: match o.idle_timeout {
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+                None => p.idle_timeout,
+            },
             retries: o.retries.unwrap_or(p.retries),
             retry_budget_ratio: o.retry_budget_ratio.unwrap_or(p.retry_budget_ratio),
             retry_budget_min_per_second: o

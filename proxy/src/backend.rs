@@ -506,6 +506,7 @@ mod tests {
             zone: String::new(),
             pool_idle_timeout: Duration::from_secs(3),
             client_idle_timeout: Duration::ZERO,
+            client_first_byte_timeout: Duration::ZERO,
             liveness: crate::Liveness {
                 keepalive: Duration::ZERO,
                 user_timeout: Duration::ZERO,

@@ -113,10 +113,22 @@ pub(crate) async fn serve(
         drained.as_mut().poll(cx)
     });
     tokio::pin!(closing);
+    let first_bytes = backend.shared.client_first_byte_timeout;
+    let silent = async {
+        if first_bytes.is_zero() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(first_bytes).await;
+    };
     let sniffed = tokio::select! {
         sniffed = crate::first_bytes::sniff(stream) => sniffed,
         // Nothing asked yet: nothing to finish.
         () = closing.as_mut() => return,
+        () = silent => {
+            tracing::debug!(service = %backend.name, %client, "closing a client connection that sent nothing");
+            backend.shared.metrics.error(&backend.name, "client_silent");
+            return;
+        }
     };
     let result = match sniffed {
         Ok((io, true)) => {

@@ -77,6 +77,9 @@ pub struct Settings {
     /// A client's HTTP connection that starts no request for this long
     /// closes once its current exchange ends (zero: never).
     pub client_idle_timeout: Duration,
+    /// A client's HTTP connection that sends nothing for this long after
+    /// it opened closes (zero: never).
+    pub client_first_byte_timeout: Duration,
     /// How connections to instances notice a host that is gone.
     pub liveness: Liveness,
     /// A log line per request (L7) or connection (L4).
@@ -120,6 +123,7 @@ pub(crate) struct Shared {
     zone: String,
     pool_idle_timeout: Duration,
     client_idle_timeout: Duration,
+    client_first_byte_timeout: Duration,
     liveness: Liveness,
     access_log: bool,
     metrics: Arc<ProxyMetrics>,
@@ -164,6 +168,7 @@ impl Proxy {
                 zone: settings.zone,
                 pool_idle_timeout: settings.pool_idle_timeout,
                 client_idle_timeout: settings.client_idle_timeout,
+                client_first_byte_timeout: settings.client_first_byte_timeout,
                 liveness: settings.liveness,
                 access_log: settings.access_log,
                 metrics,

@@ -1,12 +1,18 @@
 //! L4: a client connection is joined to a connection to one instance and
 //! bytes flow both ways. A failed connect is tried on another instance
 //! (nothing was sent yet); after that, the instance's close closes the
-//! client's connection, and so does word that its host is gone.
+//! client's connection, and so does word that its host is gone, and with
+//! the service's `idle_timeout`, a connection that carried nothing for
+//! that long.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use signpost_core::policy::Balancer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -91,12 +97,7 @@ pub(crate) async fn serve(
         let in_flight = member.stats.in_flight();
         let gone = member.stats.gone();
         let copied = tokio::select! {
-            copied = tokio::io::copy_bidirectional_with_sizes(
-                &mut inbound,
-                &mut outbound,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            ) => Some(copied),
+            copied = join(&mut inbound, &mut outbound, policy.idle_timeout) => copied,
             () = stop.cancelled() => None,
             // Nothing will ever come back: the client may as well know now.
             () = gone.cancelled() => {
@@ -123,7 +124,7 @@ pub(crate) async fn serve(
                 tracing::debug!(service = %backend.name, %client, instance = %member.label, %error, "connection ended with an error");
             }
             None => {
-                tracing::debug!(service = %backend.name, %client, "connection closed at shutdown");
+                tracing::debug!(service = %backend.name, %client, "connection closed: shutdown, or idle for idle_timeout");
             }
         }
         return;
@@ -131,4 +132,118 @@ pub(crate) async fn serve(
     backend.circuit_outcome(policy, false, Instant::now());
     tracing::warn!(service = %backend.name, %client, reason = last.reason(), error = %last, "no instance took the connection; closing it");
     backend.shared.metrics.error(&backend.name, last.reason());
+}
+
+/// Copies both ways until either side closes; with `idle`, also until
+/// nothing went either way for that long (then `None`, as at shutdown).
+async fn join<A, B>(
+    inbound: &mut A,
+    outbound: &mut B,
+    idle: Option<std::time::Duration>,
+) -> Option<std::io::Result<(u64, u64)>>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(idle) = idle else {
+        let copied =
+            tokio::io::copy_bidirectional_with_sizes(inbound, outbound, COPY_BUFFER, COPY_BUFFER);
+        return Some(copied.await);
+    };
+    let activity = Activity::new();
+    let mut inbound = Tracked {
+        io: inbound,
+        activity: &activity,
+    };
+    let mut outbound = Tracked {
+        io: outbound,
+        activity: &activity,
+    };
+    let copied = tokio::io::copy_bidirectional_with_sizes(
+        &mut inbound,
+        &mut outbound,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    );
+    tokio::select! {
+        copied = copied => Some(copied),
+        () = activity.idle_for(idle) => None,
+    }
+}
+
+/// When a connection last carried a byte, either way.
+struct Activity {
+    started: Instant,
+    /// Milliseconds since `started`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing moved for `idle`.
+    async fn idle_for(&self, idle: std::time::Duration) {
+        loop {
+            let last =
+                self.started + std::time::Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let until = last + idle;
+            if until <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(until).await;
+        }
+    }
+}
+
+/// A side of an L4 connection that notes its reads and writes.
+struct Tracked<'a, S> {
+    io: &'a mut S,
+    activity: &'a Activity,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut *self.io).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
 }

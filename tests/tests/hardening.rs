@@ -307,3 +307,81 @@ async fn a_malformed_request_body_is_the_clients_error_not_the_instances() {
     );
     assert_eq!(agent.metric(&series).await, 0.0);
 }
+
+#[tokio::test]
+async fn connections_that_send_nothing_do_not_lock_a_service_out() {
+    use signpost_tests::upstream::{Upstream, client, vip};
+    use tokio::io::AsyncReadExt;
+
+    let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
+    let agent = Agent::start(&format!(
+        "dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n  client_first_byte_timeout: 1s\n  \
+         defaults:\n    max_connections: 20\n"
+    ))
+    .await;
+    let up = Upstream::start("web-1", 0).await;
+    agent.write_service_file(
+        "web.yaml",
+        &format!("services:\n{}", up.entry("web", "http")),
+    );
+    let addr = vip(&agent, "web", up.addr.port()).await;
+    let url = format!("http://web.service.internal:{}/", up.addr.port());
+
+    // More silent connections than the service admits.
+    let mut silent = Vec::new();
+    for _ in 0..25 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // They are closed, having asked for nothing...
+    for stream in &mut silent {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(signpost_tests::PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("a silent connection is still open");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    // ...and the service answers everyone else.
+    let r = client("web.service.internal", addr)
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let series = "signpost_agent_proxy_errors_total{service=\"web\",reason=\"client_silent\"}";
+    assert!(agent.metric(series).await >= 25.0);
+}
+
+#[tokio::test]
+async fn an_l4_service_with_an_idle_timeout_closes_idle_connections() {
+    use signpost_tests::upstream::{bind, serve_echo, vip};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
+    let agent = Agent::start(&format!(
+        "dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n  services:\n    echo: {{idle_timeout: 1s}}\n"
+    ))
+    .await;
+    let listener = bind(0).await;
+    let echo = listener.local_addr().unwrap();
+    tokio::spawn(serve_echo(listener));
+    agent.write_service_file(
+        "echo.yaml",
+        &format!(
+            "service:\n  name: echo\n  address: {}\n  port: {}\n  protocol: tcp\n",
+            echo.ip(),
+            echo.port()
+        ),
+    );
+    let addr = vip(&agent, "echo", echo.port()).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    // Then nothing, either way: closed.
+    let mut rest = [0u8; 4];
+    let read = tokio::time::timeout(signpost_tests::PATIENCE, stream.read(&mut rest))
+        .await
+        .expect("the idle connection is still open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
