@@ -120,7 +120,10 @@ pub(crate) async fn serve(
         }
         tokio::time::sleep(first_bytes).await;
     };
+    // In this order: a request usually arrives with its connection, and
+    // then the timer is never even made.
     let sniffed = tokio::select! {
+        biased;
         sniffed = crate::first_bytes::sniff(stream) => sniffed,
         // Nothing asked yet: nothing to finish.
         () = closing.as_mut() => return,
