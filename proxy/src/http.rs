@@ -559,9 +559,16 @@ fn forward<'s: 'f, 'f>(
                         reason,
                     }
                 }
-                // The client's body broke off or was malformed on its way:
-                // the client's error (400), never held against the instance.
-                Ok(Err(PoolError::Http(e))) if e.is_user() => {
+                // The client's body broke off or was malformed on its way
+                // (the request body, the only one, failed with its own
+                // error): the client's error (400), never held against the
+                // instance. Other errors hyper counts as the caller's, such
+                // as a connection closed under the request, are not.
+                Ok(Err(PoolError::Http(e)))
+                    if e.is_user()
+                        && std::error::Error::source(&e)
+                            .is_some_and(|s| s.is::<hyper::Error>()) =>
+                {
                     return Err(ProxyError::ClientBody(signpost_core::error_chain(&e)));
                 }
                 Ok(Err(PoolError::Http(e))) => {
