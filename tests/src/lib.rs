@@ -988,6 +988,14 @@ pub mod upstream {
         all
     }
 
+    /// An agent configuration for proxy tests: a VIP range of its own
+    /// (tests run side by side), no DNS recursors, and `proxy` (YAML lines
+    /// under `proxy:`, indented by two spaces).
+    pub fn proxy_config(proxy: &str) -> String {
+        let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
+        format!("dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n{proxy}")
+    }
+
     /// Resolves `name` with the agent's DNS, as an application does.
     pub async fn resolve(agent: &Agent, name: &str) -> Option<Ipv4Addr> {
         let m = query(agent.dns_addr(), name, RecordType::A, Transport::Udp).await;

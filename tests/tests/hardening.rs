@@ -263,14 +263,10 @@ async fn the_control_plane_keeps_nothing_it_could_not_save() {
 
 #[tokio::test]
 async fn a_malformed_request_body_is_the_clients_error_not_the_instances() {
-    use signpost_tests::upstream::{Upstream, client, vip};
+    use signpost_tests::upstream::{Upstream, client, proxy_config, vip};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
-    let agent = Agent::start(&format!(
-        "dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n"
-    ))
-    .await;
+    let agent = Agent::start(&proxy_config("")).await;
     let up = Upstream::start("web-1", 0).await;
     agent.write_service_file(
         "web.yaml",
@@ -310,13 +306,11 @@ async fn a_malformed_request_body_is_the_clients_error_not_the_instances() {
 
 #[tokio::test]
 async fn connections_that_send_nothing_do_not_lock_a_service_out() {
-    use signpost_tests::upstream::{Upstream, client, vip};
+    use signpost_tests::upstream::{Upstream, client, proxy_config, vip};
     use tokio::io::AsyncReadExt;
 
-    let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
-    let agent = Agent::start(&format!(
-        "dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n  client_first_byte_timeout: 1s\n  \
-         defaults:\n    max_connections: 20\n"
+    let agent = Agent::start(&proxy_config(
+        "  client_first_byte_timeout: 1s\n  defaults:\n    max_connections: 20\n",
     ))
     .await;
     let up = Upstream::start("web-1", 0).await;
@@ -353,14 +347,10 @@ async fn connections_that_send_nothing_do_not_lock_a_service_out() {
 
 #[tokio::test]
 async fn an_l4_service_with_an_idle_timeout_closes_idle_connections() {
-    use signpost_tests::upstream::{bind, serve_echo, vip};
+    use signpost_tests::upstream::{bind, proxy_config, serve_echo, vip};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
-    let agent = Agent::start(&format!(
-        "dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n  services:\n    echo: {{idle_timeout: 1s}}\n"
-    ))
-    .await;
+    let agent = Agent::start(&proxy_config("  services:\n    echo: {idle_timeout: 1s}\n")).await;
     let listener = bind(0).await;
     let echo = listener.local_addr().unwrap();
     tokio::spawn(serve_echo(listener));

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 
 use signpost_tests::Agent;
 use signpost_tests::upstream::{
-    HANG, Upstream, bind, client, client_builder, serve_echo, serve_grpc_health, spread, upstreams,
-    vip, vip_client,
+    HANG, Upstream, bind, client, client_builder, proxy_config, serve_echo, serve_grpc_health,
+    spread, upstreams, vip, vip_client,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,13 +21,7 @@ use tokio::task::JoinSet;
 /// An agent with its own VIP range (tests run side by side) and `proxy`
 /// settings (YAML lines under `proxy:`, indented by two spaces).
 async fn agent(proxy: &str) -> Agent {
-    Agent::start(&config(proxy)).await
-}
-
-/// The configuration [`agent`] starts with.
-fn config(proxy: &str) -> String {
-    let range = format!("127.76.{}.0/24", rand::random_range(0..=255u8));
-    format!("dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n{proxy}")
+    Agent::start(&proxy_config(proxy)).await
 }
 
 fn register(agent: &Agent, file: &str, service: &str, protocol: &str, ups: &[Upstream]) {
@@ -223,7 +217,7 @@ async fn idle_client_connections_are_closed_after_their_exchange() {
 async fn the_access_log_has_a_line_per_request_and_connection() {
     let agent = Agent::start(&format!(
         "log:\n  format: json\n{}",
-        config("  access_log: true\n")
+        proxy_config("  access_log: true\n")
     ))
     .await;
     let web = upstreams("web", 1).await;
