@@ -41,7 +41,7 @@ mod instances;
 mod processes;
 
 pub use self::instances::{delay_relay, echo_instance, grpc_instance, http_instance};
-pub use self::processes::{Agent, ControlPlane, TOKEN};
+pub use self::processes::{Agent, ControlPlane};
 
 /// The fleet's subnet; host `n` (1: the control plane) is `.n`.
 const SUBNET: [u8; 3] = [198, 18, 0];

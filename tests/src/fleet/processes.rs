@@ -15,7 +15,7 @@ use super::{Fleet, Host, client};
 use crate::{PATIENCE, Response, control_plane_bin, poll, signpost_bin};
 
 /// The token agents join with.
-pub const TOKEN: &str = "fleet-agent-token-0123456789";
+const TOKEN: &str = "fleet-agent-token-0123456789";
 
 /// The packaged configurations, as installed in `/etc/signpost/`.
 const AGENT_YAML: &str = include_str!("../../../packaging/etc/agent.yaml");
@@ -230,10 +230,6 @@ impl Agent {
             .await;
     }
 
-    pub fn kill(&self) {
-        self.host.kill_process("agent");
-    }
-
     /// Adds `address` to the control-plane addresses it tries, after
     /// those it has (takes effect at its next start).
     pub fn add_control_plane_address(&self, address: SocketAddr) {
@@ -267,10 +263,6 @@ impl Agent {
 
     pub fn log(&self) -> String {
         self.host.log("agent")
-    }
-
-    pub fn services_dir(&self) -> PathBuf {
-        self.host.dir.join("services.d")
     }
 
     /// `GET` on the agent's local API.
