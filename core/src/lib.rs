@@ -1,6 +1,8 @@
 //! The shared model of Signpost: what every other crate agrees on.
 //!
 //! Layout:
+//! - [`accept`]: what an accept loop does when accepting fails (back off,
+//!   log once a period), and the tally of refusals logged the same way.
 //! - [`duration`]: Go-style durations ("10s", "1m30s", "250ms"), the one way
 //!   every config file and API body spells a time span.
 //! - [`model`]: services, instances' checks and health, with newtypes for the
@@ -23,6 +25,7 @@
 //!
 //! This crate never reads files or the environment; the binaries do.
 
+pub mod accept;
 pub mod command;
 pub mod config;
 pub mod control_plane_config;

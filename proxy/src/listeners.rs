@@ -8,9 +8,9 @@
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use signpost_core::accept::AcceptBackoff;
 use signpost_core::model::Protocol;
 use socket2::{Domain, Socket, Type};
 use tokio_util::sync::CancellationToken;
@@ -162,7 +162,7 @@ async fn accept_loop(
     // This loop's own tokens: a connection's clone and wait then lock
     // only them, not the proxy's tokens that every thread shares.
     let (conn_drain, conn_stop) = (tasks.drain.child_token(), tasks.stop.child_token());
-    let mut failing = AcceptErrors::default();
+    let mut failing = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -197,46 +197,6 @@ async fn accept_loop(
     tracing::debug!(%addr, "listener closed");
 }
 
-/// Failed accepts in a row (out of file descriptors, mostly): each waits
-/// twice as long as the last, from 10 ms to 1 s, and they are logged once
-/// a period with their count rather than each.
-#[derive(Default)]
-struct AcceptErrors {
-    in_a_row: u32,
-    unlogged: u32,
-    logged_at: Option<std::time::Instant>,
-}
-
-/// Accept errors are logged at most this often.
-const ACCEPT_LOG_PERIOD: Duration = Duration::from_secs(10);
-
-impl AcceptErrors {
-    /// Notes a failure; how long to wait before accepting again.
-    fn failed(&mut self, addr: SocketAddr, error: &std::io::Error) -> Duration {
-        self.in_a_row = self.in_a_row.saturating_add(1);
-        self.unlogged += 1;
-        if self
-            .logged_at
-            .is_none_or(|at| at.elapsed() >= ACCEPT_LOG_PERIOD)
-        {
-            tracing::warn!(%addr, %error, failures = self.unlogged, "cannot accept connections; backing off");
-            self.unlogged = 0;
-            self.logged_at = Some(std::time::Instant::now());
-        }
-        Duration::from_millis(10)
-            .saturating_mul(1 << self.in_a_row.min(7))
-            .min(Duration::from_secs(1))
-    }
-
-    /// Accepting works again.
-    fn recovered(&mut self, addr: SocketAddr) {
-        if self.in_a_row > 0 {
-            tracing::info!(%addr, failures = self.in_a_row, "accepting connections again");
-            *self = AcceptErrors::default();
-        }
-    }
-}
-
 /// Tests of [`plan`].
 #[cfg(test)]
 mod tests {
@@ -246,21 +206,6 @@ mod tests {
     use signpost_core::policy::Policy;
 
     use super::*;
-
-    #[test]
-    fn failed_accepts_back_off_to_a_second_and_start_over_once_one_works() {
-        let addr = SocketAddr::from(([127, 77, 0, 9], 80));
-        let emfile = std::io::Error::from_raw_os_error(24);
-        let mut failing = AcceptErrors::default();
-        let waits: Vec<Duration> = (0..10).map(|_| failing.failed(addr, &emfile)).collect();
-        assert_eq!(waits[0], Duration::from_millis(20));
-        assert_eq!(waits[1], Duration::from_millis(40));
-        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
-        assert_eq!(waits[9], Duration::from_secs(1));
-        assert_eq!(failing.unlogged, 9, "logged once, the rest counted");
-        failing.recovered(addr);
-        assert_eq!(failing.failed(addr, &emfile), Duration::from_millis(20));
-    }
 
     fn spec(ports: &[u16]) -> ServiceSpec {
         ServiceSpec {
