@@ -14,7 +14,7 @@ use hickory_server::proto::op::{
 use hickory_server::proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_server::proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use hickory_server::proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder};
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use rand::seq::SliceRandom;
 use signpost_core::config::{AnswerMode, DnsConfig};
@@ -629,16 +629,5 @@ impl<C: Catalog> Handler<C> {
 
     pub(crate) fn metrics(&self) -> &DnsMetrics {
         &self.metrics
-    }
-}
-
-#[async_trait::async_trait]
-impl<C: Catalog> RequestHandler for Handler<C> {
-    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
-        &self,
-        request: &Request,
-        response_handle: R,
-    ) -> ResponseInfo {
-        self.respond(request, response_handle).await.info
     }
 }

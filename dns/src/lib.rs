@@ -7,25 +7,26 @@
 //! and cached, so the agent can be the host's only resolver.
 //!
 //! hickory-server does the wire format (including setting TC when an
-//! answer does not fit the client's UDP size) and the TCP serving; this
-//! crate is the answer logic ([`answer`]), the query-name grammar
-//! ([`names`]), the forwarder ([`forward`]) and the UDP loop with its cache
-//! of encoded answers ([`udp`]). Like every library crate it
+//! answer does not fit the client's UDP size); this crate is the answer
+//! logic ([`answer`]), the query-name grammar ([`names`]), the forwarder
+//! ([`forward`]), the bytes in and out of the handler ([`wire`]), the UDP
+//! loop with its cache of encoded answers ([`udp`]) and the TCP accept
+//! loop with its limits ([`tcp`]). Like every library crate it
 //! reads no file: the agent passes the configuration and the recursors.
 
 mod answer;
 mod forward;
 pub mod metrics;
 mod names;
+mod tcp;
 mod udp;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
-use hickory_server::Server;
 use signpost_core::config::DnsConfig;
 use signpost_core::model::{Health, Weights};
 use tokio::net::{TcpListener, UdpSocket};
@@ -124,9 +125,6 @@ pub enum DnsError {
     Serve(String),
 }
 
-/// How long a TCP client may stay idle between queries.
-const TCP_IDLE: Duration = Duration::from_secs(10);
-
 /// Most serving threads when `dns.threads` is 0 (one per core).
 const MAX_THREADS: usize = 4;
 
@@ -205,8 +203,8 @@ impl<C: Catalog> DnsServer<C> {
     }
 }
 
-/// One serving thread: a current-thread runtime running our UDP loop
-/// ([`udp`]) and hickory's TCP server on this thread's sockets.
+/// One serving thread: a current-thread runtime running the UDP loop
+/// ([`udp`]) and the TCP accept loop ([`tcp`]) on this thread's sockets.
 fn serve_thread<C: Catalog>(
     handler: Arc<Handler<C>>,
     udp: std::net::UdpSocket,
@@ -223,43 +221,12 @@ fn serve_thread<C: Catalog>(
     runtime.block_on(async move {
         let udp = UdpSocket::from_std(udp).map_err(|e| DnsError::Serve(e.to_string()))?;
         let tcp = TcpListener::from_std(tcp).map_err(|e| DnsError::Serve(e.to_string()))?;
-        let mut server = Server::new(Shared(handler.clone()));
-        server.register_listener(tcp, TCP_IDLE, 64 * 1024);
-        let tcp_done = async {
-            tokio::select! {
-                result = server.block_until_done() => {
-                    result.map_err(|e| DnsError::Serve(e.to_string()))
-                }
-                () = stop(stopped.clone()) => server
-                    .shutdown_gracefully()
-                    .await
-                    .map_err(|e| DnsError::Serve(e.to_string())),
-            }
-        };
-        let ((), tcp_result) =
-            tokio::join!(udp::serve(handler, udp, stop(stopped.clone())), tcp_done);
-        tcp_result
+        tokio::join!(
+            udp::serve(handler.clone(), udp, stop(stopped.clone())),
+            tcp::serve(handler, tcp, stop(stopped)),
+        );
+        Ok(())
     })
-}
-
-/// The handler, shared by the serving threads.
-struct Shared<C>(Arc<Handler<C>>);
-
-#[async_trait::async_trait]
-impl<C: Catalog> hickory_server::server::RequestHandler for Shared<C> {
-    async fn handle_request<R, T>(
-        &self,
-        request: &hickory_server::server::Request,
-        response_handle: R,
-    ) -> hickory_server::server::ResponseInfo
-    where
-        R: hickory_server::server::ResponseHandler,
-        T: hickory_server::net::runtime::Time,
-    {
-        self.0
-            .handle_request::<R, T>(request, response_handle)
-            .await
-    }
 }
 
 fn bind_error(addr: SocketAddr, protocol: &'static str) -> impl Fn(std::io::Error) -> DnsError {

@@ -24,6 +24,7 @@ struct CacheLabels {
 pub struct DnsMetrics {
     queries: Family<QueryLabels, Counter>,
     truncated: Counter,
+    tcp_refused: Counter,
     forward_seconds: Histogram,
     cache: Family<CacheLabels, Counter>,
     reused: Family<CacheLabels, Counter>,
@@ -34,6 +35,7 @@ impl Default for DnsMetrics {
         DnsMetrics {
             queries: Family::default(),
             truncated: Counter::default(),
+            tcp_refused: Counter::default(),
             // 100 µs .. ~3.3 s
             forward_seconds: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
@@ -56,6 +58,11 @@ impl DnsMetrics {
             "truncated",
             "UDP answers that did not fit and were sent with TC set (the client retries over TCP)",
             self.truncated.clone(),
+        );
+        dns.register(
+            "tcp_refused",
+            "TCP connections closed as they arrived because the serving thread had as many open as it may",
+            self.tcp_refused.clone(),
         );
         dns.register(
             "forward_seconds",
@@ -104,6 +111,10 @@ impl DnsMetrics {
 
     pub(crate) fn truncated(&self) {
         self.truncated.inc();
+    }
+
+    pub(crate) fn tcp_refused(&self) {
+        self.tcp_refused.inc();
     }
 
     pub(crate) fn forwarded(&self, cached: bool, seconds: f64) {

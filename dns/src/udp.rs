@@ -10,28 +10,22 @@
 //! name, a query after a catalog change, a forwarded name, a shuffled
 //! instance list) goes through hickory's parser and encoder and the
 //! handler, on a task of its own so that a slow upstream never holds up
-//! the loop. `bench/RESULTS.md` has what this saves. TCP stays entirely
-//! with hickory-server.
+//! the loop. `bench/RESULTS.md` has what this saves.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_server::net::NetError;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, ResponseCode};
-use hickory_server::proto::rr::Record;
-use hickory_server::proto::serialize::binary::{BinDecodable, BinEncodable, BinEncoder};
-use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::UdpSocket;
 use tokio_util::task::TaskTracker;
 
 use crate::Catalog;
 use crate::answer::{Handler, rcode_label};
+use crate::wire::{self, HEADER_LEN, lock};
 
 /// Longest a cached answer is reused, even with an unchanged generation.
 /// It must stay below the shortest `control_plane.subscription_idle`
@@ -49,9 +43,6 @@ const MAX_ANSWER: usize = 512;
 
 /// The largest datagram; a longer one would arrive cut and fail to parse.
 const RECEIVE_BUFFER: usize = 65_535;
-
-/// A DNS header's length: the ID, the flags and four counts.
-const HEADER_LEN: usize = 12;
 
 /// Answers queries on `socket` until `stop` completes, then lets the
 /// queries in flight finish.
@@ -116,39 +107,17 @@ async fn answer<C: Catalog>(
 ) {
     // Read first: a change while answering then makes the entry stale.
     let generation = handler.generation();
-    let Ok(header) = Header::from_bytes(&raw[..HEADER_LEN]) else {
+    let Some(answered) = wire::answer(handler, raw, src, Protocol::Udp).await else {
         return;
     };
-    let request = match Request::from_bytes(raw, src, Protocol::Udp) {
-        Ok(request) => request,
-        Err(error) => {
-            tracing::debug!(%error, %src, "undecodable DNS query");
-            let mut metadata = Metadata::response_from_request(&header.metadata);
-            metadata.response_code = ResponseCode::FormErr;
-            let mut bytes = Vec::with_capacity(HEADER_LEN);
-            let reply = Header {
-                metadata,
-                counts: HeaderCounts::default(),
-            };
-            if reply.emit(&mut BinEncoder::new(&mut bytes)).is_ok() {
-                handler
-                    .metrics()
-                    .answered("other", rcode_label(ResponseCode::FormErr), false);
-                send(socket, &bytes, src).await;
-            }
-            return;
-        }
-    };
-    let encoded = Encoded::default();
-    let outcome = handler.respond(&request, encoded.clone()).await;
-    let Some(bytes) = lock(&encoded.0).take() else {
-        return;
-    };
-    send(socket, &bytes, src).await;
-    if outcome.reusable && bytes.len() <= MAX_ANSWER {
+    send(socket, &answered.bytes, src).await;
+    if let Some((request, outcome)) = answered.handled
+        && outcome.reusable
+        && answered.bytes.len() <= MAX_ANSWER
+    {
         let rcode = rcode_label(outcome.info.response_code);
         let cached = Cached {
-            bytes: bytes.into_boxed_slice(),
+            bytes: answered.bytes.into_boxed_slice(),
             generation,
             born: Instant::now(),
             counter: handler.metrics().query_counter(outcome.qtype, rcode, false),
@@ -170,11 +139,6 @@ async fn send(socket: &UdpSocket, bytes: &[u8], src: SocketAddr) {
     if let Err(error) = socket.send_to(bytes, src).await {
         tracing::debug!(%error, %src, "cannot send the DNS response");
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section is a map operation; the data stays usable.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Encoded answers of one serving thread, by query bytes after the ID.
@@ -217,50 +181,6 @@ impl AnswerCache {
             None => {}
         }
         self.entries.insert(query.into(), cached);
-    }
-}
-
-/// Encodes the response as hickory's UDP server would (at most 512 bytes,
-/// or the client's EDNS size, with TC set when it does not fit) and keeps
-/// the bytes.
-#[derive(Clone, Default)]
-struct Encoded(Arc<Mutex<Option<Vec<u8>>>>);
-
-#[async_trait::async_trait]
-impl ResponseHandler for Encoded {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let (id, op_code) = (response.metadata().id, response.metadata().op_code);
-        let mut bytes = Vec::with_capacity(MAX_ANSWER);
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(response.edns().map_or(512, Edns::max_payload));
-        let info = match response.destructive_emit(&mut encoder) {
-            Ok(info) => info,
-            Err(error) => {
-                // What hickory's own server sends then: a bare SERVFAIL.
-                tracing::warn!(%error, "cannot encode a DNS answer");
-                bytes.clear();
-                let mut metadata = Metadata::new(id, MessageType::Response, op_code);
-                metadata.response_code = ResponseCode::ServFail;
-                let header = Header {
-                    metadata,
-                    counts: HeaderCounts::default(),
-                };
-                header.emit(&mut BinEncoder::new(&mut bytes))?;
-                ResponseInfo::from(header)
-            }
-        };
-        *lock(&self.0) = Some(bytes);
-        Ok(info)
     }
 }
 
