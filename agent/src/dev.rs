@@ -81,6 +81,7 @@ pub async fn run(
         },
         http: HttpConfig {
             listen: "127.0.0.1:0".parse()?,
+            ..HttpConfig::default()
         },
         agent_tokens: vec![token.clone()],
         ..ControlPlaneConfig::default()

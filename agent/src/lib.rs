@@ -105,6 +105,8 @@ pub async fn run(
     dns_metrics.register(metrics.registry_mut());
     let proxy_metrics = Arc::new(signpost_proxy::ProxyMetrics::default());
     proxy_metrics.register(metrics.registry_mut());
+    let api_server_metrics = signpost_control_plane::http_server::ServerMetrics::default();
+    api_server_metrics.register(metrics.registry_mut(), "api");
     let metrics = Arc::new(metrics);
     let supervisor = Supervisor::new(
         state.clone(),
@@ -283,12 +285,17 @@ pub async fn run(
             .build()
             .context("cannot build the HTTP client for the control plane")?,
     });
-    let server_shutdown = shutdown.clone();
+    let (server_shutdown, limits) = (shutdown.clone(), agent.config.api.limits.clone());
     serving.spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-            .await;
-        ("API server", served.map_err(|e| e.to_string()))
+        signpost_control_plane::http_server::serve(
+            listener,
+            router,
+            &limits,
+            api_server_metrics,
+            server_shutdown,
+        )
+        .await;
+        ("API server", Ok(()))
     });
     if let Some(ready) = ready
         && ready.send(local).is_err()

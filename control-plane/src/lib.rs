@@ -8,6 +8,8 @@
 //!   per-service deltas to subscribers only.
 //! - [`http`]: nodes with liveness, catalog and health in Consul's shapes,
 //!   `/metrics`.
+//! - [`http_server`]: the HTTP server loop with its timeouts and
+//!   per-client limits, shared with the agent's local API.
 //! - [`tls`]: `init-tls`, the private CA and server certificate.
 //! - [`store`]: the last catalog snapshot, kept under `data_dir`.
 //! - [`commands`]: operator commands, stored and sent to every agent.
@@ -23,6 +25,7 @@ pub mod acl;
 pub mod catalog;
 pub mod commands;
 pub mod http;
+pub mod http_server;
 pub mod metrics;
 pub mod store;
 pub mod sync;
@@ -163,19 +166,26 @@ pub async fn run(
             async move { grpc_shutdown.cancelled().await },
         );
     running.spawn(async move { ("gRPC server", grpc.await.map_err(|e| e.to_string())) });
+    let metrics = Arc::new(metrics::Metrics::default());
+    let server_metrics = metrics.http_server.clone();
     let router = http::router(http::HttpState {
         catalog,
         acl,
         commands,
-        metrics: Arc::new(metrics::Metrics::default()),
+        metrics,
         datacenter: "dc1".to_string(),
     });
-    let http_shutdown = shutdown.clone();
+    let (http_shutdown, limits) = (shutdown.clone(), config.http.limits.clone());
     running.spawn(async move {
-        let served = axum::serve(http_listener, router)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await;
-        ("HTTP server", served.map_err(|e| e.to_string()))
+        http_server::serve(
+            http_listener,
+            router,
+            &limits,
+            server_metrics,
+            http_shutdown,
+        )
+        .await;
+        ("HTTP server", Ok(()))
     });
     if let Some(ready) = ready
         && ready.send(listening).is_err()

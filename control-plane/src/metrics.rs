@@ -7,6 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::catalog::{Catalog, NodeStatus};
+use crate::http_server::ServerMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
@@ -18,6 +19,8 @@ pub struct Metrics {
     sessions: Gauge,
     nodes: Family<StatusLabels, Gauge>,
     instances: Gauge,
+    /// The HTTP API's own closings (`signpost_control_plane_http_connections_closed_total`).
+    pub http_server: ServerMetrics,
 }
 
 impl Default for Metrics {
@@ -33,11 +36,14 @@ impl Default for Metrics {
             "Service instances in the catalog",
             instances.clone(),
         );
+        let http_server = ServerMetrics::default();
+        http_server.register(&mut registry, "http");
         Metrics {
             registry,
             sessions,
             nodes,
             instances,
+            http_server,
         }
     }
 }

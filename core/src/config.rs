@@ -402,6 +402,7 @@ pub struct ApiConfig {
     /// Wait of a blocking query that names none (`default_query_time`).
     #[serde(with = "crate::duration::serde_go")]
     pub default_query_time: Duration,
+    pub limits: HttpLimits,
 }
 
 impl Default for ApiConfig {
@@ -410,7 +411,55 @@ impl Default for ApiConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8500)),
             max_query_time: Duration::from_secs(600),
             default_query_time: Duration::from_secs(300),
+            limits: HttpLimits::default(),
         }
+    }
+}
+
+/// What one client may hold of an HTTP API (the agent's and the control
+/// plane's), so that idle or slow connections cannot lock others out.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// A connection must send a request's headers within this time of
+    /// opening or of the previous response, or it is closed: the header
+    /// and keep-alive timeout in one, as HAProxy's `timeout
+    /// http-request`. A request being answered (a blocking query) is not
+    /// affected.
+    #[serde(with = "crate::duration::serde_go")]
+    pub header_timeout: Duration,
+    /// Open connections from one client address; more are closed as they
+    /// arrive (Consul's `http_max_conns_per_client`).
+    pub max_connections_per_client: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: Duration::from_secs(10),
+            max_connections_per_client: 200,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// Checks the limits of the section `at` (`api`, `http`).
+    pub fn validate(&self, at: &str) -> Result<(), (String, String)> {
+        if self.header_timeout < Duration::from_millis(100)
+            || self.header_timeout > Duration::from_secs(600)
+        {
+            return Err((
+                format!("{at}.limits.header_timeout"),
+                "must be between 100ms and 10m".to_string(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_connections_per_client) {
+            return Err((
+                format!("{at}.limits.max_connections_per_client"),
+                "must be between 1 and 100000".to_string(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -532,6 +581,10 @@ impl AgentConfig {
                 "must be greater than 0 and at most api.max_query_time".to_string(),
             ));
         }
+        self.api
+            .limits
+            .validate("api")
+            .map_err(|(field, reason)| invalid(&field, reason))?;
         if let Some(cp) = &self.control_plane {
             if cp.addresses.is_empty() {
                 return Err(invalid(

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, LogConfig};
+use crate::config::{ConfigError, HttpLimits, LogConfig};
 use crate::yaml;
 
 /// `signpost-control-plane`'s configuration.
@@ -70,12 +70,14 @@ impl Default for GrpcConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    pub limits: HttpLimits,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8700)),
+            limits: HttpLimits::default(),
         }
     }
 }
@@ -104,6 +106,9 @@ impl ControlPlaneConfig {
         }
         if config.restore_grace < std::time::Duration::from_secs(1) {
             return Err(invalid("restore_grace", "must be at least 1s"));
+        }
+        if let Err((field, reason)) = config.http.limits.validate("http") {
+            return Err(invalid(&field, &reason));
         }
         if config.grpc.cert_file.is_some() != config.grpc.key_file.is_some() {
             return Err(invalid(
