@@ -151,6 +151,20 @@ async fn wait_answering(
     }
 }
 
+/// `yaml` with `line` added first to its top-level `section`, which is
+/// made if it has none.
+fn with_line(yaml: &str, section: &str, line: &str) -> String {
+    let header = format!("{section}:\n");
+    match yaml.find(&header) {
+        Some(at) if at == 0 || yaml[..at].ends_with('\n') => {
+            let (head, tail) = yaml.split_at(at + header.len());
+            format!("{head}  {line}\n{tail}")
+        }
+        _ if yaml.is_empty() || yaml.ends_with('\n') => format!("{yaml}{header}  {line}\n"),
+        _ => format!("{yaml}\n{header}  {line}\n"),
+    }
+}
+
 /// A running `signpost agent`.
 pub struct Agent {
     child: Option<Child>,
@@ -211,25 +225,20 @@ impl Agent {
     }
 
     async fn spawn(&mut self) {
-        // `dns.listen` goes into the test's own `dns:` section, if any.
-        let listen = format!("  listen: {}\n", self.dns_addr());
-        let extra = match self.extra_config.find("dns:\n") {
-            Some(at) if at == 0 || self.extra_config[..at].ends_with('\n') => {
-                let (head, tail) = self.extra_config.split_at(at + "dns:\n".len());
-                format!("{head}{listen}{tail}")
-            }
-            _ if self.extra_config.is_empty() || self.extra_config.ends_with('\n') => {
-                format!("{}dns:\n{listen}", self.extra_config)
-            }
-            _ => format!("{}\ndns:\n{listen}", self.extra_config),
-        };
+        // `dns.listen` and `api.listen` go into the test's own `dns:` and
+        // `api:` sections, if any.
+        let extra = with_line(
+            &self.extra_config,
+            "dns",
+            &format!("listen: {}", self.dns_addr()),
+        );
+        let extra = with_line(&extra, "api", &format!("listen: {}", self.addr));
         let config = format!(
-            "node_name: {}\ndata_dir: {}\nservices_dir: {}\nadvertise_addr: {}\napi:\n  listen: {}\n{}",
+            "node_name: {}\ndata_dir: {}\nservices_dir: {}\nadvertise_addr: {}\n{}",
             self.node,
             self.data_dir().display(),
             self.services_dir().display(),
             self.addr.ip(),
-            self.addr,
             extra
         );
         std::fs::write(self.config_path(), config).unwrap();
@@ -260,7 +269,8 @@ impl Agent {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
-    fn pid(&self) -> Pid {
+    /// The agent's process ID.
+    pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
     }
 

@@ -307,7 +307,6 @@ async fn a_malformed_request_body_is_the_clients_error_not_the_instances() {
 #[tokio::test]
 async fn connections_that_send_nothing_do_not_lock_a_service_out() {
     use signpost_tests::upstream::{Upstream, client, proxy_config, vip};
-    use tokio::io::AsyncReadExt;
 
     let agent = Agent::start(&proxy_config(
         "  client_first_byte_timeout: 1s\n  defaults:\n    max_connections: 20\n",
@@ -328,11 +327,7 @@ async fn connections_that_send_nothing_do_not_lock_a_service_out() {
     }
     // They are closed, having asked for nothing...
     for stream in &mut silent {
-        let mut buf = [0u8; 16];
-        let read = tokio::time::timeout(signpost_tests::PATIENCE, stream.read(&mut buf))
-            .await
-            .expect("a silent connection is still open");
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        closed_by_peer(stream).await;
     }
     // ...and the service answers everyone else.
     let r = client("web.service.internal", addr)
@@ -369,9 +364,138 @@ async fn an_l4_service_with_an_idle_timeout_closes_idle_connections() {
     stream.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ping");
     // Then nothing, either way: closed.
-    let mut rest = [0u8; 4];
-    let read = tokio::time::timeout(signpost_tests::PATIENCE, stream.read(&mut rest))
-        .await
-        .expect("the idle connection is still open");
+    closed_by_peer(&mut stream).await;
+}
+
+/// Waits until the other end closes `stream` (it reads end-of-file or an
+/// error); fails the test if it stays open.
+async fn closed_by_peer(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let Ok(read) = tokio::time::timeout(signpost_tests::PATIENCE, stream.read(&mut buf)).await
+    else {
+        panic!("the connection is still open");
+    };
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+#[tokio::test]
+async fn idle_and_surplus_api_connections_are_closed_and_blocking_queries_are_not() {
+    let agent = Agent::start(
+        "api:\n  limits:\n    header_timeout: 1s\n    max_connections_per_client: 4\n",
+    )
+    .await;
+    // A blocking query waits longer than the header timeout, unharmed.
+    let index = agent.get("/v1/catalog/services").await.index();
+    let r = agent
+        .get(&format!("/v1/catalog/services?index={index}&wait=3s"))
+        .await;
+    assert_eq!(r.status, 200);
+
+    // More connections from this client than it may have, all silent:
+    // those over the limit are closed as they arrive, the others once
+    // the header timeout passes.
+    let mut silent = Vec::new();
+    for _ in 0..7 {
+        silent.push(tokio::net::TcpStream::connect(agent.addr).await.unwrap());
+    }
+    for stream in &mut silent {
+        closed_by_peer(stream).await;
+    }
+    // The API serves the client again.
+    assert_eq!(agent.get("/v1/agent/self").await.status, 200);
+    let closed = |reason: &str| {
+        format!("signpost_agent_api_connections_closed_total{{reason=\"{reason}\"}}")
+    };
+    assert!(agent.metric(&closed("per_client_limit")).await >= 3.0);
+    assert!(agent.metric(&closed("header_timeout")).await >= 3.0);
+}
+
+#[tokio::test]
+async fn the_control_plane_closes_http_connections_that_send_nothing() {
+    let cp = ControlPlane::start().await;
+    let mut silent = tokio::net::TcpStream::connect(cp.http).await.unwrap();
+    closed_by_peer(&mut silent).await;
+    let metrics = cp.get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    let series = "signpost_control_plane_http_connections_closed_total{reason=\"header_timeout\"}";
+    assert!(
+        metrics
+            .text
+            .lines()
+            .any(|l| l.starts_with(series) && !l.ends_with(" 0")),
+        "{}",
+        metrics.text
+    );
+}
+
+/// CPU time (user and system, in clock ticks) process `pid` has used.
+fn cpu_ticks(pid: nix::unistd::Pid) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: state is field 3, utime 14.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test]
+async fn dns_over_tcp_waits_out_the_file_descriptor_limit_and_closes_idle_connections() {
+    use hickory_proto::rr::RecordType;
+    use signpost_tests::dns::{Transport, query};
+
+    let agent = Agent::start("").await;
+    agent.write_service_file(
+        "web.yaml",
+        "service:\n  name: web\n  address: 10.1.2.3\n  port: 80\n",
+    );
+    wait_service(&agent, "web").await;
+    let dns = agent.dns_addr();
+    let mut idle = tokio::net::TcpStream::connect(dns).await.unwrap();
+
+    // No file descriptor left: a connection waits in the backlog and the
+    // accept loops back off instead of spinning.
+    let pid = agent.pid().to_string();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+    let limit = |soft: &str| {
+        let out = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={soft}:")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    limit(&open.to_string());
+    let waiting = tokio::net::TcpStream::connect(dns).await.unwrap();
+    let before = cpu_ticks(agent.pid());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let used = cpu_ticks(agent.pid()) - before;
+    limit(&soft);
+    // A thread spinning on accept would use about 300 ticks (3 s).
+    assert!(
+        used < 100,
+        "{used} ticks of CPU in 3 s at the descriptor limit"
+    );
+    drop(waiting);
+
+    // Descriptors again: TCP queries are answered.
+    let answer = query(dns, "web.service.internal", RecordType::A, Transport::Tcp).await;
+    assert!(!answer.answers.is_empty(), "{answer:?}");
+    // And the connection that never asked anything is closed.
+    closed_by_peer(&mut idle).await;
+    assert!(
+        agent
+            .log()
+            .contains("cannot accept connections; backing off")
+    );
 }
