@@ -47,7 +47,6 @@ mod proxy;
 pub mod state;
 mod supervise;
 mod sync;
-pub mod telemetry;
 pub mod tls;
 pub mod vips;
 

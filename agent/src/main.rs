@@ -384,7 +384,7 @@ async fn agent(path: PathBuf, validate: bool) -> ExitCode {
             }
         };
     }
-    signpost_agent::telemetry::init(&config.log);
+    signpost_control_plane::logging::init(&config.log);
     match signpost_agent::run(config, None, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
