@@ -6,18 +6,40 @@
 //! 256 random bits, so a fast hash is enough. On first start a bootstrap
 //! admin token is created and its secret written once to
 //! `data_dir/bootstrap-token` (0600). Every token change and every refused
-//! request goes to the audit log (`data_dir/audit.jsonl`, one JSON object
-//! per line, appended).
+//! request goes to the audit log ([`crate::audit`]).
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 use signpost_core::command::now_millis;
+use signpost_core::control_plane_config::AuditConfig;
 
+pub use crate::audit::AuditEntry;
+use crate::audit::{AuditLog, Private};
 use crate::store::write_atomic;
+
+/// The token of an `Authorization` header's value: the `Bearer` scheme,
+/// in any case (schemes are case-insensitive, RFC 9110).
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The token an HTTP request presents: `X-Consul-Token`, else
+/// `Authorization: Bearer`.
+pub fn presented(headers: &axum::http::HeaderMap) -> Option<&str> {
+    if let Some(token) = headers.get("x-consul-token").and_then(|v| v.to_str().ok()) {
+        return Some(token.trim());
+    }
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+}
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,23 +104,6 @@ pub struct TokenRecord {
     pub created_by: String,
 }
 
-/// One audit entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// Unix milliseconds.
-    pub time: u64,
-    /// The accessor that acted; empty when no valid token was presented.
-    pub who: String,
-    /// `token.create`, `token.delete`, `auth.denied`...
-    pub action: String,
-    /// What it acted on.
-    pub target: String,
-    /// `ok`, or why it was refused.
-    pub outcome: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum AclError {
     #[error("{path}: {source}")]
@@ -113,9 +118,6 @@ pub enum AclError {
     },
 }
 
-/// Audit entries kept in memory for queries (the file keeps them all).
-const AUDIT_IN_MEMORY: usize = 10_000;
-
 #[derive(Serialize, Deserialize, Default)]
 struct TokenFile {
     tokens: BTreeMap<String, TokenRecord>,
@@ -124,8 +126,7 @@ struct TokenFile {
 pub struct Acl {
     path: PathBuf,
     tokens: RwLock<BTreeMap<String, TokenRecord>>,
-    audit_path: PathBuf,
-    audit: Mutex<Vec<AuditEntry>>,
+    audit: AuditLog,
 }
 
 /// Why a request is refused.
@@ -141,7 +142,7 @@ impl Acl {
     /// Loads the tokens in `data_dir`; on the very first start creates the
     /// bootstrap admin token and writes its secret to
     /// `data_dir/bootstrap-token`.
-    pub fn open(data_dir: &Path) -> Result<Acl, AclError> {
+    pub fn open(data_dir: &Path, audit: AuditConfig) -> Result<Acl, AclError> {
         let path = data_dir.join("acl.json");
         let io = |path: &Path, source| AclError::Io {
             path: path.display().to_string(),
@@ -160,25 +161,12 @@ impl Acl {
             Err(e) => return Err(io(&path, e)),
         };
         let audit_path = data_dir.join("audit.jsonl");
-        let audit = match std::fs::read_to_string(&audit_path) {
-            Ok(text) => {
-                let mut entries: Vec<AuditEntry> = text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str(l).ok())
-                    .collect();
-                let skip = entries.len().saturating_sub(AUDIT_IN_MEMORY);
-                entries.drain(..skip);
-                entries
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io(&audit_path, e)),
-        };
+        let audit = AuditLog::open(data_dir, audit).map_err(|e| io(&audit_path, e))?;
         let first_start = tokens.is_empty() && !path.exists();
         let acl = Acl {
             path,
             tokens: RwLock::new(tokens),
-            audit_path,
-            audit: Mutex::new(audit),
+            audit,
         };
         if first_start {
             let bootstrap = data_dir.join("bootstrap-token");
@@ -209,10 +197,6 @@ impl Acl {
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, TokenRecord>> {
         self.tokens.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn audit_lock(&self) -> MutexGuard<'_, Vec<AuditEntry>> {
-        self.audit.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The token whose secret is `secret`.
@@ -293,55 +277,26 @@ impl Acl {
         self.read().values().cloned().collect()
     }
 
-    /// Appends to the audit log (file and memory). A write error is
-    /// logged: refusing the request would not undo what it did.
+    /// Appends to the audit log (file and memory).
     pub fn record(&self, entry: AuditEntry) {
-        let line = match serde_json::to_string(&entry) {
-            Ok(line) => line,
-            Err(error) => {
-                tracing::error!(%error, "cannot encode an audit entry");
-                return;
-            }
-        };
-        let mut audit = self.audit_lock();
-        let appended = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode_0600()
-            .open(&self.audit_path)
-            .and_then(|mut f| {
-                f.write_all(format!("{line}\n").as_bytes())?;
-                f.sync_data()
-            });
-        if let Err(error) = appended {
-            tracing::error!(path = %self.audit_path.display(), %error, "cannot append to the audit log");
-        }
-        tracing::info!(target: "signpost::audit", who = %entry.who, action = %entry.action, target = %entry.target, outcome = %entry.outcome, reason = %entry.reason);
-        audit.push(entry);
-        let excess = audit.len().saturating_sub(AUDIT_IN_MEMORY);
-        audit.drain(..excess);
+        self.audit.record(entry);
+    }
+
+    /// A request refused for want of a valid token: audited once a
+    /// period, with a count (see [`crate::audit`]).
+    pub fn record_anonymous_refusal(&self, entry: AuditEntry) {
+        self.audit.denied_anonymous(entry);
+    }
+
+    /// The audit log's periodic work ([`AuditLog::tick`]).
+    pub fn audit_tick(&self) {
+        self.audit.tick();
     }
 
     /// The newest `limit` audit entries at or after `since` (Unix ms),
     /// oldest first.
     pub fn audit(&self, since: u64, limit: usize) -> Vec<AuditEntry> {
-        let audit = self.audit_lock();
-        let matching: Vec<&AuditEntry> = audit.iter().filter(|e| e.time >= since).collect();
-        let skip = matching.len().saturating_sub(limit);
-        matching.into_iter().skip(skip).cloned().collect()
-    }
-}
-
-impl AuditEntry {
-    pub fn new(who: &str, action: &str, target: &str, outcome: &str, reason: &str) -> Self {
-        AuditEntry {
-            time: now_millis(),
-            who: who.to_string(),
-            action: action.to_string(),
-            target: target.to_string(),
-            outcome: outcome.to_string(),
-            reason: reason.to_string(),
-        }
+        self.audit.query(since, limit)
     }
 }
 
@@ -367,17 +322,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `OpenOptions::mode(0o600)`, named.
-trait Private {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Private for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,7 +339,7 @@ mod tests {
     #[test]
     fn bootstrap_once_secrets_hashed_and_tokens_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let acl = Acl::open(dir.path()).unwrap();
+        let acl = Acl::open(dir.path(), AuditConfig::default()).unwrap();
         let bootstrap = std::fs::read_to_string(dir.path().join("bootstrap-token")).unwrap();
         let admin = acl.authorize(Some(bootstrap.trim()), Role::Admin).unwrap();
         let (op, secret) = acl.create(Role::Operator, "ci", &admin.accessor).unwrap();
@@ -422,7 +366,7 @@ mod tests {
         }
 
         std::fs::remove_file(dir.path().join("bootstrap-token")).unwrap();
-        let again = Acl::open(dir.path()).unwrap();
+        let again = Acl::open(dir.path(), AuditConfig::default()).unwrap();
         assert!(
             !dir.path().join("bootstrap-token").exists(),
             "no second bootstrap"

@@ -67,12 +67,15 @@ pub fn check_token(
     tokens: Arc<Vec<String>>,
     acl: Arc<crate::acl::Acl>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    let refused = Arc::new(std::sync::Mutex::new(
+        signpost_core::accept::Tally::default(),
+    ));
     move |request: Request<()>| {
         let presented = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(crate::acl::bearer);
         match presented {
             Some(token)
                 if tokens
@@ -83,7 +86,13 @@ pub fn check_token(
                 Ok(request)
             }
             Some(_) => {
-                tracing::warn!("agent refused: unknown token");
+                // Logged once a period: anyone can send these.
+                let mut refused = refused
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(count) = refused.note() {
+                    tracing::warn!(count, "agent streams refused: unknown token");
+                }
                 Err(Status::unauthenticated(
                     "unknown agent token: check control_plane.token in the agent configuration",
                 ))

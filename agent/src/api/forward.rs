@@ -2,11 +2,13 @@
 //! `/v1/acl/...`, `/v1/audit`) are forwarded to the control plane's HTTP
 //! API (`control_plane.http`), but only with a token: the local API
 //! itself needs none for the host's own registrations, so it must never
-//! lend the agent's authority to an operator action.
+//! lend the agent's authority to an operator action. Only the control
+//! plane's operator paths are forwarded, rebuilt from checked segments:
+//! nothing like `/v1/acl/../../metrics` reaches any other path.
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::Api;
@@ -30,7 +32,7 @@ pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Respons
         .into_response();
     };
     let headers = request.headers().clone();
-    let token = token(&headers);
+    let token = signpost_control_plane::acl::presented(&headers).map(str::to_string);
     if token.is_none() {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -38,12 +40,18 @@ pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Respons
         )
         .into_response();
     }
+    let Some(path) = operator_path(request.uri().path()) else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not an operator path of the control plane (/v1/commands[/ID], /v1/acl/token[/ID], /v1/acl/tokens, /v1/audit)",
+        )
+        .into_response();
+    };
+    let path_and_query = match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
     let method = request.method().clone();
-    let path_and_query = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
     let body: Bytes = match axum::body::to_bytes(request.into_body(), MAX_BODY).await {
         Ok(b) => b,
         Err(e) => {
@@ -90,13 +98,52 @@ pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Respons
     }
 }
 
-fn token(headers: &HeaderMap) -> Option<String> {
-    if let Some(t) = headers.get("x-consul-token").and_then(|v| v.to_str().ok()) {
-        return Some(t.trim().to_string());
+/// `path` if it is one of the control plane's operator paths, with any
+/// ID made only of characters IDs have (no dots, slashes or escapes).
+fn operator_path(path: &str) -> Option<String> {
+    let id = |s: &str| {
+        (1..=128).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let segments: Vec<&str> = path.strip_prefix("/v1/")?.split('/').collect();
+    let known = match segments.as_slice() {
+        ["commands"] | ["audit"] | ["acl", "token"] | ["acl", "tokens"] => true,
+        ["commands", x] | ["acl", "token", x] => id(x),
+        _ => false,
+    };
+    known.then(|| format!("/v1/{}", segments.join("/")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_operator_paths_are_forwarded() {
+        for ok in [
+            "/v1/commands",
+            "/v1/commands/4f1c-9a_b",
+            "/v1/acl/token",
+            "/v1/acl/token/self",
+            "/v1/acl/tokens",
+            "/v1/audit",
+        ] {
+            assert_eq!(operator_path(ok).as_deref(), Some(ok));
+        }
+        for bad in [
+            "/v1/acl/../../metrics",
+            "/v1/acl/token/..",
+            "/v1/acl/token/%2e%2e",
+            "/v1/acl/token/a%0Ab",
+            "/v1/commands/",
+            "/v1/commands//x",
+            "/v1/acl/token/a/b",
+            "/v1/acl/policies",
+            "/metrics",
+            "/v1/audit/../nodes",
+        ] {
+            assert_eq!(operator_path(bad), None, "{bad}");
+        }
     }
-    headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string())
 }

@@ -9,19 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::HttpState;
-use crate::acl::{AuditEntry, Denied, Role, TokenRecord};
-
-/// The token a request presents.
-fn presented(headers: &HeaderMap) -> Option<&str> {
-    if let Some(token) = headers.get("x-consul-token").and_then(|v| v.to_str().ok()) {
-        return Some(token.trim());
-    }
-    headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-}
+use crate::acl::{AuditEntry, Denied, Role, TokenRecord, presented};
 
 fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
@@ -57,7 +45,7 @@ pub(super) fn authorize(
             } else {
                 "no token"
             };
-            s.acl.record(AuditEntry::new(
+            s.acl.record_anonymous_refusal(AuditEntry::new(
                 "",
                 action,
                 target,
