@@ -10,11 +10,13 @@
 //!   `/metrics`.
 //! - [`http_server`]: the HTTP server loop with its timeouts and
 //!   per-client limits, shared with the agent's local API.
+//! - [`logging`]: the log output of both binaries (control characters
+//!   escaped).
 //! - [`tls`]: `init-tls`, the private CA and server certificate.
 //! - [`store`]: the last catalog snapshot, kept under `data_dir`.
 //! - [`commands`]: operator commands, stored and sent to every agent.
 //! - [`acl`]: tokens with roles (hashed, bootstrap admin token on first
-//!   start) and the audit log.
+//!   start); [`audit`]: the audit log, bounded and rotated.
 //!
 //! The agents are the source of truth for their hosts; the kept snapshot
 //! only bridges a restart: a restarted control plane serves every known
@@ -22,10 +24,12 @@
 //! their state, so nothing vanishes on the way.
 
 pub mod acl;
+pub mod audit;
 pub mod catalog;
 pub mod commands;
 pub mod http;
 pub mod http_server;
+pub mod logging;
 pub mod metrics;
 pub mod store;
 pub mod sync;
@@ -119,12 +123,31 @@ pub async fn run(
             }
         });
     }
-    let acl = Arc::new(acl::Acl::open(&config.data_dir).with_context(|| {
-        format!(
-            "cannot open the ACL tokens in {}",
-            config.data_dir.display()
-        )
-    })?);
+    let acl = Arc::new(
+        acl::Acl::open(&config.data_dir, config.audit.clone()).with_context(|| {
+            format!(
+                "cannot open the ACL tokens in {}",
+                config.data_dir.display()
+            )
+        })?,
+    );
+    {
+        let (acl, stop) = (acl.clone(), shutdown.clone());
+        running.spawn(async move {
+            let mut every = tokio::time::interval(audit::DENIED_PERIOD / 5);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return ("audit log", Ok(())),
+                    _ = every.tick() => {}
+                }
+                let acl = acl.clone();
+                // File work (fsync, rotation) off the runtime's threads.
+                if let Err(e) = tokio::task::spawn_blocking(move || acl.audit_tick()).await {
+                    return ("audit log", Err(e.to_string()));
+                }
+            }
+        });
+    }
     let commands =
         Arc::new(commands::Commands::open(&config.data_dir).with_context(|| {
             format!("cannot open the commands in {}", config.data_dir.display())

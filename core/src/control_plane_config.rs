@@ -27,6 +27,7 @@ pub struct ControlPlaneConfig {
     /// none reaches them.
     #[serde(with = "crate::duration::serde_go")]
     pub restore_grace: std::time::Duration,
+    pub audit: AuditConfig,
     pub log: LogConfig,
 }
 
@@ -39,7 +40,34 @@ impl Default for ControlPlaneConfig {
             agent_tokens: Vec::new(),
             node_reap_after: std::time::Duration::from_secs(600),
             restore_grace: std::time::Duration::from_secs(30),
+            audit: AuditConfig::default(),
             log: LogConfig::default(),
+        }
+    }
+}
+
+/// The audit log (`data_dir/audit.jsonl`) and its rotation.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The live file is rotated (to `audit.jsonl.1`, the older ones
+    /// shifting to `.2`, ...) before it grows past this many bytes.
+    pub max_size: u64,
+    /// Rotated files kept.
+    pub max_files: u32,
+    /// Rotated files last written longer ago are deleted, and the live
+    /// file is rotated once its first entry is this old.
+    #[serde(with = "crate::duration::serde_go")]
+    pub max_age: std::time::Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            max_size: 16 << 20,
+            max_files: 5,
+            // 90 days.
+            max_age: std::time::Duration::from_secs(90 * 24 * 3600),
         }
     }
 }
@@ -106,6 +134,18 @@ impl ControlPlaneConfig {
         }
         if config.restore_grace < std::time::Duration::from_secs(1) {
             return Err(invalid("restore_grace", "must be at least 1s"));
+        }
+        if !(4096..=1 << 30).contains(&config.audit.max_size) {
+            return Err(invalid(
+                "audit.max_size",
+                "must be between 4096 and 1073741824 bytes",
+            ));
+        }
+        if config.audit.max_files > 1000 {
+            return Err(invalid("audit.max_files", "must be at most 1000"));
+        }
+        if config.audit.max_age < std::time::Duration::from_secs(60) {
+            return Err(invalid("audit.max_age", "must be at least 1m"));
         }
         if let Err((field, reason)) = config.http.limits.validate("http") {
             return Err(invalid(&field, &reason));
