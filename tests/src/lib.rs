@@ -510,6 +510,12 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub async fn start() -> ControlPlane {
+        Self::start_with("").await
+    }
+
+    /// Starts a control plane; `extra_config` is appended to its YAML
+    /// configuration (top-level sections other than `grpc` and `http`).
+    pub async fn start_with(extra_config: &str) -> ControlPlane {
         rustls::crypto::ring::default_provider()
             .install_default()
             .ok();
@@ -519,7 +525,7 @@ impl ControlPlane {
         std::fs::write(
             &config,
             format!(
-                "data_dir: {}\nagent_tokens: [{AGENT_TOKEN}]\ngrpc:\n  listen: {grpc}\nhttp:\n  listen: {http}\n",
+                "data_dir: {}\nagent_tokens: [{AGENT_TOKEN}]\ngrpc:\n  listen: {grpc}\nhttp:\n  listen: {http}\n{extra_config}",
                 dir.path().join("data").display()
             ),
         )

@@ -499,3 +499,133 @@ async fn dns_over_tcp_waits_out_the_file_descriptor_limit_and_closes_idle_connec
             .contains("cannot accept connections; backing off")
     );
 }
+
+/// Sends `request` as raw bytes (so that nothing normalises its path) and
+/// returns the status line and the body.
+async fn raw_http(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+#[tokio::test]
+async fn operator_requests_reach_only_operator_paths_and_cannot_flood_or_forge_the_audit() {
+    use reqwest::Method;
+    let cp = ControlPlane::start_with("audit:\n  max_size: 4096\n  max_files: 2\n").await;
+    let agent = Agent::start_named(
+        "operator-node",
+        &format!(
+            "{}  http: {}\n",
+            cp.agent_config(signpost_tests::AGENT_TOKEN),
+            cp.http
+        ),
+    )
+    .await;
+    let data = cp.dir.path().join("data");
+    let admin = std::fs::read_to_string(data.join("bootstrap-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    // A path that leaves the operator paths is not forwarded.
+    let answer = raw_http(
+        agent.addr,
+        "GET /v1/acl/../../metrics HTTP/1.1\r\nHost: x\r\nX-Consul-Token: junk\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("not an operator path"), "{answer}");
+    assert!(!answer.contains("signpost_control_plane"), "{answer}");
+
+    // The bearer scheme in any case, through the agent and directly.
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for (base, scheme) in [(agent.addr, "bearer"), (cp.http, "BEARER")] {
+        let r = http
+            .get(format!("http://{base}/v1/acl/tokens"))
+            .header("Authorization", format!("{scheme} {admin}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme} at {base}");
+    }
+
+    // A flood of requests with a junk token: each refused, the audit
+    // log gets the first and then one entry with the count.
+    for _ in 0..300 {
+        let r = http
+            .post(format!("http://{}/v1/commands", agent.addr))
+            .header("X-Consul-Token", "junk")
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let denied_lines = || {
+        std::fs::read_to_string(data.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("denied"))
+            .count()
+    };
+    assert!(denied_lines() <= 2, "{} lines", denied_lines());
+    let counted = agent
+        .eventually("the refusals counted in the audit log", || async {
+            let (_, audit) = cp_call(&cp, Method::GET, "/v1/audit?limit=1000", None).await;
+            audit.as_array()?.iter().find_map(|e| {
+                e["reason"]
+                    .as_str()?
+                    .strip_suffix(" more requests without a valid token were refused")?
+                    .parse::<u32>()
+                    .ok()
+            })
+        })
+        .await;
+    assert!(counted >= 298, "{counted}");
+
+    // A value with a newline stays on its line of the log.
+    let (_, reader) = cp_call(
+        &cp,
+        Method::PUT,
+        "/v1/acl/token",
+        Some(json!({"Role": "read"})),
+    )
+    .await;
+    let reader = reader["SecretID"].as_str().unwrap().to_string();
+    let answer = raw_http(
+        cp.http,
+        &format!("DELETE /v1/acl/token/abc%0Aforged-line HTTP/1.1\r\nHost: x\r\nX-Consul-Token: {reader}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let log = agent
+        .eventually("the refusal in the control plane's log", || async {
+            let log = cp.log();
+            log.contains("abc\\nforged-line").then_some(log)
+        })
+        .await;
+    assert!(!log.lines().any(|l| l.starts_with("forged-line")), "{log}");
+
+    // The audit log is rotated at its size and keeps two old files.
+    for n in 0..60 {
+        let (status, _) = cp_call(
+            &cp,
+            Method::PUT,
+            "/v1/acl/token",
+            Some(json!({"Role": "read", "Description": format!("token {n}")})),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let size = |name: &str| std::fs::metadata(data.join(name)).map(|m| m.len());
+    assert!(size("audit.jsonl").unwrap() <= 4096);
+    assert!(size("audit.jsonl.1").unwrap() <= 4096);
+    assert!(size("audit.jsonl.2").is_ok());
+    assert!(
+        size("audit.jsonl.3").is_err(),
+        "only two rotated files are kept"
+    );
+}
