@@ -264,9 +264,20 @@ impl FleetCache {
         self.changed(&mut inner);
     }
 
-    pub fn apply_names(&self, names: ServiceNames) {
+    pub fn apply_names(&self, mut names: ServiceNames) {
         let mut inner = self.lock();
         inner.last_contact = Some(Instant::now());
+        // A warming-up control plane's names add to what is known.
+        if names.partial
+            && let Some(known) = &inner.names
+        {
+            for (name, tags) in &known.services {
+                names
+                    .services
+                    .entry(name.clone())
+                    .or_insert_with(|| tags.clone());
+            }
+        }
         if inner
             .names
             .as_ref()
@@ -535,6 +546,7 @@ mod tests {
                 .iter()
                 .map(|n| (n.to_string(), Default::default()))
                 .collect(),
+            partial: false,
         };
         fleet.apply_names(names(&["web"], 7));
         let first = fleet.read(|f| f.names_index);
@@ -542,5 +554,25 @@ mod tests {
         assert_eq!(fleet.read(|f| f.names_index), first);
         fleet.apply_names(names(&["web", "db"], 3));
         assert!(fleet.read(|f| f.names_index) > first);
+
+        // A warming-up control plane's partial list adds to the names.
+        let known = |fleet: &FleetCache| {
+            fleet.read(|f| {
+                f.names
+                    .as_ref()
+                    .unwrap()
+                    .services
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+        };
+        fleet.apply_names(ServiceNames {
+            partial: true,
+            ..names(&["api"], 4)
+        });
+        assert_eq!(known(&fleet), ["api", "db", "web"]);
+        fleet.apply_names(names(&["api"], 5));
+        assert_eq!(known(&fleet), ["api"], "a whole list replaces them");
     }
 }

@@ -55,6 +55,9 @@ pub struct Inner {
     next_session: SessionId,
     probes: HashMap<u64, PendingProbe>,
     next_probe: u64,
+    /// Until when a control plane that started without its catalog waits
+    /// for agents to report ([`Catalog::warm_up`]).
+    warm_up_until: Option<Instant>,
 }
 
 impl Inner {
@@ -87,6 +90,7 @@ impl Default for Catalog {
                 subscribers: HashMap::new(),
                 sessions: HashMap::new(),
                 names: BTreeMap::new(),
+                warm_up_until: None,
                 next_session: 0,
                 probes: HashMap::new(),
                 next_probe: 0,
@@ -167,6 +171,22 @@ impl Catalog {
             );
         }
         inner.names = inner.compute_names();
+    }
+
+    /// Started without a kept catalog: for `window`, what agents are sent
+    /// is added to what they know rather than replacing it (snapshots go
+    /// out as deltas, names as partial), so that consumers keep the
+    /// instances of providers that have not reconnected yet. Once the
+    /// window ends every subscriber gets real snapshots: what no agent
+    /// reported by then is gone.
+    pub fn warm_up(&self, window: Duration) {
+        self.lock().warm_up_until = Some(Instant::now() + window);
+    }
+
+    /// How much of the warm-up window is left, if any.
+    pub fn warming_up(&self) -> Option<Duration> {
+        let until = self.lock().warm_up_until?;
+        Some(until.saturating_duration_since(Instant::now()))
     }
 
     /// Opens a session for the agent that said `hello`; a previous session
@@ -428,10 +448,36 @@ impl Inner {
             body: Some(Body::Update(ServiceUpdate {
                 service: service.to_string(),
                 index: self.service_index(service),
-                snapshot: true,
+                snapshot: self.warm_up_until.is_none(),
                 upserts,
                 removed: Vec::new(),
             })),
+        }
+    }
+
+    /// Ends the warm-up if its window is over at `now`: every session gets
+    /// the whole names list and a real snapshot of each of its services.
+    pub(crate) fn end_warm_up(&mut self, now: Instant) {
+        if self.warm_up_until.is_none_or(|until| until > now) {
+            return;
+        }
+        self.warm_up_until = None;
+        tracing::info!(
+            nodes = self.nodes.len(),
+            "warm-up over: agents now get the catalog as reported"
+        );
+        let names = self.names_message();
+        let sessions: Vec<(SessionId, Vec<String>)> = self
+            .sessions
+            .iter()
+            .map(|(id, s)| (*id, s.subscriptions.iter().cloned().collect()))
+            .collect();
+        for (session, services) in sessions {
+            self.send(session, names.clone());
+            for service in services {
+                let snapshot = self.snapshot(&service);
+                self.send(session, snapshot);
+            }
         }
     }
 
@@ -451,6 +497,7 @@ impl Inner {
                         )
                     })
                     .collect(),
+                partial: self.warm_up_until.is_some(),
             })),
         }
     }

@@ -85,7 +85,14 @@ async fn nodes(State(s): State<HttpState>) -> Response {
             .collect();
         (inner.index, Value::Array(nodes))
     });
-    json_response(index, &body)
+    let mut response = json_response(index, &body);
+    if let Some(left) = s.catalog.warming_up()
+        && let Ok(value) = format!("{:.1}s", left.as_secs_f64()).parse()
+    {
+        // Started without its catalog: nodes may still be missing.
+        response.headers_mut().insert("x-signpost-warm-up", value);
+    }
+    response
 }
 
 async fn services(State(s): State<HttpState>) -> Response {

@@ -91,9 +91,16 @@ pub async fn run(
             );
             catalog.restore(snapshot, config.restore_grace);
         }
-        Ok(None) => {}
-        // A snapshot is only a bridge: start empty rather than not at all.
-        Err(e) => tracing::error!(error = %e, "cannot load the catalog snapshot; starting empty"),
+        // A snapshot is only a bridge: start empty rather than not at all,
+        // and let agents report before telling anyone a service is gone.
+        Ok(None) => {
+            tracing::info!(window = ?config.restore_grace, "no catalog kept: warming up while agents report");
+            catalog.warm_up(config.restore_grace);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, window = ?config.restore_grace, "cannot load the catalog snapshot; starting empty and warming up while agents report");
+            catalog.warm_up(config.restore_grace);
+        }
     }
     // Everything that runs until shutdown; one that ends before it takes
     // the control plane down loudly (systemd starts it again) rather than

@@ -216,6 +216,7 @@ impl Catalog {
 
     fn tick_at(&self, now: Instant, wall: SystemTime, reap_after: Duration) -> Vec<String> {
         let mut inner = self.lock();
+        inner.end_warm_up(now);
         // Whether a node failed or was reaped: worth keeping on disk.
         let mut changed = false;
         let expired: Vec<u64> = inner
