@@ -629,3 +629,84 @@ async fn operator_requests_reach_only_operator_paths_and_cannot_flood_or_forge_t
         "only two rotated files are kept"
     );
 }
+
+/// The node names of `service`'s instances in `agent`'s view.
+async fn nodes_of(agent: &Agent, service: &str) -> Vec<String> {
+    let body = agent
+        .get(&format!("/v1/health/service/{service}"))
+        .await
+        .json();
+    let mut nodes: Vec<String> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Node"]["Node"].as_str().unwrap().to_string())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+#[tokio::test]
+async fn a_control_plane_that_lost_its_catalog_lets_agents_report_before_dropping_anything() {
+    use nix::sys::signal::{Signal, kill};
+    use signpost_tests::AGENT_TOKEN;
+
+    let mut cp = ControlPlane::start_with("restore_grace: 5s\n").await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let provider = Agent::start_named("provider", &join).await;
+    let consumer = Agent::start_named("consumer", &format!("{join}upstreams: [web]\n")).await;
+    let late = Agent::start_named("late", &join).await;
+    provider.write_service_file("web.yaml", "service:\n  name: web\n  port: 8080\n");
+    consumer
+        .eventually("web from the provider", || async {
+            (nodes_of(&consumer, "web").await == ["provider"]).then_some(())
+        })
+        .await;
+
+    // The control plane comes back without its catalog while the provider
+    // cannot report (stopped).
+    cp.kill();
+    let _ = std::fs::remove_file(cp.dir.path().join("data").join("catalog.pb"));
+    kill(provider.pid(), Signal::SIGSTOP).unwrap();
+    cp.restart().await;
+    let nodes = cp.get("/v1/nodes").await;
+    assert!(
+        nodes.headers.contains_key("x-signpost-warm-up"),
+        "{:?}",
+        nodes.headers
+    );
+
+    // A new instance reaches the consumer after its resubscription...
+    late.write_service_file("web.yaml", "service:\n  name: web\n  port: 8081\n");
+    consumer
+        .eventually("web from the late node", || async {
+            nodes_of(&consumer, "web")
+                .await
+                .contains(&"late".to_string())
+                .then_some(())
+        })
+        .await;
+    // ...and the provider's instance is still there.
+    assert_eq!(nodes_of(&consumer, "web").await, ["late", "provider"]);
+
+    // Once the warm-up is over, what nobody reported is gone...
+    consumer
+        .eventually(
+            "the provider's instance dropped after the warm-up",
+            || async { (nodes_of(&consumer, "web").await == ["late"]).then_some(()) },
+        )
+        .await;
+    assert!(
+        !cp.get("/v1/nodes")
+            .await
+            .headers
+            .contains_key("x-signpost-warm-up")
+    );
+    // ...until it reports again.
+    kill(provider.pid(), Signal::SIGCONT).unwrap();
+    consumer
+        .eventually("the provider back", || async {
+            (nodes_of(&consumer, "web").await == ["late", "provider"]).then_some(())
+        })
+        .await;
+}
