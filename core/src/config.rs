@@ -771,6 +771,9 @@ mod tests {
         assert!(e.to_string().contains("invalid duration"), "{e}");
         let e = AgentConfig::from_yaml("a.yaml", "api:\n  listen: 127.0.0.1\n").unwrap_err();
         assert!(e.to_string().starts_with("a.yaml:2:"), "{e}");
+        let e = AgentConfig::from_yaml("a.yaml", "api:\n  limits:\n    header_timeout: 1h\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("api.limits.header_timeout"), "{e}");
     }
 
     #[test]

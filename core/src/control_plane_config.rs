@@ -188,4 +188,24 @@ mod tests {
         let e = ControlPlaneConfig::from_yaml("cp.yaml", "grpc:\n  lisen: x\n").unwrap_err();
         assert!(e.to_string().starts_with("cp.yaml:2:"), "{e}");
     }
+
+    #[test]
+    fn limits_and_the_audit_log_are_bounded() {
+        for (yaml, field) in [
+            (
+                "http:\n  limits:\n    header_timeout: 0s\n",
+                "http.limits.header_timeout",
+            ),
+            (
+                "http:\n  limits:\n    max_connections_per_client: 0\n",
+                "http.limits.max_connections_per_client",
+            ),
+            ("audit:\n  max_size: 100\n", "audit.max_size"),
+            ("audit:\n  max_files: 5000\n", "audit.max_files"),
+            ("audit:\n  max_age: 1s\n", "audit.max_age"),
+        ] {
+            let e = ControlPlaneConfig::from_yaml("cp.yaml", yaml).unwrap_err();
+            assert!(e.to_string().contains(field), "{yaml}: {e}");
+        }
+    }
 }
