@@ -303,6 +303,14 @@ impl Catalog {
         }
     }
 
+    /// How many services a session is subscribed to.
+    pub fn subscription_count(&self, session: SessionId) -> usize {
+        self.lock()
+            .sessions
+            .get(&session)
+            .map_or(0, |s| s.subscriptions.len())
+    }
+
     pub fn unsubscribe(&self, session: SessionId, services: Vec<String>) {
         let mut inner = self.lock();
         for service in services {

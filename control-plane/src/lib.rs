@@ -165,6 +165,7 @@ pub async fn run(
         tokens: tokens.clone(),
         epoch: format!("{:016x}", rand::random::<u64>()),
         commands: commands.clone(),
+        acl: acl.clone(),
     };
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
@@ -185,8 +186,8 @@ pub async fn run(
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .tls_config(tls)
         .context("invalid TLS certificate or key")?
-        .add_service(SyncServer::with_interceptor(
-            service,
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            SyncServer::new(service).max_decoding_message_size(sync::MAX_AGENT_MESSAGE),
             sync::check_token(tokens, acl.clone()),
         ))
         .serve_with_incoming_shutdown(

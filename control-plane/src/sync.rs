@@ -9,11 +9,20 @@ use signpost_core::proto::sync_server::Sync;
 use signpost_core::proto::{
     AgentMessage, ControlMessage, Welcome, agent_message, control_message::Body,
 };
+use std::net::SocketAddr;
+
+use signpost_core::reported::{self, Garbage};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::acl::AuditEntry;
 use crate::catalog::{Catalog, SESSION_QUEUE};
+
+/// Largest message an agent may send (tonic's default, made explicit): a
+/// full state of 10,000 instances with a check each is about 1.5 MB. A
+/// larger one ends the stream.
+pub const MAX_AGENT_MESSAGE: usize = 4 << 20;
 
 /// An agent has this long to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,6 +33,8 @@ pub struct SyncService {
     /// Identifies this catalog's indexes (see `Welcome.epoch`).
     pub epoch: String,
     pub commands: Arc<crate::commands::Commands>,
+    /// Where a stream closed for garbage is audited.
+    pub acl: Arc<crate::acl::Acl>,
 }
 
 /// Sends the commands in force on the session now and after every
@@ -128,8 +139,10 @@ impl Sync for SyncService {
             Ok(_) => return Err(Status::invalid_argument("the first message must be Hello")),
             Err(_) => return Err(Status::deadline_exceeded("no Hello from the agent in time")),
         };
-        if hello.node.is_empty() {
-            return Err(Status::invalid_argument("Hello.node is empty"));
+        if let Err(garbage) = reported::hello(&hello) {
+            let node: String = hello.node.chars().take(64).collect();
+            self.refuse_garbage(&node, peer, &garbage);
+            return Err(Status::invalid_argument(garbage.to_string()));
         }
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let welcome = ControlMessage {
@@ -151,48 +164,136 @@ impl Sync for SyncService {
         tracing::info!(node = %node, session, peer = ?peer, "agent connected");
         let catalog = self.catalog.clone();
         let commands = self.commands.clone();
+        let acl = self.acl.clone();
+        // When the agent's side ends, ours does (with the reason, if it
+        // broke the rules), rather than staying open for the commands task.
+        let (end, ended) = mpsc::channel::<Option<Status>>(1);
         tokio::spawn(async move {
-            loop {
+            let reason = loop {
                 match inbound.next().await {
-                    Some(Ok(message)) => match message.body {
-                        Some(agent_message::Body::FullState(state)) => {
-                            catalog.full_state(session, state)
+                    Some(Ok(message)) => {
+                        let checked = match &message.body {
+                            Some(body) => check(body, || catalog.subscription_count(session)),
+                            None => Ok(()),
+                        };
+                        if let Err(garbage) = checked {
+                            refuse_garbage(&acl, &node, peer, &garbage);
+                            break Some(Status::invalid_argument(garbage.to_string()));
                         }
-                        Some(agent_message::Body::Delta(delta)) => catalog.delta(session, delta),
-                        Some(agent_message::Body::Subscribe(s)) => {
-                            catalog.subscribe(session, s.services)
-                        }
-                        Some(agent_message::Body::Unsubscribe(u)) => {
-                            catalog.unsubscribe(session, u.services)
-                        }
-                        Some(agent_message::Body::Ack(a)) => {
-                            catalog.ack(session, a.service, a.index)
-                        }
-                        Some(agent_message::Body::AckQuery(q)) => catalog.ack_query(session, q),
-                        Some(agent_message::Body::CommandsApplied(a)) => {
-                            commands.applied(&node, &a.ids);
-                        }
-                        Some(agent_message::Body::ProbeResult(r)) => {
-                            if !r.reachable && !r.error.is_empty() {
-                                tracing::debug!(by = %node, error = %r.error, "peer probe failed");
+                        match message.body {
+                            Some(agent_message::Body::FullState(state)) => {
+                                catalog.full_state(session, state)
                             }
-                            catalog.probe_result(r.probe_id, r.reachable);
+                            Some(agent_message::Body::Delta(delta)) => {
+                                catalog.delta(session, delta)
+                            }
+                            Some(agent_message::Body::Subscribe(s)) => {
+                                catalog.subscribe(session, s.services)
+                            }
+                            Some(agent_message::Body::Unsubscribe(u)) => {
+                                catalog.unsubscribe(session, u.services)
+                            }
+                            Some(agent_message::Body::Ack(a)) => {
+                                catalog.ack(session, a.service, a.index)
+                            }
+                            Some(agent_message::Body::AckQuery(q)) => catalog.ack_query(session, q),
+                            Some(agent_message::Body::CommandsApplied(a)) => {
+                                commands.applied(&node, &a.ids);
+                            }
+                            Some(agent_message::Body::ProbeResult(r)) => {
+                                if !r.reachable && !r.error.is_empty() {
+                                    tracing::debug!(by = %node, error = %r.error, "peer probe failed");
+                                }
+                                catalog.probe_result(r.probe_id, r.reachable);
+                            }
+                            // Checked above: a second Hello is refused.
+                            Some(agent_message::Body::Hello(_)) => {}
+                            // A kind this version does not know (a newer agent).
+                            None => {
+                                tracing::debug!(node = %node, "unknown message from agent ignored")
+                            }
                         }
-                        Some(agent_message::Body::Hello(_)) | None => {
-                            tracing::warn!(node = %node, "unexpected message from agent ignored");
-                        }
-                    },
+                    }
+                    // Too large, or not a message at all: the agent's bytes.
+                    Some(Err(status))
+                        if status.code() == tonic::Code::OutOfRange
+                            || status.message().contains("decode") =>
+                    {
+                        let garbage = Garbage {
+                            what: "message".to_string(),
+                            reason: status.message().to_string(),
+                        };
+                        refuse_garbage(&acl, &node, peer, &garbage);
+                        break Some(status);
+                    }
                     Some(Err(status)) => {
                         tracing::info!(node = %node, error = %status, "agent stream failed");
-                        break;
+                        break None;
                     }
-                    None => break,
+                    None => break None,
                 }
-            }
+            };
             tracing::info!(node = %node, session, "agent disconnected");
             catalog.disconnect(session);
+            let _ = end.try_send(reason);
         });
-        let outbound = ReceiverStream::new(rx).map(Ok);
+        let outbound = ReceiverStream::new(rx)
+            .map(|message| Some(Ok(message)))
+            .merge(ReceiverStream::new(ended).map(|reason| reason.map(Err)))
+            .map_while(|item| item);
         Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+impl SyncService {
+    fn refuse_garbage(&self, node: &str, peer: Option<SocketAddr>, garbage: &Garbage) {
+        refuse_garbage(&self.acl, node, peer, garbage);
+    }
+}
+
+/// Logs and audits a stream closed for breaking the rules.
+fn refuse_garbage(acl: &crate::acl::Acl, node: &str, peer: Option<SocketAddr>, garbage: &Garbage) {
+    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+    tracing::warn!(node = %node, %peer, error = %garbage, "agent stream closed: it sent what no agent may");
+    acl.record(AuditEntry::new(
+        node,
+        "agent.session",
+        node,
+        &format!("closed: {garbage}"),
+        &format!("from {peer}"),
+    ));
+}
+
+/// Checks a message from an agent against [`reported`]'s rules;
+/// `subscriptions` counts the session's subscriptions so far.
+fn check(body: &agent_message::Body, subscriptions: impl FnOnce() -> usize) -> Result<(), Garbage> {
+    match body {
+        agent_message::Body::FullState(state) => {
+            state.instances.iter().try_for_each(reported::instance)?;
+            reported::checks("node", &state.node_checks)
+        }
+        agent_message::Body::Delta(delta) => {
+            delta.upserts.iter().try_for_each(reported::instance)?;
+            reported::checks("node", &delta.node_checks)
+        }
+        agent_message::Body::Subscribe(subscribe) => {
+            if subscriptions().saturating_add(subscribe.services.len())
+                > reported::MAX_SUBSCRIPTIONS
+            {
+                return Err(Garbage {
+                    what: "Subscribe".to_string(),
+                    reason: format!("more than {} services", reported::MAX_SUBSCRIPTIONS),
+                });
+            }
+            subscribe
+                .services
+                .keys()
+                .try_for_each(|s| reported::service_name(s))
+        }
+        agent_message::Body::Hello(_) => Err(Garbage {
+            what: "Hello".to_string(),
+            reason: "sent again on an open session".to_string(),
+        }),
+        _ => Ok(()),
     }
 }

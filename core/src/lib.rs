@@ -16,6 +16,7 @@
 //! - [`policy`]: the proxy's per-service traffic policy (timeouts,
 //!   retries, limits, balancer, ejection), from config and, later,
 //!   operator commands.
+//! - [`reported`]: the control plane's checks of what agents report.
 //! - [`service_file`]: the `services.d/*.yaml` format that turns into
 //!   [`model::ServiceDefinition`]s.
 //! - [`vip`]: stable service VIPs from `proxy.vip_range`, shared by DNS and
@@ -38,6 +39,7 @@ pub mod policy;
 pub mod proto {
     tonic::include_proto!("signpost.v1");
 }
+pub mod reported;
 pub mod service_file;
 pub mod vip;
 pub mod yaml;

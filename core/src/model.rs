@@ -273,7 +273,7 @@ impl ServiceDefinition {
                 return Err(ModelError::InvalidTag(tag.clone()));
             }
         }
-        validate_meta(&self.meta)?;
+        validate_meta(self.meta.iter())?;
         if self.weights.passing == 0 {
             return Err(ModelError::InvalidWeights);
         }
@@ -296,18 +296,18 @@ impl ServiceDefinition {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     name.len() <= 128
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 256 && !id.contains('/') && !id.chars().any(char::is_whitespace)
 }
 
-fn valid_hostname(host: &str) -> bool {
+pub(crate) fn valid_hostname(host: &str) -> bool {
     !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {
@@ -317,7 +317,9 @@ fn valid_hostname(host: &str) -> bool {
         })
 }
 
-fn validate_meta(meta: &BTreeMap<String, String>) -> Result<(), ModelError> {
+pub(crate) fn validate_meta<'a>(
+    meta: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), ModelError> {
     if meta.len() > 64 {
         return Err(ModelError::InvalidMeta(format!(
             "{} pairs, at most 64 are allowed",

@@ -1,0 +1,209 @@
+//! What the control plane checks in what an agent reports (`Hello`,
+//! instances, checks, subscriptions) before taking it in: the rules a
+//! registration follows on the agent, checked again, because a stream
+//! with a valid token may still carry garbage (a bug, a foreign client).
+//! A message that breaks them closes the stream.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::model::{
+    Health, MAX_OUTPUT_MAX_SIZE, Protocol, valid_hostname, valid_id, valid_name, validate_meta,
+};
+use crate::proto::{Check, Hello, Instance};
+
+/// Longest free-form label (zone, datacenter, version, node ID).
+const MAX_LABEL: usize = 256;
+
+/// Most checks on one instance, and most node checks.
+const MAX_CHECKS: usize = 256;
+
+/// Most services one agent may subscribe to.
+pub const MAX_SUBSCRIPTIONS: usize = 100_000;
+
+/// Why a reported message is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct Garbage {
+    pub what: String,
+    pub reason: String,
+}
+
+fn garbage(what: impl Into<String>, reason: impl Into<String>) -> Garbage {
+    Garbage {
+        what: what.into(),
+        reason: reason.into(),
+    }
+}
+
+fn label(what: &str, value: &str) -> Result<(), Garbage> {
+    if value.len() > MAX_LABEL || value.chars().any(char::is_control) {
+        return Err(garbage(
+            what,
+            format!("at most {MAX_LABEL} characters, no control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// An agent's `Hello`.
+pub fn hello(hello: &Hello) -> Result<(), Garbage> {
+    let node = &hello.node;
+    if node.is_empty()
+        || node.len() > MAX_LABEL
+        || node.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(garbage(
+            "Hello.node",
+            format!("{node:?} is not a node name"),
+        ));
+    }
+    label("Hello.node_id", &hello.node_id)?;
+    label("Hello.zone", &hello.zone)?;
+    label("Hello.datacenter", &hello.datacenter)?;
+    label("Hello.version", &hello.version)?;
+    if hello.address.parse::<IpAddr>().is_err() {
+        return Err(garbage(
+            "Hello.address",
+            format!("{:?} is not an IP address", hello.address),
+        ));
+    }
+    if !hello.probe_address.is_empty() && hello.probe_address.parse::<SocketAddr>().is_err() {
+        return Err(garbage(
+            "Hello.probe_address",
+            format!("{:?} is not an address and port", hello.probe_address),
+        ));
+    }
+    validate_meta(hello.meta.iter()).map_err(|e| garbage("Hello.meta", e.to_string()))
+}
+
+/// A service instance an agent reports.
+pub fn instance(instance: &Instance) -> Result<(), Garbage> {
+    let what = format!("instance {:?}", instance.id);
+    if !valid_id(&instance.id) {
+        return Err(garbage(what, "not a service ID"));
+    }
+    if instance.name.is_empty() || !valid_name(&instance.name) {
+        return Err(garbage(
+            what,
+            format!("{:?} is not a service name", instance.name),
+        ));
+    }
+    if !instance.address.is_empty()
+        && instance.address.parse::<IpAddr>().is_err()
+        && !valid_hostname(&instance.address)
+    {
+        return Err(garbage(
+            what,
+            format!("{:?} is not an IP address or a host name", instance.address),
+        ));
+    }
+    if instance.port > u32::from(u16::MAX) {
+        return Err(garbage(what, format!("{} is not a port", instance.port)));
+    }
+    if let Some(tag) = instance
+        .tags
+        .iter()
+        .find(|t| t.is_empty() || t.len() > MAX_LABEL || t.chars().any(char::is_whitespace))
+    {
+        return Err(garbage(what, format!("{tag:?} is not a tag")));
+    }
+    validate_meta(instance.meta.iter()).map_err(|e| garbage(&what, e.to_string()))?;
+    label(&what, &instance.zone)?;
+    if !instance.protocol.is_empty() {
+        instance
+            .protocol
+            .parse::<Protocol>()
+            .map_err(|e| garbage(&what, e))?;
+    }
+    checks(&what, &instance.checks)
+}
+
+/// Checks (of an instance, or the node's).
+pub fn checks(what: &str, checks: &[Check]) -> Result<(), Garbage> {
+    if checks.len() > MAX_CHECKS {
+        return Err(garbage(
+            what,
+            format!("{} checks, at most {MAX_CHECKS}", checks.len()),
+        ));
+    }
+    for check in checks {
+        let what = format!("{what}: check {:?}", check.id);
+        if check.id.is_empty() || check.id.len() > MAX_LABEL {
+            return Err(garbage(what, "not a check ID"));
+        }
+        check
+            .status
+            .parse::<Health>()
+            .map_err(|e| garbage(&what, e))?;
+        if check.output.len() > MAX_OUTPUT_MAX_SIZE {
+            return Err(garbage(
+                what,
+                format!(
+                    "output of {} bytes, at most {MAX_OUTPUT_MAX_SIZE}",
+                    check.output.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A service name an agent subscribes to.
+pub fn service_name(name: &str) -> Result<(), Garbage> {
+    if name.is_empty() || !valid_name(name) {
+        return Err(garbage(
+            "Subscribe",
+            format!("{name:?} is not a service name"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> Instance {
+        Instance {
+            id: "web-1".to_string(),
+            name: "web".to_string(),
+            address: "10.0.0.1".to_string(),
+            port: 8080,
+            protocol: "http".to_string(),
+            checks: vec![Check {
+                id: "service:web-1".to_string(),
+                status: "passing".to_string(),
+                ..Check::default()
+            }],
+            ..Instance::default()
+        }
+    }
+
+    #[test]
+    fn what_an_agent_sends_passes_and_garbage_does_not() {
+        assert_eq!(instance(&good()), Ok(()));
+        let bad: [fn(&mut Instance); 7] = [
+            |i| i.port = 70_000,
+            |i| i.id = "a/b".to_string(),
+            |i| i.name = "we b".to_string(),
+            |i| i.address = "not an address!".to_string(),
+            |i| i.protocol = "smtp".to_string(),
+            |i| i.checks[0].status = "fine".to_string(),
+            |i| i.tags = vec!["a b".to_string()],
+        ];
+        for (n, spoil) in bad.iter().enumerate() {
+            let mut i = good();
+            spoil(&mut i);
+            assert!(instance(&i).is_err(), "case {n}: {i:?}");
+        }
+        let mut h = Hello {
+            node: "web-1".to_string(),
+            address: "10.0.0.1".to_string(),
+            probe_address: "10.0.0.1:8301".to_string(),
+            ..Hello::default()
+        };
+        assert_eq!(hello(&h), Ok(()));
+        h.node = "a\nb".to_string();
+        assert!(hello(&h).is_err());
+    }
+}
