@@ -19,8 +19,8 @@ use signpost_core::model::{CheckKind, ServiceDefinition};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, FileReport};
-use crate::state::Source;
+use crate::agent::{Agent, AgentError, FileReport};
+use crate::state::{Source, StateError};
 
 /// Events closer than this are handled as one. The debouncer's thread
 /// wakes once per this period too, idle or not (at the default quarter
@@ -62,7 +62,9 @@ impl ServiceFiles {
             Ok(entries) => entries
                 .filter_map(Result::ok)
                 .map(|e| e.path())
-                .filter(|p| is_service_file(p) && p.is_file())
+                // Not only regular files: a symbolic link loop, a link to
+                // nothing or a directory by such a name is reported.
+                .filter(|p| is_service_file(p))
                 .map(|p| {
                     let mtime = std::fs::metadata(&p)
                         .and_then(|m| m.modified())
@@ -109,8 +111,12 @@ impl ServiceFiles {
         };
         let source = Source::File(path.to_path_buf());
         for def in loaded.good {
-            if let Err(e) = agent.deregister_service(&def.id, &source) {
-                tracing::warn!(file = %path.display(), service = %def.id, error = %e, "cannot deregister service of a removed file");
+            match agent.deregister_service(&def.id, &source) {
+                // Reaped (critical for too long) meanwhile.
+                Ok(()) | Err(AgentError::State(StateError::UnknownService(_))) => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), service = %def.id, error = %e, "cannot deregister service of a removed file");
+                }
             }
         }
         tracing::info!(file = %path.display(), "service file removed");
@@ -120,8 +126,20 @@ impl ServiceFiles {
     fn load(&mut self, agent: &Agent, path: &Path) {
         let content = match std::fs::read(path) {
             Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && std::fs::symlink_metadata(path).is_err() =>
+            {
                 self.remove(agent, path);
+                return;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.refuse(
+                    agent,
+                    path,
+                    None,
+                    format!("{}: a symbolic link to nothing: {e}", path.display()),
+                );
                 return;
             }
             Err(e) => {
@@ -172,6 +190,7 @@ impl ServiceFiles {
         for def in &old {
             if !defs.iter().any(|d| d.id == def.id)
                 && let Err(e) = agent.deregister_service(&def.id, &source)
+                && !matches!(e, AgentError::State(StateError::UnknownService(_)))
             {
                 tracing::warn!(file = %path.display(), service = %def.id, error = %e, "cannot deregister service that left its file");
             }

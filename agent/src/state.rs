@@ -52,7 +52,9 @@ pub enum StateError {
     CheckOwned { id: CheckId, owner: String },
     #[error("ServiceID \"{0}\" does not exist")]
     UnknownServiceForCheck(ServiceId),
-    #[error("Unknown service ID \"{0}\"")]
+    #[error(
+        "Unknown service ID \"{0}\". Ensure that the service ID is passed, not the service name."
+    )]
     UnknownService(ServiceId),
     #[error("Unknown check ID \"{0}\". Ensure that the check ID is passed, not the check name.")]
     UnknownCheck(CheckId),
@@ -371,7 +373,7 @@ impl LocalState {
     ) -> Result<RunnerChanges, StateError> {
         self.mutate(|inner| {
             let Some(existing) = inner.services.get(id) else {
-                return Ok(RunnerChanges::default());
+                return Err(StateError::UnknownService(id.clone()));
             };
             if &existing.source != source {
                 return Err(StateError::ServiceOwned {

@@ -45,8 +45,7 @@ impl Vips {
             Ok(bytes) => match serde_json::from_slice::<VipFile>(&bytes) {
                 Ok(file) => file.vips,
                 Err(e) => {
-                    let aside = path.with_extension("json.corrupt");
-                    std::fs::rename(&path, &aside)?;
+                    let aside = crate::persist::move_aside(&path)?;
                     tracing::error!(
                         path = %path.display(),
                         moved_to = %aside.display(),
@@ -156,7 +155,21 @@ mod tests {
 
         std::fs::write(dir.path().join("vips.json"), "{not json").unwrap();
         let fresh = Vips::load(dir.path(), range).unwrap();
-        assert!(dir.path().join("vips.json.corrupt").exists());
+        // A second corrupt table does not replace the first one set aside.
+        std::fs::write(dir.path().join("vips.json"), "{still not json").unwrap();
+        Vips::load(dir.path(), range).unwrap();
+        let mut aside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("vips.json.corrupt-"))
+            .collect();
+        aside.sort();
+        assert_eq!(aside.len(), 2, "{aside:?}");
+        let kept: Vec<String> = aside
+            .iter()
+            .map(|n| std::fs::read_to_string(dir.path().join(n)).unwrap())
+            .collect();
+        assert!(kept.contains(&"{not json".to_string()), "{kept:?}");
         // The first choice is a hash of the name, so it comes back.
         assert_eq!(fresh.get_or_allocate("web", None).unwrap(), web);
     }
