@@ -467,8 +467,7 @@ impl Host {
 
 /// An HTTP client for a host's loopback (used on that host).
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
+    crate::api_client()
         .timeout(Duration::from_secs(15))
         .build()
         .unwrap()

@@ -151,6 +151,17 @@ async fn wait_answering(
     }
 }
 
+/// A client for Signpost's HTTP APIs: no proxy, and idle connections
+/// dropped after 500 ms, well within the APIs' `header_timeout` (which
+/// also closes idle keep-alive connections, at most 1 s in these tests),
+/// as a client of any server that closes idle connections should: a
+/// request sent on a connection the server is closing fails.
+pub fn api_client() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_idle_timeout(Duration::from_millis(500))
+}
+
 /// `yaml` with `line` added first to its top-level `section`, which is
 /// made if it has none.
 fn with_line(yaml: &str, section: &str, line: &str) -> String {
@@ -196,7 +207,7 @@ impl Agent {
             dir,
             node: node.to_string(),
             extra_config: extra_config.to_string(),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            http: api_client().build().unwrap(),
         };
         agent.spawn().await;
         agent
@@ -552,7 +563,7 @@ impl ControlPlane {
             grpc,
             http,
             dir,
-            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            client: api_client().build().unwrap(),
         };
         cp.spawn().await;
         cp

@@ -116,7 +116,9 @@ async fn tokens_need_the_right_role_and_every_change_is_audited() {
             .iter()
             .filter(|(a, o)| a == "token.create" && o.starts_with("denied"))
             .count()
-            >= 4,
+            >= 3,
+        // Those without a valid token: the first at once, the others
+        // counted once a period.
         "every refused attempt is audited: {actions:?}"
     );
     let (code, out, _) = cli(&cp, op_secret, &["audit"]);

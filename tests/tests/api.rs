@@ -389,8 +389,13 @@ async fn deregister_removes_the_service_and_its_checks() {
     let (_, health) = indexed(&agent, "/v1/health/service/web").await;
     assert_eq!(instances(&health), ["web-2"]);
 
-    // Unknown: a no-op that succeeds.
-    ok(&agent, "/v1/agent/service/deregister/nope").await;
+    // Unknown: 404, as Consul (since 1.11), and nothing changes.
+    let r = agent.put("/v1/agent/service/deregister/nope", None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        r.text,
+        "Unknown service ID \"nope\". Ensure that the service ID is passed, not the service name."
+    );
     assert_eq!(agent_services(&agent).await, services);
 }
 

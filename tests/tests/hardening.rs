@@ -710,3 +710,188 @@ async fn a_control_plane_that_lost_its_catalog_lets_agents_report_before_droppin
         })
         .await;
 }
+
+/// A gRPC session with the control plane as an agent with a valid token
+/// would open it, sending `first` as its first message; returns the
+/// sender for more and the control plane's side of the stream.
+async fn agent_session(
+    cp: &ControlPlane,
+    first: signpost_core::proto::AgentMessage,
+) -> (
+    tokio::sync::mpsc::Sender<signpost_core::proto::AgentMessage>,
+    Result<tonic::Streaming<signpost_core::proto::ControlMessage>, tonic::Status>,
+) {
+    use signpost_core::proto::sync_client::SyncClient;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+    let ca = std::fs::read(cp.ca_file()).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", cp.grpc))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = format!("Bearer {}", signpost_tests::AGENT_TOKEN);
+    let mut client =
+        SyncClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", token.parse().unwrap());
+            Ok(request)
+        })
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(first).await.unwrap();
+    let session = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(tonic::Response::into_inner);
+    (tx, session)
+}
+
+fn hello(node: &str) -> signpost_core::proto::AgentMessage {
+    use signpost_core::proto::{AgentMessage, Hello, agent_message::Body};
+    AgentMessage {
+        body: Some(Body::Hello(Hello {
+            node: node.to_string(),
+            address: "127.0.0.1".to_string(),
+            zone: "default".to_string(),
+            datacenter: "dc1".to_string(),
+            ..Hello::default()
+        })),
+    }
+}
+
+/// Reads the stream until it ends with an error; the error.
+async fn ended_with(
+    stream: &mut tonic::Streaming<signpost_core::proto::ControlMessage>,
+) -> tonic::Status {
+    loop {
+        let next = tokio::time::timeout(signpost_tests::PATIENCE, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("the stream stays open"));
+        match next {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => return status,
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_stream_that_sends_garbage_is_closed_and_audited() {
+    use reqwest::Method;
+    use signpost_core::proto::{AgentMessage, FullState, Instance, agent_message::Body};
+
+    let cp = ControlPlane::start().await;
+
+    // A Hello that names no node anyone could use: refused at once.
+    let (_tx, refused) = agent_session(&cp, hello("two words")).await;
+    let status = match refused {
+        Err(status) => status,
+        Ok(mut stream) => ended_with(&mut stream).await,
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("Hello.node"), "{status}");
+
+    // A port no instance can have, after a good Hello.
+    let (tx, session) = agent_session(&cp, hello("garbage-node")).await;
+    let mut stream = session.unwrap();
+    let bad = Instance {
+        id: "web-1".to_string(),
+        name: "web".to_string(),
+        port: 70_000,
+        ..Instance::default()
+    };
+    tx.send(AgentMessage {
+        body: Some(Body::FullState(FullState {
+            instances: vec![bad],
+            node_checks: Vec::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let status = ended_with(&mut stream).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("70000 is not a port"), "{status}");
+    let (_, audit) = cp_call(&cp, Method::GET, "/v1/audit?limit=100", None).await;
+    let closed = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "agent.session" && e["who"] == "garbage-node")
+        .unwrap_or_else(|| panic!("not audited: {audit}"));
+    assert!(
+        closed["outcome"].as_str().unwrap().contains("not a port"),
+        "{closed}"
+    );
+    // Nothing of it was taken in.
+    let services = cp.get("/v1/catalog/services").await.json();
+    assert!(services.get("web").is_none(), "{services}");
+
+    // A message larger than an agent may send ends the stream too.
+    let (tx, session) = agent_session(&cp, hello("large-node")).await;
+    let mut stream = session.unwrap();
+    let huge = Instance {
+        id: "web-1".to_string(),
+        name: "web".to_string(),
+        port: 80,
+        meta: [("k".to_string(), "x".repeat(5 << 20))].into(),
+        ..Instance::default()
+    };
+    tx.send(AgentMessage {
+        body: Some(Body::FullState(FullState {
+            instances: vec![huge],
+            node_checks: Vec::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let status = ended_with(&mut stream).await;
+    assert_ne!(status.code(), tonic::Code::Ok, "{status}");
+
+    // The control plane serves on.
+    let agent =
+        Agent::start_named("good-node", &cp.agent_config(signpost_tests::AGENT_TOKEN)).await;
+    agent
+        .eventually("the good agent joined", || async {
+            let nodes = cp.get("/v1/nodes").await.json();
+            nodes
+                .as_array()?
+                .iter()
+                .any(|n| n["Node"] == "good-node" && n["Status"] == "alive")
+                .then_some(())
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn unknown_services_unreadable_files_and_link_loops_are_reported() {
+    let agent = Agent::start("").await;
+    // Deregistering a service nobody registered: 404, as Consul.
+    let r = agent.put("/v1/agent/service/deregister/nobody", None).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert!(
+        r.text.contains("Unknown service ID \"nobody\""),
+        "{}",
+        r.text
+    );
+
+    // Service files that cannot be read are reported, not skipped.
+    let dir = agent.services_dir();
+    std::os::unix::fs::symlink(dir.join("loop.yaml"), dir.join("loop.yaml")).unwrap();
+    std::os::unix::fs::symlink(dir.join("missing"), dir.join("dangling.yaml")).unwrap();
+    std::fs::create_dir(dir.join("folder.yaml")).unwrap();
+    agent.write_service_file("good.yaml", "service:\n  name: good\n  port: 1\n");
+    wait_service(&agent, "good").await;
+    let error = file_error(&agent, "loop.yaml").await;
+    assert!(error.contains("symbolic links"), "{error}");
+    let error = file_error(&agent, "dangling.yaml").await;
+    assert!(error.contains("a symbolic link to nothing"), "{error}");
+    let error = file_error(&agent, "folder.yaml").await;
+    assert!(error.contains("directory"), "{error}");
+}

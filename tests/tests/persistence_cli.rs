@@ -219,7 +219,7 @@ async fn corrupt_state_file_is_moved_aside_and_the_agent_starts() {
     let aside: Vec<_> = std::fs::read_dir(agent.data_dir())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().contains("/state.corrupt-"))
+        .filter(|p| p.to_string_lossy().contains("/state.json.corrupt-"))
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(std::fs::read_to_string(&aside[0]).unwrap(), garbage);
