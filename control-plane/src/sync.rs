@@ -180,38 +180,11 @@ impl Sync for SyncService {
                             refuse_garbage(&acl, &node, peer, &garbage);
                             break Some(Status::invalid_argument(garbage.to_string()));
                         }
-                        match message.body {
-                            Some(agent_message::Body::FullState(state)) => {
-                                catalog.full_state(session, state)
-                            }
-                            Some(agent_message::Body::Delta(delta)) => {
-                                catalog.delta(session, delta)
-                            }
-                            Some(agent_message::Body::Subscribe(s)) => {
-                                catalog.subscribe(session, s.services)
-                            }
-                            Some(agent_message::Body::Unsubscribe(u)) => {
-                                catalog.unsubscribe(session, u.services)
-                            }
-                            Some(agent_message::Body::Ack(a)) => {
-                                catalog.ack(session, a.service, a.index)
-                            }
-                            Some(agent_message::Body::AckQuery(q)) => catalog.ack_query(session, q),
-                            Some(agent_message::Body::CommandsApplied(a)) => {
-                                commands.applied(&node, &a.ids);
-                            }
-                            Some(agent_message::Body::ProbeResult(r)) => {
-                                if !r.reachable && !r.error.is_empty() {
-                                    tracing::debug!(by = %node, error = %r.error, "peer probe failed");
-                                }
-                                catalog.probe_result(r.probe_id, r.reachable);
-                            }
-                            // Checked above: a second Hello is refused.
-                            Some(agent_message::Body::Hello(_)) => {}
+                        if let Some(body) = message.body {
+                            dispatch(&catalog, &commands, session, &node, body);
+                        } else {
                             // A kind this version does not know (a newer agent).
-                            None => {
-                                tracing::debug!(node = %node, "unknown message from agent ignored")
-                            }
+                            tracing::debug!(node = %node, "unknown message from agent ignored");
                         }
                     }
                     // Too large, or not a message at all: the agent's bytes.
@@ -264,6 +237,33 @@ fn refuse_garbage(acl: &crate::acl::Acl, node: &str, peer: Option<SocketAddr>, g
     ));
 }
 
+/// Takes in a checked message from the agent of `session`.
+fn dispatch(
+    catalog: &Catalog,
+    commands: &crate::commands::Commands,
+    session: crate::catalog::SessionId,
+    node: &str,
+    body: agent_message::Body,
+) {
+    match body {
+        agent_message::Body::FullState(state) => catalog.full_state(session, state),
+        agent_message::Body::Delta(delta) => catalog.delta(session, delta),
+        agent_message::Body::Subscribe(s) => catalog.subscribe(session, s.services),
+        agent_message::Body::Unsubscribe(u) => catalog.unsubscribe(session, u.services),
+        agent_message::Body::Ack(a) => catalog.ack(session, a.service, a.index),
+        agent_message::Body::AckQuery(q) => catalog.ack_query(session, q),
+        agent_message::Body::CommandsApplied(a) => commands.applied(node, &a.ids),
+        agent_message::Body::ProbeResult(r) => {
+            if !r.reachable && !r.error.is_empty() {
+                tracing::debug!(by = %node, error = %r.error, "peer probe failed");
+            }
+            catalog.probe_result(r.probe_id, r.reachable);
+        }
+        // Refused by [`check`].
+        agent_message::Body::Hello(_) => {}
+    }
+}
+
 /// Checks a message from an agent against [`reported`]'s rules;
 /// `subscriptions` counts the session's subscriptions so far.
 fn check(body: &agent_message::Body, subscriptions: impl FnOnce() -> usize) -> Result<(), Garbage> {
@@ -297,3 +297,6 @@ fn check(body: &agent_message::Body, subscriptions: impl FnOnce() -> usize) -> R
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod fuzz;

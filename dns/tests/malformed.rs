@@ -3,11 +3,10 @@
 //! The fuzz loop feeds random packets and mutations of valid queries
 //! through the path of the UDP loop (hickory's decoder, then our handler,
 //! then the encoder with a UDP size limit; FORMERR when it does not
-//! decode) and checks that every query gets a well-formed response with
-//! its id. A fixed seed makes a failure reproducible;
-//! `SIGNPOST_FUZZ_ITERATIONS` and `SIGNPOST_FUZZ_SEED` run a longer or
-//! another dose (CI runs the default). Then the real server gets garbage
-//! over UDP and TCP and must still answer a good query.
+//! decode; every fourth over TCP) and checks that every query gets a
+//! well-formed response with its id within the transport's size. See
+//! `signpost-fuzz` for the dose. Then the real server gets garbage over
+//! UDP and TCP and must still answer a good query.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is a test failure
 
@@ -26,6 +25,7 @@ use signpost_core::model::{Health, Weights};
 use signpost_dns::{
     Catalog, DnsMetrics, DnsServer, Endpoint, Handler, NodeRecord, Owner, Settings,
 };
+use signpost_fuzz::Dose;
 
 /// A catalog with a few services, one of them large enough to truncate.
 struct Fixed;
@@ -181,15 +181,7 @@ fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn random_and_mutated_packets_always_get_a_well_formed_answer() {
-    let iterations: usize = std::env::var("SIGNPOST_FUZZ_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let seed = std::env::var("SIGNPOST_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5157_0057_u64);
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut dose = Dose::from_env(20_000);
     let handlers = [
         Handler::new(
             settings(false),
@@ -207,50 +199,55 @@ async fn random_and_mutated_packets_always_get_a_well_formed_answer() {
     let seeds = seeds();
     let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
     let mut decoded = 0;
-    for i in 0..iterations {
+    while dose.another() {
+        let i = dose.done() - 1;
         let packet = if i < seeds.len() {
             seeds[i].clone()
         } else {
-            let pick = rng.random_range(0..seeds.len());
-            mutate(&mut rng, &seeds[pick])
+            let pick = dose.rng().random_range(0..seeds.len());
+            mutate(dose.rng(), &seeds[pick])
         };
         // What the UDP loop drops before answering: too short for a
         // header, or a response.
         if packet.len() < 12 || packet[2] & 0x80 != 0 {
             continue;
         }
+        // Every fourth over TCP: no size limit but the message's.
+        let tcp = i % 4 == 3;
         let handler = &handlers[i % 2];
         let bytes = handler
-            .answer_bytes(packet.clone(), src, false)
+            .answer_bytes(packet.clone(), src, tcp)
             .await
-            .unwrap_or_else(|| panic!("seed {seed:#x}, iteration {i}: no answer to {packet:02x?}"));
-        let response = Message::from_vec(&bytes).unwrap_or_else(|e| {
-            panic!("seed {seed:#x}, iteration {i}: undecodable answer ({e}) to {packet:02x?}")
-        });
+            .unwrap_or_else(|| panic!("{}: no answer to {packet:02x?}", dose.at()));
+        let response = Message::from_vec(&bytes)
+            .unwrap_or_else(|e| panic!("{}: undecodable answer ({e}) to {packet:02x?}", dose.at()));
         assert_eq!(
             response.metadata.id,
             u16::from_be_bytes([packet[0], packet[1]]),
-            "iteration {i}"
+            "{}",
+            dose.at()
         );
         assert_eq!(response.metadata.message_type, MessageType::Response);
         // A query that decodes reaches the handler; one that does not is
         // answered FORMERR.
-        let max = match Request::from_bytes(packet.clone(), src, Protocol::Udp) {
+        let protocol = if tcp { Protocol::Tcp } else { Protocol::Udp };
+        let max = match Request::from_bytes(packet.clone(), src, protocol) {
             Ok(request) => {
                 decoded += 1;
-                request.max_payload()
+                if tcp { u16::MAX } else { request.max_payload() }
             }
             Err(_) => {
                 assert_eq!(response.metadata.response_code, ResponseCode::FormErr);
                 512
             }
         };
-        assert!(bytes.len() <= usize::from(max), "iteration {i}");
+        assert!(bytes.len() <= usize::from(max), "{}", dose.at());
     }
     // The mutations must reach the handler, not only the decoder.
     assert!(
-        decoded > iterations / 4,
-        "only {decoded} of {iterations} decoded"
+        decoded > dose.done() / 4,
+        "only {decoded} of {} decoded",
+        dose.done()
     );
 }
 
