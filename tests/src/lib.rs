@@ -622,6 +622,14 @@ impl ControlPlane {
         .await
     }
 
+    /// The control plane's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("the control plane is running")
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
