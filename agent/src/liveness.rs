@@ -71,6 +71,10 @@ pub(crate) async fn serve(
     let body = Bytes::from(serde_json::json!({"Node": name, "ID": id}).to_string());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut failing = signpost_core::accept::AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -82,11 +86,14 @@ pub(crate) async fn serve(
             Ok(a) => a,
             Err(error) => {
                 // Out of file descriptors and the like: wait, do not spin.
-                tracing::warn!(%error, "liveness listener cannot accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+                let wait = failing.failed(addr, &error);
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(wait) => continue,
+                }
             }
         };
+        failing.recovered(addr);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "liveness listener busy: connection closed");
             continue;
