@@ -2,7 +2,8 @@
 //! durably (`data_dir/commands.json`, replaced atomically), and published
 //! on a `watch` channel so every agent's stream sends the active set on
 //! each change. Expired and revoked commands are kept for `show` and
-//! `list`, and only the active ones go to the agents (which also expire
+//! `list` (the newest [`ENDED_KEPT`], for at most [`ENDED_FOR`] after they
+//! ended), and only the active ones go to the agents (which also expire
 //! them by themselves).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +28,12 @@ pub enum CommandStoreError {
         source: serde_json::Error,
     },
 }
+
+/// Ended (expired or revoked) commands kept, newest first.
+pub const ENDED_KEPT: usize = 1000;
+
+/// How long an ended command is kept, in milliseconds (7 days).
+pub const ENDED_FOR: u64 = 7 * 24 * 3600 * 1000;
 
 pub struct Commands {
     path: PathBuf,
@@ -91,12 +98,20 @@ impl Commands {
             revoked_at: None,
         };
         let mut all = self.lock();
+        let dropped = prune(&mut all, now);
         all.insert(command.id.clone(), command.clone());
         if let Err(e) = self.save(&all) {
             all.remove(&command.id);
+            all.extend(dropped.into_iter().map(|c| (c.id.clone(), c)));
             return Err(e);
         }
         drop(all);
+        if !dropped.is_empty() {
+            let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
+            for command in &dropped {
+                applied.remove(&command.id);
+            }
+        }
         self.changes.send_modify(|n| *n += 1);
         Ok(command)
     }
@@ -186,6 +201,26 @@ impl Commands {
     }
 }
 
+/// Takes out of `all` the ended commands beyond what is kept: those that
+/// ended more than [`ENDED_FOR`] before `now`, then the oldest beyond
+/// [`ENDED_KEPT`]. Commands in force are never dropped.
+fn prune(all: &mut BTreeMap<String, Command>, now: u64) -> Vec<Command> {
+    let ended_at = |c: &Command| c.revoked_at.unwrap_or(c.expires_at);
+    let mut ended: Vec<(u64, String)> = all
+        .values()
+        .filter(|c| !c.active(now))
+        .map(|c| (ended_at(c), c.id.clone()))
+        .collect();
+    // Newest first.
+    ended.sort_by(|a, b| b.cmp(a));
+    ended
+        .iter()
+        .enumerate()
+        .filter(|(n, (at, _))| *n >= ENDED_KEPT || now.saturating_sub(*at) > ENDED_FOR)
+        .filter_map(|(_, (_, id))| all.remove(id))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -227,5 +262,43 @@ mod tests {
         assert_eq!(reopened.get(&created.id), Some(created.clone()));
         reopened.revoke(&created.id).unwrap();
         assert!(reopened.active_json(|_| 1).is_empty());
+    }
+
+    #[test]
+    fn ended_commands_are_kept_for_a_while_and_in_a_bounded_number() {
+        let command = |id: &str, expires_at: u64, revoked_at: Option<u64>| Command {
+            id: id.to_string(),
+            action: Action::Block,
+            target: Target {
+                service: "web".to_string(),
+                instance: None,
+                route: None,
+                callers: Vec::new(),
+            },
+            reason: "r".to_string(),
+            creator: "op".to_string(),
+            created_at: 0,
+            expires_at,
+            revoked_at,
+        };
+        let now = 100 * ENDED_FOR;
+        let mut all = BTreeMap::new();
+        for n in 0..ENDED_KEPT + 10 {
+            let id = format!("ended-{n:05}");
+            all.insert(id.clone(), command(&id, now - 2000 + n as u64, None));
+        }
+        let old = command("old", now - ENDED_FOR - 1, None);
+        let revoked = command("revoked-long-ago", now + 1000, Some(now - 2 * ENDED_FOR));
+        let active = command("active", now + 1000, None);
+        for c in [old, revoked, active] {
+            all.insert(c.id.clone(), c);
+        }
+        let dropped: BTreeSet<String> = prune(&mut all, now).into_iter().map(|c| c.id).collect();
+        assert!(all.contains_key("active"), "a command in force stays");
+        assert!(dropped.contains("old") && dropped.contains("revoked-long-ago"));
+        // The ten oldest of the recent ones go, the newest stay.
+        assert!(dropped.contains("ended-00000") && dropped.contains("ended-00009"));
+        assert!(all.contains_key("ended-00010"));
+        assert_eq!(all.len(), ENDED_KEPT + 1);
     }
 }
