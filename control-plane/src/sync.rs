@@ -141,7 +141,7 @@ impl Sync for SyncService {
         };
         if let Err(garbage) = reported::hello(&hello) {
             let node: String = hello.node.chars().take(64).collect();
-            self.refuse_garbage(&node, peer, &garbage);
+            refuse_garbage(&self.acl, &node, peer, &garbage);
             return Err(Status::invalid_argument(garbage.to_string()));
         }
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
@@ -215,12 +215,6 @@ impl Sync for SyncService {
             .merge(ReceiverStream::new(ended).map(|reason| reason.map(Err)))
             .map_while(|item| item);
         Ok(Response::new(Box::pin(outbound)))
-    }
-}
-
-impl SyncService {
-    fn refuse_garbage(&self, node: &str, peer: Option<SocketAddr>, garbage: &Garbage) {
-        refuse_garbage(&self.acl, node, peer, garbage);
     }
 }
 
