@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use signpost_core::command::{Action, Command, now_millis};
 use signpost_core::model::Protocol;
-use signpost_core::policy::{Policy, RateLimit, Route, RoutePolicy};
+use signpost_core::policy::{Degraded, Policy, RateLimit, Route, RoutePolicy};
 use signpost_proxy::{Endpoint, Liveness, Proxy, ProxyMetrics, ServiceSpec, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -178,7 +178,7 @@ fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u
         match &command.action {
             Action::Block => policy.blocked.extend(command.target.instance),
             Action::Circuit { state } => policy.circuit = Some(*state),
-            Action::Degrade { fallback } => policy.degraded = Some(fallback.clone()),
+            Action::Degrade { fallback } => policy.degraded = Degraded::from(fallback.clone()),
             // A split limit arrives as this agent's share already.
             Action::RateLimit {
                 per_second, burst, ..
@@ -198,7 +198,8 @@ fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u
 fn with_instance_command(policy: &mut Policy, instance: SocketAddr, action: &Action) {
     match action {
         Action::Degrade { fallback } => {
-            policy.instances.entry(instance).or_default().degraded = Some(fallback.clone());
+            policy.instances.entry(instance).or_default().degraded =
+                Degraded::from(fallback.clone());
         }
         Action::RateLimit {
             per_second, burst, ..
@@ -227,7 +228,7 @@ fn with_route_command(policy: &mut Policy, route: &Route, action: &Action) {
         None => {
             policy.routes.push(RoutePolicy {
                 route: route.clone(),
-                degraded: None,
+                degraded: Degraded::No,
                 circuit: None,
                 rate_limit: None,
             });
@@ -236,7 +237,7 @@ fn with_route_command(policy: &mut Policy, route: &Route, action: &Action) {
         }
     };
     match action {
-        Action::Degrade { fallback } => entry.degraded = Some(fallback.clone()),
+        Action::Degrade { fallback } => entry.degraded = Degraded::from(fallback.clone()),
         Action::Circuit { state } => entry.circuit = Some(*state),
         Action::RateLimit {
             per_second, burst, ..

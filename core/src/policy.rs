@@ -56,6 +56,26 @@ pub enum Circuit {
     Open,
 }
 
+/// Whether an operator degraded a service, a route or an instance, and
+/// how its requests are answered then.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Degraded {
+    /// Not degraded: requests go to the instances.
+    #[default]
+    No,
+    /// Requests fail fast with 503 (`degraded`).
+    FailFast,
+    /// Requests are answered with the operator's fallback.
+    Fallback(Fallback),
+}
+
+impl From<Option<Fallback>> for Degraded {
+    /// What a `degrade` command sets: its fallback, or failing fast.
+    fn from(fallback: Option<Fallback>) -> Self {
+        fallback.map_or(Degraded::FailFast, Degraded::Fallback)
+    }
+}
+
 /// What the proxy answers for a degraded service instead of calling it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,7 +135,7 @@ impl Route {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutePolicy {
     pub route: Route,
-    pub degraded: Option<Option<Fallback>>,
+    pub degraded: Degraded,
     pub circuit: Option<Circuit>,
     pub rate_limit: Option<RateLimit>,
 }
@@ -124,9 +144,9 @@ pub struct RoutePolicy {
 /// instance-scoped commands).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct InstancePolicy {
-    /// Answered with the fallback (`None` inside: 503) instead of calling
-    /// the instance.
-    pub degraded: Option<Option<Fallback>>,
+    /// Answered with the fallback, or 503, instead of calling the
+    /// instance.
+    pub degraded: Degraded,
     pub rate_limit: Option<RateLimit>,
 }
 
@@ -262,9 +282,9 @@ pub struct Policy {
     pub breaker_open_for: Duration,
     /// Probe requests that must succeed to close it again.
     pub breaker_probes: u32,
-    /// Degraded: every request is answered with the fallback (`None`
-    /// inside: 503) without calling the service.
-    pub degraded: Option<Option<Fallback>>,
+    /// Degraded: every request is answered with the fallback, or 503,
+    /// without calling the service.
+    pub degraded: Degraded,
     /// Beyond this rate, requests get 429 and connections are closed.
     pub rate_limit: Option<RateLimit>,
     /// Route-scoped commands (HTTP only); the longest matching prefix
@@ -313,7 +333,7 @@ impl Default for Policy {
             breaker_window: Duration::from_secs(10),
             breaker_open_for: Duration::from_secs(30),
             breaker_probes: 1,
-            degraded: None,
+            degraded: Degraded::No,
             rate_limit: None,
             routes: Vec::new(),
             instances: std::collections::BTreeMap::new(),

@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use signpost_core::model::Protocol;
-use signpost_core::policy::Policy;
+use signpost_core::policy::{Degraded, Policy};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
@@ -349,11 +349,10 @@ impl Backend {
         let Some(route) = policy.route(method, path) else {
             return Ok(None);
         };
-        if let Some(degraded) = &route.degraded {
-            return match degraded {
-                Some(fallback) => Ok(Some(fallback.clone())),
-                None => Err(ProxyError::Degraded),
-            };
+        match &route.degraded {
+            Degraded::No => {}
+            Degraded::FailFast => return Err(ProxyError::Degraded),
+            Degraded::Fallback(fallback) => return Ok(Some(fallback.clone())),
         }
         if route.circuit == Some(signpost_core::policy::Circuit::Open) {
             return Err(ProxyError::CircuitOpen);

@@ -22,7 +22,7 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use signpost_core::model::Protocol;
-use signpost_core::policy::{Balancer, Fallback, HashKey, Policy};
+use signpost_core::policy::{Balancer, Degraded, Fallback, HashKey, Policy};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -393,11 +393,10 @@ fn forward<'s: 'f, 'f>(
         {
             return Ok((fallback_response(backend, &fallback), ""));
         }
-        if let Some(degraded) = &policy.degraded {
-            return match degraded {
-                Some(fallback) => Ok((fallback_response(backend, fallback), "")),
-                None => Err(ProxyError::Degraded),
-            };
+        match &policy.degraded {
+            Degraded::No => {}
+            Degraded::FailFast => return Err(ProxyError::Degraded),
+            Degraded::Fallback(fallback) => return Ok((fallback_response(backend, fallback), "")),
         }
         backend.within_rate(policy, started)?;
         backend.through_circuit(policy, started)?;
@@ -477,11 +476,11 @@ fn forward<'s: 'f, 'f>(
             let addr = member.endpoint.addr;
             if let Some(scoped) = policy.instances.get(&addr) {
                 match &scoped.degraded {
-                    Some(Some(fallback)) => {
+                    Degraded::No => {}
+                    Degraded::FailFast => return Err(ProxyError::Degraded),
+                    Degraded::Fallback(fallback) => {
                         return Ok((fallback_response(backend, fallback), &member.label));
                     }
-                    Some(None) => return Err(ProxyError::Degraded),
-                    None => {}
                 }
                 if !member.stats.limiter.allow(scoped.rate_limit, try_started) {
                     return Err(ProxyError::RateLimited);

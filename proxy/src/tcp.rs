@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use signpost_core::policy::Balancer;
+use signpost_core::policy::{Balancer, Degraded};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -48,7 +48,7 @@ pub(crate) async fn serve(
     let key = (policy.balancer == Balancer::Hash).then(|| hash_ip(client.ip()));
     let mut tried = Vec::new();
     let mut last = ProxyError::NoInstance;
-    let refused = if policy.degraded.is_some() {
+    let refused = if policy.degraded != Degraded::No {
         Some(ProxyError::Degraded)
     } else {
         backend
