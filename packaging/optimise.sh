@@ -11,11 +11,11 @@
 #     from the counts it wrote (-Cprofile-use), so that LLVM inlines, lays
 #     out blocks and allocates registers for the paths that run: a
 #     proxied request takes about a quarter fewer instructions
-#     (bench/RESULTS.md, eleventh day).
+#     (bench/RESULTS.md, profile-guided optimisation).
 #  2. BOLT (LLVM's post-link optimiser): that binary is instrumented again,
 #     runs the workload, and is rewritten with the code that ran placed
 #     together and each function's rarely taken blocks moved apart: half
-#     the instruction-cache misses (ninth day).
+#     the instruction-cache misses (bench/RESULTS.md).
 #
 # Behaviour is unchanged (the same source; the rewritten binary answers
 # the demo over HTTP/1.1 and h2c before it is kept). Both passes are

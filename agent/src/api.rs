@@ -146,7 +146,8 @@ pub(crate) fn router(api: Api) -> Router {
             "/v1/agent/health/service/id/{id}",
             get(agent_routes::health_by_id),
         )
-        // Catalog, health and status: the fleet (for now, this node).
+        // Catalog, health and status: with a control plane, the service
+        // lists and entries answer for the fleet; the rest for this node.
         .route("/v1/status/leader", get(catalog::leader))
         .route("/v1/status/peers", get(catalog::peers))
         .route("/v1/catalog/datacenters", get(catalog::datacenters))

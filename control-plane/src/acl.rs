@@ -41,6 +41,11 @@ pub fn presented(headers: &axum::http::HeaderMap) -> Option<&str> {
         .and_then(bearer)
 }
 
+/// Compares secrets in a time that does not depend on where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -204,7 +209,7 @@ impl Acl {
         let hash = sha256_hex(secret);
         self.read()
             .values()
-            .find(|t| crate::sync::constant_time_eq(t.secret_sha256.as_bytes(), hash.as_bytes()))
+            .find(|t| constant_time_eq(t.secret_sha256.as_bytes(), hash.as_bytes()))
             .cloned()
     }
 

@@ -91,7 +91,7 @@ pub fn check_token(
             Some(token)
                 if tokens
                     .iter()
-                    .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+                    .any(|t| crate::acl::constant_time_eq(t.as_bytes(), token.as_bytes()))
                     || acl.authorize(Some(token), crate::acl::Role::Agent).is_ok() =>
             {
                 Ok(request)
@@ -113,10 +113,6 @@ pub fn check_token(
             )),
         }
     }
-}
-
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;

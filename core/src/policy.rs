@@ -4,7 +4,7 @@
 //!
 //! [`Policy`] is the resolved form the proxy reads on every request; a
 //! [`PolicyOverride`] (every field optional) is what the agent's
-//! `proxy.defaults` / `proxy.services` (and later operator commands) say,
+//! `proxy.defaults` / `proxy.services` and operator `policy` commands say,
 //! applied over the defaults with [`Policy::apply`]. Defaults follow the
 //! anchors in `shared/reference/data-plane.md` (Envoy's limits and panic
 //! threshold, Linkerd's retry budget and body buffer, HAProxy's connect
