@@ -30,11 +30,11 @@ use crate::answer::Handler;
 use crate::wire::{self, HEADER_LEN};
 
 /// Open connections per serving thread.
-pub(crate) const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS: usize = 256;
 
 /// Longest a connection may wait between queries, take to send the rest
 /// of one, or take to read an answer.
-pub(crate) const IDLE: Duration = Duration::from_secs(10);
+const IDLE: Duration = Duration::from_secs(10);
 
 /// Queries of one connection answered at the same time; reading waits
 /// while that many are.
