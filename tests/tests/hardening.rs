@@ -782,10 +782,31 @@ async fn ended_with(
     }
 }
 
+/// Opens a session as `node` with a good Hello, reports `instance` as its
+/// whole state, and returns the error the stream ends with.
+async fn full_state_refused(
+    cp: &ControlPlane,
+    node: &str,
+    instance: signpost_core::proto::Instance,
+) -> tonic::Status {
+    use signpost_core::proto::{AgentMessage, FullState, agent_message::Body};
+    let (tx, session) = agent_session(cp, hello(node)).await;
+    let mut stream = session.unwrap();
+    tx.send(AgentMessage {
+        body: Some(Body::FullState(FullState {
+            instances: vec![instance],
+            node_checks: Vec::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    ended_with(&mut stream).await
+}
+
 #[tokio::test]
 async fn an_agent_stream_that_sends_garbage_is_closed_and_audited() {
     use reqwest::Method;
-    use signpost_core::proto::{AgentMessage, FullState, Instance, agent_message::Body};
+    use signpost_core::proto::Instance;
 
     let cp = ControlPlane::start().await;
 
@@ -799,23 +820,13 @@ async fn an_agent_stream_that_sends_garbage_is_closed_and_audited() {
     assert!(status.message().contains("Hello.node"), "{status}");
 
     // A port no instance can have, after a good Hello.
-    let (tx, session) = agent_session(&cp, hello("garbage-node")).await;
-    let mut stream = session.unwrap();
     let bad = Instance {
         id: "web-1".to_string(),
         name: "web".to_string(),
         port: 70_000,
         ..Instance::default()
     };
-    tx.send(AgentMessage {
-        body: Some(Body::FullState(FullState {
-            instances: vec![bad],
-            node_checks: Vec::new(),
-        })),
-    })
-    .await
-    .unwrap();
-    let status = ended_with(&mut stream).await;
+    let status = full_state_refused(&cp, "garbage-node", bad).await;
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
     assert!(status.message().contains("70000 is not a port"), "{status}");
     let (_, audit) = cp_call(&cp, Method::GET, "/v1/audit?limit=100", None).await;
@@ -834,8 +845,6 @@ async fn an_agent_stream_that_sends_garbage_is_closed_and_audited() {
     assert!(services.get("web").is_none(), "{services}");
 
     // A message larger than an agent may send ends the stream too.
-    let (tx, session) = agent_session(&cp, hello("large-node")).await;
-    let mut stream = session.unwrap();
     let huge = Instance {
         id: "web-1".to_string(),
         name: "web".to_string(),
@@ -843,15 +852,7 @@ async fn an_agent_stream_that_sends_garbage_is_closed_and_audited() {
         meta: [("k".to_string(), "x".repeat(5 << 20))].into(),
         ..Instance::default()
     };
-    tx.send(AgentMessage {
-        body: Some(Body::FullState(FullState {
-            instances: vec![huge],
-            node_checks: Vec::new(),
-        })),
-    })
-    .await
-    .unwrap();
-    let status = ended_with(&mut stream).await;
+    let status = full_state_refused(&cp, "large-node", huge).await;
     assert_ne!(status.code(), tonic::Code::Ok, "{status}");
 
     // The control plane serves on.
