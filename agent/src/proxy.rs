@@ -10,9 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use signpost_core::command::{Action, Command, now_millis};
+use signpost_core::command::{Command, now_millis};
 use signpost_core::model::Protocol;
-use signpost_core::policy::{Degraded, Policy, RateLimit, Route, RoutePolicy};
+use signpost_core::overlay;
 use signpost_proxy::{Endpoint, Liveness, Proxy, ProxyMetrics, ServiceSpec, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -134,7 +134,7 @@ fn services(catalog: &AgentCatalog, commands: &[Command], now: u64) -> Vec<Servi
         .filter_map(|(key, vip)| {
             let (service, tag) = catalog.vip_owner(key.clone());
             let (service, instances) = catalog.instances_of(&service, tag.as_deref())?;
-            let policy = with_commands(config.policy(&service), &service, &commands, now);
+            let policy = overlay::with_commands(config.policy(&service), &service, &commands, now);
             Some(ServiceSpec {
                 protocol: protocol(&instances),
                 endpoints: instances.iter().filter_map(endpoint).collect(),
@@ -156,100 +156,6 @@ fn commands(catalog: &AgentCatalog) -> Vec<Command> {
         .unwrap_or_default();
     commands.sort_by_key(|c| c.created_at);
     commands
-}
-
-/// `policy` with the commands in force for `service` applied.
-fn with_commands(mut policy: Policy, service: &str, commands: &[Command], now: u64) -> Policy {
-    let applying = commands
-        .iter()
-        .filter(|c| c.active(now) && c.target.service.eq_ignore_ascii_case(service));
-    for command in applying {
-        if let Some(route) = &command.target.route {
-            with_route_command(&mut policy, route, &command.action);
-            continue;
-        }
-        if let (Some(instance), false) = (
-            command.target.instance,
-            matches!(command.action, Action::Block),
-        ) {
-            with_instance_command(&mut policy, instance, &command.action);
-            continue;
-        }
-        match &command.action {
-            Action::Block => policy.blocked.extend(command.target.instance),
-            Action::Circuit { state } => policy.circuit = Some(*state),
-            Action::Degrade { fallback } => policy.degraded = Degraded::from(fallback.clone()),
-            // A split limit arrives as this agent's share already.
-            Action::RateLimit {
-                per_second, burst, ..
-            } => {
-                policy.rate_limit = Some(RateLimit {
-                    per_second: *per_second,
-                    burst: *burst,
-                })
-            }
-            Action::Policy { policy: o } => policy = policy.apply(o),
-        }
-    }
-    policy
-}
-
-/// An instance-scoped command (other than a block).
-fn with_instance_command(policy: &mut Policy, instance: SocketAddr, action: &Action) {
-    match action {
-        Action::Degrade { fallback } => {
-            policy.instances.entry(instance).or_default().degraded =
-                Degraded::from(fallback.clone());
-        }
-        Action::RateLimit {
-            per_second, burst, ..
-        } => {
-            policy.instances.entry(instance).or_default().rate_limit = Some(RateLimit {
-                per_second: *per_second,
-                burst: *burst,
-            });
-        }
-        // An open circuit on one instance is a block; closed is the norm.
-        Action::Circuit { state } => {
-            if *state == signpost_core::policy::Circuit::Open {
-                policy.blocked.push(instance);
-            }
-        }
-        // Refused by the control plane's validation; a block is handled
-        // with the service's.
-        Action::Policy { .. } | Action::Block => {}
-    }
-}
-
-/// A route-scoped command: merged into that route's entry.
-fn with_route_command(policy: &mut Policy, route: &Route, action: &Action) {
-    let entry = match policy.routes.iter().position(|r| &r.route == route) {
-        Some(i) => &mut policy.routes[i],
-        None => {
-            policy.routes.push(RoutePolicy {
-                route: route.clone(),
-                degraded: Degraded::No,
-                circuit: None,
-                rate_limit: None,
-            });
-            let last = policy.routes.len() - 1;
-            &mut policy.routes[last]
-        }
-    };
-    match action {
-        Action::Degrade { fallback } => entry.degraded = Degraded::from(fallback.clone()),
-        Action::Circuit { state } => entry.circuit = Some(*state),
-        Action::RateLimit {
-            per_second, burst, ..
-        } => {
-            entry.rate_limit = Some(RateLimit {
-                per_second: *per_second,
-                burst: *burst,
-            })
-        }
-        // Refused by the control plane's validation.
-        Action::Block | Action::Policy { .. } => {}
-    }
 }
 
 /// The protocol most instances registered (TCP when none).

@@ -872,12 +872,12 @@ mod tests {
         let yaml = "proxy:\n  defaults:\n    retries: 1\n  services:\n    \"pay*\": {balancer: round_robin, try_timeout: 300ms}\n    payments: {retries: 3}\n";
         let config = AgentConfig::from_yaml("a.yaml", yaml).unwrap();
         let p = config.proxy.policy("payments");
-        assert_eq!(p.retries, 3, "the exact key wins");
+        assert_eq!(p.retry.retries, 3, "the exact key wins");
         assert_eq!(p.balancer, crate::policy::Balancer::P2cEwma);
         let p = config.proxy.policy("payroll");
-        assert_eq!(p.retries, 1, "the defaults apply");
+        assert_eq!(p.retry.retries, 1, "the defaults apply");
         assert_eq!(p.try_timeout, Some(Duration::from_millis(300)));
-        assert_eq!(config.proxy.policy("web").retries, 1);
+        assert_eq!(config.proxy.policy("web").retry.retries, 1);
 
         let bad = "proxy:\n  services:\n    web: {panic_threshold: 2}\n";
         let e = AgentConfig::from_yaml("a.yaml", bad).unwrap_err();

@@ -14,8 +14,8 @@
 //!   plane's YAML configuration, strictly typed and validated before any
 //!   socket is bound.
 //! - [`policy`]: the proxy's per-service traffic policy (timeouts,
-//!   retries, limits, balancer, ejection), from config and, later,
-//!   operator commands.
+//!   retries, limits, balancer, ejection, breaker), from configuration.
+//! - [`overlay`]: operator commands applied over a policy.
 //! - [`reported`]: the control plane's checks of what agents report.
 //! - [`service_file`]: the `services.d/*.yaml` format that turns into
 //!   [`model::ServiceDefinition`]s.
@@ -32,6 +32,7 @@ pub mod config;
 pub mod control_plane_config;
 pub mod duration;
 pub mod model;
+pub mod overlay;
 pub mod policy;
 /// The agent <-> control plane protocol, generated from
 /// `proto/signpost/v1/sync.proto`.

@@ -10,6 +10,7 @@
 //! threshold, Linkerd's retry budget and body buffer, HAProxy's connect
 //! retries).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -82,7 +83,7 @@ impl From<Option<Fallback>> for Degraded {
 pub struct Fallback {
     pub status: u16,
     #[serde(default)]
-    pub headers: std::collections::BTreeMap<String, String>,
+    pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub body: String,
 }
@@ -209,7 +210,9 @@ fn http_token(s: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// Everything the proxy needs to know about how to treat one service.
+/// Everything the proxy needs to know about how to treat one service,
+/// grouped by concern in memory; the YAML keys ([`PolicyOverride`]) are
+/// flat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// `None`: what the instances registered (the first one's protocol).
@@ -228,27 +231,6 @@ pub struct Policy {
     /// closed (`None`: never; database pools keep idle connections for
     /// hours, so it is off unless a service asks for it).
     pub idle_timeout: Option<Duration>,
-    /// Retries after the first attempt (each to another instance when
-    /// there is one).
-    pub retries: u32,
-    /// Retries allowed as a share of requests, over 10 s...
-    pub retry_budget_ratio: f32,
-    /// ...plus this many per second.
-    pub retry_budget_min_per_second: u32,
-    /// Retry POST/PATCH and other non-idempotent methods too.
-    pub retry_non_idempotent: bool,
-    /// Full-jitter exponential back-off between retries: the first wait is
-    /// at most `retry_backoff`, each later one doubles, up to
-    /// `retry_backoff_max`.
-    pub retry_backoff: Duration,
-    pub retry_backoff_max: Duration,
-    /// Client connections open at once (L4 and L7).
-    pub max_connections: u32,
-    /// HTTP requests in flight to the instances at once.
-    pub max_requests: u32,
-    /// HTTP requests waiting for a `max_requests` slot; beyond that they
-    /// fail at once.
-    pub max_pending: u32,
     /// Below this share of available instances, balance over all of them
     /// (a bad detector or stale health must not concentrate the load).
     pub panic_threshold: f64,
@@ -256,32 +238,89 @@ pub struct Policy {
     pub zone_aware: bool,
     /// ...while at least this share of them is available.
     pub zone_min_available: f64,
+    /// Traffic shares by instance tag (a canary: `{v1: 95, v2: 5}`):
+    /// each request or connection first picks a tag by these weights
+    /// among the tags with available instances, then an instance with
+    /// it. Empty: every instance.
+    pub tag_weights: BTreeMap<String, u32>,
+    pub retry: RetryPolicy,
+    pub limits: Limits,
+    pub ejection: Ejection,
+    pub breaker: BreakerPolicy,
+    pub overlay: Overlay,
+}
+
+/// When a failed HTTP request is tried again (YAML: `retries`,
+/// `retry_*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (each to another instance when
+    /// there is one).
+    pub retries: u32,
+    /// Retries allowed as a share of requests, over 10 s...
+    pub budget_ratio: f32,
+    /// ...plus this many per second.
+    pub budget_min_per_second: u32,
+    /// Retry POST/PATCH and other non-idempotent methods too.
+    pub non_idempotent: bool,
+    /// Full-jitter exponential back-off between retries: the first wait is
+    /// at most `backoff`, each later one doubles, up to `backoff_max`.
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
+/// How much a service takes at once (YAML: `max_*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Client connections open at once (L4 and L7).
+    pub max_connections: u32,
+    /// HTTP requests in flight to the instances at once.
+    pub max_requests: u32,
+    /// HTTP requests waiting for a `max_requests` slot; beyond that they
+    /// fail at once.
+    pub max_pending: u32,
+}
+
+/// Passive outlier ejection (YAML: `eject_*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ejection {
     /// Consecutive failures (connect errors, 5xx, timeouts) that eject an
     /// instance; 0 turns ejection off.
-    pub eject_after: u32,
-    /// First ejection; each further one doubles, up to `eject_max`.
-    pub eject_base: Duration,
-    pub eject_max: Duration,
+    pub after: u32,
+    /// First ejection; each further one doubles, up to `max`.
+    pub base: Duration,
+    pub max: Duration,
     /// Never eject more than this share of a service's instances (at least
     /// one may always be).
-    pub eject_max_share: f64,
+    pub max_share: f64,
+}
+
+/// The automatic circuit breaker (YAML: `breaker_*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerPolicy {
+    /// Open the circuit after this many failed requests in a row (0: no)...
+    pub failures: u32,
+    /// ...or when this share of requests failed (0: no) within `window`,
+    /// once there were `min_requests`.
+    pub error_rate: f64,
+    pub min_requests: u32,
+    pub window: Duration,
+    /// How long it stays open before probe requests are let through.
+    pub open_for: Duration,
+    /// Probe requests that must succeed to close it again.
+    pub probes: u32,
+}
+
+/// What operators set over the configured policy: blocked instances and a
+/// forced circuit (also YAML keys), and what only commands set.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Overlay {
     /// Instances (`ip:port`) that get no new connections or requests,
     /// whatever their health; requests in flight finish.
     pub blocked: Vec<SocketAddr>,
     /// An operator's forced circuit state; `None`: the automatic breaker
     /// decides (when `breaker_failures` or `breaker_error_rate` is set).
     pub circuit: Option<Circuit>,
-    /// Open the circuit after this many failed requests in a row (0: no)...
-    pub breaker_failures: u32,
-    /// ...or when this share of requests failed (0: no) within
-    /// `breaker_window`, once there were `breaker_min_requests`.
-    pub breaker_error_rate: f64,
-    pub breaker_min_requests: u32,
-    pub breaker_window: Duration,
-    /// How long it stays open before probe requests are let through.
-    pub breaker_open_for: Duration,
-    /// Probe requests that must succeed to close it again.
-    pub breaker_probes: u32,
     /// Degraded: every request is answered with the fallback, or 503,
     /// without calling the service.
     pub degraded: Degraded,
@@ -291,12 +330,7 @@ pub struct Policy {
     /// wins.
     pub routes: Vec<RoutePolicy>,
     /// Instance-scoped commands, by instance.
-    pub instances: std::collections::BTreeMap<SocketAddr, InstancePolicy>,
-    /// Traffic shares by instance tag (a canary: `{v1: 95, v2: 5}`):
-    /// each request or connection first picks a tag by these weights
-    /// among the tags with available instances, then an instance with
-    /// it. Empty: every instance.
-    pub tag_weights: std::collections::BTreeMap<String, u32>,
+    pub instances: BTreeMap<SocketAddr, InstancePolicy>,
 }
 
 impl Default for Policy {
@@ -309,35 +343,38 @@ impl Default for Policy {
             try_timeout: None,
             timeout: Duration::from_secs(15),
             idle_timeout: None,
-            retries: 2,
-            retry_budget_ratio: 0.2,
-            retry_budget_min_per_second: 10,
-            retry_non_idempotent: false,
-            retry_backoff: Duration::from_millis(25),
-            retry_backoff_max: Duration::from_millis(250),
-            max_connections: 1024,
-            max_requests: 1024,
-            max_pending: 1024,
             panic_threshold: 0.5,
             zone_aware: true,
             zone_min_available: 0.5,
-            eject_after: 5,
-            eject_base: Duration::from_secs(1),
-            eject_max: Duration::from_secs(60),
-            eject_max_share: 0.5,
-            blocked: Vec::new(),
-            circuit: None,
-            breaker_failures: 0,
-            breaker_error_rate: 0.0,
-            breaker_min_requests: 20,
-            breaker_window: Duration::from_secs(10),
-            breaker_open_for: Duration::from_secs(30),
-            breaker_probes: 1,
-            degraded: Degraded::No,
-            rate_limit: None,
-            routes: Vec::new(),
-            instances: std::collections::BTreeMap::new(),
-            tag_weights: std::collections::BTreeMap::new(),
+            tag_weights: BTreeMap::new(),
+            retry: RetryPolicy {
+                retries: 2,
+                budget_ratio: 0.2,
+                budget_min_per_second: 10,
+                non_idempotent: false,
+                backoff: Duration::from_millis(25),
+                backoff_max: Duration::from_millis(250),
+            },
+            limits: Limits {
+                max_connections: 1024,
+                max_requests: 1024,
+                max_pending: 1024,
+            },
+            ejection: Ejection {
+                after: 5,
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+                max_share: 0.5,
+            },
+            breaker: BreakerPolicy {
+                failures: 0,
+                error_rate: 0.0,
+                min_requests: 20,
+                window: Duration::from_secs(10),
+                open_for: Duration::from_secs(30),
+                probes: 1,
+            },
+            overlay: Overlay::default(),
         }
     }
 }
@@ -388,13 +425,14 @@ pub struct PolicyOverride {
     #[serde(with = "crate::duration::serde_go_opt")]
     pub breaker_open_for: Option<Duration>,
     pub breaker_probes: Option<u32>,
-    pub tag_weights: Option<std::collections::BTreeMap<String, u32>>,
+    pub tag_weights: Option<BTreeMap<String, u32>>,
 }
 
 impl Policy {
     /// The route-scoped policy for a request, if one matches.
     pub fn route(&self, method: &str, path: &str) -> Option<&RoutePolicy> {
-        self.routes
+        self.overlay
+            .routes
             .iter()
             .filter(|r| r.route.matches(method, path))
             .max_by_key(|r| (r.route.path_prefix.len(), r.route.method.is_some()))
@@ -403,59 +441,64 @@ impl Policy {
     /// This policy with what `o` sets replacing its values.
     pub fn apply(&self, o: &PolicyOverride) -> Policy {
         let p = self.clone();
+        let (r, l, e, b) = (p.retry, p.limits, p.ejection, p.breaker);
+        // Zero turns a timeout that may be off, off.
+        let off_at_zero = |set: Option<Duration>, was| match set {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => was,
+        };
         Policy {
             protocol: o.protocol.or(p.protocol),
             balancer: o.balancer.unwrap_or(p.balancer),
             hash_key: o.hash_key.clone().unwrap_or(p.hash_key),
             connect_timeout: o.connect_timeout.unwrap_or(p.connect_timeout),
-            // Zero turns the per-try timeout off.
-            try_timeout: match o.try_timeout {
-                Some(d) if d.is_zero() => None,
-                Some(d) => Some(d),
-                None => p.try_timeout,
-            },
+            try_timeout: off_at_zero(o.try_timeout, p.try_timeout),
             timeout: o.timeout.unwrap_or(p.timeout),
-            // Zero turns the idle timeout off.
-            idle_timeout: match o.idle_timeout {
-                Some(d) if d.is_zero() => None,
-                Some(d) => Some(d),
-                None => p.idle_timeout,
-            },
-            retries: o.retries.unwrap_or(p.retries),
-            retry_budget_ratio: o.retry_budget_ratio.unwrap_or(p.retry_budget_ratio),
-            retry_budget_min_per_second: o
-                .retry_budget_min_per_second
-                .unwrap_or(p.retry_budget_min_per_second),
-            retry_non_idempotent: o.retry_non_idempotent.unwrap_or(p.retry_non_idempotent),
-            retry_backoff: o.retry_backoff.unwrap_or(p.retry_backoff),
-            retry_backoff_max: o.retry_backoff_max.unwrap_or(p.retry_backoff_max),
-            max_connections: o.max_connections.unwrap_or(p.max_connections),
-            max_requests: o.max_requests.unwrap_or(p.max_requests),
-            max_pending: o.max_pending.unwrap_or(p.max_pending),
+            idle_timeout: off_at_zero(o.idle_timeout, p.idle_timeout),
             panic_threshold: o.panic_threshold.unwrap_or(p.panic_threshold),
             zone_aware: o.zone_aware.unwrap_or(p.zone_aware),
             zone_min_available: o.zone_min_available.unwrap_or(p.zone_min_available),
-            eject_after: o.eject_after.unwrap_or(p.eject_after),
-            eject_base: o.eject_base.unwrap_or(p.eject_base),
-            eject_max: o.eject_max.unwrap_or(p.eject_max),
-            eject_max_share: o.eject_max_share.unwrap_or(p.eject_max_share),
-            blocked: o.blocked.clone().unwrap_or(p.blocked),
-            circuit: o.circuit.or(p.circuit),
-            breaker_failures: o.breaker_failures.unwrap_or(p.breaker_failures),
-            breaker_error_rate: o.breaker_error_rate.unwrap_or(p.breaker_error_rate),
-            breaker_min_requests: o.breaker_min_requests.unwrap_or(p.breaker_min_requests),
-            breaker_window: o.breaker_window.unwrap_or(p.breaker_window),
-            breaker_open_for: o.breaker_open_for.unwrap_or(p.breaker_open_for),
-            breaker_probes: o.breaker_probes.unwrap_or(p.breaker_probes),
-            degraded: p.degraded,
-            rate_limit: p.rate_limit,
-            routes: p.routes,
-            instances: p.instances,
             tag_weights: o.tag_weights.clone().unwrap_or(p.tag_weights),
+            retry: RetryPolicy {
+                retries: o.retries.unwrap_or(r.retries),
+                budget_ratio: o.retry_budget_ratio.unwrap_or(r.budget_ratio),
+                budget_min_per_second: o
+                    .retry_budget_min_per_second
+                    .unwrap_or(r.budget_min_per_second),
+                non_idempotent: o.retry_non_idempotent.unwrap_or(r.non_idempotent),
+                backoff: o.retry_backoff.unwrap_or(r.backoff),
+                backoff_max: o.retry_backoff_max.unwrap_or(r.backoff_max),
+            },
+            limits: Limits {
+                max_connections: o.max_connections.unwrap_or(l.max_connections),
+                max_requests: o.max_requests.unwrap_or(l.max_requests),
+                max_pending: o.max_pending.unwrap_or(l.max_pending),
+            },
+            ejection: Ejection {
+                after: o.eject_after.unwrap_or(e.after),
+                base: o.eject_base.unwrap_or(e.base),
+                max: o.eject_max.unwrap_or(e.max),
+                max_share: o.eject_max_share.unwrap_or(e.max_share),
+            },
+            breaker: BreakerPolicy {
+                failures: o.breaker_failures.unwrap_or(b.failures),
+                error_rate: o.breaker_error_rate.unwrap_or(b.error_rate),
+                min_requests: o.breaker_min_requests.unwrap_or(b.min_requests),
+                window: o.breaker_window.unwrap_or(b.window),
+                open_for: o.breaker_open_for.unwrap_or(b.open_for),
+                probes: o.breaker_probes.unwrap_or(b.probes),
+            },
+            overlay: Overlay {
+                blocked: o.blocked.clone().unwrap_or(p.overlay.blocked),
+                circuit: o.circuit.or(p.overlay.circuit),
+                ..p.overlay
+            },
         }
     }
 
-    /// The first rule this policy breaks, as `(field, reason)`.
+    /// The first rule this policy breaks, as `(field, reason)`: the YAML
+    /// key and why.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         let share = |field, v: f64| {
             if (0.0..=1.0).contains(&v) {
@@ -466,8 +509,8 @@ impl Policy {
         };
         share("panic_threshold", self.panic_threshold)?;
         share("zone_min_available", self.zone_min_available)?;
-        share("eject_max_share", self.eject_max_share)?;
-        share("breaker_error_rate", self.breaker_error_rate)?;
+        share("eject_max_share", self.ejection.max_share)?;
+        share("breaker_error_rate", self.breaker.error_rate)?;
         let positive = |field, d: Duration| {
             if d.is_zero() {
                 Err((field, "must be greater than 0".to_string()))
@@ -477,27 +520,27 @@ impl Policy {
         };
         positive("connect_timeout", self.connect_timeout)?;
         positive("timeout", self.timeout)?;
-        positive("eject_base", self.eject_base)?;
-        positive("breaker_window", self.breaker_window)?;
-        positive("breaker_open_for", self.breaker_open_for)?;
-        if self.eject_max < self.eject_base {
+        positive("eject_base", self.ejection.base)?;
+        positive("breaker_window", self.breaker.window)?;
+        positive("breaker_open_for", self.breaker.open_for)?;
+        if self.ejection.max < self.ejection.base {
             return Err(("eject_max", "must be at least eject_base".to_string()));
         }
-        if self.retry_backoff_max < self.retry_backoff {
+        if self.retry.backoff_max < self.retry.backoff {
             return Err((
                 "retry_backoff_max",
                 "must be at least retry_backoff".to_string(),
             ));
         }
-        if !(0.0..=10.0).contains(&self.retry_budget_ratio) {
+        if !(0.0..=10.0).contains(&self.retry.budget_ratio) {
             return Err((
                 "retry_budget_ratio",
-                format!("{} must be between 0 and 10", self.retry_budget_ratio),
+                format!("{} must be between 0 and 10", self.retry.budget_ratio),
             ));
         }
         for (field, v) in [
-            ("max_connections", self.max_connections),
-            ("max_requests", self.max_requests),
+            ("max_connections", self.limits.max_connections),
+            ("max_requests", self.limits.max_requests),
         ] {
             if v == 0 {
                 return Err((field, "must be at least 1".to_string()));
@@ -509,7 +552,7 @@ impl Policy {
                 "at least one weight must be above 0".to_string(),
             ));
         }
-        if self.retries > 10 {
+        if self.retry.retries > 10 {
             return Err(("retries", "at most 10".to_string()));
         }
         Ok(())
@@ -530,7 +573,7 @@ mod tests {
         assert_eq!(p.balancer, Balancer::Hash);
         assert_eq!(p.hash_key, HashKey::Header("x-user".to_string()));
         assert_eq!(p.try_timeout, Some(Duration::from_millis(200)));
-        assert_eq!(p.retries, 0);
+        assert_eq!(p.retry.retries, 0);
         assert_eq!(p.timeout, Policy::default().timeout);
         let off: PolicyOverride = serde_saphyr::from_str("try_timeout: 0s\n").unwrap();
         assert_eq!(p.apply(&off).try_timeout, None);

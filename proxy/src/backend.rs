@@ -193,14 +193,14 @@ impl Backend {
         let RetryBudget { ratio, min, .. } = &**self.budget.load();
         if (*ratio, *min)
             != (
-                policy.retry_budget_ratio,
-                policy.retry_budget_min_per_second,
+                policy.retry.budget_ratio,
+                policy.retry.budget_min_per_second,
             )
         {
             self.budget
                 .store(Arc::new(RetryBudget::new(&policy, self.shared.workers)));
         }
-        let more_requests = policy.max_requests > old.policy.max_requests;
+        let more_requests = policy.limits.max_requests > old.policy.limits.max_requests;
         let snapshot = Snapshot {
             policy,
             protocol,
@@ -256,15 +256,15 @@ impl Backend {
                 .filter(|m| m.stats.is_ejected(now))
                 .count();
             let allowed =
-                ((policy.eject_max_share * snapshot.members.len() as f64) as usize).max(1);
+                ((policy.ejection.max_share * snapshot.members.len() as f64) as usize).max(1);
             ejected < allowed
         };
         let outcome = member.stats.failure(
             rtt,
             now,
-            policy.eject_after,
-            policy.eject_base,
-            policy.eject_max,
+            policy.ejection.after,
+            policy.ejection.base,
+            policy.ejection.max,
             may_eject,
         );
         if let FailureOutcome::Ejected(period) = outcome {
@@ -296,14 +296,14 @@ impl Backend {
         policy: &Policy,
         deadline: Instant,
     ) -> Result<RequestSlot<'_>, ProxyError> {
-        if self.take_slot(policy.max_requests) {
+        if self.take_slot(policy.limits.max_requests) {
             return Ok(RequestSlot(self));
         }
-        if self.pending.fetch_add(1, Ordering::SeqCst) >= policy.max_pending {
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= policy.limits.max_pending {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             return Err(ProxyError::Limit {
                 limit: "max_pending",
-                value: policy.max_pending,
+                value: policy.limits.max_pending,
             });
         }
         let waited = tokio::time::timeout_at(deadline, async {
@@ -314,7 +314,7 @@ impl Backend {
                 tokio::pin!(freed);
                 freed.as_mut().enable();
                 // The limit as it is now: an update may have raised it.
-                if self.take_slot(self.snapshot().policy.max_requests) {
+                if self.take_slot(self.snapshot().policy.limits.max_requests) {
                     return;
                 }
                 freed.await;
@@ -381,7 +381,7 @@ impl Backend {
     pub(crate) fn circuit_outcome(&self, policy: &Policy, ok: bool, now: Instant) {
         match self.breaker.record(policy, ok, now) {
             Some(crate::breaker::Transition::Opened) => {
-                tracing::warn!(service = %self.name, open_for = ?policy.breaker_open_for, "circuit opened: too many failures");
+                tracing::warn!(service = %self.name, open_for = ?policy.breaker.open_for, "circuit opened: too many failures");
             }
             Some(crate::breaker::Transition::Closed) => {
                 tracing::info!(service = %self.name, "circuit closed: the probes succeeded");
@@ -392,7 +392,7 @@ impl Backend {
 
     /// Takes a token from the operator's rate limit, if any.
     pub(crate) fn within_rate(&self, policy: &Policy, now: Instant) -> Result<(), ProxyError> {
-        if self.limiter.allow(policy.rate_limit, now) {
+        if self.limiter.allow(policy.overlay.rate_limit, now) {
             Ok(())
         } else {
             Err(ProxyError::RateLimited)
@@ -401,7 +401,7 @@ impl Backend {
 
     /// A client connection, unless `max_connections` are open.
     pub(crate) fn admit_connection(self: &Arc<Self>) -> Result<ConnectionGuard, ProxyError> {
-        let limit = self.snapshot().policy.max_connections;
+        let limit = self.snapshot().policy.limits.max_connections;
         if self.connections.fetch_add(1, Ordering::AcqRel) >= limit {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(ProxyError::Limit {
@@ -473,13 +473,13 @@ struct RetryBudget {
 impl RetryBudget {
     fn new(policy: &Policy, workers: usize) -> RetryBudget {
         let workers = workers.max(1);
-        let min = policy.retry_budget_min_per_second;
+        let min = policy.retry.budget_min_per_second;
         let share = min.div_ceil(workers as u32);
         RetryBudget {
-            ratio: policy.retry_budget_ratio,
+            ratio: policy.retry.budget_ratio,
             min,
             workers: PerWorker::new(workers, || {
-                TpsBudget::new(BUDGET_WINDOW, share, policy.retry_budget_ratio)
+                TpsBudget::new(BUDGET_WINDOW, share, policy.retry.budget_ratio)
             }),
         }
     }
@@ -496,11 +496,9 @@ mod tests {
 
     /// A backend with these limits, and its policy.
     fn limited(max_requests: u32, max_pending: u32) -> (Arc<Backend>, Policy) {
-        let policy = Policy {
-            max_requests,
-            max_pending,
-            ..Policy::default()
-        };
+        let mut policy = Policy::default();
+        policy.limits.max_requests = max_requests;
+        policy.limits.max_pending = max_pending;
         let shared = Arc::new(Shared {
             zone: String::new(),
             pool_idle_timeout: Duration::from_secs(3),
@@ -591,12 +589,12 @@ mod tests {
         let first = web.admit_request(&policy, far()).await.ok();
         let (admitted, release) = waiter(&web, &policy);
         until_waiting(&web, 1).await;
-        policy.max_requests = 2;
+        policy.limits.max_requests = 2;
         web.update(Vec::new(), Protocol::Http, policy.clone());
         admitted.await.unwrap();
 
         // Lowered to 1 with 2 in flight: the next waits until both end.
-        policy.max_requests = 1;
+        policy.limits.max_requests = 1;
         web.update(Vec::new(), Protocol::Http, policy.clone());
         let (mut third, _release) = waiter(&web, &policy);
         until_waiting(&web, 1).await;

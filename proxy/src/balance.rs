@@ -73,7 +73,7 @@ fn choose(
         members
             .iter()
             .enumerate()
-            .filter(|(_, m)| !req.policy.blocked.contains(&m.endpoint.addr))
+            .filter(|(_, m)| !req.policy.overlay.blocked.contains(&m.endpoint.addr))
             .map(|(i, m)| {
                 let standing = m.stats.standing(now);
                 let here = req.policy.zone_aware && in_zone(i);
@@ -449,18 +449,16 @@ mod tests {
             member(2, "a", Health::Critical),
             member(3, "a", Health::Critical),
         ];
-        let policy = Policy {
+        let mut policy = Policy {
             balancer: Balancer::RoundRobin,
-            blocked: vec![members[0].endpoint.addr],
             ..Policy::default()
         };
+        policy.overlay.blocked = vec![members[0].endpoint.addr];
         let c = counts(&members, &policy, |_| None);
         assert_eq!(c[0], 0, "{c:?}");
         assert!(c[1] > 400 && c[2] > 400, "the rest are in panic: {c:?}");
-        let all = Policy {
-            blocked: members.iter().map(|m| m.endpoint.addr).collect(),
-            ..policy
-        };
+        let mut all = policy;
+        all.overlay.blocked = members.iter().map(|m| m.endpoint.addr).collect();
         assert_eq!(counts(&members, &all, |_| None), vec![0, 0, 0]);
     }
 
@@ -478,10 +476,8 @@ mod tests {
         assert!((60..=150).contains(&v2), "about 10 % to v2: {c:?}");
         assert_eq!(c.iter().sum::<u32>(), 1000);
         // Without available v1 instances, v2 takes it all.
-        let v1_gone = Policy {
-            blocked: vec![members[1].endpoint.addr, members[3].endpoint.addr],
-            ..policy
-        };
+        let mut v1_gone = policy;
+        v1_gone.overlay.blocked = vec![members[1].endpoint.addr, members[3].endpoint.addr];
         let c = counts(&members, &v1_gone, |_| None);
         assert_eq!(c[1] + c[3], 0);
         assert_eq!(c[0] + c[2], 1000);

@@ -60,7 +60,7 @@ impl Breaker {
 
     /// May a request (or connection) go through now?
     pub(crate) fn admit(&self, policy: &Policy, now: Instant) -> Admission {
-        match policy.circuit {
+        match policy.overlay.circuit {
             Some(Circuit::Open) => return Admission::Refuse,
             Some(Circuit::Closed) => return Admission::Pass,
             None if !enabled(policy) => return Admission::Pass,
@@ -82,7 +82,7 @@ impl Breaker {
                 sent,
                 succeeded,
                 since,
-            } if sent < policy.breaker_probes.max(1) => {
+            } if sent < policy.breaker.probes.max(1) => {
                 s.phase = Phase::HalfOpen {
                     sent: sent + 1,
                     succeeded,
@@ -93,7 +93,7 @@ impl Breaker {
             // Probes whose outcome never came (their clients went away):
             // start probing again.
             Phase::HalfOpen { since, .. }
-                if now.saturating_duration_since(since) >= policy.breaker_open_for =>
+                if now.saturating_duration_since(since) >= policy.breaker.open_for =>
             {
                 s.phase = Phase::HalfOpen {
                     sent: 1,
@@ -108,13 +108,13 @@ impl Breaker {
 
     /// The outcome of a request that was let through.
     pub(crate) fn record(&self, policy: &Policy, ok: bool, now: Instant) -> Option<Transition> {
-        if policy.circuit.is_some() || !enabled(policy) {
+        if policy.overlay.circuit.is_some() || !enabled(policy) {
             return None;
         }
         let mut s = self.lock();
         let open = |s: &mut State| {
             s.phase = Phase::Open {
-                until: now + policy.breaker_open_for,
+                until: now + policy.breaker.open_for,
             };
             s.consecutive_failures = 0;
             s.window_start = None;
@@ -130,7 +130,7 @@ impl Breaker {
                     return open(&mut s);
                 }
                 let succeeded = succeeded + 1;
-                if succeeded >= policy.breaker_probes.max(1) {
+                if succeeded >= policy.breaker.probes.max(1) {
                     s.phase = Phase::Closed;
                     return Some(Transition::Closed);
                 }
@@ -145,7 +145,7 @@ impl Breaker {
             Phase::Closed => {
                 s.consecutive_failures = if ok { 0 } else { s.consecutive_failures + 1 };
                 let window_over = s.window_start.is_none_or(|start| {
-                    now.saturating_duration_since(start) >= policy.breaker_window
+                    now.saturating_duration_since(start) >= policy.breaker.window
                 });
                 if window_over {
                     s.window_start = Some(now);
@@ -154,12 +154,12 @@ impl Breaker {
                 }
                 s.window_requests += 1;
                 s.window_failures += u32::from(!ok);
-                let too_many_in_a_row = policy.breaker_failures > 0
-                    && s.consecutive_failures >= policy.breaker_failures;
+                let too_many_in_a_row = policy.breaker.failures > 0
+                    && s.consecutive_failures >= policy.breaker.failures;
                 let rate = f64::from(s.window_failures) / f64::from(s.window_requests);
-                let too_high_a_rate = policy.breaker_error_rate > 0.0
-                    && s.window_requests >= policy.breaker_min_requests
-                    && rate >= policy.breaker_error_rate;
+                let too_high_a_rate = policy.breaker.error_rate > 0.0
+                    && s.window_requests >= policy.breaker.min_requests
+                    && rate >= policy.breaker.error_rate;
                 if too_many_in_a_row || too_high_a_rate {
                     return open(&mut s);
                 }
@@ -170,7 +170,7 @@ impl Breaker {
 }
 
 fn enabled(policy: &Policy) -> bool {
-    policy.breaker_failures > 0 || policy.breaker_error_rate > 0.0
+    policy.breaker.failures > 0 || policy.breaker.error_rate > 0.0
 }
 
 #[cfg(test)]
@@ -180,12 +180,11 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy {
-            breaker_failures: 3,
-            breaker_open_for: Duration::from_secs(10),
-            breaker_probes: 2,
-            ..Policy::default()
-        }
+        let mut p = Policy::default();
+        p.breaker.failures = 3;
+        p.breaker.open_for = Duration::from_secs(10);
+        p.breaker.probes = 2;
+        p
     }
 
     #[test]
@@ -210,24 +209,22 @@ mod tests {
     #[test]
     fn a_failed_probe_opens_again_and_the_error_rate_counts() {
         let (b, t0) = (Breaker::default(), Instant::now());
-        let p = Policy {
-            breaker_failures: 0,
-            breaker_error_rate: 0.5,
-            breaker_min_requests: 10,
-            ..policy()
-        };
+        let mut p = policy();
+        p.breaker.failures = 0;
+        p.breaker.error_rate = 0.5;
+        p.breaker.min_requests = 10;
         // 4 of 10 failed: under the rate.
         for n in 0..10 {
             assert_eq!(b.record(&p, n >= 4, t0), None);
         }
         // A new window, 6 of 10 failed.
-        let t1 = t0 + p.breaker_window;
+        let t1 = t0 + p.breaker.window;
         let mut opened = None;
         for n in 0..10 {
             opened = opened.or(b.record(&p, n >= 6, t1));
         }
         assert_eq!(opened, Some(Transition::Opened));
-        let t2 = t1 + p.breaker_open_for;
+        let t2 = t1 + p.breaker.open_for;
         assert_eq!(b.admit(&p, t2), Admission::Pass);
         assert_eq!(b.record(&p, false, t2), Some(Transition::Opened));
         assert_eq!(b.admit(&p, t2), Admission::Refuse);
@@ -241,9 +238,9 @@ mod tests {
             b.record(&p, false, t0);
         }
         assert_eq!(b.admit(&p, t0), Admission::Refuse);
-        p.circuit = Some(Circuit::Closed);
+        p.overlay.circuit = Some(Circuit::Closed);
         assert_eq!(b.admit(&p, t0), Admission::Pass);
-        p.circuit = Some(Circuit::Open);
+        p.overlay.circuit = Some(Circuit::Open);
         assert_eq!(b.admit(&Policy::default(), t0), Admission::Pass);
         assert_eq!(b.admit(&p, t0), Admission::Refuse);
     }

@@ -84,7 +84,7 @@ pub(crate) async fn serve(
                 // Over max_connections: every request fails fast.
                 let limit = ProxyError::Limit {
                     limit: "max_connections",
-                    value: backend.snapshot().policy.max_connections,
+                    value: backend.snapshot().policy.limits.max_connections,
                 };
                 reject(backend, &req, limit, Instant::now())
             } else {

@@ -48,7 +48,7 @@ pub(crate) async fn serve(
     let key = (policy.balancer == Balancer::Hash).then(|| hash_ip(client.ip()));
     let mut tried = Vec::new();
     let mut last = ProxyError::NoInstance;
-    let refused = if policy.degraded != Degraded::No {
+    let refused = if policy.overlay.degraded != Degraded::No {
         Some(ProxyError::Degraded)
     } else {
         backend
@@ -61,7 +61,7 @@ pub(crate) async fn serve(
         backend.shared.metrics.error(&backend.name, error.reason());
         return;
     }
-    for attempt in 0..=policy.retries {
+    for attempt in 0..=policy.retry.retries {
         let Some(pick) = backend.pick(&snapshot, &tried, key, Instant::now()) else {
             break;
         };

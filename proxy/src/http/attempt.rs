@@ -38,7 +38,7 @@ pub(super) fn scoped(
     member: &Member,
     now: Instant,
 ) -> Result<Option<Response<AnswerBody>>, ProxyError> {
-    let Some(scoped) = snapshot.policy.instances.get(&member.endpoint.addr) else {
+    let Some(scoped) = snapshot.policy.overlay.instances.get(&member.endpoint.addr) else {
         return Ok(None);
     };
     if let Some(answer) = degraded(backend, &scoped.degraded)? {

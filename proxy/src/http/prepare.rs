@@ -59,7 +59,7 @@ pub(super) fn admit(
     if let Some(fallback) = backend.route_check(policy, req.method().as_str(), req.uri().path())? {
         return Ok(Some(fallback_response(backend, &fallback)));
     }
-    if let Some(answer) = degraded(backend, &policy.degraded)? {
+    if let Some(answer) = degraded(backend, &policy.overlay.degraded)? {
         return Ok(Some(answer));
     }
     backend.within_rate(policy, now)?;
@@ -92,7 +92,7 @@ pub(super) fn prepare(
     can_upgrade: bool,
 ) -> impl Future<Output = Result<Prepared, ProxyError>> + '_ {
     async move {
-        let idempotent = policy.retry_non_idempotent || is_idempotent(req.method());
+        let idempotent = policy.retry.non_idempotent || is_idempotent(req.method());
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
         let key =
@@ -109,7 +109,7 @@ pub(super) fn prepare(
         // What the attempt header replaces says whether a proxy before
         // this one retries already.
         let marked = headers.insert(ATTEMPT_HEADER, attempt_value(1)).is_some();
-        let retry_here = policy.retries > 0 && !marked;
+        let retry_here = policy.retry.retries > 0 && !marked;
         let mut has_host = headers.contains_key(header::HOST);
         if !has_host
             && let Some(authority) = parts.uri.authority()

@@ -56,7 +56,7 @@ pub(super) fn forward<'s: 'f, 'f>(
         let ready = Instant::now();
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last: Option<ProxyError> = None;
-        for attempt in 0..=policy.retries {
+        for attempt in 0..=policy.retry.retries {
             if attempt > 0 {
                 if !backend.withdraw() {
                     break;
@@ -93,7 +93,7 @@ pub(super) fn forward<'s: 'f, 'f>(
                     let again = response.status() == StatusCode::SERVICE_UNAVAILABLE
                         && prepared.idempotent
                         && prepared.retry_here
-                        && attempt < policy.retries
+                        && attempt < policy.retry.retries
                         && prepared.payload.can_resend();
                     if !again {
                         let response = attempt::answer(response, member, prepared.upgrading)?;
@@ -123,9 +123,10 @@ pub(super) fn forward<'s: 'f, 'f>(
 /// Full-jitter exponential back-off, never past the deadline.
 async fn backoff(policy: &Policy, attempt: u32, deadline: Instant) {
     let cap = policy
-        .retry_backoff
+        .retry
+        .backoff
         .saturating_mul(1 << (attempt - 1).min(16))
-        .min(policy.retry_backoff_max);
+        .min(policy.retry.backoff_max);
     if cap.is_zero() {
         return;
     }
