@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use signpost_core::model::{Health, Protocol, Weights};
-use signpost_core::proto::CatalogInstance;
+use signpost_proto::CatalogInstance;
 
 use crate::agent::Agent;
 use crate::fleet::{FleetCache, FleetInner};

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use signpost_core::command::Command;
-use signpost_core::proto::{
+use signpost_proto::{
     AckQuery, AckStatus, CatalogInstance, FleetSnapshot, ServiceNames, ServiceUpdate,
 };
 use tokio::sync::{Notify, watch};
@@ -445,7 +445,7 @@ fn write_cache(fleet: &FleetCache, path: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use signpost_core::proto::{Check, Instance, InstanceRef};
+    use signpost_proto::{Check, Instance, InstanceRef};
 
     fn cache() -> FleetCache {
         let clock = Arc::new(IndexClock::default());

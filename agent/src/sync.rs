@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rand::Rng;
 use signpost_core::config::ControlPlaneClientConfig;
-use signpost_core::proto::sync_client::SyncClient;
-use signpost_core::proto::{
+use signpost_proto::sync_client::SyncClient;
+use signpost_proto::{
     Ack, AckStatus, AgentMessage, Check, CommandsApplied, ControlMessage, Delta, FullState, Hello,
     Instance, ProbeRequest, ProbeResult, Subscribe, Unsubscribe, agent_message, control_message,
 };

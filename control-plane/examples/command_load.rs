@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use signpost_core::proto::sync_client::SyncClient;
-use signpost_core::proto::{
+use signpost_proto::sync_client::SyncClient;
+use signpost_proto::{
     AgentMessage, CommandsApplied, FullState, Hello, agent_message, control_message,
 };
 use tokio::sync::mpsc;

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use signpost_core::proto::sync_client::SyncClient;
-use signpost_core::proto::{
+use signpost_proto::sync_client::SyncClient;
+use signpost_proto::{
     AgentMessage, Check, Delta, FullState, Hello, Instance, Subscribe, agent_message,
     control_message,
 };
@@ -71,7 +71,7 @@ async fn open(
     node: String,
 ) -> (
     mpsc::Sender<AgentMessage>,
-    tonic::Streaming<signpost_core::proto::ControlMessage>,
+    tonic::Streaming<signpost_proto::ControlMessage>,
 ) {
     let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
     let mut client = SyncClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {

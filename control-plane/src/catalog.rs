@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use signpost_core::proto::{
+use signpost_proto::{
     AckQuery, AckStatus, CatalogInstance, CatalogSnapshot, Check, ControlMessage, Delta, FullState,
     Hello, Instance, InstanceRef, NodeSnapshot, ServiceNames, ServiceUpdate, Tags,
     control_message::Body,

@@ -14,7 +14,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, put};
 use serde_json::{Value, json};
-use signpost_core::proto::{Check, Instance};
+use signpost_proto::{Check, Instance};
 
 use crate::catalog::{Catalog, NodeEntry};
 

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use signpost_core::control_plane_config::ControlPlaneConfig;
-use signpost_core::proto::sync_server::SyncServer;
+use signpost_proto::sync_server::SyncServer;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 

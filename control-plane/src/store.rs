@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message as _;
-use signpost_core::proto::CatalogSnapshot;
+use signpost_proto::CatalogSnapshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;

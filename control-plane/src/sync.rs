@@ -5,13 +5,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use signpost_core::proto::sync_server::Sync;
-use signpost_core::proto::{
-    AgentMessage, ControlMessage, Welcome, agent_message, control_message::Body,
-};
+use signpost_proto::sync_server::Sync;
+use signpost_proto::{AgentMessage, ControlMessage, Welcome, agent_message, control_message::Body};
 use std::net::SocketAddr;
 
-use signpost_core::reported::{self, Garbage};
+use signpost_proto::reported::{self, Garbage};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -52,7 +50,7 @@ async fn send_commands(
         let set = catalog.read(|inner| commands.active_json(|s| inner.subscribers(s)));
         if last.as_ref() != Some(&set) {
             let message = ControlMessage {
-                body: Some(Body::Commands(signpost_core::proto::CommandSet {
+                body: Some(Body::Commands(signpost_proto::CommandSet {
                     commands: set.clone(),
                 })),
             };

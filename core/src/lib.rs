@@ -16,13 +16,11 @@
 //! - [`policy`]: the proxy's per-service traffic policy (timeouts,
 //!   retries, limits, balancer, ejection, breaker), from configuration.
 //! - [`overlay`]: operator commands applied over a policy.
-//! - [`reported`]: the control plane's checks of what agents report.
 //! - [`service_file`]: the `services.d/*.yaml` format that turns into
 //!   [`model::ServiceDefinition`]s.
 //! - [`vip`]: stable service VIPs from `proxy.vip_range`, shared by DNS and
 //!   the proxy.
 //! - [`yaml`]: YAML parsing with `file:line:col: what is wrong` errors.
-//! - [`proto`]: the agent <-> control plane wire protocol (gRPC).
 //!
 //! This crate never reads files or the environment; the binaries do.
 
@@ -34,13 +32,6 @@ pub mod duration;
 pub mod model;
 pub mod overlay;
 pub mod policy;
-/// The agent <-> control plane protocol, generated from
-/// `proto/signpost/v1/sync.proto`.
-#[allow(unreachable_pub, clippy::all, clippy::unwrap_used, clippy::expect_used)]
-pub mod proto {
-    tonic::include_proto!("signpost.v1");
-}
-pub mod reported;
 pub mod service_file;
 pub mod vip;
 pub mod yaml;

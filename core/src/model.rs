@@ -296,18 +296,18 @@ impl ServiceDefinition {
     }
 }
 
-pub(crate) fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     name.len() <= 128
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-pub(crate) fn valid_id(id: &str) -> bool {
+pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 256 && !id.contains('/') && !id.chars().any(char::is_whitespace)
 }
 
-pub(crate) fn valid_hostname(host: &str) -> bool {
+pub fn valid_hostname(host: &str) -> bool {
     !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {
@@ -317,7 +317,7 @@ pub(crate) fn valid_hostname(host: &str) -> bool {
         })
 }
 
-pub(crate) fn validate_meta<'a>(
+pub fn validate_meta<'a>(
     meta: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
 ) -> Result<(), ModelError> {
     if meta.len() > 64 {

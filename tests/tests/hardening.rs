@@ -716,12 +716,12 @@ async fn a_control_plane_that_lost_its_catalog_lets_agents_report_before_droppin
 /// sender for more and the control plane's side of the stream.
 async fn agent_session(
     cp: &ControlPlane,
-    first: signpost_core::proto::AgentMessage,
+    first: signpost_proto::AgentMessage,
 ) -> (
-    tokio::sync::mpsc::Sender<signpost_core::proto::AgentMessage>,
-    Result<tonic::Streaming<signpost_core::proto::ControlMessage>, tonic::Status>,
+    tokio::sync::mpsc::Sender<signpost_proto::AgentMessage>,
+    Result<tonic::Streaming<signpost_proto::ControlMessage>, tonic::Status>,
 ) {
-    use signpost_core::proto::sync_client::SyncClient;
+    use signpost_proto::sync_client::SyncClient;
     use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
     let ca = std::fs::read(cp.ca_file()).unwrap();
@@ -753,8 +753,8 @@ async fn agent_session(
     (tx, session)
 }
 
-fn hello(node: &str) -> signpost_core::proto::AgentMessage {
-    use signpost_core::proto::{AgentMessage, Hello, agent_message::Body};
+fn hello(node: &str) -> signpost_proto::AgentMessage {
+    use signpost_proto::{AgentMessage, Hello, agent_message::Body};
     AgentMessage {
         body: Some(Body::Hello(Hello {
             node: node.to_string(),
@@ -768,7 +768,7 @@ fn hello(node: &str) -> signpost_core::proto::AgentMessage {
 
 /// Reads the stream until it ends with an error; the error.
 async fn ended_with(
-    stream: &mut tonic::Streaming<signpost_core::proto::ControlMessage>,
+    stream: &mut tonic::Streaming<signpost_proto::ControlMessage>,
 ) -> tonic::Status {
     loop {
         let next = tokio::time::timeout(signpost_tests::PATIENCE, stream.message())
@@ -787,9 +787,9 @@ async fn ended_with(
 async fn full_state_refused(
     cp: &ControlPlane,
     node: &str,
-    instance: signpost_core::proto::Instance,
+    instance: signpost_proto::Instance,
 ) -> tonic::Status {
-    use signpost_core::proto::{AgentMessage, FullState, agent_message::Body};
+    use signpost_proto::{AgentMessage, FullState, agent_message::Body};
     let (tx, session) = agent_session(cp, hello(node)).await;
     let mut stream = session.unwrap();
     tx.send(AgentMessage {
@@ -806,7 +806,7 @@ async fn full_state_refused(
 #[tokio::test]
 async fn an_agent_stream_that_sends_garbage_is_closed_and_audited() {
     use reqwest::Method;
-    use signpost_core::proto::Instance;
+    use signpost_proto::Instance;
 
     let cp = ControlPlane::start().await;
 

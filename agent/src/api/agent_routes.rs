@@ -511,7 +511,7 @@ pub(crate) async fn signpost_drain(
     };
     let deadline = tokio::time::Instant::now() + timeout;
     let mut index = 0;
-    let mut last: Option<signpost_core::proto::AckStatus> = None;
+    let mut last: Option<signpost_proto::AckStatus> = None;
     loop {
         let ask = fleet.ack_status(&name, index);
         match tokio::time::timeout_at(deadline, ask).await {

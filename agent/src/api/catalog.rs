@@ -12,7 +12,7 @@ use signpost_core::model::Health;
 use super::blocking::answer;
 use super::render::{self, json};
 use super::{Api, ApiError, ApiResult, Params};
-use signpost_core::proto::{CatalogInstance, Instance};
+use signpost_proto::{CatalogInstance, Instance};
 
 use crate::fleet::FleetInner;
 use crate::state::{Inner, ServiceEntry};

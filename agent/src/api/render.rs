@@ -5,7 +5,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use signpost_core::model::Health;
-use signpost_core::proto::{CatalogInstance, Check as ProtoCheck, Instance};
+use signpost_proto::{CatalogInstance, Check as ProtoCheck, Instance};
 
 use crate::state::{CheckEntry, Inner, ServiceEntry};
 

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use signpost_core::proto::{Check, ControlMessage, Delta, ProbeRequest, control_message::Body};
+use signpost_proto::{Check, ControlMessage, Delta, ProbeRequest, control_message::Body};
 
 use super::{Catalog, Inner, NodeEntry, SessionId};
 
@@ -382,7 +382,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use signpost_core::proto::{
+    use signpost_proto::{
         CatalogSnapshot, FullState, Hello, Instance, NodeSnapshot, control_message::Body,
     };
     use tokio::sync::mpsc;

@@ -8,12 +8,12 @@
 use std::collections::HashMap;
 
 use prost::Message;
-use signpost_core::proto::{
+use signpost_fuzz::Dose;
+use signpost_proto::reported;
+use signpost_proto::{
     AckQuery, AgentMessage, Check, Delta, FullState, Hello, Instance, ProbeResult, Subscribe,
     Unsubscribe, agent_message::Body,
 };
-use signpost_core::reported;
-use signpost_fuzz::Dose;
 use tokio::sync::mpsc;
 
 use super::{check, dispatch};
@@ -126,7 +126,7 @@ fn agent_messages_never_panic_and_garbage_never_enters_the_catalog() {
                 }
             }
             let encoded = kept.encode_to_vec();
-            signpost_core::proto::CatalogSnapshot::decode(encoded.as_slice())
+            signpost_proto::CatalogSnapshot::decode(encoded.as_slice())
                 .unwrap_or_else(|e| panic!("{}: the kept catalog does not decode: {e}", dose.at()));
         }
     }

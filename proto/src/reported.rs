@@ -6,10 +6,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::model::{
+use crate::{Check, Hello, Instance};
+use signpost_core::model::{
     Health, MAX_OUTPUT_MAX_SIZE, Protocol, valid_hostname, valid_id, valid_name, validate_meta,
 };
-use crate::proto::{Check, Hello, Instance};
 
 /// Longest free-form label (zone, datacenter, version, node ID).
 const MAX_LABEL: usize = 256;
