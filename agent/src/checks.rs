@@ -8,13 +8,10 @@
 //!   milliseconds instead of a whole interval.
 //! - `http`, `tcp`, `grpc`, `exec` are the probes; each returns an
 //!   [`Outcome`] and never panics on what the service does.
-//! - `reaper` expires TTL checks and deregisters services that stayed
-//!   critical longer than `deregister_critical_after`.
 
 mod exec;
 mod grpc;
 mod http;
-pub(crate) mod reaper;
 mod runner;
 mod tcp;
 

@@ -117,7 +117,7 @@ pub async fn run(
     config.liveness_port = 0;
     // Port 80 needs privileges a newcomer's shell may not have.
     config.proxy.http_port = DEV_HTTP_PORT;
-    signpost_control_plane::logging::init(&config.log);
+    signpost_daemon::logging::init(&config.log);
 
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let agent = tokio::spawn(crate::run(config, Some(ready_tx), shutdown.clone()));

@@ -437,7 +437,7 @@ pub(crate) async fn keep(
 fn write_cache(fleet: &FleetCache, path: &std::path::Path) {
     use prost::Message as _;
     let bytes = fleet.snapshot().encode_to_vec();
-    if let Err(e) = crate::persist::write_atomic(path, &bytes) {
+    if let Err(e) = signpost_daemon::fs::write_atomic(path, &bytes) {
         tracing::error!(path = %path.display(), error = %e, "cannot write the fleet cache");
     }
 }

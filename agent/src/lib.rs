@@ -8,9 +8,9 @@
 //!   queries, `/metrics`).
 //! - [`agent`]: the one entry point for every change, whatever its source.
 //! - [`state`]: services, checks and indexes; changes are published on a
-//!   `watch` channel for blocking queries (and later the sync, DNS and
-//!   proxy).
-//! - [`checks`]: one task per active check, TTL expiry and the reaper.
+//!   `watch` channel for blocking queries, the sync, DNS and the proxy.
+//! - [`checks`]: one task per active check; `reaper`: TTL expiry, and
+//!   services critical longer than `deregister_critical_after` removed.
 //! - `supervise`: every background task is started again if it stops
 //!   before shutdown, logged and counted; a serving component (DNS, proxy,
 //!   API) that stops takes the agent down loudly.
@@ -44,6 +44,7 @@ mod liveness;
 pub mod metrics;
 mod persist;
 mod proxy;
+mod reaper;
 pub mod state;
 mod supervise;
 mod sync;
@@ -104,7 +105,7 @@ pub async fn run(
     dns_metrics.register(metrics.registry_mut());
     let proxy_metrics = Arc::new(signpost_proxy::ProxyMetrics::default());
     proxy_metrics.register(metrics.registry_mut());
-    let api_server_metrics = signpost_control_plane::http_server::ServerMetrics::default();
+    let api_server_metrics = signpost_daemon::http_server::ServerMetrics::default();
     api_server_metrics.register(metrics.registry_mut(), "api");
     let metrics = Arc::new(metrics);
     let supervisor = Supervisor::new(
@@ -149,7 +150,7 @@ pub async fn run(
         tasks.spawn(supervise(task, metrics, stop, move || {
             let (agent, token) = (agent.clone(), token.clone());
             async move {
-                checks::reaper::run(agent, token).await;
+                reaper::run(agent, token).await;
                 Ok(())
             }
         }));
@@ -286,7 +287,7 @@ pub async fn run(
     });
     let (server_shutdown, limits) = (shutdown.clone(), agent.config.api.limits.clone());
     serving.spawn(async move {
-        signpost_control_plane::http_server::serve(
+        signpost_daemon::http_server::serve(
             listener,
             router,
             &limits,
@@ -418,7 +419,7 @@ fn node_id(data_dir: &Path) -> anyhow::Result<String> {
             .map(|x| format!("{x:02x}"))
             .collect::<String>()
     );
-    persist::write_atomic(&path, id.as_bytes())
+    signpost_daemon::fs::write_atomic(&path, id.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(id)
 }

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use signpost_agent::cli::{self, Client};
 use signpost_core::config::AgentConfig;
-use tokio_util::sync::CancellationToken;
 
 /// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -288,7 +287,12 @@ fn main() -> ExitCode {
         let result = match cli.command {
             Command::Agent { config, validate } => return agent(config, validate).await,
             Command::Dev { dns_addr } => {
-                signpost_agent::dev::run(&cli.http_addr, &dns_addr, shutdown_on_signal()).await
+                signpost_agent::dev::run(
+                    &cli.http_addr,
+                    &dns_addr,
+                    signpost_daemon::signals::shutdown_on_signal("signpost"),
+                )
+                .await
             }
             Command::Services { json } => cli::services(&client, json).await,
             Command::Checks { json } => cli::checks(&client, json).await,
@@ -384,8 +388,14 @@ async fn agent(path: PathBuf, validate: bool) -> ExitCode {
             }
         };
     }
-    signpost_control_plane::logging::init(&config.log);
-    match signpost_agent::run(config, None, shutdown_on_signal()).await {
+    signpost_daemon::logging::init(&config.log);
+    match signpost_agent::run(
+        config,
+        None,
+        signpost_daemon::signals::shutdown_on_signal("signpost"),
+    )
+    .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "agent failed");
@@ -495,34 +505,6 @@ fn load_config(path: &std::path::Path) -> Result<AgentConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     AgentConfig::from_yaml(&path.display().to_string(), &text).map_err(|e| e.to_string())
-}
-
-/// SIGTERM or Ctrl-C starts a graceful shutdown; a second one exits at once.
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let trigger = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("signpost: cannot listen for SIGTERM: {e}");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        trigger.cancel();
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        eprintln!("signpost: second signal, exiting now");
-        std::process::exit(130);
-    });
-    token
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! aside and reported; the agent starts without it rather than crash-loop.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -111,23 +110,9 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes `bytes` to `path` so that a crash leaves the old or the new
-/// content, never a mix.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let tmp = path.with_extension("tmp");
-    {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
-}
-
-/// One writer at a time: the background persister and API flushes share
-/// the temporary file.
+/// One writer at a time: the background persister and API flushes take
+/// their snapshot and write it in turn, so that an older snapshot never
+/// replaces a newer one.
 static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The state file could not be written.
@@ -143,7 +128,7 @@ fn write(agent: &Agent) -> Result<(), SaveError> {
     let path = state_path(&agent.config.data_dir);
     let result = serde_json::to_vec_pretty(&snapshot(agent))
         .map_err(std::io::Error::other)
-        .and_then(|bytes| write_atomic(&path, &bytes));
+        .and_then(|bytes| signpost_daemon::fs::write_atomic(&path, &bytes));
     agent.metrics.state_write(result.is_ok());
     result.map_err(|e| SaveError {
         path: path.display().to_string(),

@@ -92,7 +92,7 @@ impl Vips {
         };
         let saved = serde_json::to_vec_pretty(&file)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::persist::write_atomic(&self.path, &bytes));
+            .and_then(|bytes| signpost_daemon::fs::write_atomic(&self.path, &bytes));
         if let Err(source) = saved {
             // Not handed out unless on disk: a restart would move it.
             *table = VipTable::with_entries(

@@ -19,27 +19,7 @@ use signpost_core::control_plane_config::AuditConfig;
 
 pub use crate::audit::AuditEntry;
 use crate::audit::{AuditLog, Private};
-use crate::store::write_atomic;
-
-/// The token of an `Authorization` header's value: the `Bearer` scheme,
-/// in any case (schemes are case-insensitive, RFC 9110).
-pub fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-/// The token an HTTP request presents: `X-Consul-Token`, else
-/// `Authorization: Bearer`.
-pub fn presented(headers: &axum::http::HeaderMap) -> Option<&str> {
-    if let Some(token) = headers.get("x-consul-token").and_then(|v| v.to_str().ok()) {
-        return Some(token.trim());
-    }
-    headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
-}
+use signpost_daemon::fs::write_atomic;
 
 /// Compares secrets in a time that does not depend on where they differ.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use signpost_core::command::{Action, Command, NewCommand, now_millis};
 use tokio::sync::watch;
 
-use crate::store::write_atomic;
+use signpost_daemon::fs::write_atomic;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandStoreError {

@@ -8,10 +8,6 @@
 //!   per-service deltas to subscribers only.
 //! - [`http`]: nodes with liveness, catalog and health in Consul's shapes,
 //!   `/metrics`.
-//! - [`http_server`]: the HTTP server loop with its timeouts and
-//!   per-client limits, shared with the agent's local API.
-//! - [`logging`]: the log output of both binaries (control characters
-//!   escaped).
 //! - [`tls`]: `init-tls`, the private CA and server certificate.
 //! - [`store`]: the last catalog snapshot, kept under `data_dir`.
 //! - [`commands`]: operator commands, stored and sent to every agent.
@@ -28,8 +24,6 @@ pub mod audit;
 pub mod catalog;
 pub mod commands;
 pub mod http;
-pub mod http_server;
-pub mod logging;
 pub mod metrics;
 pub mod store;
 pub mod sync;
@@ -204,11 +198,11 @@ pub async fn run(
         acl,
         commands,
         metrics,
-        datacenter: "dc1".to_string(),
+        datacenter: config.datacenter.clone(),
     });
     let (http_shutdown, limits) = (shutdown.clone(), config.http.limits.clone());
     running.spawn(async move {
-        http_server::serve(
+        signpost_daemon::http_server::serve(
             http_listener,
             router,
             &limits,

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use signpost_core::control_plane_config::ControlPlaneConfig;
-use tokio_util::sync::CancellationToken;
 
 /// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -112,7 +111,7 @@ fn main() -> ExitCode {
         println!("{}: configuration is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    signpost_control_plane::logging::init(&config.log);
+    signpost_daemon::logging::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -127,19 +126,7 @@ fn main() -> ExitCode {
         rustls::crypto::ring::default_provider()
             .install_default()
             .ok();
-        let shutdown = CancellationToken::new();
-        let trigger = shutdown.clone();
-        tokio::spawn(async move {
-            if let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            trigger.cancel();
-        });
+        let shutdown = signpost_daemon::signals::shutdown_on_signal("signpost-control-plane");
         match signpost_control_plane::run(config, None, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -6,7 +6,6 @@
 //! Behind a trait: an embedded file store for one replica now, etcd for
 //! several later.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,23 +78,12 @@ impl Store for FileStore {
     async fn save(&self, snapshot: CatalogSnapshot) -> Result<(), StoreError> {
         let path = self.path.clone();
         let bytes = snapshot.encode_to_vec();
-        let written = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
-            .await
-            .map_err(|e| self.io(std::io::Error::other(e)))?;
+        let written =
+            tokio::task::spawn_blocking(move || signpost_daemon::fs::write_atomic(&path, &bytes))
+                .await
+                .map_err(|e| self.io(std::io::Error::other(e)))?;
         written.map_err(|e| self.io(e))
     }
-}
-
-/// Replaces `path` with `bytes` atomically and durably; the file is
-/// readable by its owner only (0600).
-pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Saves the catalog after every change (coalesced) and once at shutdown.

@@ -84,7 +84,7 @@ pub fn check_token(
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(crate::acl::bearer);
+            .and_then(signpost_daemon::token::bearer);
         match presented {
             Some(token)
                 if tokens

@@ -14,6 +14,9 @@ use crate::yaml;
 pub struct ControlPlaneConfig {
     /// Where the control plane keeps its state and, by default, its TLS files.
     pub data_dir: PathBuf,
+    /// Consul's datacenter, reported in API answers (as the agents'
+    /// `datacenter`).
+    pub datacenter: String,
     pub grpc: GrpcConfig,
     pub http: HttpConfig,
     /// Tokens agents present (`control_plane.token` in their config), on
@@ -35,6 +38,7 @@ impl Default for ControlPlaneConfig {
     fn default() -> Self {
         ControlPlaneConfig {
             data_dir: PathBuf::from("/var/lib/signpost-control-plane"),
+            datacenter: "dc1".to_string(),
             grpc: GrpcConfig::default(),
             http: HttpConfig::default(),
             agent_tokens: Vec::new(),
@@ -129,6 +133,9 @@ impl ControlPlaneConfig {
                 "tokens must be at least 16 characters",
             ));
         }
+        if config.datacenter.trim().is_empty() {
+            return Err(invalid("datacenter", "must not be empty"));
+        }
         if config.node_reap_after < std::time::Duration::from_secs(1) {
             return Err(invalid("node_reap_after", "must be at least 1s"));
         }
@@ -203,6 +210,7 @@ mod tests {
             ("audit:\n  max_size: 100\n", "audit.max_size"),
             ("audit:\n  max_files: 5000\n", "audit.max_files"),
             ("audit:\n  max_age: 1s\n", "audit.max_age"),
+            ("datacenter: ''\n", "datacenter"),
         ] {
             let e = ControlPlaneConfig::from_yaml("cp.yaml", yaml).unwrap_err();
             assert!(e.to_string().contains(field), "{yaml}: {e}");

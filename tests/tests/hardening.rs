@@ -133,10 +133,13 @@ async fn a_change_that_cannot_be_saved_is_refused_and_taken_back() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
 
-    // A directory where the state file's temporary copy goes: every write
-    // fails, as on a full or read-only disk.
-    let in_the_way = agent.data_dir().join("state.tmp");
-    std::fs::create_dir(&in_the_way).unwrap();
+    // A directory where the state file goes: every write fails (a file
+    // is never renamed over a directory), as on a full or read-only disk.
+    let state = agent.data_dir().join("state.json");
+    let saved = agent.data_dir().join("state.json.saved");
+    std::fs::rename(&state, &saved).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("in-the-way"), "").unwrap();
     let r = agent
         .put("/v1/agent/service/register", Some(register("lost")))
         .await;
@@ -171,7 +174,8 @@ async fn a_change_that_cannot_be_saved_is_refused_and_taken_back() {
     );
 
     // The disk is back: what was acknowledged, and only that, survives.
-    std::fs::remove_dir(&in_the_way).unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::rename(&saved, &state).unwrap();
     let r = agent
         .put("/v1/agent/service/register", Some(register("later")))
         .await;

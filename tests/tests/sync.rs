@@ -432,8 +432,9 @@ async fn unused_subscriptions_are_dropped_but_upstreams_stay() {
 
 #[tokio::test]
 async fn control_plane_answers_the_catalog_and_health_endpoints_for_the_fleet() {
-    let cp = ControlPlane::start().await;
-    let join = cp.agent_config(AGENT_TOKEN);
+    // A datacenter of its own, named on both sides.
+    let cp = ControlPlane::start_with("datacenter: eu1\n").await;
+    let join = format!("{}datacenter: eu1\n", cp.agent_config(AGENT_TOKEN));
     let a = Agent::start_named("a", &join).await;
     let b = Agent::start_named("b", &join).await;
     b.eventually("both agents connected", || async {
@@ -457,7 +458,16 @@ async fn control_plane_answers_the_catalog_and_health_endpoints_for_the_fleet() 
     assert_eq!(entries[0]["Node"], "a");
     assert_eq!(entries[0]["ServicePort"], 8080);
     assert_eq!(entries[0]["ServiceTags"], json!(["v1"]));
+    assert_eq!(entries[0]["Datacenter"], "eu1");
     let nodes = cp.get("/v1/catalog/nodes").await.json();
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["Datacenter"] == "eu1"),
+        "{nodes}"
+    );
     let mut names: Vec<&str> = nodes
         .as_array()
         .unwrap()

@@ -32,7 +32,7 @@ pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Respons
         .into_response();
     };
     let headers = request.headers().clone();
-    let token = signpost_control_plane::acl::presented(&headers).map(str::to_string);
+    let token = signpost_daemon::token::presented(&headers).map(str::to_string);
     if token.is_none() {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,

@@ -9,7 +9,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::HttpState;
-use crate::acl::{AuditEntry, Denied, Role, TokenRecord, presented};
+use signpost_daemon::token::presented;
+
+use crate::acl::{AuditEntry, Denied, Role, TokenRecord};
 
 fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::report_change;
 use crate::agent::Agent;
+use crate::checks::report_change;
 
 /// Longest sleep between two looks, in case a deadline moved earlier
 /// without an index change.

@@ -1,0 +1,60 @@
+//! Files a daemon keeps (state, caches, tokens, commands) are replaced
+//! whole or not at all, and are on disk when the write returns.
+
+use std::io::Write;
+use std::path::Path;
+
+/// Replaces `path` with `bytes`: written to a new temporary file in the
+/// same directory (created if missing; the file is readable by its owner
+/// only), synced, renamed over `path`, and the directory synced, so that
+/// a crash leaves the old file or the new one, never a mix, and a
+/// returned `Ok` means the new one is on disk. Writers of one file never
+/// share a temporary file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_file_is_replaced_whole_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("state.json");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["state.json"], "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("taken");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("inside"), b"old").unwrap();
+        assert!(
+            write_atomic(&path, b"new").is_err(),
+            "a directory is not replaced"
+        );
+        assert_eq!(std::fs::read(path.join("inside")).unwrap(), b"old");
+    }
+}

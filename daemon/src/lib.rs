@@ -1,0 +1,19 @@
+//! What the two daemons, the agent (`signpost`) and
+//! `signpost-control-plane`, share at their edges, so that each is written
+//! once and behaves the same in both:
+//! - [`logging`]: `tracing` to stderr as `log.format` and `log.level` say;
+//! - [`signals`]: SIGTERM or Ctrl-C starts a graceful shutdown, a second
+//!   one exits at once;
+//! - [`http_server`]: the HTTP/1.1 server loop both HTTP APIs run on, with
+//!   its timeouts and per-client limits;
+//! - [`token`]: the token an HTTP request presents;
+//! - [`fs`]: atomic file replacement, for every file a daemon keeps.
+//!
+//! The data-plane libraries (`dns`, `proxy`) do not depend on it: they
+//! never read files or handle signals; the binaries do.
+
+pub mod fs;
+pub mod http_server;
+pub mod logging;
+pub mod signals;
+pub mod token;
