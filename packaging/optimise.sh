@@ -24,9 +24,13 @@
 #
 #   bash packaging/optimise.sh
 #
-# The release profile strips only debug information and .cargo/config.toml
-# links with --emit-relocs: BOLT needs the symbols and relocations. RUSTFLAGS
-# set here replace that file's, so they repeat it. Needs (Debian): llvm-N
+# The release profile strips only debug information, and the builds here
+# link with --emit-relocs: BOLT needs the symbols and relocations to move
+# whole functions. They compile C (mimalloc's) with gcc's
+# -fno-reorder-blocks-and-partition: split into hot and cold parts, every C
+# function would make BOLT rewrite all functions rather than those that
+# ran, keeping the old code beside the new (a binary twice the size).
+# Needs (Debian): llvm-N
 # (llvm-profdata of rustc's LLVM version N, `rustc -vV`), bolt-16, wrk,
 # curl, dnsutils; loopback ports 18500 and 18600 and the demo's VIP port
 # 8080 free.
@@ -105,7 +109,7 @@ workload() {
 build() {
   local dir=$1
   shift
-  RUSTFLAGS="$RELOCS $*" CARGO_TARGET_DIR="$dir" \
+  RUSTFLAGS="$RELOCS $*" CFLAGS="-fno-reorder-blocks-and-partition" CARGO_TARGET_DIR="$dir" \
     cargo build --release --locked -q -p signpost-agent --bin signpost
   echo "$dir/release/signpost"
 }
