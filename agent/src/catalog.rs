@@ -5,11 +5,10 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use signpost_core::model::{Health, Protocol, Weights};
-use signpost_proto::CatalogInstance;
+use signpost_core::model::{Health, Protocol, Weights, has_tags};
 
 use crate::agent::Agent;
-use crate::fleet::{FleetCache, FleetInner};
+use crate::fleet::{FleetCache, FleetInner, RemoteInstance};
 use crate::vips::Vips;
 
 /// The agent's catalog, as DNS and the proxy see it.
@@ -103,7 +102,7 @@ impl AgentCatalog {
             let instances: Vec<Instance> = inner
                 .services
                 .values()
-                .filter(|s| s.def.name.as_str() == name && has_tag(&s.def.tags, tag))
+                .filter(|s| s.def.name.as_str() == name && has_tags(&s.def.tags, tag))
                 .map(|s| {
                     let (address, service_address) = endpoint_address(&s.def.address, node_ip);
                     Instance {
@@ -133,8 +132,8 @@ impl AgentCatalog {
                     .get(&name)
                     .into_iter()
                     .flat_map(|s| s.instances.values())
-                    .filter(|ci| ci.node != local_node)
-                    .filter_map(|ci| remote_instance(ci, tag));
+                    .filter(|r| r.node != local_node)
+                    .filter_map(|r| remote_instance(r, tag));
                 instances.extend(remote);
             });
         }
@@ -142,12 +141,8 @@ impl AgentCatalog {
     }
 }
 
-pub(crate) fn all_instances(f: &FleetInner) -> impl Iterator<Item = &CatalogInstance> {
+pub(crate) fn all_instances(f: &FleetInner) -> impl Iterator<Item = &RemoteInstance> {
     f.services.values().flat_map(|s| s.instances.values())
-}
-
-fn has_tag(tags: &[String], tag: Option<&str>) -> bool {
-    tag.is_none_or(|t| tags.iter().any(|have| have.eq_ignore_ascii_case(t)))
 }
 
 /// The address of an instance, and whether it is the instance's own: its
@@ -162,38 +157,20 @@ fn endpoint_address(own: &str, node: Option<IpAddr>) -> (Option<IpAddr>, bool) {
 }
 
 /// An instance on another node; `None` if it lacks the tag.
-fn remote_instance(ci: &CatalogInstance, tag: Option<&str>) -> Option<Instance> {
-    let i = ci.instance.as_ref()?;
-    if !has_tag(&i.tags, tag) {
+fn remote_instance(r: &RemoteInstance, tag: Option<&str>) -> Option<Instance> {
+    if !r.has_tags(tag) {
         return None;
     }
-    let (address, service_address) = endpoint_address(&i.address, ci.node_address.parse().ok());
-    let health = ci
-        .node_checks
-        .iter()
-        .chain(&i.checks)
-        .map(|c| c.status.parse().unwrap_or(Health::Critical))
-        .max()
-        .unwrap_or(Health::Passing);
     Some(Instance {
-        node: ci.node.clone(),
-        address,
-        service_address,
-        port: u16::try_from(i.port).ok()?,
-        health,
-        weights: Weights {
-            passing: i.weight_passing,
-            warning: i.weight_warning,
-        },
-        zone: if i.zone.is_empty() {
-            ci.node_zone.clone()
-        } else {
-            i.zone.clone()
-        },
-        protocol: i.protocol.parse().unwrap_or_default(),
-        tags: i.tags.clone(),
-        host_gone: ci.node_checks.iter().any(|c| {
-            c.id == crate::state::NODE_HEALTH_CHECK && c.status == Health::Critical.as_str()
-        }),
+        node: r.node.clone(),
+        address: r.ip,
+        service_address: r.service_address,
+        port: r.port,
+        health: r.health,
+        weights: r.weights,
+        zone: r.zone.clone(),
+        protocol: r.protocol,
+        tags: r.tags.clone(),
+        host_gone: r.host_gone,
     })
 }

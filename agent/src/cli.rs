@@ -9,6 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
+use signpost_core::consul::HealthCheck;
 
 /// A client of the agent's local API, or of the control plane's.
 pub struct Client {
@@ -298,29 +299,28 @@ pub async fn checks(client: &Client, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
-    let rows = body
-        .as_object()
-        .map(|m| {
-            m.values()
-                .map(|c| {
-                    let output: String = str_of(c, "Output")
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .chars()
-                        .take(60)
-                        .collect();
-                    vec![
-                        str_of(c, "CheckID").to_string(),
-                        str_of(c, "ServiceID").to_string(),
-                        str_of(c, "Type").to_string(),
-                        str_of(c, "Status").to_string(),
-                        output,
-                    ]
-                })
-                .collect()
+    let checks: std::collections::BTreeMap<String, HealthCheck> =
+        serde_json::from_value(body).context("the agent's checks are not in Consul's shape")?;
+    let rows = checks
+        .into_values()
+        .map(|c| {
+            let output: String = c
+                .output
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(60)
+                .collect();
+            vec![
+                c.check_id,
+                c.service_id,
+                c.kind,
+                c.status.to_string(),
+                output,
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(&["CHECK", "SERVICE", "TYPE", "STATUS", "OUTPUT"], rows);
     Ok(())
 }
@@ -330,7 +330,8 @@ pub async fn register(client: &Client, file: &Path) -> anyhow::Result<()> {
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let defs = signpost_core::service_file::parse(&file.display().to_string(), &text)?;
     for def in &defs {
-        let body = crate::api::decode::to_consul_json(def);
+        let body = serde_json::to_value(signpost_core::consul::ServiceRegistration::from(def))
+            .context("cannot encode the registration")?;
         client
             .put(
                 "/v1/agent/service/register",

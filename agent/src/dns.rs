@@ -94,10 +94,10 @@ impl Catalog for AgentCatalog {
         });
         local.or_else(|| {
             self.fleet.as_ref()?.read(|f| {
-                let ci = all_instances(f).find(|ci| ci.node.eq_ignore_ascii_case(name))?;
+                let r = all_instances(f).find(|r| r.node.eq_ignore_ascii_case(name))?;
                 Some(NodeRecord {
-                    name: ci.node.clone(),
-                    address: ci.node_address.parse().ok()?,
+                    name: r.node.clone(),
+                    address: r.node_ip?,
                     meta: Default::default(),
                 })
             })
@@ -120,8 +120,8 @@ impl Catalog for AgentCatalog {
             .or_else(|| {
                 self.fleet.as_ref()?.read(|f| {
                     all_instances(f)
-                        .find(|ci| ci.node_address == text)
-                        .map(|ci| ci.node.clone())
+                        .find(|r| r.node_ip == Some(ip))
+                        .map(|r| r.node.clone())
                 })
             })
             .map(Owner::Node)

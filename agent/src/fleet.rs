@@ -2,6 +2,10 @@
 //! control plane sent them (snapshot, then deltas), and the list of service
 //! names. It keeps serving its last view when the control plane is gone,
 //! and keeps it on disk (`data_dir/fleet.pb`) for a restart without one.
+//! Instances are checked and converted to [`RemoteInstance`]s as updates
+//! arrive; what fails the checks is refused, logged and counted there.
+
+mod remote;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,11 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use signpost_core::command::Command;
-use signpost_proto::{
-    AckQuery, AckStatus, CatalogInstance, FleetSnapshot, ServiceNames, ServiceUpdate,
-};
+use signpost_proto::{AckQuery, AckStatus, FleetSnapshot, ServiceNames, ServiceUpdate};
 use tokio::sync::{Notify, watch};
 
+pub use self::remote::{RemoteCheck, RemoteInstance};
 use crate::state::IndexClock;
 
 pub struct CachedService {
@@ -23,7 +26,7 @@ pub struct CachedService {
     /// nodes' instances (from the agent's [`IndexClock`]).
     pub view_index: u64,
     /// Keyed by (node, instance id).
-    pub instances: BTreeMap<(String, String), CatalogInstance>,
+    pub instances: BTreeMap<(String, String), RemoteInstance>,
 }
 
 #[derive(Default)]
@@ -222,7 +225,9 @@ impl FleetCache {
         }
     }
 
-    pub fn apply_update(&self, update: ServiceUpdate) {
+    /// Applies a service's snapshot or delta; returns how many of its
+    /// instances were refused (each is logged).
+    pub fn apply_update(&self, update: ServiceUpdate) -> usize {
         let mut inner = self.lock();
         inner.last_contact = Some(Instant::now());
         let clock = &self.clock;
@@ -246,12 +251,19 @@ impl FleetCache {
             let key = (removed.node, removed.id);
             changed |= service.instances.remove(&key).is_some() && remote(&key);
         }
+        let mut refused = 0;
         for upsert in update.upserts {
-            if let Some(instance) = &upsert.instance {
-                let key = (upsert.node.clone(), instance.id.clone());
-                let was = service.instances.insert(key.clone(), upsert);
-                changed |= remote(&key) && was.as_ref() != service.instances.get(&key);
-            }
+            let instance = match RemoteInstance::from_wire(upsert) {
+                Ok(instance) => instance,
+                Err(error) => {
+                    tracing::warn!(service = %update.service, %error, "instance from the control plane refused");
+                    refused += 1;
+                    continue;
+                }
+            };
+            let key = (instance.node.clone(), instance.id.clone());
+            let was = service.instances.insert(key.clone(), instance);
+            changed |= remote(&key) && was.as_ref() != service.instances.get(&key);
         }
         if let Some(before) = before {
             let others = before.iter().filter(|(k, _)| remote(k));
@@ -262,6 +274,7 @@ impl FleetCache {
         }
         service.index = update.index;
         self.changed(&mut inner);
+        refused
     }
 
     pub fn apply_names(&self, mut names: ServiceNames) {
@@ -319,7 +332,7 @@ impl FleetCache {
                     service: name.clone(),
                     index: s.index,
                     snapshot: true,
-                    upserts: s.instances.values().cloned().collect(),
+                    upserts: s.instances.values().map(RemoteInstance::to_wire).collect(),
                     removed: Vec::new(),
                 })
                 .collect(),
@@ -445,13 +458,15 @@ fn write_cache(fleet: &FleetCache, path: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use signpost_proto::{Check, Instance, InstanceRef};
+    use signpost_proto::{CatalogInstance, Check, Instance, InstanceRef};
 
     fn cache() -> FleetCache {
         let clock = Arc::new(IndexClock::default());
         FleetCache::new(&[], "here", clock)
     }
 
+    /// An instance with one check, its status as text (as an earlier
+    /// version of the control plane sends it).
     fn on(node: &str, id: &str, status: &str) -> CatalogInstance {
         CatalogInstance {
             node: node.to_string(),
@@ -460,7 +475,7 @@ mod tests {
                 name: "web".to_string(),
                 checks: vec![Check {
                     id: format!("service:{id}"),
-                    status: status.to_string(),
+                    status_text: status.to_string(),
                     ..Check::default()
                 }],
                 ..Instance::default()
@@ -521,6 +536,35 @@ mod tests {
         });
         fleet.apply_update(gone);
         assert!(view_index(&fleet) > flipped);
+    }
+
+    #[test]
+    fn instances_that_fail_the_checks_are_refused_and_counted() {
+        let fleet = cache();
+        let mut no_status = on("b", "web-b", "fine");
+        no_status.node = "b".to_string();
+        let refused = fleet.apply_update(update(
+            1,
+            true,
+            vec![on("a", "web-a", "warning"), no_status],
+        ));
+        assert_eq!(refused, 1);
+        let kept: Vec<_> = fleet.read(|f| {
+            f.services["web"]
+                .instances
+                .values()
+                .map(|r| (r.node.clone(), r.health))
+                .collect()
+        });
+        assert_eq!(
+            kept,
+            [("a".to_string(), signpost_core::model::Health::Warning)]
+        );
+        // What is kept on disk reads back the same.
+        let restored = cache();
+        restored.restore(fleet.snapshot());
+        let same = restored.read(|f| f.services["web"].instances.clone());
+        assert_eq!(same, fleet.read(|f| f.services["web"].instances.clone()));
     }
 
     #[test]

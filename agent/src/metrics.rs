@@ -53,6 +53,7 @@ pub struct Metrics {
     api_requests: Family<RequestLabels, Counter>,
     sync_connected: Gauge,
     sync_updates: Counter,
+    sync_refused: Counter,
     task_restarts: Family<TaskLabels, Counter>,
 }
 
@@ -140,11 +141,18 @@ impl Metrics {
             "Service updates received from the control plane (snapshots and deltas)",
             sync_updates.clone(),
         );
+        let sync_refused = Counter::default();
+        registry.register(
+            "sync_refused_instances",
+            "Instances in service updates from the control plane that failed the agent's checks and were left out",
+            sync_refused.clone(),
+        );
         Metrics {
             registry,
             sync_connected,
             task_restarts,
             sync_updates,
+            sync_refused,
             probes,
             status_changes,
             fast_rechecks,
@@ -220,7 +228,9 @@ impl Metrics {
         self.sync_connected.set(i64::from(connected));
     }
 
-    pub fn sync_update(&self) {
+    /// A service update applied, with `refused` of its instances left out.
+    pub fn sync_update(&self, refused: usize) {
+        self.sync_refused.inc_by(refused as u64);
         self.sync_updates.inc();
     }
 

@@ -52,20 +52,24 @@ struct Local {
 }
 
 fn local(inner: &Inner) -> Local {
-    let check = |c: &crate::state::CheckEntry| Check {
-        id: c.id.to_string(),
-        name: c.name.clone(),
-        status: c.status.as_str().to_string(),
-        output: c.output.clone(),
-        notes: c.notes.clone(),
-        r#type: c.type_name().to_string(),
+    let check = |c: &crate::state::CheckEntry| {
+        let mut check = Check {
+            id: c.id.to_string(),
+            name: c.name.clone(),
+            output: c.output.clone(),
+            notes: c.notes.clone(),
+            r#type: c.type_name().to_string(),
+            ..Check::default()
+        };
+        check.set_health(c.status);
+        check
     };
     let instances = inner
         .services
         .values()
         .map(|s| {
             let d = &s.def;
-            let instance = Instance {
+            let mut instance = Instance {
                 id: d.id.to_string(),
                 name: d.name.to_string(),
                 address: d.address.clone(),
@@ -75,10 +79,11 @@ fn local(inner: &Inner) -> Local {
                 zone: d.zone.clone().unwrap_or_else(|| inner.node.zone.clone()),
                 weight_passing: d.weights.passing,
                 weight_warning: d.weights.warning,
-                protocol: d.protocol.as_str().to_string(),
                 enable_tag_override: d.enable_tag_override,
                 checks: inner.checks_of(&d.id).map(check).collect(),
+                ..Instance::default()
             };
+            instance.set_proxy_protocol(d.protocol);
             (instance.id.clone(), instance)
         })
         .collect();
@@ -347,9 +352,9 @@ async fn session(
                 };
                 match received.body {
                     Some(control_message::Body::Update(update)) => {
-                        agent.metrics.sync_update();
                         let ack = Ack { service: update.service.clone(), index: update.index };
-                        fleet.apply_update(update);
+                        let refused = fleet.apply_update(update);
+                        agent.metrics.sync_update(refused);
                         tx.send(message(agent_message::Body::Ack(ack))).await?;
                     }
                     Some(control_message::Body::AckStatus(status)) => {

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use signpost_core::model::Health;
 use signpost_proto::sync_client::SyncClient;
 use signpost_proto::{
     AgentMessage, Check, Delta, FullState, Hello, Instance, Subscribe, agent_message,
@@ -47,18 +48,19 @@ fn msg(body: agent_message::Body) -> AgentMessage {
     AgentMessage { body: Some(body) }
 }
 
-fn instance(status: &str) -> Instance {
+fn instance(status: Health) -> Instance {
+    let mut check = Check {
+        id: "service:bench-1".into(),
+        name: "bench".into(),
+        ..Check::default()
+    };
+    check.set_health(status);
     Instance {
         id: "bench-1".into(),
         name: SERVICE.into(),
         address: "127.0.0.1".into(),
         port: 9000,
-        checks: vec![Check {
-            id: "service:bench-1".into(),
-            name: "bench".into(),
-            status: status.into(),
-            ..Check::default()
-        }],
+        checks: vec![check],
         weight_passing: 1,
         weight_warning: 1,
         ..Instance::default()
@@ -161,7 +163,7 @@ async fn main() {
     // Every subscriber got its (empty) snapshot before the first change.
     publisher
         .send(msg(agent_message::Body::Delta(Delta {
-            upserts: vec![instance("passing")],
+            upserts: vec![instance(Health::Passing)],
             ..Delta::default()
         })))
         .await
@@ -173,7 +175,11 @@ async fn main() {
     received.lock().unwrap().clear();
     let mut last_index_seen = 0u64;
     for n in 0..args.changes {
-        let status = if n % 2 == 0 { "critical" } else { "passing" };
+        let status = if n % 2 == 0 {
+            Health::Critical
+        } else {
+            Health::Passing
+        };
         let at = Instant::now();
         publisher
             .send(msg(agent_message::Body::Delta(Delta {

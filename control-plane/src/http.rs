@@ -6,6 +6,7 @@
 mod acl;
 mod commands;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -14,6 +15,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, put};
 use serde_json::{Value, json};
+use signpost_core::consul::{self, CatalogService, HealthCheck};
+use signpost_core::model::Health;
 use signpost_proto::{Check, Instance};
 
 use crate::catalog::{Catalog, NodeEntry};
@@ -100,19 +103,16 @@ async fn services(State(s): State<HttpState>) -> Response {
     json_response(index, &body)
 }
 
-fn check(node: &NodeEntry, instance: Option<&Instance>, c: &Check) -> Value {
-    json!({
-        "Node": node.hello.node,
-        "CheckID": c.id,
-        "Name": c.name,
-        "Status": c.status,
-        "Notes": c.notes,
-        "Output": c.output,
-        "ServiceID": instance.map(|i| i.id.as_str()).unwrap_or(""),
-        "ServiceName": instance.map(|i| i.name.as_str()).unwrap_or(""),
-        "ServiceTags": instance.map(|i| i.tags.clone()).unwrap_or_default(),
-        "Type": c.r#type,
-    })
+fn check(node: &NodeEntry, instance: Option<&Instance>, c: &Check) -> HealthCheck {
+    let service = instance.map(service_json);
+    let mut out = HealthCheck::new(&node.hello.node, service.as_ref());
+    out.check_id = c.id.clone();
+    out.name = c.name.clone();
+    out.status = c.health().unwrap_or(Health::Critical);
+    out.notes = c.notes.clone();
+    out.output = c.output.clone();
+    out.kind = HealthCheck::consul_type(&c.r#type);
+    out
 }
 
 async fn health_service(
@@ -127,11 +127,11 @@ async fn health_service(
         .any(|p| p == "passing" || p == "passing=1" || p == "passing=true");
     let datacenter = s.datacenter.clone();
     let (index, body) = s.catalog.read(|inner| {
-        let entries: Vec<Value> = inner
+        let entries: Vec<consul::ServiceEntry> = inner
             .instances_of(&name)
             .filter_map(|(node, instance)| {
                 let live = crate::catalog::liveness_check(node);
-                let checks: Vec<Value> = std::iter::once(&live)
+                let checks: Vec<HealthCheck> = std::iter::once(&live)
                     .chain(node.node_checks.iter())
                     .map(|c| check(node, None, c))
                     .chain(
@@ -141,17 +141,17 @@ async fn health_service(
                             .map(|c| check(node, Some(instance), c)),
                     )
                     .collect();
-                if passing && checks.iter().any(|c| c["Status"] != "passing") {
+                if passing && checks.iter().any(|c| c.status != Health::Passing) {
                     return None;
                 }
-                Some(json!({
-                    "Node": node_json(node, &datacenter),
-                    "Service": service_json(instance),
-                    "Checks": checks,
-                }))
+                Some(consul::ServiceEntry {
+                    node: node_json(node, &datacenter),
+                    service: service_json(instance),
+                    checks,
+                })
             })
             .collect();
-        (inner.service_index(&name), Value::Array(entries))
+        (inner.service_index(&name), json!(entries))
     });
     json_response(index, &body)
 }
@@ -169,33 +169,42 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         .into_response()
 }
 
-fn node_json(node: &NodeEntry, datacenter: &str) -> Value {
-    let a = &node.hello.address;
-    json!({
-        "ID": node.hello.node_id,
-        "Node": node.hello.node,
-        "Address": a,
-        "Datacenter": datacenter,
-        "TaggedAddresses": {"lan": a, "lan_ipv4": a, "wan": a, "wan_ipv4": a},
-        "Meta": node.hello.meta,
-    })
+fn node_json(node: &NodeEntry, datacenter: &str) -> consul::Node {
+    consul::Node {
+        id: node.hello.node_id.clone(),
+        node: node.hello.node.clone(),
+        address: node.hello.address.clone(),
+        datacenter: datacenter.to_string(),
+        tagged_addresses: consul::node_tagged_addresses(&node.hello.address),
+        meta: node.hello.meta.clone().into_iter().collect(),
+        create_index: 0,
+        modify_index: 0,
+    }
 }
 
-fn service_json(instance: &Instance) -> Value {
-    json!({
-        "ID": instance.id,
-        "Service": instance.name,
-        "Tags": instance.tags,
-        "Address": instance.address,
-        "Port": instance.port,
-        "Meta": instance.meta,
-        "Weights": {"Passing": instance.weight_passing, "Warning": instance.weight_warning},
-        "EnableTagOverride": instance.enable_tag_override,
-    })
+fn service_json(instance: &Instance) -> consul::Service {
+    consul::Service {
+        id: instance.id.clone(),
+        service: instance.name.clone(),
+        tags: instance.tags.clone(),
+        address: instance.address.clone(),
+        tagged_addresses: BTreeMap::new(),
+        meta: instance.meta.clone().into_iter().collect(),
+        port: u16::try_from(instance.port).unwrap_or(0),
+        weights: consul::Weights {
+            passing: instance.weight_passing,
+            warning: instance.weight_warning,
+        },
+        enable_tag_override: instance.enable_tag_override,
+        datacenter: None,
+        create_index: Some(0),
+        modify_index: Some(0),
+        content_hash: None,
+    }
 }
 
 /// Every check of a node (liveness and node checks) and of its instances.
-fn node_checks<'a>(node: &'a NodeEntry) -> impl Iterator<Item = Value> + 'a {
+fn node_checks<'a>(node: &'a NodeEntry) -> impl Iterator<Item = HealthCheck> + 'a {
     let live = crate::catalog::liveness_check(node);
     std::iter::once(check(node, None, &live))
         .chain(node.node_checks.iter().map(move |c| check(node, None, c)))
@@ -209,44 +218,23 @@ fn node_checks<'a>(node: &'a NodeEntry) -> impl Iterator<Item = Value> + 'a {
 async fn catalog_service(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
     let dc = s.datacenter.clone();
     let (index, body) = s.catalog.read(|inner| {
-        let entries: Vec<Value> = inner
+        let entries: Vec<CatalogService> = inner
             .instances_of(&name)
-            .map(|(node, i)| {
-                let a = &node.hello.address;
-                json!({
-                    "ID": node.hello.node_id,
-                    "Node": node.hello.node,
-                    "Address": a,
-                    "Datacenter": dc,
-                    "TaggedAddresses": {"lan": a, "lan_ipv4": a, "wan": a, "wan_ipv4": a},
-                    "NodeMeta": node.hello.meta,
-                    "ServiceKind": "",
-                    "ServiceID": i.id,
-                    "ServiceName": i.name,
-                    "ServiceTags": i.tags,
-                    "ServiceAddress": i.address,
-                    "ServiceTaggedAddresses": {},
-                    "ServiceWeights": {"Passing": i.weight_passing, "Warning": i.weight_warning},
-                    "ServiceMeta": i.meta,
-                    "ServicePort": i.port,
-                    "ServiceEnableTagOverride": i.enable_tag_override,
-                    "ServiceConnect": {},
-                })
-            })
+            .map(|(node, i)| CatalogService::new(node_json(node, &dc), service_json(i)))
             .collect();
-        (inner.service_index(&name), Value::Array(entries))
+        (inner.service_index(&name), json!(entries))
     });
     json_response(index, &body)
 }
 
 async fn catalog_nodes(State(s): State<HttpState>) -> Response {
     let (index, body) = s.catalog.read(|inner| {
-        let nodes: Vec<Value> = inner
+        let nodes: Vec<consul::Node> = inner
             .nodes
             .values()
             .map(|n| node_json(n, &s.datacenter))
             .collect();
-        (inner.index, Value::Array(nodes))
+        (inner.index, json!(nodes))
     });
     json_response(index, &body)
 }
@@ -255,7 +243,7 @@ async fn catalog_node(State(s): State<HttpState>, Path(name): Path<String>) -> R
     let (index, body) = s.catalog.read(|inner| {
         let body = match inner.nodes.get(&name) {
             Some(n) => {
-                let services: serde_json::Map<String, Value> = n
+                let services: BTreeMap<String, consul::Service> = n
                     .instances
                     .values()
                     .map(|i| (i.id.clone(), service_json(i)))
@@ -271,44 +259,50 @@ async fn catalog_node(State(s): State<HttpState>, Path(name): Path<String>) -> R
 
 async fn health_checks(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
     let (index, body) = s.catalog.read(|inner| {
-        let checks: Vec<Value> = inner
+        let checks: Vec<HealthCheck> = inner
             .instances_of(&name)
             .flat_map(|(node, i)| i.checks.iter().map(move |c| check(node, Some(i), c)))
             .collect();
-        (inner.service_index(&name), Value::Array(checks))
+        (inner.service_index(&name), json!(checks))
     });
     json_response(index, &body)
 }
 
 async fn health_state(State(s): State<HttpState>, Path(state): Path<String>) -> Response {
-    if !matches!(state.as_str(), "any" | "passing" | "warning" | "critical") {
-        return (
-            StatusCode::BAD_REQUEST,
-            "Invalid state: expected any, passing, warning or critical",
-        )
-            .into_response();
-    }
+    let wanted: Option<Health> = match state.as_str() {
+        "any" => None,
+        other => match other.parse() {
+            Ok(health) => Some(health),
+            Err(_) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    "Invalid state: expected any, passing, warning or critical",
+                )
+                    .into_response();
+            }
+        },
+    };
     let (index, body) = s.catalog.read(|inner| {
-        let checks: Vec<Value> = inner
+        let checks: Vec<HealthCheck> = inner
             .nodes
             .values()
             .flat_map(node_checks)
-            .filter(|c| state == "any" || c["Status"] == state.as_str())
+            .filter(|c| wanted.is_none_or(|w| c.status == w))
             .collect();
-        (inner.index, Value::Array(checks))
+        (inner.index, json!(checks))
     });
     json_response(index, &body)
 }
 
 async fn health_node(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
     let (index, body) = s.catalog.read(|inner| {
-        let checks: Vec<Value> = inner
+        let checks: Vec<HealthCheck> = inner
             .nodes
             .get(&name)
             .into_iter()
             .flat_map(node_checks)
             .collect();
-        (inner.index, Value::Array(checks))
+        (inner.index, json!(checks))
     });
     json_response(index, &body)
 }

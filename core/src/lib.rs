@@ -10,6 +10,7 @@
 //!   rules that hold whatever the source (YAML file or HTTP API).
 //! - [`command`]: operator commands (block, degrade, circuit, policy) with
 //!   their target, reason and expiry, and their validation.
+//! - [`consul`]: Consul's JSON shapes, for every API and the CLI.
 //! - [`config`], [`control_plane_config`]: the agent's and the control
 //!   plane's YAML configuration, strictly typed and validated before any
 //!   socket is bound.
@@ -27,6 +28,7 @@
 pub mod accept;
 pub mod command;
 pub mod config;
+pub mod consul;
 pub mod control_plane_config;
 pub mod duration;
 pub mod model;

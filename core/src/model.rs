@@ -296,6 +296,18 @@ impl ServiceDefinition {
     }
 }
 
+/// Does `have` carry every tag in `wanted`? Tags compare ignoring case,
+/// as Consul's `serviceTagFilter` does (without allocating: this runs on
+/// DNS lookups).
+pub fn has_tags<'w>(have: &[String], wanted: impl IntoIterator<Item = &'w str>) -> bool {
+    let same = |a: &str, b: &str| {
+        a.chars()
+            .flat_map(char::to_lowercase)
+            .eq(b.chars().flat_map(char::to_lowercase))
+    };
+    wanted.into_iter().all(|w| have.iter().any(|h| same(h, w)))
+}
+
 pub fn valid_name(name: &str) -> bool {
     name.len() <= 128
         && name

@@ -6,10 +6,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::{Check, Hello, Instance};
 use signpost_core::model::{
-    Health, MAX_OUTPUT_MAX_SIZE, Protocol, valid_hostname, valid_id, valid_name, validate_meta,
+    MAX_OUTPUT_MAX_SIZE, valid_hostname, valid_id, valid_name, validate_meta,
 };
+
+use crate::{Check, Hello, Instance};
 
 /// Longest free-form label (zone, datacenter, version, node ID).
 const MAX_LABEL: usize = 256;
@@ -109,11 +110,16 @@ pub fn instance(instance: &Instance) -> Result<(), Garbage> {
     }
     validate_meta(instance.meta.iter()).map_err(|e| garbage(&what, e.to_string()))?;
     label(&what, &instance.zone)?;
-    if !instance.protocol.is_empty() {
-        instance
-            .protocol
-            .parse::<Protocol>()
-            .map_err(|e| garbage(&what, e))?;
+    // Neither the enum nor the text: the default protocol.
+    let unsaid = instance.protocol == 0 && instance.protocol_text.is_empty();
+    if instance.proxy_protocol().is_none() && !unsaid {
+        return Err(garbage(
+            &what,
+            format!(
+                "protocol {} ({:?}) is not one of tcp, http, http2 or grpc",
+                instance.protocol, instance.protocol_text
+            ),
+        ));
     }
     checks(&what, &instance.checks)
 }
@@ -131,10 +137,15 @@ pub fn checks(what: &str, checks: &[Check]) -> Result<(), Garbage> {
         if check.id.is_empty() || check.id.len() > MAX_LABEL {
             return Err(garbage(what, "not a check ID"));
         }
-        check
-            .status
-            .parse::<Health>()
-            .map_err(|e| garbage(&what, e))?;
+        if check.health().is_none() {
+            return Err(garbage(
+                what,
+                format!(
+                    "status {} ({:?}) is not one of passing, warning or critical",
+                    check.status, check.status_text
+                ),
+            ));
+        }
         if check.output.len() > MAX_OUTPUT_MAX_SIZE {
             return Err(garbage(
                 what,
@@ -169,10 +180,10 @@ mod tests {
             name: "web".to_string(),
             address: "10.0.0.1".to_string(),
             port: 8080,
-            protocol: "http".to_string(),
+            protocol: crate::Protocol::Http.into(),
             checks: vec![Check {
                 id: "service:web-1".to_string(),
-                status: "passing".to_string(),
+                status: crate::Health::Passing.into(),
                 ..Check::default()
             }],
             ..Instance::default()
@@ -182,13 +193,27 @@ mod tests {
     #[test]
     fn what_an_agent_sends_passes_and_garbage_does_not() {
         assert_eq!(instance(&good()), Ok(()));
-        let bad: [fn(&mut Instance); 7] = [
+        let mut old = good();
+        old.protocol = 0;
+        old.protocol_text = "http".to_string();
+        old.checks[0].status = 0;
+        old.checks[0].status_text = "warning".to_string();
+        assert_eq!(instance(&old), Ok(()), "as an earlier version sends it");
+        let bad: [fn(&mut Instance); 9] = [
             |i| i.port = 70_000,
             |i| i.id = "a/b".to_string(),
             |i| i.name = "we b".to_string(),
             |i| i.address = "not an address!".to_string(),
-            |i| i.protocol = "smtp".to_string(),
-            |i| i.checks[0].status = "fine".to_string(),
+            |i| i.protocol = 42,
+            |i| {
+                i.protocol = 0;
+                i.protocol_text = "smtp".to_string();
+            },
+            |i| i.checks[0].status = 42,
+            |i| {
+                i.checks[0].status = 0;
+                i.checks[0].status_text = "fine".to_string();
+            },
             |i| i.tags = vec!["a b".to_string()],
         ];
         for (n, spoil) in bad.iter().enumerate() {

@@ -1,10 +1,13 @@
 //! `/v1/agent/*`: this host's own registrations, checks and maintenance.
 
+use std::collections::BTreeMap;
+
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
+use signpost_core::consul::{self, HealthCheck};
 use signpost_core::model::{CheckId, Health, ServiceId};
 
 use super::render::{self, json};
@@ -173,12 +176,12 @@ pub(crate) async fn check_update(
 
 pub(crate) async fn services(State(api): State<Api>) -> Response {
     let body = api.agent.state.read(|inner| {
-        let map: Map<String, Value> = inner
+        let map: BTreeMap<String, consul::Service> = inner
             .services
             .values()
             .map(|s| (s.def.id.to_string(), render::agent_service(inner, s)))
             .collect();
-        Value::Object(map)
+        map
     });
     json(&body)
 }
@@ -195,9 +198,7 @@ pub(crate) async fn service(
         inner.services.get(id.as_str()).map(|s| {
             let hash = format!("{:016x}", s.modify_index);
             let mut v = render::agent_service(inner, s);
-            if let Value::Object(m) = &mut v {
-                m.insert("ContentHash".into(), hash.clone().into());
-            }
+            v.content_hash = Some(hash.clone());
             (hash, v)
         })
     };
@@ -240,13 +241,13 @@ pub(crate) async fn service(
 /// health endpoints only, and clients expect `{}` from a fresh agent.
 pub(crate) async fn checks(State(api): State<Api>) -> Response {
     let body = api.agent.state.read(|inner| {
-        let map: Map<String, Value> = inner
+        let map: BTreeMap<String, HealthCheck> = inner
             .checks
             .values()
             .filter(|c| !matches!(c.role, CheckRole::NodeHealth))
             .map(|c| (c.id.to_string(), render::check(inner, c)))
             .collect();
-        Value::Object(map)
+        map
     });
     json(&body)
 }
@@ -297,7 +298,7 @@ pub(crate) async fn members(State(api): State<Api>) -> Response {
 
 fn aggregate(inner: &Inner, entry: &ServiceEntry) -> (&'static str, Value) {
     let status = render::aggregated_status(inner, entry);
-    let checks: Vec<Value> = inner
+    let checks: Vec<HealthCheck> = inner
         .node_checks()
         .chain(inner.checks_of(&entry.def.id))
         .map(|c| render::check(inner, c))

@@ -7,14 +7,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 use serde_json::{Value, json};
-use signpost_core::model::Health;
+use signpost_core::consul::{self, CatalogService, HealthCheck};
+use signpost_core::model::{Health, has_tags};
 
 use super::blocking::answer;
 use super::render::{self, json};
 use super::{Api, ApiError, ApiResult, Params};
-use signpost_proto::{CatalogInstance, Instance};
 
-use crate::fleet::FleetInner;
+use crate::fleet::{FleetInner, RemoteInstance};
 use crate::state::{Inner, ServiceEntry};
 
 /// This agent, as Consul names its leader: the advertised address with
@@ -68,16 +68,8 @@ fn instances<'a>(
     name: &'a str,
     tags: &'a [String],
 ) -> impl Iterator<Item = &'a ServiceEntry> {
-    inner
-        .services
-        .values()
-        .filter(move |s| s.def.name.as_str() == name && has_tags(&s.def.tags, tags))
-}
-
-fn has_tags(have: &[String], tags: &[String]) -> bool {
-    tags.iter().all(|t| {
-        let t = t.to_lowercase();
-        have.iter().any(|h| h.to_lowercase() == t)
+    inner.services.values().filter(move |s| {
+        s.def.name.as_str() == name && has_tags(&s.def.tags, tags.iter().map(String::as_str))
     })
 }
 
@@ -87,14 +79,12 @@ fn remote_instances<'a>(
     fleet: Option<&'a FleetInner>,
     name: &'a str,
     tags: &'a [String],
-) -> impl Iterator<Item = (&'a CatalogInstance, &'a Instance)> {
+) -> impl Iterator<Item = &'a RemoteInstance> {
     fleet
         .and_then(|f| f.services.get(name))
         .into_iter()
         .flat_map(|s| s.instances.values())
-        .filter(move |ci| ci.node != inner.node.name)
-        .filter_map(|ci| ci.instance.as_ref().map(|i| (ci, i)))
-        .filter(move |(_, i)| has_tags(&i.tags, tags))
+        .filter(move |r| r.node != inner.node.name && r.has_tags(tags.iter().map(String::as_str)))
 }
 
 /// The index of a service across the local state and the fleet view: both
@@ -125,14 +115,14 @@ pub(crate) async fn service(
     let tags: Vec<String> = params.all("tag").map(str::to_string).collect();
     first_use(&api, &name).await;
     answer(&api, &params, |inner, fleet| {
-        let body: Vec<Value> = instances(inner, &name, &tags)
+        let body: Vec<CatalogService> = instances(inner, &name, &tags)
             .map(|s| render::catalog_service(inner, s))
             .chain(
                 remote_instances(inner, fleet, &name, &tags)
-                    .map(|(ci, i)| render::remote_catalog_service(inner, ci, i)),
+                    .map(|r| render::remote_catalog_service(inner, r)),
             )
             .collect();
-        (fleet_index(inner, fleet, &name), Value::Array(body))
+        (fleet_index(inner, fleet, &name), json!(body))
     })
     .await
 }
@@ -155,10 +145,10 @@ pub(crate) async fn node(
         if inner.node.name != node {
             return (inner.index, Value::Null);
         }
-        let services: serde_json::Map<String, Value> = inner
+        let services: BTreeMap<String, consul::Service> = inner
             .services
             .values()
-            .map(|s| (s.def.id.to_string(), render::node_service(s)))
+            .map(|s| (s.def.id.to_string(), render::node_service(inner, s)))
             .collect();
         (
             inner.index,
@@ -179,16 +169,9 @@ pub(crate) async fn health_service(
     first_use(&api, &name).await;
     answer(&api, &params, |inner, fleet| {
         let remote = remote_instances(inner, fleet, &name, &tags)
-            .filter(|(ci, i)| {
-                !passing
-                    || ci
-                        .node_checks
-                        .iter()
-                        .chain(i.checks.iter())
-                        .all(|c| c.status == "passing")
-            })
-            .map(|(ci, i)| render::remote_health_entry(inner, ci, i));
-        let body: Vec<Value> = instances(inner, &name, &tags)
+            .filter(|r| !passing || r.all_checks().all(|c| c.status == Health::Passing))
+            .map(|r| render::remote_health_entry(inner, r));
+        let body: Vec<consul::ServiceEntry> = instances(inner, &name, &tags)
             .filter(|s| {
                 !passing
                     || inner
@@ -199,7 +182,7 @@ pub(crate) async fn health_service(
             .map(|s| render::health_entry(inner, s))
             .chain(remote)
             .collect();
-        (fleet_index(inner, fleet, &name), Value::Array(body))
+        (fleet_index(inner, fleet, &name), json!(body))
     })
     .await
 }
@@ -211,7 +194,7 @@ pub(crate) async fn health_checks(
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
     answer(&api, &params, |inner, _fleet| {
-        let body: Vec<Value> = inner
+        let body: Vec<HealthCheck> = inner
             .checks
             .values()
             .filter(|c| {
@@ -221,7 +204,7 @@ pub(crate) async fn health_checks(
             })
             .map(|c| render::check(inner, c))
             .collect();
-        (inner.service_name_index(&name), Value::Array(body))
+        (inner.service_name_index(&name), json!(body))
     })
     .await
 }
@@ -239,13 +222,13 @@ pub(crate) async fn health_state(
         })?),
     };
     answer(&api, &params, |inner, _fleet| {
-        let body: Vec<Value> = inner
+        let body: Vec<HealthCheck> = inner
             .checks
             .values()
             .filter(|c| wanted.is_none_or(|w| c.status == w))
             .map(|c| render::check(inner, c))
             .collect();
-        (inner.index, Value::Array(body))
+        (inner.index, json!(body))
     })
     .await
 }
@@ -257,7 +240,7 @@ pub(crate) async fn health_node(
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
     answer(&api, &params, |inner, _fleet| {
-        let body: Vec<Value> = if inner.node.name == node {
+        let body: Vec<HealthCheck> = if inner.node.name == node {
             inner
                 .checks
                 .values()
@@ -266,7 +249,7 @@ pub(crate) async fn health_node(
         } else {
             Vec::new()
         };
-        (inner.index, Value::Array(body))
+        (inner.index, json!(body))
     })
     .await
 }

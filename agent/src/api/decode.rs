@@ -393,117 +393,6 @@ pub(crate) fn check(value: Value, standalone: bool) -> Result<CheckDefinition, S
     })
 }
 
-/// The body `signpost register` sends for a service definition file.
-pub(crate) fn to_consul_json(def: &ServiceDefinition) -> Value {
-    let checks: Vec<Value> = def
-        .checks
-        .iter()
-        .map(|c| {
-            let mut m = Map::new();
-            if let Some(id) = &c.id {
-                m.insert("CheckID".into(), id.as_str().into());
-            }
-            m.insert("Name".into(), c.name.clone().into());
-            m.insert("Notes".into(), c.notes.clone().into());
-            match &c.kind {
-                CheckKind::Http {
-                    url,
-                    method,
-                    headers,
-                    body,
-                    tls_skip_verify,
-                    tls_server_name,
-                    disable_redirects,
-                } => {
-                    m.insert("HTTP".into(), url.clone().into());
-                    m.insert("Method".into(), method.clone().into());
-                    m.insert("Header".into(), serde_json::json!(headers));
-                    m.insert("Body".into(), body.clone().into());
-                    m.insert("TLSSkipVerify".into(), (*tls_skip_verify).into());
-                    if let Some(sni) = tls_server_name {
-                        m.insert("TLSServerName".into(), sni.clone().into());
-                    }
-                    m.insert("DisableRedirects".into(), (*disable_redirects).into());
-                }
-                CheckKind::Tcp { address } => {
-                    m.insert("TCP".into(), address.clone().into());
-                }
-                CheckKind::Grpc {
-                    target,
-                    use_tls,
-                    tls_skip_verify,
-                } => {
-                    m.insert("GRPC".into(), target.clone().into());
-                    m.insert("GRPCUseTLS".into(), (*use_tls).into());
-                    m.insert("TLSSkipVerify".into(), (*tls_skip_verify).into());
-                }
-                CheckKind::Exec { args } => {
-                    m.insert("Args".into(), serde_json::json!(args));
-                }
-                CheckKind::Ttl { ttl } => {
-                    m.insert("TTL".into(), signpost_core::duration::format(*ttl).into());
-                }
-            }
-            if !c.interval.is_zero() {
-                m.insert(
-                    "Interval".into(),
-                    signpost_core::duration::format(c.interval).into(),
-                );
-            }
-            if let Some(t) = c.timeout {
-                m.insert("Timeout".into(), signpost_core::duration::format(t).into());
-            }
-            if let Some(s) = c.initial_status {
-                m.insert("Status".into(), s.as_str().into());
-            }
-            if let Some(d) = c.deregister_critical_after {
-                m.insert(
-                    "DeregisterCriticalServiceAfter".into(),
-                    signpost_core::duration::format(d).into(),
-                );
-            }
-            m.insert(
-                "SuccessBeforePassing".into(),
-                c.success_before_passing.into(),
-            );
-            m.insert(
-                "FailuresBeforeWarning".into(),
-                c.failures_before_warning.into(),
-            );
-            m.insert(
-                "FailuresBeforeCritical".into(),
-                c.failures_before_critical.into(),
-            );
-            m.insert("OutputMaxSize".into(), c.output_max_size.into());
-            Value::Object(m)
-        })
-        .collect();
-    let tagged: Map<String, Value> = def
-        .tagged_addresses
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                serde_json::json!({"Address": v.address, "Port": v.port}),
-            )
-        })
-        .collect();
-    serde_json::json!({
-        "ID": def.id,
-        "Name": def.name,
-        "Address": def.address,
-        "Port": def.port,
-        "Tags": def.tags,
-        "Meta": def.meta,
-        "TaggedAddresses": tagged,
-        "Zone": def.zone,
-        "Protocol": def.protocol.as_str(),
-        "Weights": {"Passing": def.weights.passing, "Warning": def.weights.warning},
-        "EnableTagOverride": def.enable_tag_override,
-        "Checks": checks,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,12 +464,14 @@ mod tests {
     }
 
     #[test]
-    fn consul_json_round_trips() {
-        let text = "service:\n  name: web\n  port: 80\n  tags: [a]\n  checks:\n    - http: http://127.0.0.1/\n      interval: 5s\n    - ttl: 1m\n";
+    fn what_signpost_register_sends_decodes_back() {
+        let text = "service:\n  name: web\n  port: 80\n  tags: [a]\n  zone: z1\n  protocol: http\n  weights: {passing: 3, warning: 1}\n  meta: {Team: x}\n  checks:\n    - http: http://127.0.0.1/\n      interval: 5s\n      headers: {X-A: [\"1\"]}\n    - ttl: 1m\n      deregister_critical_after: 90m\n    - tcp: 127.0.0.1:80\n      interval: 10s\n      timeout: 2s\n    - grpc: 127.0.0.1:9000\n      interval: 10s\n    - args: [/bin/true]\n      interval: 30s\n";
         let mut def = signpost_core::service_file::parse("w.yaml", text)
             .unwrap()
             .remove(0);
-        let mut back = service(normalize(to_consul_json(&def))).unwrap();
+        let sent =
+            serde_json::to_value(signpost_core::consul::ServiceRegistration::from(&def)).unwrap();
+        let mut back = service(normalize(sent)).unwrap();
         back.validate().unwrap();
         def.validate().unwrap();
         assert_eq!(back, def);

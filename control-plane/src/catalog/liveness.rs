@@ -13,6 +13,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use signpost_core::model::Health;
 use signpost_proto::{Check, ControlMessage, Delta, ProbeRequest, control_message::Body};
 
 use super::{Catalog, Inner, NodeEntry, SessionId};
@@ -106,24 +107,24 @@ impl Liveness {
 /// A node's liveness as Consul's `serfHealth` check.
 pub fn liveness_check(node: &NodeEntry) -> Check {
     let (status, output) = match node.liveness.status {
-        NodeStatus::Alive => ("passing", "Agent alive and reachable"),
+        NodeStatus::Alive => (Health::Passing, "Agent alive and reachable"),
         NodeStatus::Unreachable => (
-            "passing",
+            Health::Passing,
             "Agent stream to the control plane dropped; peers can reach it or are being asked",
         ),
         NodeStatus::Failed => (
-            "critical",
+            Health::Critical,
             "Agent not reachable by the control plane nor by its peers",
         ),
     };
-    Check {
+    let mut check = Check {
         id: "serfHealth".to_string(),
         name: "Serf Health Status".to_string(),
-        status: status.to_string(),
         output: output.to_string(),
-        notes: String::new(),
-        r#type: String::new(),
-    }
+        ..Check::default()
+    };
+    check.set_health(status);
+    check
 }
 
 /// A question to peers about an unreachable node.

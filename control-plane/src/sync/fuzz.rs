@@ -42,11 +42,11 @@ fn instance(id: &str, name: &str, port: u32) -> Instance {
         zone: "a".to_string(),
         weight_passing: 1,
         weight_warning: 1,
-        protocol: "http".to_string(),
+        protocol: signpost_proto::Protocol::Http.into(),
         checks: vec![Check {
             id: format!("service:{id}"),
             name: "check".to_string(),
-            status: "passing".to_string(),
+            status: signpost_proto::Health::Passing.into(),
             output: "ok".to_string(),
             r#type: "http".to_string(),
             ..Check::default()
