@@ -3,6 +3,7 @@
 //! sees Signpost work with one command.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -35,38 +36,8 @@ pub async fn run(
     let services_dir = dir.path().join("services.d");
     std::fs::create_dir_all(&services_dir)?;
 
-    let mut instances = Vec::new();
-    for n in 1..=2 {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let body = format!("hello from demo-{n}\n");
-        let app = axum::Router::new()
-            .route("/", get(move || async move { body }))
-            .route("/health", get(|| async { "ok\n" }));
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "demo instance failed");
-            }
-        });
-        instances.push(addr);
-    }
-    let mut yaml = String::from(
-        "# Edit me: changes apply within a second, mistakes are reported\n# and the last good version keeps serving.\nservices:\n",
-    );
-    for (i, addr) in instances.iter().enumerate() {
-        yaml.push_str(&format!(
-            "  - name: demo\n    id: demo-{n}\n    address: {ip}\n    port: {port}\n    tags: [v1]\n    protocol: http\n    checks:\n      - http: http://{addr}/health\n        interval: 2s\n        timeout: 1s\n      - tcp: {addr}\n        interval: 5s\n",
-            n = i + 1,
-            ip = addr.ip(),
-            port = addr.port(),
-        ));
-    }
-    let demo_file = services_dir.join("demo.yaml");
-    std::fs::write(&demo_file, yaml)?;
+    let instances = demo_instances(&shutdown).await?;
+    let demo_file = write_demo_file(&services_dir, &instances)?;
 
     // The control plane, with its own CA, on loopback ports of its own.
     let cp_dir = dir.path().join("control-plane");
@@ -127,6 +98,81 @@ pub async fn run(
     };
     // Give the first checks a moment so the hints show them passing.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    print_hints(&Hints {
+        api,
+        listen,
+        dns,
+        cp,
+        services_dir: &services_dir,
+        instances: &instances,
+        file: &demo_file,
+        dir: dir.path(),
+    });
+    let result = agent.await?;
+    let cp_result = control_plane.await?;
+    drop(dir);
+    result.and(cp_result)
+}
+
+/// Two demo HTTP instances on loopback (`/` and `/health`), until
+/// `shutdown`.
+async fn demo_instances(shutdown: &CancellationToken) -> anyhow::Result<[SocketAddr; 2]> {
+    let mut instances = [SocketAddr::from(([127, 0, 0, 1], 0)); 2];
+    for (n, slot) in (1..).zip(instances.iter_mut()) {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        *slot = listener.local_addr()?;
+        let body = format!("hello from demo-{n}\n");
+        let app = axum::Router::new()
+            .route("/", get(move || async move { body }))
+            .route("/health", get(|| async { "ok\n" }));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "demo instance failed");
+            }
+        });
+    }
+    Ok(instances)
+}
+
+/// `services.d/demo.yaml`: the demo instances with HTTP and TCP checks.
+fn write_demo_file(
+    services_dir: &Path,
+    instances: &[SocketAddr],
+) -> anyhow::Result<std::path::PathBuf> {
+    let mut yaml = String::from(
+        "# Edit me: changes apply within a second, mistakes are reported\n# and the last good version keeps serving.\nservices:\n",
+    );
+    for (i, addr) in instances.iter().enumerate() {
+        yaml.push_str(&format!(
+            "  - name: demo\n    id: demo-{n}\n    address: {ip}\n    port: {port}\n    tags: [v1]\n    protocol: http\n    checks:\n      - http: http://{addr}/health\n        interval: 2s\n        timeout: 1s\n      - tcp: {addr}\n        interval: 5s\n",
+            n = i + 1,
+            ip = addr.ip(),
+            port = addr.port(),
+        ));
+    }
+    let file = services_dir.join("demo.yaml");
+    std::fs::write(&file, yaml)?;
+    Ok(file)
+}
+
+/// What `signpost dev` tells a newcomer to try.
+struct Hints<'a> {
+    api: SocketAddr,
+    listen: SocketAddr,
+    dns: SocketAddr,
+    cp: signpost_control_plane::Listening,
+    services_dir: &'a Path,
+    instances: &'a [SocketAddr],
+    file: &'a Path,
+    dir: &'a Path,
+}
+
+fn print_hints(h: &Hints<'_>) {
+    let (api, listen, dns, cp) = (h.api, h.listen, h.dns, h.cp);
     let base = format!("http://{api}");
     let flag = if listen.port() == 8500 && listen.ip().is_loopback() {
         String::new()
@@ -159,19 +205,15 @@ Try:
   curl -s http://{cp_http}/v1/health/service/demo   # the fleet, as the control plane sees it
 
 Ctrl-C stops it and removes {dir}."#,
-        services_dir = services_dir.display(),
-        i1 = instances[0],
-        i2 = instances[1],
-        file = demo_file.display(),
-        dir = dir.path().display(),
+        services_dir = h.services_dir.display(),
+        i1 = h.instances[0],
+        i2 = h.instances[1],
+        file = h.file.display(),
+        dir = h.dir.display(),
         cp_http = cp.http,
         cp_grpc = cp.grpc,
         dns_ip = dns.ip(),
         dns_port = dns.port(),
         http_port = DEV_HTTP_PORT,
     );
-    let result = agent.await?;
-    let cp_result = control_plane.await?;
-    drop(dir);
-    result.and(cp_result)
 }

@@ -82,6 +82,81 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     tls::install_crypto_provider();
     let advertise = advertise_addr(&config)?;
+    let listen = config.api.listen;
+    let (agent, files, metrics) = open(config, advertise, &shutdown)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on api.listen {listen}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "local API listening");
+
+    let mut background = Background::new(agent.metrics.clone());
+    {
+        let agent = agent.clone();
+        background.spawn("reaper", move |stop| {
+            let agent = agent.clone();
+            async move {
+                reaper::run(agent, stop).await;
+                Ok(())
+            }
+        });
+    }
+    {
+        let agent = agent.clone();
+        background.spawn("state writer", move |stop| {
+            let agent = agent.clone();
+            async move {
+                persist::run(agent, stop).await;
+                Ok(())
+            }
+        });
+    }
+    {
+        let agent = agent.clone();
+        background.spawn("service file watcher", move |stop| {
+            files::watch(agent.clone(), files.clone(), stop)
+        });
+    }
+    let fleet = match agent.config.control_plane.clone() {
+        Some(cp) => Some(join_fleet(&agent, cp, advertise, &mut background).await?),
+        None => None,
+    };
+    let serving = serve(&agent, fleet, listener, metrics, &shutdown).await?;
+    if let Some(ready) = ready
+        && ready.send(local).is_err()
+    {
+        tracing::debug!("nobody waits for the ready signal");
+    }
+    let stopped_early = until_shutdown(serving, &shutdown).await;
+    agent.stop_checks().await;
+    background.stop().await;
+    if let Some(why) = stopped_early {
+        anyhow::bail!("{why}");
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// The metrics of the parts that keep their own, registered with the
+/// agent's.
+struct PartMetrics {
+    dns: Arc<signpost_dns::DnsMetrics>,
+    proxy: Arc<signpost_proxy::ProxyMetrics>,
+    api_server: signpost_daemon::http_server::ServerMetrics,
+}
+
+/// The agent's state as the last run left it: the node, the checks'
+/// runtime, the service files (their first scan, for the watcher) and
+/// what the API registered.
+fn open(
+    config: AgentConfig,
+    advertise: IpAddr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(
+    Arc<Agent>,
+    Arc<std::sync::Mutex<files::ServiceFiles>>,
+    PartMetrics,
+)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     std::fs::create_dir_all(&config.services_dir).with_context(|| {
@@ -101,12 +176,14 @@ pub async fn run(
     tracing::info!(node = %node.name, id = %node.id, zone = %node.zone, %advertise, "starting agent");
     let state = Arc::new(LocalState::new(node));
     let mut metrics = Metrics::new();
-    let dns_metrics = Arc::new(signpost_dns::DnsMetrics::default());
-    dns_metrics.register(metrics.registry_mut());
-    let proxy_metrics = Arc::new(signpost_proxy::ProxyMetrics::default());
-    proxy_metrics.register(metrics.registry_mut());
-    let api_server_metrics = signpost_daemon::http_server::ServerMetrics::default();
-    api_server_metrics.register(metrics.registry_mut(), "api");
+    let parts = PartMetrics {
+        dns: Arc::new(signpost_dns::DnsMetrics::default()),
+        proxy: Arc::new(signpost_proxy::ProxyMetrics::default()),
+        api_server: signpost_daemon::http_server::ServerMetrics::default(),
+    };
+    parts.dns.register(metrics.registry_mut());
+    parts.proxy.register(metrics.registry_mut());
+    parts.api_server.register(metrics.registry_mut(), "api");
     let metrics = Arc::new(metrics);
     let supervisor = Supervisor::new(
         state.clone(),
@@ -121,9 +198,7 @@ pub async fn run(
         shutdown.child_token(),
     )
     .context("cannot start the health checks' runtime")?;
-    let listen = config.api.listen;
     let agent = Arc::new(Agent::new(config, state, metrics, supervisor));
-
     // Files first, then what the API registered before the restart, so
     // that API checks bound to file services find their service.
     let files = files::initial_scan(&agent);
@@ -133,114 +208,118 @@ pub async fn run(
             persist::state_path(&agent.config.data_dir).display()
         )
     })?;
+    Ok((agent, files, parts))
+}
 
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on api.listen {listen}"))?;
-    let local = listener.local_addr()?;
-    tracing::info!(addr = %local, "local API listening");
+/// The background tasks: each runs under [`supervise`], started again if
+/// it stops before [`Background::stop`].
+struct Background {
+    tasks: tokio::task::JoinSet<()>,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+}
 
-    // Background tasks: each started again if it stops before shutdown.
-    let mut tasks = tokio::task::JoinSet::new();
-    let background = CancellationToken::new();
-    let supervised = |task: &'static str| (agent.metrics.clone(), background.clone(), task);
-    {
-        let (metrics, stop, task) = supervised("reaper");
-        let (agent, token) = (agent.clone(), background.clone());
-        tasks.spawn(supervise(task, metrics, stop, move || {
-            let (agent, token) = (agent.clone(), token.clone());
-            async move {
-                reaper::run(agent, token).await;
-                Ok(())
-            }
-        }));
-    }
-    {
-        let (metrics, stop, task) = supervised("state writer");
-        let (agent, token) = (agent.clone(), background.clone());
-        tasks.spawn(supervise(task, metrics, stop, move || {
-            let (agent, token) = (agent.clone(), token.clone());
-            async move {
-                persist::run(agent, token).await;
-                Ok(())
-            }
-        }));
-    }
-    {
-        let (metrics, stop, task) = supervised("service file watcher");
-        let (agent, token) = (agent.clone(), background.clone());
-        tasks.spawn(supervise(task, metrics, stop, move || {
-            files::watch(agent.clone(), files.clone(), token.clone())
-        }));
-    }
-    let fleet = match agent.config.control_plane.clone() {
-        Some(cp) => {
-            // Peers probe this host here when its stream drops.
-            let (listener, probe_address) =
-                liveness::bind(advertise, agent.config.liveness_port).await?;
-            let listener = Arc::new(listener);
-            let (name, id) = agent
-                .state
-                .read(|i| (i.node.name.clone(), i.node.id.clone()));
-            let fleet = Arc::new(fleet::FleetCache::new(
-                &agent.config.upstreams,
-                &name,
-                agent.state.clock(),
-            ));
-            {
-                let (metrics, stop, task) = supervised("liveness listener");
-                let token = background.clone();
-                tasks.spawn(supervise(task, metrics, stop, move || {
-                    let (listener, name, id) = (listener.clone(), name.clone(), id.clone());
-                    let token = token.clone();
-                    async move {
-                        liveness::serve(&listener, name, id, token).await;
-                        Ok(())
-                    }
-                }));
-            }
-            fleet::load(&fleet, &agent.config.data_dir);
-            {
-                let (metrics, stop, task) = supervised("fleet view writer");
-                let (fleet, dir, token) = (
-                    fleet.clone(),
-                    agent.config.data_dir.clone(),
-                    background.clone(),
-                );
-                tasks.spawn(supervise(task, metrics, stop, move || {
-                    let (fleet, dir, token) = (fleet.clone(), dir.clone(), token.clone());
-                    async move {
-                        fleet::keep(fleet, dir, token).await;
-                        Ok(())
-                    }
-                }));
-            }
-            {
-                let (metrics, stop, task) = supervised("control-plane sync");
-                let settings = Arc::new(sync::Settings {
-                    config: cp,
-                    probe_address,
-                });
-                let (agent, fleet, token) = (agent.clone(), fleet.clone(), background.clone());
-                tasks.spawn(supervise(task, metrics, stop, move || {
-                    let (agent, fleet) = (agent.clone(), fleet.clone());
-                    let (settings, token) = (settings.clone(), token.clone());
-                    sync::run(agent, fleet, settings, token)
-                }));
-            }
-            Some(fleet)
+impl Background {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        Background {
+            tasks: tokio::task::JoinSet::new(),
+            stop: CancellationToken::new(),
+            metrics,
         }
-        None => None,
-    };
-    let catalog = if agent.config.dns.enabled || agent.config.proxy.enabled {
-        let vips = Vips::load(&agent.config.data_dir, agent.config.proxy.vip_range).with_context(
-            || {
-                format!(
-                    "cannot read the VIP table in {}",
-                    agent.config.data_dir.display()
-                )
-            },
-        )?;
+    }
+
+    /// Runs the task `start` makes (given the stop token) as `task`.
+    fn spawn<F, Fut>(&mut self, task: &'static str, start: F)
+    where
+        F: Fn(CancellationToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let token = self.stop.clone();
+        let supervised = supervise(task, self.metrics.clone(), self.stop.clone(), move || {
+            start(token.clone())
+        });
+        self.tasks.spawn(supervised);
+    }
+
+    async fn stop(mut self) {
+        self.stop.cancel();
+        while let Some(result) = self.tasks.join_next().await {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "agent task failed");
+            }
+        }
+    }
+}
+
+/// Joins the control plane's fleet: the liveness listener peers probe
+/// when this host's stream drops, the fleet view (restored from disk, and
+/// kept there), and the sync.
+async fn join_fleet(
+    agent: &Arc<Agent>,
+    cp: signpost_core::config::ControlPlaneClientConfig,
+    advertise: IpAddr,
+    background: &mut Background,
+) -> anyhow::Result<Arc<fleet::FleetCache>> {
+    let (listener, probe_address) = liveness::bind(advertise, agent.config.liveness_port).await?;
+    let listener = Arc::new(listener);
+    let (name, id) = agent
+        .state
+        .read(|i| (i.node.name.clone(), i.node.id.clone()));
+    let fleet = Arc::new(fleet::FleetCache::new(
+        &agent.config.upstreams,
+        &name,
+        agent.state.clock(),
+    ));
+    background.spawn("liveness listener", move |stop| {
+        let (listener, name, id) = (listener.clone(), name.clone(), id.clone());
+        async move {
+            liveness::serve(&listener, name, id, stop).await;
+            Ok(())
+        }
+    });
+    fleet::load(&fleet, &agent.config.data_dir);
+    {
+        let (fleet, dir) = (fleet.clone(), agent.config.data_dir.clone());
+        background.spawn("fleet view writer", move |stop| {
+            let (fleet, dir) = (fleet.clone(), dir.clone());
+            async move {
+                fleet::keep(fleet, dir, stop).await;
+                Ok(())
+            }
+        });
+    }
+    let settings = Arc::new(sync::Settings {
+        config: cp,
+        probe_address,
+    });
+    let (for_sync, fleet_for_sync) = (agent.clone(), fleet.clone());
+    background.spawn("control-plane sync", move |stop| {
+        sync::run(
+            for_sync.clone(),
+            fleet_for_sync.clone(),
+            settings.clone(),
+            stop,
+        )
+    });
+    Ok(fleet)
+}
+
+/// What serves until shutdown: a name for the log and how it ended.
+type Serving = tokio::task::JoinSet<(&'static str, Result<(), String>)>;
+
+/// Starts DNS, the proxy and the API on `listener`.
+async fn serve(
+    agent: &Arc<Agent>,
+    fleet: Option<Arc<fleet::FleetCache>>,
+    listener: TcpListener,
+    metrics: PartMetrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Serving> {
+    let config = &agent.config;
+    let catalog = if config.dns.enabled || config.proxy.enabled {
+        let vips = Vips::load(&config.data_dir, config.proxy.vip_range).with_context(|| {
+            format!("cannot read the VIP table in {}", config.data_dir.display())
+        })?;
         Some(Arc::new(catalog::AgentCatalog {
             agent: agent.clone(),
             fleet: fleet.clone(),
@@ -249,26 +328,22 @@ pub async fn run(
     } else {
         None
     };
-    // The serving components run until shutdown. One that stops before it
-    // takes the agent down loudly (systemd starts it again) rather than
-    // leaving the host without its DNS, proxy or API.
-    let mut serving: tokio::task::JoinSet<(&'static str, Result<(), String>)> =
-        tokio::task::JoinSet::new();
-    if let Some(catalog) = catalog.as_ref().filter(|_| agent.config.dns.enabled) {
-        let server = dns::bind(catalog.clone(), dns_metrics)
+    let mut serving = Serving::new();
+    if let Some(catalog) = catalog.as_ref().filter(|_| config.dns.enabled) {
+        let server = dns::bind(catalog.clone(), metrics.dns)
             .await
             .context("cannot start the DNS server (dns.listen)")?;
-        tracing::info!(addr = %server.local_addr(), domain = %agent.config.dns.domain, "DNS listening (UDP and TCP)");
+        tracing::info!(addr = %server.local_addr(), domain = %config.dns.domain, "DNS listening (UDP and TCP)");
         let token = shutdown.clone();
         serving.spawn(async move {
             let served = server.run_until(token.cancelled_owned()).await;
             ("DNS server", served.map_err(|e| e.to_string()))
         });
     }
-    if let Some(catalog) = catalog.as_ref().filter(|_| agent.config.proxy.enabled) {
+    if let Some(catalog) = catalog.as_ref().filter(|_| config.proxy.enabled) {
         let proxy =
-            proxy::new(catalog, proxy_metrics).context("cannot start the proxy's threads")?;
-        tracing::info!(vip_range = %agent.config.proxy.vip_range, "proxy serving the service VIPs");
+            proxy::new(catalog, metrics.proxy).context("cannot start the proxy's threads")?;
+        tracing::info!(vip_range = %config.proxy.vip_range, "proxy serving the service VIPs");
         let (catalog, token) = (catalog.clone(), shutdown.clone());
         serving.spawn(async move {
             proxy::run(proxy, catalog, token, SHUTDOWN_GRACE).await;
@@ -285,24 +360,27 @@ pub async fn run(
             .build()
             .context("cannot build the HTTP client for the control plane")?,
     });
-    let (server_shutdown, limits) = (shutdown.clone(), agent.config.api.limits.clone());
+    let (server_shutdown, limits) = (shutdown.clone(), config.api.limits.clone());
     serving.spawn(async move {
         signpost_daemon::http_server::serve(
             listener,
             router,
             &limits,
-            api_server_metrics,
+            metrics.api_server,
             server_shutdown,
         )
         .await;
         ("API server", Ok(()))
     });
-    if let Some(ready) = ready
-        && ready.send(local).is_err()
-    {
-        tracing::debug!("nobody waits for the ready signal");
-    }
+    Ok(serving)
+}
 
+/// Waits for the shutdown, or for a serving part to stop first: the agent
+/// cannot serve without it, so that stops the agent loudly (systemd starts
+/// it again) rather than leaving the host without its DNS, proxy or API.
+/// Then gives what is in flight up to [`SHUTDOWN_GRACE`]. Returns why it
+/// stopped early, if it did.
+async fn until_shutdown(mut serving: Serving, shutdown: &CancellationToken) -> Option<String> {
     let stopped_early = tokio::select! {
         biased;
         () = shutdown.cancelled() => None,
@@ -332,18 +410,7 @@ pub async fn run(
     if drained.is_err() {
         tracing::warn!("in-flight requests and connections did not finish in time");
     }
-    agent.stop_checks().await;
-    background.cancel();
-    while let Some(result) = tasks.join_next().await {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "agent task failed");
-        }
-    }
-    if let Some(why) = stopped_early {
-        anyhow::bail!("{why}");
-    }
-    tracing::info!("agent stopped");
-    Ok(())
+    stopped_early
 }
 
 /// The address other hosts reach this one at: `advertise_addr`, the

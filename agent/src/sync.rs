@@ -20,7 +20,8 @@ use signpost_proto::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::agent::Agent;
 use crate::fleet::{AckRequest, FleetCache};
@@ -236,39 +237,7 @@ async fn session(
     address: &str,
 ) -> anyhow::Result<()> {
     let config = &settings.config;
-    let host = address
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_matches(['[', ']']))
-        .unwrap_or(address);
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(
-            config
-                .server_name
-                .clone()
-                .unwrap_or_else(|| host.to_string()),
-        );
-    let channel = Endpoint::from_shared(format!("https://{address}"))
-        .with_context(|| format!("invalid control-plane address {address:?}"))?
-        .tls_config(tls)
-        .context("TLS configuration")?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to the control plane at {address}"))?;
-    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", config.token)
-        .parse()
-        .context("control_plane.token is not a valid header value")?;
-    let mut client =
-        SyncClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-            request
-                .metadata_mut()
-                .insert("authorization", token.clone());
-            Ok(request)
-        });
-
+    let mut client = connect(settings, ca, address).await?;
     let (tx, rx) = mpsc::channel::<AgentMessage>(256);
     let mut changes = agent.state.subscribe();
     let mut sent = agent.state.read(local);
@@ -350,43 +319,116 @@ async fn session(
                 let Some(received) = received.map_err(|s| anyhow::anyhow!("stream failed: {}", s.message()))? else {
                     return Ok(());
                 };
-                match received.body {
-                    Some(control_message::Body::Update(update)) => {
-                        let ack = Ack { service: update.service.clone(), index: update.index };
-                        let refused = fleet.apply_update(update);
-                        agent.metrics.sync_update(refused);
-                        tx.send(message(agent_message::Body::Ack(ack))).await?;
-                    }
-                    Some(control_message::Body::AckStatus(status)) => {
-                        if let Some(reply) = pending.remove(&status.query_id)
-                            && reply.send(status).is_err()
-                        {
-                            tracing::debug!("acknowledgement status arrived after its asker gave up");
-                        }
-                    }
-                    Some(control_message::Body::Names(names)) => fleet.apply_names(names),
-                    Some(control_message::Body::Commands(set)) => {
-                        let ids = fleet.set_commands(&set.commands);
-                        tracing::info!(commands = ids.len(), "operator commands received");
-                        let applied = CommandsApplied { ids };
-                        tx.send(message(agent_message::Body::CommandsApplied(applied))).await?;
-                    }
-                    Some(control_message::Body::Probe(request)) => {
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let result = probe(request).await;
-                            // The session may have ended meanwhile.
-                            if tx.send(message(agent_message::Body::ProbeResult(result))).await.is_err() {
-                                tracing::debug!("probe result not sent: session closed");
-                            }
-                        });
-                    }
-                    Some(control_message::Body::Welcome(welcome)) => fleet.welcome(&welcome.epoch),
-                    None => fleet.contact(),
-                }
+                on_control(received.body, agent, fleet, &tx, &mut pending).await?;
             }
         }
     }
+}
+
+/// A client of the control plane at `address`, over TLS, presenting the
+/// agent's token on every call.
+async fn connect(
+    settings: &Settings,
+    ca: &[u8],
+    address: &str,
+) -> anyhow::Result<SyncClient<InterceptedService<Channel, Bearer>>> {
+    let config = &settings.config;
+    let host = address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']))
+        .unwrap_or(address);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(
+            config
+                .server_name
+                .clone()
+                .unwrap_or_else(|| host.to_string()),
+        );
+    let channel = Endpoint::from_shared(format!("https://{address}"))
+        .with_context(|| format!("invalid control-plane address {address:?}"))?
+        .tls_config(tls)
+        .context("TLS configuration")?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the control plane at {address}"))?;
+    let token = format!("Bearer {}", config.token)
+        .parse()
+        .context("control_plane.token is not a valid header value")?;
+    Ok(SyncClient::with_interceptor(channel, Bearer(token)))
+}
+
+/// Puts the agent's token on every call.
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// Applies one message from the control plane; what it asks for goes
+/// back on `tx`.
+async fn on_control(
+    body: Option<control_message::Body>,
+    agent: &Agent,
+    fleet: &FleetCache,
+    tx: &mpsc::Sender<AgentMessage>,
+    pending: &mut HashMap<u64, tokio::sync::oneshot::Sender<AckStatus>>,
+) -> anyhow::Result<()> {
+    match body {
+        Some(control_message::Body::Update(update)) => {
+            let ack = Ack {
+                service: update.service.clone(),
+                index: update.index,
+            };
+            let refused = fleet.apply_update(update);
+            agent.metrics.sync_update(refused);
+            tx.send(message(agent_message::Body::Ack(ack))).await?;
+        }
+        Some(control_message::Body::AckStatus(status)) => {
+            if let Some(reply) = pending.remove(&status.query_id)
+                && reply.send(status).is_err()
+            {
+                tracing::debug!("acknowledgement status arrived after its asker gave up");
+            }
+        }
+        Some(control_message::Body::Names(names)) => fleet.apply_names(names),
+        Some(control_message::Body::Commands(set)) => {
+            let ids = fleet.set_commands(&set.commands);
+            tracing::info!(commands = ids.len(), "operator commands received");
+            let applied = CommandsApplied { ids };
+            tx.send(message(agent_message::Body::CommandsApplied(applied)))
+                .await?;
+        }
+        Some(control_message::Body::Probe(request)) => {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let result = probe(request).await;
+                // The session may have ended meanwhile.
+                if tx
+                    .send(message(agent_message::Body::ProbeResult(result)))
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!("probe result not sent: session closed");
+                }
+            });
+        }
+        Some(control_message::Body::Welcome(welcome)) => fleet.welcome(&welcome.epoch),
+        None => fleet.contact(),
+    }
+    Ok(())
 }
 
 /// What changed between two local states, if anything.

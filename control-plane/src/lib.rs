@@ -57,6 +57,11 @@ pub struct Listening {
     pub http: SocketAddr,
 }
 
+/// What runs until shutdown: a name for the log and how it ended. One
+/// that ends before the shutdown takes the control plane down loudly
+/// (systemd starts it again) rather than leaving it half working.
+type Running = tokio::task::JoinSet<(&'static str, Result<(), String>)>;
+
 /// Runs until `shutdown`; `ready` receives the bound addresses.
 pub async fn run(
     config: ControlPlaneConfig,
@@ -74,56 +79,8 @@ pub async fn run(
         .with_context(|| format!("cannot read the server key {}", key_file.display()))?;
     let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
 
-    let catalog = Arc::new(Catalog::default());
-    let store: Arc<dyn store::Store> = Arc::new(store::FileStore::new(&config.data_dir));
-    match store.load().await {
-        Ok(Some(snapshot)) => {
-            tracing::info!(
-                nodes = snapshot.nodes.len(),
-                grace = ?config.restore_grace,
-                "catalog restored from the last snapshot: nodes whose agents do not reconnect within the grace period are probed"
-            );
-            catalog.restore(snapshot, config.restore_grace);
-        }
-        // A snapshot is only a bridge: start empty rather than not at all,
-        // and let agents report before telling anyone a service is gone.
-        Ok(None) => {
-            tracing::info!(window = ?config.restore_grace, "no catalog kept: warming up while agents report");
-            catalog.warm_up(config.restore_grace);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, window = ?config.restore_grace, "cannot load the catalog snapshot; starting empty and warming up while agents report");
-            catalog.warm_up(config.restore_grace);
-        }
-    }
-    // Everything that runs until shutdown; one that ends before it takes
-    // the control plane down loudly (systemd starts it again) rather than
-    // leaving it half working.
-    let mut running: tokio::task::JoinSet<(&'static str, Result<(), String>)> =
-        tokio::task::JoinSet::new();
-    {
-        let (catalog, stop) = (catalog.clone(), shutdown.clone());
-        running.spawn(async move {
-            store::keep(catalog, store, stop).await;
-            ("catalog store", Ok(()))
-        });
-    }
-    {
-        // Probe rounds time out, unreachable nodes are probed again and
-        // failed ones reaped after node_reap_after.
-        let (catalog, stop, after) = (catalog.clone(), shutdown.clone(), config.node_reap_after);
-        running.spawn(async move {
-            let mut every = tokio::time::interval(LIVENESS_TICK);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return ("node liveness", Ok(())),
-                    _ = every.tick() => {}
-                }
-                catalog.tick(after);
-            }
-        });
-    }
+    let mut running = Running::new();
+    let catalog = open_catalog(&config, &mut running, &shutdown).await;
     let acl = Arc::new(
         acl::Acl::open(&config.data_dir, config.audit.clone()).with_context(|| {
             format!(
@@ -132,23 +89,7 @@ pub async fn run(
             )
         })?,
     );
-    {
-        let (acl, stop) = (acl.clone(), shutdown.clone());
-        running.spawn(async move {
-            let mut every = tokio::time::interval(audit::DENIED_PERIOD / 5);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return ("audit log", Ok(())),
-                    _ = every.tick() => {}
-                }
-                let acl = acl.clone();
-                // File work (fsync, rotation) off the runtime's threads.
-                if let Err(e) = tokio::task::spawn_blocking(move || acl.audit_tick()).await {
-                    return ("audit log", Err(e.to_string()));
-                }
-            }
-        });
-    }
+    keep_audit(&acl, &mut running, &shutdown);
     let commands =
         Arc::new(commands::Commands::open(&config.data_dir).with_context(|| {
             format!("cannot open the commands in {}", config.data_dir.display())
@@ -217,6 +158,88 @@ pub async fn run(
     {
         tracing::debug!("nobody waits for the ready signal");
     }
+    if let Some(why) = until_done(running, &shutdown).await {
+        anyhow::bail!("{why}");
+    }
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+/// The catalog as the last snapshot left it (or warming up without one),
+/// kept in the store after every change, and its nodes' liveness moved
+/// on every tick (probe rounds time out, unreachable nodes are probed
+/// again and failed ones reaped after `node_reap_after`).
+async fn open_catalog(
+    config: &ControlPlaneConfig,
+    running: &mut Running,
+    shutdown: &CancellationToken,
+) -> Arc<Catalog> {
+    let catalog = Arc::new(Catalog::default());
+    let store: Arc<dyn store::Store> = Arc::new(store::FileStore::new(&config.data_dir));
+    match store.load().await {
+        Ok(Some(snapshot)) => {
+            tracing::info!(
+                nodes = snapshot.nodes.len(),
+                grace = ?config.restore_grace,
+                "catalog restored from the last snapshot: nodes whose agents do not reconnect within the grace period are probed"
+            );
+            catalog.restore(snapshot, config.restore_grace);
+        }
+        // A snapshot is only a bridge: start empty rather than not at all,
+        // and let agents report before telling anyone a service is gone.
+        Ok(None) => {
+            tracing::info!(window = ?config.restore_grace, "no catalog kept: warming up while agents report");
+            catalog.warm_up(config.restore_grace);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, window = ?config.restore_grace, "cannot load the catalog snapshot; starting empty and warming up while agents report");
+            catalog.warm_up(config.restore_grace);
+        }
+    }
+    {
+        let (catalog, stop) = (catalog.clone(), shutdown.clone());
+        running.spawn(async move {
+            store::keep(catalog, store, stop).await;
+            ("catalog store", Ok(()))
+        });
+    }
+    let (ticked, stop, after) = (catalog.clone(), shutdown.clone(), config.node_reap_after);
+    running.spawn(async move {
+        let mut every = tokio::time::interval(LIVENESS_TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return ("node liveness", Ok(())),
+                _ = every.tick() => {}
+            }
+            ticked.tick(after);
+        }
+    });
+    catalog
+}
+
+/// The audit log's periodic work (aggregated refusals written, rotation),
+/// off the runtime's threads.
+fn keep_audit(acl: &Arc<acl::Acl>, running: &mut Running, shutdown: &CancellationToken) {
+    let (acl, stop) = (acl.clone(), shutdown.clone());
+    running.spawn(async move {
+        let mut every = tokio::time::interval(audit::DENIED_PERIOD / 5);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return ("audit log", Ok(())),
+                _ = every.tick() => {}
+            }
+            let acl = acl.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || acl.audit_tick()).await {
+                return ("audit log", Err(e.to_string()));
+            }
+        }
+    });
+}
+
+/// Waits until everything has ended; the first that ended before the
+/// shutdown ends the rest. Returns why, if one did.
+async fn until_done(mut running: Running, shutdown: &CancellationToken) -> Option<String> {
     let mut failure = None;
     while let Some(ended) = running.join_next().await {
         let why = match ended {
@@ -231,9 +254,5 @@ pub async fn run(
             failure.get_or_insert(why);
         }
     }
-    if let Some(why) = failure {
-        anyhow::bail!("{why}");
-    }
-    tracing::info!("control plane stopped");
-    Ok(())
+    failure
 }
