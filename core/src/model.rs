@@ -527,58 +527,7 @@ impl CheckDefinition {
                 "the id must be non-empty and contain no whitespace".to_string()
             ));
         }
-        match &self.kind {
-            CheckKind::Ttl { ttl } => {
-                if ttl.is_zero() {
-                    return Err(err("ttl must be greater than 0".to_string()));
-                }
-            }
-            kind => {
-                if self.interval < MIN_CHECK_INTERVAL {
-                    return Err(err(format!(
-                        "interval is required for {} checks and must be at least 1s",
-                        kind.type_name()
-                    )));
-                }
-            }
-        }
-        match &self.kind {
-            CheckKind::Http { url, method, .. } => {
-                let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
-                if !scheme_ok || url.len() <= "https://".len() {
-                    return Err(err(format!(
-                        "http url {url:?} must start with http:// or https://"
-                    )));
-                }
-                if method.is_empty() || !method.chars().all(|c| c.is_ascii_uppercase()) {
-                    return Err(err(format!(
-                        "http method {method:?} must be an upper-case HTTP method such as GET"
-                    )));
-                }
-            }
-            CheckKind::Tcp { address } => {
-                if !valid_host_port(address) {
-                    return Err(err(format!("tcp address {address:?} must be host:port")));
-                }
-            }
-            CheckKind::Grpc { target, .. } => {
-                let host_port = target.split('/').next().unwrap_or_default();
-                if !valid_host_port(host_port) {
-                    return Err(err(format!(
-                        "grpc target {target:?} must be host:port or host:port/service"
-                    )));
-                }
-            }
-            CheckKind::Exec { args } => {
-                if args.is_empty() || args[0].is_empty() {
-                    return Err(err(
-                        "args must name the program to run, e.g. [\"/usr/local/bin/check\"]"
-                            .to_string(),
-                    ));
-                }
-            }
-            CheckKind::Ttl { .. } => {}
-        }
+        self.kind.validate(self.interval).map_err(err)?;
         if let Some(timeout) = self.timeout
             && timeout.is_zero()
         {
@@ -613,6 +562,66 @@ impl CheckDefinition {
             return Err(err(format!(
                 "output_max_size must be between 1 and {MAX_OUTPUT_MAX_SIZE} bytes"
             )));
+        }
+        Ok(())
+    }
+}
+
+impl CheckKind {
+    /// The rules of this kind of check, run every `interval`: a TTL, or
+    /// an interval of at least 1 s, and a target of the right form.
+    fn validate(&self, interval: Duration) -> Result<(), String> {
+        match self {
+            CheckKind::Ttl { ttl } => {
+                if ttl.is_zero() {
+                    return Err("ttl must be greater than 0".to_string());
+                }
+            }
+            kind => {
+                if interval < MIN_CHECK_INTERVAL {
+                    return Err(format!(
+                        "interval is required for {} checks and must be at least 1s",
+                        kind.type_name()
+                    ));
+                }
+            }
+        }
+        match self {
+            CheckKind::Http { url, method, .. } => {
+                let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+                if !scheme_ok || url.len() <= "https://".len() {
+                    return Err(format!(
+                        "http url {url:?} must start with http:// or https://"
+                    ));
+                }
+                if method.is_empty() || !method.chars().all(|c| c.is_ascii_uppercase()) {
+                    return Err(format!(
+                        "http method {method:?} must be an upper-case HTTP method such as GET"
+                    ));
+                }
+            }
+            CheckKind::Tcp { address } => {
+                if !valid_host_port(address) {
+                    return Err(format!("tcp address {address:?} must be host:port"));
+                }
+            }
+            CheckKind::Grpc { target, .. } => {
+                let host_port = target.split('/').next().unwrap_or_default();
+                if !valid_host_port(host_port) {
+                    return Err(format!(
+                        "grpc target {target:?} must be host:port or host:port/service"
+                    ));
+                }
+            }
+            CheckKind::Exec { args } => {
+                if args.is_empty() || args[0].is_empty() {
+                    return Err(
+                        "args must name the program to run, e.g. [\"/usr/local/bin/check\"]"
+                            .to_string(),
+                    );
+                }
+            }
+            CheckKind::Ttl { .. } => {}
         }
         Ok(())
     }

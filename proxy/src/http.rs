@@ -51,7 +51,11 @@ pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-signpost-attem
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-signpost-error");
 
 /// Serves one client connection until it closes or `drain` asks it to
-/// finish its requests and close.
+/// finish its requests and close. Longer than most functions here on
+/// purpose: it reads top to bottom as the connection's life (admission,
+/// the wait for a first byte, HTTP/1.1 or h2, the drain, a tunnel), and
+/// each step it takes is a function of its own (`first_bytes::sniff`,
+/// `idle::watch`, `drive`, `handle`, `run_tunnel`).
 pub(crate) async fn serve(
     backend: Arc<Backend>,
     stream: ClientStream,

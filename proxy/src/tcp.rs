@@ -26,7 +26,9 @@ use crate::error::ProxyError;
 const COPY_BUFFER: usize = 64 * 1024;
 
 /// Serves one client connection until either side closes it or `stop`
-/// fires.
+/// fires. Longer than most functions here on purpose: it reads top to
+/// bottom as the connection's life (admission, the connect attempts with
+/// their retries, the copy both ways, the access log).
 pub(crate) async fn serve(
     backend: Arc<Backend>,
     mut inbound: ClientStream,

@@ -269,90 +269,7 @@ pub(crate) fn check(value: Value, standalone: bool) -> Result<CheckDefinition, S
     } else {
         None
     };
-    for unsupported in [
-        "script",
-        "dockercontainerid",
-        "h2ping",
-        "udp",
-        "aliasnode",
-        "aliasservice",
-        "osservice",
-    ] {
-        if f.take(unsupported).is_some() {
-            return Err(format!(
-                "Invalid check: {unsupported} checks are not supported by Signpost; use http, tcp, grpc, args or ttl"
-            ));
-        }
-    }
-    let tls_skip_verify = f.bool("tlsskipverify")?;
-    let mut kinds = Vec::new();
-    if let Some(url) = f.string("http")?.filter(|s| !s.is_empty()) {
-        let headers = match f.take("header") {
-            None => BTreeMap::new(),
-            Some(Value::Object(map)) => {
-                let mut out = BTreeMap::new();
-                for (k, v) in map {
-                    let values = match v {
-                        Value::Array(items) => items
-                            .into_iter()
-                            .map(|i| match i {
-                                Value::String(s) => Ok(s),
-                                _ => Err(bad("Header", "a map of string lists")),
-                            })
-                            .collect::<Result<Vec<_>, _>>()?,
-                        Value::String(s) => vec![s],
-                        _ => return Err(bad("Header", "a map of string lists")),
-                    };
-                    out.insert(k, values);
-                }
-                out
-            }
-            Some(_) => return Err(bad("Header", "a map of string lists")),
-        };
-        kinds.push(CheckKind::Http {
-            url,
-            method: f
-                .string("method")?
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| "GET".to_string()),
-            headers,
-            body: f.string("body")?.unwrap_or_default(),
-            tls_skip_verify,
-            tls_server_name: f.string("tlsservername")?.filter(|s| !s.is_empty()),
-            disable_redirects: f.bool("disableredirects")?,
-        });
-    }
-    if let Some(address) = f.string("tcp")?.filter(|s| !s.is_empty()) {
-        kinds.push(CheckKind::Tcp { address });
-    }
-    if let Some(target) = f.string("grpc")?.filter(|s| !s.is_empty()) {
-        kinds.push(CheckKind::Grpc {
-            target,
-            use_tls: f.bool("grpcusetls")?,
-            tls_skip_verify,
-        });
-    }
-    let mut args = f.strings("args")?;
-    if args.is_empty() {
-        args = f.strings("scriptargs")?;
-    }
-    if !args.is_empty() {
-        kinds.push(CheckKind::Exec { args });
-    }
-    if let Some(ttl) = f.duration("ttl")? {
-        kinds.push(CheckKind::Ttl { ttl });
-    }
-    let kind = match kinds.len() {
-        1 => kinds.remove(0),
-        0 => {
-            return Err(
-                "Invalid check: one of HTTP, TCP, GRPC, Args or TTL is required".to_string(),
-            );
-        }
-        _ => {
-            return Err("Invalid check: give only one of HTTP, TCP, GRPC, Args or TTL".to_string());
-        }
-    };
+    let kind = check_kind(&mut f)?;
     let is_ttl = matches!(kind, CheckKind::Ttl { .. });
     let interval = match f.duration("interval")? {
         _ if is_ttl => Duration::ZERO,
@@ -391,6 +308,96 @@ pub(crate) fn check(value: Value, standalone: bool) -> Result<CheckDefinition, S
         deregister_critical_after: f.duration("deregistercriticalserviceafter")?,
         output_max_size,
     })
+}
+
+/// A check's kind: exactly one of HTTP, TCP, GRPC, Args or TTL, with the
+/// fields that go with it.
+fn check_kind(f: &mut Fields) -> Result<CheckKind, String> {
+    for unsupported in [
+        "script",
+        "dockercontainerid",
+        "h2ping",
+        "udp",
+        "aliasnode",
+        "aliasservice",
+        "osservice",
+    ] {
+        if f.take(unsupported).is_some() {
+            return Err(format!(
+                "Invalid check: {unsupported} checks are not supported by Signpost; use http, tcp, grpc, args or ttl"
+            ));
+        }
+    }
+    let tls_skip_verify = f.bool("tlsskipverify")?;
+    let mut kinds = Vec::new();
+    if let Some(url) = f.string("http")?.filter(|s| !s.is_empty()) {
+        let headers = http_headers(f.take("header"))?;
+        kinds.push(CheckKind::Http {
+            url,
+            method: f
+                .string("method")?
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "GET".to_string()),
+            headers,
+            body: f.string("body")?.unwrap_or_default(),
+            tls_skip_verify,
+            tls_server_name: f.string("tlsservername")?.filter(|s| !s.is_empty()),
+            disable_redirects: f.bool("disableredirects")?,
+        });
+    }
+    if let Some(address) = f.string("tcp")?.filter(|s| !s.is_empty()) {
+        kinds.push(CheckKind::Tcp { address });
+    }
+    if let Some(target) = f.string("grpc")?.filter(|s| !s.is_empty()) {
+        kinds.push(CheckKind::Grpc {
+            target,
+            use_tls: f.bool("grpcusetls")?,
+            tls_skip_verify,
+        });
+    }
+    let mut args = f.strings("args")?;
+    if args.is_empty() {
+        args = f.strings("scriptargs")?;
+    }
+    if !args.is_empty() {
+        kinds.push(CheckKind::Exec { args });
+    }
+    if let Some(ttl) = f.duration("ttl")? {
+        kinds.push(CheckKind::Ttl { ttl });
+    }
+    match kinds.len() {
+        1 => Ok(kinds.remove(0)),
+        0 => Err("Invalid check: one of HTTP, TCP, GRPC, Args or TTL is required".to_string()),
+        _ => Err("Invalid check: give only one of HTTP, TCP, GRPC, Args or TTL".to_string()),
+    }
+}
+
+/// An HTTP check's `Header`: a map of string lists (a single string is
+/// taken as a list of one).
+fn http_headers(header: Option<Value>) -> Result<BTreeMap<String, Vec<String>>, String> {
+    let headers = match header {
+        None => BTreeMap::new(),
+        Some(Value::Object(map)) => {
+            let mut out = BTreeMap::new();
+            for (k, v) in map {
+                let values = match v {
+                    Value::Array(items) => items
+                        .into_iter()
+                        .map(|i| match i {
+                            Value::String(s) => Ok(s),
+                            _ => Err(bad("Header", "a map of string lists")),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                    Value::String(s) => vec![s],
+                    _ => return Err(bad("Header", "a map of string lists")),
+                };
+                out.insert(k, values);
+            }
+            out
+        }
+        Some(_) => return Err(bad("Header", "a map of string lists")),
+    };
+    Ok(headers)
 }
 
 #[cfg(test)]
