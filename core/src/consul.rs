@@ -40,6 +40,15 @@ pub struct TaggedAddress {
     pub port: u16,
 }
 
+impl From<&model::TaggedAddress> for TaggedAddress {
+    fn from(a: &model::TaggedAddress) -> Self {
+        TaggedAddress {
+            address: a.address.clone(),
+            port: a.port,
+        }
+    }
+}
+
 /// A node's `TaggedAddresses`: its one address under each name Consul
 /// gives it.
 pub fn node_tagged_addresses(address: &str) -> BTreeMap<String, String> {
@@ -295,13 +304,7 @@ impl From<&ServiceDefinition> for ServiceRegistration {
             tagged_addresses: def
                 .tagged_addresses
                 .iter()
-                .map(|(tag, a)| {
-                    let address = TaggedAddress {
-                        address: a.address.clone(),
-                        port: a.port,
-                    };
-                    (tag.clone(), address)
-                })
+                .map(|(tag, a)| (tag.clone(), a.into()))
                 .collect(),
             zone: def.zone.clone(),
             protocol: def.protocol.as_str(),

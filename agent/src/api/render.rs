@@ -31,13 +31,7 @@ fn tagged_addresses(entry: &ServiceEntry) -> BTreeMap<String, TaggedAddress> {
     let mut map: BTreeMap<String, TaggedAddress> = def
         .tagged_addresses
         .iter()
-        .map(|(tag, a)| {
-            let address = TaggedAddress {
-                address: a.address.clone(),
-                port: a.port,
-            };
-            (tag.clone(), address)
-        })
+        .map(|(tag, a)| (tag.clone(), a.into()))
         .collect();
     let defaults = match def.address.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(_)) => ["lan_ipv4", "wan_ipv4"],
