@@ -6,9 +6,13 @@
 //! queue is full is too slow to follow: it is dropped, and its agent
 //! reconnects and resynchronises from the indexes it has.
 //!
-//! [`liveness`]: whether each node is alive, unreachable or failed, the
+//! Here: the data (nodes, their instances and checks, indexes, service
+//! names) and how an agent's report changes it. `fanout`: sessions, their
+//! subscriptions, snapshots and deltas to subscribers only, acks.
+//! `liveness`: whether each node is alive, unreachable or failed, the
 //! peer probes that decide it, and the reaper.
 
+mod fanout;
 mod liveness;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -280,127 +284,11 @@ impl Catalog {
         drop(inner);
         self.changed();
     }
-
-    /// Subscribes a session to services; each gets a snapshot unless the
-    /// agent already has the current index.
-    pub fn subscribe(&self, session: SessionId, services: HashMap<String, u64>) {
-        let mut inner = self.lock();
-        for (service, known) in services {
-            let Some(s) = inner.sessions.get_mut(&session) else {
-                return;
-            };
-            s.subscriptions.insert(service.clone());
-            inner
-                .subscribers
-                .entry(service.clone())
-                .or_default()
-                .insert(session);
-            let current = inner.service_index.get(&service).copied().unwrap_or(1);
-            if known != current {
-                let snapshot = inner.snapshot(&service);
-                inner.send(session, snapshot);
-            }
-        }
-    }
-
-    /// How many services a session is subscribed to.
-    pub fn subscription_count(&self, session: SessionId) -> usize {
-        self.lock()
-            .sessions
-            .get(&session)
-            .map_or(0, |s| s.subscriptions.len())
-    }
-
-    pub fn unsubscribe(&self, session: SessionId, services: Vec<String>) {
-        let mut inner = self.lock();
-        for service in services {
-            if let Some(s) = inner.sessions.get_mut(&session) {
-                s.subscriptions.remove(&service);
-            }
-            if let Some(set) = inner.subscribers.get_mut(&service) {
-                set.remove(&session);
-            }
-        }
-    }
-
-    pub fn ack(&self, session: SessionId, service: String, index: u64) {
-        let mut inner = self.lock();
-        if let Some(s) = inner.sessions.get_mut(&session) {
-            let acked = s.acked.entry(service).or_default();
-            *acked = (*acked).max(index);
-        }
-    }
-
-    /// How many other sessions subscribed to `service` applied `min_index`
-    /// (0: the current index); answered to the asking session.
-    pub fn ack_query(&self, session: SessionId, query: AckQuery) {
-        let mut inner = self.lock();
-        let index = if query.min_index == 0 {
-            inner.service_index(&query.service)
-        } else {
-            query.min_index
-        };
-        let subscribers: Vec<SessionId> = inner
-            .subscribers
-            .get(&query.service)
-            .map(|s| s.iter().copied().filter(|id| *id != session).collect())
-            .unwrap_or_default();
-        let acked = subscribers
-            .iter()
-            .filter(|id| {
-                inner
-                    .sessions
-                    .get(id)
-                    .and_then(|s| s.acked.get(&query.service))
-                    .is_some_and(|a| *a >= index)
-            })
-            .count();
-        let status = ControlMessage {
-            body: Some(Body::AckStatus(AckStatus {
-                query_id: query.query_id,
-                index,
-                subscribers: u32::try_from(subscribers.len()).unwrap_or(u32::MAX),
-                acked: u32::try_from(acked).unwrap_or(u32::MAX),
-            })),
-        };
-        inner.send(session, status);
-    }
-
-    pub fn session_count(&self) -> usize {
-        self.lock().sessions.len()
-    }
 }
 
 // === impl Inner ===
 
 impl Inner {
-    fn drop_session(&mut self, session: SessionId) {
-        if let Some(s) = self.sessions.remove(&session) {
-            for service in s.subscriptions {
-                if let Some(set) = self.subscribers.get_mut(&service) {
-                    set.remove(&session);
-                }
-            }
-        }
-    }
-
-    /// Queues a message; a session that cannot keep up is dropped.
-    fn send(&mut self, session: SessionId, message: ControlMessage) {
-        let Some(s) = self.sessions.get(&session) else {
-            return;
-        };
-        if let Err(e) = s.tx.try_send(message) {
-            let node = s.node.clone();
-            match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    tracing::warn!(node = %node, "agent session too slow to follow changes: dropping it (the agent will resync)");
-                }
-                mpsc::error::TrySendError::Closed(_) => {}
-            }
-            self.drop_session(session);
-        }
-    }
-
     fn catalog_instance(entry: &NodeEntry, instance: &Instance) -> CatalogInstance {
         CatalogInstance {
             node: entry.hello.node.clone(),
@@ -447,22 +335,6 @@ impl Inner {
         self.service_index.get(service).copied().unwrap_or(1)
     }
 
-    fn snapshot(&self, service: &str) -> ControlMessage {
-        let upserts = self
-            .instances_of(service)
-            .map(|(n, i)| Self::catalog_instance(n, i))
-            .collect();
-        ControlMessage {
-            body: Some(Body::Update(ServiceUpdate {
-                service: service.to_string(),
-                index: self.service_index(service),
-                snapshot: self.warm_up_until.is_none(),
-                upserts,
-                removed: Vec::new(),
-            })),
-        }
-    }
-
     /// Ends the warm-up if its window is over at `now`: every session gets
     /// the whole names list and a real snapshot of each of its services.
     pub(crate) fn end_warm_up(&mut self, now: Instant) {
@@ -486,27 +358,6 @@ impl Inner {
                 let snapshot = self.snapshot(&service);
                 self.send(session, snapshot);
             }
-        }
-    }
-
-    fn names_message(&self) -> ControlMessage {
-        ControlMessage {
-            body: Some(Body::Names(ServiceNames {
-                index: self.index.max(1),
-                services: self
-                    .names
-                    .iter()
-                    .map(|(name, tags)| {
-                        (
-                            name.clone(),
-                            Tags {
-                                tags: tags.iter().cloned().collect(),
-                            },
-                        )
-                    })
-                    .collect(),
-                partial: self.warm_up_until.is_some(),
-            })),
         }
     }
 
@@ -589,33 +440,6 @@ impl Inner {
             }
         }
         self.publish(changes);
-    }
-
-    /// Gives each changed service a new index and sends its delta to its
-    /// subscribers, and only to them.
-    fn publish(&mut self, changes: BTreeMap<String, ServiceChange>) {
-        self.index += 1;
-        let index = self.index;
-        for (service, change) in changes {
-            self.service_index.insert(service.clone(), index);
-            let message = ControlMessage {
-                body: Some(Body::Update(ServiceUpdate {
-                    service: service.clone(),
-                    index,
-                    snapshot: false,
-                    upserts: change.upserts,
-                    removed: change.removed,
-                })),
-            };
-            let sessions: Vec<SessionId> = self
-                .subscribers
-                .get(&service)
-                .map(|s| s.iter().copied().collect())
-                .unwrap_or_default();
-            for session in sessions {
-                self.send(session, message.clone());
-            }
-        }
     }
 
     fn compute_names(&self) -> BTreeMap<String, BTreeSet<String>> {

@@ -1,0 +1,301 @@
+//! Sessions and the fan-out: what each agent subscribed to, the
+//! snapshots and deltas sent to subscribers only (queued without waiting
+//! on any one agent), acknowledgements, and the service names every agent
+//! gets.
+
+use super::*;
+
+impl Catalog {
+    /// Subscribes a session to services; each gets a snapshot unless the
+    /// agent already has the current index.
+    pub fn subscribe(&self, session: SessionId, services: HashMap<String, u64>) {
+        let mut inner = self.lock();
+        for (service, known) in services {
+            let Some(s) = inner.sessions.get_mut(&session) else {
+                return;
+            };
+            s.subscriptions.insert(service.clone());
+            inner
+                .subscribers
+                .entry(service.clone())
+                .or_default()
+                .insert(session);
+            let current = inner.service_index.get(&service).copied().unwrap_or(1);
+            if known != current {
+                let snapshot = inner.snapshot(&service);
+                inner.send(session, snapshot);
+            }
+        }
+    }
+
+    /// How many services a session is subscribed to.
+    pub fn subscription_count(&self, session: SessionId) -> usize {
+        self.lock()
+            .sessions
+            .get(&session)
+            .map_or(0, |s| s.subscriptions.len())
+    }
+
+    pub fn unsubscribe(&self, session: SessionId, services: Vec<String>) {
+        let mut inner = self.lock();
+        for service in services {
+            if let Some(s) = inner.sessions.get_mut(&session) {
+                s.subscriptions.remove(&service);
+            }
+            if let Some(set) = inner.subscribers.get_mut(&service) {
+                set.remove(&session);
+            }
+        }
+    }
+
+    pub fn ack(&self, session: SessionId, service: String, index: u64) {
+        let mut inner = self.lock();
+        if let Some(s) = inner.sessions.get_mut(&session) {
+            let acked = s.acked.entry(service).or_default();
+            *acked = (*acked).max(index);
+        }
+    }
+
+    /// How many other sessions subscribed to `service` applied `min_index`
+    /// (0: the current index); answered to the asking session.
+    pub fn ack_query(&self, session: SessionId, query: AckQuery) {
+        let mut inner = self.lock();
+        let index = if query.min_index == 0 {
+            inner.service_index(&query.service)
+        } else {
+            query.min_index
+        };
+        let subscribers: Vec<SessionId> = inner
+            .subscribers
+            .get(&query.service)
+            .map(|s| s.iter().copied().filter(|id| *id != session).collect())
+            .unwrap_or_default();
+        let acked = subscribers
+            .iter()
+            .filter(|id| {
+                inner
+                    .sessions
+                    .get(id)
+                    .and_then(|s| s.acked.get(&query.service))
+                    .is_some_and(|a| *a >= index)
+            })
+            .count();
+        let status = ControlMessage {
+            body: Some(Body::AckStatus(AckStatus {
+                query_id: query.query_id,
+                index,
+                subscribers: u32::try_from(subscribers.len()).unwrap_or(u32::MAX),
+                acked: u32::try_from(acked).unwrap_or(u32::MAX),
+            })),
+        };
+        inner.send(session, status);
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.lock().sessions.len()
+    }
+}
+
+impl Inner {
+    pub(super) fn drop_session(&mut self, session: SessionId) {
+        if let Some(s) = self.sessions.remove(&session) {
+            for service in s.subscriptions {
+                if let Some(set) = self.subscribers.get_mut(&service) {
+                    set.remove(&session);
+                }
+            }
+        }
+    }
+
+    /// Queues a message; a session that cannot keep up is dropped.
+    pub(super) fn send(&mut self, session: SessionId, message: ControlMessage) {
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
+        if let Err(e) = s.tx.try_send(message) {
+            let node = s.node.clone();
+            match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    tracing::warn!(node = %node, "agent session too slow to follow changes: dropping it (the agent will resync)");
+                }
+                mpsc::error::TrySendError::Closed(_) => {}
+            }
+            self.drop_session(session);
+        }
+    }
+
+    pub(super) fn snapshot(&self, service: &str) -> ControlMessage {
+        let upserts = self
+            .instances_of(service)
+            .map(|(n, i)| Self::catalog_instance(n, i))
+            .collect();
+        ControlMessage {
+            body: Some(Body::Update(ServiceUpdate {
+                service: service.to_string(),
+                index: self.service_index(service),
+                snapshot: self.warm_up_until.is_none(),
+                upserts,
+                removed: Vec::new(),
+            })),
+        }
+    }
+
+    pub(super) fn names_message(&self) -> ControlMessage {
+        ControlMessage {
+            body: Some(Body::Names(ServiceNames {
+                index: self.index.max(1),
+                services: self
+                    .names
+                    .iter()
+                    .map(|(name, tags)| {
+                        (
+                            name.clone(),
+                            Tags {
+                                tags: tags.iter().cloned().collect(),
+                            },
+                        )
+                    })
+                    .collect(),
+                partial: self.warm_up_until.is_some(),
+            })),
+        }
+    }
+
+    /// Gives each changed service a new index and sends its delta to its
+    /// subscribers, and only to them.
+    pub(super) fn publish(&mut self, changes: BTreeMap<String, ServiceChange>) {
+        self.index += 1;
+        let index = self.index;
+        for (service, change) in changes {
+            self.service_index.insert(service.clone(), index);
+            let message = ControlMessage {
+                body: Some(Body::Update(ServiceUpdate {
+                    service: service.clone(),
+                    index,
+                    snapshot: false,
+                    upserts: change.upserts,
+                    removed: change.removed,
+                })),
+            };
+            let sessions: Vec<SessionId> = self
+                .subscribers
+                .get(&service)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            for session in sessions {
+                self.send(session, message.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use signpost_proto::{FullState, Hello, control_message::Body};
+
+    use super::*;
+
+    /// An agent's session, and what the control plane sent it so far.
+    struct Agent {
+        session: SessionId,
+        rx: mpsc::Receiver<ControlMessage>,
+    }
+
+    impl Agent {
+        fn connect(catalog: &Catalog, node: &str) -> Agent {
+            let (tx, rx) = mpsc::channel(64);
+            let hello = Hello {
+                node: node.to_string(),
+                address: "198.18.0.1".to_string(),
+                ..Hello::default()
+            };
+            Agent {
+                session: catalog.connect(hello, tx),
+                rx,
+            }
+        }
+
+        /// The service updates received since the last call.
+        fn updates(&mut self) -> Vec<ServiceUpdate> {
+            let mut updates = Vec::new();
+            while let Ok(message) = self.rx.try_recv() {
+                if let Some(Body::Update(update)) = message.body {
+                    updates.push(update);
+                }
+            }
+            updates
+        }
+    }
+
+    fn instance(id: &str, service: &str) -> Instance {
+        Instance {
+            id: id.to_string(),
+            name: service.to_string(),
+            port: 80,
+            ..Instance::default()
+        }
+    }
+
+    #[test]
+    fn changes_go_to_the_subscribers_of_the_service_only() {
+        let catalog = Catalog::default();
+        let mut web_user = Agent::connect(&catalog, "a");
+        let mut db_user = Agent::connect(&catalog, "b");
+        let provider = Agent::connect(&catalog, "c");
+        catalog.subscribe(web_user.session, HashMap::from([("web".to_string(), 0)]));
+        catalog.subscribe(db_user.session, HashMap::from([("db".to_string(), 0)]));
+        // Each got its (empty) snapshot.
+        let first = web_user.updates();
+        assert_eq!(first.len(), 1);
+        assert!(first[0].snapshot && first[0].upserts.is_empty());
+        assert_eq!(db_user.updates().len(), 1);
+
+        catalog.full_state(
+            provider.session,
+            FullState {
+                instances: vec![instance("web-1", "web")],
+                node_checks: Vec::new(),
+            },
+        );
+        let updates = web_user.updates();
+        assert_eq!(updates.len(), 1);
+        assert!(!updates[0].snapshot, "a delta, not the whole service again");
+        assert!(updates[0].index > first[0].index);
+        let ids: Vec<_> = updates[0]
+            .upserts
+            .iter()
+            .filter_map(|u| u.instance.as_ref().map(|i| i.id.as_str()))
+            .collect();
+        assert_eq!(ids, ["web-1"]);
+        assert!(db_user.updates().is_empty(), "db did not change");
+        assert_eq!(catalog.read(|i| i.subscribers("web")), 1);
+    }
+
+    #[test]
+    fn an_agent_that_has_the_current_index_gets_no_snapshot_and_unsubscribing_stops_updates() {
+        let catalog = Catalog::default();
+        let provider = Agent::connect(&catalog, "c");
+        catalog.full_state(
+            provider.session,
+            FullState {
+                instances: vec![instance("web-1", "web")],
+                node_checks: Vec::new(),
+            },
+        );
+        let index = catalog.read(|i| i.service_index("web"));
+        let mut user = Agent::connect(&catalog, "a");
+        catalog.subscribe(user.session, HashMap::from([("web".to_string(), index)]));
+        assert!(user.updates().is_empty(), "it has this index already");
+        assert_eq!(catalog.subscription_count(user.session), 1);
+        catalog.unsubscribe(user.session, vec!["web".to_string()]);
+        catalog.delta(
+            provider.session,
+            Delta {
+                upserts: vec![instance("web-2", "web")],
+                ..Delta::default()
+            },
+        );
+        assert!(user.updates().is_empty(), "unsubscribed");
+        assert_eq!(catalog.subscription_count(user.session), 0);
+    }
+}
