@@ -163,12 +163,24 @@ impl Catalog {
                 hello.node.clone(),
                 NodeEntry {
                     hello,
+                    // Kept by an earlier version: statuses and
+                    // protocols as text only.
                     instances: node
                         .instances
                         .into_iter()
-                        .map(|i| (i.id.clone(), i))
+                        .map(|mut i| {
+                            i.normalize();
+                            (i.id.clone(), i)
+                        })
                         .collect(),
-                    node_checks: node.node_checks,
+                    node_checks: node
+                        .node_checks
+                        .into_iter()
+                        .map(|mut c| {
+                            c.normalize();
+                            c
+                        })
+                        .collect(),
                     session: None,
                     liveness: Liveness::restored(node.failed_at_unix_ms, now, grace),
                 },

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use signpost_proto::sync_server::Sync;
-use signpost_proto::{AgentMessage, ControlMessage, Welcome, agent_message, control_message::Body};
+use signpost_proto::{
+    AgentMessage, Check, ControlMessage, Instance, Welcome, agent_message, control_message::Body,
+};
 use std::net::SocketAddr;
 
 use signpost_proto::reported::{self, Garbage};
@@ -234,8 +236,16 @@ fn dispatch(
     body: agent_message::Body,
 ) {
     match body {
-        agent_message::Body::FullState(state) => catalog.full_state(session, state),
-        agent_message::Body::Delta(delta) => catalog.delta(session, delta),
+        agent_message::Body::FullState(mut state) => {
+            state.instances.iter_mut().for_each(Instance::normalize);
+            state.node_checks.iter_mut().for_each(Check::normalize);
+            catalog.full_state(session, state);
+        }
+        agent_message::Body::Delta(mut delta) => {
+            delta.upserts.iter_mut().for_each(Instance::normalize);
+            delta.node_checks.iter_mut().for_each(Check::normalize);
+            catalog.delta(session, delta);
+        }
         agent_message::Body::Subscribe(s) => catalog.subscribe(session, s.services),
         agent_message::Body::Unsubscribe(u) => catalog.unsubscribe(session, u.services),
         agent_message::Body::Ack(a) => catalog.ack(session, a.service, a.index),

@@ -55,6 +55,15 @@ impl Check {
         self.status = Health::from(health).into();
         self.status_text = health.as_str().to_string();
     }
+
+    /// Both forms of the status, from whichever the sender wrote (an
+    /// earlier version wrote only the text); unchanged when neither says
+    /// one (`reported` refuses that).
+    pub fn normalize(&mut self) {
+        if let Some(health) = self.health() {
+            self.set_health(health);
+        }
+    }
 }
 
 impl Instance {
@@ -75,6 +84,15 @@ impl Instance {
     pub fn set_proxy_protocol(&mut self, protocol: model::Protocol) {
         self.protocol = Protocol::from(protocol).into();
         self.protocol_text = protocol.as_str().to_string();
+    }
+
+    /// Both forms of the protocol and of every check's status, from
+    /// whichever the sender wrote (see [`Check::normalize`]).
+    pub fn normalize(&mut self) {
+        if let Some(protocol) = self.proxy_protocol() {
+            self.set_proxy_protocol(protocol);
+        }
+        self.checks.iter_mut().for_each(Check::normalize);
     }
 }
 
@@ -109,6 +127,18 @@ mod tests {
         instance.set_proxy_protocol(model::Protocol::Grpc);
         assert_eq!(instance.proxy_protocol(), Some(model::Protocol::Grpc));
         assert_eq!(instance.protocol_text, "grpc");
+
+        let mut old = Instance {
+            protocol_text: "http2".to_string(),
+            checks: vec![Check {
+                status_text: "critical".to_string(),
+                ..Check::default()
+            }],
+            ..Instance::default()
+        };
+        old.normalize();
+        assert_eq!(old.protocol, i32::from(Protocol::Http2));
+        assert_eq!(old.checks[0].status, i32::from(Health::Critical));
     }
 
     #[test]
