@@ -1,6 +1,9 @@
-//! `/v1/catalog/*`, `/v1/health/*` and `/v1/status/*`. Until the control
-//! plane exists these answer for this node; all catalog and health reads
-//! are blocking-capable with per-resource indexes.
+//! `/v1/catalog/*`, `/v1/health/*` and `/v1/status/*`. A service's
+//! instances (`/v1/catalog/service`, `/v1/health/service`) are this node's
+//! and the fleet view's; the service names are the fleet's; nodes and
+//! checks are this node's (the control plane's API answers for the whole
+//! fleet). Every catalog and health read is blocking-capable with
+//! per-resource indexes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
