@@ -430,15 +430,8 @@ pub(crate) async fn keep(
 ) {
     let mut changes = fleet.subscribe_changes();
     let path = cache_path(&data_dir);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            changed = changes.changed() => if changed.is_err() { break },
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-        }
+    let coalesce = std::time::Duration::from_millis(200);
+    while signpost_daemon::fs::next_write(&mut changes, coalesce, &shutdown).await {
         let (f, p) = (fleet.clone(), path.clone());
         if let Err(e) = tokio::task::spawn_blocking(move || write_cache(&f, &p)).await {
             tracing::error!(error = %e, "fleet cache writer failed");

@@ -14,6 +14,8 @@
 
 mod fanout;
 mod liveness;
+#[cfg(test)]
+mod test_agent;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;

@@ -89,15 +89,7 @@ impl Store for FileStore {
 /// Saves the catalog after every change (coalesced) and once at shutdown.
 pub async fn keep(catalog: Arc<Catalog>, store: Arc<dyn Store>, shutdown: CancellationToken) {
     let mut changes = catalog.subscribe_changes();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            changed = changes.changed() => if changed.is_err() { break },
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(COALESCE) => {}
-        }
+    while signpost_daemon::fs::next_write(&mut changes, COALESCE, &shutdown).await {
         if let Err(e) = store.save(catalog.snapshot()).await {
             tracing::error!(error = %e, "cannot save the catalog snapshot");
         }

@@ -3,6 +3,10 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// Replaces `path` with `bytes`: written to a new temporary file in the
 /// same directory (created if missing; the file is readable by its owner
@@ -21,6 +25,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// For a writer that keeps a file in step with what `changes` announces:
+/// waits for a change, then `coalesce` more for the changes that come
+/// with it, so that a burst is written once. `false` at shutdown, or when
+/// nothing can change any more: the writer then writes one last time and
+/// stops.
+pub async fn next_write<T>(
+    changes: &mut watch::Receiver<T>,
+    coalesce: Duration,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => return false,
+        changed = changes.changed() => if changed.is_err() { return false },
+    }
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(coalesce) => true,
+    }
 }
 
 #[cfg(test)]
@@ -56,5 +80,20 @@ mod tests {
             "a directory is not replaced"
         );
         assert_eq!(std::fs::read(path.join("inside")).unwrap(), b"old");
+    }
+
+    #[tokio::test]
+    async fn a_writer_wakes_for_a_change_and_stops_at_shutdown_or_when_nothing_can_change() {
+        let coalesce = Duration::from_millis(5);
+        let (tx, mut changes) = watch::channel(0);
+        let shutdown = CancellationToken::new();
+        tx.send_replace(1);
+        assert!(next_write(&mut changes, coalesce, &shutdown).await);
+        shutdown.cancel();
+        tx.send_replace(2);
+        assert!(!next_write(&mut changes, coalesce, &shutdown).await);
+        let running = CancellationToken::new();
+        drop(tx);
+        assert!(!next_write(&mut changes, coalesce, &running).await);
     }
 }

@@ -191,50 +191,10 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
-    use signpost_proto::{FullState, Hello, control_message::Body};
+    use signpost_proto::FullState;
 
+    use super::super::test_agent::{Agent, instance};
     use super::*;
-
-    /// An agent's session, and what the control plane sent it so far.
-    struct Agent {
-        session: SessionId,
-        rx: mpsc::Receiver<ControlMessage>,
-    }
-
-    impl Agent {
-        fn connect(catalog: &Catalog, node: &str) -> Agent {
-            let (tx, rx) = mpsc::channel(64);
-            let hello = Hello {
-                node: node.to_string(),
-                address: "198.18.0.1".to_string(),
-                ..Hello::default()
-            };
-            Agent {
-                session: catalog.connect(hello, tx),
-                rx,
-            }
-        }
-
-        /// The service updates received since the last call.
-        fn updates(&mut self) -> Vec<ServiceUpdate> {
-            let mut updates = Vec::new();
-            while let Ok(message) = self.rx.try_recv() {
-                if let Some(Body::Update(update)) = message.body {
-                    updates.push(update);
-                }
-            }
-            updates
-        }
-    }
-
-    fn instance(id: &str, service: &str) -> Instance {
-        Instance {
-            id: id.to_string(),
-            name: service.to_string(),
-            port: 80,
-            ..Instance::default()
-        }
-    }
 
     #[test]
     fn changes_go_to_the_subscribers_of_the_service_only() {

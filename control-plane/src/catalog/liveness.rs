@@ -382,57 +382,11 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_agent::{Agent, hello, instance};
     use super::*;
-    use signpost_proto::{
-        CatalogSnapshot, FullState, Hello, Instance, NodeSnapshot, control_message::Body,
-    };
-    use tokio::sync::mpsc;
+    use signpost_proto::{CatalogSnapshot, FullState, NodeSnapshot};
 
     const REAP: Duration = Duration::from_secs(600);
-
-    fn hello(node: &str) -> Hello {
-        Hello {
-            node: node.to_string(),
-            address: format!("198.18.0.{}", node.len()),
-            zone: "z".to_string(),
-            probe_address: format!("198.18.0.{}:8301", node.len()),
-            ..Hello::default()
-        }
-    }
-
-    fn instance(id: &str) -> Instance {
-        Instance {
-            id: id.to_string(),
-            name: "web".to_string(),
-            port: 80,
-            ..Instance::default()
-        }
-    }
-
-    /// An agent's session, with what the control plane sends it.
-    struct Agent {
-        session: SessionId,
-        rx: mpsc::Receiver<ControlMessage>,
-    }
-
-    impl Agent {
-        fn connect(catalog: &Catalog, node: &str) -> Agent {
-            let (tx, rx) = mpsc::channel(64);
-            let session = catalog.connect(hello(node), tx);
-            Agent { session, rx }
-        }
-
-        /// The probe requests received so far.
-        fn probes(&mut self) -> Vec<ProbeRequest> {
-            let mut out = Vec::new();
-            while let Ok(m) = self.rx.try_recv() {
-                if let Some(Body::Probe(p)) = m.body {
-                    out.push(p);
-                }
-            }
-            out
-        }
-    }
 
     fn status(catalog: &Catalog, node: &str) -> Option<NodeStatus> {
         catalog.read(|i| i.nodes.get(node).map(|n| n.liveness.status))
@@ -445,7 +399,7 @@ mod tests {
         catalog.full_state(
             a.session,
             FullState {
-                instances: vec![instance("web-a")],
+                instances: vec![instance("web-a", "web")],
                 node_checks: Vec::new(),
             },
         );
@@ -536,13 +490,13 @@ mod tests {
             nodes: vec![
                 NodeSnapshot {
                     hello: Some(hello("a")),
-                    instances: vec![instance("web-a")],
+                    instances: vec![instance("web-a", "web")],
                     failed_at_unix_ms: 0,
                     ..NodeSnapshot::default()
                 },
                 NodeSnapshot {
                     hello: Some(hello("dead")),
-                    instances: vec![instance("web-dead")],
+                    instances: vec![instance("web-dead", "web")],
                     failed_at_unix_ms: u64::try_from(
                         failed_at.duration_since(UNIX_EPOCH).unwrap().as_millis(),
                     )
