@@ -258,6 +258,10 @@ impl FleetCache {
                 Err(error) => {
                     tracing::warn!(service = %update.service, %error, "instance from the control plane refused");
                     refused += 1;
+                    // What it had of that instance is no longer true:
+                    // never keep routing to it on stale health.
+                    let key = (error.node, error.id);
+                    changed |= service.instances.remove(&key).is_some() && remote(&key);
                     continue;
                 }
             };
@@ -553,6 +557,16 @@ mod tests {
             kept,
             [("a".to_string(), signpost_core::model::Health::Warning)]
         );
+        // A later report of web-a that cannot be read takes it out rather
+        // than leaving its last health in place.
+        let before = view_index(&fleet);
+        assert_eq!(
+            fleet.apply_update(update(2, false, vec![on("a", "web-a", "fine")])),
+            1
+        );
+        assert!(fleet.read(|f| f.services["web"].instances.is_empty()));
+        assert!(view_index(&fleet) > before);
+        fleet.apply_update(update(3, false, vec![on("a", "web-a", "warning")]));
         // What is kept on disk reads back the same.
         let restored = cache();
         restored.restore(fleet.snapshot());

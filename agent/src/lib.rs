@@ -159,6 +159,7 @@ fn open(
 )> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    signpost_daemon::fs::clean_up(&config.data_dir);
     std::fs::create_dir_all(&config.services_dir).with_context(|| {
         format!(
             "cannot create services_dir {}",

@@ -269,18 +269,19 @@ async fn health_checks(State(s): State<HttpState>, Path(name): Path<String>) -> 
 }
 
 async fn health_state(State(s): State<HttpState>, Path(state): Path<String>) -> Response {
+    // Consul's exact names: another spelling is a 400.
     let wanted: Option<Health> = match state.as_str() {
         "any" => None,
-        other => match other.parse() {
-            Ok(health) => Some(health),
-            Err(_) => {
-                return (
-                    StatusCode::BAD_REQUEST,
-                    "Invalid state: expected any, passing, warning or critical",
-                )
-                    .into_response();
-            }
-        },
+        "passing" => Some(Health::Passing),
+        "warning" => Some(Health::Warning),
+        "critical" => Some(Health::Critical),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "Invalid state: expected any, passing, warning or critical",
+            )
+                .into_response();
+        }
     };
     let (index, body) = s.catalog.read(|inner| {
         let checks: Vec<HealthCheck> = inner

@@ -79,6 +79,9 @@ pub async fn run(
         .with_context(|| format!("cannot read the server key {}", key_file.display()))?;
     let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
 
+    if config.data_dir.is_dir() {
+        signpost_daemon::fs::clean_up(&config.data_dir);
+    }
     let mut running = Running::new();
     let catalog = open_catalog(&config, &mut running, &shutdown).await;
     let acl = Arc::new(

@@ -100,29 +100,43 @@ pub struct Service {
     pub content_hash: Option<String>,
 }
 
-/// A check, as `/v1/agent/checks` and the health endpoints show it.
+/// A check, as `/v1/agent/checks` and the health endpoints show it. Read
+/// tolerantly (the CLI may ask a real Consul agent): every field but the
+/// status may be missing, and `Definition` may hold anything.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct HealthCheck {
+    #[serde(default)]
     pub node: String,
-    #[serde(rename = "CheckID")]
+    #[serde(rename = "CheckID", default)]
     pub check_id: String,
+    #[serde(default)]
     pub name: String,
     pub status: Health,
+    #[serde(default)]
     pub notes: String,
+    #[serde(default)]
     pub output: String,
-    #[serde(rename = "ServiceID")]
+    #[serde(rename = "ServiceID", default)]
     pub service_id: String,
+    #[serde(default)]
     pub service_name: String,
+    #[serde(default)]
     pub service_tags: Vec<String>,
     /// See [`HealthCheck::consul_type`].
-    #[serde(rename = "Type")]
+    #[serde(rename = "Type", default)]
     pub kind: String,
+    #[serde(default)]
     pub interval: String,
+    #[serde(default)]
     pub timeout: String,
+    #[serde(default)]
     pub exposed_port: u16,
-    pub definition: BTreeMap<String, String>,
+    #[serde(default)]
+    pub definition: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
     pub create_index: u64,
+    #[serde(default)]
     pub modify_index: u64,
 }
 
@@ -154,7 +168,7 @@ impl HealthCheck {
             interval: String::new(),
             timeout: String::new(),
             exposed_port: 0,
-            definition: BTreeMap::new(),
+            definition: serde_json::Map::new(),
             create_index: 0,
             modify_index: 0,
         }
@@ -405,6 +419,14 @@ mod tests {
         assert_eq!(json["Definition"], serde_json::json!({}));
         let back: HealthCheck = serde_json::from_value(json).unwrap();
         assert_eq!(back, check);
+        // As a real Consul agent may answer: fields missing, a definition
+        // with other types.
+        let consul = serde_json::json!({"CheckID": "c", "Status": "warning", "Definition": {"Interval": null, "TLSSkipVerify": true}});
+        let read: HealthCheck = serde_json::from_value(consul).unwrap();
+        assert_eq!(
+            (read.check_id.as_str(), read.status),
+            ("c", Health::Warning)
+        );
         let json = serde_json::to_value(service()).unwrap();
         assert_eq!(json["ID"], "web-1");
         assert_eq!(json["TaggedAddresses"], serde_json::json!({}));

@@ -8,6 +8,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// How the temporary files of [`write_atomic`] are named: a crash can
+/// leave one behind, which [`remove_temporaries`] takes away.
+const TEMPORARY_PREFIX: &str = ".signpost-write-";
+
 /// Replaces `path` with `bytes`: written to a new temporary file in the
 /// same directory (created if missing; the file is readable by its owner
 /// only), synced, renamed over `path`, and the directory synced, so that
@@ -20,11 +24,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMPORARY_PREFIX)
+        .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes from `dir` the temporary files of writes a crash interrupted;
+/// returns how many. For start-up, before anything writes there.
+pub fn remove_temporaries(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TEMPORARY_PREFIX)
+            && entry.file_type()?.is_file()
+        {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// [`remove_temporaries`] at start-up, logged; a failure is only logged
+/// (the files are clutter, nothing reads them).
+pub fn clean_up(dir: &Path) {
+    match remove_temporaries(dir) {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(dir = %dir.display(), files = n, "removed the temporary files of interrupted writes")
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the temporary files of interrupted writes")
+        }
+    }
 }
 
 /// For a writer that keeps a file in step with what `changes` announces:
@@ -70,6 +109,21 @@ mod tests {
     }
 
     #[test]
+    fn what_an_interrupted_write_left_is_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(&dir.path().join("state.json"), b"kept").unwrap();
+        std::fs::write(dir.path().join(".signpost-write-abc123"), b"half").unwrap();
+        std::fs::write(dir.path().join(".other"), b"theirs").unwrap();
+        assert_eq!(remove_temporaries(dir.path()).unwrap(), 1);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".other", "state.json"]);
+    }
+
+    #[test]
     fn a_failed_write_leaves_the_old_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("taken");
@@ -92,8 +146,10 @@ mod tests {
         shutdown.cancel();
         tx.send_replace(2);
         assert!(!next_write(&mut changes, coalesce, &shutdown).await);
-        let running = CancellationToken::new();
+        // A writer whose source is gone, with nothing left unseen.
+        let (tx, mut changes) = watch::channel(0);
         drop(tx);
+        let running = CancellationToken::new();
         assert!(!next_write(&mut changes, coalesce, &running).await);
     }
 }
