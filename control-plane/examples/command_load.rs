@@ -52,6 +52,9 @@ fn msg(body: agent_message::Body) -> AgentMessage {
 /// When each agent first saw each command id.
 type Seen = Arc<Mutex<HashMap<String, Vec<Instant>>>>;
 
+/// The benchmark, as a script: the steps of one run in the order they
+/// happen (set up, measure, report), read top to bottom; longer than the
+/// project's other functions on purpose.
 #[tokio::main]
 async fn main() {
     rustls::crypto::ring::default_provider()

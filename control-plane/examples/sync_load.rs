@@ -98,6 +98,9 @@ async fn open(
     (tx, inbound)
 }
 
+/// The benchmark, as a script: the steps of one run in the order they
+/// happen (set up, measure, report), read top to bottom; longer than the
+/// project's other functions on purpose.
 #[tokio::main]
 async fn main() {
     rustls::crypto::ring::default_provider()

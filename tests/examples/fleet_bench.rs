@@ -115,7 +115,8 @@ async fn propagate(
     times
 }
 
-/// etcd's row: put on A, watch event on B, `changes` times.
+/// etcd's row: put on A, watch event on B, `changes` times. One script,
+/// as `main` is: start a member, measure, stop it.
 async fn etcd(cp: &Host, a: &Host, b: &Host, changes: usize) -> Option<Vec<Duration>> {
     let etcd = Path::new("/usr/bin/etcd");
     if !etcd.exists() {
@@ -260,6 +261,9 @@ async fn put_on_a(
         .await
 }
 
+/// The benchmark, as a script: the steps of one run in the order they
+/// happen (set up, measure, report), read top to bottom; longer than the
+/// project's other functions on purpose.
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let changes = arg(1, 200);

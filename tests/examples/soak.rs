@@ -97,6 +97,133 @@ fn flood(addr: SocketAddr, n: usize) {
     });
 }
 
+/// Well-behaved HTTP clients through B's proxy to `web`, each failure
+/// counted.
+fn http_load(
+    counts: &Arc<Counts>,
+    stop: &Arc<AtomicBool>,
+    vip: SocketAddr,
+    port: u16,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..8)
+        .map(|_| {
+            let (counts, stop) = (counts.clone(), stop.clone());
+            let http = client("web.service.internal", vip);
+            let url = format!("http://web.service.internal:{port}/");
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    counts.requests.fetch_add(1, Ordering::Relaxed);
+                    let ok = matches!(http.get(&url).send().await, Ok(r) if r.status() == 200);
+                    if !ok {
+                        counts.failed_requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// A well-behaved DNS client asking B for `web` and `flappy` in a loop,
+/// each failure counted.
+fn dns_load(
+    counts: &Arc<Counts>,
+    stop: &Arc<AtomicBool>,
+    dns: SocketAddr,
+) -> tokio::task::JoinHandle<()> {
+    let (counts, stop) = (counts.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut id = 0u16;
+        while !stop.load(Ordering::Relaxed) {
+            for name in ["web.service.internal.", "flappy.service.internal."] {
+                id = id.wrapping_add(1);
+                counts.queries.fetch_add(1, Ordering::Relaxed);
+                if !dns_ok(dns, name, id).await {
+                    counts.failed_queries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    })
+}
+
+/// Churn on agent A every 100 ms: registrations and deregistrations, TTL
+/// flips, and a policy command created and revoked on the control plane.
+fn churn(
+    counts: &Arc<Counts>,
+    stop: &Arc<AtomicBool>,
+    a_base: String,
+    cp_http: SocketAddr,
+    admin: String,
+) -> tokio::task::JoinHandle<()> {
+    let (counts, stop) = (counts.clone(), stop.clone());
+    tokio::spawn(async move {
+        let http = signpost_tests::api_client().build().unwrap();
+        let mut n = 0u64;
+        let mut command: Option<String> = None;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let name = format!("churn-{}", n % 50);
+            let register = json!({"ID": name, "Name": name, "Port": 1000 + n % 50,
+                "Check": {"TTL": "1h", "Status": "passing"}});
+            let mut calls = vec![
+                http.put(format!("{a_base}/v1/agent/service/register"))
+                    .json(&register),
+                http.put(format!(
+                    "{a_base}/v1/agent/service/deregister/churn-{}",
+                    (n + 25) % 50
+                )),
+            ];
+            if n.is_multiple_of(2) {
+                let flip = if n.is_multiple_of(4) { "fail" } else { "pass" };
+                calls.push(http.put(format!("{a_base}/v1/agent/check/{flip}/flappy-ttl")));
+            }
+            for call in calls {
+                counts.churn.fetch_add(1, Ordering::Relaxed);
+                // A deregistration of a name not registered yet is a 404.
+                if !matches!(call.send().await, Ok(r) if r.status().is_success() || r.status() == 404)
+                {
+                    counts.churn_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if n.is_multiple_of(50) {
+                counts.churn.fetch_add(1, Ordering::Relaxed);
+                let ok = match command.take() {
+                    Some(id) => http
+                        .delete(format!("http://{cp_http}/v1/commands/{id}"))
+                        .header("X-Consul-Token", &admin)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success()),
+                    None => {
+                        let created = http
+                            .post(format!("http://{cp_http}/v1/commands"))
+                            .header("X-Consul-Token", &admin)
+                            .json(
+                                &json!({"action": {"kind": "policy", "policy": {"timeout": "30s"}},
+                                "target": {"service": "web"}, "reason": "soak", "ttl": "10m"}),
+                            )
+                            .send()
+                            .await;
+                        match created {
+                            Ok(r) if r.status().is_success() => {
+                                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                                command = body["id"].as_str().map(str::to_string);
+                                command.is_some()
+                            }
+                            _ => false,
+                        }
+                    }
+                };
+                if !ok {
+                    counts.churn_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// The soak, as a script: start, load, sample every 10 s, report; read
+/// top to bottom.
 #[tokio::main]
 async fn main() {
     let seconds: u64 = std::env::args()
@@ -139,103 +266,9 @@ async fn main() {
 
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-
-    // Load: HTTP through the proxy.
-    for _ in 0..8 {
-        let (counts, stop) = (counts.clone(), stop.clone());
-        let http = client("web.service.internal", web_vip);
-        let url = format!("http://web.service.internal:{}/", web1.addr.port());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                counts.requests.fetch_add(1, Ordering::Relaxed);
-                let ok = matches!(http.get(&url).send().await, Ok(r) if r.status() == 200);
-                if !ok {
-                    counts.failed_requests.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    // Load: DNS.
-    {
-        let (counts, stop, dns) = (counts.clone(), stop.clone(), b.dns_addr());
-        tasks.push(tokio::spawn(async move {
-            let mut id = 0u16;
-            while !stop.load(Ordering::Relaxed) {
-                for name in ["web.service.internal.", "flappy.service.internal."] {
-                    id = id.wrapping_add(1);
-                    counts.queries.fetch_add(1, Ordering::Relaxed);
-                    if !dns_ok(dns, name, id).await {
-                        counts.failed_queries.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
-    }
-    // Churn on A: registrations, flips, commands.
-    {
-        let (counts, stop) = (counts.clone(), stop.clone());
-        let (a_base, cp_http) = (a.base(), cp.http);
-        tasks.push(tokio::spawn(async move {
-            let http = signpost_tests::api_client().build().unwrap();
-            let mut n = 0u64;
-            let mut command: Option<String> = None;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let name = format!("churn-{}", n % 50);
-                let register = json!({"ID": name, "Name": name, "Port": 1000 + n % 50,
-                    "Check": {"TTL": "1h", "Status": "passing"}});
-                let mut calls = vec![
-                    http.put(format!("{a_base}/v1/agent/service/register"))
-                        .json(&register),
-                    http.put(format!("{a_base}/v1/agent/service/deregister/churn-{}", (n + 25) % 50)),
-                ];
-                if n.is_multiple_of(2) {
-                    let flip = if n.is_multiple_of(4) { "fail" } else { "pass" };
-                    calls.push(http.put(format!("{a_base}/v1/agent/check/{flip}/flappy-ttl")));
-                }
-                for call in calls {
-                    counts.churn.fetch_add(1, Ordering::Relaxed);
-                    // A deregistration of a name not registered yet is a 404.
-                    if !matches!(call.send().await, Ok(r) if r.status().is_success() || r.status() == 404) {
-                        counts.churn_failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                if n.is_multiple_of(50) {
-                    counts.churn.fetch_add(1, Ordering::Relaxed);
-                    let ok = match command.take() {
-                        Some(id) => http
-                            .delete(format!("http://{cp_http}/v1/commands/{id}"))
-                            .header("X-Consul-Token", &admin)
-                            .send()
-                            .await
-                            .is_ok_and(|r| r.status().is_success()),
-                        None => {
-                            let created = http
-                                .post(format!("http://{cp_http}/v1/commands"))
-                                .header("X-Consul-Token", &admin)
-                                .json(&json!({"action": {"kind": "policy", "policy": {"timeout": "30s"}},
-                                    "target": {"service": "web"}, "reason": "soak", "ttl": "10m"}))
-                                .send()
-                                .await;
-                            match created {
-                                Ok(r) if r.status().is_success() => {
-                                    let body: serde_json::Value = r.json().await.unwrap_or_default();
-                                    command = body["id"].as_str().map(str::to_string);
-                                    command.is_some()
-                                }
-                                _ => false,
-                            }
-                        }
-                    };
-                    if !ok {
-                        counts.churn_failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }));
-    }
+    let mut tasks = http_load(&counts, &stop, web_vip, web1.addr.port());
+    tasks.push(dns_load(&counts, &stop, b.dns_addr()));
+    tasks.push(churn(&counts, &stop, a.base(), cp.http, admin));
 
     let pids = [
         ("cp", cp.pid()),
