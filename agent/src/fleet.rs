@@ -403,7 +403,8 @@ pub(crate) fn cache_path(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("fleet.pb")
 }
 
-/// Loads the kept view, if any; a corrupt file is reported and ignored.
+/// Loads the kept view, if any; a corrupt file is reported, set aside and
+/// not used.
 pub(crate) fn load(fleet: &FleetCache, data_dir: &std::path::Path) {
     use prost::Message as _;
     let path = cache_path(data_dir);
@@ -420,9 +421,14 @@ pub(crate) fn load(fleet: &FleetCache, data_dir: &std::path::Path) {
             tracing::info!(path = %path.display(), services = snapshot.services.len(), "fleet view restored from disk");
             fleet.restore(snapshot);
         }
-        Err(e) => {
-            tracing::error!(path = %path.display(), error = %e, "fleet cache is corrupt; starting without it")
-        }
+        Err(e) => match signpost_daemon::fs::move_aside(&path) {
+            Ok(aside) => {
+                tracing::error!(path = %path.display(), aside = %aside.display(), error = %e, "fleet cache is corrupt; kept aside, starting without it")
+            }
+            Err(moved) => {
+                tracing::error!(path = %path.display(), error = %e, cannot_move = %moved, "fleet cache is corrupt; starting without it")
+            }
+        },
     }
 }
 

@@ -176,23 +176,6 @@ pub(crate) async fn run(agent: Arc<Agent>, shutdown: CancellationToken) {
     }
 }
 
-/// Moves a corrupt file out of the way, to `<name>.corrupt-<unix ms>` (never
-/// over an earlier copy, which may be the one worth looking at); returns
-/// where it went.
-pub(crate) fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".corrupt-{}", unix_ms(SystemTime::now())));
-    let mut aside = PathBuf::from(&name);
-    // Two in the same millisecond: a suffix.
-    let mut n = 1;
-    while aside.exists() {
-        aside = PathBuf::from(format!("{}-{n}", name.to_string_lossy()));
-        n += 1;
-    }
-    std::fs::rename(path, &aside)?;
-    Ok(aside)
-}
-
 /// Loads the state file, if any. A corrupt file is moved aside and
 /// reported; an unreadable one is an error (the operator must fix it).
 pub(crate) fn load(agent: &Agent) -> std::io::Result<()> {
@@ -205,7 +188,7 @@ pub(crate) fn load(agent: &Agent) -> std::io::Result<()> {
     let snapshot: Snapshot = match serde_json::from_slice(&bytes) {
         Ok(s) => s,
         Err(e) => {
-            let aside = move_aside(&path)?;
+            let aside = signpost_daemon::fs::move_aside(&path)?;
             agent.metrics.state_corrupt();
             tracing::error!(
                 path = %path.display(),

@@ -45,7 +45,7 @@ impl Vips {
             Ok(bytes) => match serde_json::from_slice::<VipFile>(&bytes) {
                 Ok(file) => file.vips,
                 Err(e) => {
-                    let aside = crate::persist::move_aside(&path)?;
+                    let aside = signpost_daemon::fs::move_aside(&path)?;
                     tracing::error!(
                         path = %path.display(),
                         moved_to = %aside.display(),

@@ -3,8 +3,7 @@
 //! every known instance (nodes `unreachable` until their agents reconnect)
 //! instead of an empty catalog that would make services vanish.
 //!
-//! Behind a trait: an embedded file store for one replica now, etcd for
-//! several later.
+//! Behind a trait, so that another store can take the file's place.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,9 +25,11 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
-    #[error("store {path}: corrupt snapshot: {source}")]
+    #[error("store {path}: corrupt snapshot, kept as {aside}: {source}")]
     Corrupt {
         path: String,
+        /// Where the corrupt file was moved, for a look.
+        aside: String,
         source: prost::DecodeError,
     },
 }
@@ -67,12 +68,18 @@ impl Store for FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io(e)),
         };
-        CatalogSnapshot::decode(bytes.as_slice())
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt {
-                path: self.path.display().to_string(),
-                source,
-            })
+        match CatalogSnapshot::decode(bytes.as_slice()) {
+            Ok(snapshot) => Ok(Some(snapshot)),
+            // Set aside before the next save replaces it.
+            Err(source) => {
+                let aside = signpost_daemon::fs::move_aside(&self.path).map_err(|e| self.io(e))?;
+                Err(StoreError::Corrupt {
+                    path: self.path.display().to_string(),
+                    aside: aside.display().to_string(),
+                    source,
+                })
+            }
+        }
     }
 
     async fn save(&self, snapshot: CatalogSnapshot) -> Result<(), StoreError> {
@@ -96,5 +103,28 @@ pub async fn keep(catalog: Arc<Catalog>, store: Arc<dyn Store>, shutdown: Cancel
     }
     if let Err(e) = store.save(catalog.snapshot()).await {
         tracing::error!(error = %e, "cannot save the catalog snapshot");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_corrupt_snapshot_is_set_aside_and_a_new_one_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        assert!(store.load().await.unwrap().is_none(), "nothing kept yet");
+        let catalog_pb = dir.path().join("catalog.pb");
+        // A length-delimited field whose length runs past the end.
+        std::fs::write(&catalog_pb, [0x0a, 0xff, 0x01, 0x00]).unwrap();
+        let Err(StoreError::Corrupt { aside, .. }) = store.load().await else {
+            panic!("a corrupt snapshot must be reported");
+        };
+        assert!(!catalog_pb.exists(), "moved, not left to be overwritten");
+        assert_eq!(std::fs::read(&aside).unwrap(), [0x0a, 0xff, 0x01, 0x00]);
+        store.save(CatalogSnapshot::default()).await.unwrap();
+        assert!(store.load().await.unwrap().is_some());
+        assert!(std::path::Path::new(&aside).exists(), "the evidence stays");
     }
 }

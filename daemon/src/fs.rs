@@ -52,6 +52,27 @@ pub fn remove_temporaries(dir: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
+/// Moves a corrupt file out of the way, to `<name>.corrupt-<unix ms>`
+/// (never over an earlier copy, which may be the one worth looking at),
+/// so that what is written next does not destroy the evidence; returns
+/// where it went.
+pub fn move_aside(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".corrupt-{ms}"));
+    let mut aside = std::path::PathBuf::from(&name);
+    // Two in the same millisecond: a suffix.
+    let mut n = 1;
+    while aside.exists() {
+        aside = std::path::PathBuf::from(format!("{}-{n}", name.to_string_lossy()));
+        n += 1;
+    }
+    std::fs::rename(path, &aside)?;
+    Ok(aside)
+}
+
 /// [`remove_temporaries`] at start-up, logged; a failure is only logged
 /// (the files are clutter, nothing reads them).
 pub fn clean_up(dir: &Path) {
