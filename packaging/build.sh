@@ -18,7 +18,8 @@ done
 # The agent built and laid out by its profile (packaging/optimise.sh),
 # stripped; the control plane a plain release build, stripped.
 bash packaging/optimise.sh
-cargo build --release --locked -p signpost-control-plane --bins
+# With the etcd store (`store: etcd`): needs protoc (protobuf-compiler).
+cargo build --release --locked -p signpost-control-plane --bins --features etcd
 REL="$CARGO_TARGET_DIR/release"
 strip "$REL/signpost-control-plane"
 GEN="$REL/gen"

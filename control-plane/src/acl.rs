@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 use signpost_core::command::now_millis;
@@ -101,6 +101,18 @@ pub enum AclError {
         path: String,
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl AclError {
+    /// The shared store has no quorum: try again later (503).
+    pub fn unavailable(&self) -> bool {
+        matches!(
+            self,
+            AclError::Store(crate::store::StoreError::Unavailable { .. })
+        )
+    }
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -112,6 +124,9 @@ pub struct Acl {
     path: PathBuf,
     tokens: RwLock<BTreeMap<String, TokenRecord>>,
     audit: AuditLog,
+    /// Set when replicas share a store: tokens are records there
+    /// (`acl/<accessor>`), and come back through [`Acl::store_token`].
+    shared: OnceLock<Arc<dyn crate::store::Shared>>,
 }
 
 /// Why a request is refused.
@@ -152,11 +167,97 @@ impl Acl {
             path,
             tokens: RwLock::new(tokens),
             audit,
+            shared: OnceLock::new(),
         };
         if first_start {
+            let (record, _) = acl.bootstrap_token(data_dir)?;
+            acl.insert_in_file(record)?;
+        }
+        Ok(acl)
+    }
+
+    /// The ACL of a replica on a shared store: no tokens until they are
+    /// loaded from it ([`Acl::share`]); the audit file stays local.
+    pub fn for_store(data_dir: &Path, audit: AuditConfig) -> Result<Acl, AclError> {
+        let path = data_dir.join("audit.jsonl");
+        let audit = AuditLog::open(data_dir, audit).map_err(|source| AclError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Acl {
+            path: data_dir.join("acl.json"),
+            tokens: RwLock::new(BTreeMap::new()),
+            audit,
+            shared: OnceLock::new(),
+        })
+    }
+
+    /// Tokens live in the shared store from now on: none here until
+    /// they are loaded from it. The first replica ever to share it
+    /// creates the bootstrap admin token (its secret in its `data_dir`).
+    pub async fn share(
+        &self,
+        shared: Arc<dyn crate::store::Shared>,
+        data_dir: &Path,
+    ) -> Result<(), AclError> {
+        self.shared.get_or_init(|| shared.clone());
+        self.audit.share(shared.clone());
+        let marker = format!("{:016x}", rand::random::<u64>());
+        if shared
+            .create("acl-bootstrap".to_string(), marker.into_bytes())
+            .await?
+        {
+            let (record, _) = self.bootstrap_token(data_dir)?;
+            self.put_shared(&shared, &record).await?;
+            self.store_token(&record.accessor.clone(), Some(record));
+        }
+        Ok(())
+    }
+
+    /// A token as the shared store has it (`None`: deleted).
+    pub fn store_token(&self, accessor: &str, record: Option<TokenRecord>) {
+        let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
+        match record {
+            Some(record) => tokens.insert(accessor.to_string(), record),
+            None => tokens.remove(accessor),
+        };
+    }
+
+    /// Every token, as the shared store has them after a reload.
+    pub fn store_tokens(&self, all: BTreeMap<String, TokenRecord>) {
+        *self.tokens.write().unwrap_or_else(PoisonError::into_inner) = all;
+    }
+
+    /// An audit entry as the shared store has it.
+    pub fn store_audit(&self, entry: AuditEntry) {
+        self.audit.remember(entry);
+    }
+
+    async fn put_shared(
+        &self,
+        shared: &Arc<dyn crate::store::Shared>,
+        record: &TokenRecord,
+    ) -> Result<(), AclError> {
+        let bytes = serde_json::to_vec(record).map_err(|source| AclError::Corrupt {
+            path: format!("acl/{}", record.accessor),
+            source,
+        })?;
+        shared
+            .put(format!("acl/{}", record.accessor), bytes)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the bootstrap admin token and writes its secret, once, to
+    /// `data_dir/bootstrap-token`.
+    fn bootstrap_token(&self, data_dir: &Path) -> Result<(TokenRecord, String), AclError> {
+        let io = |path: &Path, source| AclError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        {
             let bootstrap = data_dir.join("bootstrap-token");
             let (record, secret) = new_token(Role::Admin, "bootstrap admin token", "bootstrap");
-            acl.insert(record.clone())?;
             // create_new: written once, never overwritten.
             let written = std::fs::OpenOptions::new()
                 .write(true)
@@ -168,7 +269,7 @@ impl Acl {
                     f.sync_all()
                 });
             written.map_err(|e| io(&bootstrap, e))?;
-            acl.record(AuditEntry::new(
+            self.record(AuditEntry::new(
                 "bootstrap",
                 "token.create",
                 &record.accessor,
@@ -176,8 +277,8 @@ impl Acl {
                 "bootstrap admin token",
             ));
             tracing::warn!(file = %bootstrap.display(), "created the bootstrap admin token; keep it safe and delete the file");
+            Ok((record, secret))
         }
-        Ok(acl)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, TokenRecord>> {
@@ -206,19 +307,24 @@ impl Acl {
     }
 
     /// Creates a token; returns it and its secret (shown this once).
-    pub fn create(
+    pub async fn create(
         &self,
         role: Role,
         description: &str,
         by: &str,
     ) -> Result<(TokenRecord, String), AclError> {
         let (record, secret) = new_token(role, description, by);
-        self.insert(record.clone())?;
+        if let Some(shared) = self.shared.get() {
+            self.put_shared(shared, &record).await?;
+            self.store_token(&record.accessor.clone(), Some(record.clone()));
+        } else {
+            self.insert_in_file(record.clone())?;
+        }
         Ok((record, secret))
     }
 
     /// Adds a token; one that cannot be saved is not added.
-    fn insert(&self, record: TokenRecord) -> Result<(), AclError> {
+    fn insert_in_file(&self, record: TokenRecord) -> Result<(), AclError> {
         let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
         let accessor = record.accessor.clone();
         let before = tokens.insert(accessor.clone(), record);
@@ -234,7 +340,15 @@ impl Acl {
 
     /// Deletes a token; false if there is none with that accessor. A
     /// deletion that cannot be saved leaves the token in place.
-    pub fn delete(&self, accessor: &str) -> Result<bool, AclError> {
+    pub async fn delete(&self, accessor: &str) -> Result<bool, AclError> {
+        if let Some(shared) = self.shared.get() {
+            if self.read().get(accessor).is_none() {
+                return Ok(false);
+            }
+            shared.delete(format!("acl/{accessor}")).await?;
+            self.store_token(accessor, None);
+            return Ok(true);
+        }
         let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
         let Some(before) = tokens.remove(accessor) else {
             return Ok(false);
@@ -321,13 +435,16 @@ mod tests {
         assert!(Role::Agent.allows(Role::Agent));
     }
 
-    #[test]
-    fn bootstrap_once_secrets_hashed_and_tokens_survive_a_restart() {
+    #[tokio::test]
+    async fn bootstrap_once_secrets_hashed_and_tokens_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let acl = Acl::open(dir.path(), AuditConfig::default()).unwrap();
         let bootstrap = std::fs::read_to_string(dir.path().join("bootstrap-token")).unwrap();
         let admin = acl.authorize(Some(bootstrap.trim()), Role::Admin).unwrap();
-        let (op, secret) = acl.create(Role::Operator, "ci", &admin.accessor).unwrap();
+        let (op, secret) = acl
+            .create(Role::Operator, "ci", &admin.accessor)
+            .await
+            .unwrap();
         let stored = std::fs::read_to_string(dir.path().join("acl.json")).unwrap();
         assert!(!stored.contains(&secret), "secrets are never stored");
         assert!(!stored.contains(bootstrap.trim()));
@@ -357,7 +474,7 @@ mod tests {
             "no second bootstrap"
         );
         assert_eq!(again.lookup(&secret).unwrap().accessor, op.accessor);
-        assert!(again.delete(&op.accessor).unwrap());
+        assert!(again.delete(&op.accessor).await.unwrap());
         assert!(again.lookup(&secret).is_none());
         let actions: Vec<String> = again.audit(0, 10).into_iter().map(|e| e.action).collect();
         assert_eq!(actions, vec!["token.create"]);

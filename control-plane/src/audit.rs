@@ -14,7 +14,8 @@
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,12 @@ pub struct AuditLog {
     path: PathBuf,
     config: AuditConfig,
     inner: Mutex<Inner>,
+    /// Set when replicas share a store: every entry also goes there
+    /// (`audit/<time>-<replica>-<n>`, the newest [`IN_MEMORY`] kept by the
+    /// leader), and the entries in memory are the fleet's, as the store
+    /// has them ([`AuditLog::remember`]). The file stays this replica's.
+    shared: OnceLock<(Arc<dyn crate::store::Shared>, String)>,
+    written: AtomicU64,
 }
 
 struct Inner {
@@ -105,9 +112,26 @@ impl AuditLog {
                 denied: 0,
                 denied_written: None,
             }),
+            shared: OnceLock::new(),
+            written: AtomicU64::new(0),
         };
         log.expire_rotated();
         Ok(log)
+    }
+
+    /// Entries also go to the shared store from now on.
+    pub fn share(&self, shared: Arc<dyn crate::store::Shared>) {
+        let replica = format!("{:08x}", rand::random::<u32>());
+        self.shared.get_or_init(|| (shared, replica));
+        self.lock().entries.clear();
+    }
+
+    /// An entry from the shared store.
+    pub fn remember(&self, entry: AuditEntry) {
+        let mut inner = self.lock();
+        inner.entries.push_back(entry);
+        let excess = inner.entries.len().saturating_sub(IN_MEMORY);
+        inner.entries.drain(..excess);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -205,6 +229,20 @@ impl AuditLog {
             }
         }
         tracing::info!(target: "signpost::audit", who = %entry.who, action = %entry.action, target = %entry.target, outcome = %entry.outcome, reason = %entry.reason);
+        if let Some((shared, replica)) = self.shared.get() {
+            let n = self.written.fetch_add(1, Ordering::Relaxed);
+            let key = format!("audit/{:016}-{replica}-{n:08}", entry.time);
+            let (shared, bytes) = (
+                shared.clone(),
+                serde_json::to_vec(&entry).unwrap_or_default(),
+            );
+            tokio::spawn(async move {
+                if let Err(error) = shared.put(key, bytes).await {
+                    tracing::error!(%error, "cannot share an audit entry: it is in this replica's file only");
+                }
+            });
+            return;
+        }
         inner.entries.push_back(entry);
         let excess = inner.entries.len().saturating_sub(IN_MEMORY);
         inner.entries.drain(..excess);

@@ -14,6 +14,7 @@
 
 mod fanout;
 mod liveness;
+mod shared;
 #[cfg(test)]
 mod test_agent;
 
@@ -30,6 +31,8 @@ use tokio::sync::{mpsc, watch};
 
 use self::liveness::PendingProbe;
 pub use self::liveness::{Liveness, NodeStatus, ProbeVerdict, liveness_check};
+pub use self::shared::Decision;
+use self::shared::SharedState;
 
 pub type SessionId = u64;
 
@@ -64,6 +67,12 @@ pub struct Inner {
     /// Until when a control plane that started without its catalog waits
     /// for agents to report ([`Catalog::warm_up`]).
     warm_up_until: Option<Instant>,
+    /// Set when replicas share a store: what the store says of each node,
+    /// and the decisions this replica took for the store to record.
+    shared: Option<SharedState>,
+    /// The index of the change being published (the store's revision);
+    /// without one, the next index is the last plus one.
+    revision: Option<u64>,
 }
 
 impl Inner {
@@ -100,6 +109,8 @@ impl Default for Catalog {
                 next_session: 0,
                 probes: HashMap::new(),
                 next_probe: 0,
+                shared: None,
+                revision: None,
             }),
             changes: watch::channel(0).0,
         }

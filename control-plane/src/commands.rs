@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use signpost_core::command::{Action, Command, NewCommand, now_millis};
 use tokio::sync::watch;
@@ -27,6 +27,8 @@ pub enum CommandStoreError {
         path: String,
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Ended (expired or revoked) commands kept, newest first.
@@ -42,6 +44,10 @@ pub struct Commands {
     applied: Mutex<BTreeMap<String, BTreeSet<String>>>,
     /// Bumped on every change.
     changes: watch::Sender<u64>,
+    /// Set when replicas share a store: commands and acks are records
+    /// there (`commands/<id>`, `acks/<id>/<node>`), not a file, and come
+    /// back through [`Commands::store_command`] and [`Commands::store_ack`].
+    shared: OnceLock<Arc<dyn crate::store::Shared>>,
 }
 
 impl Commands {
@@ -67,6 +73,7 @@ impl Commands {
             all: Mutex::new(all),
             applied: Mutex::new(BTreeMap::new()),
             changes: watch::Sender::new(0),
+            shared: OnceLock::new(),
         })
     }
 
@@ -83,20 +90,87 @@ impl Commands {
         write_atomic(&self.path, &bytes).map_err(io)
     }
 
-    /// Stores a validated command; it is on disk before this returns.
-    pub fn create(&self, new: NewCommand, creator: &str) -> Result<Command, CommandStoreError> {
-        let now = now_millis();
-        let ttl = u64::try_from(new.ttl.as_millis()).unwrap_or(u64::MAX);
-        let command = Command {
-            id: format!("{:016x}", rand::random::<u64>()),
-            action: new.action,
-            target: new.target,
-            reason: new.reason,
-            creator: creator.to_string(),
-            created_at: now,
-            expires_at: now.saturating_add(ttl),
-            revoked_at: None,
+    /// The commands of a replica on a shared store: none until they are
+    /// loaded from it, and written there.
+    pub fn for_store(shared: Arc<dyn crate::store::Shared>) -> Commands {
+        let commands = Commands {
+            path: PathBuf::new(),
+            all: Mutex::new(BTreeMap::new()),
+            applied: Mutex::new(BTreeMap::new()),
+            changes: watch::Sender::new(0),
+            shared: OnceLock::new(),
         };
+        commands.shared.get_or_init(|| shared);
+        commands
+    }
+
+    /// A command as the shared store has it (`None`: deleted).
+    pub fn store_command(&self, id: &str, command: Option<Command>) {
+        let mut all = self.lock();
+        let changed = match command {
+            Some(c) => all.insert(id.to_string(), c.clone()).as_ref() != Some(&c),
+            None => all.remove(id).is_some(),
+        };
+        drop(all);
+        if changed {
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// `node` applied command `id`, as the shared store has it.
+    pub fn store_ack(&self, id: &str, node: &str) {
+        let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
+        applied
+            .entry(id.to_string())
+            .or_default()
+            .insert(node.to_string());
+    }
+
+    /// Writes `command` to the shared store, and deletes `dropped`.
+    async fn put_shared(
+        shared: &Arc<dyn crate::store::Shared>,
+        command: &Command,
+        dropped: &[Command],
+    ) -> Result<(), CommandStoreError> {
+        let bytes = serde_json::to_vec(command).map_err(|e| CommandStoreError::Io {
+            path: format!("commands/{}", command.id),
+            source: std::io::Error::other(e),
+        })?;
+        shared
+            .put(format!("commands/{}", command.id), bytes)
+            .await?;
+        for old in dropped {
+            if let Err(e) = shared.delete(format!("commands/{}", old.id)).await {
+                tracing::warn!(id = %old.id, error = %e, "cannot drop an ended command from the store: dropped next time");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a validated command; it is on disk (or in the shared
+    /// store) before this returns.
+    pub async fn create(
+        &self,
+        new: NewCommand,
+        creator: &str,
+    ) -> Result<Command, CommandStoreError> {
+        if let Some(shared) = self.shared.get() {
+            let now = now_millis();
+            let command = new_command(new, creator, now);
+            let dropped = prune(&mut self.lock().clone(), now);
+            Self::put_shared(shared, &command, &dropped).await?;
+            for old in &dropped {
+                self.store_command(&old.id, None);
+            }
+            self.store_command(&command.id, Some(command.clone()));
+            return Ok(command);
+        }
+        self.create_in_file(new, creator)
+    }
+
+    fn create_in_file(&self, new: NewCommand, creator: &str) -> Result<Command, CommandStoreError> {
+        let now = now_millis();
+        let command = new_command(new, creator, now);
         let mut all = self.lock();
         let dropped = prune(&mut all, now);
         all.insert(command.id.clone(), command.clone());
@@ -117,7 +191,20 @@ impl Commands {
     }
 
     /// Revokes a command; `None` if there is none with that id.
-    pub fn revoke(&self, id: &str) -> Result<Option<Command>, CommandStoreError> {
+    pub async fn revoke(&self, id: &str) -> Result<Option<Command>, CommandStoreError> {
+        if let Some(shared) = self.shared.get() {
+            let Some(mut command) = self.get(id) else {
+                return Ok(None);
+            };
+            command.revoked_at.get_or_insert_with(now_millis);
+            Self::put_shared(shared, &command, &[]).await?;
+            self.store_command(id, Some(command.clone()));
+            return Ok(Some(command));
+        }
+        self.revoke_in_file(id)
+    }
+
+    fn revoke_in_file(&self, id: &str) -> Result<Option<Command>, CommandStoreError> {
         let mut all = self.lock();
         let Some(command) = all.get_mut(id) else {
             return Ok(None);
@@ -176,14 +263,23 @@ impl Commands {
             .collect()
     }
 
-    /// `node` applied the commands `ids`.
+    /// `node` applied the commands `ids`; on a shared store, each ack
+    /// not recorded yet is written there.
     pub fn applied(&self, node: &str, ids: &[String]) {
         let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
         for id in ids {
-            applied
+            let new = applied
                 .entry(id.clone())
                 .or_default()
                 .insert(node.to_string());
+            if let (true, Some(shared)) = (new, self.shared.get()) {
+                let (shared, key) = (shared.clone(), format!("acks/{id}/{node}"));
+                tokio::spawn(async move {
+                    if let Err(e) = shared.put(key, Vec::new()).await {
+                        tracing::warn!(error = %e, "cannot record a command's ack in the store");
+                    }
+                });
+            }
         }
     }
 
@@ -196,8 +292,42 @@ impl Commands {
             .unwrap_or_default()
     }
 
+    /// The ended commands past what is kept, for the shared store's
+    /// leader to drop.
+    pub fn ended_to_drop(&self) -> Vec<String> {
+        let mut all = self.lock().clone();
+        prune(&mut all, now_millis())
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+}
+
+impl CommandStoreError {
+    /// The shared store has no quorum: try again later (503).
+    pub fn unavailable(&self) -> bool {
+        matches!(
+            self,
+            CommandStoreError::Store(crate::store::StoreError::Unavailable { .. })
+        )
+    }
+}
+
+fn new_command(new: NewCommand, creator: &str, now: u64) -> Command {
+    let ttl = u64::try_from(new.ttl.as_millis()).unwrap_or(u64::MAX);
+    Command {
+        id: format!("{:016x}", rand::random::<u64>()),
+        action: new.action,
+        target: new.target,
+        reason: new.reason,
+        creator: creator.to_string(),
+        created_at: now,
+        expires_at: now.saturating_add(ttl),
+        revoked_at: None,
     }
 }
 
@@ -229,8 +359,8 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn a_split_rate_is_shared_among_the_services_users_and_commands_persist() {
+    #[tokio::test]
+    async fn a_split_rate_is_shared_among_the_services_users_and_commands_persist() {
         let dir = tempfile::tempdir().unwrap();
         let commands = Commands::open(dir.path()).unwrap();
         let new = NewCommand {
@@ -248,7 +378,7 @@ mod tests {
             reason: "fair share".to_string(),
             ttl: Duration::from_secs(60),
         };
-        let created = commands.create(new, "op").unwrap();
+        let created = commands.create(new, "op").await.unwrap();
         let sent: Command = serde_json::from_str(&commands.active_json(|_| 4)[0]).unwrap();
         assert_eq!(
             sent.action,
@@ -260,7 +390,7 @@ mod tests {
         );
         let reopened = Commands::open(dir.path()).unwrap();
         assert_eq!(reopened.get(&created.id), Some(created.clone()));
-        reopened.revoke(&created.id).unwrap();
+        reopened.revoke(&created.id).await.unwrap();
         assert!(reopened.active_json(|_| 1).is_empty());
     }
 

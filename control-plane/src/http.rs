@@ -28,6 +28,24 @@ pub struct HttpState {
     pub commands: Arc<crate::commands::Commands>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub datacenter: String,
+    /// Whether the store takes writes now (a shared store can lose its
+    /// quorum; files always do).
+    pub quorum: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// An error answer: `{"error": message}`.
+pub(crate) fn error(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(json!({ "error": message }))).into_response()
+}
+
+/// A write the store did not take: 503 when it has no quorum (try again),
+/// else 500.
+pub(crate) fn store_failed(unavailable: bool, message: String) -> Response {
+    if unavailable {
+        error(StatusCode::SERVICE_UNAVAILABLE, message)
+    } else {
+        error(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -95,6 +113,15 @@ async fn nodes(State(s): State<HttpState>) -> Response {
         // Started without its catalog: nodes may still be missing.
         response.headers_mut().insert("x-signpost-warm-up", value);
     }
+    if !(s.quorum)() {
+        // Served from memory: writes are refused until it returns.
+        let headers = response.headers_mut();
+        headers.insert(
+            "x-signpost-store",
+            HeaderValue::from_static("no store quorum"),
+        );
+        headers.insert("X-Consul-KnownLeader", HeaderValue::from_static("false"));
+    }
     response
 }
 
@@ -157,7 +184,7 @@ async fn health_service(
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
-    let body = s.metrics.render(&s.catalog);
+    let body = s.metrics.render(&s.catalog, (s.quorum)());
     (
         StatusCode::OK,
         [(

@@ -9,7 +9,9 @@
 //! - [`http`]: nodes with liveness, catalog and health in Consul's shapes,
 //!   `/metrics`.
 //! - [`tls`]: `init-tls`, the private CA and server certificate.
-//! - [`store`]: the last catalog snapshot, kept under `data_dir`.
+//! - [`store`]: the last catalog snapshot, kept under `data_dir`; or,
+//!   with `store: etcd` (the `etcd` feature), `etcd`: replicas that share
+//!   an etcd cluster, each following it with one watch.
 //! - [`commands`]: operator commands, stored and sent to every agent.
 //! - [`acl`]: tokens with roles (hashed, bootstrap admin token on first
 //!   start); [`audit`]: the audit log, bounded and rotated.
@@ -23,6 +25,8 @@ pub mod acl;
 pub mod audit;
 pub mod catalog;
 pub mod commands;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod http;
 pub mod metrics;
 pub mod store;
@@ -34,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use signpost_core::control_plane_config::ControlPlaneConfig;
+use signpost_core::control_plane_config::{ControlPlaneConfig, StoreKind};
 use signpost_proto::sync_server::SyncServer;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -83,27 +87,32 @@ pub async fn run(
         signpost_daemon::fs::clean_up(&config.data_dir);
     }
     let mut running = Running::new();
-    let catalog = open_catalog(&config, &mut running, &shutdown).await;
-    let acl = Arc::new(
-        acl::Acl::open(&config.data_dir, config.audit.clone()).with_context(|| {
-            format!(
-                "cannot open the ACL tokens in {}",
-                config.data_dir.display()
-            )
-        })?,
-    );
+    let state = match config.store {
+        StoreKind::File => open_files(&config, &mut running, &shutdown).await?,
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd => open_etcd(&config, &mut running, &shutdown).await?,
+        #[cfg(not(feature = "etcd"))]
+        StoreKind::Etcd => anyhow::bail!(
+            "store: etcd, but this build has no etcd store (build with `--features etcd`; the packages have it)"
+        ),
+    };
+    let Opened {
+        catalog,
+        acl,
+        commands,
+        epoch,
+        reporting,
+        quorum,
+    } = state;
     keep_audit(&acl, &mut running, &shutdown);
-    let commands =
-        Arc::new(commands::Commands::open(&config.data_dir).with_context(|| {
-            format!("cannot open the commands in {}", config.data_dir.display())
-        })?);
     let tokens = Arc::new(config.agent_tokens.clone());
     let service = sync::SyncService {
         catalog: catalog.clone(),
         tokens: tokens.clone(),
-        epoch: format!("{:016x}", rand::random::<u64>()),
+        epoch,
         commands: commands.clone(),
         acl: acl.clone(),
+        reporting,
     };
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
@@ -143,6 +152,7 @@ pub async fn run(
         commands,
         metrics,
         datacenter: config.datacenter.clone(),
+        quorum,
     });
     let (http_shutdown, limits) = (shutdown.clone(), config.http.limits.clone());
     running.spawn(async move {
@@ -166,6 +176,126 @@ pub async fn run(
     }
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// What the store gives the rest of the control plane.
+struct Opened {
+    catalog: Arc<Catalog>,
+    acl: Arc<acl::Acl>,
+    commands: Arc<commands::Commands>,
+    /// What the catalog's indexes belong to (`Welcome.epoch`).
+    epoch: String,
+    reporting: sync::Reporting,
+    quorum: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// One replica on files under `data_dir`.
+async fn open_files(
+    config: &ControlPlaneConfig,
+    running: &mut Running,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Opened> {
+    let catalog = open_catalog(config, running, shutdown).await;
+    let acl = Arc::new(
+        acl::Acl::open(&config.data_dir, config.audit.clone()).with_context(|| {
+            format!(
+                "cannot open the ACL tokens in {}",
+                config.data_dir.display()
+            )
+        })?,
+    );
+    let commands =
+        Arc::new(commands::Commands::open(&config.data_dir).with_context(|| {
+            format!("cannot open the commands in {}", config.data_dir.display())
+        })?);
+    Ok(Opened {
+        catalog,
+        acl,
+        commands,
+        // Indexes start again with every start of the one replica.
+        epoch: format!("{:016x}", rand::random::<u64>()),
+        reporting: sync::Reporting::Local,
+        quorum: Arc::new(|| true),
+    })
+}
+
+/// One of several equal replicas on etcd: everything read from it before
+/// agents are served, then followed with one watch; the leader's work
+/// and this replica's lease kept up in the background.
+#[cfg(feature = "etcd")]
+async fn open_etcd(
+    config: &ControlPlaneConfig,
+    running: &mut Running,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Opened> {
+    let etcd = etcd::Etcd::connect(&config.etcd).await?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let catalog = Arc::new(Catalog::shared());
+    let acl = Arc::new(
+        acl::Acl::for_store(&config.data_dir, config.audit.clone()).with_context(|| {
+            format!("cannot open the audit log in {}", config.data_dir.display())
+        })?,
+    );
+    acl.share(etcd.clone(), &config.data_dir)
+        .await
+        .context("cannot set up the ACL tokens in etcd")?;
+    let commands = Arc::new(commands::Commands::for_store(etcd.clone()));
+    let followers = etcd::follow::Followers {
+        catalog: catalog.clone(),
+        commands: commands.clone(),
+        acl: acl.clone(),
+        leader_gone: Arc::new(tokio::sync::Notify::new()),
+    };
+    let (revision, cluster) = etcd::follow::load(&etcd, &followers)
+        .await
+        .context("cannot read the fleet from etcd")?;
+    tracing::info!(
+        nodes = catalog.read(|i| i.nodes.len()),
+        revision,
+        replica = %etcd.replica,
+        "following etcd"
+    );
+    {
+        let (etcd, followers, stop) = (etcd.clone(), followers.clone(), shutdown.clone());
+        running.spawn(async move {
+            etcd::follow::follow(etcd, followers, revision, stop).await;
+            ("etcd watch", Ok(()))
+        });
+    }
+    {
+        let (etcd, stop) = (etcd.clone(), shutdown.clone());
+        running.spawn(async move {
+            etcd.keep_lease(stop).await;
+            ("etcd lease", Ok(()))
+        });
+    }
+    {
+        let (etcd, catalog, commands) = (etcd.clone(), catalog.clone(), commands.clone());
+        let (gone, stop, after) = (
+            followers.leader_gone.clone(),
+            shutdown.clone(),
+            config.node_reap_after,
+        );
+        running.spawn(async move {
+            etcd::leader::run(etcd, catalog, commands, after, gone, stop).await;
+            ("leader election", Ok(()))
+        });
+    }
+    let quorum = {
+        let etcd = etcd.clone();
+        Arc::new(move || etcd.has_quorum())
+    };
+    Ok(Opened {
+        catalog,
+        acl,
+        commands,
+        // The same on every replica of the cluster and prefix: an agent
+        // that moves keeps its indexes.
+        epoch: format!("etcd-{cluster:016x}{}", config.etcd.prefix),
+        reporting: sync::Reporting::Etcd(etcd, shutdown.clone()),
+        quorum,
+    })
 }
 
 /// The catalog as the last snapshot left it (or warming up without one),

@@ -47,6 +47,21 @@ enum Command {
         #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         names: Vec<String>,
     },
+    /// Copy the fleet's state (nodes, commands, ACL tokens) between the
+    /// file store under data_dir and etcd (the `etcd:` section); the
+    /// destination must hold none. Stop the control plane first.
+    Migrate {
+        #[arg(long, value_enum)]
+        from: StoreArg,
+        #[arg(long, value_enum)]
+        to: StoreArg,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreArg {
+    File,
+    Etcd,
 }
 
 fn main() -> ExitCode {
@@ -107,6 +122,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Migrate { from, to }) = cli.command {
+        return migrate(&config, from, to);
+    }
     if cli.validate {
         println!("{}: configuration is valid", cli.config.display());
         return ExitCode::SUCCESS;
@@ -135,6 +153,54 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(feature = "etcd")]
+fn migrate(config: &ControlPlaneConfig, from: StoreArg, to: StoreArg) -> ExitCode {
+    use signpost_control_plane::etcd::{Etcd, migrate};
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("signpost-control-plane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let copied = runtime.block_on(async {
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
+        let etcd = Etcd::connect(&config.etcd).await?;
+        match (from, to) {
+            (StoreArg::File, StoreArg::Etcd) => {
+                migrate::file_to_etcd(&config.data_dir, &etcd).await
+            }
+            (StoreArg::Etcd, StoreArg::File) => {
+                migrate::etcd_to_file(&etcd, &config.data_dir).await
+            }
+            _ => anyhow::bail!("--from and --to must differ: file to etcd, or etcd to file"),
+        }
+    });
+    match copied {
+        Ok(copied) => {
+            println!("copied {copied}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("signpost-control-plane: migrate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "etcd"))]
+fn migrate(_: &ControlPlaneConfig, _: StoreArg, _: StoreArg) -> ExitCode {
+    eprintln!(
+        "signpost-control-plane: this build has no etcd store (build with `--features etcd`; the packages have it)"
+    );
+    ExitCode::FAILURE
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ pub struct Metrics {
     sessions: Gauge,
     nodes: Family<StatusLabels, Gauge>,
     instances: Gauge,
+    quorum: Gauge,
+    leader: Gauge,
     /// The HTTP API's own closings (`signpost_control_plane_http_connections_closed_total`).
     pub http_server: ServerMetrics,
 }
@@ -36,6 +38,18 @@ impl Default for Metrics {
             "Service instances in the catalog",
             instances.clone(),
         );
+        let quorum = Gauge::default();
+        registry.register(
+            "store_quorum",
+            "Whether the store takes writes (0: no etcd quorum, served from memory)",
+            quorum.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "Whether this replica probes, fails and reaps nodes (always 1 on the file store)",
+            leader.clone(),
+        );
         let http_server = ServerMetrics::default();
         http_server.register(&mut registry, "http");
         Metrics {
@@ -43,13 +57,17 @@ impl Default for Metrics {
             sessions,
             nodes,
             instances,
+            quorum,
+            leader,
             http_server,
         }
     }
 }
 
 impl Metrics {
-    pub fn render(&self, catalog: &Catalog) -> String {
+    pub fn render(&self, catalog: &Catalog, quorum: bool) -> String {
+        self.quorum.set(i64::from(quorum));
+        self.leader.set(i64::from(catalog.is_leader()));
         let (by_status, instances) = catalog.read(|inner| {
             let by_status = NodeStatus::ALL.map(|status| {
                 let n = inner

@@ -4,6 +4,11 @@
 //! instead of an empty catalog that would make services vanish.
 //!
 //! Behind a trait, so that another store can take the file's place.
+//!
+//! Replicas that share an etcd cluster (`store: etcd`, the `etcd` feature)
+//! keep nothing here: every record lives in etcd ([`crate::etcd`]), and
+//! what writes a record (commands, tokens, the audit log) does it through
+//! [`Shared`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +37,19 @@ pub enum StoreError {
         aside: String,
         source: prost::DecodeError,
     },
+    /// The shared store cannot take writes now (no quorum, unreachable).
+    #[error("no store quorum: {reason}")]
+    Unavailable { reason: String },
+}
+
+/// Records shared by every replica; keys are relative to the store's
+/// prefix. A call returns once the record is durable in the store.
+#[tonic::async_trait]
+pub trait Shared: Send + Sync {
+    async fn put(&self, key: String, value: Vec<u8>) -> Result<(), StoreError>;
+    async fn delete(&self, key: String) -> Result<(), StoreError>;
+    /// Creates `key` unless it exists; whether this call created it.
+    async fn create(&self, key: String, value: Vec<u8>) -> Result<bool, StoreError>;
 }
 
 #[tonic::async_trait]

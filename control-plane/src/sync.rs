@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use signpost_proto::sync_server::Sync;
 use signpost_proto::{
-    AgentMessage, Check, ControlMessage, Instance, Welcome, agent_message, control_message::Body,
+    AgentMessage, Check, ControlMessage, Delta, FullState, Instance, Welcome, agent_message,
+    control_message::Body,
 };
 use std::net::SocketAddr;
 
@@ -17,7 +18,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::acl::AuditEntry;
-use crate::catalog::{Catalog, SESSION_QUEUE};
+use crate::catalog::{Catalog, SESSION_QUEUE, SessionId};
 
 /// Largest message an agent may send (tonic's default, made explicit): a
 /// full state of 10,000 instances with a check each is about 1.5 MB. A
@@ -35,6 +36,55 @@ pub struct SyncService {
     pub commands: Arc<crate::commands::Commands>,
     /// Where a stream closed for garbage is audited.
     pub acl: Arc<crate::acl::Acl>,
+    pub reporting: Reporting,
+}
+
+/// Where agents' reports go.
+#[derive(Clone)]
+pub enum Reporting {
+    /// Straight into this replica's catalog (the file store).
+    Local,
+    /// To etcd, from which every replica's catalog follows; until the
+    /// replica's shutdown.
+    #[cfg(feature = "etcd")]
+    Etcd(Arc<crate::etcd::Etcd>, tokio_util::sync::CancellationToken),
+}
+
+/// One agent's session's reports.
+enum Reports {
+    Local,
+    #[cfg(feature = "etcd")]
+    Etcd(crate::etcd::report::Reports),
+}
+
+impl Reports {
+    fn full_state(&self, catalog: &Catalog, session: SessionId, state: FullState) {
+        match self {
+            Reports::Local => catalog.full_state(session, state),
+            #[cfg(feature = "etcd")]
+            Reports::Etcd(reports) => reports.full_state(state),
+        }
+    }
+
+    fn delta(&self, catalog: &Catalog, session: SessionId, delta: Delta) {
+        match self {
+            Reports::Local => catalog.delta(session, delta),
+            #[cfg(feature = "etcd")]
+            Reports::Etcd(reports) => reports.delta(delta),
+        }
+    }
+
+    /// The stream ended.
+    fn close(self, catalog: &Catalog, session: SessionId) {
+        match self {
+            Reports::Local => catalog.disconnect(session),
+            #[cfg(feature = "etcd")]
+            Reports::Etcd(reports) => {
+                catalog.detach(session);
+                drop(reports);
+            }
+        }
+    }
 }
 
 /// Sends the commands in force on the session now and after every
@@ -156,7 +206,21 @@ impl Sync for SyncService {
             self.catalog.clone(),
             tx.clone(),
         ));
-        let session = self.catalog.connect(hello, tx);
+        let (session, reports) = match &self.reporting {
+            Reporting::Local => (self.catalog.connect(hello, tx), Reports::Local),
+            #[cfg(feature = "etcd")]
+            Reporting::Etcd(etcd, shutdown) => {
+                let session = self.catalog.attach(&node, tx);
+                let reports = crate::etcd::report::Reports::open(
+                    etcd.clone(),
+                    &self.catalog,
+                    hello,
+                    session,
+                    shutdown.clone(),
+                );
+                (session, Reports::Etcd(reports))
+            }
+        };
         tracing::info!(node = %node, session, peer = ?peer, "agent connected");
         let catalog = self.catalog.clone();
         let commands = self.commands.clone();
@@ -177,7 +241,7 @@ impl Sync for SyncService {
                             break Some(Status::invalid_argument(garbage.to_string()));
                         }
                         if let Some(body) = message.body {
-                            dispatch(&catalog, &commands, session, &node, body);
+                            dispatch(&catalog, &commands, &reports, session, &node, body);
                         } else {
                             // A kind this version does not know (a newer agent).
                             tracing::debug!(node = %node, "unknown message from agent ignored");
@@ -203,7 +267,7 @@ impl Sync for SyncService {
                 }
             };
             tracing::info!(node = %node, session, "agent disconnected");
-            catalog.disconnect(session);
+            reports.close(&catalog, session);
             let _ = end.try_send(reason);
         });
         let outbound = ReceiverStream::new(rx)
@@ -231,7 +295,8 @@ fn refuse_garbage(acl: &crate::acl::Acl, node: &str, peer: Option<SocketAddr>, g
 fn dispatch(
     catalog: &Catalog,
     commands: &crate::commands::Commands,
-    session: crate::catalog::SessionId,
+    reports: &Reports,
+    session: SessionId,
     node: &str,
     body: agent_message::Body,
 ) {
@@ -239,12 +304,12 @@ fn dispatch(
         agent_message::Body::FullState(mut state) => {
             state.instances.iter_mut().for_each(Instance::normalize);
             state.node_checks.iter_mut().for_each(Check::normalize);
-            catalog.full_state(session, state);
+            reports.full_state(catalog, session, state);
         }
         agent_message::Body::Delta(mut delta) => {
             delta.upserts.iter_mut().for_each(Instance::normalize);
             delta.node_checks.iter_mut().for_each(Check::normalize);
-            catalog.delta(session, delta);
+            reports.delta(catalog, session, delta);
         }
         agent_message::Body::Subscribe(s) => catalog.subscribe(session, s.services),
         agent_message::Body::Unsubscribe(u) => catalog.unsubscribe(session, u.services),

@@ -32,6 +32,118 @@ pub struct ControlPlaneConfig {
     pub restore_grace: std::time::Duration,
     pub audit: AuditConfig,
     pub log: LogConfig,
+    /// Where the fleet's state lives: `file` (under `data_dir`, one
+    /// replica) or `etcd` (several equal replicas, see [`EtcdConfig`]).
+    pub store: StoreKind,
+    pub etcd: EtcdConfig,
+}
+
+/// The control plane's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Files under `data_dir`: one replica.
+    #[default]
+    File,
+    /// An etcd cluster shared by every replica.
+    Etcd,
+}
+
+/// The etcd cluster replicas share (`store: etcd`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members (`http://` or `https://`).
+    pub endpoints: Vec<String>,
+    /// Every key Signpost writes starts with this.
+    pub prefix: String,
+    /// The CA that signed the members' certificates (for `https://`).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and key, when etcd asks for one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// etcd user and password, when etcd has authentication on.
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// How long the agents of a replica that died keep counting as
+    /// alive: they reconnect to another replica well within it.
+    #[serde(with = "crate::duration::serde_go")]
+    pub lease_ttl: std::time::Duration,
+    /// A request etcd has not answered within this has failed.
+    #[serde(with = "crate::duration::serde_go")]
+    pub timeout: std::time::Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".to_string()],
+            prefix: "/signpost/".to_string(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password_file: None,
+            lease_ttl: std::time::Duration::from_secs(15),
+            timeout: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+impl EtcdConfig {
+    /// Checks the section; `Err((field, reason))`.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |field: &str, reason: &str| Err((format!("etcd.{field}"), reason.to_string()));
+        if self.endpoints.is_empty() || self.endpoints.len() > 64 {
+            return bad("endpoints", "give between 1 and 64 etcd client URLs");
+        }
+        if let Some(e) = self
+            .endpoints
+            .iter()
+            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return bad(
+                "endpoints",
+                &format!("{e:?} must start with http:// or https://"),
+            );
+        }
+        let tls = self.endpoints.iter().any(|e| e.starts_with("https://"));
+        if tls && self.endpoints.iter().any(|e| e.starts_with("http://")) {
+            return bad("endpoints", "mix of http:// and https://: use one");
+        }
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') || self.prefix.len() > 128 {
+            return bad(
+                "prefix",
+                "must start and end with / (like /signpost/), at most 128 characters",
+            );
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return bad(
+                "cert_file",
+                "give both etcd.cert_file and etcd.key_file, or neither",
+            );
+        }
+        if !tls && (self.ca_file.is_some() || self.cert_file.is_some()) {
+            return bad("ca_file", "TLS files need https:// endpoints");
+        }
+        if self.username.is_some() != self.password_file.is_some() {
+            return bad(
+                "username",
+                "give both etcd.username and etcd.password_file, or neither",
+            );
+        }
+        if !(std::time::Duration::from_secs(5)..=std::time::Duration::from_secs(300))
+            .contains(&self.lease_ttl)
+        {
+            return bad("lease_ttl", "must be between 5s and 5m");
+        }
+        if !(std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(60))
+            .contains(&self.timeout)
+        {
+            return bad("timeout", "must be between 100ms and 1m");
+        }
+        Ok(())
+    }
 }
 
 impl Default for ControlPlaneConfig {
@@ -46,6 +158,8 @@ impl Default for ControlPlaneConfig {
             restore_grace: std::time::Duration::from_secs(30),
             audit: AuditConfig::default(),
             log: LogConfig::default(),
+            store: StoreKind::File,
+            etcd: EtcdConfig::default(),
         }
     }
 }
@@ -157,6 +271,9 @@ impl ControlPlaneConfig {
         if let Err((field, reason)) = config.http.limits.validate("http") {
             return Err(invalid(&field, &reason));
         }
+        if let Err((field, reason)) = config.etcd.validate() {
+            return Err(invalid(&field, &reason));
+        }
         if config.grpc.cert_file.is_some() != config.grpc.key_file.is_some() {
             return Err(invalid(
                 "grpc.cert_file",
@@ -211,6 +328,11 @@ mod tests {
             ("audit:\n  max_files: 5000\n", "audit.max_files"),
             ("audit:\n  max_age: 1s\n", "audit.max_age"),
             ("datacenter: ''\n", "datacenter"),
+            ("etcd:\n  endpoints: []\n", "etcd.endpoints"),
+            ("etcd:\n  endpoints: [127.0.0.1:2379]\n", "etcd.endpoints"),
+            ("etcd:\n  prefix: signpost\n", "etcd.prefix"),
+            ("etcd:\n  lease_ttl: 1s\n", "etcd.lease_ttl"),
+            ("etcd:\n  username: u\n", "etcd.username"),
         ] {
             let e = ControlPlaneConfig::from_yaml("cp.yaml", yaml).unwrap_err();
             assert!(e.to_string().contains(field), "{yaml}: {e}");

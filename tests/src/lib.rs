@@ -24,6 +24,8 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 pub mod dns;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod fleet;
 pub mod upstream;
 
@@ -81,6 +83,9 @@ fn bin_dir() -> &'static Path {
             "signpost-control-plane",
             "--bins",
         ]);
+        if cfg!(feature = "etcd") {
+            build.args(["--features", "signpost-control-plane/etcd"]);
+        }
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
@@ -524,6 +529,33 @@ pub struct ControlPlane {
 impl ControlPlane {
     pub async fn start() -> ControlPlane {
         Self::start_with("").await
+    }
+
+    /// Starts another replica of `first`'s store (in `extra_config`),
+    /// with `first`'s server certificate (agents name it `localhost`).
+    pub async fn start_replica(first: &ControlPlane, extra_config: &str) -> ControlPlane {
+        let tls = first.dir.path().join("data").join("tls");
+        let dir = tempfile::tempdir().unwrap();
+        let (grpc, http) = (free_addr(), free_addr());
+        std::fs::write(
+            dir.path().join("control-plane.yaml"),
+            format!(
+                "data_dir: {}\nagent_tokens: [{AGENT_TOKEN}]\ngrpc:\n  listen: {grpc}\n  cert_file: {}\n  key_file: {}\nhttp:\n  listen: {http}\n{extra_config}",
+                dir.path().join("data").display(),
+                tls.join("server.pem").display(),
+                tls.join("server-key.pem").display(),
+            ),
+        )
+        .unwrap();
+        let mut cp = ControlPlane {
+            child: None,
+            grpc,
+            http,
+            dir,
+            client: api_client().build().unwrap(),
+        };
+        cp.spawn().await;
+        cp
     }
 
     /// Starts a control plane; `extra_config` is appended to its YAML

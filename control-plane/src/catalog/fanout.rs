@@ -22,7 +22,16 @@ impl Catalog {
                 .insert(session);
             let current = inner.service_index.get(&service).copied().unwrap_or(1);
             if known != current {
-                let snapshot = inner.snapshot(&service);
+                let mut snapshot = inner.snapshot(&service);
+                // On a shared store, an agent that comes from another
+                // replica may know a later index for the same state (that
+                // replica saw the revision that last changed it; this one
+                // loaded it): its index must not go backwards.
+                if inner.shared.is_some()
+                    && let Some(Body::Update(update)) = &mut snapshot.body
+                {
+                    update.index = update.index.max(known);
+                }
                 inner.send(session, snapshot);
             }
         }
@@ -164,7 +173,12 @@ impl Inner {
     /// Gives each changed service a new index and sends its delta to its
     /// subscribers, and only to them.
     pub(super) fn publish(&mut self, changes: BTreeMap<String, ServiceChange>) {
-        self.index += 1;
+        self.index = match self.revision {
+            // Every replica publishes a change of the shared store at its
+            // revision: the same index on each.
+            Some(revision) => self.index.max(revision),
+            None => self.index + 1,
+        };
         let index = self.index;
         for (service, change) in changes {
             self.service_index.insert(service.clone(), index);

@@ -98,10 +98,41 @@ impl Liveness {
 
     /// When it failed, for the store (0: it has not).
     pub(super) fn failed_at_unix_ms(&self) -> u64 {
-        self.failed_at
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        self.failed_at.map_or(0, unix_ms)
     }
+
+    /// Failed at `at_unix_ms`, as the shared store says.
+    pub(super) fn failed(at_unix_ms: u64) -> Liveness {
+        Liveness {
+            status: NodeStatus::Failed,
+            failed_at: Some(UNIX_EPOCH + Duration::from_millis(at_unix_ms)),
+            next_probe: None,
+            reprobe: REPROBE_MIN,
+        }
+    }
+
+    /// Unreachable, probed at `next_probe` (none: not by this replica).
+    pub(super) fn unreachable(next_probe: Option<Instant>) -> Liveness {
+        Liveness {
+            status: NodeStatus::Unreachable,
+            failed_at: None,
+            next_probe,
+            reprobe: REPROBE_MIN,
+        }
+    }
+
+    /// An unreachable node this replica does not probe (it is not the
+    /// leader) gets probed from `at` on.
+    pub(super) fn probe_from(&mut self, at: Instant) {
+        if self.status == NodeStatus::Unreachable && self.next_probe.is_none() {
+            self.next_probe = Some(at);
+        }
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A node's liveness as Consul's `serfHealth` check.
@@ -259,7 +290,11 @@ impl Catalog {
             .map(|n| n.hello.node.clone())
             .collect();
         for node in &reaped {
-            inner.reap(node);
+            if inner.shared.is_some() {
+                inner.decide(super::Decision::Reap { node: node.clone() });
+            } else {
+                inner.reap(node);
+            }
         }
         drop(inner);
         if changed || !reaped.is_empty() {
@@ -346,6 +381,17 @@ impl Inner {
                 }
                 liveness.next_probe = Some(now + liveness.reprobe);
                 liveness.reprobe = (liveness.reprobe * 2).min(REPROBE_MAX);
+            }
+            ProbeVerdict::Failed if self.shared.is_some() => {
+                // Every replica marks it failed when the store says so;
+                // probed again if the store never does.
+                tracing::warn!(node = %pending.node, "no peer reaches the node: recording it failed");
+                liveness.next_probe = Some(now + REPROBE_MAX);
+                let decision = super::Decision::Failed {
+                    node: pending.node.clone(),
+                    at_unix_ms: unix_ms(wall),
+                };
+                self.decide(decision);
             }
             ProbeVerdict::Failed => {
                 tracing::warn!(node = %pending.node, "no peer reaches the node: marking it failed");

@@ -42,6 +42,13 @@ impl Agent {
         Agent { session, rx }
     }
 
+    /// A session on a replica that shares its store.
+    pub(super) fn attach(catalog: &Catalog, node: &str) -> Agent {
+        let (tx, rx) = mpsc::channel(64);
+        let session = catalog.attach(node, tx);
+        Agent { session, rx }
+    }
+
     /// What was received since the last look.
     fn received(&mut self) -> Vec<Body> {
         let mut out = Vec::new();

@@ -8,14 +8,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::HttpState;
+use super::{HttpState, error};
 use signpost_daemon::token::presented;
 
 use crate::acl::{AuditEntry, Denied, Role, TokenRecord};
-
-fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
-}
 
 /// A refused request: 401 or 403 with why.
 pub(super) struct Refused {
@@ -127,7 +123,7 @@ pub(super) async fn create(
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("Role: {e}")),
     };
-    match s.acl.create(role, &new.description, &admin.accessor) {
+    match s.acl.create(role, &new.description, &admin.accessor).await {
         Ok((record, secret)) => {
             s.acl.record(AuditEntry::new(
                 &admin.accessor,
@@ -142,10 +138,7 @@ pub(super) async fn create(
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot store a token");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot store the token: {e}"),
-            )
+            super::store_failed(e.unavailable(), format!("cannot store the token: {e}"))
         }
     }
 }
@@ -180,7 +173,7 @@ pub(super) async fn delete(
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
-    match s.acl.delete(&accessor) {
+    match s.acl.delete(&accessor).await {
         Ok(true) => {
             s.acl.record(AuditEntry::new(
                 &admin.accessor,
@@ -192,10 +185,7 @@ pub(super) async fn delete(
             Json(json!(true)).into_response()
         }
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no token {accessor:?}")),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot store the tokens: {e}"),
-        ),
+        Err(e) => super::store_failed(e.unavailable(), format!("cannot store the tokens: {e}")),
     }
 }
 

@@ -10,13 +10,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use signpost_core::command::{Command, NewCommand, now_millis};
 
-use super::HttpState;
 use super::acl::authorize;
+use super::{HttpState, error};
 use crate::acl::{AuditEntry, Role};
-
-fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
-}
 
 fn command_json(s: &HttpState, c: &Command, now: u64) -> Value {
     let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
@@ -68,7 +64,7 @@ pub(super) async fn create(
         ));
         return error(StatusCode::BAD_REQUEST, why);
     }
-    match s.commands.create(new, &operator.accessor) {
+    match s.commands.create(new, &operator.accessor).await {
         Ok(command) => {
             s.acl.record(AuditEntry::new(
                 &operator.accessor,
@@ -79,10 +75,7 @@ pub(super) async fn create(
             ));
             Json(command_json(&s, &command, now_millis())).into_response()
         }
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot store the command: {e}"),
-        ),
+        Err(e) => super::store_failed(e.unavailable(), format!("cannot store the command: {e}")),
     }
 }
 
@@ -128,7 +121,7 @@ pub(super) async fn revoke(
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
-    match s.commands.revoke(&id) {
+    match s.commands.revoke(&id).await {
         Ok(Some(c)) => {
             s.acl.record(AuditEntry::new(
                 &operator.accessor,
@@ -140,9 +133,6 @@ pub(super) async fn revoke(
             Json(command_json(&s, &c, now_millis())).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no command {id:?}")),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot store the command: {e}"),
-        ),
+        Err(e) => super::store_failed(e.unavailable(), format!("cannot store the command: {e}")),
     }
 }

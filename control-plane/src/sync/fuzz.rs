@@ -16,7 +16,7 @@ use signpost_proto::{
 };
 use tokio::sync::mpsc;
 
-use super::{check, dispatch};
+use super::{Reports, check, dispatch};
 use crate::catalog::Catalog;
 use crate::commands::Commands;
 
@@ -114,7 +114,7 @@ fn agent_messages_never_panic_and_garbage_never_enters_the_catalog() {
             continue;
         }
         taken += 1;
-        dispatch(&catalog, &commands, session, node, body);
+        dispatch(&catalog, &commands, &Reports::Local, session, node, body);
         while rx.try_recv().is_ok() {}
         if dose.done().is_multiple_of(64) {
             let kept = catalog.snapshot();

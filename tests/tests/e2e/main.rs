@@ -10,6 +10,8 @@ mod commands;
 mod dns;
 mod files;
 mod fleet;
+#[cfg(feature = "etcd")]
+mod ha;
 mod hardening;
 mod persistence_cli;
 mod proxy;
