@@ -3,7 +3,9 @@
 //! delta the moment anything changes, subscribes to the services this host
 //! uses, and applies what comes back to the [`FleetCache`]. When the
 //! stream drops it tries the other addresses with jittered exponential
-//! back-off, keeping the last view meanwhile.
+//! back-off, keeping the last view meanwhile: the configured addresses
+//! from a random one on (so that a fleet spreads over the replicas), and
+//! every address a name resolves to, shuffled.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -199,13 +201,18 @@ pub(crate) async fn run(
     let ca = read_ca(&config.ca_file)?;
     let mut ack_queries = fleet.ack_queries();
     let mut backoff = BACKOFF_MIN;
-    let mut attempt = 0usize;
+    let mut targets = std::collections::VecDeque::new();
     loop {
-        let address = &config.addresses[attempt % config.addresses.len()];
-        attempt += 1;
+        if targets.is_empty() {
+            targets = round(&config.addresses).await.into();
+        }
+        let Some(target) = targets.pop_front() else {
+            anyhow::bail!("control_plane.addresses is empty");
+        };
+        let address = &target.address;
         let result = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = session(&agent, &fleet, &mut ack_queries, &settings, &ca, address) => r,
+            r = session(&agent, &fleet, &mut ack_queries, &settings, &ca, &target) => r,
         };
         fleet.set_connected(false);
         agent.metrics.sync_connected(false);
@@ -228,16 +235,56 @@ pub(crate) async fn run(
     }
 }
 
+/// One control-plane address to try.
+struct Target {
+    /// What to connect to (a resolved address, or as configured).
+    address: String,
+    /// The configured address's host: the name its certificate carries.
+    host: String,
+}
+
+/// The addresses of one round of attempts: the configured ones from a
+/// random one on, each name's addresses (resolved now) shuffled.
+async fn round(addresses: &[String]) -> Vec<Target> {
+    let start = rand::rng().random_range(0..addresses.len().max(1));
+    let mut round = Vec::new();
+    for configured in addresses.iter().cycle().skip(start).take(addresses.len()) {
+        let host = configured
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']))
+            .unwrap_or(configured)
+            .to_string();
+        let mut resolved: Vec<String> = match tokio::net::lookup_host(configured.as_str()).await {
+            Ok(all) => all.map(|a| a.to_string()).collect(),
+            Err(e) => {
+                tracing::debug!(address = %configured, error = %e, "cannot resolve the control plane's address");
+                Vec::new()
+            }
+        };
+        if resolved.is_empty() {
+            // Connecting says why.
+            resolved.push(configured.clone());
+        }
+        rand::seq::SliceRandom::shuffle(resolved.as_mut_slice(), &mut rand::rng());
+        round.extend(resolved.into_iter().map(|address| Target {
+            address,
+            host: host.clone(),
+        }));
+    }
+    round
+}
+
 async fn session(
     agent: &Agent,
     fleet: &FleetCache,
     ack_queries: &mut mpsc::UnboundedReceiver<AckRequest>,
     settings: &Settings,
     ca: &[u8],
-    address: &str,
+    target: &Target,
 ) -> anyhow::Result<()> {
     let config = &settings.config;
-    let mut client = connect(settings, ca, address).await?;
+    let address = target.address.as_str();
+    let mut client = connect(settings, ca, target).await?;
     let (tx, rx) = mpsc::channel::<AgentMessage>(256);
     let mut changes = agent.state.subscribe();
     let mut sent = agent.state.read(local);
@@ -330,20 +377,17 @@ async fn session(
 async fn connect(
     settings: &Settings,
     ca: &[u8],
-    address: &str,
+    target: &Target,
 ) -> anyhow::Result<SyncClient<InterceptedService<Channel, Bearer>>> {
     let config = &settings.config;
-    let host = address
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_matches(['[', ']']))
-        .unwrap_or(address);
+    let address = target.address.as_str();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name(
             config
                 .server_name
                 .clone()
-                .unwrap_or_else(|| host.to_string()),
+                .unwrap_or_else(|| target.host.clone()),
         );
     let channel = Endpoint::from_shared(format!("https://{address}"))
         .with_context(|| format!("invalid control-plane address {address:?}"))?

@@ -43,6 +43,8 @@ use crate::store::{Shared, StoreError};
 /// etcd's own limit on a request (`--max-request-bytes`, 1.5 MiB): a
 /// node record larger than this cannot be written.
 pub const MAX_RECORD: usize = 1_400_000;
+/// Between two attempts of a write.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Keys read per request when loading everything.
 const PAGE: i64 = 500;
 
@@ -158,6 +160,11 @@ impl Etcd {
                 reason: format!("etcd did not answer within {:?}", self.timeout),
             }),
         };
+        self.noted(outcome)
+    }
+
+    /// Notes whether etcd answered (logged when that changes).
+    fn noted<T>(&self, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
         let answered = outcome.is_ok();
         if self.quorum.swap(answered, Ordering::Relaxed) != answered {
             if answered {
@@ -169,22 +176,29 @@ impl Etcd {
         outcome
     }
 
-    /// A write, tried again once on another member if the first did not
-    /// go through in half the time: a member that just died fails the
-    /// requests already on its connection, and that must not show.
+    /// A write, tried again on another member while `timeout` lasts: a
+    /// member that just died fails the requests the client still sends
+    /// it (at once, or after half the time for one that hangs), and that
+    /// must not show while the others have a quorum.
     async fn write<T, F, Fut>(&self, request: F) -> Result<T, StoreError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let half = self.timeout / 2;
-        match tokio::time::timeout(half, request(self.client())).await {
-            Ok(Ok(answer)) => {
-                self.quorum.store(true, Ordering::Relaxed);
-                Ok(answer)
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut last = None;
+        while tokio::time::Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = (self.timeout / 2).min(left);
+            match tokio::time::timeout(attempt, request(self.client())).await {
+                Ok(Ok(answer)) => return self.noted(Ok(answer)),
+                Ok(Err(e)) => last = Some(e.to_string()),
+                Err(_) => last = Some(format!("etcd did not answer within {attempt:?}")),
             }
-            _ => self.call(request(self.client())).await,
+            tokio::time::sleep(RETRY_PAUSE.min(left)).await;
         }
+        let reason = last.unwrap_or_else(|| "no time left".to_string());
+        self.noted(Err(StoreError::Unavailable { reason }))
     }
 
     async fn grant(&self) -> Result<i64, StoreError> {

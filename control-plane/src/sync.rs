@@ -74,6 +74,15 @@ impl Reports {
         }
     }
 
+    /// An agent's answer to a probe the leader asked through the store.
+    fn relay_probe_result(&self, node: &str, result: &signpost_proto::ProbeResult) {
+        match self {
+            Reports::Local => {}
+            #[cfg(feature = "etcd")]
+            Reports::Etcd(reports) => reports.probe_result(node, result),
+        }
+    }
+
     /// The stream ended.
     fn close(self, catalog: &Catalog, session: SessionId) {
         match self {
@@ -320,7 +329,11 @@ fn dispatch(
             if !r.reachable && !r.error.is_empty() {
                 tracing::debug!(by = %node, error = %r.error, "peer probe failed");
             }
-            catalog.probe_result(r.probe_id, r.reachable);
+            if catalog.relayed(r.probe_id) {
+                reports.relay_probe_result(node, &r);
+            } else {
+                catalog.probe_result(r.probe_id, r.reachable);
+            }
         }
         // Refused by [`check`].
         agent_message::Body::Hello(_) => {}

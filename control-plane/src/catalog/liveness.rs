@@ -135,6 +135,17 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Asks an agent whether it reaches `node` at `address`.
+pub(super) fn probe_request(id: u64, node: &str, address: &str) -> ControlMessage {
+    ControlMessage {
+        body: Some(Body::Probe(ProbeRequest {
+            probe_id: id,
+            node: node.to_string(),
+            address: address.to_string(),
+        })),
+    }
+}
+
 /// A node's liveness as Consul's `serfHealth` check.
 pub fn liveness_check(node: &NodeEntry) -> Check {
     let (status, output) = match node.liveness.status {
@@ -308,6 +319,9 @@ impl Catalog {
 
 impl Inner {
     /// Asks up to 3 connected agents, same zone first, to probe `node`.
+    /// On a shared store the peers are agents connected to any replica:
+    /// those on another replica are asked through the store
+    /// ([`super::Decision::Probe`]).
     fn start_probe(&mut self, node: &str, now: Instant) {
         self.next_probe += 1;
         let id = self.next_probe;
@@ -317,21 +331,12 @@ impl Inner {
         entry.liveness.next_probe = None;
         let zone = entry.hello.zone.clone();
         let address = entry.hello.probe_address.clone();
-        let mut peers: Vec<(bool, SessionId)> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.node != node)
-            .map(|(id, s)| {
-                let same_zone = self
-                    .nodes
-                    .get(&s.node)
-                    .is_some_and(|n| n.hello.zone == zone);
-                (!same_zone, *id)
-            })
-            .collect();
-        peers.sort();
-        peers.truncate(PROBE_PEERS);
-        let asked = if address.is_empty() { 0 } else { peers.len() };
+        let peers = if address.is_empty() {
+            Vec::new()
+        } else {
+            self.probe_peers(node, &zone)
+        };
+        let asked = peers.len();
         self.probes.insert(
             id,
             PendingProbe {
@@ -346,16 +351,56 @@ impl Inner {
             peers = asked,
             "agent not connected: asking peers to probe it"
         );
-        for (_, session) in peers.into_iter().take(asked) {
-            let request = ControlMessage {
-                body: Some(Body::Probe(ProbeRequest {
-                    probe_id: id,
-                    node: node.to_string(),
-                    address: address.clone(),
-                })),
-            };
-            self.send(session, request);
+        let mut remote = Vec::new();
+        for peer in peers {
+            match self.session_of(&peer) {
+                Some(session) => {
+                    let request = probe_request(id, node, &address);
+                    self.send(session, request);
+                }
+                None => remote.push(peer),
+            }
         }
+        if !remote.is_empty() {
+            self.decide(super::Decision::Probe {
+                id,
+                node: node.to_string(),
+                address,
+                peers: remote,
+            });
+        }
+    }
+
+    /// Up to [`PROBE_PEERS`] nodes with an agent connected (to this
+    /// replica, or on a shared store to any), same zone first.
+    fn probe_peers(&self, node: &str, zone: &str) -> Vec<String> {
+        let connected: Vec<&str> = match self.shared_present() {
+            Some(present) => present.collect(),
+            None => self.sessions.values().map(|s| s.node.as_str()).collect(),
+        };
+        let mut peers: Vec<(bool, &str)> = connected
+            .into_iter()
+            .filter(|peer| *peer != node)
+            .map(|peer| {
+                let same_zone = self.nodes.get(peer).is_some_and(|n| n.hello.zone == zone);
+                (!same_zone, peer)
+            })
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        peers
+            .into_iter()
+            .take(PROBE_PEERS)
+            .map(|(_, peer)| peer.to_string())
+            .collect()
+    }
+
+    /// This replica's session of `node`'s agent, if it has one.
+    pub(super) fn session_of(&self, node: &str) -> Option<SessionId> {
+        self.sessions
+            .iter()
+            .find(|(_, s)| s.node == node)
+            .map(|(id, _)| *id)
     }
 
     fn conclude(
@@ -366,6 +411,9 @@ impl Inner {
         wall: SystemTime,
     ) -> Option<(String, ProbeVerdict)> {
         let pending = self.probes.remove(&probe_id)?;
+        if self.shared.is_some() {
+            self.decide(super::Decision::ProbeDone { id: probe_id });
+        }
         let entry = self.nodes.get_mut(&pending.node)?;
         // Reconnected meanwhile: nothing to decide.
         if entry.liveness.status != NodeStatus::Unreachable {

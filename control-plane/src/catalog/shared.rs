@@ -18,6 +18,16 @@ pub enum Decision {
     Failed { node: String, at_unix_ms: u64 },
     /// Failed for `node_reap_after`: remove it and its registrations.
     Reap { node: String },
+    /// Ask `peers`, whose agents are on other replicas, whether they
+    /// reach `node` at `address`; they answer through the store.
+    Probe {
+        id: u64,
+        node: String,
+        address: String,
+        peers: Vec<String>,
+    },
+    /// Probe `id` is concluded: its records can go.
+    ProbeDone { id: u64 },
 }
 
 #[derive(Default)]
@@ -29,14 +39,51 @@ pub(super) struct SharedState {
     /// Whether this replica probes and reaps.
     leader: bool,
     decisions: Vec<Decision>,
+    /// Probes another replica's leader asked this one's agents, and when.
+    relayed: HashMap<u64, Instant>,
 }
 
 impl Catalog {
     /// An empty catalog that follows a shared store.
     pub fn shared() -> Catalog {
         let catalog = Catalog::default();
-        catalog.lock().shared = Some(SharedState::default());
+        let mut inner = catalog.lock();
+        inner.shared = Some(SharedState::default());
+        // Probe ids are seen by every replica: each leader its own range.
+        inner.next_probe = u64::from(rand::random::<u32>()) << 24;
+        drop(inner);
         catalog
+    }
+
+    /// The leader asks the agents among `peers` that are on this replica
+    /// whether they reach `node` (their answers go to the store).
+    pub fn relay_probe(&self, id: u64, node: &str, address: &str, peers: &[String]) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let mut asked = false;
+        for peer in peers {
+            if let Some(session) = inner.session_of(peer) {
+                inner.send(session, super::liveness::probe_request(id, node, address));
+                asked = true;
+            }
+        }
+        if let Some(shared) = inner.shared.as_mut() {
+            shared
+                .relayed
+                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+            if asked {
+                shared.relayed.insert(id, now);
+            }
+        }
+    }
+
+    /// Whether this replica relayed probe `id` to its agents: their
+    /// answers go to the store for the leader.
+    pub fn relayed(&self, id: u64) -> bool {
+        self.lock()
+            .shared
+            .as_ref()
+            .is_some_and(|s| s.relayed.contains_key(&id))
     }
 
     /// A node's record in the store at `revision` (`None`: deleted).
@@ -245,6 +292,14 @@ impl Catalog {
 }
 
 impl Inner {
+    /// On a shared store, the nodes whose agents are connected to any
+    /// replica.
+    pub(super) fn shared_present(&self) -> Option<impl Iterator<Item = &str>> {
+        self.shared
+            .as_ref()
+            .map(|s| s.present.iter().map(String::as_str))
+    }
+
     /// A node's liveness from what the store says of it.
     fn shared_liveness(&self, node: &str) -> Liveness {
         let Some(shared) = &self.shared else {
@@ -341,10 +396,19 @@ mod tests {
             catalog.probe_result(probe, false),
             Some(("a".to_string(), ProbeVerdict::Failed))
         );
-        assert!(matches!(
-            catalog.take_decisions().as_slice(),
-            [Decision::Failed { node, .. }] if node == "a"
-        ));
+        let decisions = catalog.take_decisions();
+        assert!(
+            decisions
+                .iter()
+                .any(|d| matches!(d, Decision::Failed { node, .. } if node == "a")),
+            "{decisions:?}"
+        );
+        assert!(
+            !decisions
+                .iter()
+                .any(|d| matches!(d, Decision::Probe { .. })),
+            "the peer is on this replica: asked directly"
+        );
         assert_eq!(
             catalog.read(|i| i.nodes["a"].liveness.status),
             NodeStatus::Unreachable,
@@ -357,6 +421,43 @@ mod tests {
             [Decision::Reap {
                 node: "a".to_string()
             }]
+        );
+    }
+
+    #[test]
+    fn peers_on_other_replicas_are_asked_through_the_store() {
+        let catalog = Catalog::shared();
+        // "peer" is present, but on another replica: no session here.
+        catalog.store_presence("peer", true, 2);
+        catalog.store_node("peer", Some(record("peer", &[])), 3);
+        catalog.store_node("a", Some(record("a", &["web-1"])), 4);
+        catalog.set_leader(true);
+        catalog.tick(Duration::from_secs(600));
+        let decisions = catalog.take_decisions();
+        let Some(Decision::Probe {
+            id, node, peers, ..
+        }) = decisions
+            .iter()
+            .find(|d| matches!(d, Decision::Probe { .. }))
+            .cloned()
+        else {
+            panic!("no probe through the store: {decisions:?}");
+        };
+        assert_eq!(
+            (node.as_str(), peers.as_slice()),
+            ("a", ["peer".to_string()].as_slice())
+        );
+        // The replica the peer is on relays it, and knows to send the
+        // answer back through the store.
+        let other = Catalog::shared();
+        let mut peer = Agent::attach(&other, "peer");
+        other.relay_probe(id, "a", "198.18.0.1:8301", &peers);
+        assert_eq!(peer.probes().len(), 1);
+        assert!(other.relayed(id));
+        // The answer, through the store, concludes the leader's probe.
+        assert_eq!(
+            catalog.probe_result(id, false),
+            Some(("a".to_string(), ProbeVerdict::Failed))
         );
     }
 }

@@ -233,6 +233,24 @@ fn apply(followers: &Followers, key: &str, value: Option<&[u8]>, revision: u64) 
         if let Some(entry) = value.and_then(|v| json(key, v)) {
             followers.acl.store_audit(entry);
         }
+    } else if let Some(rest) = key.strip_prefix("probes/") {
+        let Some(value) = value else { return };
+        match rest.split_once('/') {
+            // An agent on some replica answered the leader's probe.
+            Some((id, _peer)) => {
+                if let Ok(id) = id.parse() {
+                    catalog.probe_result(id, value == b"1");
+                }
+            }
+            None => {
+                let (Ok(id), Some(probe)) =
+                    (rest.parse(), json::<super::leader::ProbeRecord>(key, value))
+                else {
+                    return;
+                };
+                catalog.relay_probe(id, &probe.node, &probe.address, &probe.peers);
+            }
+        }
     } else if key == "leader" && value.is_none() {
         followers.leader_gone.notify_one();
     }

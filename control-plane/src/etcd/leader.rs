@@ -108,8 +108,8 @@ async fn lead(
                 continue;
             }
             sent.insert(decision.clone(), now);
-            match record(etcd, &decision).await {
-                Ok(true) => tracing::info!(?decision, "recorded"),
+            match record(etcd, &decision, lease).await {
+                Ok(true) => tracing::debug!(?decision, "recorded"),
                 Ok(false) => tracing::info!(
                     ?decision,
                     "not recorded: the node changed meanwhile, or this replica no longer leads"
@@ -156,8 +156,21 @@ async fn resign(etcd: &Etcd) {
     }
 }
 
+/// A probe request for agents on other replicas (`probes/<id>`; their
+/// answers are `probes/<id>/<peer>`, `1` when they reach the node).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ProbeRecord {
+    pub node: String,
+    pub address: String,
+    pub peers: Vec<String>,
+}
+
 /// Writes a decision, guarded: whether it went through.
-async fn record(etcd: &Etcd, decision: &Decision) -> Result<bool, crate::store::StoreError> {
+async fn record(
+    etcd: &Etcd,
+    decision: &Decision,
+    lease: i64,
+) -> Result<bool, crate::store::StoreError> {
     let leading = Compare::value(etcd.key("leader"), CompareOp::Equal, etcd.replica.clone());
     let txn = match decision {
         Decision::Failed { node, at_unix_ms } => Txn::new()
@@ -193,6 +206,33 @@ async fn record(etcd: &Etcd, decision: &Decision) -> Result<bool, crate::store::
                 TxnOp::delete(etcd.key(&format!("nodes/{node}")), None),
                 TxnOp::delete(etcd.key(&format!("failed/{node}")), None),
             ]),
+        Decision::Probe {
+            id,
+            node,
+            address,
+            peers,
+        } => {
+            let record = ProbeRecord {
+                node: node.clone(),
+                address: address.clone(),
+                peers: peers.clone(),
+            };
+            let bytes = serde_json::to_vec(&record).unwrap_or_default();
+            // On the leader's lease: gone with it.
+            Txn::new().when([leading]).and_then([TxnOp::put(
+                etcd.key(&format!("probes/{id}")),
+                bytes,
+                on_lease(lease),
+            )])
+        }
+        Decision::ProbeDone { id } => {
+            let key = etcd.key(&format!("probes/{id}"));
+            let end = prefix_end(&format!("{key}/"));
+            Txn::new().and_then([TxnOp::delete(
+                key,
+                Some(etcd_client::DeleteOptions::new().with_range(end)),
+            )])
+        }
     };
     etcd.txn(txn).await
 }

@@ -27,6 +27,7 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// The reports of one agent's session.
 pub struct Reports {
+    etcd: Arc<Etcd>,
     record: Arc<Mutex<NodeSnapshot>>,
     changed: watch::Sender<u64>,
     closed: CancellationToken,
@@ -48,12 +49,13 @@ impl Reports {
         let closed = CancellationToken::new();
         let writer = Writer {
             presence: format!("{}/{session}", etcd.replica),
-            etcd,
+            etcd: etcd.clone(),
             record: record.clone(),
             shutdown,
         };
         tokio::spawn(writer.run(seen, closed.clone()));
         Reports {
+            etcd,
             record,
             changed,
             closed,
@@ -70,6 +72,25 @@ impl Reports {
         self.update(|record| {
             record.instances = state.instances;
             record.node_checks = state.node_checks;
+        });
+    }
+
+    /// This agent's answer to a probe the leader asked through the store.
+    pub fn probe_result(&self, node: &str, result: &signpost_proto::ProbeResult) {
+        let key = format!("probes/{}/{node}", result.probe_id);
+        let value = if result.reachable {
+            b"1".to_vec()
+        } else {
+            b"0".to_vec()
+        };
+        let etcd = self.etcd.clone();
+        tokio::spawn(async move {
+            // On this replica's lease: gone with it if the leader never
+            // clears it.
+            let put = TxnOp::put(etcd.key(&key), value, on_lease(etcd.lease()));
+            if let Err(e) = etcd.txn(Txn::new().and_then([put])).await {
+                tracing::warn!(error = %e, "cannot pass a probe's answer to the leader");
+            }
         });
     }
 

@@ -11,6 +11,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 use signpost_tests::etcd::EtcdCluster;
+use signpost_tests::upstream::{proxy_config, upstreams, vip_client};
 use signpost_tests::{AGENT_TOKEN, Agent, ControlPlane, control_plane_bin, signpost};
 
 /// A fresh key prefix: each test its own fleet.
@@ -35,8 +36,23 @@ async fn register(agent: &Agent, id: &str, name: &str) {
     assert!(r.status.is_success(), "{}", r.text);
 }
 
-/// The status of `service`'s first check on `node`, in `agent`'s view.
+/// The status of `service`'s own check on `node`, in `agent`'s view.
 async fn status_on(agent: &Agent, service: &str, node: &str) -> Option<String> {
+    check_on(agent, service, node, |c| c["ServiceID"] != "").await
+}
+
+/// The status of `node`'s liveness (`serfHealth`), in `agent`'s view of
+/// `service`.
+async fn liveness_on(agent: &Agent, service: &str, node: &str) -> Option<String> {
+    check_on(agent, service, node, |c| c["CheckID"] == "serfHealth").await
+}
+
+async fn check_on(
+    agent: &Agent,
+    service: &str,
+    node: &str,
+    which: impl Fn(&Value) -> bool,
+) -> Option<String> {
     let body = agent
         .get(&format!("/v1/health/service/{service}"))
         .await
@@ -49,7 +65,7 @@ async fn status_on(agent: &Agent, service: &str, node: &str) -> Option<String> {
     let check = entry["Checks"]
         .as_array()?
         .iter()
-        .find(|c| c["ServiceID"] != "")?
+        .find(|c| which(c))?
         .clone();
     Some(check["Status"].as_str()?.to_string())
 }
@@ -82,17 +98,27 @@ async fn node_status(cp: &ControlPlane, node: &str) -> Option<String> {
         .and_then(|n| n["Status"].as_str().map(str::to_string))
 }
 
+/// Which of `replicas` `node`'s agent connected to (its first stream).
+fn holder(replicas: &[ControlPlane], node: &str) -> Option<usize> {
+    let needle = format!("agent connected node={node} ");
+    replicas.iter().position(|r| r.log().contains(&needle))
+}
+
 #[tokio::test]
 #[ignore = "needs etcd (etcd-server)"]
 async fn three_replicas_share_one_fleet_and_agents_move_when_one_dies() {
     let etcd = EtcdCluster::start(3).await;
     let store = etcd.config(&prefix());
     let r1 = ControlPlane::start_with(&store).await;
-    let mut r2 = ControlPlane::start_replica(&r1, &store).await;
+    let r2 = ControlPlane::start_replica(&r1, &store).await;
     let r3 = ControlPlane::start_replica(&r1, &store).await;
+    let web = upstreams("web", 2).await;
     let a = Agent::start_named("a", &join(&[&r1], &r1)).await;
-    let b = Agent::start_named("b", &join(&[&r2, &r1], &r1)).await;
-    let c = Agent::start_named("c", &join(&[&r3], &r1)).await;
+    let entries: String = web.iter().map(|u| u.entry("web", "http")).collect();
+    a.write_service_file("web.yaml", &format!("services:\n{entries}"));
+    // b lists replicas 2 and 1 and starts with either.
+    let mut b = Agent::start_named("b", &join(&[&r2, &r1], &r1)).await;
+    let c = Agent::start_named("c", &format!("{}{}", join(&[&r3], &r1), proxy_config(""))).await;
     c.eventually("three agents alive on every replica", || async {
         for r in [&r1, &r2, &r3] {
             for node in ["a", "b", "c"] {
@@ -107,22 +133,22 @@ async fn three_replicas_share_one_fleet_and_agents_move_when_one_dies() {
 
     // Registered on a host whose agent is on replica 1, seen by a host
     // on replica 3; a health flip follows.
-    register(&a, "web-1", "web").await;
-    c.eventually("web on c", || async {
-        status_on(&c, "web", "a").await.filter(|s| s == "passing")
+    register(&a, "api-1", "api").await;
+    c.eventually("api on c", || async {
+        status_on(&c, "api", "a").await.filter(|s| s == "passing")
     })
     .await;
     let r = a
-        .put("/v1/agent/check/fail/service:web-1?note=down", None)
+        .put("/v1/agent/check/fail/service:api-1?note=down", None)
         .await;
     assert!(r.status.is_success());
     c.eventually("critical on c", || async {
-        status_on(&c, "web", "a").await.filter(|s| s == "critical")
+        status_on(&c, "api", "a").await.filter(|s| s == "critical")
     })
     .await;
     // Every replica gives the service the same index: etcd's revision.
     let index = |cp: &ControlPlane| {
-        let url = format!("http://{}/v1/health/service/web", cp.http);
+        let url = format!("http://{}/v1/health/service/api", cp.http);
         async move {
             let r = reqwest::Client::new().get(url).send().await.unwrap();
             r.headers()["x-consul-index"].to_str().unwrap().to_string()
@@ -148,7 +174,7 @@ async fn three_replicas_share_one_fleet_and_agents_move_when_one_dies() {
         &[
             "cmd",
             "block",
-            "web",
+            "api",
             "198.18.0.9:8080",
             "--reason",
             "disk",
@@ -163,27 +189,73 @@ async fn three_replicas_share_one_fleet_and_agents_move_when_one_dies() {
     })
     .await;
 
-    // Replica 2 dies with b's stream on it: b moves to replica 1, stays
-    // alive, and what it registers next still reaches c.
-    r2.kill();
-    register(&b, "api-1", "api").await;
-    c.eventually("api from b (moved to replica 1) on c", || async {
-        status_on(&c, "api", "b").await.filter(|s| s == "passing")
+    // The replica b is on dies under proxy load from c to a's instances.
+    let (client, url) = vip_client(&c, "web", web[0].addr.port()).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, url, stop) = (client.clone(), url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let mut replicas = vec![r1, r2, r3];
+    let dead = holder(&replicas, "b").expect("b connected to a replica");
+    let killed_at = std::time::Instant::now();
+    replicas[dead].kill();
+    b.eventually("b connected again", || async {
+        (b.metric("signpost_agent_sync_connected").await == 1.0
+            && b.log().matches("connected to the control plane").count() >= 2)
+            .then_some(())
     })
     .await;
-    assert_eq!(node_status(&r3, "b").await.as_deref(), Some("alive"));
+    eprintln!(
+        "b resumed on another replica {:.2} s after its replica died",
+        killed_at.elapsed().as_secs_f64()
+    );
+    let alive: Vec<&ControlPlane> = replicas
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| *n != dead)
+        .map(|(_, r)| r)
+        .collect();
+    register(&b, "db-1", "db").await;
+    c.eventually("db from b (moved) on c", || async {
+        status_on(&c, "db", "b").await.filter(|s| s == "passing")
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0);
+    assert!(
+        failed.is_empty(),
+        "{} of {} proxied requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len() as u64
+    );
+    for r in &alive {
+        assert_eq!(node_status(r, "b").await.as_deref(), Some("alive"));
+    }
     assert_eq!(
-        status_on(&c, "web", "a").await.as_deref(),
+        status_on(&c, "api", "a").await.as_deref(),
         Some("critical"),
         "nothing lost"
     );
-    for r in [&r1, &r3] {
+    for r in &alive {
         assert!(
             !r.log().contains("recording it failed"),
             "no node failed because a replica died:\n{}",
             r.log()
         );
     }
+    b.kill();
 }
 
 #[tokio::test]
@@ -357,4 +429,83 @@ async fn migrate_copies_a_fleet_from_files_to_etcd_and_back() {
         .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("empty prefix"));
+}
+
+/// Whether `cp` is the elected leader (its metric).
+async fn leads(cp: &ControlPlane) -> bool {
+    cp.get("/metrics")
+        .await
+        .text
+        .lines()
+        .any(|l| l.starts_with("signpost_control_plane_leader ") && l.ends_with(" 1"))
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn when_the_leader_dies_another_replica_fails_and_reaps_the_dead_host() {
+    let etcd = EtcdCluster::start(1).await;
+    let store = format!(
+        "{}  lease_ttl: 5s\nnode_reap_after: 6s\n",
+        etcd.config(&prefix())
+    );
+    let r1 = ControlPlane::start_with(&store).await;
+    let r2 = ControlPlane::start_replica(&r1, &store).await;
+    // Peers on both replicas, so that whichever leads has one to ask.
+    let p1 = Agent::start_named("p1", &join(&[&r1, &r2], &r1)).await;
+    let p2 = Agent::start_named("p2", &join(&[&r2, &r1], &r1)).await;
+    let mut x = Agent::start_named("x", &join(&[&r1, &r2], &r1)).await;
+    register(&x, "web-x", "web").await;
+    p1.eventually("x's web on p1", || async {
+        status_on(&p1, "web", "x").await.filter(|s| s == "passing")
+    })
+    .await;
+    let mut replicas = [r1, r2];
+    let leader = p1
+        .eventually("a leader", || async {
+            for (n, r) in replicas.iter().enumerate() {
+                if leads(r).await {
+                    return Some(n);
+                }
+            }
+            None
+        })
+        .await;
+
+    // x's host dies: the leader's peers cannot reach it, it fails.
+    x.kill();
+    p1.eventually("x failed", || async {
+        (node_status(&replicas[1 - leader], "x").await.as_deref() == Some("failed")).then_some(())
+    })
+    .await;
+    p2.eventually("x failed in p2's view", || async {
+        liveness_on(&p2, "web", "x")
+            .await
+            .filter(|s| s == "critical")
+    })
+    .await;
+
+    // The leader dies before reaping it: the other replica takes over,
+    // x stays failed and is reaped; the peers are never failed.
+    replicas[leader].kill();
+    let survivor = &replicas[1 - leader];
+    p1.eventually("the survivor to lead", || async {
+        leads(survivor).await.then_some(())
+    })
+    .await;
+    p1.eventually("x reaped", || async {
+        node_status(survivor, "x").await.is_none().then_some(())
+    })
+    .await;
+    p2.eventually("x's web gone from p2", || async {
+        status_on(&p2, "web", "x").await.is_none().then_some(())
+    })
+    .await;
+    for peer in ["p1", "p2"] {
+        assert_ne!(
+            node_status(survivor, peer).await.as_deref(),
+            Some("failed"),
+            "{}",
+            survivor.log()
+        );
+    }
 }
