@@ -3,42 +3,49 @@
 # by control-plane/examples/sync_load.rs) subscribed to one service; one
 # more session flips that service's check K times. Reports propagation
 # latency, bytes per agent per change, and the control plane's CPU and RSS.
+# With `etcd`, three replicas share a local etcd: the publisher is on the
+# first, the subscribers on the other two, and etcd's writes and received
+# bytes per registration and per flip are reported too.
 #
-#   bash bench/sync.sh [AGENTS] [CHANGES]     # default 50 and 50
+#   bash bench/sync.sh [AGENTS] [CHANGES] [file|etcd]   # default 50 50 file
 set -euo pipefail
 AGENTS=${1:-50}
 CHANGES=${2:-50}
+STORE=${3:-file}
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
-cargo build --release -q -p signpost-control-plane --bin signpost-control-plane --example sync_load
+cargo build --release -q -p signpost-control-plane --features etcd --bin signpost-control-plane --example sync_load
 CP="$CARGO_TARGET_DIR/release/signpost-control-plane"
 LOAD="$CARGO_TARGET_DIR/release/examples/sync_load"
 
 WORK=$(mktemp -d)
-cleanup() { kill "${CP_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+PIDS=()
+cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 TOKEN=bench-token-0123456789abcdef
-cat > "$WORK/cp.yaml" <<YAML
-data_dir: $WORK/data
-agent_tokens: [$TOKEN]
-grpc:
-  listen: 127.0.0.1:18300
-http:
-  listen: 127.0.0.1:18700
-log:
-  level: warn
-YAML
-"$CP" --config "$WORK/cp.yaml" init-tls --name 127.0.0.1 > /dev/null
+# shellcheck source=bench/control-planes.sh
+source bench/control-planes.sh
 ulimit -n 65536 2>/dev/null || true
-"$CP" --config "$WORK/cp.yaml" 2> "$WORK/cp.log" &
-CP_PID=$!
-sleep 1
-ticks=$(getconf CLK_TCK)
-c0=$(awk '{print $14 + $15}' "/proc/$CP_PID/stat"); t0=$(date +%s.%N)
-"$LOAD" --grpc 127.0.0.1:18300 --ca "$WORK/data/tls/ca.pem" --token "$TOKEN" --agents "$AGENTS" --changes "$CHANGES"
-c1=$(awk '{print $14 + $15}' "/proc/$CP_PID/stat"); t1=$(date +%s.%N)
-hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$CP_PID/status")
-python3 -c "
-c0,c1,t0,t1,ticks,hwm=$c0,$c1,$t0,$t1,$ticks,$hwm
-print(f'control plane: CPU {(c1-c0)/ticks:.2f} s over the {t1-t0:.1f} s run ({(c1-c0)/ticks/(t1-t0)*100:.1f}% of one core), peak RSS {hwm/1024:.1f} MiB')
-"
+start_control_planes "$STORE"
+ARGS=()
+for g in "${GRPC[@]}"; do ARGS+=(--grpc "$g"); done
+snap() { echo "$(etcd_counter etcd_mvcc_txn_total) $(etcd_counter etcd_mvcc_put_total) $(etcd_counter etcd_network_client_grpc_received_bytes_total)"; }
+[ "$STORE" != etcd ] || S0=$(snap)
+"$LOAD" "${ARGS[@]}" --ca "$WORK/cp0/tls/ca.pem" --token "$TOKEN" --agents "$AGENTS" --changes "$CHANGES" > "$WORK/load.out" &
+LOAD_PID=$!
+until grep -q '^registered' "$WORK/load.out" || ! kill -0 "$LOAD_PID" 2> /dev/null; do sleep 0.05; done
+[ "$STORE" != etcd ] || S1=$(snap)
+wait "$LOAD_PID"
+[ "$STORE" != etcd ] || S2=$(snap)
+cat "$WORK/load.out"
+echo "control planes (CPU s, peak RSS MiB):"
+cp_usage
+if [ "$STORE" = etcd ]; then
+  python3 - "$AGENTS" "$CHANGES" $S0 $S1 $S2 <<'PY'
+import sys
+agents, changes = int(sys.argv[1]), int(sys.argv[2])
+t0, p0, b0, t1, p1, b1, t2, p2, b2 = map(int, sys.argv[3:])
+print(f"etcd per registration: {(t1 - t0) / (agents + 1):.2f} txns, {(p1 - p0) / (agents + 1):.2f} puts, {(b1 - b0) / (agents + 1):.0f} client bytes received")
+print(f"etcd per health flip: {(t2 - t1) / changes:.2f} txns, {(p2 - p1) / changes:.2f} puts, {(b2 - b1) / changes:.0f} client bytes received")
+PY
+fi

@@ -93,6 +93,7 @@ async fn main() {
         let (tx, rx) = mpsc::channel(64);
         tx.send(msg(agent_message::Body::Hello(Hello {
             node: format!("sim-{i}"),
+            address: "127.0.0.1".into(),
             ..Hello::default()
         })))
         .await

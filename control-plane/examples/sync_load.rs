@@ -5,6 +5,10 @@
 //!
 //!   cargo run --release -p signpost-control-plane --example sync_load -- \
 //!     --grpc 127.0.0.1:8300 --ca ca.pem --token T --agents 2000 --changes 50
+//!
+//! With several `--grpc` (replicas sharing a store), the publisher is on
+//! the first and the subscribers are spread over the others (over all of
+//! them if there is one).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -25,8 +29,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long)]
-    grpc: String,
+    /// A replica's gRPC address (repeat for several).
+    #[arg(long, required = true)]
+    grpc: Vec<String>,
     #[arg(long)]
     ca: std::path::PathBuf,
     #[arg(long)]
@@ -83,6 +88,7 @@ async fn open(
     let (tx, rx) = mpsc::channel(64);
     tx.send(msg(agent_message::Body::Hello(Hello {
         node,
+        address: "127.0.0.1".into(),
         ..Hello::default()
     })))
     .await
@@ -108,21 +114,34 @@ async fn main() {
         .ok();
     let args = Args::parse();
     let ca = std::fs::read(&args.ca).unwrap();
-    let host = args.grpc.rsplit_once(':').unwrap().0.to_string();
-    let mut channels = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&ca))
-            .domain_name(host.clone());
-        let channel = Endpoint::from_shared(format!("https://{}", args.grpc))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        channels.push(channel);
+    // Channels to each replica; subscribers use those of the replicas
+    // after the first (the publisher's), when there are several.
+    let mut by_replica: Vec<Vec<Channel>> = Vec::new();
+    let per_replica = (args.connections / args.grpc.len()).max(1);
+    for grpc in &args.grpc {
+        let host = grpc.rsplit_once(':').unwrap().0.to_string();
+        let mut channels = Vec::new();
+        for _ in 0..per_replica {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&ca))
+                .domain_name(host.clone());
+            let channel = Endpoint::from_shared(format!("https://{grpc}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            channels.push(channel);
+        }
+        by_replica.push(channels);
     }
+    let publisher_channel = by_replica[0][0].clone();
+    let channels: Vec<Channel> = if by_replica.len() > 1 {
+        by_replica[1..].iter().flatten().cloned().collect()
+    } else {
+        by_replica[0].clone()
+    };
     // index -> (sent at, receipts, bytes)
     let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let received: Arc<Mutex<Vec<(u64, Instant, usize)>>> = Arc::default();
@@ -161,7 +180,7 @@ async fn main() {
         senders.push(tx);
     }
     let (publisher, mut pub_in) =
-        open(channels[0].clone(), &args.token, "sim-publisher".into()).await;
+        open(publisher_channel, &args.token, "sim-publisher".into()).await;
     tokio::spawn(async move { while let Ok(Some(_)) = pub_in.message().await {} });
     // Every subscriber got its (empty) snapshot before the first change.
     publisher
@@ -174,7 +193,10 @@ async fn main() {
     for _ in 0..args.agents {
         ready_rx.recv().await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A line for the script to count the store's writes of the
+    // registrations apart from the flips'.
+    println!("registered: {} agents and the publisher", args.agents);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     received.lock().unwrap().clear();
     let mut last_index_seen = 0u64;
     for n in 0..args.changes {
