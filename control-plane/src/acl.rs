@@ -228,6 +228,12 @@ impl Acl {
         *self.tokens.write().unwrap_or_else(PoisonError::into_inner) = all;
     }
 
+    /// Forgets the audit entries in memory (the shared store's are read
+    /// again).
+    pub fn forget_audit(&self) {
+        self.audit.forget();
+    }
+
     /// An audit entry as the shared store has it.
     pub fn store_audit(&self, entry: AuditEntry) {
         self.audit.remember(entry);

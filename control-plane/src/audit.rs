@@ -123,6 +123,11 @@ impl AuditLog {
     pub fn share(&self, shared: Arc<dyn crate::store::Shared>) {
         let replica = format!("{:08x}", rand::random::<u32>());
         self.shared.get_or_init(|| (shared, replica));
+        self.forget();
+    }
+
+    /// Forgets the entries in memory.
+    pub fn forget(&self) {
         self.lock().entries.clear();
     }
 

@@ -35,6 +35,8 @@ pub struct Followers {
 /// is removed.
 pub async fn load(etcd: &Etcd, followers: &Followers) -> Result<(i64, u64), StoreError> {
     let (kvs, revision, cluster) = etcd.load("").await?;
+    // Audit entries come again with everything else.
+    followers.acl.forget_audit();
     let (mut nodes, mut present, mut failed) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     let mut tokens = BTreeMap::new();
     let mut commands = BTreeSet::new();

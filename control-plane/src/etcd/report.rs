@@ -211,12 +211,15 @@ impl Writer {
             }
         }
         if !self.shutdown.is_cancelled() {
-            self.leave(&node, presence_key).await;
+            self.leave(&node, presence_key, held).await;
         }
     }
 
-    /// Removes the presence key if it is still this session's.
-    async fn leave(&self, node: &str, presence_key: String) {
+    /// Removes the presence key if it is still this session's. Tried
+    /// until etcd takes it (a node whose agent left must not look alive
+    /// once etcd is back), or the key's lease is gone (and the key with
+    /// it), or the replica stops.
+    async fn leave(&self, node: &str, presence_key: String, held: Option<i64>) {
         let txn = Txn::new()
             .when([Compare::value(
                 presence_key.clone(),
@@ -225,8 +228,10 @@ impl Writer {
             )])
             .and_then([TxnOp::delete(presence_key, None)]);
         let mut retry = RETRY_MIN;
-        // Until the lease would have ended it anyway.
-        for _ in 0..8 {
+        loop {
+            if held.is_none_or(|lease| lease != self.etcd.lease()) || self.shutdown.is_cancelled() {
+                return;
+            }
             match self.etcd.txn(txn.clone()).await {
                 Ok(_) => return,
                 Err(e) => {

@@ -248,29 +248,40 @@ async fn routes_survive_the_control_plane_and_changes_arrive_after_it() {
 
 /// An agent whose control plane goes silent (the path to it drops
 /// everything: no reset) notices within seconds and fails over to its
-/// next address; what changes on its host still reaches the others.
+/// other address; what changes on its host still reaches the others.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and iptables"]
 async fn an_agent_fails_over_from_a_silent_control_plane_address() {
     let fleet = Fleet::new();
     let cp = fleet.control_plane(&[]).await;
-    // Two ways to the control plane: a relay first, the direct one next.
-    let relayed = std::net::SocketAddr::from((cp.host.ip, 8302));
-    delay_relay(&cp.host, relayed, cp.grpc, Duration::ZERO).await;
-    let a = fleet.agent_stopped("a", &cp, relayed, "");
-    a.add_control_plane_address(cp.grpc);
+    // Two ways to the control plane, through relays: the agent starts
+    // with either (from a random one on).
+    let relays = [8302, 8303].map(|port| std::net::SocketAddr::from((cp.host.ip, port)));
+    for relay in relays {
+        delay_relay(&cp.host, relay, cp.grpc, Duration::ZERO).await;
+    }
+    let a = fleet.agent_stopped("a", &cp, relays[0], "");
+    a.add_control_plane_address(relays[1]);
     a.start().await;
     let b = fleet.agent("b", &cp, cp.grpc, "upstreams: [web]\n").await;
     all_alive(&cp, &[&a, &b]).await;
     let connected =
         |to: std::net::SocketAddr| format!("connected to the control plane address={to}");
-    assert!(a.log().contains(&connected(relayed)), "{}", a.log());
+    let (silent, other) = if a.log().contains(&connected(relays[0])) {
+        (relays[0], relays[1])
+    } else {
+        (relays[1], relays[0])
+    };
+    assert!(a.log().contains(&connected(silent)), "{}", a.log());
 
-    // The relay goes silent.
-    cp.host.firewall("-A INPUT -p tcp --dport 8302 -j DROP");
-    cp.host.firewall("-A OUTPUT -p tcp --sport 8302 -j DROP");
-    a.eventually("a on the direct address", || async {
-        a.log().contains(&connected(cp.grpc)).then_some(())
+    // The relay it uses goes silent.
+    let port = silent.port();
+    cp.host
+        .firewall(&format!("-A INPUT -p tcp --dport {port} -j DROP"));
+    cp.host
+        .firewall(&format!("-A OUTPUT -p tcp --sport {port} -j DROP"));
+    a.eventually("a on the other address", || async {
+        a.log().contains(&connected(other)).then_some(())
     })
     .await;
     cp.wait_status("a", "alive").await;

@@ -242,6 +242,12 @@ async fn three_replicas_share_one_fleet_and_agents_move_when_one_dies() {
     );
     for r in &alive {
         assert_eq!(node_status(r, "b").await.as_deref(), Some("alive"));
+        // The command and its three acks outlive the replica.
+        let shown = r.get(&format!("/v1/commands/{id}")).await.json();
+        assert_eq!(
+            (shown["state"].as_str(), shown["applied"].as_u64()),
+            (Some("active"), Some(3))
+        );
     }
     assert_eq!(
         status_on(&c, "api", "a").await.as_deref(),
