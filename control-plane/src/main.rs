@@ -122,14 +122,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Some(Command::Migrate { from, to }) = cli.command {
-        return migrate(&config, from, to);
-    }
     if cli.validate {
         println!("{}: configuration is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    signpost_daemon::logging::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -140,10 +136,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
+    if let Some(Command::Migrate { from, to }) = cli.command {
+        return migrate(&runtime, &config, from, to);
+    }
+    signpost_daemon::logging::init(&config.log);
     runtime.block_on(async move {
-        rustls::crypto::ring::default_provider()
-            .install_default()
-            .ok();
         let shutdown = signpost_daemon::signals::shutdown_on_signal("signpost-control-plane");
         match signpost_control_plane::run(config, None, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -156,22 +156,14 @@ fn main() -> ExitCode {
 }
 
 #[cfg(feature = "etcd")]
-fn migrate(config: &ControlPlaneConfig, from: StoreArg, to: StoreArg) -> ExitCode {
+fn migrate(
+    runtime: &tokio::runtime::Runtime,
+    config: &ControlPlaneConfig,
+    from: StoreArg,
+    to: StoreArg,
+) -> ExitCode {
     use signpost_control_plane::etcd::{Etcd, migrate};
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("signpost-control-plane: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let copied = runtime.block_on(async {
-        rustls::crypto::ring::default_provider()
-            .install_default()
-            .ok();
         let etcd = Etcd::connect(&config.etcd).await?;
         match (from, to) {
             (StoreArg::File, StoreArg::Etcd) => {
@@ -196,7 +188,12 @@ fn migrate(config: &ControlPlaneConfig, from: StoreArg, to: StoreArg) -> ExitCod
 }
 
 #[cfg(not(feature = "etcd"))]
-fn migrate(_: &ControlPlaneConfig, _: StoreArg, _: StoreArg) -> ExitCode {
+fn migrate(
+    _: &tokio::runtime::Runtime,
+    _: &ControlPlaneConfig,
+    _: StoreArg,
+    _: StoreArg,
+) -> ExitCode {
     eprintln!(
         "signpost-control-plane: this build has no etcd store (build with `--features etcd`; the packages have it)"
     );

@@ -75,6 +75,7 @@ impl Reports {
     }
 
     /// An agent's answer to a probe the leader asked through the store.
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
     fn relay_probe_result(&self, node: &str, result: &signpost_proto::ProbeResult) {
         match self {
             Reports::Local => {}

@@ -535,32 +535,24 @@ impl ControlPlane {
     /// with `first`'s server certificate (agents name it `localhost`).
     pub async fn start_replica(first: &ControlPlane, extra_config: &str) -> ControlPlane {
         let tls = first.dir.path().join("data").join("tls");
-        let dir = tempfile::tempdir().unwrap();
-        let (grpc, http) = (free_addr(), free_addr());
-        std::fs::write(
-            dir.path().join("control-plane.yaml"),
-            format!(
-                "data_dir: {}\nagent_tokens: [{AGENT_TOKEN}]\ngrpc:\n  listen: {grpc}\n  cert_file: {}\n  key_file: {}\nhttp:\n  listen: {http}\n{extra_config}",
-                dir.path().join("data").display(),
-                tls.join("server.pem").display(),
-                tls.join("server-key.pem").display(),
-            ),
-        )
-        .unwrap();
-        let mut cp = ControlPlane {
-            child: None,
-            grpc,
-            http,
-            dir,
-            client: api_client().build().unwrap(),
-        };
-        cp.spawn().await;
-        cp
+        let grpc = format!(
+            "  cert_file: {}\n  key_file: {}\n",
+            tls.join("server.pem").display(),
+            tls.join("server-key.pem").display(),
+        );
+        Self::launch(&grpc, extra_config, false).await
     }
 
     /// Starts a control plane; `extra_config` is appended to its YAML
     /// configuration (top-level sections other than `grpc` and `http`).
     pub async fn start_with(extra_config: &str) -> ControlPlane {
+        Self::launch("", extra_config, true).await
+    }
+
+    /// Starts a control plane on fresh addresses and directory, with
+    /// `grpc` lines added to its `grpc:` section and `extra_config` after;
+    /// with `init_tls`, its own CA and server certificate first.
+    async fn launch(grpc_lines: &str, extra_config: &str, init_tls: bool) -> ControlPlane {
         rustls::crypto::ring::default_provider()
             .install_default()
             .ok();
@@ -570,28 +562,30 @@ impl ControlPlane {
         std::fs::write(
             &config,
             format!(
-                "data_dir: {}\nagent_tokens: [{AGENT_TOKEN}]\ngrpc:\n  listen: {grpc}\nhttp:\n  listen: {http}\n{extra_config}",
+                "data_dir: {}\nagent_tokens: [{AGENT_TOKEN}]\ngrpc:\n  listen: {grpc}\n{grpc_lines}http:\n  listen: {http}\n{extra_config}",
                 dir.path().join("data").display()
             ),
         )
         .unwrap();
-        let out = Command::new(control_plane_bin())
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "init-tls",
-                "--name",
-                "localhost",
-                "--name",
-                &grpc.ip().to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "init-tls failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if init_tls {
+            let out = Command::new(control_plane_bin())
+                .arg("--config")
+                .arg(&config)
+                .args([
+                    "init-tls",
+                    "--name",
+                    "localhost",
+                    "--name",
+                    &grpc.ip().to_string(),
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "init-tls failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let mut cp = ControlPlane {
             child: None,
             grpc,

@@ -278,38 +278,34 @@ async fn without_etcd_quorum_writes_are_refused_and_the_fleet_keeps_working() {
     })
     .await;
     let token = admin(&cp);
-    let block = [
-        "cmd",
-        "block",
-        "web",
-        "198.18.0.9:8080",
-        "--reason",
-        "q",
-        "--ttl",
-        "1m",
-    ];
+    // A block command: the exit status and what the CLI said.
+    let block = || {
+        let addr = cp.http.to_string();
+        let (code, _, err) = signpost(&[
+            "--control-plane",
+            &addr,
+            "--token",
+            &token,
+            "cmd",
+            "block",
+            "web",
+            "198.18.0.9:8080",
+            "--reason",
+            "q",
+            "--ttl",
+            "1m",
+        ]);
+        (code, err)
+    };
 
     // One member down: nothing visible.
     etcd.kill(0);
-    cli(&cp, &token, &block);
+    let (code, err) = block();
+    assert_eq!(code, 0, "{err}");
 
     // Two down: writes refused with 503, reads and agents unaffected.
     etcd.kill(1);
-    let addr = cp.http.to_string();
-    let (code, _, err) = signpost(&[
-        "--control-plane",
-        &addr,
-        "--token",
-        &token,
-        "cmd",
-        "block",
-        "web",
-        "198.18.0.9:8080",
-        "--reason",
-        "q",
-        "--ttl",
-        "1m",
-    ]);
+    let (code, err) = block();
     assert_ne!(code, 0);
     assert!(err.contains("no store quorum"), "{err}");
     let nodes = cp.get("/v1/nodes").await;
@@ -327,21 +323,7 @@ async fn without_etcd_quorum_writes_are_refused_and_the_fleet_keeps_working() {
     etcd.restart(0).await;
     etcd.restart(1).await;
     c.eventually("writes to resume", || async {
-        let (code, _, _) = signpost(&[
-            "--control-plane",
-            &addr,
-            "--token",
-            &token,
-            "cmd",
-            "block",
-            "web",
-            "198.18.0.9:8080",
-            "--reason",
-            "q",
-            "--ttl",
-            "1m",
-        ]);
-        (code == 0).then_some(())
+        (block().0 == 0).then_some(())
     })
     .await;
 }
