@@ -328,8 +328,9 @@ async fn without_etcd_quorum_writes_are_refused_and_the_fleet_keeps_working() {
     .await;
 }
 
-/// Runs `migrate` with the configuration `config` (a file's text).
-fn migrate(dir: &std::path::Path, config: &str, from: &str, to: &str) -> String {
+/// Runs `migrate` with the configuration `config` (a file's text): whether
+/// it succeeded, and what it printed (stdout, or stderr on failure).
+fn migrate(dir: &std::path::Path, config: &str, from: &str, to: &str) -> (bool, String) {
     let path = dir.join(format!("{from}-to-{to}.yaml"));
     std::fs::write(&path, config).unwrap();
     let out = Command::new(control_plane_bin())
@@ -338,12 +339,15 @@ fn migrate(dir: &std::path::Path, config: &str, from: &str, to: &str) -> String 
         .args(["migrate", "--from", from, "--to", to])
         .output()
         .unwrap();
-    assert!(
+    let said = if out.status.success() {
+        &out.stdout
+    } else {
+        &out.stderr
+    };
+    (
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(said).into_owned(),
+    )
 }
 
 #[tokio::test]
@@ -378,20 +382,18 @@ async fn migrate_copies_a_fleet_from_files_to_etcd_and_back() {
     cp.kill();
 
     let store = etcd.config(&prefix());
-    let out = migrate(
-        cp.dir.path(),
-        &format!("data_dir: {}\n{store}", data.display()),
-        "file",
-        "etcd",
-    );
+    let to_etcd = format!("data_dir: {}\n{store}", data.display());
+    let (ok, out) = migrate(cp.dir.path(), &to_etcd, "file", "etcd");
+    assert!(ok, "{out}");
     assert_eq!(out.trim(), "copied 1 nodes, 1 commands, 2 tokens");
     let back = cp.dir.path().join("back");
-    let out = migrate(
+    let (ok, out) = migrate(
         cp.dir.path(),
         &format!("data_dir: {}\n{store}", back.display()),
         "etcd",
         "file",
     );
+    assert!(ok, "{out}");
     assert_eq!(out.trim(), "copied 1 nodes, 1 commands, 2 tokens");
     let json = |dir: &std::path::Path, name: &str| -> Value {
         serde_json::from_slice(&std::fs::read(dir.join(name)).unwrap()).unwrap()
@@ -407,16 +409,9 @@ async fn migrate_copies_a_fleet_from_files_to_etcd_and_back() {
         std::fs::read(data.join("catalog.pb")).unwrap()
     );
     // Into a store that holds a fleet already: refused.
-    let path = cp.dir.path().join("again.yaml");
-    std::fs::write(&path, format!("data_dir: {}\n{store}", data.display())).unwrap();
-    let again = Command::new(control_plane_bin())
-        .arg("--config")
-        .arg(&path)
-        .args(["migrate", "--from", "file", "--to", "etcd"])
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("empty prefix"));
+    let (ok, out) = migrate(cp.dir.path(), &to_etcd, "file", "etcd");
+    assert!(!ok);
+    assert!(out.contains("empty prefix"), "{out}");
 }
 
 /// Whether `cp` is the elected leader (its metric).
