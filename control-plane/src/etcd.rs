@@ -68,7 +68,12 @@ impl Etcd {
     pub async fn connect(config: &EtcdConfig) -> anyhow::Result<Arc<Etcd>> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(config.timeout)
-            .with_keep_alive(Duration::from_secs(5), config.timeout)
+            // etcd refuses pings more often than every 5 s; a member
+            // that went silent is dropped 2 s after one goes unanswered.
+            .with_keep_alive(
+                Duration::from_secs(5),
+                config.timeout.min(Duration::from_secs(2)),
+            )
             // A member cut off from the others answers at once that it
             // has no leader, rather than after etcd's own timeout.
             .with_require_leader(true);

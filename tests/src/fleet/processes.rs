@@ -74,6 +74,111 @@ impl Fleet {
         cp
     }
 
+    /// `n` control-plane replicas on hosts of their own (`cp1`...), each
+    /// with a member of one etcd cluster beside it, from the packaged
+    /// configuration with `store: etcd`; they share the first one's server
+    /// certificate, made for every replica's address.
+    #[cfg(feature = "etcd")]
+    pub async fn control_plane_replicas(&self, n: usize) -> Vec<ControlPlane> {
+        let hosts: Vec<Arc<super::Host>> = (1..=n).map(|i| self.host(&format!("cp{i}"))).collect();
+        let cluster: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("{}=http://{}:2380", h.name, h.ip))
+            .collect();
+        let cluster = cluster.join(",");
+        for host in &hosts {
+            let (client, peer) = (
+                format!("http://{}:2379", host.ip),
+                format!("http://{}:2380", host.ip),
+            );
+            let data = host.dir.join("etcd");
+            host.start_process(
+                "etcd",
+                std::path::Path::new("etcd"),
+                &[
+                    "--name",
+                    &host.name,
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                    "--initial-cluster",
+                    &cluster,
+                    "--initial-cluster-state",
+                    "new",
+                ],
+            );
+        }
+        for host in &hosts {
+            host.wait_answering(&format!("http://{}:2379/health", host.ip), "etcd")
+                .await;
+        }
+        let endpoints: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("\"http://{}:2379\"", h.ip))
+            .collect();
+        let store = format!(
+            "store: etcd\netcd:\n  endpoints: [{}]\n",
+            endpoints.join(", ")
+        );
+        let tls = hosts[0].dir.join("data").join("tls");
+        let mut replicas = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let data = host.dir.join("data");
+            let mut yaml = edit(
+                CONTROL_PLANE_YAML,
+                "data_dir:",
+                &format!("data_dir: {}", data.display()),
+            );
+            yaml = edit(&yaml, "agent_tokens:", &format!("agent_tokens: [{TOKEN}]"));
+            if i > 0 {
+                yaml = edit(
+                    &yaml,
+                    "  listen: 0.0.0.0:8300",
+                    &format!(
+                        "  listen: 0.0.0.0:8300\n  cert_file: {}\n  key_file: {}",
+                        tls.join("server.pem").display(),
+                        tls.join("server-key.pem").display()
+                    ),
+                );
+            }
+            yaml.push_str(&store);
+            let config = host.dir.join("control-plane.yaml");
+            std::fs::write(&config, yaml).unwrap();
+            if i == 0 {
+                let mut args = vec!["--config", config.to_str().unwrap(), "init-tls"];
+                let names: Vec<String> = hosts.iter().map(|h| h.ip.to_string()).collect();
+                for name in &names {
+                    args.extend(["--name", name.as_str()]);
+                }
+                let out = Command::new(control_plane_bin())
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "init-tls: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let cp = ControlPlane {
+                ca: tls.join("ca.pem"),
+                grpc: SocketAddr::from((host.ip, 8300)),
+                host: host.clone(),
+                config,
+            };
+            cp.start().await;
+            replicas.push(cp);
+        }
+        replicas
+    }
+
     /// An agent on a new host called `name`, joined to `cp` at `via` (the
     /// control plane's own gRPC address unless a relay is in between),
     /// from the packaged configuration with `settings` appended.

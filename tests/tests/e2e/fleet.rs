@@ -626,3 +626,84 @@ async fn loss_and_delay_neither_stop_changes_nor_fail_anyone() {
     );
     assert!(!cp.log().contains("marking it failed"), "{}", cp.log());
 }
+
+/// Three control-plane machines, each a replica with an etcd member
+/// beside it (`store: etcd`, the packaged configuration), and agents that
+/// list all three. The machine whose replica holds B's stream loses power
+/// under B's proxy load: B resumes on another replica, a change on A's
+/// host still reaches B, not one request fails and no host is failed.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, iptables and etcd (etcd-server)"]
+async fn the_fleet_survives_the_loss_of_a_control_plane_machine() {
+    let fleet = Fleet::new();
+    let replicas = fleet.control_plane_replicas(3).await;
+    let join = |name: &'static str, settings: &'static str| {
+        let agent = fleet.agent_stopped(name, &replicas[0], replicas[0].grpc, settings);
+        for replica in &replicas[1..] {
+            agent.add_control_plane_address(replica.grpc);
+        }
+        agent
+    };
+    let (a, b, c) = (join("a", ""), join("b", ""), join("c", ""));
+    for agent in [&a, &b, &c] {
+        agent.start().await;
+    }
+    all_alive(&replicas[0], &[&a, &b, &c]).await;
+    for (agent, id) in [(&a, "web-a"), (&c, "web-c")] {
+        http_instance(&agent.host, 8080).await;
+        agent.register(web(id, http_check(8080))).await;
+    }
+    b.eventually("both instances on b", || async {
+        let a = b.check_status("web", "a", "service:web-a").await;
+        let c = b.check_status("web", "c", "service:web-c").await;
+        (a.as_deref() == Some("passing") && c.as_deref() == Some("passing")).then_some(())
+    })
+    .await;
+    let vip = b.resolve("web.service.internal").unwrap();
+    let load = Load::start(&b, vip, 4);
+
+    let on = replicas
+        .iter()
+        .position(|r| r.log().contains("agent connected node=b "))
+        .expect("b's stream is on a replica");
+    let died = Instant::now();
+    replicas[on].host.power_off();
+    b.eventually("b on another replica", || async {
+        (b.log().matches("connected to the control plane").count() >= 2).then_some(())
+    })
+    .await;
+    let resumed = died.elapsed();
+    a.register(json!({"ID": "api-a", "Name": "api", "Port": 9090,
+        "Check": {"TTL": "10m", "Status": "passing"}}))
+        .await;
+    b.eventually("a's new service on b", || async {
+        b.check_status("api", "a", "service:api-a")
+            .await
+            .filter(|s| s == "passing")
+    })
+    .await;
+    let (answers, failures) = load.finish().await;
+    eprintln!(
+        "a control-plane machine lost power: b resumed on another replica after {:.2} s; answers {answers:?}",
+        resumed.as_secs_f64()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        failures.len() + answers.values().sum::<usize>(),
+        &failures[..failures.len().min(10)]
+    );
+    for (n, replica) in replicas.iter().enumerate().filter(|(n, _)| *n != on) {
+        let statuses = replica.statuses().await;
+        for node in ["a", "b", "c"] {
+            assert_eq!(
+                statuses.get(node).map(String::as_str),
+                Some("alive"),
+                "replica {n}: {statuses:?}\n{}",
+                replica.log()
+            );
+        }
+    }
+}
