@@ -35,6 +35,32 @@ fn edit(text: &str, from: &str, to: &str) -> String {
         + "\n"
 }
 
+/// The packaged control-plane configuration with its state under
+/// `data` and the fleet's agent token.
+fn control_plane_yaml(data: &std::path::Path) -> String {
+    let yaml = edit(
+        CONTROL_PLANE_YAML,
+        "data_dir:",
+        &format!("data_dir: {}", data.display()),
+    );
+    edit(&yaml, "agent_tokens:", &format!("agent_tokens: [{TOKEN}]"))
+}
+
+/// `init-tls` with `config`: a CA and a server certificate for `names`.
+fn init_tls(config: &std::path::Path, names: &[String]) {
+    let mut command = Command::new(control_plane_bin());
+    command.arg("--config").arg(config).arg("init-tls");
+    for name in names {
+        command.args(["--name", name]);
+    }
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "init-tls: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Fleet {
     /// A control plane on a host of its own, from the packaged
     /// configuration with `changes` made (each replaces the line that
@@ -42,28 +68,13 @@ impl Fleet {
     pub async fn control_plane(&self, changes: &[(&str, &str)]) -> ControlPlane {
         let host = self.host("cp");
         let data = host.dir.join("data");
-        let mut yaml = edit(
-            CONTROL_PLANE_YAML,
-            "data_dir:",
-            &format!("data_dir: {}", data.display()),
-        );
-        yaml = edit(&yaml, "agent_tokens:", &format!("agent_tokens: [{TOKEN}]"));
+        let mut yaml = control_plane_yaml(&data);
         for (from, to) in changes {
             yaml = edit(&yaml, from, to);
         }
         let config = host.dir.join("control-plane.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let out = Command::new(control_plane_bin())
-            .arg("--config")
-            .arg(&config)
-            .args(["init-tls", "--name", &host.ip.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "init-tls: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        init_tls(&config, &[host.ip.to_string()]);
         let cp = ControlPlane {
             ca: data.join("tls").join("ca.pem"),
             grpc: SocketAddr::from((host.ip, 8300)),
@@ -130,13 +141,7 @@ impl Fleet {
         let tls = hosts[0].dir.join("data").join("tls");
         let mut replicas = Vec::new();
         for (i, host) in hosts.iter().enumerate() {
-            let data = host.dir.join("data");
-            let mut yaml = edit(
-                CONTROL_PLANE_YAML,
-                "data_dir:",
-                &format!("data_dir: {}", data.display()),
-            );
-            yaml = edit(&yaml, "agent_tokens:", &format!("agent_tokens: [{TOKEN}]"));
+            let mut yaml = control_plane_yaml(&host.dir.join("data"));
             if i > 0 {
                 yaml = edit(
                     &yaml,
@@ -152,20 +157,8 @@ impl Fleet {
             let config = host.dir.join("control-plane.yaml");
             std::fs::write(&config, yaml).unwrap();
             if i == 0 {
-                let mut args = vec!["--config", config.to_str().unwrap(), "init-tls"];
                 let names: Vec<String> = hosts.iter().map(|h| h.ip.to_string()).collect();
-                for name in &names {
-                    args.extend(["--name", name.as_str()]);
-                }
-                let out = Command::new(control_plane_bin())
-                    .args(&args)
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "init-tls: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                init_tls(&config, &names);
             }
             let cp = ControlPlane {
                 ca: tls.join("ca.pem"),

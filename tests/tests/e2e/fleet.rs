@@ -357,6 +357,22 @@ impl Load {
     }
 }
 
+/// An HTTP instance of `web` on A's host and one on C's, registered with
+/// an HTTP check; once B sees both passing, web's VIP on B.
+async fn web_on_a_and_c(a: &Agent, b: &Agent, c: &Agent) -> std::net::Ipv4Addr {
+    for (agent, id) in [(a, "web-a"), (c, "web-c")] {
+        http_instance(&agent.host, 8080).await;
+        agent.register(web(id, http_check(8080))).await;
+    }
+    b.eventually("both instances on b", || async {
+        let a = b.check_status("web", "a", "service:web-a").await;
+        let c = b.check_status("web", "c", "service:web-c").await;
+        (a.as_deref() == Some("passing") && c.as_deref() == Some("passing")).then_some(())
+    })
+    .await;
+    b.resolve("web.service.internal").unwrap()
+}
+
 /// A host that loses power under load (no FIN, no reset: its link goes
 /// down, then everything on it dies) is found silent, probed by its peers
 /// and failed; B's requests that were on their way to it go to C, and not
@@ -370,17 +386,7 @@ async fn a_host_that_dies_is_failed_and_costs_no_request() {
     let b = fleet.agent("b", &cp, cp.grpc, "").await;
     let c = fleet.agent("c", &cp, cp.grpc, "").await;
     all_alive(&cp, &[&a, &b, &c]).await;
-    for (agent, id) in [(&a, "web-a"), (&c, "web-c")] {
-        http_instance(&agent.host, 8080).await;
-        agent.register(web(id, http_check(8080))).await;
-    }
-    b.eventually("both instances on b", || async {
-        let a = b.check_status("web", "a", "service:web-a").await;
-        let c = b.check_status("web", "c", "service:web-c").await;
-        (a.as_deref() == Some("passing") && c.as_deref() == Some("passing")).then_some(())
-    })
-    .await;
-    let vip = b.resolve("web.service.internal").unwrap();
+    let vip = web_on_a_and_c(&a, &b, &c).await;
     let load = Load::start(&b, vip, 4);
     // Both take traffic before A dies.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -650,17 +656,7 @@ async fn the_fleet_survives_the_loss_of_a_control_plane_machine() {
         agent.start().await;
     }
     all_alive(&replicas[0], &[&a, &b, &c]).await;
-    for (agent, id) in [(&a, "web-a"), (&c, "web-c")] {
-        http_instance(&agent.host, 8080).await;
-        agent.register(web(id, http_check(8080))).await;
-    }
-    b.eventually("both instances on b", || async {
-        let a = b.check_status("web", "a", "service:web-a").await;
-        let c = b.check_status("web", "c", "service:web-c").await;
-        (a.as_deref() == Some("passing") && c.as_deref() == Some("passing")).then_some(())
-    })
-    .await;
-    let vip = b.resolve("web.service.internal").unwrap();
+    let vip = web_on_a_and_c(&a, &b, &c).await;
     let load = Load::start(&b, vip, 4);
 
     let on = replicas
