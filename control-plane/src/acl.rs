@@ -21,6 +21,14 @@ pub use crate::audit::AuditEntry;
 use crate::audit::{AuditLog, Private};
 use signpost_daemon::fs::write_atomic;
 
+/// The audit log under `data_dir`.
+fn open_audit(data_dir: &Path, config: AuditConfig) -> Result<AuditLog, AclError> {
+    AuditLog::open(data_dir, config).map_err(|source| AclError::Io {
+        path: data_dir.join("audit.jsonl").display().to_string(),
+        source,
+    })
+}
+
 /// Compares secrets in a time that does not depend on where they differ.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -160,8 +168,7 @@ impl Acl {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(io(&path, e)),
         };
-        let audit_path = data_dir.join("audit.jsonl");
-        let audit = AuditLog::open(data_dir, audit).map_err(|e| io(&audit_path, e))?;
+        let audit = open_audit(data_dir, audit)?;
         let first_start = tokens.is_empty() && !path.exists();
         let acl = Acl {
             path,
@@ -179,11 +186,7 @@ impl Acl {
     /// The ACL of a replica on a shared store: no tokens until they are
     /// loaded from it ([`Acl::share`]); the audit file stays local.
     pub fn for_store(data_dir: &Path, audit: AuditConfig) -> Result<Acl, AclError> {
-        let path = data_dir.join("audit.jsonl");
-        let audit = AuditLog::open(data_dir, audit).map_err(|source| AclError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let audit = open_audit(data_dir, audit)?;
         Ok(Acl {
             path: data_dir.join("acl.json"),
             tokens: RwLock::new(BTreeMap::new()),

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use signpost_core::command::{Action, Command, NewCommand, now_millis};
 use tokio::sync::watch;
@@ -47,7 +47,7 @@ pub struct Commands {
     /// Set when replicas share a store: commands and acks are records
     /// there (`commands/<id>`, `acks/<id>/<node>`), not a file, and come
     /// back through [`Commands::store_command`] and [`Commands::store_ack`].
-    shared: OnceLock<Arc<dyn crate::store::Shared>>,
+    shared: Option<Arc<dyn crate::store::Shared>>,
 }
 
 impl Commands {
@@ -68,13 +68,21 @@ impl Commands {
                 });
             }
         };
-        Ok(Commands {
+        Ok(Commands::new(path, all, None))
+    }
+
+    fn new(
+        path: PathBuf,
+        all: BTreeMap<String, Command>,
+        shared: Option<Arc<dyn crate::store::Shared>>,
+    ) -> Commands {
+        Commands {
             path,
             all: Mutex::new(all),
             applied: Mutex::new(BTreeMap::new()),
             changes: watch::Sender::new(0),
-            shared: OnceLock::new(),
-        })
+            shared,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Command>> {
@@ -93,15 +101,7 @@ impl Commands {
     /// The commands of a replica on a shared store: none until they are
     /// loaded from it, and written there.
     pub fn for_store(shared: Arc<dyn crate::store::Shared>) -> Commands {
-        let commands = Commands {
-            path: PathBuf::new(),
-            all: Mutex::new(BTreeMap::new()),
-            applied: Mutex::new(BTreeMap::new()),
-            changes: watch::Sender::new(0),
-            shared: OnceLock::new(),
-        };
-        commands.shared.get_or_init(|| shared);
-        commands
+        Commands::new(PathBuf::new(), BTreeMap::new(), Some(shared))
     }
 
     /// A command as the shared store has it (`None`: deleted).
@@ -154,7 +154,7 @@ impl Commands {
         new: NewCommand,
         creator: &str,
     ) -> Result<Command, CommandStoreError> {
-        if let Some(shared) = self.shared.get() {
+        if let Some(shared) = self.shared.as_ref() {
             let now = now_millis();
             let command = new_command(new, creator, now);
             let dropped = prune(&mut self.lock().clone(), now);
@@ -192,7 +192,7 @@ impl Commands {
 
     /// Revokes a command; `None` if there is none with that id.
     pub async fn revoke(&self, id: &str) -> Result<Option<Command>, CommandStoreError> {
-        if let Some(shared) = self.shared.get() {
+        if let Some(shared) = self.shared.as_ref() {
             let Some(mut command) = self.get(id) else {
                 return Ok(None);
             };
@@ -272,7 +272,7 @@ impl Commands {
                 .entry(id.clone())
                 .or_default()
                 .insert(node.to_string());
-            if let (true, Some(shared)) = (new, self.shared.get()) {
+            if let (true, Some(shared)) = (new, self.shared.as_ref()) {
                 let (shared, key) = (shared.clone(), format!("acks/{id}/{node}"));
                 tokio::spawn(async move {
                     if let Err(e) = shared.put(key, Vec::new()).await {
