@@ -27,6 +27,7 @@ grpc:
   listen: 127.0.0.1:18301
 http:
   listen: 127.0.0.1:18701
+  plaintext: true   # loopback only; the load generator speaks plain HTTP
 log:
   level: warn
 YAML

@@ -39,6 +39,7 @@ grpc:
 $tls
 http:
   listen: 127.0.0.1:1870$n
+  plaintext: true   # loopback only: the scripts read it with plain curl
 log:
   level: warn
 $extra

@@ -20,10 +20,13 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, put};
+use signpost_core::acl::{Access, Resource};
+use signpost_daemon::routes::{Method, Routes};
+use signpost_daemon::token::presented;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentError};
@@ -38,7 +41,93 @@ pub(crate) struct Api {
     /// Fired at shutdown, so blocking queries answer at once.
     pub(crate) shutdown: CancellationToken,
     /// For operator actions forwarded to the control plane.
-    pub(crate) http: reqwest::Client,
+    pub(crate) http: Arc<forward::ControlPlaneHttp>,
+    /// Who may do what ([`crate::acl`]).
+    pub(crate) acl: Arc<crate::acl::AgentAcl>,
+}
+
+impl Api {
+    /// The request's token, if it may do `needed` on `resource`; else
+    /// 403 (the refusal is logged and audited as `action`).
+    pub(crate) async fn allow(
+        &self,
+        headers: &HeaderMap,
+        resource: Resource<'_>,
+        needed: Access,
+        action: &str,
+    ) -> ApiResult<Arc<crate::acl::Token>> {
+        self.acl
+            .check(presented(headers), resource, needed, action)
+            .await
+            .map_err(refused)
+    }
+
+    /// What the request's token may read ([`Visible`]).
+    pub(crate) async fn visible(&self, headers: &HeaderMap) -> ApiResult<Visible> {
+        let token = self
+            .acl
+            .resolve(presented(headers))
+            .await
+            .map_err(refused)?;
+        Ok(Visible {
+            token,
+            filtered: AtomicBool::new(false),
+        })
+    }
+}
+
+pub(crate) use forward::{
+    ControlPlaneHttp, base_url as control_plane_url, client as control_plane_client,
+};
+
+/// A refusal as Consul answers it: 403 with why.
+fn refused(refused: crate::acl::Refused) -> ApiError {
+    let message = match refused {
+        crate::acl::Refused::UnknownToken => {
+            "ACL not found: the control plane knows no such token (or cannot be reached to say)"
+                .to_string()
+        }
+        crate::acl::Refused::Forbidden { needs } => {
+            format!("Permission denied: this needs {needs}")
+        }
+    };
+    ApiError::new(StatusCode::FORBIDDEN, message)
+}
+
+/// A read's view: what the token's rules hide is left out, and the
+/// answer says so (`X-Consul-Results-Filtered-By-ACLs: true`).
+pub(crate) struct Visible {
+    token: Arc<crate::acl::Token>,
+    filtered: AtomicBool,
+}
+
+impl Visible {
+    fn sees(&self, resource: Resource<'_>) -> bool {
+        let ok = self.token.authorizer.allows(resource, Access::Read);
+        if !ok {
+            self.filtered.store(true, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    pub(crate) fn service(&self, name: &str) -> bool {
+        self.sees(Resource::Service(name))
+    }
+
+    pub(crate) fn node(&self, name: &str) -> bool {
+        self.sees(Resource::Node(name))
+    }
+
+    /// The answer, marked when something was left out.
+    pub(crate) fn answer(&self, mut response: Response) -> Response {
+        if self.filtered.load(Ordering::Relaxed) {
+            response.headers_mut().insert(
+                "X-Consul-Results-Filtered-By-ACLs",
+                HeaderValue::from_static("true"),
+            );
+        }
+        response
+    }
 }
 
 /// An error answered as Consul does: a status and a plain-text message.
@@ -101,93 +190,101 @@ impl From<AgentError> for ApiError {
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
-/// The router of the local API.
-pub(crate) fn router(api: Api) -> Router {
-    Router::new()
+/// Every route of the local API as (method, path): what a test asks
+/// whether each write endpoint refuses a request without a token.
+pub fn route_table() -> Vec<(Method, &'static str)> {
+    routes().table().to_vec()
+}
+
+/// Every route of the local API, with the method it answers.
+fn routes() -> Routes<Api> {
+    Routes::default()
         // Agent: this host's registrations.
-        .route(
-            "/v1/agent/service/register",
-            put(agent_routes::register_service),
-        )
-        .route(
+        .put("/v1/agent/service/register", agent_routes::register_service)
+        .put(
             "/v1/agent/service/deregister/{id}",
-            put(agent_routes::deregister_service),
+            agent_routes::deregister_service,
         )
-        .route(
+        .put(
             "/v1/agent/service/maintenance/{id}",
-            put(agent_routes::service_maintenance),
+            agent_routes::service_maintenance,
         )
-        .route("/v1/agent/maintenance", put(agent_routes::node_maintenance))
-        .route(
-            "/v1/agent/check/register",
-            put(agent_routes::register_check),
-        )
-        .route(
+        .put("/v1/agent/maintenance", agent_routes::node_maintenance)
+        .put("/v1/agent/check/register", agent_routes::register_check)
+        .put(
             "/v1/agent/check/deregister/{id}",
-            put(agent_routes::deregister_check),
+            agent_routes::deregister_check,
         )
-        .route("/v1/agent/check/pass/{id}", put(agent_routes::check_pass))
-        .route("/v1/agent/check/warn/{id}", put(agent_routes::check_warn))
-        .route("/v1/agent/check/fail/{id}", put(agent_routes::check_fail))
-        .route(
-            "/v1/agent/check/update/{id}",
-            put(agent_routes::check_update),
-        )
-        .route("/v1/agent/services", get(agent_routes::services))
-        .route("/v1/agent/service/{id}", get(agent_routes::service))
-        .route("/v1/agent/checks", get(agent_routes::checks))
-        .route("/v1/agent/self", get(agent_routes::agent_self))
-        .route("/v1/agent/members", get(agent_routes::members))
-        .route(
+        .put("/v1/agent/check/pass/{id}", agent_routes::check_pass)
+        .put("/v1/agent/check/warn/{id}", agent_routes::check_warn)
+        .put("/v1/agent/check/fail/{id}", agent_routes::check_fail)
+        .put("/v1/agent/check/update/{id}", agent_routes::check_update)
+        .get("/v1/agent/services", agent_routes::services)
+        .get("/v1/agent/service/{id}", agent_routes::service)
+        .get("/v1/agent/checks", agent_routes::checks)
+        .get("/v1/agent/self", agent_routes::agent_self)
+        .get("/v1/agent/members", agent_routes::members)
+        .get(
             "/v1/agent/health/service/name/{name}",
-            get(agent_routes::health_by_name),
+            agent_routes::health_by_name,
         )
-        .route(
+        .get(
             "/v1/agent/health/service/id/{id}",
-            get(agent_routes::health_by_id),
+            agent_routes::health_by_id,
         )
         // Catalog, health and status: with a control plane, the service
         // lists and entries answer for the fleet; the rest for this node.
-        .route("/v1/status/leader", get(catalog::leader))
-        .route("/v1/status/peers", get(catalog::peers))
-        .route("/v1/catalog/datacenters", get(catalog::datacenters))
-        .route("/v1/catalog/services", get(catalog::services))
-        .route("/v1/catalog/service/{name}", get(catalog::service))
-        .route("/v1/catalog/nodes", get(catalog::nodes))
-        .route("/v1/catalog/node/{node}", get(catalog::node))
-        .route("/v1/health/service/{name}", get(catalog::health_service))
-        .route("/v1/health/checks/{name}", get(catalog::health_checks))
-        .route("/v1/health/state/{state}", get(catalog::health_state))
-        .route("/v1/health/node/{node}", get(catalog::health_node))
+        .get("/v1/status/leader", catalog::leader)
+        .get("/v1/status/peers", catalog::peers)
+        .get("/v1/catalog/datacenters", catalog::datacenters)
+        .get("/v1/catalog/services", catalog::services)
+        .get("/v1/catalog/service/{name}", catalog::service)
+        .get("/v1/catalog/nodes", catalog::nodes)
+        .get("/v1/catalog/node/{node}", catalog::node)
+        .get("/v1/health/service/{name}", catalog::health_service)
+        .get("/v1/health/checks/{name}", catalog::health_checks)
+        .get("/v1/health/state/{state}", catalog::health_state)
+        .get("/v1/health/node/{node}", catalog::health_node)
         // Signpost's own.
-        .route(
-            "/v1/signpost/services",
-            get(agent_routes::signpost_services),
-        )
-        .route("/v1/signpost/status", get(agent_routes::signpost_status))
-        .route("/v1/signpost/drain/{id}", put(agent_routes::signpost_drain))
+        .get("/v1/signpost/services", agent_routes::signpost_services)
+        .get("/v1/signpost/status", agent_routes::signpost_status)
+        .put("/v1/signpost/drain/{id}", agent_routes::signpost_drain)
         // Operator actions: forwarded to the control plane with the
         // caller's token only.
-        .route("/v1/commands", any(forward::forward))
-        .route("/v1/commands/{id}", any(forward::forward))
-        .route("/v1/acl/{*rest}", any(forward::forward))
-        .route("/v1/audit", any(forward::forward))
-        .route("/metrics", get(metrics))
+        .on(Method::Any, "/v1/commands", forward::forward)
+        .on(Method::Any, "/v1/commands/{id}", forward::forward)
+        .on(Method::Any, "/v1/acl/{*rest}", forward::forward)
+        .on(Method::Any, "/v1/audit", forward::forward)
+        .get("/metrics", metrics)
+}
+
+/// The router of the local API.
+pub(crate) fn router(api: Api) -> Router {
+    routes()
+        .into_router()
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), count_requests))
         .with_state(api)
 }
 
-async fn metrics(State(api): State<Api>) -> Response {
+async fn metrics(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Response> {
+    let node = api.agent.state.read(|inner| inner.node.name.clone());
+    api.allow(
+        &headers,
+        Resource::Agent(&node),
+        Access::Read,
+        "metrics.read",
+    )
+    .await?;
     let body = api.agent.metrics.render(&api.agent.state);
-    (
+    Ok((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         body,
     )
-        .into_response()
+        .into_response())
 }
 
 async fn not_found() -> ApiError {

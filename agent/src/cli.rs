@@ -40,36 +40,63 @@ pub struct Invalid(String);
 /// Exit code for input the server refused (sysexits EX_DATAERR).
 pub const EXIT_INVALID: u8 = 65;
 
-fn base_url(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.trim_end_matches('/').to_string()
-    } else {
-        format!("http://{addr}")
+/// The token the CLI presents: `--token`, else `--token-file`, else
+/// Consul's `CONSUL_HTTP_TOKEN` and `CONSUL_HTTP_TOKEN_FILE`, so scripts
+/// written for Consul work unchanged.
+pub fn token(given: Option<String>, file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    if given.is_some() {
+        return Ok(given);
     }
+    let file = file.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os("CONSUL_HTTP_TOKEN_FILE")
+            .filter(|f| !f.is_empty())
+            .map(Into::into)
+    });
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read the token file {}", file.display()))?;
+        return Ok(Some(text.trim().to_string()).filter(|t| !t.is_empty()));
+    }
+    Ok(std::env::var("CONSUL_HTTP_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty()))
 }
 
 impl Client {
-    /// A client of the agent at `addr`.
-    pub fn new(addr: &str) -> Self {
+    /// A client of the agent at `addr` (plain HTTP on loopback, where
+    /// the agent listens), presenting `token` if any.
+    pub fn new(addr: &str, token: Option<String>) -> Self {
         crate::tls::install_crypto_provider();
+        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{addr}")
+        };
         Client {
-            base: base_url(addr),
+            base,
             http: reqwest::Client::new(),
             peer: "the agent",
             flag: "--http-addr",
-            token: None,
+            token,
         }
     }
 
-    /// A client of the control plane's HTTP API at `addr`, presenting
-    /// `token` (an ACL token's secret).
-    pub fn control_plane(addr: &str, token: Option<String>) -> Self {
-        Client {
+    /// A client of the control plane's HTTP API at `addr` (HTTPS unless
+    /// it says `http://`), verified with the CA in `ca_file` (else the
+    /// system's roots), presenting `token` (an ACL token's secret).
+    pub fn control_plane(
+        addr: &str,
+        token: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let http = crate::api::control_plane_client(ca_file)?;
+        Ok(Client {
+            base: crate::api::control_plane_url(addr),
+            http,
             peer: "the control plane",
             flag: "--control-plane",
             token,
-            ..Client::new(addr)
-        }
+        })
     }
 
     async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<String> {
@@ -474,14 +501,33 @@ pub fn validate_service_files(dir: &Path) -> Result<usize, Vec<String>> {
     }
 }
 
+/// What `signpost acl token create` asks for.
+pub struct NewToken {
+    pub description: String,
+    /// Policy names or IDs.
+    pub policies: Vec<String>,
+    pub node_identities: Vec<String>,
+    pub service_identities: Vec<String>,
+    /// A Go duration.
+    pub ttl: Option<String>,
+    /// A role from before policies (its built-in policy).
+    pub role: Option<String>,
+}
+
 /// `signpost acl token create`.
-pub async fn token_create(
-    client: &Client,
-    role: &str,
-    description: &str,
-    json: bool,
-) -> anyhow::Result<()> {
-    let body = serde_json::json!({ "Role": role, "Description": description });
+pub async fn token_create(client: &Client, new: NewToken, json: bool) -> anyhow::Result<()> {
+    let mut body = serde_json::json!({
+        "Description": new.description,
+        "Policies": new.policies.iter().map(|p| serde_json::json!({"Name": p})).collect::<Vec<_>>(),
+        "NodeIdentities": new.node_identities.iter().map(|n| serde_json::json!({"NodeName": n})).collect::<Vec<_>>(),
+        "ServiceIdentities": new.service_identities.iter().map(|n| serde_json::json!({"ServiceName": n})).collect::<Vec<_>>(),
+    });
+    if let Some(ttl) = new.ttl {
+        body["ExpirationTTL"] = Value::String(ttl);
+    }
+    if let Some(role) = new.role {
+        body["Role"] = Value::String(role);
+    }
     let token = client
         .put_body("/v1/acl/token", &body, "create the token")
         .await?;
@@ -489,14 +535,92 @@ pub async fn token_create(
         println!("{}", serde_json::to_string_pretty(&token)?);
     } else {
         table(
-            &["ACCESSOR", "ROLE", "SECRET (shown once)"],
+            &["ACCESSOR", "GRANTS", "SECRET (shown once)"],
             vec![vec![
                 str_of(&token, "AccessorID").to_string(),
-                str_of(&token, "Role").to_string(),
+                grants(&token),
                 str_of(&token, "SecretID").to_string(),
             ]],
         );
     }
+    Ok(())
+}
+
+/// A token's policies and identities, in one cell.
+fn grants(token: &Value) -> String {
+    let names = |key: &str, field: &str, prefix: &str| -> Vec<String> {
+        token
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|v| format!("{prefix}{}", str_of(v, field)))
+            .collect()
+    };
+    let mut all = names("Policies", "Name", "");
+    all.extend(names("NodeIdentities", "NodeName", "node:"));
+    all.extend(names("ServiceIdentities", "ServiceName", "service:"));
+    all.join(",")
+}
+
+/// `signpost acl policy create`: `rules` is HCL or JSON, or `@file`.
+pub async fn policy_create(
+    client: &Client,
+    name: &str,
+    description: &str,
+    rules: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let rules = match rules.strip_prefix('@') {
+        Some(file) => std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the rules file {file}"))?,
+        None => rules.to_string(),
+    };
+    let body = serde_json::json!({"Name": name, "Description": description, "Rules": rules});
+    let policy = client
+        .put_body("/v1/acl/policy", &body, "create the policy")
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&policy)?);
+    } else {
+        println!(
+            "policy {} created: {}",
+            str_of(&policy, "Name"),
+            str_of(&policy, "ID")
+        );
+    }
+    Ok(())
+}
+
+/// `signpost acl policy list`.
+pub async fn policy_list(client: &Client, json: bool) -> anyhow::Result<()> {
+    let policies = client.get("/v1/acl/policies").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&policies)?);
+        return Ok(());
+    }
+    let rows = policies
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            vec![
+                str_of(p, "ID").to_string(),
+                str_of(p, "Name").to_string(),
+                str_of(p, "Description").to_string(),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "DESCRIPTION"], rows);
+    Ok(())
+}
+
+/// `signpost acl policy delete`.
+pub async fn policy_delete(client: &Client, id: &str) -> anyhow::Result<()> {
+    client
+        .delete(&format!("/v1/acl/policy/{id}"), "delete the policy")
+        .await?;
+    println!("policy {id} deleted");
     Ok(())
 }
 
@@ -514,13 +638,13 @@ pub async fn token_list(client: &Client, json: bool) -> anyhow::Result<()> {
         .map(|t| {
             vec![
                 str_of(t, "AccessorID").to_string(),
-                str_of(t, "Role").to_string(),
+                grants(t),
                 str_of(t, "CreatedBy").to_string(),
                 str_of(t, "Description").to_string(),
             ]
         })
         .collect();
-    table(&["ACCESSOR", "ROLE", "CREATED BY", "DESCRIPTION"], rows);
+    table(&["ACCESSOR", "GRANTS", "CREATED BY", "DESCRIPTION"], rows);
     Ok(())
 }
 

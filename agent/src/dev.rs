@@ -49,6 +49,7 @@ pub async fn run(
             listen: "127.0.0.1:0".parse()?,
             cert_file: Some(tls.cert.clone()),
             key_file: Some(tls.key.clone()),
+            ..GrpcConfig::default()
         },
         http: HttpConfig {
             listen: "127.0.0.1:0".parse()?,
@@ -184,7 +185,7 @@ fn print_hints(h: &Hints<'_>) {
 Signpost dev is running: a control plane and an agent.
   local API      {base}
   local DNS      {dns} (UDP and TCP), domain "internal"
-  control plane  http://{cp_http} (try /v1/nodes), agents' gRPC on {cp_grpc} (TLS)
+  control plane  https://{cp_http} (try /v1/nodes; CA {ca}), agents' gRPC on {cp_grpc} (TLS)
   service files  {services_dir}
   demo service   demo-1 at {i1}, demo-2 at {i2} (HTTP and TCP checks)
 
@@ -202,7 +203,8 @@ Try:
   curl -s -X PUT '{base}/v1/agent/check/pass/service:web?note=alive'
   $EDITOR {file}             # add, change or break it
   curl -s {base}/metrics
-  curl -s http://{cp_http}/v1/health/service/demo   # the fleet, as the control plane sees it
+  curl -s --cacert {ca} https://{cp_http}/v1/health/service/demo   # the fleet, as the control plane sees it
+  signpost acl token list --control-plane {cp_http} --ca-file {ca} --token-file {bootstrap}   # ACL tokens
 
 Ctrl-C stops it and removes {dir}."#,
         services_dir = h.services_dir.display(),
@@ -211,6 +213,17 @@ Ctrl-C stops it and removes {dir}."#,
         file = h.file.display(),
         dir = h.dir.display(),
         cp_http = cp.http,
+        ca = h
+            .dir
+            .join("control-plane")
+            .join("tls")
+            .join("ca.pem")
+            .display(),
+        bootstrap = h
+            .dir
+            .join("control-plane")
+            .join("bootstrap-token")
+            .display(),
         cp_grpc = cp.grpc,
         dns_ip = dns.ip(),
         dns_port = dns.port(),

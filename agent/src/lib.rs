@@ -4,8 +4,9 @@
 //! Layout (the data flows top to bottom):
 //! - [`files`]: `services_dir/*.yaml`, watched; bad files keep their last
 //!   good version.
-//! - [`api`]: the local HTTP API (registration, catalog, health, blocking
-//!   queries, `/metrics`).
+//! - `api`: the local HTTP API (registration, catalog, health, blocking
+//!   queries, `/metrics`); `acl`: what each request's token may do there
+//!   (resolved by the control plane, cached).
 //! - [`agent`]: the one entry point for every change, whatever its source.
 //! - [`state`]: services, checks and indexes; changes are published on a
 //!   `watch` channel for blocking queries, the sync, DNS and the proxy.
@@ -29,10 +30,13 @@
 //!   and the one-command demo.
 //! - [`alloc`]: the binary's global allocator.
 
+mod acl;
 mod advertise;
 pub mod agent;
 pub mod alloc;
 mod api;
+mod identity;
+pub use api::route_table;
 mod catalog;
 pub mod checks;
 pub mod cli;
@@ -117,11 +121,16 @@ pub async fn run(
             files::watch(agent.clone(), files.clone(), stop)
         });
     }
+    let acl = Arc::new(acl::AgentAcl::new(
+        agent.config.acl.clone(),
+        agent.config.control_plane.is_some(),
+        agent.metrics.clone(),
+    ));
     let fleet = match agent.config.control_plane.clone() {
-        Some(cp) => Some(join_fleet(&agent, cp, advertise, &mut background).await?),
+        Some(cp) => Some(join_fleet(&agent, &acl, cp, advertise, &mut background).await?),
         None => None,
     };
-    let serving = serve(&agent, fleet, listener, metrics, &shutdown).await?;
+    let serving = serve(&agent, fleet, acl, listener, metrics, &shutdown).await?;
     if let Some(ready) = ready
         && ready.send(local).is_err()
     {
@@ -257,6 +266,7 @@ impl Background {
 /// kept there), and the sync.
 async fn join_fleet(
     agent: &Arc<Agent>,
+    acl: &Arc<acl::AgentAcl>,
     cp: signpost_core::config::ControlPlaneClientConfig,
     advertise: IpAddr,
     background: &mut Background,
@@ -292,6 +302,8 @@ async fn join_fleet(
     let settings = Arc::new(sync::Settings {
         config: cp,
         probe_address,
+        acl: acl.clone(),
+        identity: identity::path(&agent.config.data_dir),
     });
     let (for_sync, fleet_for_sync) = (agent.clone(), fleet.clone());
     background.spawn("control-plane sync", move |stop| {
@@ -312,6 +324,7 @@ type Serving = tokio::task::JoinSet<(&'static str, Result<(), String>)>;
 async fn serve(
     agent: &Arc<Agent>,
     fleet: Option<Arc<fleet::FleetCache>>,
+    acl: Arc<acl::AgentAcl>,
     listener: TcpListener,
     metrics: PartMetrics,
     shutdown: &CancellationToken,
@@ -355,11 +368,10 @@ async fn serve(
         agent: agent.clone(),
         fleet,
         shutdown: shutdown.clone(),
-        http: reqwest::Client::builder()
-            .no_proxy()
-            .timeout(std::time::Duration::from_secs(30))
-            .build()
-            .context("cannot build the HTTP client for the control plane")?,
+        http: Arc::new(api::ControlPlaneHttp::new(
+            config.control_plane.as_ref().map(|c| c.ca_file.clone()),
+        )),
+        acl,
     });
     let (server_shutdown, limits) = (shutdown.clone(), config.api.limits.clone());
     serving.spawn(async move {
@@ -368,6 +380,7 @@ async fn serve(
             router,
             &limits,
             metrics.api_server,
+            None,
             server_shutdown,
         )
         .await;

@@ -25,7 +25,8 @@ struct Cli {
         default_value = "127.0.0.1:8500"
     )]
     http_addr: String,
-    /// The control plane's HTTP API, for `acl` and `audit`.
+    /// The control plane's HTTP API (HTTPS; `http://host:port` for a
+    /// plain one on loopback), for `acl`, `cmd` and `audit`.
     #[arg(
         long,
         global = true,
@@ -33,9 +34,17 @@ struct Cli {
         default_value = "127.0.0.1:8700"
     )]
     control_plane: String,
-    /// An ACL token's secret, for `acl` and `audit`.
+    /// The CA that signed the control plane's certificate (its
+    /// `data_dir/tls/ca.pem`); default: that file when it is on this
+    /// host, else the system's roots.
+    #[arg(long, global = true, env = "SIGNPOST_CACERT")]
+    ca_file: Option<PathBuf>,
+    /// An ACL token's secret (also `CONSUL_HTTP_TOKEN`).
     #[arg(long, global = true, env = "SIGNPOST_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the token (also `CONSUL_HTTP_TOKEN_FILE`).
+    #[arg(long, global = true, env = "SIGNPOST_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -238,15 +247,35 @@ enum AclCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Policies (rules in Consul's HCL or JSON): create, list, delete.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
 }
 
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Create a token; its secret is shown this once.
     Create {
-        /// read, agent, operator or admin.
+        /// A policy by name or ID (repeat for more); built-in:
+        /// global-management, builtin/global-read-only, builtin/operator,
+        /// builtin/agent.
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        /// A node this token may register as, and nothing else (an
+        /// agent's token; repeat for more).
+        #[arg(long = "node-identity")]
+        node_identities: Vec<String>,
+        /// A service this token may register (repeat for more).
+        #[arg(long = "service-identity")]
+        service_identities: Vec<String>,
+        /// When the token stops working, e.g. 24h.
         #[arg(long)]
-        role: String,
+        ttl: Option<String>,
+        /// A role from before policies: read, agent, operator or admin.
+        #[arg(long)]
+        role: Option<String>,
         #[arg(long, default_value = "")]
         description: String,
         #[arg(long)]
@@ -260,6 +289,33 @@ enum TokenCommand {
     /// Delete a token by its accessor.
     Delete { accessor: String },
 }
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Create a policy.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// The rules (HCL or JSON), or @FILE.
+        #[arg(long)]
+        rules: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the policies, built-in ones first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a policy by its ID.
+    Delete { id: String },
+}
+
+/// The CA of the control plane's certificate when the CLI runs on a
+/// control-plane host with the packaged layout.
+const LOCAL_CA: &str = "/var/lib/signpost-control-plane/tls/ca.pem";
 
 /// mimalloc rather than glibc's allocator: each new proxied connection
 /// allocates a tokio task (128-byte aligned, which glibc serves through
@@ -283,7 +339,20 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let client = Client::new(&cli.http_addr);
+        let token = match cli::token(cli.token.clone(), cli.token_file.as_deref()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("signpost: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let client = Client::new(&cli.http_addr, token.clone());
+        let ca_file = cli
+            .ca_file
+            .clone()
+            .or_else(|| Some(PathBuf::from(LOCAL_CA)).filter(|p| p.exists()));
+        let control_plane =
+            || Client::control_plane(&cli.control_plane, token.clone(), ca_file.as_deref());
         let result = match cli.command {
             Command::Agent { config, validate } => return agent(config, validate).await,
             Command::Dev { dns_addr } => {
@@ -308,22 +377,51 @@ fn main() -> ExitCode {
             } => cli::maint(&client, id.as_deref(), enable, &reason).await,
             Command::Acl {
                 command: AclCommand::Token { command },
-            } => {
-                let cp = Client::control_plane(&cli.control_plane, cli.token);
-                match command {
+            } => match control_plane() {
+                Ok(cp) => match command {
                     TokenCommand::Create {
+                        policies,
+                        node_identities,
+                        service_identities,
+                        ttl,
                         role,
                         description,
                         json,
-                    } => cli::token_create(&cp, &role, &description, json).await,
+                    } => {
+                        let new = cli::NewToken {
+                            description,
+                            policies,
+                            node_identities,
+                            service_identities,
+                            ttl,
+                            role,
+                        };
+                        cli::token_create(&cp, new, json).await
+                    }
                     TokenCommand::List { json } => cli::token_list(&cp, json).await,
                     TokenCommand::Delete { accessor } => cli::token_delete(&cp, &accessor).await,
-                }
-            }
-            Command::Cmd { command } => {
-                let cp = Client::control_plane(&cli.control_plane, cli.token);
-                operator_command(&cp, command).await
-            }
+                },
+                Err(e) => Err(e),
+            },
+            Command::Acl {
+                command: AclCommand::Policy { command },
+            } => match control_plane() {
+                Ok(cp) => match command {
+                    PolicyCommand::Create {
+                        name,
+                        rules,
+                        description,
+                        json,
+                    } => cli::policy_create(&cp, &name, &description, &rules, json).await,
+                    PolicyCommand::List { json } => cli::policy_list(&cp, json).await,
+                    PolicyCommand::Delete { id } => cli::policy_delete(&cp, &id).await,
+                },
+                Err(e) => Err(e),
+            },
+            Command::Cmd { command } => match control_plane() {
+                Ok(cp) => operator_command(&cp, command).await,
+                Err(e) => Err(e),
+            },
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 let mut command = Cli::command();
@@ -336,10 +434,10 @@ fn main() -> ExitCode {
                     .render(&mut std::io::stdout())
                     .map_err(anyhow::Error::from)
             }
-            Command::Audit { limit, json } => {
-                let cp = Client::control_plane(&cli.control_plane, cli.token);
-                cli::audit(&cp, limit, json).await
-            }
+            Command::Audit { limit, json } => match control_plane() {
+                Ok(cp) => cli::audit(&cp, limit, json).await,
+                Err(e) => Err(e),
+            },
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

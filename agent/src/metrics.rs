@@ -55,6 +55,8 @@ pub struct Metrics {
     sync_updates: Counter,
     sync_refused: Counter,
     task_restarts: Family<TaskLabels, Counter>,
+    acl_resolutions: Family<OutcomeLabels, Counter>,
+    acl_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -147,8 +149,22 @@ impl Metrics {
             "Instances in service updates from the control plane that failed the agent's checks and were left out",
             sync_refused.clone(),
         );
+        let acl_resolutions = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "acl_token_resolutions",
+            "Tokens presented to the local API, by how they were resolved (cached: no round trip; resolved: asked the control plane; down: the control plane could not answer, down_policy decided)",
+            acl_resolutions.clone(),
+        );
+        let acl_refusals = Counter::default();
+        registry.register(
+            "acl_refusals",
+            "Local API requests refused for their token",
+            acl_refusals.clone(),
+        );
         Metrics {
             registry,
+            acl_resolutions,
+            acl_refusals,
             sync_connected,
             task_restarts,
             sync_updates,
@@ -164,6 +180,17 @@ impl Metrics {
             state_corrupt,
             api_requests,
         }
+    }
+
+    /// A token resolved `outcome` (`cached`, `resolved`, `down`).
+    pub fn acl_resolution(&self, outcome: &'static str) {
+        self.acl_resolutions
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn acl_refusal(&self) {
+        self.acl_refusals.inc();
     }
 
     pub fn probe(&self, r#type: &'static str, result: Health) {

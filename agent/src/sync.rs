@@ -46,7 +46,27 @@ pub(crate) struct Settings {
     pub(crate) config: ControlPlaneClientConfig,
     /// Where peers probe this host (the liveness listener).
     pub(crate) probe_address: std::net::SocketAddr,
+    /// Resolves tokens on the connection, and sends its refusals.
+    pub(crate) acl: Arc<crate::acl::AgentAcl>,
+    /// The client certificate's file ([`crate::identity`]).
+    pub(crate) identity: std::path::PathBuf,
 }
+
+/// A client of the control plane's agent endpoint.
+pub(crate) type Client = SyncClient<InterceptedService<Channel, Bearer>>;
+
+/// While a session is up, tokens are resolved on its connection.
+struct Resolving<'a>(&'a crate::acl::AgentAcl);
+
+impl Drop for Resolving<'_> {
+    fn drop(&mut self) {
+        self.0.set_client(None);
+    }
+}
+
+/// How long after a failed renewal of the client certificate it is
+/// asked for again.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
 
 /// The local state as the control plane sees it.
 struct Local {
@@ -201,6 +221,7 @@ pub(crate) async fn run(
     let ca = read_ca(&config.ca_file)?;
     let mut ack_queries = fleet.ack_queries();
     let mut backoff = BACKOFF_MIN;
+    let mut skip_certificate = false;
     let mut targets = std::collections::VecDeque::new();
     loop {
         if targets.is_empty() {
@@ -210,10 +231,21 @@ pub(crate) async fn run(
             anyhow::bail!("control_plane.addresses is empty");
         };
         let address = &target.address;
+        let mut attempt = Attempt {
+            certificate: !skip_certificate,
+            welcomed: false,
+        };
         let result = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = session(&agent, &fleet, &mut ack_queries, &settings, &ca, &target) => r,
+            r = session(&agent, &fleet, &mut ack_queries, &settings, &ca, &target, &mut attempt) => r,
         };
+        // A certificate the control plane no longer takes (its CA
+        // changed) must not lock the host out: the next attempt joins
+        // with the token alone and asks for a new one.
+        skip_certificate = attempt.certificate && !attempt.welcomed && result.is_err();
+        if skip_certificate {
+            tracing::warn!(address = %address, "the session with a client certificate failed: trying with the token alone");
+        }
         fleet.set_connected(false);
         agent.metrics.sync_connected(false);
         match result {
@@ -274,6 +306,15 @@ async fn round(addresses: &[String]) -> Vec<Target> {
     round
 }
 
+/// How one session attempt went, for the next.
+struct Attempt {
+    /// Whether it may present the client certificate (set to whether it
+    /// did).
+    certificate: bool,
+    /// Whether the control plane welcomed it.
+    welcomed: bool,
+}
+
 async fn session(
     agent: &Agent,
     fleet: &FleetCache,
@@ -281,10 +322,11 @@ async fn session(
     settings: &Settings,
     ca: &[u8],
     target: &Target,
+    attempt: &mut Attempt,
 ) -> anyhow::Result<()> {
     let config = &settings.config;
     let address = target.address.as_str();
-    let mut client = connect(settings, ca, target).await?;
+    let mut client = connect(settings, ca, target, &mut attempt.certificate).await?;
     let (tx, rx) = mpsc::channel::<AgentMessage>(256);
     let mut changes = agent.state.subscribe();
     let mut sent = agent.state.read(local);
@@ -316,6 +358,7 @@ async fn session(
         }) => fleet.welcome(&welcome.epoch),
         _ => anyhow::bail!("the control plane did not start with Welcome"),
     }
+    attempt.welcomed = true;
     tx.send(message(agent_message::Body::Subscribe(Subscribe {
         services: fleet.subscriptions(),
     })))
@@ -323,6 +366,16 @@ async fn session(
     fleet.set_connected(true);
     agent.metrics.sync_connected(true);
     tracing::info!(address = %address, "connected to the control plane");
+    settings.acl.set_client(Some(client.clone()));
+    let _resolving = Resolving(&settings.acl);
+    let node = agent.state.read(|inner| inner.node.name.clone());
+    // Ask for a certificate now if there is none (or it is past two
+    // thirds of its life), else when it will be.
+    let mut renew_at: Option<tokio::time::Instant> = Some(renewal(
+        crate::identity::load(&settings.identity)
+            .map(|held| held.renew_at())
+            .unwrap_or_else(std::time::SystemTime::now),
+    ));
     let mut pending: HashMap<u64, tokio::sync::oneshot::Sender<AckStatus>> = HashMap::new();
     let mut idle_check = tokio::time::interval(
         (config.subscription_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30)),
@@ -362,6 +415,27 @@ async fn session(
                 })))
                 .await?;
             }
+            () = settings.acl.refused.notified() => {
+                for refusal in settings.acl.take_refusals() {
+                    tx.send(message(agent_message::Body::Refusal(refusal))).await?;
+                }
+            }
+            () = sleep_until_some(renew_at) => {
+                renew_at = match crate::identity::renew(&mut client, &node, &settings.identity).await {
+                    Ok(held) => {
+                        tracing::info!(node = %node, valid_until = ?held.not_after, "client certificate renewed: the next connections present it");
+                        Some(renewal(held.renew_at()))
+                    }
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                        tracing::info!(reason = %status.message(), "the control plane issues no client certificates");
+                        None
+                    }
+                    Err(status) => {
+                        tracing::warn!(error = %status.message(), retry_in = ?RENEW_RETRY, "cannot renew the client certificate");
+                        Some(tokio::time::Instant::now() + RENEW_RETRY)
+                    }
+                };
+            }
             received = inbound.message() => {
                 let Some(received) = received.map_err(|s| anyhow::anyhow!("stream failed: {}", s.message()))? else {
                     return Ok(());
@@ -372,23 +446,50 @@ async fn session(
     }
 }
 
+/// The instant of `at` on tokio's clock (now if it has passed).
+fn renewal(at: std::time::SystemTime) -> tokio::time::Instant {
+    let wait = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now() + wait
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A client of the control plane at `address`, over TLS, presenting the
-/// agent's token on every call.
+/// agent's token on every call, and (if `certificate` allows) its client
+/// certificate while it has a valid one; `certificate` is set to whether
+/// it did.
 async fn connect(
     settings: &Settings,
     ca: &[u8],
     target: &Target,
-) -> anyhow::Result<SyncClient<InterceptedService<Channel, Bearer>>> {
+    certificate: &mut bool,
+) -> anyhow::Result<Client> {
     let config = &settings.config;
     let address = target.address.as_str();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(
-            config
-                .server_name
-                .clone()
-                .unwrap_or_else(|| target.host.clone()),
-        );
+    let mut tls = ClientTlsConfig::new();
+    let held =
+        crate::identity::load(&settings.identity).filter(|held| *certificate && held.valid_now());
+    *certificate = held.is_some();
+    if let Some(held) = held {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            held.cert_pem,
+            held.key_pem,
+        ));
+    }
+    let tls = tls.ca_certificate(Certificate::from_pem(ca)).domain_name(
+        config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| target.host.clone()),
+    );
     let channel = Endpoint::from_shared(format!("https://{address}"))
         .with_context(|| format!("invalid control-plane address {address:?}"))?
         .tls_config(tls)
@@ -407,7 +508,7 @@ async fn connect(
 
 /// Puts the agent's token on every call.
 #[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub(crate) struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(

@@ -13,10 +13,11 @@ use axum::Router;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, put};
 use serde_json::{Value, json};
+use signpost_core::acl::{Access, Resource};
 use signpost_core::consul::{self, CatalogService, HealthCheck};
 use signpost_core::model::Health;
+use signpost_daemon::routes::{Method, Routes};
 use signpost_proto::{Check, Instance};
 
 use crate::catalog::{Catalog, NodeEntry};
@@ -28,6 +29,8 @@ pub struct HttpState {
     pub commands: Arc<crate::commands::Commands>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub datacenter: String,
+    /// Where `PUT /v1/acl/bootstrap` looks for the reset file.
+    pub data_dir: std::path::PathBuf,
     /// Whether the store takes writes now (a shared store can lose its
     /// quorum; files always do).
     pub quorum: Arc<dyn Fn() -> bool + Send + Sync>,
@@ -48,29 +51,93 @@ pub(crate) fn store_failed(unavailable: bool, message: String) -> Response {
     }
 }
 
+/// Every route of the API, with the method it answers.
+pub fn routes() -> Routes<HttpState> {
+    Routes::default()
+        .get("/v1/nodes", nodes)
+        .get("/v1/catalog/services", services)
+        .get("/v1/health/service/{name}", health_service)
+        .get("/v1/catalog/service/{name}", catalog_service)
+        .get("/v1/catalog/nodes", catalog_nodes)
+        .get("/v1/catalog/node/{node}", catalog_node)
+        .get("/v1/health/checks/{name}", health_checks)
+        .get("/v1/health/state/{state}", health_state)
+        .get("/v1/health/node/{node}", health_node)
+        .put("/v1/acl/bootstrap", acl::bootstrap)
+        .put("/v1/acl/token", acl::create)
+        .get("/v1/acl/tokens", acl::list)
+        .get("/v1/acl/token/self", acl::whoami)
+        .get("/v1/acl/token/{accessor}", acl::show)
+        .on(Method::Delete, "/v1/acl/token/{accessor}", acl::delete)
+        .put("/v1/acl/policy", acl::create_policy)
+        .get("/v1/acl/policies", acl::policies)
+        .get("/v1/acl/policy/{id}", acl::show_policy)
+        .get("/v1/acl/policy/name/{name}", acl::show_policy)
+        .put("/v1/acl/policy/{id}", acl::update_policy)
+        .on(Method::Delete, "/v1/acl/policy/{id}", acl::delete_policy)
+        .get("/v1/audit", acl::audit)
+        .get("/v1/commands", commands::list)
+        .on(Method::Post, "/v1/commands", commands::create)
+        .get("/v1/commands/{id}", commands::show)
+        .on(Method::Delete, "/v1/commands/{id}", commands::revoke)
+        .get("/metrics", metrics)
+}
+
 pub fn router(state: HttpState) -> Router {
-    Router::new()
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/catalog/services", get(services))
-        .route("/v1/health/service/{name}", get(health_service))
-        .route("/v1/catalog/service/{name}", get(catalog_service))
-        .route("/v1/catalog/nodes", get(catalog_nodes))
-        .route("/v1/catalog/node/{node}", get(catalog_node))
-        .route("/v1/health/checks/{name}", get(health_checks))
-        .route("/v1/health/state/{state}", get(health_state))
-        .route("/v1/health/node/{node}", get(health_node))
-        .route("/v1/acl/token", put(acl::create))
-        .route("/v1/acl/tokens", get(acl::list))
-        .route("/v1/acl/token/self", get(acl::whoami))
-        .route("/v1/acl/token/{accessor}", delete(acl::delete))
-        .route("/v1/audit", get(acl::audit))
-        .route("/v1/commands", get(commands::list).post(commands::create))
-        .route(
-            "/v1/commands/{id}",
-            get(commands::show).delete(commands::revoke),
-        )
-        .route("/metrics", get(metrics))
-        .with_state(state)
+    routes().into_router().with_state(state)
+}
+
+/// What a read may see: the token's rules decide per service and node;
+/// what they hide is dropped and the answer says so
+/// (`X-Consul-Results-Filtered-By-ACLs: true`), as Consul does.
+struct Reader {
+    authorizer: signpost_core::acl::Authorizer,
+    filtered: std::cell::Cell<bool>,
+}
+
+/// The request's token's view, or the 401 for an unknown token.
+impl axum::extract::FromRequestParts<HttpState> for Reader {
+    type Rejection = acl::Refused;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &HttpState,
+    ) -> Result<Self, Self::Rejection> {
+        let resolved = acl::resolve(s, &parts.headers, "catalog.read")?;
+        Ok(Reader {
+            authorizer: resolved.authorizer,
+            filtered: std::cell::Cell::new(false),
+        })
+    }
+}
+
+impl Reader {
+    fn sees(&self, resource: Resource<'_>) -> bool {
+        let ok = self.authorizer.allows(resource, Access::Read);
+        if !ok {
+            self.filtered.set(true);
+        }
+        ok
+    }
+
+    fn service(&self, name: &str) -> bool {
+        self.sees(Resource::Service(name))
+    }
+
+    fn node(&self, name: &str) -> bool {
+        self.sees(Resource::Node(name))
+    }
+
+    /// The answer, marked when something was left out.
+    fn answer(&self, mut response: Response) -> Response {
+        if self.filtered.get() {
+            response.headers_mut().insert(
+                "X-Consul-Results-Filtered-By-ACLs",
+                HeaderValue::from_static("true"),
+            );
+        }
+        response
+    }
 }
 
 fn json_response(index: u64, body: &Value) -> Response {
@@ -85,11 +152,12 @@ fn json_response(index: u64, body: &Value) -> Response {
     response
 }
 
-async fn nodes(State(s): State<HttpState>) -> Response {
+async fn nodes(State(s): State<HttpState>, reader: Reader) -> Response {
     let (index, body) = s.catalog.read(|inner| {
         let nodes: Vec<Value> = inner
             .nodes
             .values()
+            .filter(|n| reader.node(&n.hello.node))
             .map(|n| {
                 json!({
                     "Node": n.hello.node,
@@ -106,7 +174,7 @@ async fn nodes(State(s): State<HttpState>) -> Response {
             .collect();
         (inner.index, Value::Array(nodes))
     });
-    let mut response = json_response(index, &body);
+    let mut response = reader.answer(json_response(index, &body));
     if let Some(left) = s.catalog.warming_up()
         && let Ok(value) = format!("{:.1}s", left.as_secs_f64()).parse()
     {
@@ -125,9 +193,16 @@ async fn nodes(State(s): State<HttpState>) -> Response {
     response
 }
 
-async fn services(State(s): State<HttpState>) -> Response {
-    let (index, body) = s.catalog.read(|inner| (inner.index, json!(inner.names())));
-    json_response(index, &body)
+async fn services(State(s): State<HttpState>, reader: Reader) -> Response {
+    let (index, body) = s.catalog.read(|inner| {
+        let names: BTreeMap<&String, &std::collections::BTreeSet<String>> = inner
+            .names()
+            .iter()
+            .filter(|(name, _)| reader.service(name))
+            .collect();
+        (inner.index, json!(names))
+    });
+    reader.answer(json_response(index, &body))
 }
 
 fn check(node: &NodeEntry, instance: Option<&Instance>, c: &Check) -> HealthCheck {
@@ -146,7 +221,9 @@ async fn health_service(
     State(s): State<HttpState>,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
+    reader: Reader,
 ) -> Response {
+    let visible = reader.service(&name);
     let passing = q
         .as_deref()
         .unwrap_or("")
@@ -156,6 +233,7 @@ async fn health_service(
     let (index, body) = s.catalog.read(|inner| {
         let entries: Vec<consul::ServiceEntry> = inner
             .instances_of(&name)
+            .filter(|(node, _)| visible && reader.node(&node.hello.node))
             .filter_map(|(node, instance)| {
                 let live = crate::catalog::liveness_check(node);
                 let checks: Vec<HealthCheck> = std::iter::once(&live)
@@ -180,7 +258,7 @@ async fn health_service(
             .collect();
         (inner.service_index(&name), json!(entries))
     });
-    json_response(index, &body)
+    reader.answer(json_response(index, &body))
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
@@ -242,37 +320,49 @@ fn node_checks<'a>(node: &'a NodeEntry) -> impl Iterator<Item = HealthCheck> + '
         )
 }
 
-async fn catalog_service(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+async fn catalog_service(
+    State(s): State<HttpState>,
+    Path(name): Path<String>,
+    reader: Reader,
+) -> Response {
+    let visible = reader.service(&name);
     let dc = s.datacenter.clone();
     let (index, body) = s.catalog.read(|inner| {
         let entries: Vec<CatalogService> = inner
             .instances_of(&name)
+            .filter(|(node, _)| visible && reader.node(&node.hello.node))
             .map(|(node, i)| CatalogService::new(node_json(node, &dc), service_json(i)))
             .collect();
         (inner.service_index(&name), json!(entries))
     });
-    json_response(index, &body)
+    reader.answer(json_response(index, &body))
 }
 
-async fn catalog_nodes(State(s): State<HttpState>) -> Response {
+async fn catalog_nodes(State(s): State<HttpState>, reader: Reader) -> Response {
     let (index, body) = s.catalog.read(|inner| {
         let nodes: Vec<consul::Node> = inner
             .nodes
             .values()
+            .filter(|n| reader.node(&n.hello.node))
             .map(|n| node_json(n, &s.datacenter))
             .collect();
         (inner.index, json!(nodes))
     });
-    json_response(index, &body)
+    reader.answer(json_response(index, &body))
 }
 
-async fn catalog_node(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+async fn catalog_node(
+    State(s): State<HttpState>,
+    Path(name): Path<String>,
+    reader: Reader,
+) -> Response {
     let (index, body) = s.catalog.read(|inner| {
-        let body = match inner.nodes.get(&name) {
+        let body = match inner.nodes.get(&name).filter(|_| reader.node(&name)) {
             Some(n) => {
                 let services: BTreeMap<String, consul::Service> = n
                     .instances
                     .values()
+                    .filter(|i| reader.service(&i.name))
                     .map(|i| (i.id.clone(), service_json(i)))
                     .collect();
                 json!({"Node": node_json(n, &s.datacenter), "Services": services})
@@ -281,21 +371,31 @@ async fn catalog_node(State(s): State<HttpState>, Path(name): Path<String>) -> R
         };
         (inner.index, body)
     });
-    json_response(index, &body)
+    reader.answer(json_response(index, &body))
 }
 
-async fn health_checks(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+async fn health_checks(
+    State(s): State<HttpState>,
+    Path(name): Path<String>,
+    reader: Reader,
+) -> Response {
+    let visible = reader.service(&name);
     let (index, body) = s.catalog.read(|inner| {
         let checks: Vec<HealthCheck> = inner
             .instances_of(&name)
+            .filter(|(node, _)| visible && reader.node(&node.hello.node))
             .flat_map(|(node, i)| i.checks.iter().map(move |c| check(node, Some(i), c)))
             .collect();
         (inner.service_index(&name), json!(checks))
     });
-    json_response(index, &body)
+    reader.answer(json_response(index, &body))
 }
 
-async fn health_state(State(s): State<HttpState>, Path(state): Path<String>) -> Response {
+async fn health_state(
+    State(s): State<HttpState>,
+    Path(state): Path<String>,
+    reader: Reader,
+) -> Response {
     // Consul's exact names: another spelling is a 400.
     let wanted: Option<Health> = match state.as_str() {
         "any" => None,
@@ -314,23 +414,31 @@ async fn health_state(State(s): State<HttpState>, Path(state): Path<String>) -> 
         let checks: Vec<HealthCheck> = inner
             .nodes
             .values()
+            .filter(|n| reader.node(&n.hello.node))
             .flat_map(node_checks)
             .filter(|c| wanted.is_none_or(|w| c.status == w))
+            .filter(|c| c.service_name.is_empty() || reader.service(&c.service_name))
             .collect();
         (inner.index, json!(checks))
     });
-    json_response(index, &body)
+    reader.answer(json_response(index, &body))
 }
 
-async fn health_node(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+async fn health_node(
+    State(s): State<HttpState>,
+    Path(name): Path<String>,
+    reader: Reader,
+) -> Response {
     let (index, body) = s.catalog.read(|inner| {
         let checks: Vec<HealthCheck> = inner
             .nodes
             .get(&name)
+            .filter(|_| reader.node(&name))
             .into_iter()
             .flat_map(node_checks)
+            .filter(|c| c.service_name.is_empty() || reader.service(&c.service_name))
             .collect();
         (inner.index, json!(checks))
     });
-    json_response(index, &body)
+    reader.answer(json_response(index, &body))
 }

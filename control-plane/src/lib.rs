@@ -81,7 +81,34 @@ pub async fn run(
     })?;
     let key = std::fs::read(&key_file)
         .with_context(|| format!("cannot read the server key {}", key_file.display()))?;
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert.clone(), key.clone()));
+    let (ca_file, ca_key_file) = config.ca_files();
+    let issuer = match std::fs::read(&ca_file) {
+        Ok(ca) => {
+            // Agents with a certificate are checked against the CA; the
+            // others still join with their token (and ask for one).
+            tls = tls
+                .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+                .client_auth_optional(true);
+            if ca_key_file.exists() {
+                Some(Arc::new(tls::Issuer::load(
+                    &ca_file,
+                    &ca_key_file,
+                    config.grpc.client_cert_ttl,
+                )?))
+            } else {
+                tracing::info!(key = %ca_key_file.display(), "no CA key: agents' client certificates are checked, none are issued");
+                None
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(ca = %ca_file.display(), "no CA: agents connect with their token only, without client certificates");
+            None
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read the CA {}", ca_file.display()));
+        }
+    };
 
     if config.data_dir.is_dir() {
         signpost_daemon::fs::clean_up(&config.data_dir);
@@ -104,7 +131,7 @@ pub async fn run(
         reporting,
         quorum,
     } = state;
-    keep_audit(&acl, &mut running, &shutdown);
+    keep_audit(&acl, &catalog, &mut running, &shutdown);
     let tokens = Arc::new(config.agent_tokens.clone());
     let service = sync::SyncService {
         catalog: catalog.clone(),
@@ -113,6 +140,7 @@ pub async fn run(
         commands: commands.clone(),
         acl: acl.clone(),
         reporting,
+        issuer,
     };
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
@@ -152,8 +180,15 @@ pub async fn run(
         commands,
         metrics,
         datacenter: config.datacenter.clone(),
+        data_dir: config.data_dir.clone(),
         quorum,
     });
+    let http_tls = if config.http.plaintext {
+        tracing::warn!(listen = %listening.http, "the HTTP API is plain HTTP (http.plaintext): tokens cross it in the clear on this host");
+        None
+    } else {
+        Some(tls::http_server_config(&config.http_tls_files())?)
+    };
     let (http_shutdown, limits) = (shutdown.clone(), config.http.limits.clone());
     running.spawn(async move {
         signpost_daemon::http_server::serve(
@@ -161,6 +196,7 @@ pub async fn run(
             router,
             &limits,
             server_metrics,
+            http_tls,
             http_shutdown,
         )
         .await;
@@ -197,7 +233,12 @@ async fn open_files(
 ) -> anyhow::Result<Opened> {
     let catalog = open_catalog(config, running, shutdown).await;
     let acl = Arc::new(
-        acl::Acl::open(&config.data_dir, config.audit.clone()).with_context(|| {
+        acl::Acl::open(
+            &config.data_dir,
+            config.audit.clone(),
+            config.acl.default_policy,
+        )
+        .with_context(|| {
             format!(
                 "cannot open the ACL tokens in {}",
                 config.data_dir.display()
@@ -233,9 +274,12 @@ async fn open_etcd(
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let catalog = Arc::new(Catalog::shared());
     let acl = Arc::new(
-        acl::Acl::for_store(&config.data_dir, config.audit.clone()).with_context(|| {
-            format!("cannot open the audit log in {}", config.data_dir.display())
-        })?,
+        acl::Acl::for_store(
+            &config.data_dir,
+            config.audit.clone(),
+            config.acl.default_policy,
+        )
+        .with_context(|| format!("cannot open the audit log in {}", config.data_dir.display()))?,
     );
     acl.share(etcd.clone(), &config.data_dir)
         .await
@@ -352,15 +396,24 @@ async fn open_catalog(
 }
 
 /// The audit log's periodic work (aggregated refusals written, rotation),
-/// off the runtime's threads.
-fn keep_audit(acl: &Arc<acl::Acl>, running: &mut Running, shutdown: &CancellationToken) {
-    let (acl, stop) = (acl.clone(), shutdown.clone());
+/// off the runtime's threads; and expired tokens deleted (by the leader,
+/// when replicas share a store).
+fn keep_audit(
+    acl: &Arc<acl::Acl>,
+    catalog: &Arc<Catalog>,
+    running: &mut Running,
+    shutdown: &CancellationToken,
+) {
+    let (acl, catalog, stop) = (acl.clone(), catalog.clone(), shutdown.clone());
     running.spawn(async move {
         let mut every = tokio::time::interval(audit::DENIED_PERIOD / 5);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return ("audit log", Ok(())),
                 _ = every.tick() => {}
+            }
+            if catalog.is_leader() {
+                acl.purge_expired().await;
             }
             let acl = acl.clone();
             if let Err(e) = tokio::task::spawn_blocking(move || acl.audit_tick()).await {

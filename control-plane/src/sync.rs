@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use signpost_proto::sync_server::Sync;
 use signpost_proto::{
-    AgentMessage, Check, ControlMessage, Delta, FullState, Instance, Welcome, agent_message,
-    control_message::Body,
+    AgentMessage, CertifyReply, CertifyRequest, Check, ControlMessage, Delta, FullState, Instance,
+    ResolveTokenReply, ResolveTokenRequest, Welcome, agent_message, control_message::Body,
 };
 use std::net::SocketAddr;
 
@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::acl::AuditEntry;
 use crate::catalog::{Catalog, SESSION_QUEUE, SessionId};
+use signpost_core::acl::{Access, Resource};
 
 /// Largest message an agent may send (tonic's default, made explicit): a
 /// full state of 10,000 instances with a check each is about 1.5 MB. A
@@ -37,6 +38,14 @@ pub struct SyncService {
     /// Where a stream closed for garbage is audited.
     pub acl: Arc<crate::acl::Acl>,
     pub reporting: Reporting,
+    /// Signs agents' client certificates; `None` without the CA's key.
+    pub issuer: Option<Arc<crate::tls::Issuer>>,
+}
+
+/// The node of the client certificate a call came with, if any.
+fn certified_node<T>(request: &Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    crate::tls::node_of(certs.first()?.as_ref())
 }
 
 /// Where agents' reports go.
@@ -132,8 +141,57 @@ async fn send_commands(
 /// How often split rate limits are recomputed.
 const SPLIT_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Refuses streams without a known agent token (`authorization: Bearer`):
-/// one of `agent_tokens`, or an ACL token with the agent role.
+/// The bearer token of a call.
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(signpost_daemon::token::bearer)
+}
+
+/// What the caller's token may do: one of `agent_tokens` (the built-in
+/// agent policy: any node), or an ACL token's rules.
+fn caller<T>(
+    request: &Request<T>,
+    tokens: &[String],
+    acl: &crate::acl::Acl,
+) -> Result<crate::acl::Resolved, Status> {
+    let token = bearer(request).ok_or_else(|| {
+        Status::unauthenticated(
+            "missing agent token: set control_plane.token in the agent configuration",
+        )
+    })?;
+    if tokens
+        .iter()
+        .any(|t| crate::acl::constant_time_eq(t.as_bytes(), token.as_bytes()))
+    {
+        let agent = crate::acl::policy::builtin(crate::acl::policy::AGENT);
+        return Ok(crate::acl::Resolved {
+            accessor: "agent_tokens".to_string(),
+            record: None,
+            authorizer: signpost_core::acl::Authorizer::new(
+                agent
+                    .map(crate::acl::policy::builtin_rules)
+                    .unwrap_or_default(),
+                signpost_core::acl::DefaultPolicy::Deny,
+            ),
+        });
+    }
+    match acl.resolve(Some(token)) {
+        Ok(resolved) => Ok(resolved),
+        Err(crate::acl::Denied::Expired { accessor }) => Err(Status::unauthenticated(format!(
+            "the agent token {accessor} has expired: give control_plane.token a new one"
+        ))),
+        Err(_) => Err(Status::unauthenticated(
+            "unknown agent token: check control_plane.token in the agent configuration",
+        )),
+    }
+}
+
+/// Refuses calls without a known token (`authorization: Bearer`): one of
+/// `agent_tokens`, or a valid ACL token (what it may do is checked by
+/// each call: a stream's node, a certificate's).
 pub fn check_token(
     tokens: Arc<Vec<String>>,
     acl: Arc<crate::acl::Acl>,
@@ -141,51 +199,120 @@ pub fn check_token(
     let refused = Arc::new(std::sync::Mutex::new(
         signpost_core::accept::Tally::default(),
     ));
-    move |request: Request<()>| {
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(signpost_daemon::token::bearer);
-        match presented {
-            Some(token)
-                if tokens
-                    .iter()
-                    .any(|t| crate::acl::constant_time_eq(t.as_bytes(), token.as_bytes()))
-                    || acl.authorize(Some(token), crate::acl::Role::Agent).is_ok() =>
-            {
-                Ok(request)
-            }
-            Some(_) => {
+    move |request: Request<()>| match caller(&request, &tokens, &acl) {
+        Ok(_) => Ok(request),
+        Err(status) => {
+            if bearer(&request).is_some() {
                 // Logged once a period: anyone can send these.
                 let mut refused = refused
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if let Some(count) = refused.note() {
-                    tracing::warn!(count, "agent streams refused: unknown token");
+                    tracing::warn!(count, "agent calls refused: unknown or expired token");
                 }
-                Err(Status::unauthenticated(
-                    "unknown agent token: check control_plane.token in the agent configuration",
-                ))
+                acl.record_anonymous_refusal(AuditEntry::new(
+                    "",
+                    "agent.connect",
+                    "",
+                    "denied: unknown or expired token",
+                    "",
+                ));
             }
-            None => Err(Status::unauthenticated(
-                "missing agent token: set control_plane.token in the agent configuration",
-            )),
+            Err(status)
         }
     }
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
+/// Longest token secret an agent may ask about.
+const MAX_SECRET: usize = 512;
+
 #[tonic::async_trait]
 impl Sync for SyncService {
     type SessionStream = SessionStream;
+
+    async fn resolve_token(
+        &self,
+        request: Request<ResolveTokenRequest>,
+    ) -> Result<Response<ResolveTokenReply>, Status> {
+        caller(&request, &self.tokens, &self.acl)?;
+        let secret = &request.get_ref().secret;
+        if secret.len() > MAX_SECRET {
+            return Err(Status::invalid_argument(format!(
+                "a token is at most {MAX_SECRET} bytes"
+            )));
+        }
+        let reply = match self.acl.resolve(Some(secret)) {
+            Ok(crate::acl::Resolved {
+                record: Some(record),
+                authorizer,
+                ..
+            }) => ResolveTokenReply {
+                accessor: record.accessor,
+                rules_json: serde_json::to_string(&authorizer.rules)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+                expires_at: record.expires_at.unwrap_or(0),
+            },
+            // Unknown or expired: the agent refuses it.
+            _ => ResolveTokenReply::default(),
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyReply>, Status> {
+        let token = caller(&request, &self.tokens, &self.acl)?;
+        let certified = certified_node(&request);
+        let CertifyRequest { node, csr_pem } = request.into_inner();
+        let Some(issuer) = &self.issuer else {
+            return Err(Status::failed_precondition(
+                "this control plane has no CA key (grpc.ca_key_file): agents connect with their token only",
+            ));
+        };
+        let refused = |why: String| {
+            self.acl.record(AuditEntry::new(
+                &token.accessor,
+                "agent.certify",
+                &node,
+                &format!("denied: {why}"),
+                "",
+            ));
+            Status::permission_denied(why)
+        };
+        if !token
+            .authorizer
+            .grants(Resource::Node(&node), Access::Write)
+        {
+            return Err(refused(format!(
+                "token {} may not write node {node:?}",
+                token.accessor
+            )));
+        }
+        if let Some(certified) = certified.filter(|c| *c != node) {
+            return Err(refused(format!(
+                "the client certificate is node {certified:?}'s"
+            )));
+        }
+        let (cert_pem, not_after) = issuer
+            .certify(&node, &csr_pem)
+            .map_err(Status::invalid_argument)?;
+        tracing::info!(node = %node, token = %token.accessor, not_after, "client certificate issued");
+        Ok(Response::new(CertifyReply {
+            cert_pem,
+            not_after,
+        }))
+    }
 
     async fn session(
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
         let peer = request.remote_addr();
+        let token = caller(&request, &self.tokens, &self.acl)?;
+        let certified = certified_node(&request);
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
             Ok(Some(Ok(AgentMessage {
@@ -199,6 +326,40 @@ impl Sync for SyncService {
             let node: String = hello.node.chars().take(64).collect();
             refuse_garbage(&self.acl, &node, peer, &garbage);
             return Err(Status::invalid_argument(garbage.to_string()));
+        }
+        let certified_session = certified.is_some();
+        if let Some(certified) = certified.filter(|c| *c != hello.node) {
+            tracing::warn!(node = %hello.node, certificate = %certified, peer = ?peer, "agent stream refused: its client certificate is another node's");
+            self.acl.record(AuditEntry::new(
+                &token.accessor,
+                "agent.session",
+                &hello.node,
+                "denied: client certificate of another node",
+                &format!("certificate for {certified:?}"),
+            ));
+            return Err(Status::permission_denied(format!(
+                "the client certificate is node {certified:?}'s, not {:?}'s",
+                hello.node
+            )));
+        }
+        // A rule must grant it: the default policy never binds a node.
+        if !token
+            .authorizer
+            .grants(Resource::Node(&hello.node), Access::Write)
+        {
+            let why = format!(
+                "token {} may not register as node {:?}: it needs node write on it (give this host a token with a node identity for its name)",
+                token.accessor, hello.node
+            );
+            tracing::warn!(node = %hello.node, token = %token.accessor, peer = ?peer, "agent stream refused: its token may not write this node");
+            self.acl.record(AuditEntry::new(
+                &token.accessor,
+                "agent.session",
+                &hello.node,
+                "denied: needs node write",
+                &format!("from {}", peer.map(|p| p.to_string()).unwrap_or_default()),
+            ));
+            return Err(Status::permission_denied(why));
         }
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let welcome = ControlMessage {
@@ -231,7 +392,7 @@ impl Sync for SyncService {
                 (session, Reports::Etcd(reports))
             }
         };
-        tracing::info!(node = %node, session, peer = ?peer, "agent connected");
+        tracing::info!(node = %node, session, peer = ?peer, client_cert = certified_session, "agent connected");
         let catalog = self.catalog.clone();
         let commands = self.commands.clone();
         let acl = self.acl.clone();
@@ -251,7 +412,7 @@ impl Sync for SyncService {
                             break Some(Status::invalid_argument(garbage.to_string()));
                         }
                         if let Some(body) = message.body {
-                            dispatch(&catalog, &commands, &reports, session, &node, body);
+                            dispatch(&catalog, &commands, &acl, &reports, session, &node, body);
                         } else {
                             // A kind this version does not know (a newer agent).
                             tracing::debug!(node = %node, "unknown message from agent ignored");
@@ -305,6 +466,7 @@ fn refuse_garbage(acl: &crate::acl::Acl, node: &str, peer: Option<SocketAddr>, g
 fn dispatch(
     catalog: &Catalog,
     commands: &crate::commands::Commands,
+    acl: &crate::acl::Acl,
     reports: &Reports,
     session: SessionId,
     node: &str,
@@ -326,6 +488,13 @@ fn dispatch(
         agent_message::Body::Ack(a) => catalog.ack(session, a.service, a.index),
         agent_message::Body::AckQuery(q) => catalog.ack_query(session, q),
         agent_message::Body::CommandsApplied(a) => commands.applied(node, &a.ids),
+        agent_message::Body::Refusal(r) => acl.record(AuditEntry::new(
+            &r.who,
+            &r.action,
+            &r.target,
+            &format!("denied: {}", r.reason),
+            &format!("by the agent of {node} ({} times)", r.count.max(1)),
+        )),
         agent_message::Body::ProbeResult(r) => {
             if !r.reachable && !r.error.is_empty() {
                 tracing::debug!(by = %node, error = %r.error, "peer probe failed");
@@ -367,6 +536,7 @@ fn check(body: &agent_message::Body, subscriptions: impl FnOnce() -> usize) -> R
                 .keys()
                 .try_for_each(|s| reported::service_name(s))
         }
+        agent_message::Body::Refusal(r) => reported::refusal(r),
         agent_message::Body::Hello(_) => Err(Garbage {
             what: "Hello".to_string(),
             reason: "sent again on an open session".to_string(),

@@ -54,6 +54,36 @@ pub struct AgentConfig {
     pub upstreams: Vec<String>,
     pub dns: DnsConfig,
     pub proxy: ProxyConfig,
+    pub acl: AgentAclConfig,
+}
+
+/// Access control on the agent's local API: tokens are resolved by the
+/// control plane and cached here.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentAclConfig {
+    /// What a request may do where its token's rules (or, without a
+    /// token, no rules) say nothing: `allow` (the default, as before
+    /// ACLs) or `deny` (recommended: each service registers with its
+    /// own token). `deny` needs a control plane to resolve tokens.
+    pub default_policy: crate::acl::DefaultPolicy,
+    /// When the control plane cannot resolve a token: `extend-cache`
+    /// (tokens seen before keep their rules, others are refused),
+    /// `allow` or `deny`.
+    pub down_policy: crate::acl::DownPolicy,
+    /// How long a resolved token is used before it is asked about again.
+    #[serde(with = "crate::duration::serde_go")]
+    pub token_ttl: Duration,
+}
+
+impl Default for AgentAclConfig {
+    fn default() -> Self {
+        AgentAclConfig {
+            default_policy: crate::acl::DefaultPolicy::Allow,
+            down_policy: crate::acl::DownPolicy::ExtendCache,
+            token_ttl: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Where peers probe an agent by default (Consul's Serf LAN port).
@@ -135,9 +165,10 @@ pub struct ControlPlaneClientConfig {
     /// part of the address.
     #[serde(default)]
     pub server_name: Option<String>,
-    /// `host:port` of the control plane's HTTP API, where the local API
-    /// forwards operator actions (`/v1/commands`, `/v1/acl/...`,
-    /// `/v1/audit`) that carry a token.
+    /// `host:port` of the control plane's HTTP API (HTTPS, verified with
+    /// `ca_file`; `http://host:port` for a plain-HTTP one on loopback),
+    /// where the local API forwards operator actions (`/v1/commands`,
+    /// `/v1/acl/...`, `/v1/audit`) that carry a token.
     #[serde(default)]
     pub http: Option<String>,
     /// How long the first lookup of a service not subscribed to yet waits
@@ -182,6 +213,7 @@ impl Default for AgentConfig {
             upstreams: Vec::new(),
             dns: DnsConfig::default(),
             proxy: ProxyConfig::default(),
+            acl: AgentAclConfig::default(),
         }
     }
 }
@@ -402,12 +434,44 @@ impl AgentConfig {
                     "must be at least 1s".to_string(),
                 ));
             }
+            if let Some(http) = cp.http.as_deref().and_then(|h| h.strip_prefix("http://")) {
+                let host = http
+                    .rsplit_once(':')
+                    .map_or(http, |(h, _)| h)
+                    .trim_matches(['[', ']']);
+                let loopback = host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if !loopback {
+                    return Err(invalid(
+                        "control_plane.http",
+                        format!(
+                            "{http:?}: plain http:// only to a loopback address (tokens cross it); use host:port for HTTPS"
+                        ),
+                    ));
+                }
+            }
             if cp.token.is_empty() {
                 return Err(invalid(
                     "control_plane.token",
                     "must not be empty".to_string(),
                 ));
             }
+        }
+        if self.acl.default_policy == crate::acl::DefaultPolicy::Deny
+            && self.control_plane.is_none()
+        {
+            return Err(invalid(
+                "acl.default_policy",
+                "deny needs a control_plane: it resolves the tokens".to_string(),
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.acl.token_ttl) {
+            return Err(invalid(
+                "acl.token_ttl",
+                "must be between 1s and 1h".to_string(),
+            ));
         }
         self.validate_dns(file)?;
         self.validate_proxy(file)?;

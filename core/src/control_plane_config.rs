@@ -36,6 +36,18 @@ pub struct ControlPlaneConfig {
     /// replica) or `etcd` (several equal replicas, see [`EtcdConfig`]).
     pub store: StoreKind,
     pub etcd: EtcdConfig,
+    pub acl: AclConfig,
+}
+
+/// Access control on the control plane's API (tokens and policies).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    /// What a service, node, key or agent no rule names gives a request
+    /// (with or without a token): `allow` keeps an upgraded fleet's
+    /// reads open, `deny` (recommended) shows each token only what its
+    /// policies grant. `acl` and `operator` always need a rule.
+    pub default_policy: crate::acl::DefaultPolicy,
 }
 
 /// The control plane's store.
@@ -160,6 +172,7 @@ impl Default for ControlPlaneConfig {
             log: LogConfig::default(),
             store: StoreKind::File,
             etcd: EtcdConfig::default(),
+            acl: AclConfig::default(),
         }
     }
 }
@@ -199,6 +212,17 @@ pub struct GrpcConfig {
     /// and `server-key.pem`, as written by `signpost-control-plane init-tls`.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// The CA agents' client certificates are checked against and signed
+    /// by. Default: `data_dir/tls/ca.pem`; without it, agents connect
+    /// with their token only.
+    pub ca_file: Option<PathBuf>,
+    /// The CA's key, to sign agents' certificates. Default:
+    /// `data_dir/tls/ca-key.pem`; without it, none are issued.
+    pub ca_key_file: Option<PathBuf>,
+    /// How long an agent's client certificate is valid; agents renew at
+    /// two thirds of it.
+    #[serde(with = "crate::duration::serde_go")]
+    pub client_cert_ttl: std::time::Duration,
 }
 
 impl Default for GrpcConfig {
@@ -207,16 +231,26 @@ impl Default for GrpcConfig {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8300)),
             cert_file: None,
             key_file: None,
+            ca_file: None,
+            ca_key_file: None,
+            client_cert_ttl: std::time::Duration::from_secs(72 * 3600),
         }
     }
 }
 
-/// The HTTP API (catalog, nodes, `/metrics`).
+/// The HTTP API (ACL, commands, audit, catalog, nodes, `/metrics`):
+/// HTTPS with the agents' endpoint's certificate unless told otherwise.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
     pub limits: HttpLimits,
+    /// Plain HTTP instead of HTTPS: only on a loopback address.
+    pub plaintext: bool,
+    /// The server certificate and key; default: the agents' endpoint's
+    /// (`grpc.cert_file`, `grpc.key_file`).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -224,6 +258,9 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8700)),
             limits: HttpLimits::default(),
+            plaintext: false,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -280,10 +317,30 @@ impl ControlPlaneConfig {
                 "give both grpc.cert_file and grpc.key_file, or neither",
             ));
         }
+        if config.http.cert_file.is_some() != config.http.key_file.is_some() {
+            return Err(invalid(
+                "http.cert_file",
+                "give both http.cert_file and http.key_file, or neither",
+            ));
+        }
+        if config.http.plaintext && !config.http.listen.ip().is_loopback() {
+            return Err(invalid(
+                "http.plaintext",
+                "plain HTTP only on a loopback address: tokens cross this API",
+            ));
+        }
+        if !(std::time::Duration::from_secs(5)..=std::time::Duration::from_secs(365 * 24 * 3600))
+            .contains(&config.grpc.client_cert_ttl)
+        {
+            return Err(invalid(
+                "grpc.client_cert_ttl",
+                "must be between 5s and 8760h",
+            ));
+        }
         Ok(config)
     }
 
-    /// The server certificate and key to use.
+    /// The server certificate and key of the agents' endpoint.
     pub fn tls_files(&self) -> (PathBuf, PathBuf) {
         match (&self.grpc.cert_file, &self.grpc.key_file) {
             (Some(c), Some(k)) => (c.clone(), k.clone()),
@@ -292,6 +349,29 @@ impl ControlPlaneConfig {
                 self.data_dir.join("tls").join("server-key.pem"),
             ),
         }
+    }
+
+    /// The server certificate and key of the HTTP API.
+    pub fn http_tls_files(&self) -> (PathBuf, PathBuf) {
+        match (&self.http.cert_file, &self.http.key_file) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => self.tls_files(),
+        }
+    }
+
+    /// The CA of agents' client certificates, and its key.
+    pub fn ca_files(&self) -> (PathBuf, PathBuf) {
+        let tls = self.data_dir.join("tls");
+        (
+            self.grpc
+                .ca_file
+                .clone()
+                .unwrap_or_else(|| tls.join("ca.pem")),
+            self.grpc
+                .ca_key_file
+                .clone()
+                .unwrap_or_else(|| tls.join("ca-key.pem")),
+        )
     }
 }
 
@@ -333,6 +413,15 @@ mod tests {
             ("etcd:\n  prefix: signpost\n", "etcd.prefix"),
             ("etcd:\n  lease_ttl: 1s\n", "etcd.lease_ttl"),
             ("etcd:\n  username: u\n", "etcd.username"),
+            (
+                "http:\n  listen: 0.0.0.0:8700\n  plaintext: true\n",
+                "http.plaintext",
+            ),
+            ("grpc:\n  client_cert_ttl: 1s\n", "grpc.client_cert_ttl"),
+            (
+                "acl:\n  default_policy: maybe\n",
+                "cp.yaml:2:19: unknown variant `maybe`",
+            ),
         ] {
             let e = ControlPlaneConfig::from_yaml("cp.yaml", yaml).unwrap_err();
             assert!(e.to_string().contains(field), "{yaml}: {e}");

@@ -3,6 +3,8 @@
 //! Layout:
 //! - [`accept`]: what an accept loop does when accepting fails (back off,
 //!   log once a period), and the tally of refusals logged the same way.
+//! - [`acl`]: ACL rules in Consul's shape (service, node, key, agent,
+//!   operator, acl) and the decision they make for a request.
 //! - [`duration`]: Go-style durations ("10s", "1m30s", "250ms"), the one way
 //!   every config file and API body spells a time span.
 //! - [`model`]: services, instances' checks and health, with newtypes for the
@@ -26,6 +28,7 @@
 //! This crate never reads files or the environment; the binaries do.
 
 pub mod accept;
+pub mod acl;
 pub mod command;
 pub mod config;
 pub mod consul;

@@ -49,7 +49,7 @@ impl ServerMetrics {
     pub fn register(&self, registry: &mut Registry, prefix: &str) {
         registry.register(
             format!("{prefix}_connections_closed"),
-            "Connections the HTTP API closed on its own (reason: per_client_limit, header_timeout)",
+            "Connections the HTTP API closed on its own (reason: per_client_limit, header_timeout, tls_handshake)",
             self.closed.clone(),
         );
     }
@@ -59,16 +59,20 @@ impl ServerMetrics {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled; then
-/// stops accepting and gives requests in flight [`SHUTDOWN_GRACE`].
-/// Returns only then: accept failures are waited out, not returned.
+/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown`
+/// is cancelled; then stops accepting and gives requests in flight
+/// [`SHUTDOWN_GRACE`]. Returns only then: accept failures are waited
+/// out, not returned. A TLS handshake has the header timeout to finish.
 pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     limits: &HttpLimits,
     metrics: ServerMetrics,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    let handshake_timeout = limits.header_timeout;
     let addr = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -104,11 +108,39 @@ pub async fn serve(
             tracing::debug!(%error, %peer, "cannot set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
         let metrics = metrics.clone();
+        let (http1, watcher, tls) = (http1.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(error) = connection.await {
+            let served =
+                match tls {
+                    None => {
+                        watcher
+                            .watch(http1.serve_connection(TokioIo::new(stream), service))
+                            .await
+                    }
+                    Some(acceptor) => {
+                        let stream =
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(error)) => {
+                                    metrics.closed("tls_handshake");
+                                    tracing::debug!(%error, %peer, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    metrics.closed("header_timeout");
+                                    return;
+                                }
+                            };
+                        watcher
+                            .watch(http1.serve_connection(TokioIo::new(stream), service))
+                            .await
+                    }
+                };
+            if let Err(error) = served {
                 if error.is_timeout() {
                     metrics.closed("header_timeout");
                 }

@@ -7,6 +7,8 @@
 //! - [`http_server`]: the HTTP/1.1 server loop both HTTP APIs run on, with
 //!   its timeouts and per-client limits;
 //! - [`token`]: the token an HTTP request presents;
+//! - [`routes`]: a router that remembers its routes, so tests can check
+//!   that every write endpoint refuses a request without a token;
 //! - [`fs`]: atomic file replacement, for every file a daemon keeps.
 //!
 //! The data-plane libraries (`dns`, `proxy`) do not depend on it: they
@@ -15,5 +17,6 @@
 pub mod fs;
 pub mod http_server;
 pub mod logging;
+pub mod routes;
 pub mod signals;
 pub mod token;

@@ -10,7 +10,7 @@ use signpost_core::model::{
     MAX_OUTPUT_MAX_SIZE, valid_hostname, valid_id, valid_name, validate_meta,
 };
 
-use crate::{Check, Hello, Instance};
+use crate::{Check, Hello, Instance, Refusal};
 
 /// Longest free-form label (zone, datacenter, version, node ID).
 const MAX_LABEL: usize = 256;
@@ -75,6 +75,14 @@ pub fn hello(hello: &Hello) -> Result<(), Garbage> {
         ));
     }
     validate_meta(hello.meta.iter()).map_err(|e| garbage("Hello.meta", e.to_string()))
+}
+
+/// A refusal the agent's local API reports for the audit log.
+pub fn refusal(refusal: &Refusal) -> Result<(), Garbage> {
+    label("Refusal.who", &refusal.who)?;
+    label("Refusal.action", &refusal.action)?;
+    label("Refusal.target", &refusal.target)?;
+    label("Refusal.reason", &refusal.reason)
 }
 
 /// A service instance an agent reports.

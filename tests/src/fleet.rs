@@ -432,6 +432,11 @@ impl Host {
     /// Waits until `url` (on this host) answers 200; fails with the log of
     /// `what` if that process exits first or it never answers.
     async fn wait_answering(&self, url: &str, what: &str) {
+        self.wait_answering_with(client(), url, what).await;
+    }
+
+    /// [`Host::wait_answering`] with `client`.
+    async fn wait_answering_with(&self, client: reqwest::Client, url: &str, what: &str) {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.exited(what) {
@@ -441,10 +446,10 @@ impl Host {
                     self.log(what)
                 );
             }
-            let url = url.to_string();
+            let (url, client) = (url.to_string(), client.clone());
             let answered = self
                 .run(async move {
-                    client()
+                    client
                         .get(url)
                         .send()
                         .await

@@ -163,6 +163,15 @@ async fn wait_answering(
 /// also closes idle keep-alive connections, at most 1 s in these tests),
 /// as a client of any server that closes idle connections should: a
 /// request sent on a connection the server is closing fails.
+/// A client of a control plane's HTTP API: it trusts only the CA in `ca`.
+pub fn control_plane_client(ca: &Path) -> reqwest::Client {
+    let pem = std::fs::read(ca).unwrap();
+    api_client()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .build()
+        .unwrap()
+}
+
 pub fn api_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .no_proxy()
@@ -270,7 +279,8 @@ impl Agent {
             .spawn()
             .expect("cannot start signpost");
         self.child = Some(child);
-        let url = format!("{}/v1/agent/self", self.base());
+        // Open to every token (as in Consul), whatever acl.default_policy.
+        let url = format!("{}/v1/status/leader", self.base());
         let log = self.dir.path().join("agent.log");
         wait_answering(
             self.child.as_mut().unwrap(),
@@ -532,27 +542,26 @@ impl ControlPlane {
     }
 
     /// Starts another replica of `first`'s store (in `extra_config`),
-    /// with `first`'s server certificate (agents name it `localhost`).
+    /// with a copy of `first`'s CA (as an operator copies it) and a server
+    /// certificate of its own signed by it.
     pub async fn start_replica(first: &ControlPlane, extra_config: &str) -> ControlPlane {
-        let tls = first.dir.path().join("data").join("tls");
-        let grpc = format!(
-            "  cert_file: {}\n  key_file: {}\n",
-            tls.join("server.pem").display(),
-            tls.join("server-key.pem").display(),
-        );
-        Self::launch(&grpc, extra_config, false).await
+        Self::launch(
+            extra_config,
+            Some(&first.dir.path().join("data").join("tls")),
+        )
+        .await
     }
 
-    /// Starts a control plane; `extra_config` is appended to its YAML
-    /// configuration (top-level sections other than `grpc` and `http`).
+    /// Starts a control plane; `extra_config` is added to its YAML
+    /// configuration (its `grpc:` and `http:` sections get their `listen`).
     pub async fn start_with(extra_config: &str) -> ControlPlane {
-        Self::launch("", extra_config, true).await
+        Self::launch(extra_config, None).await
     }
 
     /// Starts a control plane on fresh addresses and directory, with
-    /// `grpc` lines added to its `grpc:` section and `extra_config` after;
-    /// with `init_tls`, its own CA and server certificate first.
-    async fn launch(grpc_lines: &str, extra_config: &str, init_tls: bool) -> ControlPlane {
+    /// `extra_config` in its configuration, the CA copied from `tls_from`
+    /// or its own, and a server certificate (`init-tls`).
+    async fn launch(extra_config: &str, tls_from: Option<&Path>) -> ControlPlane {
         rustls::crypto::ring::default_provider()
             .install_default()
             .ok();
@@ -562,12 +571,24 @@ impl ControlPlane {
         std::fs::write(
             &config,
             format!(
-                "data_dir: {}\nagent_tokens: [{AGENT_TOKEN}]\ngrpc:\n  listen: {grpc}\n{grpc_lines}http:\n  listen: {http}\n{extra_config}",
-                dir.path().join("data").display()
+                "data_dir: {}\nagent_tokens: [{AGENT_TOKEN}]\n{}",
+                dir.path().join("data").display(),
+                with_line(
+                    &with_line(extra_config, "grpc", &format!("listen: {grpc}")),
+                    "http",
+                    &format!("listen: {http}")
+                )
             ),
         )
         .unwrap();
-        if init_tls {
+        if let Some(from) = tls_from {
+            let to = dir.path().join("data").join("tls");
+            std::fs::create_dir_all(&to).unwrap();
+            for file in ["ca.pem", "ca-key.pem"] {
+                std::fs::copy(from.join(file), to.join(file)).unwrap();
+            }
+        }
+        {
             let out = Command::new(control_plane_bin())
                 .arg("--config")
                 .arg(&config)
@@ -577,6 +598,8 @@ impl ControlPlane {
                     "localhost",
                     "--name",
                     &grpc.ip().to_string(),
+                    "--name",
+                    &http.ip().to_string(),
                 ])
                 .output()
                 .unwrap();
@@ -586,12 +609,14 @@ impl ControlPlane {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        let ca = dir.path().join("data").join("tls").join("ca.pem");
+        let client = control_plane_client(&ca);
         let mut cp = ControlPlane {
             child: None,
             grpc,
             http,
             dir,
-            client: api_client().build().unwrap(),
+            client,
         };
         cp.spawn().await;
         cp
@@ -599,6 +624,26 @@ impl ControlPlane {
 
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("data").join("tls").join("ca.pem")
+    }
+
+    /// `path` on the HTTP API (HTTPS; its certificate names the address).
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.http)
+    }
+
+    /// A client of the HTTP API: it trusts the control plane's CA.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// The CLI's flags to reach this control plane's HTTP API.
+    pub fn cli_flags(&self) -> Vec<String> {
+        vec![
+            "--control-plane".to_string(),
+            self.http.to_string(),
+            "--ca-file".to_string(),
+            self.ca_file().display().to_string(),
+        ]
     }
 
     /// The agent configuration that joins this control plane with `token`.
@@ -623,7 +668,7 @@ impl ControlPlane {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let url = format!("http://{}/v1/nodes", self.http);
+        let url = self.url("/v1/nodes");
         let log = self.dir.path().join("control-plane.log");
         wait_answering(
             self.child.as_mut().unwrap(),
@@ -640,14 +685,7 @@ impl ControlPlane {
     }
 
     pub async fn get(&self, path: &str) -> Response {
-        Response::from(
-            self.client
-                .get(format!("http://{}{path}", self.http))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await
+        Response::from(self.client.get(self.url(path)).send().await.unwrap()).await
     }
 
     /// The control plane's process ID.

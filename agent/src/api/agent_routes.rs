@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use signpost_core::acl::{Access, Resource};
 use signpost_core::consul::{self, HealthCheck};
 use signpost_core::model::{CheckId, Health, ServiceId};
 
@@ -32,16 +33,84 @@ async fn saved(api: &Api, undo: Undo) -> ApiResult<()> {
     }
 }
 
+/// The name of the service with this ID on this host.
+fn service_name(api: &Api, id: &str) -> Option<String> {
+    api.agent
+        .state
+        .read(|inner| inner.services.get(id).map(|s| s.def.name.to_string()))
+}
+
+/// What reading (`Read`) or changing (`Write`) service instance `id`
+/// needs: that on its service (an unknown ID answers 404 after the same
+/// check on its name).
+async fn allow_service(
+    api: &Api,
+    headers: &HeaderMap,
+    id: &str,
+    needed: Access,
+    action: &str,
+) -> ApiResult<()> {
+    let name = service_name(api, id).unwrap_or_else(|| id.to_string());
+    api.allow(headers, Resource::Service(&name), needed, action)
+        .await
+        .map(drop)
+}
+
+/// What changing check `id` needs: write on its service, or on this node
+/// for a node check.
+async fn allow_check(api: &Api, headers: &HeaderMap, id: &str, action: &str) -> ApiResult<()> {
+    let (service, node) = api.agent.state.read(|inner| {
+        let service = inner
+            .checks
+            .get(id)
+            .and_then(|c| inner.service_of_check(c))
+            .map(|s| s.def.name.to_string());
+        (service, inner.node.name.clone())
+    });
+    let resource = match &service {
+        Some(name) => Resource::Service(name),
+        None => Resource::Node(&node),
+    };
+    api.allow(headers, resource, Access::Write, action)
+        .await
+        .map(drop)
+}
+
 pub(crate) async fn register_service(
     State(api): State<Api>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> ApiResult<()> {
     let params = Params::parse(query.as_deref());
     let replace = params.flag("replace-existing-checks")?;
-    let def = decode::body(&body)
-        .and_then(decode::service)
-        .map_err(ApiError::bad_request)?;
+    let def = decode::body(&body).and_then(decode::service);
+    match &def {
+        Ok(def) => {
+            api.allow(
+                &headers,
+                Resource::Service(def.name.as_str()),
+                Access::Write,
+                "service.register",
+            )
+            .await?;
+        }
+        // A body that names no service needs the node's write to hear why.
+        Err(_) => allow_check(&api, &headers, "", "service.register").await?,
+    }
+    let def = def.map_err(ApiError::bad_request)?;
+    // Re-registering an ID must not take over another service's instance.
+    if let Some(existing) = service_name(&api, def.id.as_str())
+        && existing != def.name.as_str()
+    {
+        api.allow(
+            &headers,
+            Resource::Service(&existing),
+            Access::Write,
+            "service.register",
+        )
+        .await?;
+    }
     let id = def.id.clone();
     let undo = api.agent.undo_service(&id);
     api.agent.register_service(def, Source::Api, replace)?;
@@ -52,8 +121,10 @@ pub(crate) async fn register_service(
 
 pub(crate) async fn deregister_service(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<()> {
+    allow_service(&api, &headers, &id, Access::Write, "service.deregister").await?;
     let id = ServiceId::new(id);
     let undo = api.agent.undo_service(&id);
     api.agent.deregister_service(&id, &Source::Api)?;
@@ -80,9 +151,11 @@ fn maintenance_reason(params: &Params) -> ApiResult<Option<String>> {
 
 pub(crate) async fn service_maintenance(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<()> {
+    allow_service(&api, &headers, &id, Access::Write, "service.maintenance").await?;
     let params = Params::parse(query.as_deref());
     let reason = maintenance_reason(&params)?;
     let id = ServiceId::new(id);
@@ -93,8 +166,17 @@ pub(crate) async fn service_maintenance(
 
 pub(crate) async fn node_maintenance(
     State(api): State<Api>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> ApiResult<()> {
+    let node = api.agent.state.read(|inner| inner.node.name.clone());
+    api.allow(
+        &headers,
+        Resource::Node(&node),
+        Access::Write,
+        "node.maintenance",
+    )
+    .await?;
     let params = Params::parse(query.as_deref());
     let reason = maintenance_reason(&params)?;
     let undo = api.agent.undo_maintenance(None);
@@ -102,10 +184,28 @@ pub(crate) async fn node_maintenance(
     saved(&api, undo).await
 }
 
-pub(crate) async fn register_check(State(api): State<Api>, body: Bytes) -> ApiResult<()> {
-    let def = decode::body(&body)
-        .and_then(|v| decode::check(v, true))
-        .map_err(ApiError::bad_request)?;
+pub(crate) async fn register_check(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<()> {
+    let def = decode::body(&body).and_then(|v| decode::check(v, true));
+    // A body that says nothing usable needs the node's write to hear why.
+    match def.as_ref().map(|d| (&d.service_id, d.effective_id())) {
+        Ok((Some(service), _)) => {
+            allow_service(
+                &api,
+                &headers,
+                service.as_str(),
+                Access::Write,
+                "check.register",
+            )
+            .await?;
+        }
+        Ok((None, id)) => allow_check(&api, &headers, id.as_str(), "check.register").await?,
+        Err(_) => allow_check(&api, &headers, "", "check.register").await?,
+    }
+    let def = def.map_err(ApiError::bad_request)?;
     let undo = api.agent.undo_check(&def.effective_id());
     api.agent.register_check(def, Source::Api)?;
     saved(&api, undo).await
@@ -113,15 +213,24 @@ pub(crate) async fn register_check(State(api): State<Api>, body: Bytes) -> ApiRe
 
 pub(crate) async fn deregister_check(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<()> {
+    allow_check(&api, &headers, &id, "check.deregister").await?;
     let id = CheckId::new(id);
     let undo = api.agent.undo_check(&id);
     api.agent.deregister_check(&id, &Source::Api)?;
     saved(&api, undo).await
 }
 
-async fn ttl(api: &Api, id: String, status: Health, query: Option<String>) -> ApiResult<()> {
+async fn ttl(
+    api: &Api,
+    headers: &HeaderMap,
+    id: String,
+    status: Health,
+    query: Option<String>,
+) -> ApiResult<()> {
+    allow_check(api, headers, &id, "check.update").await?;
     let params = Params::parse(query.as_deref());
     let note = params.get("note").unwrap_or("").to_string();
     api.agent.update_ttl(&CheckId::new(id), status, note)?;
@@ -130,34 +239,39 @@ async fn ttl(api: &Api, id: String, status: Health, query: Option<String>) -> Ap
 
 pub(crate) async fn check_pass(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<()> {
-    ttl(&api, id, Health::Passing, q).await
+    ttl(&api, &headers, id, Health::Passing, q).await
 }
 
 pub(crate) async fn check_warn(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<()> {
-    ttl(&api, id, Health::Warning, q).await
+    ttl(&api, &headers, id, Health::Warning, q).await
 }
 
 pub(crate) async fn check_fail(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<()> {
-    ttl(&api, id, Health::Critical, q).await
+    ttl(&api, &headers, id, Health::Critical, q).await
 }
 
 /// `{"Status": "passing|warning|critical", "Output": "..."}`.
 pub(crate) async fn check_update(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<()> {
+    allow_check(&api, &headers, &id, "check.update").await?;
     let value = decode::body(&body).map_err(ApiError::bad_request)?;
     let status = value
         .get("status")
@@ -174,25 +288,29 @@ pub(crate) async fn check_update(
     Ok(())
 }
 
-pub(crate) async fn services(State(api): State<Api>) -> Response {
+pub(crate) async fn services(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Response> {
+    let visible = api.visible(&headers).await?;
     let body = api.agent.state.read(|inner| {
         let map: BTreeMap<String, consul::Service> = inner
             .services
             .values()
+            .filter(|s| visible.service(s.def.name.as_str()))
             .map(|s| (s.def.id.to_string(), render::agent_service(inner, s)))
             .collect();
         map
     });
-    json(&body)
+    Ok(visible.answer(json(&body)))
 }
 
 /// One service's definition; `?hash=<X-Consul-ContentHash>&wait=` blocks
 /// until the definition changes (Consul's hash-based blocking).
 pub(crate) async fn service(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
+    allow_service(&api, &headers, &id, Access::Read, "service.read").await?;
     let params = Params::parse(q.as_deref());
     let lookup = |inner: &Inner| {
         inner.services.get(id.as_str()).map(|s| {
@@ -239,20 +357,34 @@ pub(crate) async fn service(
 /// The checks this agent registered. `serfHealth` is not one of them: in
 /// Consul it is the cluster's view of the node, shown by the catalog and
 /// health endpoints only, and clients expect `{}` from a fresh agent.
-pub(crate) async fn checks(State(api): State<Api>) -> Response {
+pub(crate) async fn checks(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Response> {
+    let visible = api.visible(&headers).await?;
     let body = api.agent.state.read(|inner| {
         let map: BTreeMap<String, HealthCheck> = inner
             .checks
             .values()
             .filter(|c| !matches!(c.role, CheckRole::NodeHealth))
+            .filter(|c| match inner.service_of_check(c) {
+                Some(s) => visible.service(s.def.name.as_str()),
+                None => visible.node(&inner.node.name),
+            })
             .map(|c| (c.id.to_string(), render::check(inner, c)))
             .collect();
         map
     });
-    json(&body)
+    Ok(visible.answer(json(&body)))
 }
 
-pub(crate) async fn agent_self(State(api): State<Api>) -> Response {
+/// What reading this agent's own view needs: `agent` read on its node.
+async fn allow_agent_read(api: &Api, headers: &HeaderMap, action: &str) -> ApiResult<()> {
+    let node = api.agent.state.read(|inner| inner.node.name.clone());
+    api.allow(headers, Resource::Agent(&node), Access::Read, action)
+        .await
+        .map(drop)
+}
+
+pub(crate) async fn agent_self(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Response> {
+    allow_agent_read(&api, &headers, "agent.read").await?;
     let config = &api.agent.config;
     let body = api.agent.state.read(|inner| {
         json!({
@@ -277,7 +409,7 @@ pub(crate) async fn agent_self(State(api): State<Api>) -> Response {
             "xDS": null,
         })
     });
-    json(&body)
+    Ok(json(&body))
 }
 
 fn member(inner: &Inner, port: u16) -> Value {
@@ -290,10 +422,16 @@ fn member(inner: &Inner, port: u16) -> Value {
     })
 }
 
-pub(crate) async fn members(State(api): State<Api>) -> Response {
+pub(crate) async fn members(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Response> {
+    let visible = api.visible(&headers).await?;
     let port = api.agent.config.api.listen.port();
-    let body = api.agent.state.read(|inner| json!([member(inner, port)]));
-    json(&body)
+    let body = api.agent.state.read(|inner| {
+        let members: Vec<Value> = std::iter::once(member(inner, port))
+            .filter(|_| visible.node(&inner.node.name))
+            .collect();
+        json!(members)
+    });
+    Ok(visible.answer(json(&body)))
 }
 
 fn aggregate(inner: &Inner, entry: &ServiceEntry) -> (&'static str, Value) {
@@ -334,9 +472,17 @@ fn health_response(status: &'static str, body: Value, text: bool) -> Response {
 /// status code is the worst of them (200/429/503), 404 if none.
 pub(crate) async fn health_by_name(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
+    api.allow(
+        &headers,
+        Resource::Service(&name),
+        Access::Read,
+        "service.health",
+    )
+    .await?;
     let text = Params::parse(q.as_deref()).get("format") == Some("text");
     let found = api.agent.state.read(|inner| {
         let entries: Vec<(&'static str, Value)> = inner
@@ -375,9 +521,11 @@ pub(crate) async fn health_by_name(
 
 pub(crate) async fn health_by_id(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
+    allow_service(&api, &headers, &id, Access::Read, "service.health").await?;
     let text = Params::parse(q.as_deref()).get("format") == Some("text");
     let found = api
         .agent
@@ -394,7 +542,11 @@ pub(crate) async fn health_by_id(
 
 /// Signpost's view for `signpost services`: each service with its status
 /// and where it came from, and the service files with their errors.
-pub(crate) async fn signpost_services(State(api): State<Api>) -> Response {
+pub(crate) async fn signpost_services(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    allow_agent_read(&api, &headers, "agent.read").await?;
     let services = api.agent.state.read(|inner| {
         inner
             .services
@@ -431,12 +583,16 @@ pub(crate) async fn signpost_services(State(api): State<Api>) -> Response {
             })
         })
         .collect();
-    json(&json!({"services": services, "files": files}))
+    Ok(json(&json!({"services": services, "files": files})))
 }
 
 /// Signpost's view for `signpost status`: this node, its checks, and how
 /// fresh its view of the fleet is.
-pub(crate) async fn signpost_status(State(api): State<Api>) -> Response {
+pub(crate) async fn signpost_status(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    allow_agent_read(&api, &headers, "agent.read").await?;
     let (node, services, mut counts) = api.agent.state.read(|inner| {
         let mut counts = serde_json::Map::new();
         for check in inner.checks.values() {
@@ -463,22 +619,24 @@ pub(crate) async fn signpost_status(State(api): State<Api>) -> Response {
         }),
         _ => Value::Null,
     };
-    json(&json!({
+    Ok(json(&json!({
         "node": node,
         "version": env!("CARGO_PKG_VERSION"),
         "services": services,
         "checks": counts,
         "control_plane": control_plane,
-    }))
+    })))
 }
 
 /// `signpost drain`: puts an instance in maintenance, then waits until every
 /// agent subscribed to its service applied the change (or the timeout).
 pub(crate) async fn signpost_drain(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
+    allow_service(&api, &headers, &id, Access::Write, "service.drain").await?;
     let params = Params::parse(q.as_deref());
     let timeout = match params.get("timeout") {
         None | Some("") => std::time::Duration::from_secs(30),

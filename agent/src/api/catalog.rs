@@ -15,7 +15,8 @@ use signpost_core::model::{Health, has_tags};
 
 use super::blocking::answer;
 use super::render::{self, json};
-use super::{Api, ApiError, ApiResult, Params};
+use super::{Api, ApiError, ApiResult, Params, Visible};
+use axum::http::HeaderMap;
 
 use crate::fleet::{FleetInner, RemoteInstance};
 use crate::state::{Inner, ServiceEntry};
@@ -42,9 +43,14 @@ pub(crate) async fn datacenters(State(api): State<Api>) -> Response {
     json(&json!([api.agent.config.datacenter]))
 }
 
-pub(crate) async fn services(State(api): State<Api>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+pub(crate) async fn services(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner, fleet| {
+    let visible = api.visible(&headers).await?;
+    let answered = answer(&api, &params, |inner, fleet| {
         let mut names: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for s in inner.services.values() {
             let tags = names.entry(s.def.name.as_str()).or_default();
@@ -58,10 +64,12 @@ pub(crate) async fn services(State(api): State<Api>, RawQuery(q): RawQuery) -> A
                     .extend(tags.tags.iter().map(String::as_str));
             }
         }
+        names.retain(|name, _| visible.service(name));
         let index = inner.index.max(fleet.map_or(0, |f| f.names_index));
         (index, json!(names))
     })
-    .await
+    .await?;
+    Ok(visible.answer(answered))
 }
 
 /// Instances of `name` carrying every tag in `tags` (compared ignoring
@@ -111,46 +119,66 @@ async fn first_use(api: &Api, name: &str) {
 
 pub(crate) async fn service(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
     let tags: Vec<String> = params.all("tag").map(str::to_string).collect();
+    let visible = api.visible(&headers).await?;
+    if !visible.service(&name) {
+        return Ok(visible.answer(json(&json!([]))));
+    }
     first_use(&api, &name).await;
-    answer(&api, &params, |inner, fleet| {
+    let answered = answer(&api, &params, |inner, fleet| {
         let body: Vec<CatalogService> = instances(inner, &name, &tags)
+            .filter(|_| visible.node(&inner.node.name))
             .map(|s| render::catalog_service(inner, s))
             .chain(
                 remote_instances(inner, fleet, &name, &tags)
+                    .filter(|r| visible.node(&r.node))
                     .map(|r| render::remote_catalog_service(inner, r)),
             )
             .collect();
         (fleet_index(inner, fleet, &name), json!(body))
     })
-    .await
+    .await?;
+    Ok(visible.answer(answered))
 }
 
-pub(crate) async fn nodes(State(api): State<Api>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+pub(crate) async fn nodes(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner, _fleet| {
-        (inner.node_create_index, json!([render::node(inner)]))
+    let visible = api.visible(&headers).await?;
+    let answered = answer(&api, &params, |inner, _fleet| {
+        let nodes: Vec<_> = std::iter::once(render::node(inner))
+            .filter(|_| visible.node(&inner.node.name))
+            .collect();
+        (inner.node_create_index, json!(nodes))
     })
-    .await
+    .await?;
+    Ok(visible.answer(answered))
 }
 
 pub(crate) async fn node(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner, _fleet| {
-        if inner.node.name != node {
+    let visible = api.visible(&headers).await?;
+    let answered = answer(&api, &params, |inner, _fleet| {
+        if inner.node.name != node || !visible.node(&node) {
             return (inner.index, Value::Null);
         }
         let services: BTreeMap<String, consul::Service> = inner
             .services
             .values()
+            .filter(|s| visible.service(s.def.name.as_str()))
             .map(|s| (s.def.id.to_string(), render::node_service(inner, s)))
             .collect();
         (
@@ -158,23 +186,31 @@ pub(crate) async fn node(
             json!({"Node": render::node(inner), "Services": services}),
         )
     })
-    .await
+    .await?;
+    Ok(visible.answer(answered))
 }
 
 pub(crate) async fn health_service(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
     let passing = params.flag("passing")?;
     let tags: Vec<String> = params.all("tag").map(str::to_string).collect();
+    let visible = api.visible(&headers).await?;
+    if !visible.service(&name) {
+        return Ok(visible.answer(json(&json!([]))));
+    }
     first_use(&api, &name).await;
-    answer(&api, &params, |inner, fleet| {
+    let answered = answer(&api, &params, |inner, fleet| {
         let remote = remote_instances(inner, fleet, &name, &tags)
+            .filter(|r| visible.node(&r.node))
             .filter(|r| !passing || r.all_checks().all(|c| c.status == Health::Passing))
             .map(|r| render::remote_health_entry(inner, r));
         let body: Vec<consul::ServiceEntry> = instances(inner, &name, &tags)
+            .filter(|_| visible.node(&inner.node.name))
             .filter(|s| {
                 !passing
                     || inner
@@ -187,16 +223,22 @@ pub(crate) async fn health_service(
             .collect();
         (fleet_index(inner, fleet, &name), json!(body))
     })
-    .await
+    .await?;
+    Ok(visible.answer(answered))
 }
 
 pub(crate) async fn health_checks(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner, _fleet| {
+    let visible = api.visible(&headers).await?;
+    if !visible.service(&name) {
+        return Ok(visible.answer(json(&json!([]))));
+    }
+    let answered = answer(&api, &params, |inner, _fleet| {
         let body: Vec<HealthCheck> = inner
             .checks
             .values()
@@ -209,14 +251,17 @@ pub(crate) async fn health_checks(
             .collect();
         (inner.service_name_index(&name), json!(body))
     })
-    .await
+    .await?;
+    Ok(visible.answer(answered))
 }
 
 pub(crate) async fn health_state(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(state): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
+    let visible = api.visible(&headers).await?;
     let params = Params::parse(q.as_deref());
     let wanted: Option<Health> = match state.as_str() {
         "any" => None,
@@ -224,29 +269,42 @@ pub(crate) async fn health_state(
             ApiError::bad_request("Invalid state: expected any, passing, warning or critical")
         })?),
     };
-    answer(&api, &params, |inner, _fleet| {
+    let answered = answer(&api, &params, |inner, _fleet| {
         let body: Vec<HealthCheck> = inner
             .checks
             .values()
             .filter(|c| wanted.is_none_or(|w| c.status == w))
+            .filter(|c| visible_check(&visible, inner, c))
             .map(|c| render::check(inner, c))
             .collect();
         (inner.index, json!(body))
     })
-    .await
+    .await?;
+    Ok(visible.answer(answered))
+}
+
+/// Whether a check of this node may be read: its node, and its service.
+fn visible_check(visible: &Visible, inner: &Inner, check: &crate::state::CheckEntry) -> bool {
+    visible.node(&inner.node.name)
+        && inner
+            .service_of_check(check)
+            .is_none_or(|s| visible.service(s.def.name.as_str()))
 }
 
 pub(crate) async fn health_node(
     State(api): State<Api>,
+    headers: HeaderMap,
     Path(node): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let params = Params::parse(q.as_deref());
-    answer(&api, &params, |inner, _fleet| {
+    let visible = api.visible(&headers).await?;
+    let answered = answer(&api, &params, |inner, _fleet| {
         let body: Vec<HealthCheck> = if inner.node.name == node {
             inner
                 .checks
                 .values()
+                .filter(|c| visible_check(&visible, inner, c))
                 .map(|c| render::check(inner, c))
                 .collect()
         } else {
@@ -254,5 +312,6 @@ pub(crate) async fn health_node(
         };
         (inner.index, json!(body))
     })
-    .await
+    .await?;
+    Ok(visible.answer(answered))
 }

@@ -62,8 +62,14 @@ pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Respons
             .into_response();
         }
     };
-    let url = format!("http://{cp}{path_and_query}");
-    let mut outgoing = api.http.request(
+    let url = format!("{}{path_and_query}", base_url(&cp));
+    let http = match api.http.get() {
+        Ok(http) => http,
+        Err(e) => {
+            return ApiError::new(StatusCode::BAD_GATEWAY, format!("{e:#}")).into_response();
+        }
+    };
+    let mut outgoing = http.request(
         reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET),
         url,
     );
@@ -98,6 +104,65 @@ pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Respons
     }
 }
 
+/// The control plane's HTTP API as configured (`control_plane.http`):
+/// `https://` unless it says `http://` (which the configuration allows
+/// on loopback only).
+pub(crate) fn base_url(configured: &str) -> String {
+    if configured.starts_with("https://") || configured.starts_with("http://") {
+        configured.trim_end_matches('/').to_string()
+    } else {
+        format!("https://{configured}")
+    }
+}
+
+/// The agent's client for the control plane's HTTP API, made once the CA
+/// can be read (it may be copied there after the agent started).
+pub(crate) struct ControlPlaneHttp {
+    ca_file: Option<std::path::PathBuf>,
+    client: std::sync::OnceLock<reqwest::Client>,
+}
+
+impl ControlPlaneHttp {
+    pub(crate) fn new(ca_file: Option<std::path::PathBuf>) -> Self {
+        ControlPlaneHttp {
+            ca_file,
+            client: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn get(&self) -> anyhow::Result<reqwest::Client> {
+        if let Some(client) = self.client.get() {
+            return Ok(client.clone());
+        }
+        let client = client(self.ca_file.as_deref())?;
+        Ok(self.client.get_or_init(|| client).clone())
+    }
+}
+
+/// A client for the control plane's HTTP API: it trusts only the
+/// control plane's CA (`control_plane.ca_file`).
+pub(crate) fn client(ca_file: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context as _;
+    crate::tls::install_crypto_provider();
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(30));
+    if let Some(ca_file) = ca_file {
+        let pem = std::fs::read(ca_file)
+            .with_context(|| format!("cannot read control_plane.ca_file {}", ca_file.display()))?;
+        let ca = reqwest::Certificate::from_pem(&pem).with_context(|| {
+            format!(
+                "control_plane.ca_file {}: not a PEM certificate",
+                ca_file.display()
+            )
+        })?;
+        builder = builder.tls_certs_only([ca]);
+    }
+    builder
+        .build()
+        .context("cannot build the HTTP client for the control plane")
+}
+
 /// `path` if it is one of the control plane's operator paths, with any
 /// ID made only of characters IDs have (no dots, slashes or escapes).
 fn operator_path(path: &str) -> Option<String> {
@@ -108,8 +173,16 @@ fn operator_path(path: &str) -> Option<String> {
     };
     let segments: Vec<&str> = path.strip_prefix("/v1/")?.split('/').collect();
     let known = match segments.as_slice() {
-        ["commands"] | ["audit"] | ["acl", "token"] | ["acl", "tokens"] => true,
-        ["commands", x] | ["acl", "token", x] => id(x),
+        ["commands"]
+        | ["audit"]
+        | ["acl", "token"]
+        | ["acl", "tokens"]
+        | ["acl", "policy"]
+        | ["acl", "policies"] => true,
+        ["commands", x]
+        | ["acl", "token", x]
+        | ["acl", "policy", x]
+        | ["acl", "policy", "name", x] => id(x),
         _ => false,
     };
     known.then(|| format!("/v1/{}", segments.join("/")))
@@ -127,6 +200,8 @@ mod tests {
             "/v1/acl/token",
             "/v1/acl/token/self",
             "/v1/acl/tokens",
+            "/v1/acl/policies",
+            "/v1/acl/policy/name/web-writer",
             "/v1/audit",
         ] {
             assert_eq!(operator_path(ok).as_deref(), Some(ok));
@@ -139,7 +214,7 @@ mod tests {
             "/v1/commands/",
             "/v1/commands//x",
             "/v1/acl/token/a/b",
-            "/v1/acl/policies",
+            "/v1/acl/bootstrap",
             "/metrics",
             "/v1/audit/../nodes",
         ] {

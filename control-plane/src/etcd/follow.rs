@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Etcd;
+use crate::acl::policy::PolicyRecord;
 use crate::acl::{Acl, TokenRecord};
 use crate::catalog::Catalog;
 use crate::commands::Commands;
@@ -39,6 +40,7 @@ pub async fn load(etcd: &Etcd, followers: &Followers) -> Result<(i64, u64), Stor
     followers.acl.forget_audit();
     let (mut nodes, mut present, mut failed) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     let mut tokens = BTreeMap::new();
+    let mut policies = BTreeMap::new();
     let mut commands = BTreeSet::new();
     // Oldest change first: each service's index is the revision of the
     // last record that changed it.
@@ -59,12 +61,18 @@ pub async fn load(etcd: &Etcd, followers: &Followers) -> Result<(i64, u64), Stor
                 tokens.insert(accessor.to_string(), record);
             }
             continue;
+        } else if let Some(id) = key.strip_prefix("acl-policy/") {
+            if let Some(record) = json::<PolicyRecord>(key, kv.value()) {
+                policies.insert(id.to_string(), record);
+            }
+            continue;
         } else if let Some(id) = key.strip_prefix("commands/") {
             commands.insert(id.to_string());
         }
         apply(followers, key, Some(kv.value()), revision_of(kv));
     }
     followers.acl.store_tokens(tokens);
+    followers.acl.store_policies(policies);
     let at = u64::try_from(revision).unwrap_or(0);
     let (had_nodes, had_present, had_failed) = followers.catalog.shared_keys();
     for node in had_nodes.difference(&nodes) {
@@ -231,6 +239,19 @@ fn apply(followers: &Followers, key: &str, value: Option<&[u8]>, revision: u64) 
             None => None,
         };
         followers.acl.store_token(accessor, record);
+    } else if let Some(id) = key.strip_prefix("acl-policy/") {
+        let record = match value {
+            Some(v) => match json(key, v) {
+                Some(r) => Some(r),
+                None => return,
+            },
+            None => None,
+        };
+        followers.acl.store_policy(id, record);
+    } else if key == "acl-reset" {
+        if let Some(index) = value.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()) {
+            followers.acl.store_bootstrap_index(index);
+        }
     } else if key.starts_with("audit/") {
         if let Some(entry) = value.and_then(|v| json(key, v)) {
             followers.acl.store_audit(entry);

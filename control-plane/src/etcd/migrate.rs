@@ -95,11 +95,33 @@ pub async fn file_to_etcd(data_dir: &Path, etcd: &Etcd) -> anyhow::Result<Copied
                 copied.tokens += 1;
             }
         }
+        if let Some(policies) = file["policies"].as_object() {
+            for (id, record) in policies {
+                etcd.put(format!("acl-policy/{id}"), serde_json::to_vec(record)?)
+                    .await?;
+            }
+        }
+        let index = file["bootstrap_index"].as_u64().unwrap_or(1).max(1);
+        etcd.put("acl-reset".to_string(), index.to_string().into_bytes())
+            .await?;
         // Its bootstrap token is among them: none is made again.
         etcd.put("acl-bootstrap".to_string(), b"migrated".to_vec())
             .await?;
     }
     Ok(copied)
+}
+
+/// `acl.json` as the control plane writes it (no empty policies).
+fn acl_file(
+    tokens: serde_json::Map<String, serde_json::Value>,
+    policies: serde_json::Map<String, serde_json::Value>,
+    bootstrap_index: u64,
+) -> serde_json::Value {
+    let mut file = serde_json::json!({ "tokens": tokens, "bootstrap_index": bootstrap_index });
+    if !policies.is_empty() {
+        file["policies"] = serde_json::Value::Object(policies);
+    }
+    file
 }
 
 /// Copies etcd's state into `data_dir`, which must hold none.
@@ -119,6 +141,8 @@ pub async fn etcd_to_file(etcd: &Etcd, data_dir: &Path) -> anyhow::Result<Copied
     let mut failed: BTreeMap<String, u64> = BTreeMap::new();
     let mut commands = serde_json::Map::new();
     let mut tokens = serde_json::Map::new();
+    let mut policies = serde_json::Map::new();
+    let mut bootstrap_index = 1u64;
     for kv in &kvs {
         let Some(key) = etcd.relative(kv.key()) else {
             continue;
@@ -134,6 +158,10 @@ pub async fn etcd_to_file(etcd: &Etcd, data_dir: &Path) -> anyhow::Result<Copied
             commands.insert(id.to_string(), serde_json::from_slice(kv.value())?);
         } else if let Some(accessor) = key.strip_prefix("acl/") {
             tokens.insert(accessor.to_string(), serde_json::from_slice(kv.value())?);
+        } else if let Some(id) = key.strip_prefix("acl-policy/") {
+            policies.insert(id.to_string(), serde_json::from_slice(kv.value())?);
+        } else if key == "acl-reset" {
+            bootstrap_index = String::from_utf8_lossy(kv.value()).parse().unwrap_or(1);
         }
     }
     let copied = Copied {
@@ -162,7 +190,7 @@ pub async fn etcd_to_file(etcd: &Etcd, data_dir: &Path) -> anyhow::Result<Copied
     )?;
     write(
         "acl.json",
-        &serde_json::to_vec_pretty(&serde_json::json!({ "tokens": tokens }))?,
+        &serde_json::to_vec_pretty(&acl_file(tokens, policies, bootstrap_index))?,
     )?;
     Ok(copied)
 }

@@ -10,9 +10,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use signpost_core::command::{Command, NewCommand, now_millis};
 
-use super::acl::authorize;
+use super::acl::{authorize, resolve};
 use super::{HttpState, error};
-use crate::acl::{AuditEntry, Role};
+use crate::acl::AuditEntry;
+use signpost_core::acl::{Access, Resource};
 
 fn command_json(s: &HttpState, c: &Command, now: u64) -> Value {
     let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
@@ -35,7 +36,14 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Result<Json<NewCommand>, JsonRejection>,
 ) -> Response {
-    let operator = match authorize(&s, &headers, Role::Operator, "command.create", "") {
+    let operator = match authorize(
+        &s,
+        &headers,
+        Resource::Operator,
+        Access::Write,
+        "command.create",
+        "",
+    ) {
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
@@ -86,7 +94,15 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/commands?service=&state=active|expired|revoked`.
-pub(super) async fn list(State(s): State<HttpState>, Query(q): Query<ListQuery>) -> Response {
+pub(super) async fn list(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let reader = match resolve(&s, &headers, "command.list") {
+        Ok(r) => r.authorizer,
+        Err(r) => return r.into_response(),
+    };
     let now = now_millis();
     let commands: Vec<Value> = s
         .commands
@@ -98,14 +114,27 @@ pub(super) async fn list(State(s): State<HttpState>, Query(q): Query<ListQuery>)
                 .is_none_or(|svc| c.target.service.eq_ignore_ascii_case(svc))
         })
         .filter(|c| q.state.as_deref().is_none_or(|st| c.state(now) == st))
+        .filter(|c| reader.allows(Resource::Service(&c.target.service), Access::Read))
         .map(|c| command_json(&s, c, now))
         .collect();
     Json(Value::Array(commands)).into_response()
 }
 
 /// `GET /v1/commands/{id}`.
-pub(super) async fn show(State(s): State<HttpState>, Path(id): Path<String>) -> Response {
-    match s.commands.get(&id) {
+pub(super) async fn show(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let reader = match resolve(&s, &headers, "command.read") {
+        Ok(r) => r.authorizer,
+        Err(r) => return r.into_response(),
+    };
+    match s
+        .commands
+        .get(&id)
+        .filter(|c| reader.allows(Resource::Service(&c.target.service), Access::Read))
+    {
         Some(c) => Json(command_json(&s, &c, now_millis())).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no command {id:?}")),
     }
@@ -117,7 +146,14 @@ pub(super) async fn revoke(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let operator = match authorize(&s, &headers, Role::Operator, "command.revoke", &id) {
+    let operator = match authorize(
+        &s,
+        &headers,
+        Resource::Operator,
+        Access::Write,
+        "command.revoke",
+        &id,
+    ) {
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };

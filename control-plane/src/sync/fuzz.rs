@@ -94,6 +94,12 @@ fn seeds() -> Vec<Vec<u8>> {
 fn agent_messages_never_panic_and_garbage_never_enters_the_catalog() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let commands = Commands::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let acl = crate::acl::Acl::open(
+        dir.path(),
+        Default::default(),
+        signpost_core::acl::DefaultPolicy::Deny,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let catalog = Catalog::default();
     let (tx, mut rx) = mpsc::channel(1 << 16);
     let sessions = [
@@ -114,7 +120,15 @@ fn agent_messages_never_panic_and_garbage_never_enters_the_catalog() {
             continue;
         }
         taken += 1;
-        dispatch(&catalog, &commands, &Reports::Local, session, node, body);
+        dispatch(
+            &catalog,
+            &commands,
+            &acl,
+            &Reports::Local,
+            session,
+            node,
+            body,
+        );
         while rx.try_recv().is_ok() {}
         if dose.done().is_multiple_of(64) {
             let kept = catalog.snapshot();

@@ -87,8 +87,8 @@ impl Fleet {
 
     /// `n` control-plane replicas on hosts of their own (`cp1`...), each
     /// with a member of one etcd cluster beside it, from the packaged
-    /// configuration with `store: etcd`; they share the first one's server
-    /// certificate, made for every replica's address.
+    /// configuration with `store: etcd`; each has a server certificate of
+    /// its own, signed by the first one's CA (copied, as an operator does).
     #[cfg(feature = "etcd")]
     pub async fn control_plane_replicas(&self, n: usize) -> Vec<ControlPlane> {
         let hosts: Vec<Arc<super::Host>> = (1..=n).map(|i| self.host(&format!("cp{i}"))).collect();
@@ -138,28 +138,23 @@ impl Fleet {
             "store: etcd\netcd:\n  endpoints: [{}]\n",
             endpoints.join(", ")
         );
-        let tls = hosts[0].dir.join("data").join("tls");
+        let first_tls = hosts[0].dir.join("data").join("tls");
         let mut replicas = Vec::new();
         for (i, host) in hosts.iter().enumerate() {
             let mut yaml = control_plane_yaml(&host.dir.join("data"));
-            if i > 0 {
-                yaml = edit(
-                    &yaml,
-                    "  listen: 0.0.0.0:8300",
-                    &format!(
-                        "  listen: 0.0.0.0:8300\n  cert_file: {}\n  key_file: {}",
-                        tls.join("server.pem").display(),
-                        tls.join("server-key.pem").display()
-                    ),
-                );
-            }
             yaml.push_str(&store);
             let config = host.dir.join("control-plane.yaml");
             std::fs::write(&config, yaml).unwrap();
-            if i == 0 {
-                let names: Vec<String> = hosts.iter().map(|h| h.ip.to_string()).collect();
-                init_tls(&config, &names);
+            let tls = host.dir.join("data").join("tls");
+            if i > 0 {
+                // The operator copies the first replica's CA; init-tls
+                // then signs this replica's server certificate with it.
+                std::fs::create_dir_all(&tls).unwrap();
+                for file in ["ca.pem", "ca-key.pem"] {
+                    std::fs::copy(first_tls.join(file), tls.join(file)).unwrap();
+                }
             }
+            init_tls(&config, &[host.ip.to_string()]);
             let cp = ControlPlane {
                 ca: tls.join("ca.pem"),
                 grpc: SocketAddr::from((host.ip, 8300)),
@@ -226,8 +221,19 @@ impl Fleet {
 
 /// `GET`/`PUT` on a host's loopback (run on that host).
 async fn call(host: &Host, method: reqwest::Method, url: String, body: Option<Value>) -> Response {
+    call_with(host, client(), method, url, body).await
+}
+
+/// [`call`] with `client`.
+async fn call_with(
+    host: &Host,
+    client: reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> Response {
     host.run(async move {
-        let mut request = client().request(method, url);
+        let mut request = client.request(method, url);
         if let Some(body) = body {
             request = request.body(body.to_string());
         }
@@ -256,8 +262,24 @@ impl ControlPlane {
             &["--config", &config],
         );
         self.host
-            .wait_answering("http://127.0.0.1:8700/v1/nodes", "control-plane")
+            .wait_answering_with(
+                self.http(),
+                "https://127.0.0.1:8700/v1/nodes",
+                "control-plane",
+            )
             .await;
+    }
+
+    /// A client of its HTTP API (HTTPS on the host's loopback, as
+    /// packaged), trusting its CA.
+    fn http(&self) -> reqwest::Client {
+        crate::api_client()
+            .timeout(std::time::Duration::from_secs(15))
+            .tls_certs_only([
+                reqwest::Certificate::from_pem(&std::fs::read(&self.ca).unwrap()).unwrap(),
+            ])
+            .build()
+            .unwrap()
     }
 
     pub fn kill(&self) {
@@ -269,10 +291,11 @@ impl ControlPlane {
     }
 
     pub async fn get(&self, path: &str) -> Response {
-        call(
+        call_with(
             &self.host,
+            self.http(),
             reqwest::Method::GET,
-            format!("http://127.0.0.1:8700{path}"),
+            format!("https://127.0.0.1:8700{path}"),
             None,
         )
         .await

@@ -1,8 +1,16 @@
-//! ACL tokens and the audit log on a real control plane: the bootstrap
-//! admin token, roles, 401/403 with a clear message, hashed storage, the
-//! CLI, and an agent joining with an ACL agent token.
+//! ACL tokens, policies and the audit log on a real control plane: the
+//! bootstrap management token, roles kept as built-in policies, 401/403
+//! with a clear message, hashed storage, the CLI, and an agent joining
+//! with an ACL token. The submodules close the rest of the management
+//! plane: per-service tokens and filtered reads on agents, node
+//! identity, every write endpoint refusing anonymous requests, TLS and
+//! client certificates, recovery and expiry.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
+
+mod identity;
+mod management;
+mod policies;
 
 use serde_json::{Value, json};
 use signpost_tests::{ControlPlane, signpost};
@@ -15,22 +23,39 @@ fn bootstrap(cp: &ControlPlane) -> String {
 }
 
 async fn create(cp: &ControlPlane, token: Option<&str>, role: &str) -> reqwest::Response {
-    let mut request = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .put(format!("http://{}/v1/acl/token", cp.http))
-        .json(&json!({"Role": role, "Description": format!("a {role} token")}));
+    put_token(
+        cp,
+        token,
+        json!({"Role": role, "Description": format!("a {role} token")}),
+    )
+    .await
+}
+
+/// `PUT /v1/acl/token` with `body`, presenting `token`.
+async fn put_token(cp: &ControlPlane, token: Option<&str>, body: Value) -> reqwest::Response {
+    let mut request = cp.client().put(cp.url("/v1/acl/token")).json(&body);
     if let Some(token) = token {
         request = request.header("X-Consul-Token", token);
     }
     request.send().await.unwrap()
 }
 
+/// A new token made by `admin` with `body`: (accessor, secret).
+async fn token(cp: &ControlPlane, admin: &str, body: Value) -> (String, String) {
+    let r = put_token(cp, Some(admin), body).await;
+    assert_eq!(r.status(), 200);
+    let t: Value = r.json().await.unwrap();
+    (
+        t["AccessorID"].as_str().unwrap().to_string(),
+        t["SecretID"].as_str().unwrap().to_string(),
+    )
+}
+
 /// The CLI against this control plane, with `token`.
 fn cli(cp: &ControlPlane, token: &str, args: &[&str]) -> (i32, String, String) {
-    let addr = cp.http.to_string();
-    let mut all = vec!["--control-plane", &addr, "--token", token];
+    let flags = cp.cli_flags();
+    let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
+    all.extend(["--token", token]);
     all.extend_from_slice(args);
     signpost(&all)
 }
@@ -54,19 +79,19 @@ async fn tokens_need_the_right_role_and_every_change_is_audited() {
     let reader_secret = reader["SecretID"].as_str().unwrap().to_string();
     let r = create(&cp, Some(&reader_secret), "admin").await;
     assert_eq!(r.status(), 403);
-    assert!(r.text().await.unwrap().contains("needs admin"));
-    // Authorization: Bearer works as well as X-Consul-Token.
-    let r = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://{}/v1/acl/token/self", cp.http))
+    assert!(r.text().await.unwrap().contains("lacks acl write"));
+    // Authorization: Bearer works as well as X-Consul-Token; the read
+    // role is now its built-in policy.
+    let r = cp
+        .client()
+        .get(cp.url("/v1/acl/token/self"))
         .bearer_auth(&reader_secret)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap()["Role"], "read");
+    let me = r.json::<Value>().await.unwrap();
+    assert_eq!(me["Policies"][0]["Name"], "builtin/global-read-only");
 
     // The CLI: create, list (no secrets), audit, delete; a refused token
     // exits with 77.
@@ -81,7 +106,9 @@ async fn tokens_need_the_right_role_and_every_change_is_audited() {
     let (code, out, _) = cli(&cp, &admin, &["acl", "token", "list"]);
     assert_eq!(code, 0);
     assert!(
-        out.contains("operator") && out.contains("read") && out.contains("admin"),
+        out.contains("builtin/operator")
+            && out.contains("builtin/global-read-only")
+            && out.contains("global-management"),
         "{out}"
     );
     assert!(
@@ -159,7 +186,7 @@ async fn tokens_need_the_right_role_and_every_change_is_audited() {
 }
 
 /// An agent joins with an ACL token that has the agent role; a read
-/// token is refused.
+/// token (which may not write any node) is refused.
 #[tokio::test]
 async fn an_agent_joins_with_an_acl_agent_token() {
     let cp = ControlPlane::start().await;
@@ -195,7 +222,10 @@ async fn an_agent_joins_with_an_acl_agent_token() {
     .await;
     refused
         .eventually("the refusal to be logged", || async {
-            refused.log().contains("unknown agent token").then_some(())
+            refused
+                .log()
+                .contains("may not register as node \\\"refused-node\\\"")
+                .then_some(())
         })
         .await;
 }

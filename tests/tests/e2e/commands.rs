@@ -27,8 +27,9 @@ fn operator(cp: &ControlPlane) -> String {
 }
 
 fn cmd(cp: &ControlPlane, token: &str, args: &[&str]) -> (i32, String, String) {
-    let addr = cp.http.to_string();
-    let mut all = vec!["--control-plane", &addr, "--token", token];
+    let flags = cp.cli_flags();
+    let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
+    all.extend(["--token", token]);
     all.extend_from_slice(args);
     signpost(&all)
 }
@@ -516,8 +517,9 @@ async fn the_local_api_forwards_operator_actions_only_with_a_token() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let created: Value = r.json().await.unwrap();
-    let list: Value = http
-        .get(format!("http://{}/v1/commands", cp.http))
+    let list: Value = cp
+        .client()
+        .get(cp.url("/v1/commands"))
         .send()
         .await
         .unwrap()

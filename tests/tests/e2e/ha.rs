@@ -79,8 +79,9 @@ fn admin(cp: &ControlPlane) -> String {
 
 /// Runs the CLI against `cp` with `token`; its JSON answer.
 fn cli(cp: &ControlPlane, token: &str, args: &[&str]) -> Value {
-    let addr = cp.http.to_string();
-    let mut all = vec!["--control-plane", &addr, "--token", token];
+    let flags = cp.cli_flags();
+    let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
+    all.extend(["--token", token]);
     all.extend_from_slice(args);
     all.push("--json");
     let (code, out, err) = signpost(&all);
@@ -148,9 +149,9 @@ async fn three_replicas_share_one_fleet_and_agents_move_when_one_dies() {
     .await;
     // Every replica gives the service the same index: etcd's revision.
     let index = |cp: &ControlPlane| {
-        let url = format!("http://{}/v1/health/service/api", cp.http);
+        let (url, client) = (cp.url("/v1/health/service/api"), cp.client().clone());
         async move {
-            let r = reqwest::Client::new().get(url).send().await.unwrap();
+            let r = client.get(url).send().await.unwrap();
             r.headers()["x-consul-index"].to_str().unwrap().to_string()
         }
     };
@@ -279,11 +280,13 @@ async fn without_etcd_quorum_writes_are_refused_and_the_fleet_keeps_working() {
     .await;
     let token = admin(&cp);
     // A block command: the exit status and what the CLI said.
+    let flags = cp.cli_flags();
     let block = || {
-        let addr = cp.http.to_string();
         let (code, _, err) = signpost(&[
-            "--control-plane",
-            &addr,
+            &flags[0],
+            &flags[1],
+            &flags[2],
+            &flags[3],
             "--token",
             &token,
             "cmd",

@@ -199,11 +199,9 @@ async fn cp_call(
         .unwrap()
         .trim()
         .to_string();
-    let mut request = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .request(method, format!("http://{}{path}", cp.http))
+    let mut request = cp
+        .client()
+        .request(method, cp.url(path))
         .header("X-Consul-Token", admin);
     if let Some(body) = body {
         request = request.json(&body);

@@ -45,14 +45,19 @@ async fn dev_runs_control_plane_agent_and_demo() {
     assert_eq!(passing[0]["Service"]["Service"], "demo");
     let printed = std::fs::read_to_string(out.path()).unwrap();
     assert!(printed.contains("Try:"), "{printed}");
-    let cp = printed
-        .split("control plane  http://")
+    let line = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("control plane  https://"))
+        .unwrap();
+    let cp = line.split_whitespace().next().unwrap().to_string();
+    // Its API is HTTPS, with the CA the hint names.
+    let ca = line
+        .split("CA ")
         .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_string();
-    let nodes: serde_json::Value = client
-        .get(format!("http://{cp}/v1/nodes"))
+        .and_then(|rest| rest.split(')').next())
+        .unwrap();
+    let nodes: serde_json::Value = signpost_tests::control_plane_client(std::path::Path::new(ca))
+        .get(format!("https://{cp}/v1/nodes"))
         .send()
         .await
         .unwrap()

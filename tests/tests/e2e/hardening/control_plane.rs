@@ -46,14 +46,21 @@ async fn operator_requests_reach_only_operator_paths_and_cannot_flood_or_forge_t
 
     // The bearer scheme in any case, through the agent and directly.
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    for (base, scheme) in [(agent.addr, "bearer"), (cp.http, "BEARER")] {
-        let r = http
-            .get(format!("http://{base}/v1/acl/tokens"))
+    for (client, url, scheme) in [
+        (
+            &http,
+            format!("http://{}/v1/acl/tokens", agent.addr),
+            "bearer",
+        ),
+        (cp.client(), cp.url("/v1/acl/tokens"), "BEARER"),
+    ] {
+        let r = client
+            .get(&url)
             .header("Authorization", format!("{scheme} {admin}"))
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200, "{scheme} at {base}");
+        assert_eq!(r.status(), 200, "{scheme} at {url}");
     }
 
     // A flood of requests with a junk token: each refused, the audit
@@ -99,12 +106,14 @@ async fn operator_requests_reach_only_operator_paths_and_cannot_flood_or_forge_t
     )
     .await;
     let reader = reader["SecretID"].as_str().unwrap().to_string();
-    let answer = raw_http(
-        cp.http,
-        &format!("DELETE /v1/acl/token/abc%0Aforged-line HTTP/1.1\r\nHost: x\r\nX-Consul-Token: {reader}\r\nConnection: close\r\n\r\n"),
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let answer = cp
+        .client()
+        .delete(cp.url("/v1/acl/token/abc%0Aforged-line"))
+        .header("X-Consul-Token", &reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
     let log = agent
         .eventually("the refusal in the control plane's log", || async {
             let log = cp.log();

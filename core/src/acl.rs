@@ -1,0 +1,435 @@
+//! ACL rules in Consul's shape, and the decision they make.
+//!
+//! A policy's rules give `read`, `write` or `deny` on resources:
+//! `service "<name>"`, `service_prefix "<prefix>"`, the same for `node`,
+//! `key` and `agent`, and the global `operator` and `acl`. A token's
+//! policies merge into one [`Rules`] (per resource, `deny` beats `write`
+//! beats `read`); the control plane sends that merged set to agents, and
+//! both decide with an [`Authorizer`]: an exact rule first, else the
+//! longest matching prefix, else the default policy. `operator` and `acl`
+//! have no default: they need a rule.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// What a rule grants. Ordered by precedence when rules merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Read,
+    Write,
+    Deny,
+}
+
+impl Access {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::Deny => "deny",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Access> {
+        match text {
+            "read" => Some(Access::Read),
+            "write" => Some(Access::Write),
+            "deny" => Some(Access::Deny),
+            _ => None,
+        }
+    }
+
+    /// Whether this grant covers `needed` (`Read` or `Write`).
+    fn covers(self, needed: Access) -> bool {
+        match self {
+            Access::Deny => false,
+            Access::Write => true,
+            Access::Read => needed == Access::Read,
+        }
+    }
+}
+
+/// What a resource no rule names gives (`acl.default_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultPolicy {
+    /// Everything no rule denies (today's behaviour; the default so an
+    /// upgrade changes nothing).
+    #[default]
+    Allow,
+    /// Only what a rule grants (recommended).
+    Deny,
+}
+
+/// What an agent does with tokens when the control plane cannot resolve
+/// them (`acl.down_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DownPolicy {
+    /// Tokens resolved before keep their rules; unknown ones are denied.
+    #[default]
+    ExtendCache,
+    Allow,
+    Deny,
+}
+
+/// One resource a request touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource<'a> {
+    Service(&'a str),
+    Node(&'a str),
+    Key(&'a str),
+    /// An agent, by its node's name.
+    Agent(&'a str),
+    Operator,
+    Acl,
+}
+
+impl Resource<'_> {
+    /// How the resource reads in an error or audit entry (`service "web"`).
+    pub fn describe(&self) -> String {
+        match self {
+            Resource::Service(n) => format!("service {n:?}"),
+            Resource::Node(n) => format!("node {n:?}"),
+            Resource::Key(k) => format!("key {k:?}"),
+            Resource::Agent(n) => format!("agent {n:?}"),
+            Resource::Operator => "operator".to_string(),
+            Resource::Acl => "acl".to_string(),
+        }
+    }
+}
+
+/// Most rules one policy may hold.
+pub const MAX_RULES: usize = 1000;
+
+/// A policy's rules, or a token's merged ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Rules {
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub service: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_prefix: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub node: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_prefix: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub key: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub key_prefix: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent_prefix: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator: Option<Access>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl: Option<Access>,
+}
+
+/// Why a policy's rules cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rules: {0}")]
+pub struct RulesError(pub String);
+
+impl Rules {
+    /// Every resource at `access` (the built-in management and read-only
+    /// policies).
+    pub fn everything(access: Access) -> Rules {
+        let all = || BTreeMap::from([(String::new(), access)]);
+        Rules {
+            service_prefix: all(),
+            node_prefix: all(),
+            key_prefix: all(),
+            agent_prefix: all(),
+            operator: Some(access),
+            acl: Some(access),
+            ..Rules::default()
+        }
+    }
+
+    /// Consul's node identity: write on that node, read on every service.
+    pub fn node_identity(node: &str) -> Rules {
+        Rules {
+            node: BTreeMap::from([(node.to_string(), Access::Write)]),
+            agent: BTreeMap::from([(node.to_string(), Access::Read)]),
+            service_prefix: BTreeMap::from([(String::new(), Access::Read)]),
+            ..Rules::default()
+        }
+    }
+
+    /// Consul's service identity: write on that service (and its
+    /// sidecar), read on every service and node.
+    pub fn service_identity(service: &str) -> Rules {
+        Rules {
+            service: BTreeMap::from([
+                (service.to_string(), Access::Write),
+                (format!("{service}-sidecar-proxy"), Access::Write),
+            ]),
+            service_prefix: BTreeMap::from([(String::new(), Access::Read)]),
+            node_prefix: BTreeMap::from([(String::new(), Access::Read)]),
+            ..Rules::default()
+        }
+    }
+
+    fn maps(&self) -> [(&'static str, &BTreeMap<String, Access>); 8] {
+        [
+            ("service", &self.service),
+            ("service_prefix", &self.service_prefix),
+            ("node", &self.node),
+            ("node_prefix", &self.node_prefix),
+            ("key", &self.key),
+            ("key_prefix", &self.key_prefix),
+            ("agent", &self.agent),
+            ("agent_prefix", &self.agent_prefix),
+        ]
+    }
+
+    fn map_mut(&mut self, kind: &str) -> Option<&mut BTreeMap<String, Access>> {
+        Some(match kind {
+            "service" => &mut self.service,
+            "service_prefix" => &mut self.service_prefix,
+            "node" => &mut self.node,
+            "node_prefix" => &mut self.node_prefix,
+            "key" => &mut self.key,
+            "key_prefix" => &mut self.key_prefix,
+            "agent" => &mut self.agent,
+            "agent_prefix" => &mut self.agent_prefix,
+            _ => return None,
+        })
+    }
+
+    /// How many rules there are.
+    pub fn len(&self) -> usize {
+        self.maps().iter().map(|(_, m)| m.len()).sum::<usize>()
+            + usize::from(self.operator.is_some())
+            + usize::from(self.acl.is_some())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds `other`'s rules; where both name a resource, the stronger
+    /// (`deny` > `write` > `read`) stays.
+    pub fn merge(&mut self, other: &Rules) {
+        for (kind, theirs) in other.maps() {
+            if let Some(ours) = self.map_mut(kind) {
+                for (name, access) in theirs {
+                    let entry = ours.entry(name.clone()).or_insert(*access);
+                    *entry = (*entry).max(*access);
+                }
+            }
+        }
+        self.operator = self.operator.max(other.operator);
+        self.acl = self.acl.max(other.acl);
+    }
+
+    /// Rules from Consul's JSON form of a policy (what its HCL form parses
+    /// to): `{"service": {"web": {"policy": "write"}}, "operator": "read"}`.
+    /// A block given twice may come as a list of such objects.
+    pub fn from_consul_json(value: &Value) -> Result<Rules, RulesError> {
+        let bad = |what: String| Err(RulesError(what));
+        let Some(top) = value.as_object() else {
+            return bad(
+                "expected resource blocks such as service \"web\" { policy = \"read\" }"
+                    .to_string(),
+            );
+        };
+        let mut rules = Rules::default();
+        for (kind, body) in top {
+            match kind.as_str() {
+                "operator" | "acl" => {
+                    let access = body.as_str().and_then(Access::parse).ok_or_else(|| {
+                        RulesError(format!("{kind} must be \"read\", \"write\" or \"deny\""))
+                    })?;
+                    let slot = if kind == "acl" {
+                        &mut rules.acl
+                    } else {
+                        &mut rules.operator
+                    };
+                    *slot = (*slot).max(Some(access));
+                }
+                _ => {
+                    let Some(map) = rules.map_mut(kind) else {
+                        return bad(format!(
+                            "unknown resource {kind:?}: Signpost has service, service_prefix, node, node_prefix, key, key_prefix, agent, agent_prefix, operator and acl"
+                        ));
+                    };
+                    let blocks: Vec<&Value> = match body {
+                        Value::Array(list) => list.iter().collect(),
+                        other => vec![other],
+                    };
+                    for block in blocks {
+                        let Some(labels) = block.as_object() else {
+                            return bad(format!(
+                                "{kind} needs a name: {kind} \"name\" {{ policy = \"read\" }}"
+                            ));
+                        };
+                        for (label, inner) in labels {
+                            let inner: Vec<&Value> = match inner {
+                                Value::Array(list) => list.iter().collect(),
+                                other => vec![other],
+                            };
+                            for one in inner {
+                                let access = one
+                                    .get("policy")
+                                    .and_then(Value::as_str)
+                                    .and_then(Access::parse)
+                                    .ok_or_else(|| {
+                                        RulesError(format!(
+                                            "{kind} {label:?}: policy must be \"read\", \"write\" or \"deny\""
+                                        ))
+                                    })?;
+                                if let Some(extra) = one
+                                    .as_object()
+                                    .and_then(|o| o.keys().find(|k| k.as_str() != "policy"))
+                                {
+                                    return bad(format!(
+                                        "{kind} {label:?}: unknown field {extra:?} (only policy)"
+                                    ));
+                                }
+                                let entry = map.entry(label.clone()).or_insert(access);
+                                *entry = (*entry).max(access);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if rules.len() > MAX_RULES {
+            return bad(format!("{} rules, at most {MAX_RULES}", rules.len()));
+        }
+        Ok(rules)
+    }
+}
+
+/// Decides requests for one token (or for requests without one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorizer {
+    pub rules: Rules,
+    pub default: DefaultPolicy,
+}
+
+impl Authorizer {
+    pub fn new(rules: Rules, default: DefaultPolicy) -> Self {
+        Authorizer { rules, default }
+    }
+
+    /// What the rules say about `resource`: an exact rule, else the
+    /// longest matching prefix, else nothing.
+    pub fn rule_for(&self, resource: Resource<'_>) -> Option<Access> {
+        let (exact, prefixes, name) = match resource {
+            Resource::Operator => return self.rules.operator,
+            Resource::Acl => return self.rules.acl,
+            Resource::Service(n) => (&self.rules.service, &self.rules.service_prefix, n),
+            Resource::Node(n) => (&self.rules.node, &self.rules.node_prefix, n),
+            Resource::Key(n) => (&self.rules.key, &self.rules.key_prefix, n),
+            Resource::Agent(n) => (&self.rules.agent, &self.rules.agent_prefix, n),
+        };
+        if let Some(access) = exact.get(name) {
+            return Some(*access);
+        }
+        if prefixes.is_empty() {
+            return None;
+        }
+        (0..=name.len())
+            .rev()
+            .filter(|&end| name.is_char_boundary(end))
+            .find_map(|end| prefixes.get(&name[..end]).copied())
+    }
+
+    /// Whether a rule grants `needed` on `resource`, whatever the default
+    /// policy: what binds an agent's token to its node.
+    pub fn grants(&self, resource: Resource<'_>, needed: Access) -> bool {
+        self.rule_for(resource).is_some_and(|a| a.covers(needed))
+    }
+
+    /// Whether `needed` (`Read` or `Write`) is allowed on `resource`.
+    pub fn allows(&self, resource: Resource<'_>, needed: Access) -> bool {
+        match self.rule_for(resource) {
+            Some(access) => access.covers(needed),
+            None => {
+                self.default == DefaultPolicy::Allow
+                    && !matches!(resource, Resource::Operator | Resource::Acl)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn exact_beats_prefix_longest_prefix_wins_and_deny_merges_first() {
+        let rules = Rules::from_consul_json(&json!({
+            "service": {"web": {"policy": "write"}},
+            "service_prefix": {"": {"policy": "read"}, "db-": {"policy": "deny"}},
+            "operator": "read",
+        }))
+        .unwrap();
+        let a = Authorizer::new(rules.clone(), DefaultPolicy::Deny);
+        assert!(a.allows(Resource::Service("web"), Access::Write));
+        assert!(a.allows(Resource::Service("api"), Access::Read));
+        assert!(!a.allows(Resource::Service("api"), Access::Write));
+        assert!(!a.allows(Resource::Service("db-main"), Access::Read));
+        assert!(
+            !a.allows(Resource::Node("n1"), Access::Read),
+            "default deny"
+        );
+        assert!(a.allows(Resource::Operator, Access::Read));
+        assert!(!a.allows(Resource::Acl, Access::Read));
+        let open = Authorizer::new(rules.clone(), DefaultPolicy::Allow);
+        assert!(open.allows(Resource::Node("n1"), Access::Write));
+        assert!(
+            !open.grants(Resource::Node("n1"), Access::Write),
+            "no rule names it"
+        );
+        assert!(
+            !open.allows(Resource::Acl, Access::Read),
+            "acl always needs a rule"
+        );
+
+        let mut merged = rules;
+        merged.merge(
+            &Rules::from_consul_json(&json!({"service": [{"web": {"policy": "deny"}}]})).unwrap(),
+        );
+        merged.merge(&Rules::node_identity("n1"));
+        let a = Authorizer::new(merged, DefaultPolicy::Deny);
+        assert!(
+            !a.allows(Resource::Service("web"), Access::Read),
+            "deny wins"
+        );
+        assert!(a.allows(Resource::Node("n1"), Access::Write));
+        assert!(!a.allows(Resource::Node("n2"), Access::Write));
+    }
+
+    #[test]
+    fn bad_rules_are_named() {
+        for (rules, says) in [
+            (
+                json!({"service": {"web": {"policy": "all"}}}),
+                "service \"web\": policy",
+            ),
+            (
+                json!({"session_prefix": {"": {"policy": "read"}}}),
+                "unknown resource \"session_prefix\"",
+            ),
+            (json!({"operator": "maybe"}), "operator must be"),
+            (json!({"node": "n1"}), "node needs a name"),
+            (
+                json!({"key": {"a": {"policy": "read", "intentions": "x"}}}),
+                "unknown field \"intentions\"",
+            ),
+            (json!([1]), "expected resource blocks"),
+        ] {
+            let e = Rules::from_consul_json(&rules).unwrap_err();
+            assert!(e.to_string().contains(says), "{rules}: {e}");
+        }
+    }
+}

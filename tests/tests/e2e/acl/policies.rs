@@ -1,0 +1,299 @@
+//! Agents on `acl.default_policy: deny`: a service's token registers and
+//! updates only that service, reads are filtered by what a token may
+//! read (on the agent and the control plane), every refusal reaches the
+//! control plane's audit log, and no secret reaches a log.
+
+use reqwest::header::HeaderMap;
+
+use super::*;
+use signpost_tests::Agent;
+
+/// A request to `url` presenting `token`: status, body, headers.
+async fn call(
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String, HeaderMap) {
+    let mut request = signpost_tests::api_client()
+        .build()
+        .unwrap()
+        .request(method, url);
+    if let Some(token) = token {
+        request = request.header("X-Consul-Token", token);
+    }
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let r = request.send().await.unwrap();
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    (status, r.text().await.unwrap(), headers)
+}
+
+/// `path` on `cp` with `token`: status, JSON and whether it was filtered.
+async fn cp_get(cp: &ControlPlane, path: &str, token: Option<&str>) -> (u16, Value, bool) {
+    let mut request = cp.client().get(cp.url(path));
+    if let Some(token) = token {
+        request = request.header("X-Consul-Token", token);
+    }
+    let r = request.send().await.unwrap();
+    let filtered = r
+        .headers()
+        .contains_key("x-consul-results-filtered-by-acls");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null), filtered)
+}
+
+/// A control plane and an agent, both on default deny; the agent joins
+/// as `node` with a token bound to that node. Returns the management
+/// token and the node's token.
+async fn deny_fleet(node: &str) -> (ControlPlane, Agent, String, String) {
+    let cp = ControlPlane::start_with("acl:\n  default_policy: deny\n").await;
+    let admin = bootstrap(&cp);
+    let (_, node_secret) = token(
+        &cp,
+        &admin,
+        json!({"NodeIdentities": [{"NodeName": node}], "Description": "the agent"}),
+    )
+    .await;
+    let agent = Agent::start_named(
+        node,
+        &format!(
+            "{}acl:\n  default_policy: deny\n",
+            cp.agent_config(&node_secret)
+        ),
+    )
+    .await;
+    agent
+        .eventually("the agent to join", || async {
+            let (_, nodes, _) = cp_get(&cp, "/v1/nodes", Some(&admin)).await;
+            nodes
+                .as_array()?
+                .iter()
+                .any(|n| n["Node"] == node)
+                .then_some(())
+        })
+        .await;
+    (cp, agent, admin, node_secret)
+}
+
+fn service(name: &str, port: u16) -> Value {
+    json!({"Name": name, "ID": format!("{name}-1"), "Port": port,
+           "Check": {"CheckID": format!("{name}-ttl"), "TTL": "1h"}})
+}
+
+#[tokio::test]
+async fn a_service_token_registers_only_its_service_and_refusals_are_audited() {
+    let (cp, agent, admin, node_secret) = deny_fleet("deny-node").await;
+    let (web_accessor, web) = token(
+        &cp,
+        &admin,
+        json!({"ServiceIdentities": [{"ServiceName": "web"}]}),
+    )
+    .await;
+    let (_, db) = token(
+        &cp,
+        &admin,
+        json!({"ServiceIdentities": [{"ServiceName": "db"}]}),
+    )
+    .await;
+    let url = |path: &str| format!("{}{path}", agent.base());
+    let put = reqwest::Method::PUT;
+    let register = url("/v1/agent/service/register");
+
+    // Its own service: yes. Another, or none: 403 naming what it needs.
+    let (status, text, _) = call(
+        put.clone(),
+        &register,
+        Some(&web),
+        Some(service("web", 8080)),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text, _) = call(
+        put.clone(),
+        &register,
+        Some(&web),
+        Some(service("db", 5432)),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(text.contains("service \"db\" write"), "{text}");
+    let (status, _, _) = call(put.clone(), &register, None, Some(service("web", 8080))).await;
+    assert_eq!(status, 403, "no token, default deny");
+    let (status, _, _) = call(
+        put.clone(),
+        &register,
+        Some("not-a-token"),
+        Some(service("web", 8080)),
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // Its checks and maintenance follow the service's token.
+    for path in [
+        "/v1/agent/check/pass/web-ttl",
+        "/v1/agent/service/maintenance/web-1?enable=true",
+        "/v1/agent/service/deregister/web-1",
+    ] {
+        let (status, _, _) = call(put.clone(), &url(path), Some(&db), None).await;
+        assert_eq!(status, 403, "{path} with another service's token");
+    }
+    let (status, text, _) = call(
+        put.clone(),
+        &url("/v1/agent/check/pass/web-ttl"),
+        Some(&web),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    // The node's maintenance needs the node's token; reading the agent
+    // needs agent read (the node's identity has it).
+    let maint = url("/v1/agent/maintenance?enable=true&reason=r");
+    assert_eq!(call(put.clone(), &maint, Some(&web), None).await.0, 403);
+    assert_eq!(
+        call(put.clone(), &maint, Some(&node_secret), None).await.0,
+        200
+    );
+    let self_url = url("/v1/agent/self");
+    assert_eq!(
+        call(reqwest::Method::GET, &self_url, None, None).await.0,
+        403
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, &self_url, Some(&node_secret), None)
+            .await
+            .0,
+        200
+    );
+    let (status, _, _) = call(
+        put,
+        &url("/v1/agent/service/deregister/web-1"),
+        Some(&web),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // The agent's refusals are in the control plane's audit log: who,
+    // what and why.
+    let entry = agent
+        .eventually("the agent's refusal in the audit log", || async {
+            let (_, audit, _) = cp_get(&cp, "/v1/audit?limit=1000", Some(&admin)).await;
+            audit
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["who"] == web_accessor.as_str()
+                        && e["action"] == "service.register"
+                        && e["target"] == "service \"db\""
+                })
+                .cloned()
+        })
+        .await;
+    assert_eq!(entry["outcome"], "denied: needs service \"db\" write");
+    assert!(
+        entry["reason"].as_str().unwrap().contains("deny-node"),
+        "{entry}"
+    );
+
+    // No secret in any log.
+    for secret in [&admin, &node_secret, &web, &db] {
+        assert!(
+            !cp.log().contains(secret.as_str()),
+            "a secret in the control plane's log"
+        );
+        assert!(
+            !agent.log().contains(secret.as_str()),
+            "a secret in the agent's log"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_token_sees_filtered_catalogs() {
+    let (cp, agent, admin, _) = deny_fleet("read-node").await;
+    let register = format!("{}/v1/agent/service/register", agent.base());
+    for (name, port) in [("web", 8080), ("db", 5432)] {
+        let (status, text, _) = call(
+            reqwest::Method::PUT,
+            &register,
+            Some(&admin),
+            Some(service(name, port)),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let r = cp
+        .client()
+        .put(cp.url("/v1/acl/policy"))
+        .header("X-Consul-Token", &admin)
+        .json(&json!({"Name": "web-reader", "Rules":
+            "service \"web\" { policy = \"read\" }\nnode_prefix \"\" { policy = \"read\" }"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, reader) = token(&cp, &admin, json!({"Policies": [{"Name": "web-reader"}]})).await;
+
+    // The agent: web only, and it says so.
+    let get = |path: &str, token: Option<String>| {
+        let url = format!("{}{path}", agent.base());
+        async move { call(reqwest::Method::GET, &url, token.as_deref(), None).await }
+    };
+    let (status, text, headers) = get("/v1/catalog/services", Some(reader.clone())).await;
+    assert_eq!(status, 200);
+    let names: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        names.get("web").is_some() && names.get("db").is_none(),
+        "{names}"
+    );
+    assert_eq!(headers["x-consul-results-filtered-by-acls"], "true");
+    let (_, text, headers) = get("/v1/health/service/db", Some(reader.clone())).await;
+    assert_eq!(text, "[]");
+    assert_eq!(headers["x-consul-results-filtered-by-acls"], "true");
+    let (_, text, headers) = get("/v1/health/service/web", Some(reader.clone())).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&text)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        !headers.contains_key("x-consul-results-filtered-by-acls"),
+        "nothing hidden"
+    );
+    let (_, text, _) = get("/v1/agent/services", Some(reader.clone())).await;
+    let services: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        services.get("web-1").is_some() && services.get("db-1").is_none(),
+        "{services}"
+    );
+    let (_, text, _) = get("/v1/catalog/services", None).await;
+    assert_eq!(text, "{}", "nothing without a token");
+    let (status, _, _) = get("/v1/agent/service/register", Some(reader.clone())).await;
+    assert_eq!(status, 405, "the route only takes PUT");
+    let (status, _, _) = call(
+        reqwest::Method::PUT,
+        &register,
+        Some(&reader),
+        Some(service("web", 8081)),
+    )
+    .await;
+    assert_eq!(status, 403, "read is not write");
+
+    // The control plane filters the same way.
+    let (_, names, filtered) = cp_get(&cp, "/v1/catalog/services", Some(&reader)).await;
+    assert!(
+        names.get("web").is_some() && names.get("db").is_none(),
+        "{names}"
+    );
+    assert!(filtered);
+    let (_, names, filtered) = cp_get(&cp, "/v1/catalog/services", None).await;
+    assert_eq!(names, json!({}));
+    assert!(filtered);
+    let (_, entries, _) = cp_get(&cp, "/v1/health/service/db", Some(&reader)).await;
+    assert_eq!(entries, json!([]));
+}
