@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use signpost_core::acl::{Access, Authorizer, DefaultPolicy, DownPolicy, Resource, Rules};
 use signpost_core::config::AgentAclConfig;
 use signpost_proto::{Refusal, ResolveTokenRequest};
@@ -57,6 +58,11 @@ pub(crate) struct AgentAcl {
     pub(crate) refused: tokio::sync::Notify,
     anonymous: Arc<Token>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Tokens resolved from the cache, by the control plane, by the down
+    /// policy.
+    cached: Counter,
+    resolved: Counter,
+    down: Counter,
 }
 
 impl AgentAcl {
@@ -81,6 +87,9 @@ impl AgentAcl {
             client: RwLock::new(None),
             refusals: Mutex::new(Vec::new()),
             refused: tokio::sync::Notify::new(),
+            cached: metrics.acl_resolutions("cached"),
+            resolved: metrics.acl_resolutions("resolved"),
+            down: metrics.acl_resolutions("down"),
             metrics,
         }
     }
@@ -99,7 +108,7 @@ impl AgentAcl {
             let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
             match cache.get(secret) {
                 Some(hit) if hit.fetched.elapsed() < self.config.token_ttl => {
-                    self.metrics.acl_resolution("cached");
+                    self.cached.inc();
                     return hit.token.clone().ok_or(Refused::UnknownToken);
                 }
                 Some(hit) => Some(hit.token.clone()),
@@ -108,12 +117,12 @@ impl AgentAcl {
         };
         match self.ask(secret).await {
             Ok(token) => {
-                self.metrics.acl_resolution("resolved");
+                self.resolved.inc();
                 self.remember(secret, token.clone());
                 token.ok_or(Refused::UnknownToken)
             }
             Err(e) => {
-                self.metrics.acl_resolution("down");
+                self.down.inc();
                 tracing::warn!(error = %e, down_policy = ?self.config.down_policy, "cannot resolve a token with the control plane");
                 match (self.config.down_policy, stale) {
                     (DownPolicy::ExtendCache, Some(Some(token))) => Ok(token),

@@ -182,11 +182,12 @@ impl Metrics {
         }
     }
 
-    /// A token resolved `outcome` (`cached`, `resolved`, `down`).
-    pub fn acl_resolution(&self, outcome: &'static str) {
+    /// The counter of tokens resolved `outcome` (`cached`, `resolved`,
+    /// `down`), to keep: the hot path then takes no lock.
+    pub fn acl_resolutions(&self, outcome: &'static str) -> Counter {
         self.acl_resolutions
             .get_or_create(&OutcomeLabels { outcome })
-            .inc();
+            .clone()
     }
 
     pub fn acl_refusal(&self) {

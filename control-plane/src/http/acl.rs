@@ -220,20 +220,17 @@ impl NewToken {
     }
 }
 
-/// A JSON body, or what is wrong with it (for a 400).
-fn body<T>(
-    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
-    what: &str,
-) -> Result<T, String> {
-    body.map(|Json(b)| b)
-        .map_err(|e| format!("bad {what} body: {}", e.body_text()))
+/// A JSON body whatever its content type (Consul's clients do not all
+/// send one), or what is wrong with it (for a 400).
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("bad {what} body: {e}"))
 }
 
 /// `PUT /v1/acl/token`: a new token; its secret is in the answer only.
 pub(super) async fn create(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    new: Result<Json<NewToken>, axum::extract::rejection::JsonRejection>,
+    new: axum::body::Bytes,
 ) -> Response {
     let admin = match authorize(
         &s,
@@ -246,7 +243,7 @@ pub(super) async fn create(
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
-    let spec = match body(new, "token").and_then(NewToken::spec) {
+    let spec = match body::<NewToken>(&new, "token").and_then(NewToken::spec) {
         Ok(spec) => spec,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
@@ -392,7 +389,7 @@ pub(super) struct NewPolicy {
 pub(super) async fn create_policy(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    new: Result<Json<NewPolicy>, axum::extract::rejection::JsonRejection>,
+    new: axum::body::Bytes,
 ) -> Response {
     write_policy(s, headers, None, new).await
 }
@@ -402,7 +399,7 @@ pub(super) async fn update_policy(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    new: Result<Json<NewPolicy>, axum::extract::rejection::JsonRejection>,
+    new: axum::body::Bytes,
 ) -> Response {
     write_policy(s, headers, Some(id), new).await
 }
@@ -411,7 +408,7 @@ async fn write_policy(
     s: HttpState,
     headers: HeaderMap,
     id: Option<String>,
-    new: Result<Json<NewPolicy>, axum::extract::rejection::JsonRejection>,
+    new: axum::body::Bytes,
 ) -> Response {
     let target = id.clone().unwrap_or_default();
     let admin = match authorize(
@@ -425,7 +422,7 @@ async fn write_policy(
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
-    let new = match body(new, "policy") {
+    let new = match body::<NewPolicy>(&new, "policy") {
         Ok(n) => n,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
