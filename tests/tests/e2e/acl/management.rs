@@ -116,6 +116,17 @@ async fn the_cli_reaches_the_control_plane_over_verified_tls_only() {
             .is_err()
     );
 
+    // A body without a JSON content type, as some of Consul's clients send.
+    let r = cp
+        .client()
+        .put(cp.url("/v1/acl/policy"))
+        .header("X-Consul-Token", &admin)
+        .body(r#"{"Name": "plain", "Rules": "operator = \"read\""}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
     // CONSUL_HTTP_TOKEN works as clients written for Consul expect.
     let out = std::process::Command::new(signpost_tests::signpost_bin())
         .args(cp.cli_flags())
