@@ -19,9 +19,9 @@ use signpost_proto::{Refusal, ResolveTokenRequest};
 
 /// Most tokens kept resolved; beyond, the stalest go.
 const MAX_CACHED: usize = 10_000;
-/// Most refusals waiting for the control plane; beyond, they are counted
-/// into the last one.
-const MAX_PENDING_REFUSALS: usize = 1_000;
+/// Most distinct refusals (token, action, target, reason) sent to the
+/// control plane per batch; beyond, they are counted into one entry.
+const MAX_PENDING_REFUSALS: usize = 100;
 /// How long a resolution may take before the down policy decides.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -54,8 +54,9 @@ pub(crate) struct AgentAcl {
     cache: RwLock<HashMap<String, Cached>>,
     /// The connection to the control plane, while there is one.
     client: RwLock<Option<crate::sync::Client>>,
-    refusals: Mutex<Vec<Refusal>>,
-    pub(crate) refused: tokio::sync::Notify,
+    /// Refusals not yet sent, the same ones counted together: a flood
+    /// of requests makes one audit entry a batch, not one each.
+    refusals: Mutex<Refusals>,
     anonymous: Arc<Token>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Tokens resolved from the cache, by the control plane, by the down
@@ -85,8 +86,7 @@ impl AgentAcl {
             enforced,
             cache: RwLock::new(HashMap::new()),
             client: RwLock::new(None),
-            refusals: Mutex::new(Vec::new()),
-            refused: tokio::sync::Notify::new(),
+            refusals: Mutex::new(Refusals::default()),
             cached: metrics.acl_resolutions("cached"),
             resolved: metrics.acl_resolutions("resolved"),
             down: metrics.acl_resolutions("down"),
@@ -220,33 +220,60 @@ impl AgentAcl {
         Err(Refused::Forbidden { needs })
     }
 
-    /// Logs a refusal and queues it for the control plane's audit log.
+    /// Logs a refusal (once a period in a flood) and queues it for the
+    /// control plane's audit log.
     fn note(&self, with_token: bool, who: &str, action: &str, resource: &Resource<'_>, why: &str) {
         let target = resource.describe();
         self.metrics.acl_refusal();
-        tracing::warn!(token = %who, with_token, action, target = %target, reason = why, "local API request refused");
         let mut pending = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
-        if pending.len() >= MAX_PENDING_REFUSALS {
-            if let Some(last) = pending.last_mut() {
-                last.count = last.count.saturating_add(1);
-            }
-            return;
+        if let Some(count) = pending.logged.note() {
+            tracing::warn!(token = %who, with_token, action, target = %target, reason = why, count, "local API requests refused (logged once a period, with how many)");
         }
-        pending.push(Refusal {
-            who: who.to_string(),
-            action: action.to_string(),
-            target,
-            reason: why.to_string(),
-            count: 1,
-        });
-        drop(pending);
-        self.refused.notify_one();
+        let key = (who.to_string(), action.to_string(), target, why.to_string());
+        if pending.batch.len() < MAX_PENDING_REFUSALS || pending.batch.contains_key(&key) {
+            let count = pending.batch.entry(key).or_default();
+            *count = count.saturating_add(1);
+        } else {
+            pending.overflow = pending.overflow.saturating_add(1);
+        }
     }
 
-    /// The refusals not yet sent to the control plane.
+    /// The refusals not yet sent to the control plane, one per kind with
+    /// its count.
     pub(crate) fn take_refusals(&self) -> Vec<Refusal> {
-        std::mem::take(&mut *self.refusals.lock().unwrap_or_else(PoisonError::into_inner))
+        let mut pending = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        let overflow = std::mem::take(&mut pending.overflow);
+        let mut out: Vec<Refusal> = std::mem::take(&mut pending.batch)
+            .into_iter()
+            .map(|((who, action, target, reason), count)| Refusal {
+                who,
+                action,
+                target,
+                reason,
+                count,
+            })
+            .collect();
+        if overflow > 0 {
+            out.push(Refusal {
+                who: String::new(),
+                action: "local.api".to_string(),
+                target: String::new(),
+                reason: format!(
+                    "more kinds of refusal than the agent reports at once ({MAX_PENDING_REFUSALS})"
+                ),
+                count: overflow,
+            });
+        }
+        out
     }
+}
+
+/// Refusals waiting for the control plane.
+#[derive(Default)]
+struct Refusals {
+    batch: std::collections::BTreeMap<(String, String, String, String), u32>,
+    overflow: u32,
+    logged: signpost_core::accept::Tally,
 }
 
 #[cfg(test)]
@@ -319,9 +346,21 @@ mod tests {
                 .is_err(),
             "default deny without a token"
         );
+        for _ in 0..1000 {
+            let _ = acl
+                .check(None, Resource::Service("web"), Access::Write, "t")
+                .await;
+        }
         let refusals = acl.take_refusals();
-        assert_eq!(refusals.len(), 3);
-        assert_eq!(refusals[0].who, "a1");
-        assert!(refusals.iter().all(|r| !r.reason.contains("secret")));
+        assert_eq!(refusals.len(), 4, "{refusals:?}");
+        let from_a1: Vec<_> = refusals.iter().filter(|r| r.who == "a1").collect();
+        assert_eq!(from_a1.len(), 1);
+        assert_eq!(from_a1[0].reason, "needs service \"db\" write");
+        let flood = refusals
+            .iter()
+            .find(|r| r.who.is_empty() && r.reason == "needs service \"web\" write")
+            .unwrap();
+        assert_eq!(flood.count, 1000, "a flood is one entry with its count");
+        assert!(acl.take_refusals().is_empty());
     }
 }

@@ -377,6 +377,8 @@ async fn session(
             .unwrap_or_else(std::time::SystemTime::now),
     ));
     let mut pending: HashMap<u64, tokio::sync::oneshot::Sender<AckStatus>> = HashMap::new();
+    // The local API's refusals go to the audit log in batches.
+    let mut report_refusals = tokio::time::interval(Duration::from_secs(1));
     let mut idle_check = tokio::time::interval(
         (config.subscription_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30)),
     );
@@ -415,7 +417,7 @@ async fn session(
                 })))
                 .await?;
             }
-            () = settings.acl.refused.notified() => {
+            _ = report_refusals.tick() => {
                 for refusal in settings.acl.take_refusals() {
                     tx.send(message(agent_message::Body::Refusal(refusal))).await?;
                 }
