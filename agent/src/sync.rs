@@ -209,8 +209,9 @@ fn message(body: agent_message::Body) -> AgentMessage {
 }
 
 /// Keeps a session to the control plane until `shutdown`. Fails when the
-/// CA cannot be read (it is read again when started again), meanwhile the
-/// agent serves its last view.
+/// CA cannot be read at first (it is read again when started again),
+/// meanwhile the agent serves its last view; after that the CA is read
+/// again before every attempt, so that a rotated CA is taken up.
 pub(crate) async fn run(
     agent: Arc<Agent>,
     fleet: Arc<FleetCache>,
@@ -218,7 +219,7 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = &settings.config;
-    let ca = read_ca(&config.ca_file)?;
+    let mut ca = read_ca(&config.ca_file)?;
     let mut ack_queries = fleet.ack_queries();
     let mut backoff = BACKOFF_MIN;
     let mut skip_certificate = false;
@@ -231,6 +232,15 @@ pub(crate) async fn run(
             anyhow::bail!("control_plane.addresses is empty");
         };
         let address = &target.address;
+        // Read again each time: a CA being rotated is added to the file
+        // without restarting agents.
+        match read_ca(&config.ca_file) {
+            Ok(fresh) => ca = fresh,
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot read control_plane.ca_file again: using the CA read before"
+            ),
+        }
         let mut attempt = Attempt {
             certificate: !skip_certificate,
             welcomed: false,
@@ -369,12 +379,15 @@ async fn session(
     settings.acl.set_client(Some(client.clone()));
     let _resolving = Resolving(&settings.acl);
     let node = agent.state.read(|inner| inner.node.name.clone());
-    // Ask for a certificate now if there is none (or it is past two
-    // thirds of its life), else when it will be.
+    // Ask for a certificate now if this session presented none (there is
+    // none, it expired or was refused) or it is past two thirds of its
+    // life, else when it will be.
+    let presented = attempt
+        .certificate
+        .then(|| crate::identity::load(&settings.identity))
+        .flatten();
     let mut renew_at: Option<tokio::time::Instant> = Some(renewal(
-        crate::identity::load(&settings.identity)
-            .map(|held| held.renew_at())
-            .unwrap_or_else(std::time::SystemTime::now),
+        presented.map_or_else(std::time::SystemTime::now, |held| held.renew_at()),
     ));
     let mut pending: HashMap<u64, tokio::sync::oneshot::Sender<AckStatus>> = HashMap::new();
     // The local API's refusals go to the audit log in batches.

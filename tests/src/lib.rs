@@ -658,6 +658,8 @@ impl ControlPlane {
     }
 
     async fn spawn(&mut self) {
+        // The CA may have been replaced (a rotation).
+        self.client = control_plane_client(&self.ca_file());
         let log = std::fs::File::create(self.dir.path().join("control-plane.log")).unwrap();
         let child = Command::new(control_plane_bin())
             .arg("--config")

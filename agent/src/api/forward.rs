@@ -115,27 +115,42 @@ pub(crate) fn base_url(configured: &str) -> String {
     }
 }
 
-/// The agent's client for the control plane's HTTP API, made once the CA
-/// can be read (it may be copied there after the agent started).
+/// The agent's client for the control plane's HTTP API, made again
+/// whenever `control_plane.ca_file` changes (copied after the agent
+/// started, or a CA being rotated).
 pub(crate) struct ControlPlaneHttp {
     ca_file: Option<std::path::PathBuf>,
-    client: std::sync::OnceLock<reqwest::Client>,
+    /// The CA file's bytes and the client made with them.
+    client: std::sync::Mutex<Option<(Vec<u8>, reqwest::Client)>>,
 }
 
 impl ControlPlaneHttp {
     pub(crate) fn new(ca_file: Option<std::path::PathBuf>) -> Self {
         ControlPlaneHttp {
             ca_file,
-            client: std::sync::OnceLock::new(),
+            client: std::sync::Mutex::new(None),
         }
     }
 
     pub(crate) fn get(&self) -> anyhow::Result<reqwest::Client> {
-        if let Some(client) = self.client.get() {
+        use anyhow::Context as _;
+        let pem = match &self.ca_file {
+            Some(f) => std::fs::read(f)
+                .with_context(|| format!("cannot read control_plane.ca_file {}", f.display()))?,
+            None => Vec::new(),
+        };
+        let mut cached = self
+            .client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((was, client)) = cached.as_ref()
+            && *was == pem
+        {
             return Ok(client.clone());
         }
         let client = client(self.ca_file.as_deref())?;
-        Ok(self.client.get_or_init(|| client).clone())
+        *cached = Some((pem, client.clone()));
+        Ok(client)
     }
 }
 
@@ -150,13 +165,20 @@ pub(crate) fn client(ca_file: Option<&std::path::Path>) -> anyhow::Result<reqwes
     if let Some(ca_file) = ca_file {
         let pem = std::fs::read(ca_file)
             .with_context(|| format!("cannot read control_plane.ca_file {}", ca_file.display()))?;
-        let ca = reqwest::Certificate::from_pem(&pem).with_context(|| {
+        // Every CA in it: two while one is rotated.
+        let cas = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
             format!(
-                "control_plane.ca_file {}: not a PEM certificate",
+                "control_plane.ca_file {}: not PEM certificates",
                 ca_file.display()
             )
         })?;
-        builder = builder.tls_certs_only([ca]);
+        if cas.is_empty() {
+            anyhow::bail!(
+                "control_plane.ca_file {}: no PEM certificate in it",
+                ca_file.display()
+            );
+        }
+        builder = builder.tls_certs_only(cas);
     }
     builder
         .build()

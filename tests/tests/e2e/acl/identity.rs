@@ -283,3 +283,98 @@ async fn client_certificates_rotate_under_a_live_stream_and_lose_nothing() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_rotated_ca_is_taken_up_without_locking_agents_out() {
+    let mut cp = ControlPlane::start().await;
+    let admin = bootstrap(&cp);
+    let (_, secret) = token(
+        &cp,
+        &admin,
+        json!({"NodeIdentities": [{"NodeName": "rot-a"}]}),
+    )
+    .await;
+    // The agent's own copy of the CA, which the rotation adds to.
+    let agent_ca = cp.dir.path().join("agent-ca.pem");
+    std::fs::copy(cp.ca_file(), &agent_ca).unwrap();
+    let config = format!(
+        "control_plane:\n  addresses: [\"{}\"]\n  ca_file: {}\n  token: {secret}\n  http: {}\n",
+        cp.grpc,
+        agent_ca.display(),
+        cp.http
+    );
+    let mut a = Agent::start_named("rot-a", &config).await;
+    a.eventually("a first certificate", || async {
+        a.log().contains("client certificate renewed").then_some(())
+    })
+    .await;
+
+    // A new CA and server certificate; the agents' CA file gets the new
+    // CA too; then the control plane moves to the new files.
+    let fresh = cp.dir.path().join("new-tls");
+    let out = std::process::Command::new(signpost_tests::control_plane_bin())
+        .arg("--config")
+        .arg(cp.dir.path().join("control-plane.yaml"))
+        .arg("init-tls")
+        .arg("--dir")
+        .arg(&fresh)
+        .args(["--name", &cp.grpc.ip().to_string()])
+        .args(["--name", &cp.http.ip().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(&agent_ca).unwrap(),
+        std::fs::read_to_string(fresh.join("ca.pem")).unwrap()
+    );
+    std::fs::write(&agent_ca, both).unwrap();
+    cp.kill();
+    let tls = cp.dir.path().join("data").join("tls");
+    for file in ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"] {
+        std::fs::copy(fresh.join(file), tls.join(file)).unwrap();
+    }
+    cp.restart().await;
+
+    // The old certificate is refused once; the agent joins with its token
+    // and gets one from the new CA, which its next connection presents.
+    a.eventually("a certificate from the new CA", || async {
+        cp.log()
+            .lines()
+            .any(|l| l.contains("client certificate issued") && l.contains("node=rot-a"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        a.log().contains("trying with the token alone"),
+        "{}",
+        a.log()
+    );
+    // Operator actions through the agent reach the control plane's new
+    // certificate too.
+    let r = signpost_tests::api_client()
+        .build()
+        .unwrap()
+        .get(format!("{}/v1/acl/tokens", a.base()))
+        .header("X-Consul-Token", &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    a.restart().await;
+    a.eventually("rot-a connected with its new certificate", || async {
+        cp.log()
+            .lines()
+            .any(|l| {
+                l.contains("agent connected")
+                    && l.contains("node=rot-a")
+                    && l.contains("client_cert=true")
+            })
+            .then_some(())
+    })
+    .await;
+}
