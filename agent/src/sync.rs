@@ -67,6 +67,8 @@ impl Drop for Resolving<'_> {
 /// How long after a failed renewal of the client certificate it is
 /// asked for again.
 const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// The shortest time between two renewals of the client certificate.
+const RENEW_MIN: Duration = Duration::from_secs(1);
 
 /// The local state as the control plane sees it.
 struct Local {
@@ -439,7 +441,8 @@ async fn session(
                 renew_at = match crate::identity::renew(&mut client, &node, &settings.identity).await {
                     Ok(held) => {
                         tracing::info!(node = %node, valid_until = ?held.not_after, "client certificate renewed: the next connections present it");
-                        Some(renewal(held.renew_at()))
+                        // Never again at once, whatever its validity says.
+                        Some(renewal(held.renew_at()).max(tokio::time::Instant::now() + RENEW_MIN))
                     }
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                         tracing::info!(reason = %status.message(), "the control plane issues no client certificates");

@@ -149,8 +149,9 @@ impl Issuer {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = rcgen::date_time_ymd(1970, 1, 1)
             + std::time::Duration::from_millis(signpost_core::command::now_millis());
-        // A little slack for clocks that differ.
-        params.not_before = now - std::time::Duration::from_secs(60);
+        // A little slack for clocks that differ, small beside its life
+        // (agents renew two thirds into it, counted from here).
+        params.not_before = now - (self.ttl / 10).min(std::time::Duration::from_secs(60));
         params.not_after = now + self.ttl;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
         let request = rcgen::CertificateSigningRequestParams {
@@ -198,4 +199,50 @@ pub fn http_server_config(
         .context("the HTTP API's certificate does not match its key")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(std::sync::Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent renews two thirds into a certificate's validity: even a
+    /// short one must put that point ahead of now, or agents would renew
+    /// in a loop.
+    #[test]
+    fn issued_certificates_name_the_node_and_are_renewed_ahead_of_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = init(dir.path(), &[]).unwrap();
+        for ttl in [5, 9, 72 * 3600] {
+            let issuer = Issuer::load(
+                &files.ca,
+                &files.ca_key,
+                std::time::Duration::from_secs(ttl),
+            )
+            .unwrap();
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, "host-a");
+            let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+            let (pem, _) = issuer.certify("host-a", &csr).unwrap();
+            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+            let cert = pem.parse_x509().unwrap();
+            assert_eq!(node_of(&pem.contents).as_deref(), Some("host-a"));
+            let (from, to) = (
+                cert.validity().not_before.timestamp(),
+                cert.validity().not_after.timestamp(),
+            );
+            let renew_at = from + (to - from) * 2 / 3;
+            let now = i64::try_from(signpost_core::command::now_millis() / 1000).unwrap();
+            assert!(
+                renew_at > now,
+                "ttl {ttl}s: renews at {renew_at}, now {now}"
+            );
+        }
+        assert!(
+            Issuer::load(&files.ca, &files.ca_key, std::time::Duration::from_secs(60))
+                .unwrap()
+                .certify("host-a", "not a request")
+                .is_err()
+        );
+    }
 }

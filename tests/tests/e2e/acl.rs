@@ -51,6 +51,11 @@ async fn token(cp: &ControlPlane, admin: &str, body: Value) -> (String, String) 
     )
 }
 
+/// A new token bound to `node` (its node identity): (accessor, secret).
+async fn node_token(cp: &ControlPlane, admin: &str, node: &str) -> (String, String) {
+    token(cp, admin, json!({"NodeIdentities": [{"NodeName": node}]})).await
+}
+
 /// The CLI against this control plane, with `token`.
 fn cli(cp: &ControlPlane, token: &str, args: &[&str]) -> (i32, String, String) {
     let flags = cp.cli_flags();

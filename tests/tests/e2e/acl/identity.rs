@@ -41,12 +41,7 @@ async fn audit(cp: &ControlPlane, admin: &str) -> Vec<Value> {
 async fn an_agent_token_cannot_join_as_another_node() {
     let cp = ControlPlane::start().await;
     let admin = bootstrap(&cp);
-    let (accessor, host_a) = token(
-        &cp,
-        &admin,
-        json!({"NodeIdentities": [{"NodeName": "host-a"}]}),
-    )
-    .await;
+    let (accessor, host_a) = node_token(&cp, &admin, "host-a").await;
     let impostor = Agent::start_named("host-b", &cp.agent_config(&host_a)).await;
     impostor
         .eventually("the refusal on the agent's side", || async {
@@ -158,12 +153,7 @@ fn now() -> i64 {
 async fn forged_expired_and_other_nodes_client_certificates_are_refused() {
     let cp = ControlPlane::start().await;
     let admin = bootstrap(&cp);
-    let (_, host_a) = token(
-        &cp,
-        &admin,
-        json!({"NodeIdentities": [{"NodeName": "host-a"}]}),
-    )
-    .await;
+    let (_, host_a) = node_token(&cp, &admin, "host-a").await;
     let tls = cp.dir.path().join("data").join("tls");
     let ca = rcgen::Issuer::from_ca_cert_pem(
         &std::fs::read_to_string(tls.join("ca.pem")).unwrap(),
@@ -218,12 +208,7 @@ async fn forged_expired_and_other_nodes_client_certificates_are_refused() {
 async fn client_certificates_rotate_under_a_live_stream_and_lose_nothing() {
     let cp = ControlPlane::start_with("grpc:\n  client_cert_ttl: 9s\n").await;
     let admin = bootstrap(&cp);
-    let (_, cert_a) = token(
-        &cp,
-        &admin,
-        json!({"NodeIdentities": [{"NodeName": "cert-a"}]}),
-    )
-    .await;
+    let (_, cert_a) = node_token(&cp, &admin, "cert-a").await;
     let mut a = Agent::start_named("cert-a", &cp.agent_config(&cert_a)).await;
     let b = Agent::start_named("cert-b", &cp.agent_config(signpost_tests::AGENT_TOKEN)).await;
     let issued = |log: &str| {
@@ -288,12 +273,7 @@ async fn client_certificates_rotate_under_a_live_stream_and_lose_nothing() {
 async fn a_rotated_ca_is_taken_up_without_locking_agents_out() {
     let mut cp = ControlPlane::start().await;
     let admin = bootstrap(&cp);
-    let (_, secret) = token(
-        &cp,
-        &admin,
-        json!({"NodeIdentities": [{"NodeName": "rot-a"}]}),
-    )
-    .await;
+    let (_, secret) = node_token(&cp, &admin, "rot-a").await;
     // The agent's own copy of the CA, which the rotation adds to.
     let agent_ca = cp.dir.path().join("agent-ca.pem");
     std::fs::copy(cp.ca_file(), &agent_ca).unwrap();

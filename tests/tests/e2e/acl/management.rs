@@ -30,12 +30,7 @@ async fn anonymous(client: &reqwest::Client, method: Method, url: &str) -> u16 {
 async fn every_write_endpoint_refuses_a_request_without_a_token() {
     let cp = ControlPlane::start_with("acl:\n  default_policy: deny\n").await;
     let admin = bootstrap(&cp);
-    let (_, node) = token(
-        &cp,
-        &admin,
-        json!({"NodeIdentities": [{"NodeName": "routes-node"}]}),
-    )
-    .await;
+    let (_, node) = node_token(&cp, &admin, "routes-node").await;
     let agent = Agent::start_named(
         "routes-node",
         &format!(

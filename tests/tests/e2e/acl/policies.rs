@@ -50,12 +50,7 @@ async fn cp_get(cp: &ControlPlane, path: &str, token: Option<&str>) -> (u16, Val
 async fn deny_fleet(node: &str) -> (ControlPlane, Agent, String, String) {
     let cp = ControlPlane::start_with("acl:\n  default_policy: deny\n").await;
     let admin = bootstrap(&cp);
-    let (_, node_secret) = token(
-        &cp,
-        &admin,
-        json!({"NodeIdentities": [{"NodeName": node}], "Description": "the agent"}),
-    )
-    .await;
+    let (_, node_secret) = node_token(&cp, &admin, node).await;
     let agent = Agent::start_named(
         node,
         &format!(
