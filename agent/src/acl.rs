@@ -29,7 +29,7 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub(crate) struct Token {
     pub(crate) accessor: String,
-    pub(crate) authorizer: Authorizer,
+    pub(crate) authorizer: Arc<Authorizer>,
 }
 
 struct Cached {
@@ -80,7 +80,7 @@ impl AgentAcl {
         AgentAcl {
             anonymous: Arc::new(Token {
                 accessor: String::new(),
-                authorizer: Authorizer::new(Rules::default(), default),
+                authorizer: Arc::new(Authorizer::new(Rules::default(), default)),
             }),
             config,
             enforced,
@@ -128,10 +128,10 @@ impl AgentAcl {
                     (DownPolicy::ExtendCache, Some(Some(token))) => Ok(token),
                     (DownPolicy::Allow, _) => Ok(Arc::new(Token {
                         accessor: String::new(),
-                        authorizer: Authorizer::new(
+                        authorizer: Arc::new(Authorizer::new(
                             Rules::everything(Access::Write),
                             DefaultPolicy::Allow,
-                        ),
+                        )),
                     })),
                     _ => Err(Refused::UnknownToken),
                 }
@@ -163,7 +163,7 @@ impl AgentAcl {
             .map_err(|e| format!("unreadable rules from the control plane: {e}"))?;
         Ok(Some(Arc::new(Token {
             accessor: reply.accessor,
-            authorizer: Authorizer::new(rules, self.config.default_policy),
+            authorizer: Arc::new(Authorizer::new(rules, self.config.default_policy)),
         })))
     }
 
@@ -306,7 +306,10 @@ mod tests {
             "web-secret",
             Some(Arc::new(Token {
                 accessor: "a1".to_string(),
-                authorizer: Authorizer::new(Rules::service_identity("web"), DefaultPolicy::Deny),
+                authorizer: Arc::new(Authorizer::new(
+                    Rules::service_identity("web"),
+                    DefaultPolicy::Deny,
+                )),
             })),
         );
         // No client: only the cache can answer.

@@ -24,9 +24,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use signpost_core::acl::{Access, Resource};
+use signpost_daemon::read_filter::ReadFilter;
 use signpost_daemon::routes::{Method, Routes};
 use signpost_daemon::token::presented;
-use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentError};
@@ -62,17 +62,14 @@ impl Api {
             .map_err(refused)
     }
 
-    /// What the request's token may read ([`Visible`]).
-    pub(crate) async fn visible(&self, headers: &HeaderMap) -> ApiResult<Visible> {
+    /// What the request's token may read.
+    pub(crate) async fn visible(&self, headers: &HeaderMap) -> ApiResult<ReadFilter> {
         let token = self
             .acl
             .resolve(presented(headers))
             .await
             .map_err(refused)?;
-        Ok(Visible {
-            token,
-            filtered: AtomicBool::new(false),
-        })
+        Ok(ReadFilter::new(token.authorizer.clone()))
     }
 }
 
@@ -92,42 +89,6 @@ fn refused(refused: crate::acl::Refused) -> ApiError {
         }
     };
     ApiError::new(StatusCode::FORBIDDEN, message)
-}
-
-/// A read's view: what the token's rules hide is left out, and the
-/// answer says so (`X-Consul-Results-Filtered-By-ACLs: true`).
-pub(crate) struct Visible {
-    token: Arc<crate::acl::Token>,
-    filtered: AtomicBool,
-}
-
-impl Visible {
-    fn sees(&self, resource: Resource<'_>) -> bool {
-        let ok = self.token.authorizer.allows(resource, Access::Read);
-        if !ok {
-            self.filtered.store(true, Ordering::Relaxed);
-        }
-        ok
-    }
-
-    pub(crate) fn service(&self, name: &str) -> bool {
-        self.sees(Resource::Service(name))
-    }
-
-    pub(crate) fn node(&self, name: &str) -> bool {
-        self.sees(Resource::Node(name))
-    }
-
-    /// The answer, marked when something was left out.
-    pub(crate) fn answer(&self, mut response: Response) -> Response {
-        if self.filtered.load(Ordering::Relaxed) {
-            response.headers_mut().insert(
-                "X-Consul-Results-Filtered-By-ACLs",
-                HeaderValue::from_static("true"),
-            );
-        }
-        response
-    }
 }
 
 /// An error answered as Consul does: a status and a plain-text message.

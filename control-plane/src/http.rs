@@ -14,9 +14,9 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use signpost_core::acl::{Access, Resource};
 use signpost_core::consul::{self, CatalogService, HealthCheck};
 use signpost_core::model::Health;
+use signpost_daemon::read_filter::ReadFilter;
 use signpost_daemon::routes::{Method, Routes};
 use signpost_proto::{Check, Instance};
 
@@ -87,16 +87,8 @@ pub fn router(state: HttpState) -> Router {
     routes().into_router().with_state(state)
 }
 
-/// What a read may see: the token's rules decide per service and node;
-/// what they hide is dropped and the answer says so
-/// (`X-Consul-Results-Filtered-By-ACLs: true`), as Consul does.
-struct Reader {
-    authorizer: signpost_core::acl::Authorizer,
-    filtered: std::cell::Cell<bool>,
-}
-
-/// The request's token's view, or the 401 for an unknown token.
-impl axum::extract::FromRequestParts<HttpState> for Reader {
+/// The request's token's view of a read, or the 401 for an unknown token.
+impl axum::extract::FromRequestParts<HttpState> for ReadFilter {
     type Rejection = acl::Refused;
 
     async fn from_request_parts(
@@ -104,39 +96,7 @@ impl axum::extract::FromRequestParts<HttpState> for Reader {
         s: &HttpState,
     ) -> Result<Self, Self::Rejection> {
         let resolved = acl::resolve(s, &parts.headers, "catalog.read")?;
-        Ok(Reader {
-            authorizer: resolved.authorizer,
-            filtered: std::cell::Cell::new(false),
-        })
-    }
-}
-
-impl Reader {
-    fn sees(&self, resource: Resource<'_>) -> bool {
-        let ok = self.authorizer.allows(resource, Access::Read);
-        if !ok {
-            self.filtered.set(true);
-        }
-        ok
-    }
-
-    fn service(&self, name: &str) -> bool {
-        self.sees(Resource::Service(name))
-    }
-
-    fn node(&self, name: &str) -> bool {
-        self.sees(Resource::Node(name))
-    }
-
-    /// The answer, marked when something was left out.
-    fn answer(&self, mut response: Response) -> Response {
-        if self.filtered.get() {
-            response.headers_mut().insert(
-                "X-Consul-Results-Filtered-By-ACLs",
-                HeaderValue::from_static("true"),
-            );
-        }
-        response
+        Ok(ReadFilter::new(Arc::new(resolved.authorizer)))
     }
 }
 
@@ -152,7 +112,7 @@ fn json_response(index: u64, body: &Value) -> Response {
     response
 }
 
-async fn nodes(State(s): State<HttpState>, reader: Reader) -> Response {
+async fn nodes(State(s): State<HttpState>, reader: ReadFilter) -> Response {
     let (index, body) = s.catalog.read(|inner| {
         let nodes: Vec<Value> = inner
             .nodes
@@ -193,7 +153,7 @@ async fn nodes(State(s): State<HttpState>, reader: Reader) -> Response {
     response
 }
 
-async fn services(State(s): State<HttpState>, reader: Reader) -> Response {
+async fn services(State(s): State<HttpState>, reader: ReadFilter) -> Response {
     let (index, body) = s.catalog.read(|inner| {
         let names: BTreeMap<&String, &std::collections::BTreeSet<String>> = inner
             .names()
@@ -221,7 +181,7 @@ async fn health_service(
     State(s): State<HttpState>,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
-    reader: Reader,
+    reader: ReadFilter,
 ) -> Response {
     let visible = reader.service(&name);
     let passing = q
@@ -323,7 +283,7 @@ fn node_checks<'a>(node: &'a NodeEntry) -> impl Iterator<Item = HealthCheck> + '
 async fn catalog_service(
     State(s): State<HttpState>,
     Path(name): Path<String>,
-    reader: Reader,
+    reader: ReadFilter,
 ) -> Response {
     let visible = reader.service(&name);
     let dc = s.datacenter.clone();
@@ -338,7 +298,7 @@ async fn catalog_service(
     reader.answer(json_response(index, &body))
 }
 
-async fn catalog_nodes(State(s): State<HttpState>, reader: Reader) -> Response {
+async fn catalog_nodes(State(s): State<HttpState>, reader: ReadFilter) -> Response {
     let (index, body) = s.catalog.read(|inner| {
         let nodes: Vec<consul::Node> = inner
             .nodes
@@ -354,7 +314,7 @@ async fn catalog_nodes(State(s): State<HttpState>, reader: Reader) -> Response {
 async fn catalog_node(
     State(s): State<HttpState>,
     Path(name): Path<String>,
-    reader: Reader,
+    reader: ReadFilter,
 ) -> Response {
     let (index, body) = s.catalog.read(|inner| {
         let body = match inner.nodes.get(&name).filter(|_| reader.node(&name)) {
@@ -377,7 +337,7 @@ async fn catalog_node(
 async fn health_checks(
     State(s): State<HttpState>,
     Path(name): Path<String>,
-    reader: Reader,
+    reader: ReadFilter,
 ) -> Response {
     let visible = reader.service(&name);
     let (index, body) = s.catalog.read(|inner| {
@@ -394,7 +354,7 @@ async fn health_checks(
 async fn health_state(
     State(s): State<HttpState>,
     Path(state): Path<String>,
-    reader: Reader,
+    reader: ReadFilter,
 ) -> Response {
     // Consul's exact names: another spelling is a 400.
     let wanted: Option<Health> = match state.as_str() {
@@ -427,7 +387,7 @@ async fn health_state(
 async fn health_node(
     State(s): State<HttpState>,
     Path(name): Path<String>,
-    reader: Reader,
+    reader: ReadFilter,
 ) -> Response {
     let (index, body) = s.catalog.read(|inner| {
         let checks: Vec<HealthCheck> = inner

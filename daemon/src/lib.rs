@@ -7,6 +7,8 @@
 //! - [`http_server`]: the HTTP/1.1 server loop both HTTP APIs run on, with
 //!   its timeouts and per-client limits;
 //! - [`token`]: the token an HTTP request presents;
+//! - [`read_filter`]: what a read may see under a token's rules, and the
+//!   header that says something was left out;
 //! - [`routes`]: a router that remembers its routes, so tests can check
 //!   that every write endpoint refuses a request without a token;
 //! - [`fs`]: atomic file replacement, for every file a daemon keeps.
@@ -17,6 +19,7 @@
 pub mod fs;
 pub mod http_server;
 pub mod logging;
+pub mod read_filter;
 pub mod routes;
 pub mod signals;
 pub mod token;

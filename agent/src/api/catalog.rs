@@ -15,8 +15,9 @@ use signpost_core::model::{Health, has_tags};
 
 use super::blocking::answer;
 use super::render::{self, json};
-use super::{Api, ApiError, ApiResult, Params, Visible};
+use super::{Api, ApiError, ApiResult, Params};
 use axum::http::HeaderMap;
+use signpost_daemon::read_filter::ReadFilter;
 
 use crate::fleet::{FleetInner, RemoteInstance};
 use crate::state::{Inner, ServiceEntry};
@@ -284,7 +285,7 @@ pub(crate) async fn health_state(
 }
 
 /// Whether a check of this node may be read: its node, and its service.
-fn visible_check(visible: &Visible, inner: &Inner, check: &crate::state::CheckEntry) -> bool {
+fn visible_check(visible: &ReadFilter, inner: &Inner, check: &crate::state::CheckEntry) -> bool {
     visible.node(&inner.node.name)
         && inner
             .service_of_check(check)

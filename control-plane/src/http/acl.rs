@@ -16,7 +16,7 @@ use signpost_daemon::token::presented;
 use crate::acl::{AuditEntry, BootstrapRefused, Denied, Resolved, TokenRecord, TokenSpec};
 
 /// A refused request: 401 or 403 with why.
-pub(super) struct Refused {
+pub struct Refused {
     status: StatusCode,
     message: String,
 }
