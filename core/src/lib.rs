@@ -19,6 +19,7 @@
 //! - [`policy`]: the proxy's per-service traffic policy (timeouts,
 //!   retries, limits, balancer, ejection, breaker), from configuration.
 //! - [`overlay`]: operator commands applied over a policy.
+//! - [`request`]: Consul request bodies, read case-insensitively.
 //! - [`service_file`]: the `services.d/*.yaml` format that turns into
 //!   [`model::ServiceDefinition`]s.
 //! - [`vip`]: stable service VIPs from `proxy.vip_range`, shared by DNS and
@@ -37,6 +38,7 @@ pub mod duration;
 pub mod model;
 pub mod overlay;
 pub mod policy;
+pub mod request;
 pub mod service_file;
 pub mod vip;
 pub mod yaml;
