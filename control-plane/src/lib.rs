@@ -28,6 +28,7 @@ pub mod commands;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod http;
+pub mod kv;
 pub mod metrics;
 pub mod store;
 pub mod sync;

@@ -83,6 +83,8 @@ pub enum Resource<'a> {
     Key(&'a str),
     /// An agent, by its node's name.
     Agent(&'a str),
+    /// Sessions on a node, by the node's name.
+    Session(&'a str),
     Operator,
     Acl,
 }
@@ -95,6 +97,7 @@ impl Resource<'_> {
             Resource::Node(n) => format!("node {n:?}"),
             Resource::Key(k) => format!("key {k:?}"),
             Resource::Agent(n) => format!("agent {n:?}"),
+            Resource::Session(n) => format!("sessions of node {n:?}"),
             Resource::Operator => "operator".to_string(),
             Resource::Acl => "acl".to_string(),
         }
@@ -124,6 +127,10 @@ pub struct Rules {
     pub agent: BTreeMap<String, Access>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub agent_prefix: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub session: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub session_prefix: BTreeMap<String, Access>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operator: Option<Access>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -145,16 +152,19 @@ impl Rules {
             node_prefix: all(),
             key_prefix: all(),
             agent_prefix: all(),
+            session_prefix: all(),
             operator: Some(access),
             acl: Some(access),
             ..Rules::default()
         }
     }
 
-    /// Consul's node identity: write on that node, read on every service.
+    /// Consul's node identity: write on that node (and its sessions),
+    /// read on every service.
     pub fn node_identity(node: &str) -> Rules {
         Rules {
             node: BTreeMap::from([(node.to_string(), Access::Write)]),
+            session: BTreeMap::from([(node.to_string(), Access::Write)]),
             agent: BTreeMap::from([(node.to_string(), Access::Read)]),
             service_prefix: BTreeMap::from([(String::new(), Access::Read)]),
             ..Rules::default()
@@ -175,7 +185,7 @@ impl Rules {
         }
     }
 
-    fn maps(&self) -> [(&'static str, &BTreeMap<String, Access>); 8] {
+    fn maps(&self) -> [(&'static str, &BTreeMap<String, Access>); 10] {
         [
             ("service", &self.service),
             ("service_prefix", &self.service_prefix),
@@ -185,6 +195,8 @@ impl Rules {
             ("key_prefix", &self.key_prefix),
             ("agent", &self.agent),
             ("agent_prefix", &self.agent_prefix),
+            ("session", &self.session),
+            ("session_prefix", &self.session_prefix),
         ]
     }
 
@@ -198,6 +210,8 @@ impl Rules {
             "key_prefix" => &mut self.key_prefix,
             "agent" => &mut self.agent,
             "agent_prefix" => &mut self.agent_prefix,
+            "session" => &mut self.session,
+            "session_prefix" => &mut self.session_prefix,
             _ => return None,
         })
     }
@@ -256,7 +270,7 @@ impl Rules {
                 _ => {
                     let Some(map) = rules.map_mut(kind) else {
                         return bad(format!(
-                            "unknown resource {kind:?}: Signpost has service, service_prefix, node, node_prefix, key, key_prefix, agent, agent_prefix, operator and acl"
+                            "unknown resource {kind:?}: Signpost has service, service_prefix, node, node_prefix, key, key_prefix, agent, agent_prefix, session, session_prefix, operator and acl"
                         ));
                     };
                     let blocks: Vec<&Value> = match body {
@@ -329,6 +343,7 @@ impl Authorizer {
             Resource::Node(n) => (&self.rules.node, &self.rules.node_prefix, n),
             Resource::Key(n) => (&self.rules.key, &self.rules.key_prefix, n),
             Resource::Agent(n) => (&self.rules.agent, &self.rules.agent_prefix, n),
+            Resource::Session(n) => (&self.rules.session, &self.rules.session_prefix, n),
         };
         if let Some(access) = exact.get(name) {
             return Some(*access);
@@ -417,8 +432,8 @@ mod tests {
                 "service \"web\": policy",
             ),
             (
-                json!({"session_prefix": {"": {"policy": "read"}}}),
-                "unknown resource \"session_prefix\"",
+                json!({"query_prefix": {"": {"policy": "read"}}}),
+                "unknown resource \"query_prefix\"",
             ),
             (json!({"operator": "maybe"}), "operator must be"),
             (json!({"node": "n1"}), "node needs a name"),

@@ -1,0 +1,292 @@
+//! Consul's key/value store and sessions, kept by the control plane and
+//! reached through every agent (`/v1/kv`, `/v1/txn`, `/v1/session`).
+//!
+//! Every replica holds a [`Mirror`] of the store in memory: reads and
+//! blocking queries are answered from it. A write is planned against the
+//! mirror with Consul's semantics ([`plan`]), then committed to the
+//! [`Backend`] with what it read as expectations (each record's modify
+//! index): the file backend ([`file`], redb, fsync on commit) commits and
+//! feeds the mirror itself; the etcd backend commits an etcd transaction
+//! and the replica's watch feeds the mirror. A plan that lost a race with
+//! another replica is planned again on the newer mirror. A write answers
+//! once it is durable and in this replica's mirror, so a client reads its
+//! own writes through the same replica.
+
+pub mod file;
+mod mirror;
+mod plan;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use mirror::{Entry, Mirror, Session};
+pub use plan::{OpFailure, TxnResult};
+use signpost_core::kv::{Behavior, SessionSpec, TxnOp};
+
+use crate::store::StoreError;
+
+/// A record of the store: a key's entry, a session, or a key's lock delay.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RecordKey {
+    Entry(String),
+    Session(String),
+    Delay(String),
+}
+
+impl RecordKey {
+    /// How the record is named in a store (under the store's KV prefix).
+    pub fn encode(&self) -> String {
+        match self {
+            RecordKey::Entry(k) => format!("e/{k}"),
+            RecordKey::Session(id) => format!("s/{id}"),
+            RecordKey::Delay(k) => format!("d/{k}"),
+        }
+    }
+
+    pub fn decode(name: &str) -> Option<RecordKey> {
+        let (kind, rest) = name.split_at_checked(2)?;
+        Some(match kind {
+            "e/" => RecordKey::Entry(rest.to_string()),
+            "s/" => RecordKey::Session(rest.to_string()),
+            "d/" => RecordKey::Delay(rest.to_string()),
+            _ => return None,
+        })
+    }
+}
+
+/// A record as a store holds it: its bytes and indexes.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub bytes: Vec<u8>,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// A record changed in the store (`None`: deleted).
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub key: RecordKey,
+    pub stored: Option<Stored>,
+}
+
+/// A record a plan read: its modify index then (`None`: absent).
+pub type Expect = (RecordKey, Option<u64>);
+/// A record a plan writes (`None`: deletes).
+pub type Write = (RecordKey, Option<Vec<u8>>);
+
+/// Where the records live.
+#[tonic::async_trait]
+pub trait Backend: Send + Sync {
+    /// Commits `writes` as one transaction if every expectation still
+    /// holds: the index the writes got, or `None` when one did not hold
+    /// (another replica wrote first).
+    async fn commit(
+        &self,
+        expect: Vec<Expect>,
+        writes: Vec<Write>,
+    ) -> Result<Option<u64>, StoreError>;
+    /// The store's latest index: a consistent read waits until the
+    /// mirror has applied it.
+    async fn latest(&self) -> Result<u64, StoreError>;
+}
+
+/// How many times a write is planned again after losing a race.
+const MAX_REPLANS: usize = 16;
+/// How long a write waits for its own commit to reach the mirror.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The request cannot be applied as asked (unknown session, ...).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the store did not settle: {0}")]
+    Contended(String),
+}
+
+/// The store as the HTTP API uses it.
+pub struct Kv {
+    mirror: Arc<Mirror>,
+    backend: Arc<dyn Backend>,
+    /// One writer at a time on this replica: plans are made against the
+    /// mirror as the last commit left it.
+    writer: tokio::sync::Mutex<()>,
+}
+
+impl Kv {
+    pub fn new(mirror: Arc<Mirror>, backend: Arc<dyn Backend>) -> Kv {
+        Kv {
+            mirror,
+            backend,
+            writer: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn mirror(&self) -> &Arc<Mirror> {
+        &self.mirror
+    }
+
+    /// Waits until the mirror has everything the store has committed
+    /// (`?consistent`).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let latest = self.backend.latest().await?;
+        self.mirror.wait_applied(latest, APPLY_WAIT).await;
+        Ok(())
+    }
+
+    /// Plans with `f` against the mirror and commits, planning again
+    /// after a lost race; `f` returns what the caller gets and the plan.
+    async fn write<R>(
+        &self,
+        mut f: impl FnMut(&mut plan::Plan<'_>) -> R,
+    ) -> Result<(R, Option<u64>), KvError> {
+        let _one = self.writer.lock().await;
+        for _ in 0..MAX_REPLANS {
+            let (answer, expect, writes) = self.mirror.plan(&mut f);
+            if writes.is_empty() {
+                return Ok((answer, None));
+            }
+            match self.backend.commit(expect, writes).await? {
+                Some(index) => {
+                    self.mirror.wait_applied(index, APPLY_WAIT).await;
+                    return Ok((answer, Some(index)));
+                }
+                // Another replica wrote what the plan read: wait for the
+                // mirror to have it and plan again.
+                None => {
+                    let latest = self.backend.latest().await?;
+                    self.mirror.wait_applied(latest, APPLY_WAIT).await;
+                }
+            }
+        }
+        Err(KvError::Contended(format!(
+            "the write lost {MAX_REPLANS} races with other replicas in a row; try again"
+        )))
+    }
+
+    /// A transaction: every operation applies, or none (the failures,
+    /// by position).
+    pub async fn txn(
+        &self,
+        ops: &[TxnOp],
+    ) -> Result<Result<Vec<TxnResult>, Vec<OpFailure>>, KvError> {
+        let now = now_ms();
+        let (outcome, index) = self.write(|p| p.txn(ops, now)).await?;
+        Ok(match outcome {
+            Ok(mut results) => {
+                if let Some(index) = index {
+                    results.iter_mut().for_each(|r| r.committed(index));
+                }
+                Ok(results)
+            }
+            Err(failures) => Err(failures),
+        })
+    }
+
+    /// One write of the plain KV API (`PUT`/`DELETE /v1/kv/<key>`):
+    /// whether it applied (`false`: a CAS index, a held lock, a lock
+    /// delay), or why it cannot.
+    pub async fn apply(&self, op: TxnOp) -> Result<bool, KvError> {
+        match self.txn(std::slice::from_ref(&op)).await? {
+            Ok(_) => Ok(true),
+            Err(failures) => match failures.into_iter().next() {
+                Some(f) if f.invalid => Err(KvError::Invalid(f.what)),
+                _ => Ok(false),
+            },
+        }
+    }
+
+    /// Creates a session for `spec` (its node filled in); its ID.
+    pub async fn create_session(&self, spec: &SessionSpec, node: &str) -> Result<String, KvError> {
+        let id = new_uuid();
+        let now = now_ms();
+        self.write(|p| p.create_session(&id, spec, node, now))
+            .await?;
+        Ok(id)
+    }
+
+    /// Renews a session's TTL: the session, or `None` when it is gone.
+    pub async fn renew_session(&self, id: &str) -> Result<Option<Session>, KvError> {
+        let now = now_ms();
+        let (found, _) = self.write(|p| p.renew_session(id, now)).await?;
+        Ok(if found { self.mirror.session(id) } else { None })
+    }
+
+    /// Destroys or invalidates a session: its locks released or its keys
+    /// deleted (its behavior), with its lock delay. Whether it existed.
+    pub async fn end_session(&self, id: &str, why: &str) -> Result<bool, KvError> {
+        let now = now_ms();
+        let (found, _) = self.write(|p| p.end_session(id, now)).await?;
+        if found {
+            tracing::info!(session = id, reason = why, "session ended");
+        }
+        Ok(found)
+    }
+
+    /// Deletes lock delays that have passed.
+    pub async fn forget_delays(&self) -> Result<(), KvError> {
+        let now = now_ms();
+        self.write(|p| p.forget_delays(now)).await?;
+        Ok(())
+    }
+}
+
+pub(crate) fn behavior_of(text: &str) -> Behavior {
+    if text == "delete" {
+        Behavior::Delete
+    } else {
+        Behavior::Release
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A random (version 4) UUID, as Consul's session IDs.
+fn new_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_names_round_trip() {
+        for k in [
+            RecordKey::Entry("a/b".into()),
+            RecordKey::Session("x".into()),
+            RecordKey::Delay("".into()),
+        ] {
+            assert_eq!(RecordKey::decode(&k.encode()), Some(k));
+        }
+        assert_eq!(RecordKey::decode("x/a"), None);
+    }
+
+    #[test]
+    fn session_ids_are_uuids() {
+        let id = new_uuid();
+        assert_eq!(signpost_core::kv::check_session_id(&id), Ok(()));
+        assert_ne!(id, new_uuid());
+    }
+}
