@@ -12,6 +12,7 @@
 //!   the leader;
 //! - `commands/<id>`, `acks/<id>/<node>`, `acl/<accessor>`,
 //!   `acl-bootstrap`, `audit/<time>-<replica>-<n>`;
+//! - `kv/e/<key>`, `kv/s/<session>`, `kv/d/<key>`: the KV store ([`kv`]);
 //! - `leader`: the replica that probes, fails and reaps, on its lease.
 //!
 //! [`follow`] keeps one watch per replica on the whole prefix and applies
@@ -21,6 +22,7 @@
 //! the election and the leader's work.
 
 pub mod follow;
+pub mod kv;
 pub mod leader;
 pub mod migrate;
 pub mod report;
@@ -214,13 +216,24 @@ impl Etcd {
 
     /// Runs a transaction; whether its comparisons held.
     pub async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
-        let answer = self
-            .write(|mut client| {
-                let txn = txn.clone();
-                async move { client.txn(txn).await }
-            })
-            .await?;
-        Ok(answer.succeeded())
+        Ok(self.txn_answer(txn).await?.succeeded())
+    }
+
+    /// Runs a transaction; etcd's answer (whether its comparisons held,
+    /// at which revision).
+    pub async fn txn_answer(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.write(|mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        })
+        .await
+    }
+
+    /// The store's revision now (a linearizable read of `key`).
+    pub async fn revision(&self, key: String, options: GetOptions) -> Result<i64, StoreError> {
+        let mut client = self.client();
+        let answer = self.call(client.get(key, Some(options))).await?;
+        Ok(answer.header().map(|h| h.revision()).unwrap_or(0))
     }
 
     /// Every key under `prefix` (relative) at one revision, paged; the

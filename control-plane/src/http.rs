@@ -5,6 +5,7 @@
 
 mod acl;
 mod commands;
+mod kv;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub struct HttpState {
     pub catalog: Arc<Catalog>,
     pub acl: Arc<crate::acl::Acl>,
     pub commands: Arc<crate::commands::Commands>,
+    pub kv: Arc<crate::kv::Kv>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub datacenter: String,
     /// Where `PUT /v1/acl/bootstrap` looks for the reset file.
@@ -80,11 +82,26 @@ pub fn routes() -> Routes<HttpState> {
         .on(Method::Post, "/v1/commands", commands::create)
         .get("/v1/commands/{id}", commands::show)
         .on(Method::Delete, "/v1/commands/{id}", commands::revoke)
+        .get("/v1/kv/", kv::get)
+        .get("/v1/kv/{*key}", kv::get)
+        .put("/v1/kv/{*key}", kv::put)
+        .on(Method::Delete, "/v1/kv/", kv::delete)
+        .on(Method::Delete, "/v1/kv/{*key}", kv::delete)
+        .put("/v1/txn", kv::txn)
+        .put("/v1/session/create", kv::create_session)
+        .put("/v1/session/destroy/{id}", kv::destroy_session)
+        .put("/v1/session/renew/{id}", kv::renew_session)
+        .get("/v1/session/info/{id}", kv::session_info)
+        .get("/v1/session/node/{node}", kv::node_sessions)
+        .get("/v1/session/list", kv::list_sessions)
         .get("/metrics", metrics)
 }
 
 pub fn router(state: HttpState) -> Router {
-    routes().into_router().with_state(state)
+    routes()
+        .into_router()
+        .fallback(signpost_daemon::kv_answer::not_served)
+        .with_state(state)
 }
 
 /// The request's token's view of a read, or the 401 for an unknown token.

@@ -13,6 +13,7 @@
 //!   with `store: etcd` (the `etcd` feature), `etcd`: replicas that share
 //!   an etcd cluster, each following it with one watch.
 //! - [`commands`]: operator commands, stored and sent to every agent.
+//! - [`kv`]: Consul's KV store and sessions, in the same store.
 //! - [`acl`]: tokens with roles (hashed, bootstrap admin token on first
 //!   start); [`audit`]: the audit log, bounded and rotated.
 //!
@@ -128,11 +129,19 @@ pub async fn run(
         catalog,
         acl,
         commands,
+        kv,
         epoch,
         reporting,
         quorum,
     } = state;
     keep_audit(&acl, &catalog, &mut running, &shutdown);
+    {
+        let (kv, catalog, stop) = (kv.clone(), catalog.clone(), shutdown.clone());
+        running.spawn(async move {
+            kv::sessions::run(kv, catalog, stop).await;
+            ("KV sessions", Ok(()))
+        });
+    }
     let tokens = Arc::new(config.agent_tokens.clone());
     let service = sync::SyncService {
         catalog: catalog.clone(),
@@ -179,6 +188,7 @@ pub async fn run(
         catalog,
         acl,
         commands,
+        kv,
         metrics,
         datacenter: config.datacenter.clone(),
         data_dir: config.data_dir.clone(),
@@ -220,6 +230,7 @@ struct Opened {
     catalog: Arc<Catalog>,
     acl: Arc<acl::Acl>,
     commands: Arc<commands::Commands>,
+    kv: Arc<kv::Kv>,
     /// What the catalog's indexes belong to (`Welcome.epoch`).
     epoch: String,
     reporting: sync::Reporting,
@@ -250,10 +261,14 @@ async fn open_files(
         Arc::new(commands::Commands::open(&config.data_dir).with_context(|| {
             format!("cannot open the commands in {}", config.data_dir.display())
         })?);
+    let store = kv::file::FileBackend::open(&config.data_dir)
+        .with_context(|| format!("cannot open the KV store in {}", config.data_dir.display()))?;
+    let kv = Arc::new(kv::Kv::new(store.mirror(), Arc::new(store)));
     Ok(Opened {
         catalog,
         acl,
         commands,
+        kv,
         // Indexes start again with every start of the one replica.
         epoch: format!("{:016x}", rand::random::<u64>()),
         reporting: sync::Reporting::Local,
@@ -291,7 +306,12 @@ async fn open_etcd(
         commands: commands.clone(),
         acl: acl.clone(),
         leader_gone: Arc::new(tokio::sync::Notify::new()),
+        kv: Arc::new(kv::Mirror::new(0)),
     };
+    let kv = Arc::new(kv::Kv::new(
+        followers.kv.clone(),
+        Arc::new(etcd::kv::EtcdKv { etcd: etcd.clone() }),
+    ));
     let (revision, cluster) = etcd::follow::load(&etcd, &followers)
         .await
         .context("cannot read the fleet from etcd")?;
@@ -335,6 +355,7 @@ async fn open_etcd(
         catalog,
         acl,
         commands,
+        kv,
         // The same on every replica of the cluster and prefix: an agent
         // that moves keeps its indexes.
         epoch: format!("etcd-{cluster:016x}{}", config.etcd.prefix),

@@ -11,6 +11,8 @@
 //!   header that says something was left out;
 //! - [`routes`]: a router that remembers its routes, so tests can check
 //!   that every write endpoint refuses a request without a token;
+//! - [`kv_answer`]: `/v1/kv` read answers in Consul's shapes, and the
+//!   text errors and 501 for routes not served;
 //! - [`fs`]: atomic file replacement, for every file a daemon keeps.
 //!
 //! The data-plane libraries (`dns`, `proxy`) do not depend on it: they
@@ -18,6 +20,7 @@
 
 pub mod fs;
 pub mod http_server;
+pub mod kv_answer;
 pub mod logging;
 pub mod read_filter;
 pub mod routes;

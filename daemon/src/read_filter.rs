@@ -42,6 +42,16 @@ impl ReadFilter {
         self.sees(Resource::Node(name))
     }
 
+    /// Whether key `name` may be read (if not, the answer is marked).
+    pub fn key(&self, name: &str) -> bool {
+        self.sees(Resource::Key(name))
+    }
+
+    /// Whether the sessions of node `name` may be read.
+    pub fn session(&self, node: &str) -> bool {
+        self.sees(Resource::Session(node))
+    }
+
     /// The answer, marked when something was left out.
     pub fn answer(&self, mut response: Response) -> Response {
         if self.filtered.load(Ordering::Relaxed) {

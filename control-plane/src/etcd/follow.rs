@@ -29,6 +29,8 @@ pub struct Followers {
     pub acl: Arc<Acl>,
     /// Woken when the leader key goes: an election is due.
     pub leader_gone: Arc<Notify>,
+    /// The KV store's mirror.
+    pub kv: Arc<crate::kv::Mirror>,
 }
 
 /// Reads everything at one revision into the followers; the revision and
@@ -42,6 +44,7 @@ pub async fn load(etcd: &Etcd, followers: &Followers) -> Result<(i64, u64), Stor
     let mut tokens = BTreeMap::new();
     let mut policies = BTreeMap::new();
     let mut commands = BTreeSet::new();
+    let mut kv_records = Vec::new();
     // Oldest change first: each service's index is the revision of the
     // last record that changed it.
     let mut kvs: Vec<&KeyValue> = kvs.iter().collect();
@@ -50,6 +53,10 @@ pub async fn load(etcd: &Etcd, followers: &Followers) -> Result<(i64, u64), Stor
         let Some(key) = etcd.relative(kv.key()) else {
             continue;
         };
+        if key.starts_with(super::kv::PREFIX) {
+            kv_records.extend(super::kv::change(key, kv, false));
+            continue;
+        }
         if let Some(node) = key.strip_prefix("nodes/") {
             nodes.insert(node.to_string());
         } else if let Some(node) = key.strip_prefix("presence/") {
@@ -74,6 +81,7 @@ pub async fn load(etcd: &Etcd, followers: &Followers) -> Result<(i64, u64), Stor
     followers.acl.store_tokens(tokens);
     followers.acl.store_policies(policies);
     let at = u64::try_from(revision).unwrap_or(0);
+    followers.kv.reset(kv_records, at);
     let (had_nodes, had_present, had_failed) = followers.catalog.shared_keys();
     for node in had_nodes.difference(&nodes) {
         followers.catalog.store_node(node, None, at);
@@ -164,13 +172,31 @@ async fn watch(etcd: &Etcd, followers: &Followers, revision: &mut i64) -> Ended 
             let Some(key) = etcd.relative(kv.key()) else {
                 continue;
             };
-            let value = match event.event_type() {
-                EventType::Put => Some(kv.value()),
-                EventType::Delete => None,
-            };
-            apply(followers, key, value, revision_of(kv));
+            let deleted = event.event_type() == EventType::Delete;
+            if key.starts_with(super::kv::PREFIX) {
+                if let Some(change) = super::kv::change(key, kv, deleted) {
+                    followers.kv.apply(vec![change], revision_of(kv));
+                }
+            } else {
+                apply(
+                    followers,
+                    key,
+                    (!deleted).then(|| kv.value()),
+                    revision_of(kv),
+                );
+            }
             *revision = (*revision).max(kv.mod_revision());
         }
+        // Every revision seen is applied, KV or not: a consistent read
+        // waits for the store's latest.
+        let seen = answer
+            .header()
+            .map(|h| h.revision())
+            .unwrap_or(0)
+            .max(*revision);
+        followers
+            .kv
+            .apply(Vec::new(), u64::try_from(seen).unwrap_or(0));
     }
 }
 

@@ -292,6 +292,30 @@ impl Mirror {
         });
     }
 
+    /// Replaces everything with the records of a store read whole at
+    /// `index` (a replica that fell behind etcd's history); every waiter
+    /// looks again.
+    pub fn reset(&self, records: Vec<Change>, index: u64) {
+        {
+            let mut inner = self.lock();
+            let floor = inner.floor.max(index);
+            *inner = Inner {
+                floor,
+                ..Inner::default()
+            };
+        }
+        self.apply(records, index);
+        let waiters = self
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for notify in waiters.values().filter_map(Weak::upgrade) {
+            notify.notify_waiters();
+        }
+        drop(waiters);
+        self.sessions_changed.send_modify(|v| *v += 1);
+    }
+
     /// Wakes the waiters of every prefix of the keys changed.
     fn wake(&self, keys: &[String]) {
         if keys.is_empty() {

@@ -1,0 +1,397 @@
+//! `/v1/kv`, `/v1/txn` and `/v1/session` in Consul's shapes, on the
+//! control plane's store ([`crate::kv`]). Keys obey `key`/`key_prefix`
+//! rules, sessions `session`/`session_prefix` rules on their node.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use signpost_core::acl::{Access, Resource};
+use signpost_core::kv::{
+    KvQuery, MAX_TXN_BODY, MAX_VALUE, SessionSpec, TxnOp, Verb, check_key, check_session_id,
+    parse_txn,
+};
+use signpost_daemon::kv_answer::{self, Freshness, text};
+use signpost_daemon::read_filter::ReadFilter;
+
+use super::HttpState;
+use super::acl::authorize;
+use crate::kv::KvError;
+
+fn bad(message: impl Into<String>) -> Response {
+    text(StatusCode::BAD_REQUEST, message)
+}
+
+fn failed(e: &KvError) -> Response {
+    match e {
+        KvError::Invalid(m) => text(StatusCode::INTERNAL_SERVER_ERROR, m.clone()),
+        KvError::Store(crate::store::StoreError::Unavailable { .. }) | KvError::Contended(_) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        KvError::Store(_) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn freshness(s: &HttpState) -> Freshness {
+    Freshness {
+        known_leader: (s.quorum)(),
+        last_contact_ms: 0,
+    }
+}
+
+/// `GET /v1/kv/<key>` (`/v1/kv/` for the whole store).
+pub(super) async fn get(
+    State(s): State<HttpState>,
+    key: Option<Path<String>>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    reader: ReadFilter,
+) -> Response {
+    let key = key.map(|Path(k)| k).unwrap_or_default();
+    let query = match KvQuery::parse(q.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return bad(e),
+    };
+    let tree = query.recurse || query.keys;
+    if let Err(e) = check_key(&key, tree) {
+        return bad(e.to_string());
+    }
+    if !tree
+        && let Err(refused) = authorize(
+            &s,
+            &headers,
+            Resource::Key(&key),
+            Access::Read,
+            "kv.read",
+            &key,
+        )
+    {
+        return refused.into_response();
+    }
+    if query.consistent
+        && let Err(e) = s.kv.sync().await
+    {
+        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    let mirror = s.kv.mirror();
+    if let Some(after) = query.index {
+        mirror.wait(&key, tree, after, query.wait_for()).await;
+    }
+    let (index, pairs) = if tree {
+        let (index, found) = mirror.list(&key);
+        (index, found.iter().map(|(k, e)| e.pair(k, true)).collect())
+    } else {
+        let (index, found) = mirror.get(&key);
+        (
+            index,
+            found.map(|e| e.pair(&key, true)).into_iter().collect(),
+        )
+    };
+    kv_answer::read(&query, &key, index, pairs, &reader, freshness(&s))
+}
+
+/// Reads a write's body, at most `limit` bytes (413 beyond).
+async fn body(request: Request, limit: usize) -> Result<axum::body::Bytes, Response> {
+    axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| {
+            text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("Request body too large: the most is {limit} bytes"),
+            )
+        })
+}
+
+/// `PUT /v1/kv/<key>`: `?flags`, `?cas`, `?acquire`, `?release`.
+pub(super) async fn put(
+    State(s): State<HttpState>,
+    Path(key): Path<String>,
+    RawQuery(q): RawQuery,
+    request: Request,
+) -> Response {
+    let query = match KvQuery::parse(q.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return bad(e),
+    };
+    if let Err(e) = check_key(&key, false) {
+        return bad(e.to_string());
+    }
+    if let Err(refused) = authorize(
+        &s,
+        request.headers(),
+        Resource::Key(&key),
+        Access::Write,
+        "kv.write",
+        &key,
+    ) {
+        return refused.into_response();
+    }
+    let value = match body(request, MAX_VALUE).await {
+        Ok(v) => v.to_vec(),
+        Err(answer) => return answer,
+    };
+    let (verb, session, index) = match (&query.acquire, &query.release, query.cas) {
+        (Some(session), _, _) => (Verb::Lock, session.clone(), 0),
+        (_, Some(session), _) => (Verb::Unlock, session.clone(), 0),
+        (_, _, Some(index)) => (Verb::Cas, String::new(), index),
+        _ => (Verb::Set, String::new(), 0),
+    };
+    let op = TxnOp {
+        verb,
+        key,
+        value,
+        flags: query.flags.unwrap_or(0),
+        index,
+        session,
+    };
+    match s.kv.apply(op).await {
+        Ok(applied) => kv_answer::boolean(applied),
+        Err(e) => failed(&e),
+    }
+}
+
+/// `DELETE /v1/kv/<key>`: `?recurse`, `?cas`.
+pub(super) async fn delete(
+    State(s): State<HttpState>,
+    key: Option<Path<String>>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let key = key.map(|Path(k)| k).unwrap_or_default();
+    let query = match KvQuery::parse(q.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return bad(e),
+    };
+    if let Err(e) = check_key(&key, query.recurse) {
+        return bad(e.to_string());
+    }
+    if let Err(refused) = authorize(
+        &s,
+        &headers,
+        Resource::Key(&key),
+        Access::Write,
+        "kv.delete",
+        &key,
+    ) {
+        return refused.into_response();
+    }
+    let (verb, index) = match (query.recurse, query.cas) {
+        (true, _) => (Verb::DeleteTree, 0),
+        (false, Some(index)) => (Verb::DeleteCas, index),
+        (false, None) => (Verb::Delete, 0),
+    };
+    let op = TxnOp {
+        verb,
+        key,
+        value: Vec::new(),
+        flags: 0,
+        index,
+        session: String::new(),
+    };
+    match s.kv.apply(op).await {
+        Ok(applied) => kv_answer::boolean(applied),
+        Err(e) => failed(&e),
+    }
+}
+
+/// `PUT /v1/txn`: KV operations, all or none. 200 with `Results`, 409
+/// with `Errors` when one failed (nothing written), 400 for a body that
+/// is not a transaction.
+pub(super) async fn txn(State(s): State<HttpState>, request: Request) -> Response {
+    let headers = request.headers().clone();
+    let bytes = match body(request, MAX_TXN_BODY).await {
+        Ok(b) => b,
+        Err(answer) => return answer,
+    };
+    let ops = match parse_txn(&bytes) {
+        Ok(ops) => ops,
+        Err(e) => return bad(e),
+    };
+    for op in &ops {
+        let needed = if op.verb.writes() {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        if let Err(refused) = authorize(
+            &s,
+            &headers,
+            Resource::Key(&op.key),
+            needed,
+            "kv.txn",
+            &op.key,
+        ) {
+            return refused.into_response();
+        }
+    }
+    match s.kv.txn(&ops).await {
+        Ok(Ok(results)) => Json(json!({"Results": results, "Errors": null})).into_response(),
+        Ok(Err(errors)) => (
+            StatusCode::CONFLICT,
+            Json(json!({"Results": null, "Errors": errors})),
+        )
+            .into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+/// `PUT /v1/session/create`: `{"ID": ...}`. The node must be in the
+/// catalog, its checks registered and not critical.
+pub(super) async fn create_session(State(s): State<HttpState>, request: Request) -> Response {
+    let headers = request.headers().clone();
+    let bytes = match body(request, 64 * 1024).await {
+        Ok(b) => b,
+        Err(answer) => return answer,
+    };
+    let spec = match SessionSpec::parse(&bytes) {
+        Ok(spec) => spec,
+        Err(e) => return bad(e),
+    };
+    let Some(node) = spec.node.clone() else {
+        return bad("Node is required (sessions created through an agent get the agent's node)");
+    };
+    if let Err(refused) = authorize(
+        &s,
+        &headers,
+        Resource::Session(&node),
+        Access::Write,
+        "session.create",
+        &node,
+    ) {
+        return refused.into_response();
+    }
+    if let Err(e) = crate::kv::sessions::check_new(&s.catalog, &spec, &node) {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    match s.kv.create_session(&spec, &node).await {
+        Ok(id) => Json(json!({ "ID": id })).into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+/// The session `id` names, checked, and whether the token may write it.
+fn session_for_write(
+    s: &HttpState,
+    headers: &HeaderMap,
+    id: &str,
+    action: &str,
+) -> Result<Option<crate::kv::Session>, Response> {
+    check_session_id(id).map_err(bad)?;
+    let session = s.kv.mirror().session(id);
+    let node = session.as_ref().map(|x| x.node.clone()).unwrap_or_default();
+    authorize(
+        s,
+        headers,
+        Resource::Session(&node),
+        Access::Write,
+        action,
+        id,
+    )
+    .map_err(IntoResponse::into_response)?;
+    Ok(session)
+}
+
+/// `PUT /v1/session/destroy/<id>`: `true` (also for a session already gone).
+pub(super) async fn destroy_session(
+    State(s): State<HttpState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(answer) = session_for_write(&s, &headers, &id, "session.destroy") {
+        return answer;
+    }
+    match s.kv.end_session(&id, "destroyed").await {
+        Ok(_) => kv_answer::boolean(true),
+        Err(e) => failed(&e),
+    }
+}
+
+/// `PUT /v1/session/renew/<id>`: `[session]`, or 404 when it is gone.
+pub(super) async fn renew_session(
+    State(s): State<HttpState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match session_for_write(&s, &headers, &id, "session.renew") {
+        Err(answer) => return answer,
+        Ok(None) => {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("Session id '{id}' not found"),
+            );
+        }
+        Ok(Some(_)) => {}
+    }
+    match s.kv.renew_session(&id).await {
+        Ok(Some(session)) => Json(json!([session.json()])).into_response(),
+        Ok(None) => text(
+            StatusCode::NOT_FOUND,
+            format!("Session id '{id}' not found"),
+        ),
+        Err(e) => failed(&e),
+    }
+}
+
+/// Sessions as a blocking list read answers them.
+async fn sessions_answer(
+    s: &HttpState,
+    q: Option<&str>,
+    reader: &ReadFilter,
+    pick: impl Fn(&crate::kv::Session) -> bool,
+) -> Response {
+    let query = match KvQuery::parse(q) {
+        Ok(q) => q,
+        Err(e) => return bad(e),
+    };
+    if query.consistent
+        && let Err(e) = s.kv.sync().await
+    {
+        return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    let mirror = s.kv.mirror();
+    if let Some(after) = query.index {
+        mirror.wait_sessions(after, query.wait_for()).await;
+    }
+    let (index, sessions) = mirror.sessions(None);
+    let listed: Vec<Value> = sessions
+        .iter()
+        .filter(|x| pick(x) && reader.session(&x.node))
+        .map(crate::kv::Session::json)
+        .collect();
+    let mut response = Json(Value::Array(listed)).into_response();
+    kv_answer::headers(&mut response, index, freshness(s));
+    reader.answer(response)
+}
+
+/// `GET /v1/session/info/<id>`: `[session]` or `[]`.
+pub(super) async fn session_info(
+    State(s): State<HttpState>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+    reader: ReadFilter,
+) -> Response {
+    if let Err(e) = check_session_id(&id) {
+        return bad(e);
+    }
+    sessions_answer(&s, q.as_deref(), &reader, |x| x.id == id).await
+}
+
+/// `GET /v1/session/node/<node>`.
+pub(super) async fn node_sessions(
+    State(s): State<HttpState>,
+    Path(node): Path<String>,
+    RawQuery(q): RawQuery,
+    reader: ReadFilter,
+) -> Response {
+    sessions_answer(&s, q.as_deref(), &reader, |x| x.node == node).await
+}
+
+/// `GET /v1/session/list`.
+pub(super) async fn list_sessions(
+    State(s): State<HttpState>,
+    RawQuery(q): RawQuery,
+    reader: ReadFilter,
+) -> Response {
+    sessions_answer(&s, q.as_deref(), &reader, |_| true).await
+}
