@@ -8,12 +8,15 @@
 //! - `blocking`: `?index=&wait=` blocking queries and the `X-Consul-*`
 //!   headers.
 //! - `agent_routes`, `catalog`: the handlers.
+//! - `kv`: KV, transactions and sessions (reads from [`crate::kv`]'s
+//!   cache, the rest forwarded to the control plane).
 
 mod agent_routes;
 mod blocking;
 mod catalog;
 pub(crate) mod decode;
 mod forward;
+mod kv;
 mod render;
 
 use std::sync::Arc;
@@ -44,6 +47,8 @@ pub(crate) struct Api {
     pub(crate) http: Arc<forward::ControlPlaneHttp>,
     /// Who may do what ([`crate::acl`]).
     pub(crate) acl: Arc<crate::acl::AgentAcl>,
+    /// The KV reads this agent caches, when it has a control plane.
+    pub(crate) kv: Option<Arc<crate::kv::KvCache>>,
 }
 
 impl Api {
@@ -216,6 +221,20 @@ fn routes() -> Routes<Api> {
         .on(Method::Any, "/v1/commands/{id}", forward::forward)
         .on(Method::Any, "/v1/acl/{*rest}", forward::forward)
         .on(Method::Any, "/v1/audit", forward::forward)
+        // KV, transactions and sessions: the control plane's store,
+        // read through this agent's cache.
+        .get("/v1/kv/", kv::get)
+        .get("/v1/kv/{*key}", kv::get)
+        .put("/v1/kv/{*key}", kv::change)
+        .on(Method::Delete, "/v1/kv/", kv::change)
+        .on(Method::Delete, "/v1/kv/{*key}", kv::change)
+        .put("/v1/txn", kv::txn)
+        .put("/v1/session/create", kv::create_session)
+        .put("/v1/session/destroy/{id}", kv::session)
+        .put("/v1/session/renew/{id}", kv::session)
+        .get("/v1/session/info/{id}", kv::session)
+        .get("/v1/session/node/{node}", kv::session)
+        .get("/v1/session/list", kv::session)
         .get("/metrics", metrics)
 }
 
@@ -223,7 +242,7 @@ fn routes() -> Routes<Api> {
 pub(crate) fn router(api: Api) -> Router {
     routes()
         .into_router()
-        .fallback(not_found)
+        .fallback(signpost_daemon::kv_answer::not_served)
         .layer(middleware::from_fn_with_state(api.clone(), count_requests))
         .with_state(api)
 }
@@ -246,10 +265,6 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Respon
         body,
     )
         .into_response())
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "404 page not found")
 }
 
 async fn count_requests(State(api): State<Api>, request: Request, next: Next) -> Response {

@@ -21,6 +21,8 @@
 //!   of the services this host uses that it maintains; `advertise`: the
 //!   address the fleet knows this host by, and `liveness`: the read-only
 //!   listener there that peers probe when its stream drops.
+//! - `kv`: the KV reads this agent caches (on disk) and watches on the
+//!   control plane, so configuration is served on the host.
 //! - `catalog`: this node's state and the fleet view as one catalog, with
 //!   the stable service VIPs ([`vips`]).
 //! - `dns` and `proxy`: the local DNS server (the `signpost-dns` crate)
@@ -44,6 +46,7 @@ pub mod dev;
 mod dns;
 mod files;
 pub mod fleet;
+mod kv;
 mod liveness;
 pub mod metrics;
 mod persist;
@@ -364,14 +367,28 @@ async fn serve(
             ("proxy", Ok(()))
         });
     }
+    let http = Arc::new(api::ControlPlaneHttp::new(
+        config.control_plane.as_ref().map(|c| c.ca_file.clone()),
+    ));
+    let kv = config
+        .control_plane
+        .as_ref()
+        .and_then(|c| c.http.as_deref())
+        .map(|cp| {
+            kv::KvCache::open(
+                &config.data_dir,
+                http.clone(),
+                api::control_plane_url(cp),
+                shutdown.clone(),
+            )
+        });
     let router = api::router(api::Api {
         agent: agent.clone(),
         fleet,
         shutdown: shutdown.clone(),
-        http: Arc::new(api::ControlPlaneHttp::new(
-            config.control_plane.as_ref().map(|c| c.ca_file.clone()),
-        )),
+        http,
         acl,
+        kv,
     });
     let (server_shutdown, limits) = (shutdown.clone(), config.api.limits.clone());
     serving.spawn(async move {

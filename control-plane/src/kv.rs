@@ -169,33 +169,37 @@ impl Kv {
     }
 
     /// A transaction: every operation applies, or none (the failures,
-    /// by position).
+    /// by position); with the index it was committed at (none when it
+    /// wrote nothing).
     pub async fn txn(
         &self,
         ops: &[TxnOp],
-    ) -> Result<Result<Vec<TxnResult>, Vec<OpFailure>>, KvError> {
+    ) -> Result<(Result<Vec<TxnResult>, Vec<OpFailure>>, Option<u64>), KvError> {
         let now = now_ms();
         let (outcome, index) = self.write(|p| p.txn(ops, now)).await?;
-        Ok(match outcome {
-            Ok(mut results) => {
-                if let Some(index) = index {
-                    results.iter_mut().for_each(|r| r.committed(index));
+        Ok((
+            match outcome {
+                Ok(mut results) => {
+                    if let Some(index) = index {
+                        results.iter_mut().for_each(|r| r.committed(index));
+                    }
+                    Ok(results)
                 }
-                Ok(results)
-            }
-            Err(failures) => Err(failures),
-        })
+                Err(failures) => Err(failures),
+            },
+            index,
+        ))
     }
 
     /// One write of the plain KV API (`PUT`/`DELETE /v1/kv/<key>`):
     /// whether it applied (`false`: a CAS index, a held lock, a lock
-    /// delay), or why it cannot.
-    pub async fn apply(&self, op: TxnOp) -> Result<bool, KvError> {
+    /// delay) and at which index, or why it cannot.
+    pub async fn apply(&self, op: TxnOp) -> Result<(bool, Option<u64>), KvError> {
         match self.txn(std::slice::from_ref(&op)).await? {
-            Ok(_) => Ok(true),
-            Err(failures) => match failures.into_iter().next() {
+            (Ok(_), index) => Ok((true, index)),
+            (Err(failures), _) => match failures.into_iter().next() {
                 Some(f) if f.invalid => Err(KvError::Invalid(f.what)),
-                _ => Ok(false),
+                _ => Ok((false, None)),
             },
         }
     }

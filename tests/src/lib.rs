@@ -651,9 +651,10 @@ impl ControlPlane {
         format!(
             // A generous first-lookup wait: it ends as soon as the snapshot
             // comes, and a loaded test machine must not make it miss.
-            "control_plane:\n  addresses: [\"{}\"]\n  ca_file: {}\n  token: {token}\n  first_lookup_wait: 10s\n",
+            "control_plane:\n  addresses: [\"{}\"]\n  ca_file: {}\n  token: {token}\n  first_lookup_wait: 10s\n  http: https://{}\n",
             self.grpc,
-            self.ca_file().display()
+            self.ca_file().display(),
+            self.http
         )
     }
 

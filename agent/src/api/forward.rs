@@ -18,22 +18,8 @@ use crate::api::ApiError;
 const MAX_BODY: usize = 64 * 1024;
 
 pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Response {
-    let Some(cp) = api
-        .agent
-        .config
-        .control_plane
-        .as_ref()
-        .and_then(|c| c.http.clone())
-    else {
-        return ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "operator actions go to the control plane: set control_plane.http in the agent configuration, or talk to the control plane directly",
-        )
-        .into_response();
-    };
     let headers = request.headers().clone();
-    let token = signpost_daemon::token::presented(&headers).map(str::to_string);
-    if token.is_none() {
+    if signpost_daemon::token::presented(&headers).is_none() {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "operator actions need a token (X-Consul-Token or Authorization: Bearer); this agent forwards them only with one",
@@ -62,6 +48,34 @@ pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Respons
             .into_response();
         }
     };
+    send(&api, &method, &path_and_query, &headers, body, None).await
+}
+
+/// Sends a request to the control plane's HTTP API with the caller's
+/// token (if any) and content type, and answers what it answered: the
+/// status, the body, its content type and `X-Consul-*` headers.
+/// `wait`: a blocking read's longest wait, added to the timeout.
+pub(crate) async fn send(
+    api: &Api,
+    method: &Method,
+    path_and_query: &str,
+    headers: &axum::http::HeaderMap,
+    body: Bytes,
+    wait: Option<std::time::Duration>,
+) -> Response {
+    let Some(cp) = api
+        .agent
+        .config
+        .control_plane
+        .as_ref()
+        .and_then(|c| c.http.clone())
+    else {
+        return ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this goes to the control plane: set control_plane.http in the agent configuration, or talk to the control plane directly",
+        )
+        .into_response();
+    };
     let url = format!("{}{path_and_query}", base_url(&cp));
     let http = match api.http.get() {
         Ok(http) => http,
@@ -73,7 +87,10 @@ pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Respons
         reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET),
         url,
     );
-    if let Some(token) = token {
+    if let Some(wait) = wait {
+        outgoing = outgoing.timeout(wait + std::time::Duration::from_secs(30));
+    }
+    if let Some(token) = signpost_daemon::token::presented(headers) {
         outgoing = outgoing.header("X-Consul-Token", token);
     }
     if let Some(ct) = headers.get("content-type") {
@@ -86,13 +103,32 @@ pub(crate) async fn forward(State(api): State<Api>, request: Request) -> Respons
         Ok(response) => {
             let status =
                 StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let content_type = response.headers().get("content-type").cloned();
-            let bytes = response.bytes().await.unwrap_or_default();
+            let kept: Vec<(axum::http::HeaderName, axum::http::HeaderValue)> = response
+                .headers()
+                .iter()
+                .filter(|(name, _)| {
+                    *name == "content-type" || name.as_str().starts_with("x-consul-")
+                })
+                .filter_map(|(name, value)| {
+                    Some((
+                        axum::http::HeaderName::from_bytes(name.as_str().as_bytes()).ok()?,
+                        axum::http::HeaderValue::from_bytes(value.as_bytes()).ok()?,
+                    ))
+                })
+                .collect();
+            let bytes = match response.bytes().await {
+                Ok(b) => b,
+                Err(e) => {
+                    return ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!("the control plane at {cp} broke off its answer: {e}"),
+                    )
+                    .into_response();
+                }
+            };
             let mut answer = (status, bytes).into_response();
-            if let Some(ct) = content_type
-                && let Ok(value) = axum::http::HeaderValue::from_bytes(ct.as_bytes())
-            {
-                answer.headers_mut().insert("content-type", value);
+            for (name, value) in kept {
+                answer.headers_mut().insert(name, value);
             }
             answer
         }

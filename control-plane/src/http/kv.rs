@@ -40,6 +40,18 @@ fn freshness(s: &HttpState) -> Freshness {
     }
 }
 
+/// A write's answer, with the index it was committed at: an agent that
+/// forwarded it waits until its cache has that index before answering,
+/// so its client reads its own write there.
+fn written(mut response: Response, index: Option<u64>) -> Response {
+    if let Some(index) = index {
+        response
+            .headers_mut()
+            .insert("X-Consul-Index", axum::http::HeaderValue::from(index));
+    }
+    response
+}
+
 /// `GET /v1/kv/<key>` (`/v1/kv/` for the whole store).
 pub(super) async fn get(
     State(s): State<HttpState>,
@@ -146,7 +158,7 @@ pub(super) async fn put(
         session,
     };
     match s.kv.apply(op).await {
-        Ok(applied) => kv_answer::boolean(applied),
+        Ok((applied, index)) => written(kv_answer::boolean(applied), index),
         Err(e) => failed(&e),
     }
 }
@@ -190,7 +202,7 @@ pub(super) async fn delete(
         session: String::new(),
     };
     match s.kv.apply(op).await {
-        Ok(applied) => kv_answer::boolean(applied),
+        Ok((applied, index)) => written(kv_answer::boolean(applied), index),
         Err(e) => failed(&e),
     }
 }
@@ -226,8 +238,11 @@ pub(super) async fn txn(State(s): State<HttpState>, request: Request) -> Respons
         }
     }
     match s.kv.txn(&ops).await {
-        Ok(Ok(results)) => Json(json!({"Results": results, "Errors": null})).into_response(),
-        Ok(Err(errors)) => (
+        Ok((Ok(results), index)) => written(
+            Json(json!({"Results": results, "Errors": null})).into_response(),
+            index,
+        ),
+        Ok((Err(errors), _)) => (
             StatusCode::CONFLICT,
             Json(json!({"Results": null, "Errors": errors})),
         )

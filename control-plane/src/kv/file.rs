@@ -202,6 +202,12 @@ mod tests {
         }
     }
 
+    impl Kv {
+        async fn apply_ok(&self, op: TxnOp) -> Result<bool, crate::kv::KvError> {
+            self.apply(op).await.map(|(applied, _)| applied)
+        }
+    }
+
     fn open(dir: &Path) -> Kv {
         let backend = FileBackend::open(dir).unwrap();
         Kv::new(backend.mirror(), Arc::new(backend))
@@ -211,9 +217,9 @@ mod tests {
     async fn writes_survive_a_reopen_with_their_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let kv = open(dir.path());
-        assert!(kv.apply(op(Verb::Set, "a/b", "1")).await.unwrap());
-        assert!(kv.apply(op(Verb::Set, "a/c", "2")).await.unwrap());
-        assert!(kv.apply(op(Verb::Set, "a/b", "3")).await.unwrap());
+        assert!(kv.apply_ok(op(Verb::Set, "a/b", "1")).await.unwrap());
+        assert!(kv.apply_ok(op(Verb::Set, "a/c", "2")).await.unwrap());
+        assert!(kv.apply_ok(op(Verb::Set, "a/b", "3")).await.unwrap());
         let (_, b) = kv.mirror().get("a/b");
         let b = b.unwrap();
         assert_eq!(
@@ -227,7 +233,7 @@ mod tests {
         assert_eq!(all[0].1, b);
         assert!(index >= 3, "an index never goes back after a restart");
         // The next write takes the next index.
-        assert!(kv.apply(op(Verb::Set, "a/d", "4")).await.unwrap());
+        assert!(kv.apply_ok(op(Verb::Set, "a/d", "4")).await.unwrap());
         assert_eq!(kv.mirror().get("a/d").1.unwrap().modify_index, 4);
     }
 
@@ -236,29 +242,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kv = open(dir.path());
         let mut cas = op(Verb::Cas, "k", "v");
-        assert!(kv.apply(cas.clone()).await.unwrap(), "cas=0 creates");
+        assert!(kv.apply_ok(cas.clone()).await.unwrap(), "cas=0 creates");
         assert!(
-            !kv.apply(cas.clone()).await.unwrap(),
+            !kv.apply_ok(cas.clone()).await.unwrap(),
             "cas=0 never replaces"
         );
         cas.index = kv.mirror().get("k").1.unwrap().modify_index;
-        assert!(kv.apply(cas.clone()).await.unwrap());
-        assert!(!kv.apply(cas).await.unwrap(), "a stale index fails");
+        assert!(kv.apply_ok(cas.clone()).await.unwrap());
+        assert!(!kv.apply_ok(cas).await.unwrap(), "a stale index fails");
 
         let spec = SessionSpec::parse(br#"{"LockDelay": "0s", "Behavior": "delete"}"#).unwrap();
         let s1 = kv.create_session(&spec, "n1").await.unwrap();
         let s2 = kv.create_session(&spec, "n1").await.unwrap();
         let mut lock = op(Verb::Lock, "leader", "me");
         lock.session = s1.clone();
-        assert!(kv.apply(lock.clone()).await.unwrap());
+        assert!(kv.apply_ok(lock.clone()).await.unwrap());
         lock.session = s2.clone();
-        assert!(!kv.apply(lock.clone()).await.unwrap(), "held by another");
+        assert!(!kv.apply_ok(lock.clone()).await.unwrap(), "held by another");
         let entry = kv.mirror().get("leader").1.unwrap();
         assert_eq!((entry.lock_index, entry.session.as_str()), (1, s1.as_str()));
         // Ending the session deletes its key (behavior delete).
         assert!(kv.end_session(&s1, "test").await.unwrap());
         assert!(kv.mirror().get("leader").1.is_none());
-        assert!(kv.apply(lock).await.unwrap());
+        assert!(kv.apply_ok(lock).await.unwrap());
         let mut bogus = op(Verb::Lock, "x", "");
         bogus.session = "00000000-0000-4000-8000-000000000000".into();
         assert!(matches!(
@@ -276,12 +282,12 @@ mod tests {
         let s2 = kv.create_session(&spec, "n1").await.unwrap();
         let mut lock = op(Verb::Lock, "l", "");
         lock.session = s1.clone();
-        assert!(kv.apply(lock.clone()).await.unwrap());
+        assert!(kv.apply_ok(lock.clone()).await.unwrap());
         kv.end_session(&s1, "test").await.unwrap();
         let entry = kv.mirror().get("l").1.unwrap();
         assert!(entry.session.is_empty(), "released, the key stays");
         lock.session = s2;
-        assert!(!kv.apply(lock).await.unwrap(), "within the lock delay");
+        assert!(!kv.apply_ok(lock).await.unwrap(), "within the lock delay");
     }
 
     #[tokio::test]
@@ -292,7 +298,7 @@ mod tests {
             op(Verb::Set, "t/a", "1"),
             op(Verb::CheckNotExists, "t/a", ""),
         ];
-        let failed = kv.txn(&ops).await.unwrap().unwrap_err();
+        let failed = kv.txn(&ops).await.unwrap().0.unwrap_err();
         assert_eq!(failed[0].op_index, 1);
         assert!(kv.mirror().get("t/a").1.is_none());
         let ops = vec![
@@ -300,7 +306,7 @@ mod tests {
             op(Verb::Set, "t/b", "2"),
             op(Verb::GetTree, "t/", ""),
         ];
-        let results = kv.txn(&ops).await.unwrap().unwrap();
+        let results = kv.txn(&ops).await.unwrap().0.unwrap();
         assert_eq!(results.len(), 4);
         assert_eq!(
             results[0].kv.modify_index, results[1].kv.modify_index,
@@ -313,7 +319,7 @@ mod tests {
     async fn a_waiter_wakes_for_its_prefix_only() {
         let dir = tempfile::tempdir().unwrap();
         let kv = Arc::new(open(dir.path()));
-        kv.apply(op(Verb::Set, "cfg/a", "1")).await.unwrap();
+        kv.apply_ok(op(Verb::Set, "cfg/a", "1")).await.unwrap();
         let index = kv.mirror().index_of("cfg/", true);
         let waiter = {
             let kv = kv.clone();
@@ -323,13 +329,13 @@ mod tests {
                     .await
             })
         };
-        kv.apply(op(Verb::Set, "other", "x")).await.unwrap();
+        kv.apply_ok(op(Verb::Set, "other", "x")).await.unwrap();
         tokio::task::yield_now().await;
         assert!(
             !waiter.is_finished(),
             "another prefix's write does not wake it"
         );
-        kv.apply(op(Verb::Delete, "cfg/a", "")).await.unwrap();
+        kv.apply_ok(op(Verb::Delete, "cfg/a", "")).await.unwrap();
         let woke = waiter.await.unwrap();
         assert!(woke > index);
     }

@@ -13,6 +13,7 @@ mod fleet;
 #[cfg(feature = "etcd")]
 mod ha;
 mod hardening;
+mod kv;
 mod persistence_cli;
 mod proxy;
 mod smoke;

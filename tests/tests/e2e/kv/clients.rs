@@ -1,0 +1,1 @@
+//! py-consul and node-consul against agents.
