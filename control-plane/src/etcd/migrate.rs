@@ -1,6 +1,8 @@
 //! `signpost-control-plane migrate --from file --to etcd` (and back): copies
 //! a replica's state between its `data_dir` and etcd: every node with its
-//! instances and failure, every command, every ACL token. The destination
+//! instances and failure, every command, every ACL token, the KV store
+//! (keys, sessions, lock delays; their indexes start again in the
+//! destination, which clients take as an index reset). The destination
 //! must be empty, so that a migration never mixes two fleets; the source
 //! is left as it was. Stop the control plane before migrating from files.
 
@@ -20,14 +22,16 @@ pub struct Copied {
     pub nodes: usize,
     pub commands: usize,
     pub tokens: usize,
+    /// KV keys (their sessions and lock delays come along).
+    pub keys: usize,
 }
 
 impl std::fmt::Display for Copied {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} nodes, {} commands, {} tokens",
-            self.nodes, self.commands, self.tokens
+            "{} nodes, {} commands, {} tokens, {} keys",
+            self.nodes, self.commands, self.tokens, self.keys
         )
     }
 }
@@ -108,6 +112,15 @@ pub async fn file_to_etcd(data_dir: &Path, etcd: &Etcd) -> anyhow::Result<Copied
         etcd.put("acl-bootstrap".to_string(), b"migrated".to_vec())
             .await?;
     }
+    let records = crate::kv::file::FileBackend::export(data_dir)
+        .with_context(|| format!("cannot read the KV store in {}", data_dir.display()))?;
+    for (key, record) in records {
+        if matches!(key, crate::kv::RecordKey::Entry(_)) {
+            copied.keys += 1;
+        }
+        etcd.put(format!("{}{}", super::kv::PREFIX, key.encode()), record)
+            .await?;
+    }
     Ok(copied)
 }
 
@@ -126,7 +139,7 @@ fn acl_file(
 
 /// Copies etcd's state into `data_dir`, which must hold none.
 pub async fn etcd_to_file(etcd: &Etcd, data_dir: &Path) -> anyhow::Result<Copied> {
-    for name in ["catalog.pb", "commands.json", "acl.json"] {
+    for name in ["catalog.pb", "commands.json", "acl.json", "kv.redb"] {
         if data_dir.join(name).exists() {
             anyhow::bail!(
                 "{} exists: migrate into a data_dir without a control plane's state",
@@ -143,11 +156,17 @@ pub async fn etcd_to_file(etcd: &Etcd, data_dir: &Path) -> anyhow::Result<Copied
     let mut tokens = serde_json::Map::new();
     let mut policies = serde_json::Map::new();
     let mut bootstrap_index = 1u64;
+    let mut records = Vec::new();
     for kv in &kvs {
         let Some(key) = etcd.relative(kv.key()) else {
             continue;
         };
-        if let Some(node) = key.strip_prefix("nodes/") {
+        if let Some(record) = key
+            .strip_prefix(super::kv::PREFIX)
+            .and_then(crate::kv::RecordKey::decode)
+        {
+            records.push((record, Some(kv.value().to_vec())));
+        } else if let Some(node) = key.strip_prefix("nodes/") {
             let record = NodeSnapshot::decode(kv.value())
                 .with_context(|| format!("etcd key {key}: not a node record"))?;
             nodes.insert(node.to_string(), record);
@@ -168,7 +187,20 @@ pub async fn etcd_to_file(etcd: &Etcd, data_dir: &Path) -> anyhow::Result<Copied
         nodes: nodes.len(),
         commands: commands.len(),
         tokens: tokens.len(),
+        keys: records
+            .iter()
+            .filter(|(k, _)| matches!(k, crate::kv::RecordKey::Entry(_)))
+            .count(),
     };
+    if !records.is_empty() {
+        use crate::kv::Backend as _;
+        let store = crate::kv::file::FileBackend::open(data_dir)
+            .with_context(|| format!("cannot create the KV store in {}", data_dir.display()))?;
+        store
+            .commit(Vec::new(), records)
+            .await
+            .with_context(|| format!("cannot write the KV store in {}", data_dir.display()))?;
+    }
     let snapshot = CatalogSnapshot {
         nodes: nodes
             .into_iter()

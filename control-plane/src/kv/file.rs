@@ -86,6 +86,32 @@ impl FileBackend {
     pub fn mirror(&self) -> Arc<Mirror> {
         self.mirror.clone()
     }
+
+    /// Every record kept under `data_dir` (none without a store), as
+    /// `migrate` copies them.
+    pub fn export(data_dir: &Path) -> Result<Vec<(RecordKey, Vec<u8>)>, StoreError> {
+        if !data_dir.join("kv.redb").exists() {
+            return Ok(Vec::new());
+        }
+        let store = FileBackend::open(data_dir)?;
+        let io = |e: &dyn std::fmt::Display| StoreError::Io {
+            path: store.path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let read = store.db.begin_read().map_err(|e| io(&e))?;
+        let table = read.open_table(RECORDS).map_err(|e| io(&e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| io(&e))? {
+            let (name, bytes) = row.map_err(|e| io(&e))?;
+            if let (Some(key), Ok(stored)) = (
+                RecordKey::decode(name.value()),
+                KvStored::decode(bytes.value()),
+            ) {
+                out.push((key, stored.record));
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn commit(

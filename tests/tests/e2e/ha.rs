@@ -376,6 +376,14 @@ async fn migrate_copies_a_fleet_from_files_to_etcd_and_back() {
         ],
     );
     cli(&cp, &token, &["acl", "token", "create", "--role", "read"]);
+    let r = cp
+        .client()
+        .put(cp.url("/v1/kv/app/setting"))
+        .body("kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let data = cp.dir.path().join("data");
     a.eventually("the node kept on disk", || async {
         let kept = std::fs::read(data.join("catalog.pb")).ok()?;
@@ -388,7 +396,7 @@ async fn migrate_copies_a_fleet_from_files_to_etcd_and_back() {
     let to_etcd = format!("data_dir: {}\n{store}", data.display());
     let (ok, out) = migrate(cp.dir.path(), &to_etcd, "file", "etcd");
     assert!(ok, "{out}");
-    assert_eq!(out.trim(), "copied 1 nodes, 1 commands, 2 tokens");
+    assert_eq!(out.trim(), "copied 1 nodes, 1 commands, 2 tokens, 1 keys");
     let back = cp.dir.path().join("back");
     let (ok, out) = migrate(
         cp.dir.path(),
@@ -397,7 +405,7 @@ async fn migrate_copies_a_fleet_from_files_to_etcd_and_back() {
         "file",
     );
     assert!(ok, "{out}");
-    assert_eq!(out.trim(), "copied 1 nodes, 1 commands, 2 tokens");
+    assert_eq!(out.trim(), "copied 1 nodes, 1 commands, 2 tokens, 1 keys");
     let json = |dir: &std::path::Path, name: &str| -> Value {
         serde_json::from_slice(&std::fs::read(dir.join(name)).unwrap()).unwrap()
     };
@@ -407,6 +415,11 @@ async fn migrate_copies_a_fleet_from_files_to_etcd_and_back() {
         "m"
     );
     assert_eq!(json(&back, "acl.json"), json(&data, "acl.json"));
+    let kv = std::fs::read(back.join("kv.redb")).unwrap();
+    assert!(
+        kv.windows(4).any(|w| w == b"kept"),
+        "the KV store came back"
+    );
     assert_eq!(
         std::fs::read(back.join("catalog.pb")).unwrap(),
         std::fs::read(data.join("catalog.pb")).unwrap()
@@ -415,6 +428,97 @@ async fn migrate_copies_a_fleet_from_files_to_etcd_and_back() {
     let (ok, out) = migrate(cp.dir.path(), &to_etcd, "file", "etcd");
     assert!(!ok);
     assert!(out.contains("empty prefix"), "{out}");
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn kv_and_locks_hold_across_replicas() {
+    let etcd = EtcdCluster::start(1).await;
+    let store = etcd.config(&prefix());
+    let r1 = ControlPlane::start_with(&store).await;
+    let r2 = ControlPlane::start_replica(&r1, &store).await;
+    let put = |cp: &ControlPlane, path: &str, body: &str| {
+        let request = cp.client().put(cp.url(path)).body(body.to_string());
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(put(&r1, "/v1/kv/cfg/a", "1").await, (200, "true".into()));
+    // A consistent read on the other replica sees it, with etcd's index.
+    let r = r2.get("/v1/kv/cfg/a?consistent").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let index = r.json()[0]["ModifyIndex"].as_u64().unwrap();
+    assert_eq!(r.index(), index);
+    // CAS decided by etcd: the stale index loses on either replica.
+    assert_eq!(
+        put(&r2, &format!("/v1/kv/cfg/a?cas={index}"), "2").await.1,
+        "true"
+    );
+    assert_eq!(
+        put(&r1, &format!("/v1/kv/cfg/a?cas={index}"), "3").await.1,
+        "false"
+    );
+    // A blocking read on one replica wakes for a write through the other.
+    let waiting = {
+        let (client, url) = (
+            r2.client().clone(),
+            r2.url(&format!("/v1/kv/cfg/?recurse&index={}&wait=1m", index + 1)),
+        );
+        tokio::spawn(async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    assert_eq!(put(&r1, "/v1/kv/cfg/b", "new").await.1, "true");
+    let seen = waiting.await.unwrap();
+    assert_eq!(seen.as_array().unwrap().len(), 2, "{seen}");
+    // Sessions and locks: created through an agent on r1, seen on r2.
+    let a = Agent::start_named(
+        "kv-a",
+        &format!("{}  http: https://{}\n", join(&[&r1], &r1), r1.http),
+    )
+    .await;
+    let created = a
+        .put("/v1/session/create", Some(json!({"LockDelay": "0s"})))
+        .await;
+    assert_eq!(created.status, 200, "{}", created.text);
+    let s1 = created.json()["ID"].as_str().unwrap().to_string();
+    let created = a
+        .put("/v1/session/create", Some(json!({"LockDelay": "0s"})))
+        .await;
+    let s2 = created.json()["ID"].as_str().unwrap().to_string();
+    assert_eq!(
+        put(&r1, &format!("/v1/kv/lock?acquire={s1}"), "one")
+            .await
+            .1,
+        "true"
+    );
+    assert_eq!(
+        put(&r2, &format!("/v1/kv/lock?acquire={s2}"), "two")
+            .await
+            .1,
+        "false"
+    );
+    assert_eq!(
+        put(&r2, &format!("/v1/session/destroy/{s1}"), "").await.1,
+        "true"
+    );
+    assert_eq!(
+        put(&r1, &format!("/v1/kv/lock?acquire={s2}"), "two")
+            .await
+            .1,
+        "true"
+    );
+    let held = r2.get("/v1/kv/lock?consistent").await.json();
+    assert_eq!(held[0]["Session"], s2.as_str());
+    assert_eq!(held[0]["LockIndex"], 2);
 }
 
 /// Whether `cp` is the elected leader (its metric).
