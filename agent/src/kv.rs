@@ -1,6 +1,7 @@
 //! The agent's cache of KV reads: every key (or prefix, for `recurse`
 //! and `keys` reads) a client reads through this agent is kept and
-//! watched with one blocking query on the control plane, so that default
+//! watched with one blocking query on the control plane (one copy per
+//! token, as the control plane filters what each may read), so that default
 //! and `?stale` reads and blocking reads are answered on the host, and a
 //! change wakes this agent's watchers with one upstream request however
 //! many clients wait. The cache is on disk (`data_dir/kv-cache.pb`,
@@ -42,8 +43,24 @@ const RETRY_MAX: Duration = Duration::from_secs(15);
 /// How long a write through this agent waits for the cache to show it.
 const CATCH_UP: Duration = Duration::from_secs(2);
 
-/// A cached key (`false`) or prefix (`true`).
-type UnitKey = (String, bool);
+/// A cached key or prefix (`tree`), as read with a token: the control
+/// plane filters what each token may read, so each has its own copy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct UnitKey {
+    key: String,
+    tree: bool,
+    token: Option<String>,
+}
+
+impl UnitKey {
+    fn new(key: &str, tree: bool, token: Option<&str>) -> UnitKey {
+        UnitKey {
+            key: key.to_string(),
+            tree,
+            token: token.map(str::to_string),
+        }
+    }
+}
 
 struct Unit {
     index: u64,
@@ -51,7 +68,8 @@ struct Unit {
     /// When the control plane last answered for it (Unix ms).
     contact_ms: u64,
     last_read: Instant,
-    token: Option<String>,
+    /// Whether the control plane left entries out for its token.
+    filtered: bool,
     /// Whether its watch is up (the control plane answers).
     healthy: bool,
     bytes: usize,
@@ -65,6 +83,7 @@ pub(crate) struct Snapshot {
     pub(crate) entries: Vec<KvPair>,
     pub(crate) fresh: Freshness,
     pub(crate) healthy: bool,
+    pub(crate) filtered: bool,
 }
 
 /// Why the control plane did not give a unit.
@@ -140,15 +159,20 @@ impl KvCache {
                                 modify_index: e.modify_index,
                             })
                             .collect();
+                        let token = Some(u.token).filter(|t| !t.is_empty());
                         units.insert(
-                            (u.key, u.recurse),
+                            UnitKey {
+                                key: u.key,
+                                tree: u.recurse,
+                                token,
+                            },
                             Unit {
                                 index: u.index,
                                 bytes: size(&entries),
                                 entries,
                                 contact_ms: u.contact_unix_ms,
                                 last_read: Instant::now(),
-                                token: Some(u.token).filter(|t| !t.is_empty()),
+                                filtered: u.filtered,
                                 healthy: false,
                                 changes: watch::Sender::new(u.index),
                             },
@@ -188,14 +212,15 @@ impl KvCache {
     }
 
     /// The cached `key` (a prefix when `tree`), marked as read.
-    pub(crate) fn lookup(&self, key: &str, tree: bool) -> Option<Snapshot> {
+    pub(crate) fn lookup(&self, key: &str, tree: bool, token: Option<&str>) -> Option<Snapshot> {
         let mut units = self.lock();
-        let unit = units.get_mut(&(key.to_string(), tree))?;
+        let unit = units.get_mut(&UnitKey::new(key, tree, token))?;
         unit.last_read = Instant::now();
         Some(Snapshot {
             index: unit.index,
             entries: unit.entries.clone(),
             healthy: unit.healthy,
+            filtered: unit.filtered,
             fresh: if unit.healthy {
                 Freshness::LEADER
             } else {
@@ -215,8 +240,8 @@ impl KvCache {
         tree: bool,
         token: Option<&str>,
     ) -> Result<Snapshot, Fetch> {
-        let (index, entries) = self.fetch(key, tree, token, None).await?;
-        let unit_key = (key.to_string(), tree);
+        let (index, entries, filtered) = self.fetch(key, tree, token, None).await?;
+        let unit_key = UnitKey::new(key, tree, token);
         let started = {
             let mut units = self.lock();
             let new = !units.contains_key(&unit_key);
@@ -226,7 +251,7 @@ impl KvCache {
                 entries: Vec::new(),
                 contact_ms: 0,
                 last_read: Instant::now(),
-                token: None,
+                filtered,
                 healthy: true,
                 bytes: 0,
                 changes: watch::Sender::new(index),
@@ -235,7 +260,7 @@ impl KvCache {
             unit.entries = entries.clone();
             unit.bytes = bytes;
             unit.contact_ms = now_ms();
-            unit.token = token.map(str::to_string);
+            unit.filtered = filtered;
             unit.healthy = true;
             unit.last_read = Instant::now();
             unit.changes.send_replace(index);
@@ -251,18 +276,19 @@ impl KvCache {
             entries,
             fresh: Freshness::LEADER,
             healthy: true,
+            filtered,
         })
     }
 
-    /// One read of the control plane: the index and the entries (none
-    /// for a 404).
+    /// One read of the control plane: the index, the entries (none for a
+    /// 404) and whether some were left out for the token.
     async fn fetch(
         &self,
         key: &str,
         tree: bool,
         token: Option<&str>,
         after: Option<u64>,
-    ) -> Result<(u64, Vec<KvPair>), Fetch> {
+    ) -> Result<(u64, Vec<KvPair>, bool), Fetch> {
         let http = self
             .http
             .get()
@@ -296,13 +322,16 @@ impl KvCache {
             .get("x-consul-index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
+        let filtered = response
+            .headers()
+            .contains_key("x-consul-results-filtered-by-acls");
         let body = response.bytes().await.map_err(|e| {
             Fetch::Unreachable(format!("the control plane broke off its answer: {e}"))
         })?;
         match (status, index) {
-            (404, Some(index)) => Ok((index, Vec::new())),
+            (404, Some(index)) => Ok((index, Vec::new(), filtered)),
             (200, Some(index)) => serde_json::from_slice(&body)
-                .map(|entries| (index, entries))
+                .map(|entries| (index, entries, filtered))
                 .map_err(|e| {
                     Fetch::Unreachable(format!("the control plane's answer does not decode: {e}"))
                 }),
@@ -322,23 +351,23 @@ impl KvCache {
     async fn watch(self: Arc<Self>, key: UnitKey) {
         let mut retry = RETRY_MIN;
         loop {
-            let (index, token) = {
+            let index = {
                 let mut units = self.lock();
                 let Some(unit) = units.get(&key) else { return };
                 if unit.last_read.elapsed() > UNUSED_TTL {
                     units.remove(&key);
                     self.dirty.notify_one();
-                    tracing::debug!(key = key.0, "KV cache: unused, dropped");
+                    tracing::debug!(key = key.key, "KV cache: unused, dropped");
                     return;
                 }
-                (unit.index, unit.token.clone())
+                unit.index
             };
             let fetched = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                f = self.fetch(&key.0, key.1, token.as_deref(), Some(index)) => f,
+                f = self.fetch(&key.key, key.tree, key.token.as_deref(), Some(index)) => f,
             };
             match fetched {
-                Ok((new_index, entries)) => {
+                Ok((new_index, entries, filtered)) => {
                     retry = RETRY_MIN;
                     let mut units = self.lock();
                     let Some(unit) = units.get_mut(&key) else {
@@ -347,6 +376,7 @@ impl KvCache {
                     let was_down = !unit.healthy;
                     unit.healthy = true;
                     unit.contact_ms = now_ms();
+                    unit.filtered = filtered;
                     if new_index != unit.index || entries != unit.entries {
                         unit.index = new_index;
                         unit.bytes = size(&entries);
@@ -360,7 +390,7 @@ impl KvCache {
                 }
                 Err(Fetch::Answered(status, body)) => {
                     tracing::info!(
-                        key = key.0,
+                        key = key.key,
                         status,
                         answer = body,
                         "KV cache: the control plane refused the watch, dropped"
@@ -375,7 +405,7 @@ impl KvCache {
                     {
                         unit.healthy = false;
                         tracing::warn!(
-                            key = key.0,
+                            key = key.key,
                             error = why,
                             "KV cache: the control plane does not answer; serving the cached value"
                         );
@@ -392,10 +422,17 @@ impl KvCache {
 
     /// Waits until the cached `key` (or prefix) passes `after`, at most
     /// `timeout`.
-    pub(crate) async fn wait(&self, key: &str, tree: bool, after: u64, timeout: Duration) {
+    pub(crate) async fn wait(
+        &self,
+        key: &str,
+        tree: bool,
+        token: Option<&str>,
+        after: u64,
+        timeout: Duration,
+    ) {
         let Some(mut rx) = self
             .lock()
-            .get(&(key.to_string(), tree))
+            .get(&UnitKey::new(key, tree, token))
             .map(|u| u.changes.subscribe())
         else {
             return;
@@ -413,12 +450,12 @@ impl KvCache {
         let waiting: Vec<watch::Receiver<u64>> = self
             .lock()
             .iter()
-            .filter(|((k, tree), u)| {
+            .filter(|(k, u)| {
                 u.healthy
-                    && if *tree {
-                        key.starts_with(k.as_str())
+                    && if k.tree {
+                        key.starts_with(k.key.as_str())
                     } else {
-                        k == key
+                        k.key == key
                     }
             })
             .map(|(_, u)| u.changes.subscribe())
@@ -471,12 +508,13 @@ impl KvCache {
         KvCacheFile {
             units: units
                 .iter()
-                .map(|((key, recurse), u)| KvCached {
-                    key: key.clone(),
-                    recurse: *recurse,
+                .map(|(k, u)| KvCached {
+                    key: k.key.clone(),
+                    recurse: k.tree,
                     index: u.index,
                     contact_unix_ms: u.contact_ms,
-                    token: u.token.clone().unwrap_or_default(),
+                    token: k.token.clone().unwrap_or_default(),
+                    filtered: u.filtered,
                     entries: u
                         .entries
                         .iter()

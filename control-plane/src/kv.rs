@@ -13,6 +13,8 @@
 //! own writes through the same replica.
 
 pub mod file;
+#[cfg(test)]
+mod fuzz;
 mod mirror;
 mod plan;
 pub mod sessions;

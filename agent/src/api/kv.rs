@@ -72,10 +72,11 @@ pub(crate) async fn get(
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
     };
-    let cached = cache.lookup(&key, tree);
+    let token = presented(&headers);
+    let cached = cache.lookup(&key, tree, token);
     let (mut snapshot, hit) = match cached {
         Some(s) if s.healthy || query.stale => (s, true),
-        stale => match cache.fill(&key, tree, presented(&headers)).await {
+        stale => match cache.fill(&key, tree, token).await {
             Ok(s) => (s, false),
             Err(Fetch::Answered(status, body)) => {
                 return text(
@@ -94,8 +95,8 @@ pub(crate) async fn get(
     if let Some(after) = query.index
         && snapshot.index <= after
     {
-        cache.wait(&key, tree, after, query.wait_for()).await;
-        if let Some(now) = cache.lookup(&key, tree) {
+        cache.wait(&key, tree, token, after, query.wait_for()).await;
+        if let Some(now) = cache.lookup(&key, tree, token) {
             snapshot = now;
         }
     }
@@ -107,6 +108,12 @@ pub(crate) async fn get(
         &reader,
         snapshot.fresh,
     );
+    if snapshot.filtered {
+        response.headers_mut().insert(
+            "X-Consul-Results-Filtered-By-ACLs",
+            header::HeaderValue::from_static("true"),
+        );
+    }
     response.headers_mut().insert(
         "X-Cache",
         header::HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),

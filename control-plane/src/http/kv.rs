@@ -126,9 +126,6 @@ pub(super) async fn put(
         Ok(q) => q,
         Err(e) => return bad(e),
     };
-    if let Err(e) = check_key(&key, false) {
-        return bad(e.to_string());
-    }
     if let Err(refused) = authorize(
         &s,
         request.headers(),
@@ -138,6 +135,9 @@ pub(super) async fn put(
         &key,
     ) {
         return refused.into_response();
+    }
+    if let Err(e) = check_key(&key, false) {
+        return bad(e.to_string());
     }
     let value = match body(request, MAX_VALUE).await {
         Ok(v) => v.to_vec(),
@@ -175,9 +175,6 @@ pub(super) async fn delete(
         Ok(q) => q,
         Err(e) => return bad(e),
     };
-    if let Err(e) = check_key(&key, query.recurse) {
-        return bad(e.to_string());
-    }
     if let Err(refused) = authorize(
         &s,
         &headers,
@@ -187,6 +184,9 @@ pub(super) async fn delete(
         &key,
     ) {
         return refused.into_response();
+    }
+    if let Err(e) = check_key(&key, query.recurse) {
+        return bad(e.to_string());
     }
     let (verb, index) = match (query.recurse, query.cas) {
         (true, _) => (Verb::DeleteTree, 0),
@@ -212,6 +212,14 @@ pub(super) async fn delete(
 /// is not a transaction.
 pub(super) async fn txn(State(s): State<HttpState>, request: Request) -> Response {
     let headers = request.headers().clone();
+    // Without a token under a deny policy nothing can be written: said
+    // before the body is read.
+    if signpost_daemon::token::presented(&headers).is_none()
+        && let Err(refused) =
+            authorize(&s, &headers, Resource::Key(""), Access::Write, "kv.txn", "")
+    {
+        return refused.into_response();
+    }
     let bytes = match body(request, MAX_TXN_BODY).await {
         Ok(b) => b,
         Err(answer) => return answer,
@@ -255,6 +263,20 @@ pub(super) async fn txn(State(s): State<HttpState>, request: Request) -> Respons
 /// catalog, its checks registered and not critical.
 pub(super) async fn create_session(State(s): State<HttpState>, request: Request) -> Response {
     let headers = request.headers().clone();
+    // Without a token under a deny policy nothing can be written: said
+    // before the body is read.
+    if signpost_daemon::token::presented(&headers).is_none()
+        && let Err(refused) = authorize(
+            &s,
+            &headers,
+            Resource::Session(""),
+            Access::Write,
+            "session.create",
+            "",
+        )
+    {
+        return refused.into_response();
+    }
     let bytes = match body(request, 64 * 1024).await {
         Ok(b) => b,
         Err(answer) => return answer,
@@ -292,7 +314,6 @@ fn session_for_write(
     id: &str,
     action: &str,
 ) -> Result<Option<crate::kv::Session>, Response> {
-    check_session_id(id).map_err(bad)?;
     let session = s.kv.mirror().session(id);
     let node = session.as_ref().map(|x| x.node.clone()).unwrap_or_default();
     authorize(
@@ -304,6 +325,7 @@ fn session_for_write(
         id,
     )
     .map_err(IntoResponse::into_response)?;
+    check_session_id(id).map_err(bad)?;
     Ok(session)
 }
 

@@ -50,9 +50,8 @@ async fn agent(cp: &ControlPlane) -> Agent {
     Agent::start_named(
         "cmd-node",
         &format!(
-            "{}  http: {}\ndns:\n  recursors: []\nproxy:\n  vip_range: {range}\n  defaults:\n    balancer: round_robin\n",
+            "{}dns:\n  recursors: []\nproxy:\n  vip_range: {range}\n  defaults:\n    balancer: round_robin\n",
             cp.agent_config(AGENT_TOKEN),
-            cp.http
         ),
     )
     .await

@@ -33,11 +33,7 @@ async fn every_write_endpoint_refuses_a_request_without_a_token() {
     let (_, node) = node_token(&cp, &admin, "routes-node").await;
     let agent = Agent::start_named(
         "routes-node",
-        &format!(
-            "{}  http: {}\nacl:\n  default_policy: deny\n",
-            cp.agent_config(&node),
-            cp.http
-        ),
+        &format!("{}acl:\n  default_policy: deny\n", cp.agent_config(&node),),
     )
     .await;
     let plain = signpost_tests::api_client().build().unwrap();

@@ -292,3 +292,104 @@ async fn a_read_only_token_sees_filtered_catalogs() {
     let (_, entries, _) = cp_get(&cp, "/v1/health/service/db", Some(&reader)).await;
     assert_eq!(entries, json!([]));
 }
+
+#[tokio::test]
+async fn kv_obeys_key_prefix_rules_and_refusals_are_audited() {
+    let (cp, agent, admin, _) = deny_fleet("kv-acl-node").await;
+    let r = cp
+        .client()
+        .put(cp.url("/v1/acl/policy"))
+        .header("X-Consul-Token", &admin)
+        .json(&json!({"Name": "app-config", "Rules":
+            "key_prefix \"app/\" { policy = \"write\" }\nkey_prefix \"app/secret/\" { policy = \"deny\" }\nsession_prefix \"\" { policy = \"write\" }"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (accessor, app) = token(&cp, &admin, json!({"Policies": [{"Name": "app-config"}]})).await;
+    let url = |path: &str| format!("{}{path}", agent.base());
+    let put = |path: &str, token: Option<String>| {
+        let url = url(path);
+        async move {
+            let (status, text, _) = call(reqwest::Method::PUT, &url, token.as_deref(), None).await;
+            (status, text)
+        }
+    };
+    assert_eq!(
+        put("/v1/kv/app/timeout", Some(app.clone())).await,
+        (200, "true".into())
+    );
+    assert_eq!(
+        put("/v1/kv/app/secret/key", Some(admin.clone())).await.0,
+        200
+    );
+    // Outside its prefix, under its deny, or without a token: 403.
+    for (path, token) in [
+        ("/v1/kv/other/x", Some(app.clone())),
+        ("/v1/kv/app/secret/key", Some(app.clone())),
+        ("/v1/kv/app/timeout", None),
+    ] {
+        let (status, text) = put(path, token).await;
+        assert!(status == 403 || status == 401, "{path}: {status} {text}");
+    }
+    // Reads: a denied key is a 403, a listing leaves it out and says so.
+    let (status, _, _) = call(
+        reqwest::Method::GET,
+        &url("/v1/kv/app/secret/key"),
+        Some(&app),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, text, headers) = call(
+        reqwest::Method::GET,
+        &url("/v1/kv/app/?recurse"),
+        Some(&app),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let keys: Vec<String> = serde_json::from_str::<Value>(&text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys, ["app/timeout"]);
+    assert_eq!(headers["x-consul-results-filtered-by-acls"], "true");
+    // A transaction touching a denied key is refused whole.
+    let txn = json!([{"KV": {"Verb": "set", "Key": "app/a"}}, {"KV": {"Verb": "get", "Key": "app/secret/key"}}]);
+    let (status, _, _) = call(reqwest::Method::PUT, &url("/v1/txn"), Some(&app), Some(txn)).await;
+    assert_eq!(status, 403);
+    let (status, _, _) = call(
+        reqwest::Method::GET,
+        &url("/v1/kv/app/a"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "nothing of it was written");
+    // The control plane audited the refusals: who, what, which key.
+    let entry = agent
+        .eventually("the KV refusal in the audit log", || async {
+            let (_, audit, _) = cp_get(&cp, "/v1/audit?limit=1000", Some(&admin)).await;
+            audit
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["who"] == accessor.as_str()
+                        && e["action"] == "kv.write"
+                        && e["target"] == "other/x"
+                })
+                .cloned()
+        })
+        .await;
+    assert!(
+        entry["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("key \"other/x\""),
+        "{entry}"
+    );
+}

@@ -21,11 +21,7 @@ async fn operator_requests_reach_only_operator_paths_and_cannot_flood_or_forge_t
     let cp = ControlPlane::start_with("audit:\n  max_size: 4096\n  max_files: 2\n").await;
     let agent = Agent::start_named(
         "operator-node",
-        &format!(
-            "{}  http: {}\n",
-            cp.agent_config(signpost_tests::AGENT_TOKEN),
-            cp.http
-        ),
+        &cp.agent_config(signpost_tests::AGENT_TOKEN),
     )
     .await;
     let data = cp.dir.path().join("data");
