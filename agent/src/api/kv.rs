@@ -17,15 +17,14 @@ use signpost_daemon::token::presented;
 
 use super::Api;
 use super::forward::send;
-use crate::kv::{Fetch, KvCache};
+use crate::kv::Fetch;
 
-fn cache(api: &Api) -> Result<&std::sync::Arc<KvCache>, Response> {
-    api.kv.as_ref().ok_or_else(|| {
-        text(
-            StatusCode::NOT_IMPLEMENTED,
-            "the KV store is the control plane's: set control_plane.http in the agent configuration",
-        )
-    })
+/// The answer of an agent without a control plane's HTTP API.
+fn no_kv() -> Response {
+    text(
+        StatusCode::NOT_IMPLEMENTED,
+        "the KV store is the control plane's: set control_plane.http in the agent configuration",
+    )
 }
 
 fn path_and_query(path: &str, query: Option<&str>) -> String {
@@ -44,9 +43,8 @@ pub(crate) async fn get(
 ) -> Response {
     let key = key.map(|Path(k)| k).unwrap_or_default();
     let headers = request.headers().clone();
-    let cache = match cache(&api) {
-        Ok(c) => c,
-        Err(answer) => return answer,
+    let Some(cache) = api.kv.as_ref() else {
+        return no_kv();
     };
     let query = match KvQuery::parse(q.as_deref()) {
         Ok(q) => q,
@@ -165,16 +163,16 @@ pub(crate) async fn change(
     request: Request,
 ) -> Response {
     let key = key.map(|Path(k)| k).unwrap_or_default();
-    if let Err(answer) = cache(&api) {
-        return answer;
+    if api.kv.is_none() {
+        return no_kv();
     }
     write(&api, request, MAX_VALUE, |_| vec![key]).await
 }
 
 /// `PUT /v1/txn`.
 pub(crate) async fn txn(State(api): State<Api>, request: Request) -> Response {
-    if let Err(answer) = cache(&api) {
-        return answer;
+    if api.kv.is_none() {
+        return no_kv();
     }
     write(&api, request, MAX_TXN_BODY, |body| {
         parse_txn(body)

@@ -313,7 +313,7 @@ fn session_for_write(
     headers: &HeaderMap,
     id: &str,
     action: &str,
-) -> Result<Option<crate::kv::Session>, Response> {
+) -> Result<Option<crate::kv::Session>, Box<Response>> {
     let session = s.kv.mirror().session(id);
     let node = session.as_ref().map(|x| x.node.clone()).unwrap_or_default();
     authorize(
@@ -324,8 +324,8 @@ fn session_for_write(
         action,
         id,
     )
-    .map_err(IntoResponse::into_response)?;
-    check_session_id(id).map_err(bad)?;
+    .map_err(|r| Box::new(r.into_response()))?;
+    check_session_id(id).map_err(|e| Box::new(bad(e)))?;
     Ok(session)
 }
 
@@ -336,7 +336,7 @@ pub(super) async fn destroy_session(
     headers: HeaderMap,
 ) -> Response {
     if let Err(answer) = session_for_write(&s, &headers, &id, "session.destroy") {
-        return answer;
+        return *answer;
     }
     match s.kv.end_session(&id, "destroyed").await {
         Ok(_) => kv_answer::boolean(true),
@@ -351,7 +351,7 @@ pub(super) async fn renew_session(
     headers: HeaderMap,
 ) -> Response {
     match session_for_write(&s, &headers, &id, "session.renew") {
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
         Ok(None) => {
             return text(
                 StatusCode::NOT_FOUND,
