@@ -56,6 +56,11 @@ pub fn bad(field: &str, expected: &str) -> String {
 pub struct Fields(Map<String, Value>);
 
 impl Fields {
+    /// A field's value, left in place.
+    pub fn peek(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+
     pub fn take(&mut self, key: &str) -> Option<Value> {
         self.0.remove(key).filter(|v| !v.is_null())
     }

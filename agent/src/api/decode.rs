@@ -61,7 +61,17 @@ pub(crate) fn service(value: Value) -> Result<ServiceDefinition, String> {
             }
         }
     };
-    let protocol = match f.string("protocol")?.as_deref() {
+    // Signpost's `Protocol`, else Consul's convention a library can send:
+    // `Meta: {"protocol": "http"}`.
+    let protocol_field = f.string("protocol")?;
+    let from_meta = match f.peek("meta") {
+        Some(Value::Object(meta)) => meta
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("protocol"))
+            .and_then(|(_, v)| v.as_str().map(str::to_ascii_lowercase)),
+        _ => None,
+    };
+    let protocol = match protocol_field.filter(|p| !p.is_empty()).or(from_meta).as_deref() {
         None | Some("") | Some("tcp") => Protocol::Tcp,
         Some("http") => Protocol::Http,
         Some("http2") => Protocol::Http2,
@@ -259,6 +269,15 @@ fn http_headers(header: Option<Value>) -> Result<BTreeMap<String, Vec<String>>, 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn protocol_comes_from_meta_when_not_given() {
+        let def = service(normalize(json!({"Name": "web", "Port": 80, "Meta": {"protocol": "HTTP"}}))).unwrap();
+        assert_eq!(def.protocol, Protocol::Http);
+        let def = service(normalize(json!({"Name": "web", "Port": 80, "Protocol": "grpc", "Meta": {"protocol": "http"}}))).unwrap();
+        assert_eq!(def.protocol, Protocol::Grpc, "the field wins");
+        assert!(service(normalize(json!({"Name": "web", "Meta": {"protocol": "smtp"}}))).is_err());
+    }
 
     #[test]
     fn pascal_lower_and_snake_case_decode_alike() {
