@@ -230,11 +230,13 @@ fn routes() -> Routes<Api> {
         .on(Method::Delete, "/v1/kv/{*key}", kv::change)
         .put("/v1/txn", kv::txn)
         .put("/v1/session/create", kv::create_session)
-        .put("/v1/session/destroy/{id}", kv::session)
-        .put("/v1/session/renew/{id}", kv::session)
-        .get("/v1/session/info/{id}", kv::session)
-        .get("/v1/session/node/{node}", kv::session)
-        .get("/v1/session/list", kv::session)
+        .put("/v1/session/destroy/{id}", kv::pass)
+        .put("/v1/session/renew/{id}", kv::pass)
+        .get("/v1/session/info/{id}", kv::pass)
+        .get("/v1/session/node/{node}", kv::pass)
+        .get("/v1/session/list", kv::pass)
+        .put("/v1/event/fire/{name}", kv::pass)
+        .get("/v1/event/list", kv::list_events)
         .get("/metrics", metrics)
 }
 

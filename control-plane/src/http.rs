@@ -94,6 +94,8 @@ pub fn routes() -> Routes<HttpState> {
         .get("/v1/session/info/{id}", kv::session_info)
         .get("/v1/session/node/{node}", kv::node_sessions)
         .get("/v1/session/list", kv::list_sessions)
+        .put("/v1/event/fire/{name}", kv::fire_event)
+        .get("/v1/event/list", kv::list_events)
         .get("/metrics", metrics)
 }
 

@@ -1,4 +1,4 @@
-//! Consul's key/value store and sessions, kept by the control plane and
+//! Consul's key/value store, sessions and user events, kept by the control plane and
 //! reached through every agent (`/v1/kv`, `/v1/txn`, `/v1/session`).
 //!
 //! Every replica holds a [`Mirror`] of the store in memory: reads and
@@ -24,16 +24,19 @@ use std::time::Duration;
 
 pub use mirror::{Entry, Mirror, Session};
 pub use plan::{OpFailure, TxnResult};
+use signpost_core::event::UserEvent;
 use signpost_core::kv::{Behavior, SessionSpec, TxnOp};
 
 use crate::store::StoreError;
 
-/// A record of the store: a key's entry, a session, or a key's lock delay.
+/// A record of the store: a key's entry, a session, a key's lock delay,
+/// or a user event.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RecordKey {
     Entry(String),
     Session(String),
     Delay(String),
+    Event(String),
 }
 
 impl RecordKey {
@@ -43,6 +46,7 @@ impl RecordKey {
             RecordKey::Entry(k) => format!("e/{k}"),
             RecordKey::Session(id) => format!("s/{id}"),
             RecordKey::Delay(k) => format!("d/{k}"),
+            RecordKey::Event(id) => format!("v/{id}"),
         }
     }
 
@@ -52,6 +56,7 @@ impl RecordKey {
             "e/" => RecordKey::Entry(rest.to_string()),
             "s/" => RecordKey::Session(rest.to_string()),
             "d/" => RecordKey::Delay(rest.to_string()),
+            "v/" => RecordKey::Event(rest.to_string()),
             _ => return None,
         })
     }
@@ -231,6 +236,16 @@ impl Kv {
             tracing::info!(session = id, reason = why, "session ended");
         }
         Ok(found)
+    }
+
+    /// Fires a user event: kept with the last
+    /// [`signpost_core::event::MAX_EVENTS`], the oldest forgotten. The
+    /// event, its `LTime` the index it was stored at.
+    pub async fn fire(&self, mut event: UserEvent) -> Result<UserEvent, KvError> {
+        event.id = new_uuid();
+        let (_, index) = self.write(|p| p.fire_event(&event)).await?;
+        event.ltime = index.unwrap_or(0);
+        Ok(event)
     }
 
     /// Deletes lock delays that have passed.

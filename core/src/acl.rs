@@ -85,6 +85,8 @@ pub enum Resource<'a> {
     Agent(&'a str),
     /// Sessions on a node, by the node's name.
     Session(&'a str),
+    /// User events, by name.
+    Event(&'a str),
     Operator,
     Acl,
 }
@@ -98,6 +100,7 @@ impl Resource<'_> {
             Resource::Key(k) => format!("key {k:?}"),
             Resource::Agent(n) => format!("agent {n:?}"),
             Resource::Session(n) => format!("sessions of node {n:?}"),
+            Resource::Event(n) => format!("event {n:?}"),
             Resource::Operator => "operator".to_string(),
             Resource::Acl => "acl".to_string(),
         }
@@ -131,6 +134,10 @@ pub struct Rules {
     pub session: BTreeMap<String, Access>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub session_prefix: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub event: BTreeMap<String, Access>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub event_prefix: BTreeMap<String, Access>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operator: Option<Access>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -153,6 +160,7 @@ impl Rules {
             key_prefix: all(),
             agent_prefix: all(),
             session_prefix: all(),
+            event_prefix: all(),
             operator: Some(access),
             acl: Some(access),
             ..Rules::default()
@@ -185,7 +193,7 @@ impl Rules {
         }
     }
 
-    fn maps(&self) -> [(&'static str, &BTreeMap<String, Access>); 10] {
+    fn maps(&self) -> [(&'static str, &BTreeMap<String, Access>); 12] {
         [
             ("service", &self.service),
             ("service_prefix", &self.service_prefix),
@@ -197,6 +205,8 @@ impl Rules {
             ("agent_prefix", &self.agent_prefix),
             ("session", &self.session),
             ("session_prefix", &self.session_prefix),
+            ("event", &self.event),
+            ("event_prefix", &self.event_prefix),
         ]
     }
 
@@ -212,6 +222,8 @@ impl Rules {
             "agent_prefix" => &mut self.agent_prefix,
             "session" => &mut self.session,
             "session_prefix" => &mut self.session_prefix,
+            "event" => &mut self.event,
+            "event_prefix" => &mut self.event_prefix,
             _ => return None,
         })
     }
@@ -270,7 +282,7 @@ impl Rules {
                 _ => {
                     let Some(map) = rules.map_mut(kind) else {
                         return bad(format!(
-                            "unknown resource {kind:?}: Signpost has service, service_prefix, node, node_prefix, key, key_prefix, agent, agent_prefix, session, session_prefix, operator and acl"
+                            "unknown resource {kind:?}: Signpost has service, service_prefix, node, node_prefix, key, key_prefix, agent, agent_prefix, session, session_prefix, event, event_prefix, operator and acl"
                         ));
                     };
                     let blocks: Vec<&Value> = match body {
@@ -344,6 +356,7 @@ impl Authorizer {
             Resource::Key(n) => (&self.rules.key, &self.rules.key_prefix, n),
             Resource::Agent(n) => (&self.rules.agent, &self.rules.agent_prefix, n),
             Resource::Session(n) => (&self.rules.session, &self.rules.session_prefix, n),
+            Resource::Event(n) => (&self.rules.event, &self.rules.event_prefix, n),
         };
         if let Some(access) = exact.get(name) {
             return Some(*access);

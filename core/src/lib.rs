@@ -7,6 +7,7 @@
 //!   operator, acl) and the decision they make for a request.
 //! - [`duration`]: Go-style durations ("10s", "1m30s", "250ms"), the one way
 //!   every config file and API body spells a time span.
+//! - [`event`]: Consul's user events (name, payload, filters).
 //! - [`kv`]: Consul's key/value store and sessions as clients speak them
 //!   (key names, `KVPair`, session and transaction bodies, `/v1/kv` queries).
 //! - [`model`]: services, instances' checks and health, with newtypes for the
@@ -37,6 +38,7 @@ pub mod config;
 pub mod consul;
 pub mod control_plane_config;
 pub mod duration;
+pub mod event;
 pub mod kv;
 pub mod model;
 pub mod overlay;

@@ -47,6 +47,11 @@ impl ReadFilter {
         self.sees(Resource::Key(name))
     }
 
+    /// Whether events named `name` may be read.
+    pub fn event(&self, name: &str) -> bool {
+        self.sees(Resource::Event(name))
+    }
+
     /// Whether the sessions of node `name` may be read.
     pub fn session(&self, node: &str) -> bool {
         self.sees(Resource::Session(node))

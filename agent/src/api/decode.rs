@@ -71,7 +71,11 @@ pub(crate) fn service(value: Value) -> Result<ServiceDefinition, String> {
             .and_then(|(_, v)| v.as_str().map(str::to_ascii_lowercase)),
         _ => None,
     };
-    let protocol = match protocol_field.filter(|p| !p.is_empty()).or(from_meta).as_deref() {
+    let protocol = match protocol_field
+        .filter(|p| !p.is_empty())
+        .or(from_meta)
+        .as_deref()
+    {
         None | Some("") | Some("tcp") => Protocol::Tcp,
         Some("http") => Protocol::Http,
         Some("http2") => Protocol::Http2,
@@ -272,11 +276,22 @@ mod tests {
 
     #[test]
     fn protocol_comes_from_meta_when_not_given() {
-        let def = service(normalize(json!({"Name": "web", "Port": 80, "Meta": {"protocol": "HTTP"}}))).unwrap();
+        let def = service(normalize(
+            json!({"Name": "web", "Port": 80, "Meta": {"protocol": "HTTP"}}),
+        ))
+        .unwrap();
         assert_eq!(def.protocol, Protocol::Http);
-        let def = service(normalize(json!({"Name": "web", "Port": 80, "Protocol": "grpc", "Meta": {"protocol": "http"}}))).unwrap();
+        let def = service(normalize(
+            json!({"Name": "web", "Port": 80, "Protocol": "grpc", "Meta": {"protocol": "http"}}),
+        ))
+        .unwrap();
         assert_eq!(def.protocol, Protocol::Grpc, "the field wins");
-        assert!(service(normalize(json!({"Name": "web", "Meta": {"protocol": "smtp"}}))).is_err());
+        assert!(
+            service(normalize(
+                json!({"Name": "web", "Meta": {"protocol": "smtp"}})
+            ))
+            .is_err()
+        );
     }
 
     #[test]

@@ -228,9 +228,9 @@ pub(crate) async fn create_session(State(api): State<Api>, request: Request) -> 
     .await
 }
 
-/// The rest of `/v1/session/*`, forwarded as they are (blocking reads
-/// with their wait).
-pub(crate) async fn session(
+/// The rest of `/v1/session/*` and `/v1/event/fire`, forwarded as they
+/// are (blocking reads with their wait).
+pub(crate) async fn pass(
     State(api): State<Api>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
@@ -248,4 +248,50 @@ pub(crate) async fn session(
         Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large"),
     };
     send(&api, &method, &pq, &headers, body, wait).await
+}
+
+/// `GET /v1/event/list`: the control plane's events that this agent
+/// would act on (their node, service and tag filters match this node and
+/// its services), blocking as the control plane blocks.
+pub(crate) async fn list_events(
+    State(api): State<Api>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    request: Request,
+) -> Response {
+    let answer = pass(State(api.clone()), RawQuery(q), headers, request).await;
+    if answer.status() != StatusCode::OK {
+        return answer;
+    }
+    let (mut parts, body) = answer.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 4 * 1024 * 1024).await else {
+        return text(
+            StatusCode::BAD_GATEWAY,
+            "the control plane's event list did not arrive whole",
+        );
+    };
+    let events: Vec<signpost_core::event::UserEvent> = match serde_json::from_slice(&bytes) {
+        Ok(e) => e,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("the control plane's event list does not decode: {e}"),
+            );
+        }
+    };
+    let (node, services) = api.agent.state.read(|inner| {
+        let services: Vec<(String, Vec<String>)> = inner
+            .services
+            .values()
+            .map(|s| (s.def.name.to_string(), s.def.tags.clone()))
+            .collect();
+        (inner.node.name.clone(), services)
+    });
+    let mine: Vec<_> = events
+        .into_iter()
+        .filter(|e| e.matches(&node, &services))
+        .collect();
+    let body = serde_json::to_vec(&mine).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
 }

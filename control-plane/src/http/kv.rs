@@ -432,3 +432,85 @@ pub(super) async fn list_sessions(
 ) -> Response {
     sessions_answer(&s, q.as_deref(), &reader, |_| true).await
 }
+
+/// `PUT /v1/event/fire/<name>?node=&service=&tag=`: the body is the
+/// payload (512 bytes at most). Answers the event.
+pub(super) async fn fire_event(
+    State(s): State<HttpState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+    request: Request,
+) -> Response {
+    if let Err(refused) = authorize(
+        &s,
+        request.headers(),
+        Resource::Event(&name),
+        Access::Write,
+        "event.fire",
+        &name,
+    ) {
+        return refused.into_response();
+    }
+    let payload = match body(request, signpost_core::event::MAX_PAYLOAD).await {
+        Ok(b) => b.to_vec(),
+        Err(answer) => return answer,
+    };
+    let mut filters = [String::new(), String::new(), String::new()];
+    for (k, v) in form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "node" => filters[0] = v.into_owned(),
+            "service" => filters[1] = v.into_owned(),
+            "tag" => filters[2] = v.into_owned(),
+            _ => {}
+        }
+    }
+    if let Err(e) =
+        signpost_core::event::check(&name, &payload, [&filters[0], &filters[1], &filters[2]])
+    {
+        return bad(e);
+    }
+    let [node_filter, service_filter, tag_filter] = filters;
+    let event = signpost_core::event::UserEvent {
+        id: String::new(),
+        name,
+        payload,
+        node_filter,
+        service_filter,
+        tag_filter,
+        version: 1,
+        ltime: 0,
+    };
+    match s.kv.fire(event).await {
+        Ok(event) => Json(event).into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+/// `GET /v1/event/list?name=`: the events kept (oldest first), blocking
+/// on the next one with `index`.
+pub(super) async fn list_events(
+    State(s): State<HttpState>,
+    RawQuery(q): RawQuery,
+    reader: ReadFilter,
+) -> Response {
+    let query = match KvQuery::parse(q.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return bad(e),
+    };
+    let name = form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.into_owned())
+        .filter(|n| !n.is_empty());
+    let mirror = s.kv.mirror();
+    if let Some(after) = query.index {
+        mirror.wait_events(after, query.wait_for()).await;
+    }
+    let (index, events) = mirror.events(name.as_deref());
+    let events: Vec<_> = events
+        .into_iter()
+        .filter(|e| reader.event(&e.name))
+        .collect();
+    let mut response = Json(events).into_response();
+    kv_answer::headers(&mut response, index, freshness(&s));
+    reader.answer(response)
+}

@@ -136,11 +136,13 @@ fn commit(
             }
         }
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        // The first commit is index 2: reads of an empty store answer 1
+        // (never 0), and a blocking read at 1 must wake for it.
         let index = meta
             .get(INDEX)
             .map_err(|e| e.to_string())?
             .map(|v| v.value())
-            .unwrap_or(0)
+            .unwrap_or(1)
             + 1;
         meta.insert(INDEX, index).map_err(|e| e.to_string())?;
         let mut changes = Vec::with_capacity(writes.len());
@@ -250,17 +252,17 @@ mod tests {
         let b = b.unwrap();
         assert_eq!(
             (b.create_index, b.modify_index, b.value.as_slice()),
-            (1, 3, &b"3"[..])
+            (2, 4, &b"3"[..])
         );
         drop(kv);
         let kv = open(dir.path());
         let (index, all) = kv.mirror().list("a/");
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].1, b);
-        assert!(index >= 3, "an index never goes back after a restart");
+        assert!(index >= 4, "an index never goes back after a restart");
         // The next write takes the next index.
         assert!(kv.apply_ok(op(Verb::Set, "a/d", "4")).await.unwrap());
-        assert_eq!(kv.mirror().get("a/d").1.unwrap().modify_index, 4);
+        assert_eq!(kv.mirror().get("a/d").1.unwrap().modify_index, 5);
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use prost::Message as _;
+use signpost_core::event::UserEvent;
 use signpost_core::kv::{Behavior, KvPair};
 use signpost_proto::{KvDelay, KvSession, KvValue};
 use tokio::sync::{Notify, watch};
@@ -147,6 +148,18 @@ pub(super) struct Inner {
     floor: u64,
     /// The sessions' index: the last create or end of one.
     session_index: u64,
+    /// User events by ID, with the index they were stored at.
+    pub(super) events: HashMap<String, (u64, UserEvent)>,
+}
+
+impl Inner {
+    /// Events' IDs and indexes, oldest first.
+    pub(super) fn events_by_index(&self) -> impl Iterator<Item = (String, u64)> + '_ {
+        let mut all: Vec<(u64, &String)> =
+            self.events.iter().map(|(id, (i, _))| (*i, id)).collect();
+        all.sort_unstable();
+        all.into_iter().map(|(i, id)| (id.clone(), i))
+    }
 }
 
 /// The mirror, its applied index and its waiters.
@@ -156,6 +169,8 @@ pub struct Mirror {
     /// Waiters by the key or prefix they watch.
     waiters: Mutex<HashMap<String, Weak<Notify>>>,
     sessions_changed: watch::Sender<u64>,
+    /// The last event's index.
+    events_changed: watch::Sender<u64>,
 }
 
 impl Mirror {
@@ -169,6 +184,7 @@ impl Mirror {
             applied: watch::Sender::new(index),
             waiters: Mutex::new(HashMap::new()),
             sessions_changed: watch::Sender::new(0),
+            events_changed: watch::Sender::new(0),
         }
     }
 
@@ -184,6 +200,7 @@ impl Mirror {
     pub fn apply(&self, changes: Vec<Change>, index: u64) {
         let mut touched = Vec::new();
         let mut sessions = false;
+        let mut fired = 0;
         {
             let mut inner = self.lock();
             for change in changes {
@@ -266,6 +283,21 @@ impl Mirror {
                     (RecordKey::Delay(key), None) => {
                         inner.delays.remove(&key);
                     }
+                    (RecordKey::Event(id), Some(s)) => {
+                        match serde_json::from_slice::<UserEvent>(&s.bytes) {
+                            Ok(mut event) => {
+                                event.ltime = s.create_index;
+                                inner.events.insert(id, (s.create_index, event));
+                                fired = fired.max(s.create_index);
+                            }
+                            Err(e) => {
+                                tracing::error!(record = name, error = %e, "undecodable event skipped")
+                            }
+                        }
+                    }
+                    (RecordKey::Event(id), None) => {
+                        inner.events.remove(&id);
+                    }
                 }
             }
             if inner.tombstones.len() > MAX_TOMBSTONES {
@@ -284,6 +316,13 @@ impl Mirror {
         self.wake(&touched);
         if sessions {
             self.sessions_changed.send_modify(|v| *v += 1);
+        }
+        if fired > 0 {
+            self.events_changed.send_if_modified(|last| {
+                let newer = fired > *last;
+                *last = (*last).max(fired);
+                newer
+            });
         }
         self.applied.send_if_modified(|applied| {
             let moved = index > *applied;
@@ -463,6 +502,29 @@ impl Mirror {
                 return;
             }
         }
+    }
+
+    /// The events named `name` (every event without one), oldest first,
+    /// with the index of the last event.
+    pub fn events(&self, name: Option<&str>) -> (u64, Vec<UserEvent>) {
+        let inner = self.lock();
+        let mut found: Vec<&(u64, UserEvent)> = inner
+            .events
+            .values()
+            .filter(|(_, e)| name.is_none_or(|n| e.name == n))
+            .collect();
+        found.sort_by_key(|(i, _)| *i);
+        let last = inner.events.values().map(|(i, _)| *i).max().unwrap_or(0);
+        (
+            last.max(1),
+            found.into_iter().map(|(_, e)| e.clone()).collect(),
+        )
+    }
+
+    /// Waits until an event newer than `after` is fired, at most `timeout`.
+    pub async fn wait_events(&self, after: u64, timeout: Duration) {
+        let mut rx = self.events_changed.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|last| *last > after)).await;
     }
 
     /// Lock delays that have passed by `now_ms`.

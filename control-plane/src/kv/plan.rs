@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use prost::Message as _;
 use serde::Serialize;
+use signpost_core::event::UserEvent;
 use signpost_core::kv::{Behavior, KvPair, SessionSpec, TxnOp, Verb};
 use signpost_proto::KvDelay;
 
@@ -55,6 +56,7 @@ pub(super) struct Plan<'a> {
     entries: BTreeMap<String, Option<Entry>>,
     sessions: BTreeMap<String, Option<Session>>,
     delays: BTreeMap<String, Option<u64>>,
+    events: BTreeMap<String, Option<Vec<u8>>>,
     expect: BTreeMap<RecordKey, Option<u64>>,
 }
 
@@ -65,6 +67,7 @@ impl<'a> Plan<'a> {
             entries: BTreeMap::new(),
             sessions: BTreeMap::new(),
             delays: BTreeMap::new(),
+            events: BTreeMap::new(),
             expect: BTreeMap::new(),
         }
     }
@@ -81,6 +84,9 @@ impl<'a> Plan<'a> {
         for (key, until) in self.delays {
             let record = until.map(|until_unix_ms| KvDelay { until_unix_ms }.encode_to_vec());
             writes.push((RecordKey::Delay(key), record));
+        }
+        for (id, record) in self.events {
+            writes.push((RecordKey::Event(id), record));
         }
         (self.expect.into_iter().collect(), writes)
     }
@@ -366,6 +372,28 @@ impl<'a> Plan<'a> {
         }
         self.sessions.insert(id.to_string(), None);
         true
+    }
+
+    /// Stores a user event, forgetting the oldest beyond the most kept.
+    pub(super) fn fire_event(&mut self, event: &UserEvent) {
+        let kept = self.base.events.len();
+        if kept >= signpost_core::event::MAX_EVENTS {
+            let oldest: Vec<(String, u64)> = self
+                .base
+                .events_by_index()
+                .take(kept + 1 - signpost_core::event::MAX_EVENTS)
+                .collect();
+            for (id, modify) in oldest {
+                self.expect
+                    .insert(RecordKey::Event(id.clone()), Some(modify));
+                self.events.insert(id, None);
+            }
+        }
+        self.expect.insert(RecordKey::Event(event.id.clone()), None);
+        self.events.insert(
+            event.id.clone(),
+            Some(serde_json::to_vec(event).unwrap_or_default()),
+        );
     }
 
     /// Deletes the lock delays that have passed.

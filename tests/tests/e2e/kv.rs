@@ -523,3 +523,56 @@ async fn an_agent_serves_its_cached_prefix_without_the_control_plane_across_a_re
         "off"
     );
 }
+
+#[tokio::test]
+async fn user_events_reach_the_agents_they_name() {
+    let (_cp, agents) = fleet(3).await;
+    let r = agents[1]
+        .put(
+            "/v1/agent/service/register",
+            Some(json!({"Name": "web", "Port": 80, "Tags": ["canary"]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let index = agents[1].get("/v1/event/list?name=deploy").await.index();
+    let waiting = {
+        let url = format!(
+            "{}/v1/event/list?name=deploy&index={index}&wait=5m",
+            agents[1].base()
+        );
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    let (status, text) = put(
+        &agents[0],
+        "/v1/event/fire/deploy?service=^web$&tag=canary",
+        "v2",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let fired: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(fired["Name"], "deploy");
+    assert_eq!(fired["ServiceFilter"], "^web$");
+    // The blocked watcher on the agent running a canary web wakes with it.
+    let seen = waiting.await.unwrap();
+    assert_eq!(seen.as_array().unwrap().len(), 1, "{seen}");
+    assert_eq!(seen[0]["ID"], fired["ID"]);
+    assert_eq!(value_of(&json!({"Value": seen[0]["Payload"]})), b"v2");
+    // An agent without the service does not list it.
+    let other = agents[2].get("/v1/event/list?name=deploy").await.json();
+    assert_eq!(other, json!([]));
+    // Bounds: a payload over 512 bytes, a bad filter.
+    let (status, _) = put(&agents[0], "/v1/event/fire/deploy", &"x".repeat(513)).await;
+    assert_eq!(status, 413);
+    let (status, text) = put(&agents[0], "/v1/event/fire/deploy?node=(", "").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("node filter"), "{text}");
+}
