@@ -237,6 +237,9 @@ fn routes() -> Routes<Api> {
         .get("/v1/session/list", kv::pass)
         .put("/v1/event/fire/{name}", kv::pass)
         .get("/v1/event/list", kv::list_events)
+        // External services (no agent on their host): the control plane's.
+        .put("/v1/catalog/register", kv::pass)
+        .put("/v1/catalog/deregister", kv::pass)
         .get("/metrics", metrics)
 }
 

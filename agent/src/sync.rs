@@ -134,6 +134,7 @@ fn hello(agent: &Agent, probe_address: std::net::SocketAddr) -> Hello {
         meta: inner.node.meta.clone().into_iter().collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         probe_address: probe_address.to_string(),
+        external: false,
     })
 }
 

@@ -172,6 +172,7 @@ impl Catalog {
         let mut inner = self.lock();
         for node in snapshot.nodes {
             let Some(hello) = node.hello else { continue };
+            let external = hello.external;
             inner.nodes.insert(
                 hello.node.clone(),
                 NodeEntry {
@@ -195,7 +196,11 @@ impl Catalog {
                         })
                         .collect(),
                     session: None,
-                    liveness: Liveness::restored(node.failed_at_unix_ms, now, grace),
+                    liveness: if external {
+                        Liveness::alive()
+                    } else {
+                        Liveness::restored(node.failed_at_unix_ms, now, grace)
+                    },
                 },
             );
         }
@@ -216,6 +221,66 @@ impl Catalog {
     pub fn warming_up(&self) -> Option<Duration> {
         let until = self.lock().warm_up_until?;
         Some(until.saturating_duration_since(Instant::now()))
+    }
+
+    /// Sets an external node (`/v1/catalog/register`, no agent) to
+    /// `record`, or removes it (`None`), on a catalog of its own (on a
+    /// shared store the record goes to the store and comes back through
+    /// [`Catalog::store_node`]).
+    pub fn put_external(&self, node: &str, record: Option<NodeSnapshot>) {
+        let mut inner = self.lock();
+        match record.and_then(|r| r.hello.map(|h| (h, r.instances, r.node_checks))) {
+            Some((hello, instances, node_checks)) => {
+                let entry = inner
+                    .nodes
+                    .entry(node.to_string())
+                    .or_insert_with(|| NodeEntry {
+                        hello: hello.clone(),
+                        instances: BTreeMap::new(),
+                        node_checks: Vec::new(),
+                        session: None,
+                        liveness: Liveness::alive(),
+                    });
+                let hello_changed = entry.hello != hello;
+                entry.hello = hello;
+                let removed = entry
+                    .instances
+                    .keys()
+                    .filter(|id| !instances.iter().any(|i| &i.id == *id))
+                    .cloned()
+                    .collect();
+                inner.apply(
+                    node,
+                    Delta {
+                        upserts: instances,
+                        removed,
+                        node_checks_changed: true,
+                        node_checks,
+                    },
+                );
+                if hello_changed {
+                    inner.node_changed(node);
+                }
+            }
+            None => {
+                let ids: Vec<String> = inner
+                    .nodes
+                    .get(node)
+                    .map(|n| n.instances.keys().cloned().collect())
+                    .unwrap_or_default();
+                inner.apply(
+                    node,
+                    Delta {
+                        removed: ids,
+                        ..Delta::default()
+                    },
+                );
+                inner.nodes.remove(node);
+            }
+        }
+        inner.names = inner.compute_names();
+        drop(inner);
+        self.changed();
     }
 
     /// Opens a session for the agent that said `hello`; a previous session

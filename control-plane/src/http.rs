@@ -5,6 +5,7 @@
 
 mod acl;
 mod commands;
+mod external;
 mod kv;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,9 @@ pub struct HttpState {
     pub acl: Arc<crate::acl::Acl>,
     pub commands: Arc<crate::commands::Commands>,
     pub kv: Arc<crate::kv::Kv>,
+    /// Where external nodes (`/v1/catalog/register`) are written on a
+    /// shared store; `None`: straight into this replica's catalog.
+    pub nodes: Option<Arc<dyn crate::store::Shared>>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub datacenter: String,
     /// Where `PUT /v1/acl/bootstrap` looks for the reset file.
@@ -96,6 +100,8 @@ pub fn routes() -> Routes<HttpState> {
         .get("/v1/session/list", kv::list_sessions)
         .put("/v1/event/fire/{name}", kv::fire_event)
         .get("/v1/event/list", kv::list_events)
+        .put("/v1/catalog/register", external::register)
+        .put("/v1/catalog/deregister", external::deregister)
         .get("/metrics", metrics)
 }
 

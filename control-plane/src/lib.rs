@@ -130,6 +130,7 @@ pub async fn run(
         acl,
         commands,
         kv,
+        nodes,
         epoch,
         reporting,
         quorum,
@@ -189,6 +190,7 @@ pub async fn run(
         acl,
         commands,
         kv,
+        nodes,
         metrics,
         datacenter: config.datacenter.clone(),
         data_dir: config.data_dir.clone(),
@@ -231,6 +233,9 @@ struct Opened {
     acl: Arc<acl::Acl>,
     commands: Arc<commands::Commands>,
     kv: Arc<kv::Kv>,
+    /// Where external nodes are written (a shared store), if not straight
+    /// into the catalog.
+    nodes: Option<Arc<dyn store::Shared>>,
     /// What the catalog's indexes belong to (`Welcome.epoch`).
     epoch: String,
     reporting: sync::Reporting,
@@ -269,6 +274,7 @@ async fn open_files(
         acl,
         commands,
         kv,
+        nodes: None,
         // Indexes start again with every start of the one replica.
         epoch: format!("{:016x}", rand::random::<u64>()),
         reporting: sync::Reporting::Local,
@@ -356,6 +362,7 @@ async fn open_etcd(
         acl,
         commands,
         kv,
+        nodes: Some(etcd.clone() as Arc<dyn store::Shared>),
         // The same on every replica of the cluster and prefix: an agent
         // that moves keeps its indexes.
         epoch: format!("etcd-{cluster:016x}{}", config.etcd.prefix),

@@ -317,7 +317,11 @@ impl Sync for SyncService {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
             Ok(Some(Ok(AgentMessage {
                 body: Some(agent_message::Body::Hello(hello)),
-            }))) => hello,
+            }))) => signpost_proto::Hello {
+                // An agent runs there: never an external node.
+                external: false,
+                ..hello
+            },
             Ok(Some(Err(status))) => return Err(status),
             Ok(_) => return Err(Status::invalid_argument("the first message must be Hello")),
             Err(_) => return Err(Status::deadline_exceeded("no Hello from the agent in time")),

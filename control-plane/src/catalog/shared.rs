@@ -93,7 +93,11 @@ impl Catalog {
         match record.and_then(|r| r.hello.map(|h| (h, r.instances, r.node_checks))) {
             Some((hello, instances, node_checks)) => {
                 if !inner.nodes.contains_key(node) {
-                    let liveness = inner.shared_liveness(node);
+                    let liveness = if hello.external {
+                        Liveness::alive()
+                    } else {
+                        inner.shared_liveness(node)
+                    };
                     inner.nodes.insert(
                         node.to_string(),
                         NodeEntry {
@@ -305,6 +309,10 @@ impl Inner {
         let Some(shared) = &self.shared else {
             return Liveness::alive();
         };
+        // No agent runs on an external node: nothing to probe.
+        if self.nodes.get(node).is_some_and(|n| n.hello.external) {
+            return Liveness::alive();
+        }
         if let Some(at) = shared.failed.get(node) {
             Liveness::failed(*at)
         } else if shared.present.contains(node) {

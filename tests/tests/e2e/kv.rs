@@ -576,3 +576,90 @@ async fn user_events_reach_the_agents_they_name() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("node filter"), "{text}");
 }
+
+async fn passing_db(agent: &Agent) -> Option<usize> {
+    agent
+        .get("/v1/health/service/db?passing")
+        .await
+        .json()
+        .as_array()
+        .map(Vec::len)
+}
+
+#[tokio::test]
+async fn external_services_registered_in_the_catalog_reach_every_agent() {
+    let (mut cp, agents) = fleet(2).await;
+    let register = json!({
+        "Node": "managed-db", "Address": "127.0.0.1",
+        "Service": {"ID": "db-primary", "Service": "db", "Port": 5432, "Tags": ["primary"]},
+        "Check": {"CheckID": "db-up", "Name": "db up", "ServiceID": "db-primary", "Status": "passing"},
+    });
+    let (status, text) = put(&agents[0], "/v1/catalog/register", &register.to_string()).await;
+    assert_eq!((status, text.as_str()), (200, "true"));
+    // Every agent sees it, healthy as registered.
+    agents[1]
+        .eventually("the external db on the other agent", || async {
+            (passing_db(&agents[1]).await == Some(1)).then_some(())
+        })
+        .await;
+    let entry = agents[1].get("/v1/health/service/db").await.json();
+    assert_eq!(entry[0]["Node"]["Node"], "managed-db");
+    assert_eq!(entry[0]["Service"]["Port"], 5432);
+    // Its health is what its registration says.
+    let critical = json!({"Node": "managed-db", "Address": "127.0.0.1",
+        "Check": {"CheckID": "db-up", "ServiceID": "db-primary", "Status": "critical"}});
+    assert_eq!(
+        put(&agents[1], "/v1/catalog/register", &critical.to_string())
+            .await
+            .0,
+        200
+    );
+    agents[0]
+        .eventually("the db critical everywhere", || async {
+            (passing_db(&agents[0]).await == Some(0)).then_some(())
+        })
+        .await;
+    // It is never probed or failed, and survives a control-plane restart.
+    // Its registration answered once it was on disk.
+    let kept = std::fs::read(cp.dir.path().join("data").join("catalog.pb")).unwrap();
+    assert!(String::from_utf8_lossy(&kept).contains("managed-db"));
+    cp.restart().await;
+    let nodes = cp.get("/v1/nodes").await.json();
+    let db = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["Node"] == "managed-db")
+        .cloned()
+        .unwrap_or_else(|| panic!("{nodes}\n{}", cp.log()));
+    assert_eq!(db["Status"], "alive");
+    // A node with an agent is its agent's; a bad registration is named.
+    let (status, text) = put(
+        &agents[0],
+        "/v1/catalog/register",
+        &json!({"Node": "kv-node-1", "Address": "127.0.0.1"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 409, "{text}");
+    let (status, text) = put(
+        &agents[0],
+        "/v1/catalog/register",
+        &json!({"Node": "x", "Address": "127.0.0.1", "Service": {"Service": "bad name!"}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    // Deregistering the node removes it from every agent.
+    let (status, _) = put(
+        &agents[0],
+        "/v1/catalog/deregister",
+        &json!({"Node": "managed-db"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    agents[1]
+        .eventually("the db gone", || async {
+            (agents[1].get("/v1/health/service/db").await.json() == json!([])).then_some(())
+        })
+        .await;
+}
