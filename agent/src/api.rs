@@ -240,6 +240,16 @@ fn routes() -> Routes<Api> {
         // External services (no agent on their host): the control plane's.
         .put("/v1/catalog/register", kv::pass)
         .put("/v1/catalog/deregister", kv::pass)
+        // Config entries (service-defaults): the control plane's.
+        .put("/v1/config", kv::pass)
+        .put("/v1/config/service-defaults/{name}", kv::pass)
+        .get("/v1/config/service-defaults", kv::pass)
+        .get("/v1/config/service-defaults/{name}", kv::pass)
+        .on(
+            Method::Delete,
+            "/v1/config/service-defaults/{name}",
+            kv::pass,
+        )
         .get("/metrics", metrics)
 }
 

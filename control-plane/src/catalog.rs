@@ -70,6 +70,10 @@ pub struct Inner {
     /// Set when replicas share a store: what the store says of each node,
     /// and the decisions this replica took for the store to record.
     shared: Option<SharedState>,
+    /// Each service's protocol from its `service-defaults` config entry:
+    /// the protocol of its instances that were registered without one
+    /// (TCP, the default).
+    protocols: HashMap<String, i32>,
     /// The index of the change being published (the store's revision);
     /// without one, the next index is the last plus one.
     revision: Option<u64>,
@@ -111,6 +115,7 @@ impl Default for Catalog {
                 next_probe: 0,
                 shared: None,
                 revision: None,
+                protocols: HashMap::new(),
             }),
             changes: watch::channel(0).0,
         }
@@ -283,6 +288,12 @@ impl Catalog {
         self.changed();
     }
 
+    /// Applies the `service-defaults` protocols (see [`Inner::set_protocols`]).
+    pub fn set_protocols(&self, protocols: HashMap<String, i32>) {
+        self.lock().set_protocols(protocols);
+        self.changed();
+    }
+
     /// Opens a session for the agent that said `hello`; a previous session
     /// of the same node is closed.
     pub fn connect(&self, hello: Hello, tx: mpsc::Sender<ControlMessage>) -> SessionId {
@@ -379,7 +390,21 @@ impl Catalog {
 // === impl Inner ===
 
 impl Inner {
-    fn catalog_instance(entry: &NodeEntry, instance: &Instance) -> CatalogInstance {
+    fn catalog_instance(
+        protocols: &HashMap<String, i32>,
+        entry: &NodeEntry,
+        instance: &Instance,
+    ) -> CatalogInstance {
+        let mut instance = instance.clone();
+        if let Some(protocol) = protocols.get(&instance.name)
+            && matches!(
+                instance.proxy_protocol(),
+                None | Some(signpost_core::model::Protocol::Tcp)
+            )
+        {
+            instance.protocol = *protocol;
+            instance.protocol_text = String::new();
+        }
         CatalogInstance {
             node: entry.hello.node.clone(),
             node_id: entry.hello.node_id.clone(),
@@ -388,7 +413,38 @@ impl Inner {
             node_checks: std::iter::once(liveness_check(entry))
                 .chain(entry.node_checks.iter().cloned())
                 .collect(),
-            instance: Some(instance.clone()),
+            instance: Some(instance),
+        }
+    }
+
+    /// Sets every service's protocol from the `service-defaults` config
+    /// entries; the instances of a service whose protocol changed go to
+    /// its subscribers again.
+    pub(crate) fn set_protocols(&mut self, protocols: HashMap<String, i32>) {
+        let changed: Vec<String> = protocols
+            .iter()
+            .filter(|(name, p)| self.protocols.get(*name) != Some(*p))
+            .map(|(name, _)| name.clone())
+            .chain(
+                self.protocols
+                    .keys()
+                    .filter(|name| !protocols.contains_key(*name))
+                    .cloned(),
+            )
+            .collect();
+        self.protocols = protocols;
+        let mut changes: BTreeMap<String, ServiceChange> = BTreeMap::new();
+        for service in changed {
+            let upserts: Vec<CatalogInstance> = self
+                .instances_of(&service)
+                .map(|(n, i)| Self::catalog_instance(&self.protocols, n, i))
+                .collect();
+            if !upserts.is_empty() {
+                changes.entry(service).or_default().upserts = upserts;
+            }
+        }
+        if !changes.is_empty() {
+            self.publish(changes);
         }
     }
 
@@ -403,7 +459,7 @@ impl Inner {
                 .entry(instance.name.clone())
                 .or_default()
                 .upserts
-                .push(Self::catalog_instance(entry, instance));
+                .push(Self::catalog_instance(&self.protocols, entry, instance));
         }
         self.publish(changes);
     }
@@ -515,7 +571,7 @@ impl Inner {
                 .changed
                 .iter()
                 .filter_map(|id| entry.instances.get(id))
-                .map(|i| Self::catalog_instance(entry, i))
+                .map(|i| Self::catalog_instance(&self.protocols, entry, i))
                 .collect();
         }
         // Names first: an agent that sees a new service's instances already

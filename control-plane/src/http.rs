@@ -102,6 +102,15 @@ pub fn routes() -> Routes<HttpState> {
         .get("/v1/event/list", kv::list_events)
         .put("/v1/catalog/register", external::register)
         .put("/v1/catalog/deregister", external::deregister)
+        .put("/v1/config", kv::put_config)
+        .put("/v1/config/service-defaults/{name}", kv::put_config)
+        .get("/v1/config/service-defaults", kv::list_configs)
+        .get("/v1/config/service-defaults/{name}", kv::get_config)
+        .on(
+            Method::Delete,
+            "/v1/config/service-defaults/{name}",
+            kv::delete_config,
+        )
         .get("/metrics", metrics)
 }
 

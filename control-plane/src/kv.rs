@@ -25,6 +25,7 @@ use std::time::Duration;
 pub use mirror::{Entry, Mirror, Session};
 pub use plan::{OpFailure, TxnResult};
 use signpost_core::event::UserEvent;
+pub use signpost_core::kv::ServiceDefaults;
 use signpost_core::kv::{Behavior, SessionSpec, TxnOp};
 
 use crate::store::StoreError;
@@ -37,6 +38,8 @@ pub enum RecordKey {
     Session(String),
     Delay(String),
     Event(String),
+    /// A `service-defaults` config entry, by service.
+    Config(String),
 }
 
 impl RecordKey {
@@ -47,6 +50,7 @@ impl RecordKey {
             RecordKey::Session(id) => format!("s/{id}"),
             RecordKey::Delay(k) => format!("d/{k}"),
             RecordKey::Event(id) => format!("v/{id}"),
+            RecordKey::Config(name) => format!("c/{name}"),
         }
     }
 
@@ -57,6 +61,7 @@ impl RecordKey {
             "s/" => RecordKey::Session(rest.to_string()),
             "d/" => RecordKey::Delay(rest.to_string()),
             "v/" => RecordKey::Event(rest.to_string()),
+            "c/" => RecordKey::Config(rest.to_string()),
             _ => return None,
         })
     }
@@ -246,6 +251,20 @@ impl Kv {
         let (_, index) = self.write(|p| p.fire_event(&event)).await?;
         event.ltime = index.unwrap_or(0);
         Ok(event)
+    }
+
+    /// Writes (`Some`) or deletes a service's `service-defaults` entry;
+    /// the index it was written at.
+    pub async fn put_config(
+        &self,
+        service: &str,
+        entry: Option<&ServiceDefaults>,
+    ) -> Result<Option<u64>, KvError> {
+        let record = entry.map(|e| serde_json::to_vec(e).unwrap_or_default());
+        let (_, index) = self
+            .write(|p| p.put_config(service, record.clone()))
+            .await?;
+        Ok(index)
     }
 
     /// Deletes lock delays that have passed.

@@ -143,6 +143,31 @@ pub async fn run(
             ("KV sessions", Ok(()))
         });
     }
+    {
+        // service-defaults protocols, as the store has them, in the
+        // catalog that agents are sent.
+        let (mirror, catalog, stop) = (kv.mirror().clone(), catalog.clone(), shutdown.clone());
+        running.spawn(async move {
+            let mut changes = mirror.config_changes();
+            loop {
+                let protocols = mirror
+                    .configs()
+                    .into_iter()
+                    .filter_map(|(name, (_, _, entry))| {
+                        let p: signpost_core::model::Protocol = entry.protocol.parse().ok()?;
+                        Some((name, signpost_proto::Protocol::from(p).into()))
+                    })
+                    .collect();
+                catalog.set_protocols(protocols);
+                tokio::select! {
+                    _ = stop.cancelled() => return ("service-defaults", Ok(())),
+                    changed = changes.changed() => if changed.is_err() {
+                        return ("service-defaults", Err("the KV store's mirror is gone".to_string()));
+                    },
+                }
+            }
+        });
+    }
     let tokens = Arc::new(config.agent_tokens.clone());
     let service = sync::SyncService {
         catalog: catalog.clone(),

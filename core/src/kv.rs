@@ -144,6 +144,61 @@ mod base64_value {
     }
 }
 
+/// A `service-defaults` config entry: the protocol of a service's
+/// instances registered without one (Consul's shape, the part Signpost
+/// uses).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceDefaults {
+    pub kind: String,
+    pub name: String,
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub meta: std::collections::BTreeMap<String, String>,
+}
+
+impl ServiceDefaults {
+    /// Reads a `PUT /v1/config` body (any key casing); `name` is the
+    /// service a path names, if it does.
+    pub fn parse(body: &[u8], name: Option<&str>) -> Result<ServiceDefaults, String> {
+        let mut f = object(crate::request::body(body)?, "the config entry")?;
+        let kind = f
+            .string("kind")?
+            .unwrap_or_else(|| "service-defaults".to_string());
+        if kind != "service-defaults" {
+            return Err(format!(
+                "config entry kind {kind:?} is not supported: Signpost keeps service-defaults"
+            ));
+        }
+        let given = f.string("name")?.filter(|n| !n.is_empty());
+        let name = match (given, name) {
+            (Some(g), Some(n)) if g != n => {
+                return Err(format!("Name {g:?} is not the {n:?} the path names"));
+            }
+            (Some(g), _) => g,
+            (None, Some(n)) => n.to_string(),
+            (None, None) => return Err("Name is required".to_string()),
+        };
+        if !crate::model::valid_name(&name) {
+            return Err(format!("Name {name:?} is not a service name"));
+        }
+        let protocol = f
+            .string("protocol")?
+            .unwrap_or_else(|| "tcp".to_string())
+            .to_ascii_lowercase();
+        protocol
+            .parse::<crate::model::Protocol>()
+            .map_err(|e| format!("Protocol: {e}"))?;
+        let meta = f.string_map("meta")?;
+        Ok(ServiceDefaults {
+            kind,
+            name,
+            protocol,
+            meta,
+        })
+    }
+}
+
 /// What happens to the keys a session holds when it is invalidated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Behavior {

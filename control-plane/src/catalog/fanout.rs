@@ -136,7 +136,7 @@ impl Inner {
     pub(super) fn snapshot(&self, service: &str) -> ControlMessage {
         let upserts = self
             .instances_of(service)
-            .map(|(n, i)| Self::catalog_instance(n, i))
+            .map(|(n, i)| Self::catalog_instance(&self.protocols, n, i))
             .collect();
         ControlMessage {
             body: Some(Body::Update(ServiceUpdate {

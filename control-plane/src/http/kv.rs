@@ -514,3 +514,126 @@ pub(super) async fn list_events(
     kv_answer::headers(&mut response, index, freshness(&s));
     reader.answer(response)
 }
+
+/// A `service-defaults` entry as Consul answers it.
+fn config_json(entry: &signpost_core::kv::ServiceDefaults, create: u64, modify: u64) -> Value {
+    let mut v = serde_json::to_value(entry).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        map.insert("CreateIndex".into(), create.into());
+        map.insert("ModifyIndex".into(), modify.into());
+    }
+    v
+}
+
+/// `PUT /v1/config` and `PUT /v1/config/service-defaults/<name>`: a
+/// service's protocol for its instances registered without one.
+pub(super) async fn put_config(
+    State(s): State<HttpState>,
+    name: Option<Path<String>>,
+    request: Request,
+) -> Response {
+    let headers = request.headers().clone();
+    if signpost_daemon::token::presented(&headers).is_none()
+        && let Err(refused) = authorize(
+            &s,
+            &headers,
+            Resource::Service(""),
+            Access::Write,
+            "config.write",
+            "",
+        )
+    {
+        return refused.into_response();
+    }
+    let bytes = match body(request, 64 * 1024).await {
+        Ok(b) => b,
+        Err(answer) => return answer,
+    };
+    let entry = match signpost_core::kv::ServiceDefaults::parse(
+        &bytes,
+        name.as_ref().map(|Path(n)| n.as_str()),
+    ) {
+        Ok(e) => e,
+        Err(e) => return bad(e),
+    };
+    if let Err(refused) = authorize(
+        &s,
+        &headers,
+        Resource::Service(&entry.name),
+        Access::Write,
+        "config.write",
+        &entry.name,
+    ) {
+        return refused.into_response();
+    }
+    match s.kv.put_config(&entry.name.clone(), Some(&entry)).await {
+        Ok(index) => written(kv_answer::boolean(true), index),
+        Err(e) => failed(&e),
+    }
+}
+
+/// `GET /v1/config/service-defaults/<name>`.
+pub(super) async fn get_config(
+    State(s): State<HttpState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorize(
+        &s,
+        &headers,
+        Resource::Service(&name),
+        Access::Read,
+        "config.read",
+        &name,
+    ) {
+        return refused.into_response();
+    }
+    let configs = s.kv.mirror().configs();
+    match configs.get(&name) {
+        Some((create, modify, entry)) => {
+            let mut response = Json(config_json(entry, *create, *modify)).into_response();
+            kv_answer::headers(&mut response, *modify, freshness(&s));
+            response
+        }
+        None => text(
+            StatusCode::NOT_FOUND,
+            format!("Config entry not found for \"service-defaults\" / \"{name}\""),
+        ),
+    }
+}
+
+/// `GET /v1/config/service-defaults`: the entries the token may read.
+pub(super) async fn list_configs(State(s): State<HttpState>, reader: ReadFilter) -> Response {
+    let configs = s.kv.mirror().configs();
+    let index = configs.values().map(|(_, m, _)| *m).max().unwrap_or(1);
+    let listed: Vec<Value> = configs
+        .iter()
+        .filter(|(name, _)| reader.service(name))
+        .map(|(_, (c, m, e))| config_json(e, *c, *m))
+        .collect();
+    let mut response = Json(listed).into_response();
+    kv_answer::headers(&mut response, index, freshness(&s));
+    reader.answer(response)
+}
+
+/// `DELETE /v1/config/service-defaults/<name>`: `true`.
+pub(super) async fn delete_config(
+    State(s): State<HttpState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorize(
+        &s,
+        &headers,
+        Resource::Service(&name),
+        Access::Write,
+        "config.delete",
+        &name,
+    ) {
+        return refused.into_response();
+    }
+    match s.kv.put_config(&name, None).await {
+        Ok(index) => written(kv_answer::boolean(true), index),
+        Err(e) => failed(&e),
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use prost::Message as _;
 use signpost_core::event::UserEvent;
-use signpost_core::kv::{Behavior, KvPair};
+use signpost_core::kv::{Behavior, KvPair, ServiceDefaults};
 use signpost_proto::{KvDelay, KvSession, KvValue};
 use tokio::sync::{Notify, watch};
 
@@ -150,6 +150,8 @@ pub(super) struct Inner {
     session_index: u64,
     /// User events by ID, with the index they were stored at.
     pub(super) events: HashMap<String, (u64, UserEvent)>,
+    /// `service-defaults` entries by service: create and modify index.
+    pub(super) configs: BTreeMap<String, (u64, u64, ServiceDefaults)>,
 }
 
 impl Inner {
@@ -171,6 +173,8 @@ pub struct Mirror {
     sessions_changed: watch::Sender<u64>,
     /// The last event's index.
     events_changed: watch::Sender<u64>,
+    /// Bumped when a config entry changes.
+    configs_changed: watch::Sender<u64>,
 }
 
 impl Mirror {
@@ -185,6 +189,7 @@ impl Mirror {
             waiters: Mutex::new(HashMap::new()),
             sessions_changed: watch::Sender::new(0),
             events_changed: watch::Sender::new(0),
+            configs_changed: watch::Sender::new(0),
         }
     }
 
@@ -201,6 +206,7 @@ impl Mirror {
         let mut touched = Vec::new();
         let mut sessions = false;
         let mut fired = 0;
+        let mut configs = false;
         {
             let mut inner = self.lock();
             for change in changes {
@@ -298,6 +304,22 @@ impl Mirror {
                     (RecordKey::Event(id), None) => {
                         inner.events.remove(&id);
                     }
+                    (RecordKey::Config(service), Some(s)) => {
+                        match serde_json::from_slice::<ServiceDefaults>(&s.bytes) {
+                            Ok(entry) => {
+                                inner
+                                    .configs
+                                    .insert(service, (s.create_index, s.modify_index, entry));
+                                configs = true;
+                            }
+                            Err(e) => {
+                                tracing::error!(record = name, error = %e, "undecodable config entry skipped")
+                            }
+                        }
+                    }
+                    (RecordKey::Config(service), None) => {
+                        configs |= inner.configs.remove(&service).is_some();
+                    }
                 }
             }
             if inner.tombstones.len() > MAX_TOMBSTONES {
@@ -316,6 +338,9 @@ impl Mirror {
         self.wake(&touched);
         if sessions {
             self.sessions_changed.send_modify(|v| *v += 1);
+        }
+        if configs {
+            self.configs_changed.send_modify(|v| *v += 1);
         }
         if fired > 0 {
             self.events_changed.send_if_modified(|last| {
@@ -353,6 +378,7 @@ impl Mirror {
         }
         drop(waiters);
         self.sessions_changed.send_modify(|v| *v += 1);
+        self.configs_changed.send_modify(|v| *v += 1);
     }
 
     /// Wakes the waiters of every prefix of the keys changed.
@@ -525,6 +551,17 @@ impl Mirror {
     pub async fn wait_events(&self, after: u64, timeout: Duration) {
         let mut rx = self.events_changed.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|last| *last > after)).await;
+    }
+
+    /// Every `service-defaults` entry: service → (create index, modify
+    /// index, entry).
+    pub fn configs(&self) -> BTreeMap<String, (u64, u64, ServiceDefaults)> {
+        self.lock().configs.clone()
+    }
+
+    /// Changes of the config entries.
+    pub fn config_changes(&self) -> watch::Receiver<u64> {
+        self.configs_changed.subscribe()
     }
 
     /// Lock delays that have passed by `now_ms`.

@@ -57,6 +57,7 @@ pub(super) struct Plan<'a> {
     sessions: BTreeMap<String, Option<Session>>,
     delays: BTreeMap<String, Option<u64>>,
     events: BTreeMap<String, Option<Vec<u8>>>,
+    configs: BTreeMap<String, Option<Vec<u8>>>,
     expect: BTreeMap<RecordKey, Option<u64>>,
 }
 
@@ -68,6 +69,7 @@ impl<'a> Plan<'a> {
             sessions: BTreeMap::new(),
             delays: BTreeMap::new(),
             events: BTreeMap::new(),
+            configs: BTreeMap::new(),
             expect: BTreeMap::new(),
         }
     }
@@ -87,6 +89,9 @@ impl<'a> Plan<'a> {
         }
         for (id, record) in self.events {
             writes.push((RecordKey::Event(id), record));
+        }
+        for (name, record) in self.configs {
+            writes.push((RecordKey::Config(name), record));
         }
         (self.expect.into_iter().collect(), writes)
     }
@@ -394,6 +399,16 @@ impl<'a> Plan<'a> {
             event.id.clone(),
             Some(serde_json::to_vec(event).unwrap_or_default()),
         );
+    }
+
+    /// Writes or deletes a `service-defaults` entry.
+    pub(super) fn put_config(&mut self, service: &str, record: Option<Vec<u8>>) {
+        let found = self.base.configs.get(service).map(|(_, modify, _)| *modify);
+        self.expect
+            .insert(RecordKey::Config(service.to_string()), found);
+        if record.is_some() || found.is_some() {
+            self.configs.insert(service.to_string(), record);
+        }
     }
 
     /// Deletes the lock delays that have passed.

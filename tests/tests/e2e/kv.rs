@@ -663,3 +663,92 @@ async fn external_services_registered_in_the_catalog_reach_every_agent() {
         })
         .await;
 }
+
+#[tokio::test]
+async fn service_defaults_make_a_library_registered_service_http_in_the_proxy() {
+    use signpost_tests::upstream::{proxy_config, spread, upstreams, vip_client};
+    let cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let web = upstreams("web", 2).await;
+    let a = Agent::start_named("sd-a", &join).await;
+    // Registered as a Consul library does: no protocol.
+    for u in &web {
+        let body = json!({"ID": format!("web-{}", u.addr.ip()), "Name": "web", "Address": u.addr.ip().to_string(), "Port": u.addr.port()});
+        let r = a.put("/v1/agent/service/register", Some(body)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let b = Agent::start_named(
+        "sd-b",
+        &format!(
+            "{join}{}",
+            proxy_config("  defaults:\n    balancer: round_robin\n")
+        ),
+    )
+    .await;
+    let (c, url) = vip_client(&b, "web", web[0].addr.port()).await;
+    // TCP: one client connection goes to one instance.
+    b.eventually("web reachable through the VIP", || async {
+        c.get(&url)
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(|_| ())
+    })
+    .await;
+    assert_eq!(
+        spread(&c, &url, 10).await.len(),
+        1,
+        "L4: one connection, one instance"
+    );
+
+    let defaults = json!({"Kind": "service-defaults", "Name": "web", "Protocol": "http"});
+    assert_eq!(
+        put(&b, "/v1/config", &defaults.to_string()).await,
+        (200, "true".into())
+    );
+    let entry = b.get("/v1/config/service-defaults/web").await;
+    assert_eq!(entry.status, 200, "{}", entry.text);
+    assert_eq!(entry.json()["Protocol"], "http");
+    assert_eq!(
+        b.get("/v1/config/service-defaults")
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // HTTP: requests, not connections, are balanced (on a new
+    // connection: one opened before is spliced through as it was).
+    b.eventually("web balanced per request", || async {
+        let (c, url) = vip_client(&b, "web", web[0].addr.port()).await;
+        (spread(&c, &url, 10).await.len() == 2).then_some(())
+    })
+    .await;
+    // Bad entries are named; deleting it makes web TCP again.
+    let (status, text) = put(
+        &b,
+        "/v1/config",
+        &json!({"Kind": "service-defaults", "Name": "web", "Protocol": "smtp"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = put(
+        &b,
+        "/v1/config",
+        &json!({"Kind": "proxy-defaults", "Name": "global"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(
+        delete(&b, "/v1/config/service-defaults/web").await,
+        (200, "true".into())
+    );
+    assert_eq!(b.get("/v1/config/service-defaults/web").await.status, 404);
+    b.eventually("web back to one instance per connection", || async {
+        let (c, url) = vip_client(&b, "web", web[0].addr.port()).await;
+        (spread(&c, &url, 10).await.len() == 1).then_some(())
+    })
+    .await;
+}
