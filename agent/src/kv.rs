@@ -97,6 +97,9 @@ pub(crate) enum Fetch {
 
 pub(crate) struct KvCache {
     units: Mutex<HashMap<UnitKey, Unit>>,
+    /// One read of the control plane at a time per key: clients that
+    /// miss together wait for the first one's answer.
+    filling: Mutex<HashMap<UnitKey, Arc<tokio::sync::Mutex<()>>>>,
     path: PathBuf,
     dirty: Notify,
     http: Arc<ControlPlaneHttp>,
@@ -192,6 +195,7 @@ impl KvCache {
         let keys: Vec<UnitKey> = units.keys().cloned().collect();
         let cache = Arc::new(KvCache {
             units: Mutex::new(units),
+            filling: Mutex::new(HashMap::new()),
             path,
             dirty: Notify::new(),
             http,
@@ -240,8 +244,42 @@ impl KvCache {
         tree: bool,
         token: Option<&str>,
     ) -> Result<Snapshot, Fetch> {
-        let (index, entries, filtered) = self.fetch(key, tree, token, None).await?;
         let unit_key = UnitKey::new(key, tree, token);
+        let gate = self
+            .filling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(unit_key.clone())
+            .or_default()
+            .clone();
+        let filled = {
+            let _one = gate.lock().await;
+            // Filled while this one waited: that answer is as fresh.
+            match self.lookup(key, tree, token).filter(|s| s.healthy) {
+                Some(snapshot) => Ok(snapshot),
+                None => self.fill_now(unit_key.clone()).await,
+            }
+        };
+        let mut filling = self
+            .filling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if filling
+            .get(&unit_key)
+            .is_some_and(|g| Arc::strong_count(g) == 2)
+        {
+            filling.remove(&unit_key);
+        }
+        filled
+    }
+
+    async fn fill_now(self: &Arc<Self>, unit_key: UnitKey) -> Result<Snapshot, Fetch> {
+        let (key, tree, token) = (
+            unit_key.key.as_str(),
+            unit_key.tree,
+            unit_key.token.as_deref(),
+        );
+        let (index, entries, filtered) = self.fetch(key, tree, token, None).await?;
         let started = {
             let mut units = self.lock();
             let new = !units.contains_key(&unit_key);

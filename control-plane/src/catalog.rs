@@ -234,56 +234,8 @@ impl Catalog {
     /// [`Catalog::store_node`]).
     pub fn put_external(&self, node: &str, record: Option<NodeSnapshot>) {
         let mut inner = self.lock();
-        match record.and_then(|r| r.hello.map(|h| (h, r.instances, r.node_checks))) {
-            Some((hello, instances, node_checks)) => {
-                let entry = inner
-                    .nodes
-                    .entry(node.to_string())
-                    .or_insert_with(|| NodeEntry {
-                        hello: hello.clone(),
-                        instances: BTreeMap::new(),
-                        node_checks: Vec::new(),
-                        session: None,
-                        liveness: Liveness::alive(),
-                    });
-                let hello_changed = entry.hello != hello;
-                entry.hello = hello;
-                let removed = entry
-                    .instances
-                    .keys()
-                    .filter(|id| !instances.iter().any(|i| &i.id == *id))
-                    .cloned()
-                    .collect();
-                inner.apply(
-                    node,
-                    Delta {
-                        upserts: instances,
-                        removed,
-                        node_checks_changed: true,
-                        node_checks,
-                    },
-                );
-                if hello_changed {
-                    inner.node_changed(node);
-                }
-            }
-            None => {
-                let ids: Vec<String> = inner
-                    .nodes
-                    .get(node)
-                    .map(|n| n.instances.keys().cloned().collect())
-                    .unwrap_or_default();
-                inner.apply(
-                    node,
-                    Delta {
-                        removed: ids,
-                        ..Delta::default()
-                    },
-                );
-                inner.nodes.remove(node);
-            }
-        }
-        inner.names = inner.compute_names();
+        let record = record.and_then(|r| r.hello.map(|h| (h, r.instances, r.node_checks)));
+        inner.set_record(node, record, |_, _| Liveness::alive());
         drop(inner);
         self.changed();
     }
@@ -445,6 +397,74 @@ impl Inner {
         }
         if !changes.is_empty() {
             self.publish(changes);
+        }
+    }
+
+    /// Sets `node` to what its record says (its Hello, instances and
+    /// node checks), a new node with the liveness `new` gives it; `None`
+    /// removes it with its instances.
+    pub(crate) fn set_record(
+        &mut self,
+        node: &str,
+        record: Option<(Hello, Vec<Instance>, Vec<Check>)>,
+        new: impl FnOnce(&Inner, &Hello) -> Liveness,
+    ) {
+        match record {
+            Some((hello, instances, node_checks)) => {
+                if !self.nodes.contains_key(node) {
+                    let liveness = new(self, &hello);
+                    self.nodes.insert(
+                        node.to_string(),
+                        NodeEntry {
+                            hello: hello.clone(),
+                            instances: BTreeMap::new(),
+                            node_checks: Vec::new(),
+                            session: None,
+                            liveness,
+                        },
+                    );
+                }
+                let removed = self.nodes.get(node).map_or_else(Vec::new, |n| {
+                    n.instances
+                        .keys()
+                        .filter(|id| !instances.iter().any(|i| &i.id == *id))
+                        .cloned()
+                        .collect()
+                });
+                let hello_changed = self.nodes.get_mut(node).is_some_and(|n| {
+                    let changed = n.hello != hello;
+                    n.hello = hello;
+                    changed
+                });
+                self.apply(
+                    node,
+                    Delta {
+                        upserts: instances,
+                        removed,
+                        node_checks_changed: true,
+                        node_checks,
+                    },
+                );
+                // The node's address or zone is part of every instance.
+                if hello_changed {
+                    self.node_changed(node);
+                }
+            }
+            None => {
+                let ids: Vec<String> = self
+                    .nodes
+                    .get(node)
+                    .map(|n| n.instances.keys().cloned().collect())
+                    .unwrap_or_default();
+                self.apply(
+                    node,
+                    Delta {
+                        removed: ids,
+                        ..Delta::default()
+                    },
+                );
+                self.nodes.remove(node);
+            }
         }
     }
 

@@ -90,67 +90,14 @@ impl Catalog {
     pub fn store_node(&self, node: &str, record: Option<NodeSnapshot>, revision: u64) {
         let mut inner = self.lock();
         inner.revision = Some(revision);
-        match record.and_then(|r| r.hello.map(|h| (h, r.instances, r.node_checks))) {
-            Some((hello, instances, node_checks)) => {
-                if !inner.nodes.contains_key(node) {
-                    let liveness = if hello.external {
-                        Liveness::alive()
-                    } else {
-                        inner.shared_liveness(node)
-                    };
-                    inner.nodes.insert(
-                        node.to_string(),
-                        NodeEntry {
-                            hello: hello.clone(),
-                            instances: BTreeMap::new(),
-                            node_checks: Vec::new(),
-                            session: None,
-                            liveness,
-                        },
-                    );
-                }
-                let removed = inner.nodes.get(node).map_or_else(Vec::new, |n| {
-                    n.instances
-                        .keys()
-                        .filter(|id| !instances.iter().any(|i| &i.id == *id))
-                        .cloned()
-                        .collect()
-                });
-                let hello_changed = inner.nodes.get_mut(node).is_some_and(|n| {
-                    let changed = n.hello != hello;
-                    n.hello = hello;
-                    changed
-                });
-                inner.apply(
-                    node,
-                    Delta {
-                        upserts: instances,
-                        removed,
-                        node_checks_changed: true,
-                        node_checks,
-                    },
-                );
-                // The node's address or zone is part of every instance.
-                if hello_changed {
-                    inner.node_changed(node);
-                }
+        let record = record.and_then(|r| r.hello.map(|h| (h, r.instances, r.node_checks)));
+        inner.set_record(node, record, |inner, hello| {
+            if hello.external {
+                Liveness::alive()
+            } else {
+                inner.shared_liveness(node)
             }
-            None => {
-                let ids: Vec<String> = inner
-                    .nodes
-                    .get(node)
-                    .map(|n| n.instances.keys().cloned().collect())
-                    .unwrap_or_default();
-                inner.apply(
-                    node,
-                    Delta {
-                        removed: ids,
-                        ..Delta::default()
-                    },
-                );
-                inner.nodes.remove(node);
-            }
-        }
+        });
         inner.revision = None;
     }
 
