@@ -19,6 +19,7 @@ mod mirror;
 mod plan;
 pub mod sessions;
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -120,6 +121,26 @@ pub enum KvError {
     Contended(String),
 }
 
+impl KvError {
+    /// The same error, for every write of a batch that failed.
+    fn again(&self) -> KvError {
+        match self {
+            KvError::Store(StoreError::Unavailable { reason }) => {
+                KvError::Store(StoreError::Unavailable {
+                    reason: reason.clone(),
+                })
+            }
+            KvError::Store(StoreError::Io { path, source }) => KvError::Store(StoreError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            }),
+            KvError::Store(other) => KvError::Contended(other.to_string()),
+            KvError::Invalid(m) => KvError::Invalid(m.clone()),
+            KvError::Contended(m) => KvError::Contended(m.clone()),
+        }
+    }
+}
+
 /// The store as the HTTP API uses it.
 pub struct Kv {
     mirror: Arc<Mirror>,
@@ -127,7 +148,13 @@ pub struct Kv {
     /// One writer at a time on this replica: plans are made against the
     /// mirror as the last commit left it.
     writer: tokio::sync::Mutex<()>,
+    /// Writes waiting for the writer.
+    queue: std::sync::Mutex<Vec<(Job, Reply)>>,
 }
+
+/// A queued write: plans itself, answering what its caller gets.
+type Job = Box<dyn FnMut(&mut plan::Plan<'_>) -> Box<dyn Any + Send> + Send>;
+type Reply = tokio::sync::oneshot::Sender<Result<(Box<dyn Any + Send>, Option<u64>), KvError>>;
 
 impl Kv {
     pub fn new(mirror: Arc<Mirror>, backend: Arc<dyn Backend>) -> Kv {
@@ -135,6 +162,7 @@ impl Kv {
             mirror,
             backend,
             writer: tokio::sync::Mutex::new(()),
+            queue: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -152,32 +180,80 @@ impl Kv {
 
     /// Plans with `f` against the mirror and commits, planning again
     /// after a lost race; `f` returns what the caller gets and the plan.
-    async fn write<R>(
+    ///
+    /// Group commit: a write is queued, and whoever holds the writer
+    /// plans every queued write in turn (each sees the ones before it)
+    /// and commits them as one transaction, one fsync (or one etcd
+    /// transaction) for all, each answered with the index they share.
+    async fn write<R: Send + 'static>(
         &self,
-        mut f: impl FnMut(&mut plan::Plan<'_>) -> R,
+        mut f: impl FnMut(&mut plan::Plan<'_>) -> R + Send + 'static,
     ) -> Result<(R, Option<u64>), KvError> {
-        let _one = self.writer.lock().await;
-        for _ in 0..MAX_REPLANS {
-            let (answer, expect, writes) = self.mirror.plan(&mut f);
-            if writes.is_empty() {
-                return Ok((answer, None));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |p| Box::new(f(p)) as Box<dyn Any + Send>);
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((job, reply));
+        {
+            let _one = self.writer.lock().await;
+            let batch = std::mem::take(
+                &mut *self
+                    .queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            if !batch.is_empty() {
+                self.commit_batch(batch).await;
             }
-            match self.backend.commit(expect, writes).await? {
-                Some(index) => {
-                    self.mirror.wait_applied(index, APPLY_WAIT).await;
-                    return Ok((answer, Some(index)));
+        }
+        let (answer, index) = answer
+            .await
+            .map_err(|_| KvError::Contended("the write was dropped; try again".into()))??;
+        answer
+            .downcast::<R>()
+            .map(|a| (*a, index))
+            .map_err(|_| KvError::Contended("a write's answer of another type".into()))
+    }
+
+    /// Plans and commits `batch` (see [`Kv::write`]), answering each.
+    async fn commit_batch(&self, mut batch: Vec<(Job, Reply)>) {
+        let outcome = async {
+            for _ in 0..MAX_REPLANS {
+                let (answers, expect, writes) = self.mirror.plan_batch(&mut batch);
+                if writes.is_empty() {
+                    return Ok((answers, None));
                 }
-                // Another replica wrote what the plan read: wait for the
-                // mirror to have it and plan again.
-                None => {
-                    let latest = self.backend.latest().await?;
-                    self.mirror.wait_applied(latest, APPLY_WAIT).await;
+                match self.backend.commit(expect, writes).await? {
+                    Some(index) => {
+                        self.mirror.wait_applied(index, APPLY_WAIT).await;
+                        return Ok((answers, Some(index)));
+                    }
+                    // Another replica wrote what the plan read: wait for
+                    // the mirror to have it and plan again.
+                    None => {
+                        let latest = self.backend.latest().await?;
+                        self.mirror.wait_applied(latest, APPLY_WAIT).await;
+                    }
+                }
+            }
+            Err(KvError::Contended(format!(
+                "the write lost {MAX_REPLANS} races with other replicas in a row; try again"
+            )))
+        }
+        .await;
+        match outcome {
+            Ok((answers, index)) => {
+                for ((answer, wrote), (_, reply)) in answers.into_iter().zip(batch) {
+                    let _ = reply.send(Ok((answer, index.filter(|_| wrote))));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(e.again()));
                 }
             }
         }
-        Err(KvError::Contended(format!(
-            "the write lost {MAX_REPLANS} races with other replicas in a row; try again"
-        )))
     }
 
     /// A transaction: every operation applies, or none (the failures,
@@ -188,7 +264,8 @@ impl Kv {
         ops: &[TxnOp],
     ) -> Result<(Result<Vec<TxnResult>, Vec<OpFailure>>, Option<u64>), KvError> {
         let now = now_ms();
-        let (outcome, index) = self.write(|p| p.txn(ops, now)).await?;
+        let ops = ops.to_vec();
+        let (outcome, index) = self.write(move |p| p.txn(&ops, now)).await?;
         Ok((
             match outcome {
                 Ok(mut results) => {
@@ -220,7 +297,8 @@ impl Kv {
     pub async fn create_session(&self, spec: &SessionSpec, node: &str) -> Result<String, KvError> {
         let id = new_uuid();
         let now = now_ms();
-        self.write(|p| p.create_session(&id, spec, node, now))
+        let (spec, node, for_plan) = (spec.clone(), node.to_string(), id.clone());
+        self.write(move |p| p.create_session(&for_plan, &spec, &node, now))
             .await?;
         Ok(id)
     }
@@ -228,7 +306,8 @@ impl Kv {
     /// Renews a session's TTL: the session, or `None` when it is gone.
     pub async fn renew_session(&self, id: &str) -> Result<Option<Session>, KvError> {
         let now = now_ms();
-        let (found, _) = self.write(|p| p.renew_session(id, now)).await?;
+        let for_plan = id.to_string();
+        let (found, _) = self.write(move |p| p.renew_session(&for_plan, now)).await?;
         Ok(if found { self.mirror.session(id) } else { None })
     }
 
@@ -236,7 +315,8 @@ impl Kv {
     /// deleted (its behavior), with its lock delay. Whether it existed.
     pub async fn end_session(&self, id: &str, why: &str) -> Result<bool, KvError> {
         let now = now_ms();
-        let (found, _) = self.write(|p| p.end_session(id, now)).await?;
+        let for_plan = id.to_string();
+        let (found, _) = self.write(move |p| p.end_session(&for_plan, now)).await?;
         if found {
             tracing::info!(session = id, reason = why, "session ended");
         }
@@ -248,7 +328,8 @@ impl Kv {
     /// event, its `LTime` the index it was stored at.
     pub async fn fire(&self, mut event: UserEvent) -> Result<UserEvent, KvError> {
         event.id = new_uuid();
-        let (_, index) = self.write(|p| p.fire_event(&event)).await?;
+        let for_plan = event.clone();
+        let (_, index) = self.write(move |p| p.fire_event(&for_plan)).await?;
         event.ltime = index.unwrap_or(0);
         Ok(event)
     }
@@ -262,7 +343,10 @@ impl Kv {
     ) -> Result<Option<u64>, KvError> {
         let record = entry.map(|e| serde_json::to_vec(e).unwrap_or_default());
         let (_, index) = self
-            .write(|p| p.put_config(service, record.clone()))
+            .write({
+                let service = service.to_string();
+                move |p| p.put_config(&service, record.clone())
+            })
             .await?;
         Ok(index)
     }
@@ -270,7 +354,7 @@ impl Kv {
     /// Deletes lock delays that have passed.
     pub async fn forget_delays(&self) -> Result<(), KvError> {
         let now = now_ms();
-        self.write(|p| p.forget_delays(now)).await?;
+        self.write(move |p| p.forget_delays(now)).await?;
         Ok(())
     }
 }

@@ -343,6 +343,38 @@ mod tests {
         assert_eq!(results[2].kv.value.as_deref(), Some(&b"1"[..]));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_each_keep_their_answer_when_grouped() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(open(dir.path()));
+        let mut cas = op(Verb::Cas, "race", "first");
+        cas.index = 0;
+        let writers: Vec<_> = (0..64)
+            .map(|i| {
+                let (kv, cas) = (kv.clone(), cas.clone());
+                tokio::spawn(async move {
+                    let mine = kv
+                        .apply(op(Verb::Set, &format!("many/{i}"), "v"))
+                        .await
+                        .unwrap();
+                    let raced = kv.apply(cas).await.unwrap();
+                    (mine, raced)
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for w in writers {
+            let ((applied, index), (raced, _)) = w.await.unwrap();
+            assert!(
+                applied && index.is_some(),
+                "every set applies with an index"
+            );
+            won += usize::from(raced);
+        }
+        assert_eq!(won, 1, "one cas=0 creates, whatever the batching");
+        assert_eq!(kv.mirror().keys("many/").1.len(), 64);
+    }
+
     #[tokio::test]
     async fn a_waiter_wakes_for_its_prefix_only() {
         let dir = tempfile::tempdir().unwrap();

@@ -413,16 +413,29 @@ impl Mirror {
         let _ = tokio::time::timeout(timeout, rx.wait_for(|applied| *applied >= index)).await;
     }
 
-    /// A plan made by `f` against the mirror as it is now.
-    pub(super) fn plan<R>(
+    /// One plan for a batch of writes against the mirror as it is now,
+    /// each write seeing the ones before it: what each answers and
+    /// whether it wrote, and what the batch reads and writes.
+    pub(super) fn plan_batch(
         &self,
-        f: &mut impl FnMut(&mut Plan<'_>) -> R,
-    ) -> (R, Vec<Expect>, Vec<Write>) {
+        batch: &mut [(super::Job, super::Reply)],
+    ) -> (
+        Vec<(Box<dyn std::any::Any + Send>, bool)>,
+        Vec<Expect>,
+        Vec<Write>,
+    ) {
         let inner = self.lock();
         let mut plan = Plan::new(&inner);
-        let answer = f(&mut plan);
+        let answers = batch
+            .iter_mut()
+            .map(|(job, _)| {
+                let before = plan.changes();
+                let answer = job(&mut plan);
+                (answer, plan.changes() != before)
+            })
+            .collect();
         let (expect, writes) = plan.finish();
-        (answer, expect, writes)
+        (answers, expect, writes)
     }
 
     /// The index of `key` (`recurse`: of everything under it): the last

@@ -59,6 +59,19 @@ pub(super) struct Plan<'a> {
     events: BTreeMap<String, Option<Vec<u8>>>,
     configs: BTreeMap<String, Option<Vec<u8>>>,
     expect: BTreeMap<RecordKey, Option<u64>>,
+    /// How many changes were planned (a write of a batch that changed
+    /// nothing gets no index).
+    changes: u64,
+}
+
+/// What a plan had planned at one point, to go back to.
+struct Savepoint {
+    entries: BTreeMap<String, Option<Entry>>,
+    sessions: BTreeMap<String, Option<Session>>,
+    delays: BTreeMap<String, Option<u64>>,
+    events: BTreeMap<String, Option<Vec<u8>>>,
+    configs: BTreeMap<String, Option<Vec<u8>>>,
+    changes: u64,
 }
 
 impl<'a> Plan<'a> {
@@ -71,7 +84,33 @@ impl<'a> Plan<'a> {
             events: BTreeMap::new(),
             configs: BTreeMap::new(),
             expect: BTreeMap::new(),
+            changes: 0,
         }
+    }
+
+    /// How many changes were planned so far.
+    pub(super) fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    fn savepoint(&self) -> Savepoint {
+        Savepoint {
+            entries: self.entries.clone(),
+            sessions: self.sessions.clone(),
+            delays: self.delays.clone(),
+            events: self.events.clone(),
+            configs: self.configs.clone(),
+            changes: self.changes,
+        }
+    }
+
+    fn restore(&mut self, to: Savepoint) {
+        self.entries = to.entries;
+        self.sessions = to.sessions;
+        self.delays = to.delays;
+        self.events = to.events;
+        self.configs = to.configs;
+        self.changes = to.changes;
     }
 
     /// The expectations and writes of the plan.
@@ -159,12 +198,14 @@ impl<'a> Plan<'a> {
         entry.modify_index = PENDING;
         let pair = entry.pair(key, false);
         self.entries.insert(key.to_string(), Some(entry));
+        self.changes += 1;
         pair
     }
 
     fn delete(&mut self, key: &str) {
         if self.entry(key).is_some() {
             self.entries.insert(key.to_string(), None);
+            self.changes += 1;
         }
     }
 
@@ -186,15 +227,15 @@ impl<'a> Plan<'a> {
         ops: &[TxnOp],
         now_ms: u64,
     ) -> Result<Vec<TxnResult>, Vec<OpFailure>> {
+        // Other writes of the batch planned before this one stay.
+        let start = self.savepoint();
         let mut results = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             match self.op(op, now_ms) {
                 Ok(pairs) => results.extend(pairs.into_iter().map(|kv| TxnResult { kv })),
                 Err((what, invalid)) => {
                     // Nothing of a failed transaction is written.
-                    self.entries.clear();
-                    self.sessions.clear();
-                    self.delays.clear();
+                    self.restore(start);
                     return Err(vec![OpFailure {
                         op_index: i,
                         what,
@@ -330,6 +371,7 @@ impl<'a> Plan<'a> {
                 create_index: PENDING,
             }),
         );
+        self.changes += 1;
     }
 
     /// Whether the session exists (and was renewed).
@@ -339,6 +381,7 @@ impl<'a> Plan<'a> {
         };
         session.renewed_ms = now_ms;
         self.sessions.insert(id.to_string(), Some(session));
+        self.changes += 1;
         true
     }
 
@@ -373,9 +416,11 @@ impl<'a> Plan<'a> {
                     now_ms + u64::try_from(session.lock_delay.as_millis()).unwrap_or(u64::MAX / 2);
                 let _ = self.delay(&key);
                 self.delays.insert(key, Some(until));
+                self.changes += 1;
             }
         }
         self.sessions.insert(id.to_string(), None);
+        self.changes += 1;
         true
     }
 
@@ -392,6 +437,7 @@ impl<'a> Plan<'a> {
                 self.expect
                     .insert(RecordKey::Event(id.clone()), Some(modify));
                 self.events.insert(id, None);
+                self.changes += 1;
             }
         }
         self.expect.insert(RecordKey::Event(event.id.clone()), None);
@@ -399,6 +445,7 @@ impl<'a> Plan<'a> {
             event.id.clone(),
             Some(serde_json::to_vec(event).unwrap_or_default()),
         );
+        self.changes += 1;
     }
 
     /// Writes or deletes a `service-defaults` entry.
@@ -408,6 +455,7 @@ impl<'a> Plan<'a> {
             .insert(RecordKey::Config(service.to_string()), found);
         if record.is_some() || found.is_some() {
             self.configs.insert(service.to_string(), record);
+            self.changes += 1;
         }
     }
 
@@ -423,6 +471,7 @@ impl<'a> Plan<'a> {
         for key in passed {
             let _ = self.delay(&key);
             self.delays.insert(key, None);
+            self.changes += 1;
         }
     }
 }

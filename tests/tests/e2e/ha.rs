@@ -485,11 +485,15 @@ async fn kv_and_locks_hold_across_replicas() {
         &format!("{}  http: https://{}\n", join(&[&r1], &r1), r1.http),
     )
     .await;
-    let created = a
-        .put("/v1/session/create", Some(json!({"LockDelay": "0s"})))
+    // Once the agent has joined, a session can be made on its node.
+    let s1 = a
+        .eventually("a session on the agent's node", || async {
+            let created = a
+                .put("/v1/session/create", Some(json!({"LockDelay": "0s"})))
+                .await;
+            (created.status == 200).then(|| created.json()["ID"].as_str().unwrap().to_string())
+        })
         .await;
-    assert_eq!(created.status, 200, "{}", created.text);
-    let s1 = created.json()["ID"].as_str().unwrap().to_string();
     let created = a
         .put("/v1/session/create", Some(json!({"LockDelay": "0s"})))
         .await;

@@ -22,6 +22,15 @@ async fn fleet(n: usize) -> (ControlPlane, Vec<Agent>) {
     for i in 0..n {
         agents.push(Agent::start_named(&format!("kv-node-{i}"), &join).await);
     }
+    // Sessions need their node in the catalog: every agent has joined.
+    if let Some(first) = agents.first() {
+        first
+            .eventually("every agent in the control plane's catalog", || async {
+                let nodes = cp.get("/v1/nodes").await.json();
+                (nodes.as_array().map_or(0, Vec::len) >= n).then_some(())
+            })
+            .await;
+    }
     (cp, agents)
 }
 
