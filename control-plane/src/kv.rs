@@ -154,6 +154,9 @@ pub struct Kv {
 
 /// A queued write: plans itself, answering what its caller gets.
 type Job = Box<dyn FnMut(&mut plan::Plan<'_>) -> Box<dyn Any + Send> + Send>;
+/// A batch's plan: each write's answer and whether it wrote, and what
+/// the batch reads and writes.
+type Planned = (Vec<(Box<dyn Any + Send>, bool)>, Vec<Expect>, Vec<Write>);
 type Reply = tokio::sync::oneshot::Sender<Result<(Box<dyn Any + Send>, Option<u64>), KvError>>;
 
 impl Kv {

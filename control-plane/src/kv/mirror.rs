@@ -13,7 +13,7 @@ use signpost_proto::{KvDelay, KvSession, KvValue};
 use tokio::sync::{Notify, watch};
 
 use super::plan::Plan;
-use super::{Change, Expect, RecordKey, Write};
+use super::{Change, RecordKey};
 
 /// Most deleted keys remembered for blocking queries' indexes; the
 /// oldest are forgotten beyond (their index becomes the floor).
@@ -416,14 +416,7 @@ impl Mirror {
     /// One plan for a batch of writes against the mirror as it is now,
     /// each write seeing the ones before it: what each answers and
     /// whether it wrote, and what the batch reads and writes.
-    pub(super) fn plan_batch(
-        &self,
-        batch: &mut [(super::Job, super::Reply)],
-    ) -> (
-        Vec<(Box<dyn std::any::Any + Send>, bool)>,
-        Vec<Expect>,
-        Vec<Write>,
-    ) {
+    pub(super) fn plan_batch(&self, batch: &mut [(super::Job, super::Reply)]) -> super::Planned {
         let inner = self.lock();
         let mut plan = Plan::new(&inner);
         let answers = batch
