@@ -230,7 +230,7 @@ fn routes() -> Routes<Api> {
         .on(Method::Delete, "/v1/kv/{*key}", kv::change)
         .put("/v1/txn", kv::txn)
         .put("/v1/session/create", kv::create_session)
-        .put("/v1/session/destroy/{id}", kv::pass)
+        .put("/v1/session/destroy/{id}", kv::destroy_session)
         .put("/v1/session/renew/{id}", kv::pass)
         .get("/v1/session/info/{id}", kv::pass)
         .get("/v1/session/node/{node}", kv::pass)

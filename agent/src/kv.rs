@@ -481,6 +481,20 @@ impl KvCache {
         }
     }
 
+    /// The cached keys that session `id` holds.
+    pub(crate) fn held_by(&self, id: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .lock()
+            .values()
+            .flat_map(|u| u.entries.iter())
+            .filter(|e| e.session.as_deref() == Some(id))
+            .map(|e| e.key.clone())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     /// After a write of `key` at `index` through this agent, waits (a
     /// little) until every cached unit that holds `key` shows it, so the
     /// writer reads its own write here.

@@ -317,13 +317,19 @@ impl Kv {
     /// Destroys or invalidates a session: its locks released or its keys
     /// deleted (its behavior), with its lock delay. Whether it existed.
     pub async fn end_session(&self, id: &str, why: &str) -> Result<bool, KvError> {
+        Ok(self.end_session_at(id, why).await?.is_some())
+    }
+
+    /// [`Kv::end_session`], with the index its keys were released (or
+    /// deleted) at: `None` when there was no such session.
+    pub async fn end_session_at(&self, id: &str, why: &str) -> Result<Option<u64>, KvError> {
         let now = now_ms();
         let for_plan = id.to_string();
-        let (found, _) = self.write(move |p| p.end_session(&for_plan, now)).await?;
+        let (found, index) = self.write(move |p| p.end_session(&for_plan, now)).await?;
         if found {
             tracing::info!(session = id, reason = why, "session ended");
         }
-        Ok(found)
+        Ok(index.filter(|_| found))
     }
 
     /// Fires a user event: kept with the last

@@ -187,6 +187,18 @@ pub(crate) async fn txn(State(api): State<Api>, request: Request) -> Response {
     .await
 }
 
+/// `PUT /v1/session/destroy/<id>`: forwarded; then the cached keys the
+/// session held are waited for until they show it gone, so the caller
+/// reads them free here.
+pub(crate) async fn destroy_session(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let held = api.kv.as_ref().map(|c| c.held_by(&id)).unwrap_or_default();
+    write(&api, request, 64 * 1024, |_| held).await
+}
+
 /// `PUT /v1/session/create`: on this agent's node unless the body says.
 pub(crate) async fn create_session(State(api): State<Api>, request: Request) -> Response {
     let headers = request.headers().clone();

@@ -14,7 +14,7 @@ use signpost_core::request::{Fields, object};
 use signpost_proto::{Check, Hello, Instance, NodeSnapshot, reported};
 
 use super::HttpState;
-use super::acl::authorize;
+use super::acl::{anonymous_write, authorize};
 use signpost_daemon::kv_answer::{boolean, text};
 
 /// Largest registration body.
@@ -32,10 +32,8 @@ async fn fields(
     let headers = request.headers().clone();
     // Without a token under a deny policy nothing can be registered:
     // said before the body is read.
-    if signpost_daemon::token::presented(&headers).is_none() {
-        authorize(s, &headers, Resource::Node(""), Access::Write, action, "")
-            .map_err(IntoResponse::into_response)?;
-    }
+    anonymous_write(s, &headers, Resource::Node(""), action)
+        .map_err(IntoResponse::into_response)?;
     let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY)
         .await
         .map_err(|_| {

@@ -16,7 +16,7 @@ use signpost_daemon::kv_answer::{self, Freshness, text};
 use signpost_daemon::read_filter::ReadFilter;
 
 use super::HttpState;
-use super::acl::authorize;
+use super::acl::{anonymous_write, authorize};
 use crate::kv::KvError;
 
 fn bad(message: impl Into<String>) -> Response {
@@ -214,10 +214,7 @@ pub(super) async fn txn(State(s): State<HttpState>, request: Request) -> Respons
     let headers = request.headers().clone();
     // Without a token under a deny policy nothing can be written: said
     // before the body is read.
-    if signpost_daemon::token::presented(&headers).is_none()
-        && let Err(refused) =
-            authorize(&s, &headers, Resource::Key(""), Access::Write, "kv.txn", "")
-    {
+    if let Err(refused) = anonymous_write(&s, &headers, Resource::Key(""), "kv.txn") {
         return refused.into_response();
     }
     let bytes = match body(request, MAX_TXN_BODY).await {
@@ -265,16 +262,7 @@ pub(super) async fn create_session(State(s): State<HttpState>, request: Request)
     let headers = request.headers().clone();
     // Without a token under a deny policy nothing can be written: said
     // before the body is read.
-    if signpost_daemon::token::presented(&headers).is_none()
-        && let Err(refused) = authorize(
-            &s,
-            &headers,
-            Resource::Session(""),
-            Access::Write,
-            "session.create",
-            "",
-        )
-    {
+    if let Err(refused) = anonymous_write(&s, &headers, Resource::Session(""), "session.create") {
         return refused.into_response();
     }
     let bytes = match body(request, 64 * 1024).await {
@@ -338,8 +326,10 @@ pub(super) async fn destroy_session(
     if let Err(answer) = session_for_write(&s, &headers, &id, "session.destroy") {
         return *answer;
     }
-    match s.kv.end_session(&id, "destroyed").await {
-        Ok(_) => kv_answer::boolean(true),
+    match s.kv.end_session_at(&id, "destroyed").await {
+        // With the index its keys were released at: an agent that
+        // forwarded it waits for its cache to show them free.
+        Ok(index) => written(kv_answer::boolean(true), index),
         Err(e) => failed(&e),
     }
 }
@@ -533,16 +523,9 @@ pub(super) async fn put_config(
     request: Request,
 ) -> Response {
     let headers = request.headers().clone();
-    if signpost_daemon::token::presented(&headers).is_none()
-        && let Err(refused) = authorize(
-            &s,
-            &headers,
-            Resource::Service(""),
-            Access::Write,
-            "config.write",
-            "",
-        )
-    {
+    // Without a token under a deny policy nothing can be written: said
+    // before the body is read.
+    if let Err(refused) = anonymous_write(&s, &headers, Resource::Service(""), "config.write") {
         return refused.into_response();
     }
     let bytes = match body(request, 64 * 1024).await {
