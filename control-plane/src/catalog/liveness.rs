@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use signpost_core::model::Health;
-use signpost_proto::{Check, ControlMessage, Delta, ProbeRequest, control_message::Body};
+use signpost_proto::{Check, ControlMessage, ProbeRequest, control_message::Body};
 
 use super::{Catalog, Inner, NodeEntry, SessionId};
 
@@ -456,21 +456,7 @@ impl Inner {
     /// Removes a failed node and its registrations, telling subscribers.
     fn reap(&mut self, node: &str) {
         tracing::warn!(node, "failed node reaped: its registrations are removed");
-        let ids: Vec<String> = self
-            .nodes
-            .get(node)
-            .map(|n| n.instances.keys().cloned().collect())
-            .unwrap_or_default();
-        self.apply(
-            node,
-            Delta {
-                upserts: Vec::new(),
-                removed: ids,
-                node_checks_changed: false,
-                node_checks: Vec::new(),
-            },
-        );
-        self.nodes.remove(node);
+        self.set_record(node, None, |_, _| Liveness::alive());
     }
 }
 
