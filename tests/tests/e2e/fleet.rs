@@ -703,3 +703,54 @@ async fn the_fleet_survives_the_loss_of_a_control_plane_machine() {
         }
     }
 }
+
+/// The KV store across hosts with the packaged configuration (the
+/// control plane's HTTP API on every address): what one host writes
+/// through its agent, another reads and watches through its own, and a
+/// lock taken on one host holds against the other.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root"]
+async fn kv_written_on_one_host_is_read_watched_and_locked_on_another() {
+    let fleet = Fleet::new();
+    let cp = fleet.control_plane(&[]).await;
+    let http = format!("  http: https://{}:8700\n", cp.host.ip);
+    let a = fleet.agent("a", &cp, cp.grpc, &http).await;
+    let b = fleet.agent("b", &cp, cp.grpc, &http).await;
+    all_alive(&cp, &[&a, &b]).await;
+
+    let r = a.put("/v1/kv/app/mode", Some(json!("blue"))).await;
+    assert_eq!((r.status.as_u16(), r.text.as_str()), (200, "true"));
+    assert_eq!(b.get("/v1/kv/app/mode?raw").await.text, "\"blue\"");
+    let before = b.get("/v1/kv/app/?recurse").await;
+    assert_eq!(before.status, 200, "{}", before.text);
+    let watch = b.get_later(&format!(
+        "/v1/kv/app/?recurse&index={}&wait=60s",
+        before.index()
+    ));
+    let r = a.put("/v1/kv/app/mode", Some(json!("green"))).await;
+    assert_eq!(r.text, "true");
+    let woke = tokio::time::timeout(PATIENCE, watch)
+        .await
+        .expect("b's blocking read never woke")
+        .unwrap();
+    assert!(woke.index() > before.index());
+    assert_eq!(woke.json()[0]["Value"], "ImdyZWVuIg==", "{}", woke.text);
+
+    let created = b
+        .put("/v1/session/create", Some(json!({"LockDelay": "0s"})))
+        .await;
+    assert_eq!(created.status, 200, "{}", created.text);
+    let held_by_b = created.json()["ID"].as_str().unwrap().to_string();
+    let created = a
+        .put("/v1/session/create", Some(json!({"LockDelay": "0s"})))
+        .await;
+    let wants_a = created.json()["ID"].as_str().unwrap().to_string();
+    let lock = |s: &str| format!("/v1/kv/app/leader?acquire={s}");
+    assert_eq!(
+        b.put(&lock(&held_by_b), Some(json!("b"))).await.text,
+        "true"
+    );
+    assert_eq!(a.put(&lock(&wants_a), Some(json!("a"))).await.text, "false");
+    let info = a.get(&format!("/v1/session/info/{held_by_b}")).await.json();
+    assert_eq!(info[0]["Node"], "b");
+}
