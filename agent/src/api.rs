@@ -49,6 +49,8 @@ pub(crate) struct Api {
     pub(crate) acl: Arc<crate::acl::AgentAcl>,
     /// The KV reads this agent caches, when it has a control plane.
     pub(crate) kv: Option<Arc<crate::kv::KvCache>>,
+    /// The mesh on this host, when it takes part.
+    pub(crate) mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 impl Api {

@@ -16,6 +16,8 @@ pub(crate) struct AgentCatalog {
     pub(crate) agent: Arc<Agent>,
     pub(crate) fleet: Option<Arc<FleetCache>>,
     pub(crate) vips: Arc<Vips>,
+    /// The mesh on this host, when it takes part.
+    pub(crate) mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 /// One instance of a service, wherever it runs.
@@ -34,6 +36,8 @@ pub(crate) struct Instance {
     pub(crate) tags: Vec<String>,
     /// Its node failed (the control plane and its peers cannot reach it).
     pub(crate) host_gone: bool,
+    /// Meshed: reached through its node's inbound listener, here.
+    pub(crate) inbound: Option<std::net::SocketAddr>,
 }
 
 impl AgentCatalog {
@@ -120,6 +124,11 @@ impl AgentCatalog {
                         protocol: s.def.protocol,
                         tags: s.def.tags.clone(),
                         host_gone: false,
+                        inbound: self
+                            .mesh
+                            .as_ref()
+                            .filter(|_| inner.node.meshed(&s.def))
+                            .map(|m| m.inbound),
                     }
                 })
                 .collect();
@@ -133,7 +142,7 @@ impl AgentCatalog {
                     .into_iter()
                     .flat_map(|s| s.instances.values())
                     .filter(|r| r.node != local_node)
-                    .filter_map(|r| remote_instance(r, tag));
+                    .filter_map(|r| remote_instance(r, tag, self.mesh.is_some()));
                 instances.extend(remote);
             });
         }
@@ -157,7 +166,9 @@ fn endpoint_address(own: &str, node: Option<IpAddr>) -> (Option<IpAddr>, bool) {
 }
 
 /// An instance on another node; `None` if it lacks the tag.
-fn remote_instance(r: &RemoteInstance, tag: Option<&str>) -> Option<Instance> {
+/// With `meshing` (this host takes part in the mesh), a meshed instance
+/// is reached through its node's inbound listener.
+fn remote_instance(r: &RemoteInstance, tag: Option<&str>, meshing: bool) -> Option<Instance> {
     if !r.has_tags(tag) {
         return None;
     }
@@ -172,5 +183,6 @@ fn remote_instance(r: &RemoteInstance, tag: Option<&str>) -> Option<Instance> {
         protocol: r.protocol,
         tags: r.tags.clone(),
         host_gone: r.host_gone,
+        inbound: r.node_inbound.filter(|_| meshing && r.connect),
     })
 }

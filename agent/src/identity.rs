@@ -22,6 +22,8 @@ pub(crate) struct Held {
     pub(crate) key_pem: String,
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
+    /// Its issuer's common name (the mesh root that signed it).
+    pub(crate) issuer: String,
 }
 
 impl Held {
@@ -57,7 +59,7 @@ pub(crate) fn load(file: &Path) -> Option<Held> {
     parsed
 }
 
-fn parse(text: &str) -> Option<Held> {
+pub(crate) fn parse(text: &str) -> Option<Held> {
     let split = text.find("-----BEGIN PRIVATE KEY-----")?;
     let (cert_pem, key_pem) = text.split_at(split);
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
@@ -68,22 +70,32 @@ fn parse(text: &str) -> Option<Held> {
         key_pem: key_pem.to_string(),
         not_before: at(cert.validity().not_before.timestamp()),
         not_after: at(cert.validity().not_after.timestamp()),
+        issuer: cert
+            .issuer()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or_default()
+            .to_string(),
     })
 }
 
-/// Asks the control plane on `client` for a certificate for `node`, and
-/// keeps it in `file`; returns it.
+/// Asks the control plane on `client` for a certificate for `node` (or,
+/// with `service`, for that service's mesh identity on `node`), for a key
+/// made here, and keeps both in `file` (0600); returns it.
 pub(crate) async fn renew(
     client: &mut crate::sync::Client,
     node: &str,
+    service: Option<&str>,
     file: &Path,
 ) -> Result<Held, tonic::Status> {
     let (csr_pem, key_pem) =
-        request(node).map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
+        request(service.unwrap_or(node)).map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
     let reply = client
         .certify(CertifyRequest {
             node: node.to_string(),
             csr_pem,
+            service: service.unwrap_or_default().to_string(),
         })
         .await?
         .into_inner();
@@ -139,6 +151,7 @@ mod tests {
             key_pem: String::new(),
             not_before: start,
             not_after: start + Duration::from_secs(300),
+            issuer: String::new(),
         };
         assert_eq!(held.renew_at(), start + Duration::from_secs(200));
         assert!(!held.valid_now());

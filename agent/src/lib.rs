@@ -48,6 +48,7 @@ mod files;
 pub mod fleet;
 mod kv;
 mod liveness;
+mod mesh;
 pub mod metrics;
 mod persist;
 mod proxy;
@@ -129,11 +130,15 @@ pub async fn run(
         agent.config.control_plane.is_some(),
         agent.metrics.clone(),
     ));
+    let mesh = open_mesh(&agent.config, advertise).await?;
     let fleet = match agent.config.control_plane.clone() {
-        Some(cp) => Some(join_fleet(&agent, &acl, cp, advertise, &mut background).await?),
+        Some(cp) => {
+            let mesh = mesh.as_ref().map(|(_, m)| m.clone());
+            Some(join_fleet(&agent, &acl, cp, advertise, mesh, &mut background).await?)
+        }
         None => None,
     };
-    let serving = serve(&agent, fleet, acl, listener, metrics, &shutdown).await?;
+    let serving = serve(&agent, fleet, acl, listener, mesh, metrics, &shutdown).await?;
     if let Some(ready) = ready
         && ready.send(local).is_err()
     {
@@ -147,6 +152,30 @@ pub async fn run(
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The mesh's inbound listener and state, when this host takes part in
+/// the mesh: `mesh.enabled`, with a control plane (whose CA signs the
+/// services' certificates) and the proxy.
+async fn open_mesh(
+    config: &AgentConfig,
+    advertise: IpAddr,
+) -> anyhow::Result<Option<(TcpListener, Arc<mesh::Mesh>)>> {
+    if !config.mesh.enabled || config.control_plane.is_none() || !config.proxy.enabled {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(advertise, config.mesh.inbound_port);
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on the mesh's inbound port {addr} (mesh.inbound_port)")
+    })?;
+    let inbound = listener.local_addr()?;
+    tracing::info!(%inbound, "mesh inbound listener bound");
+    let mesh = mesh::Mesh::open(
+        &config.data_dir,
+        inbound,
+        config.mesh.default_source.clone(),
+    );
+    Ok(Some((listener, Arc::new(mesh))))
 }
 
 /// The metrics of the parts that keep their own, registered with the
@@ -185,6 +214,8 @@ fn open(
         datacenter: config.datacenter.clone(),
         zone: config.zone.clone(),
         meta: config.node_meta.clone(),
+        mesh: config.mesh.enabled,
+        connect_by_default: config.mesh.connect_by_default,
     };
     tracing::info!(node = %node.name, id = %node.id, zone = %node.zone, %advertise, "starting agent");
     let state = Arc::new(LocalState::new(node));
@@ -272,6 +303,7 @@ async fn join_fleet(
     acl: &Arc<acl::AgentAcl>,
     cp: signpost_core::config::ControlPlaneClientConfig,
     advertise: IpAddr,
+    mesh: Option<Arc<mesh::Mesh>>,
     background: &mut Background,
 ) -> anyhow::Result<Arc<fleet::FleetCache>> {
     let (listener, probe_address) = liveness::bind(advertise, agent.config.liveness_port).await?;
@@ -307,6 +339,7 @@ async fn join_fleet(
         probe_address,
         acl: acl.clone(),
         identity: identity::path(&agent.config.data_dir),
+        mesh,
     });
     let (for_sync, fleet_for_sync) = (agent.clone(), fleet.clone());
     background.spawn("control-plane sync", move |stop| {
@@ -329,9 +362,14 @@ async fn serve(
     fleet: Option<Arc<fleet::FleetCache>>,
     acl: Arc<acl::AgentAcl>,
     listener: TcpListener,
+    mesh: Option<(TcpListener, Arc<mesh::Mesh>)>,
     metrics: PartMetrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Serving> {
+    let (inbound, mesh) = match mesh {
+        Some((listener, mesh)) => (Some(listener), Some(mesh)),
+        None => (None, None),
+    };
     let config = &agent.config;
     let catalog = if config.dns.enabled || config.proxy.enabled {
         let vips = Vips::load(&config.data_dir, config.proxy.vip_range).with_context(|| {
@@ -341,6 +379,7 @@ async fn serve(
             agent: agent.clone(),
             fleet: fleet.clone(),
             vips: Arc::new(vips),
+            mesh: mesh.clone(),
         }))
     } else {
         None
@@ -361,6 +400,9 @@ async fn serve(
         let proxy =
             proxy::new(catalog, metrics.proxy).context("cannot start the proxy's threads")?;
         tracing::info!(vip_range = %config.proxy.vip_range, "proxy serving the service VIPs");
+        if let Some(inbound) = inbound {
+            proxy.serve_inbound(inbound);
+        }
         let (catalog, token) = (catalog.clone(), shutdown.clone());
         serving.spawn(async move {
             proxy::run(proxy, catalog, token, SHUTDOWN_GRACE).await;
@@ -389,6 +431,7 @@ async fn serve(
         http,
         acl,
         kv,
+        mesh,
     });
     let (server_shutdown, limits) = (shutdown.clone(), config.api.limits.clone());
     serving.spawn(async move {

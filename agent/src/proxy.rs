@@ -13,7 +13,7 @@ use std::time::Duration;
 use signpost_core::command::{Command, now_millis};
 use signpost_core::model::Protocol;
 use signpost_core::overlay;
-use signpost_proxy::{Endpoint, Liveness, Proxy, ProxyMetrics, ServiceSpec, Settings};
+use signpost_proxy::{Endpoint, InboundSpec, Liveness, Proxy, ProxyMetrics, ServiceSpec, Settings};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{AgentCatalog, Instance};
@@ -66,7 +66,32 @@ pub(crate) async fn run(
     let mut state = catalog.agent.state.subscribe();
     let mut fleet = catalog.fleet.as_ref().map(|f| f.subscribe_changes());
     let mut vips = catalog.vips.subscribe();
+    let mut mesh_changes = catalog.mesh.as_ref().map(|m| m.subscribe());
+    // What the mesh's view was built from: rebuilt only when it changes,
+    // so that TLS sessions stay resumable.
+    let mut mesh_built: Option<(u64, Vec<InboundSpec>, Vec<(String, String)>)> = None;
     loop {
+        if let (Some(mesh), Some(changes)) = (&catalog.mesh, &mesh_changes) {
+            let version = *changes.borrow();
+            let (targets, callers) = catalog.agent.state.read(|inner| {
+                let mut callers: Vec<(String, String)> = inner
+                    .services
+                    .values()
+                    .map(|s| (s.def.name.to_string(), s.def.address.clone()))
+                    .collect();
+                callers.sort();
+                (inbound_targets(inner, &catalog.agent.config.proxy), callers)
+            });
+            let unchanged = mesh_built.as_ref().is_some_and(|(v, t, c)| {
+                *v == version && same_targets(t, &targets) && *c == callers
+            });
+            if !unchanged {
+                let view = catalog.agent.state.read(|inner| mesh.view(inner));
+                proxy.set_mesh(view);
+                proxy.update_inbound(targets.clone());
+                mesh_built = Some((version, targets, callers));
+            }
+        }
         let now = now_millis();
         let commands = commands(&catalog);
         let failures = proxy.update(services(&catalog, &commands, now));
@@ -94,9 +119,20 @@ pub(crate) async fn run(
                 None => std::future::pending().await,
             }
         };
+        let mesh_changed = async {
+            match &mut mesh_changes {
+                Some(changes) => {
+                    if changes.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = state.changed() => {}
             _ = vips.changed() => {}
+            () = mesh_changed => {}
             () = fleet_changed => {}
             () = retry => {}
             () = shutdown.cancelled() => break,
@@ -137,7 +173,10 @@ fn services(catalog: &AgentCatalog, commands: &[Command], now: u64) -> Vec<Servi
             let policy = overlay::with_commands(config.policy(&service), &service, &commands, now);
             Some(ServiceSpec {
                 protocol: protocol(&instances),
-                endpoints: instances.iter().filter_map(endpoint).collect(),
+                endpoints: instances
+                    .iter()
+                    .filter_map(|i| endpoint(&service, i))
+                    .collect(),
                 name: key,
                 service,
                 vip,
@@ -145,6 +184,47 @@ fn services(catalog: &AgentCatalog, commands: &[Command], now: u64) -> Vec<Servi
             })
         })
         .collect()
+}
+
+/// The meshed instances registered here, as the inbound listener serves
+/// them: at their own address, else the node's.
+fn inbound_targets(
+    inner: &crate::state::Inner,
+    config: &signpost_core::config::ProxyConfig,
+) -> Vec<InboundSpec> {
+    let node_ip: Option<IpAddr> = inner.node.address.parse().ok();
+    let mut targets: Vec<InboundSpec> = inner
+        .services
+        .values()
+        .filter(|s| s.def.port != 0 && inner.node.meshed(&s.def))
+        .filter_map(|s| {
+            let ip = if s.def.address.is_empty() {
+                node_ip?
+            } else {
+                s.def.address.parse().ok()?
+            };
+            let name = s.def.name.to_string();
+            let policy = config.policy(&name);
+            Some(InboundSpec {
+                protocol: policy.protocol.unwrap_or(s.def.protocol),
+                addr: SocketAddr::new(ip, s.def.port),
+                port: s.def.port,
+                service: name,
+                policy,
+            })
+        })
+        .collect();
+    targets.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
+    targets
+}
+
+/// Whether two lists of inbound targets serve the same.
+fn same_targets(a: &[InboundSpec], b: &[InboundSpec]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            (&x.service, x.port, x.addr, x.protocol, &x.policy)
+                == (&y.service, y.port, y.addr, y.protocol, &y.policy)
+        })
 }
 
 /// The operator commands received, oldest first (later ones win).
@@ -173,15 +253,28 @@ fn protocol(instances: &[Instance]) -> Protocol {
         .map_or(Protocol::Tcp, |(p, _)| p)
 }
 
-/// An instance the proxy can connect to: an IP address and a port.
-fn endpoint(i: &Instance) -> Option<Endpoint> {
-    let ip: IpAddr = i.address?;
-    (i.port != 0).then(|| Endpoint {
-        addr: SocketAddr::new(ip, i.port),
+/// An instance the proxy can connect to: an IP address and a port, or
+/// for a meshed one its node's inbound listener (and then the address
+/// that names it is that listener's IP address with its port: it may
+/// listen on loopback on its host).
+fn endpoint(service: &str, i: &Instance) -> Option<Endpoint> {
+    if i.port == 0 {
+        return None;
+    }
+    let (addr, mesh) = match i.inbound {
+        Some(inbound) => {
+            let hop = signpost_proxy::mesh::MeshHop::new(inbound, service, i.port)?;
+            (SocketAddr::new(inbound.ip(), i.port), Some(hop))
+        }
+        None => (SocketAddr::new(i.address?, i.port), None),
+    };
+    Some(Endpoint {
+        addr,
         zone: i.zone.clone(),
         tags: i.tags.clone(),
         health: i.health,
         weights: i.weights,
         host_gone: i.host_gone,
+        mesh,
     })
 }

@@ -150,6 +150,17 @@ pub struct NodeInfo {
     pub datacenter: String,
     pub zone: String,
     pub meta: BTreeMap<String, String>,
+    /// This host takes part in the mesh (`mesh.enabled`).
+    pub mesh: bool,
+    /// Services that say nothing are meshed (`mesh.connect_by_default`).
+    pub connect_by_default: bool,
+}
+
+impl NodeInfo {
+    /// Whether `def` is meshed on this host.
+    pub fn meshed(&self, def: &ServiceDefinition) -> bool {
+        self.mesh && def.connect.unwrap_or(self.connect_by_default)
+    }
 }
 
 pub const NODE_HEALTH_CHECK: &str = "serfHealth";
@@ -626,6 +637,8 @@ mod tests {
             datacenter: "dc1".into(),
             zone: "a".into(),
             meta: BTreeMap::new(),
+            mesh: true,
+            connect_by_default: false,
         }
     }
 
@@ -643,6 +656,7 @@ mod tests {
             protocol: Protocol::Http,
             enable_tag_override: false,
             checks,
+            connect: None,
         };
         def.validate().unwrap();
         def

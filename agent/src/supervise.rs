@@ -113,6 +113,8 @@ mod tests {
             datacenter: "dc1".into(),
             zone: "z".into(),
             meta: Default::default(),
+            mesh: false,
+            connect_by_default: false,
         };
         let text = metrics.render(&crate::state::LocalState::new(node));
         assert!(

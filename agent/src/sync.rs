@@ -50,6 +50,8 @@ pub(crate) struct Settings {
     pub(crate) acl: Arc<crate::acl::AgentAcl>,
     /// The client certificate's file ([`crate::identity`]).
     pub(crate) identity: std::path::PathBuf,
+    /// The mesh on this host (`None`: `mesh.enabled` is off).
+    pub(crate) mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 /// A client of the control plane's agent endpoint.
@@ -106,6 +108,7 @@ fn local(inner: &Inner) -> Local {
                 weight_warning: d.weights.warning,
                 enable_tag_override: d.enable_tag_override,
                 checks: inner.checks_of(&d.id).map(check).collect(),
+                connect: inner.node.meshed(d),
                 ..Instance::default()
             };
             instance.set_proxy_protocol(d.protocol);
@@ -124,7 +127,11 @@ fn local(inner: &Inner) -> Local {
     }
 }
 
-fn hello(agent: &Agent, probe_address: std::net::SocketAddr) -> Hello {
+fn hello(
+    agent: &Agent,
+    probe_address: std::net::SocketAddr,
+    inbound: Option<std::net::SocketAddr>,
+) -> Hello {
     agent.state.read(|inner| Hello {
         node: inner.node.name.clone(),
         node_id: inner.node.id.clone(),
@@ -135,6 +142,7 @@ fn hello(agent: &Agent, probe_address: std::net::SocketAddr) -> Hello {
         version: env!("CARGO_PKG_VERSION").to_string(),
         probe_address: probe_address.to_string(),
         external: false,
+        inbound_address: inbound.map(|a| a.to_string()).unwrap_or_default(),
     })
 }
 
@@ -346,6 +354,7 @@ async fn session(
     tx.send(message(agent_message::Body::Hello(hello(
         agent,
         settings.probe_address,
+        settings.mesh.as_ref().map(|m| m.inbound),
     ))))
     .await?;
     tx.send(message(agent_message::Body::FullState(FullState {
@@ -393,6 +402,9 @@ async fn session(
         presented.map_or_else(std::time::SystemTime::now, |held| held.renew_at()),
     ));
     let mut pending: HashMap<u64, tokio::sync::oneshot::Sender<AckStatus>> = HashMap::new();
+    // The services' mesh certificates: looked at now, and whenever the
+    // local services or the mesh's roots change.
+    let mut mesh_at = settings.mesh.as_ref().map(|_| tokio::time::Instant::now());
     // The local API's refusals go to the audit log in batches.
     let mut report_refusals = tokio::time::interval(Duration::from_secs(1));
     let mut idle_check = tokio::time::interval(
@@ -426,6 +438,14 @@ async fn session(
                     tx.send(message(agent_message::Body::Delta(delta))).await?;
                 }
                 sent = now;
+                if settings.mesh.is_some() {
+                    mesh_at = Some(tokio::time::Instant::now());
+                }
+            }
+            () = sleep_until_some(mesh_at) => {
+                if let Some(mesh) = &settings.mesh {
+                    mesh_at = mesh_round(mesh, agent, &mut client, &node).await;
+                }
             }
             _ = fleet.subscribe.notified() => {
                 tx.send(message(agent_message::Body::Subscribe(Subscribe {
@@ -439,7 +459,7 @@ async fn session(
                 }
             }
             () = sleep_until_some(renew_at) => {
-                renew_at = match crate::identity::renew(&mut client, &node, &settings.identity).await {
+                renew_at = match crate::identity::renew(&mut client, &node, None, &settings.identity).await {
                     Ok(held) => {
                         tracing::info!(node = %node, valid_until = ?held.not_after, "client certificate renewed: the next connections present it");
                         // Never again at once, whatever its validity says.
@@ -459,9 +479,40 @@ async fn session(
                 let Some(received) = received.map_err(|s| anyhow::anyhow!("stream failed: {}", s.message()))? else {
                     return Ok(());
                 };
-                on_control(received.body, agent, fleet, &tx, &mut pending).await?;
+                let mesh = settings.mesh.as_deref();
+                if on_control(received.body, agent, fleet, mesh, &tx, &mut pending).await? {
+                    // The roots may have rotated: certificates to renew.
+                    mesh_at = Some(tokio::time::Instant::now());
+                }
             }
         }
+    }
+}
+
+/// Asks for the mesh certificates that are due; when to look again.
+async fn mesh_round(
+    mesh: &crate::mesh::Mesh,
+    agent: &Agent,
+    client: &mut Client,
+    node: &str,
+) -> Option<tokio::time::Instant> {
+    let services: Vec<String> = agent.state.read(|inner| {
+        let names: std::collections::BTreeSet<String> = inner
+            .services
+            .values()
+            .map(|s| s.def.name.to_string())
+            .collect();
+        names.into_iter().collect()
+    });
+    match mesh.due(&services, std::time::SystemTime::now()) {
+        crate::mesh::Due::Now(list) => {
+            for service in list {
+                mesh.renew(client, node, &service).await;
+            }
+            Some(tokio::time::Instant::now())
+        }
+        crate::mesh::Due::At(at) => Some(renewal(at)),
+        crate::mesh::Due::Never => None,
     }
 }
 
@@ -542,15 +593,25 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 /// Applies one message from the control plane; what it asks for goes
-/// back on `tx`.
+/// back on `tx`. Whether it was the mesh's state.
 async fn on_control(
     body: Option<control_message::Body>,
     agent: &Agent,
     fleet: &FleetCache,
+    mesh: Option<&crate::mesh::Mesh>,
     tx: &mpsc::Sender<AgentMessage>,
     pending: &mut HashMap<u64, tokio::sync::oneshot::Sender<AckStatus>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     match body {
+        Some(control_message::Body::Mesh(state)) => {
+            return Ok(match mesh {
+                Some(mesh) => {
+                    mesh.apply(state);
+                    true
+                }
+                None => false,
+            });
+        }
         Some(control_message::Body::Update(update)) => {
             let ack = Ack {
                 service: update.service.clone(),
@@ -592,7 +653,7 @@ async fn on_control(
         Some(control_message::Body::Welcome(welcome)) => fleet.welcome(&welcome.epoch),
         None => fleet.contact(),
     }
-    Ok(())
+    Ok(false)
 }
 
 /// What changed between two local states, if anything.

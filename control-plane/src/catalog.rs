@@ -366,6 +366,7 @@ impl Inner {
                 .chain(entry.node_checks.iter().cloned())
                 .collect(),
             instance: Some(instance),
+            node_inbound: entry.hello.inbound_address.clone(),
         }
     }
 

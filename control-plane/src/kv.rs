@@ -41,6 +41,9 @@ pub enum RecordKey {
     Event(String),
     /// A `service-defaults` config entry, by service.
     Config(String),
+    /// The service mesh's records: its CA (`ca`) and each intention
+    /// (`intention/<id>`), as JSON (see [`crate::mesh`]).
+    Mesh(String),
 }
 
 impl RecordKey {
@@ -52,6 +55,7 @@ impl RecordKey {
             RecordKey::Delay(k) => format!("d/{k}"),
             RecordKey::Event(id) => format!("v/{id}"),
             RecordKey::Config(name) => format!("c/{name}"),
+            RecordKey::Mesh(name) => format!("m/{name}"),
         }
     }
 
@@ -63,6 +67,7 @@ impl RecordKey {
             "d/" => RecordKey::Delay(rest.to_string()),
             "v/" => RecordKey::Event(rest.to_string()),
             "c/" => RecordKey::Config(rest.to_string()),
+            "m/" => RecordKey::Mesh(rest.to_string()),
             _ => return None,
         })
     }
@@ -358,6 +363,21 @@ impl Kv {
             })
             .await?;
         Ok(index)
+    }
+
+    /// Writes (`Some`) or deletes the mesh record `name`, if its modify
+    /// index is still `expected` (`Some(None)`: if there is none;
+    /// `None`: whatever it is). Whether it did, and the index it was
+    /// written at.
+    pub async fn put_mesh(
+        &self,
+        name: &str,
+        record: Option<Vec<u8>>,
+        expected: Option<Option<u64>>,
+    ) -> Result<(bool, Option<u64>), KvError> {
+        let name = name.to_string();
+        self.write(move |p| p.put_mesh(&name, record.clone(), expected))
+            .await
     }
 
     /// Deletes lock delays that have passed.

@@ -30,6 +30,7 @@ pub mod commands;
 pub mod etcd;
 pub mod http;
 pub mod kv;
+pub mod mesh;
 pub mod metrics;
 pub mod store;
 pub mod sync;
@@ -168,6 +169,13 @@ pub async fn run(
             }
         });
     }
+    {
+        let (kv, mesh, stop) = (kv.clone(), config.mesh.clone(), shutdown.clone());
+        running.spawn(async move {
+            mesh::keep_ca(kv, mesh, stop).await;
+            ("mesh CA", Ok(()))
+        });
+    }
     let tokens = Arc::new(config.agent_tokens.clone());
     let service = sync::SyncService {
         catalog: catalog.clone(),
@@ -177,6 +185,9 @@ pub async fn run(
         acl: acl.clone(),
         reporting,
         issuer,
+        kv: kv.clone(),
+        mesh: config.mesh.clone(),
+        datacenter: config.datacenter.clone(),
     };
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)

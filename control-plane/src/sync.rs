@@ -40,6 +40,10 @@ pub struct SyncService {
     pub reporting: Reporting,
     /// Signs agents' client certificates; `None` without the CA's key.
     pub issuer: Option<Arc<crate::tls::Issuer>>,
+    /// The store of the mesh's CA and intentions.
+    pub kv: Arc<crate::kv::Kv>,
+    pub mesh: signpost_core::control_plane_config::MeshCaConfig,
+    pub datacenter: String,
 }
 
 /// The node of the client certificate a call came with, if any.
@@ -225,6 +229,104 @@ pub fn check_token(
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
+impl SyncService {
+    /// A mesh identity for `service` on `node`: the caller's token may
+    /// write the node (and its client certificate, if any, is that
+    /// node's), and the node runs an instance of the service, so that an
+    /// agent only ever holds the identities of the services on its host.
+    fn certify_service(
+        &self,
+        token: &crate::acl::Resolved,
+        certified: Option<String>,
+        node: &str,
+        service: &str,
+        csr_pem: &str,
+    ) -> Result<CertifyReply, Status> {
+        let refused = |why: String| {
+            self.acl.record(AuditEntry::new(
+                &token.accessor,
+                "agent.certify_service",
+                &format!("{node}/{service}"),
+                &format!("denied: {why}"),
+                "",
+            ));
+            Status::permission_denied(why)
+        };
+        if !token.authorizer.grants(Resource::Node(node), Access::Write) {
+            return Err(refused(format!(
+                "token {} may not write node {node:?}",
+                token.accessor
+            )));
+        }
+        if let Some(certified) = certified.filter(|c| c != node) {
+            return Err(refused(format!(
+                "the client certificate is node {certified:?}'s"
+            )));
+        }
+        let runs = self.catalog.read(|inner| {
+            inner
+                .nodes
+                .get(node)
+                .is_some_and(|n| n.instances.values().any(|i| i.name == service))
+        });
+        if !runs {
+            // Also right after registering: the registration may still
+            // be on its way; the agent asks again.
+            return Err(Status::failed_precondition(format!(
+                "node {node:?} runs no instance of {service:?} (yet)"
+            )));
+        }
+        let ca = match crate::mesh::load(&self.kv) {
+            Ok(Some((ca, _))) => ca,
+            Ok(None) => {
+                return Err(Status::unavailable(
+                    crate::mesh::MeshError::NoCa.to_string(),
+                ));
+            }
+            Err(e) => return Err(Status::internal(e.to_string())),
+        };
+        let (cert_pem, not_after, root_id) = ca
+            .sign_leaf(&self.datacenter, service, csr_pem, self.mesh.leaf_ttl)
+            .map_err(|e| match e {
+                crate::mesh::MeshError::Invalid(m) => Status::invalid_argument(m),
+                other => Status::internal(other.to_string()),
+            })?;
+        tracing::info!(%node, %service, root = %root_id, not_after, "mesh certificate issued");
+        Ok(CertifyReply {
+            cert_pem,
+            not_after,
+            root_id,
+        })
+    }
+}
+
+/// Sends the mesh's state on the session now and after every change of
+/// the CA or the intentions, until the session ends.
+async fn send_mesh(
+    kv: Arc<crate::kv::Kv>,
+    config: signpost_core::control_plane_config::MeshCaConfig,
+    tx: mpsc::Sender<ControlMessage>,
+) {
+    let mut changes = kv.mirror().mesh_changes();
+    let mut last = None;
+    loop {
+        let state = crate::mesh::state(&kv, &config);
+        if state.is_some() && state != last {
+            let message = ControlMessage {
+                body: state.clone().map(Body::Mesh),
+            };
+            if tx.send(message).await.is_err() {
+                return;
+            }
+            last = state;
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
+}
+
 /// Longest token secret an agent may ask about.
 const MAX_SECRET: usize = 512;
 
@@ -266,7 +368,16 @@ impl Sync for SyncService {
     ) -> Result<Response<CertifyReply>, Status> {
         let token = caller(&request, &self.tokens, &self.acl)?;
         let certified = certified_node(&request);
-        let CertifyRequest { node, csr_pem } = request.into_inner();
+        let CertifyRequest {
+            node,
+            csr_pem,
+            service,
+        } = request.into_inner();
+        if !service.is_empty() {
+            return self
+                .certify_service(&token, certified, &node, &service, &csr_pem)
+                .map(Response::new);
+        }
         let Some(issuer) = &self.issuer else {
             return Err(Status::failed_precondition(
                 "this control plane has no CA key (grpc.ca_key_file): agents connect with their token only",
@@ -303,6 +414,7 @@ impl Sync for SyncService {
         Ok(Response::new(CertifyReply {
             cert_pem,
             not_after,
+            root_id: String::new(),
         }))
     }
 
@@ -381,6 +493,7 @@ impl Sync for SyncService {
             self.catalog.clone(),
             tx.clone(),
         ));
+        tokio::spawn(send_mesh(self.kv.clone(), self.mesh.clone(), tx.clone()));
         let (session, reports) = match &self.reporting {
             Reporting::Local => (self.catalog.connect(hello, tx), Reports::Local),
             #[cfg(feature = "etcd")]

@@ -8,6 +8,11 @@
 //! both decide with an [`Authorizer`]: an exact rule first, else the
 //! longest matching prefix, else the default policy. `operator` and `acl`
 //! have no default: they need a rule.
+//!
+//! A `service` or `service_prefix` rule may also say `intentions = "..."`:
+//! the access to intentions whose destination is that service
+//! ([`Resource::Intention`]). Without it, as in Consul, `read` or `write`
+//! on the service gives `read` on its intentions and `deny` gives `deny`.
 
 use std::collections::BTreeMap;
 
@@ -87,6 +92,11 @@ pub enum Resource<'a> {
     Session(&'a str),
     /// User events, by name.
     Event(&'a str),
+    /// Intentions whose destination is this service (Consul's
+    /// `intentions:read`/`intentions:write`). Consul checks writes on the
+    /// destination, and lets an intention be read when either end allows
+    /// it (`Intention.CanRead`): a caller asks for both.
+    Intention(&'a str),
     Operator,
     Acl,
 }
@@ -101,6 +111,7 @@ impl Resource<'_> {
             Resource::Agent(n) => format!("agent {n:?}"),
             Resource::Session(n) => format!("sessions of node {n:?}"),
             Resource::Event(n) => format!("event {n:?}"),
+            Resource::Intention(n) => format!("intentions of service {n:?}"),
             Resource::Operator => "operator".to_string(),
             Resource::Acl => "acl".to_string(),
         }
@@ -138,6 +149,13 @@ pub struct Rules {
     pub event: BTreeMap<String, Access>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub event_prefix: BTreeMap<String, Access>,
+    /// `intentions = "..."` where a `service` rule gives it; where it does
+    /// not, the rule's policy implies it ([`Authorizer::rule_for`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_intentions: BTreeMap<String, Access>,
+    /// The same for `service_prefix` rules.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_prefix_intentions: BTreeMap<String, Access>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operator: Option<Access>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,11 +169,13 @@ pub struct RulesError(pub String);
 
 impl Rules {
     /// Every resource at `access` (the built-in management and read-only
-    /// policies).
+    /// policies; intentions included, as Consul's `global-management`
+    /// gives `intentions = "write"`).
     pub fn everything(access: Access) -> Rules {
         let all = || BTreeMap::from([(String::new(), access)]);
         Rules {
             service_prefix: all(),
+            service_prefix_intentions: all(),
             node_prefix: all(),
             key_prefix: all(),
             agent_prefix: all(),
@@ -240,23 +260,28 @@ impl Rules {
     }
 
     /// Adds `other`'s rules; where both name a resource, the stronger
-    /// (`deny` > `write` > `read`) stays.
+    /// (`deny` > `write` > `read`) stays. An `intentions` given merges the
+    /// same way, apart from the policy (Consul's policy merger).
     pub fn merge(&mut self, other: &Rules) {
         for (kind, theirs) in other.maps() {
             if let Some(ours) = self.map_mut(kind) {
-                for (name, access) in theirs {
-                    let entry = ours.entry(name.clone()).or_insert(*access);
-                    *entry = (*entry).max(*access);
-                }
+                merge_into(ours, theirs);
             }
         }
+        merge_into(&mut self.service_intentions, &other.service_intentions);
+        merge_into(
+            &mut self.service_prefix_intentions,
+            &other.service_prefix_intentions,
+        );
         self.operator = self.operator.max(other.operator);
         self.acl = self.acl.max(other.acl);
     }
 
     /// Rules from Consul's JSON form of a policy (what its HCL form parses
-    /// to): `{"service": {"web": {"policy": "write"}}, "operator": "read"}`.
-    /// A block given twice may come as a list of such objects.
+    /// to): `{"service": {"web": {"policy": "write", "intentions": "read"}},
+    /// "operator": "read"}`. A block given twice may come as a list of such
+    /// objects. Only `service` and `service_prefix` blocks take
+    /// `intentions`.
     pub fn from_consul_json(value: &Value) -> Result<Rules, RulesError> {
         let bad = |what: String| Err(RulesError(what));
         let Some(top) = value.as_object() else {
@@ -280,6 +305,8 @@ impl Rules {
                     *slot = (*slot).max(Some(access));
                 }
                 _ => {
+                    let takes_intentions = matches!(kind.as_str(), "service" | "service_prefix");
+                    let mut intentions = Vec::new();
                     let Some(map) = rules.map_mut(kind) else {
                         return bad(format!(
                             "unknown resource {kind:?}: Signpost has service, service_prefix, node, node_prefix, key, key_prefix, agent, agent_prefix, session, session_prefix, event, event_prefix, operator and acl"
@@ -310,18 +337,42 @@ impl Rules {
                                             "{kind} {label:?}: policy must be \"read\", \"write\" or \"deny\""
                                         ))
                                     })?;
-                                if let Some(extra) = one
-                                    .as_object()
-                                    .and_then(|o| o.keys().find(|k| k.as_str() != "policy"))
+                                let allowed = |k: &str| {
+                                    k == "policy" || (takes_intentions && k == "intentions")
+                                };
+                                if let Some(extra) =
+                                    one.as_object().and_then(|o| o.keys().find(|k| !allowed(k)))
                                 {
+                                    let only = if takes_intentions {
+                                        "policy and intentions"
+                                    } else {
+                                        "policy"
+                                    };
                                     return bad(format!(
-                                        "{kind} {label:?}: unknown field {extra:?} (only policy)"
+                                        "{kind} {label:?}: unknown field {extra:?} (only {only})"
                                     ));
+                                }
+                                if let Some(given) = one.get("intentions") {
+                                    let access = given.as_str().and_then(Access::parse).ok_or_else(|| {
+                                        RulesError(format!(
+                                            "{kind} {label:?}: intentions must be \"read\", \"write\" or \"deny\""
+                                        ))
+                                    })?;
+                                    intentions.push((label.clone(), access));
                                 }
                                 let entry = map.entry(label.clone()).or_insert(access);
                                 *entry = (*entry).max(access);
                             }
                         }
+                    }
+                    let explicit = if kind == "service" {
+                        &mut rules.service_intentions
+                    } else {
+                        &mut rules.service_prefix_intentions
+                    };
+                    for (label, access) in intentions {
+                        let entry = explicit.entry(label).or_insert(access);
+                        *entry = (*entry).max(access);
                     }
                 }
             }
@@ -331,6 +382,40 @@ impl Rules {
         }
         Ok(rules)
     }
+}
+
+fn merge_into(ours: &mut BTreeMap<String, Access>, theirs: &BTreeMap<String, Access>) {
+    for (name, access) in theirs {
+        let entry = ours.entry(name.clone()).or_insert(*access);
+        *entry = (*entry).max(*access);
+    }
+}
+
+/// Which rule decided: the exact one, or the prefix one with this prefix.
+enum Match<'n> {
+    Exact,
+    Prefix(&'n str),
+}
+
+/// The exact rule for `name`, else the longest prefix rule.
+fn longest_match<'n>(
+    exact: &BTreeMap<String, Access>,
+    prefixes: &BTreeMap<String, Access>,
+    name: &'n str,
+) -> Option<(Match<'n>, Access)> {
+    if let Some(access) = exact.get(name) {
+        return Some((Match::Exact, *access));
+    }
+    if prefixes.is_empty() {
+        return None;
+    }
+    (0..=name.len())
+        .rev()
+        .filter(|&end| name.is_char_boundary(end))
+        .find_map(|end| {
+            let prefix = &name[..end];
+            prefixes.get(prefix).map(|a| (Match::Prefix(prefix), *a))
+        })
 }
 
 /// Decides requests for one token (or for requests without one).
@@ -347,10 +432,17 @@ impl Authorizer {
 
     /// What the rules say about `resource`: an exact rule, else the
     /// longest matching prefix, else nothing.
+    ///
+    /// For [`Resource::Intention`] the rule is the service rule that would
+    /// decide the service (Consul keeps a second tree with the same
+    /// names): its `intentions` if it gives one, else `read` from a `read`
+    /// or `write` policy and `deny` from `deny` (Consul's
+    /// `policy_authorizer.go`).
     pub fn rule_for(&self, resource: Resource<'_>) -> Option<Access> {
         let (exact, prefixes, name) = match resource {
             Resource::Operator => return self.rules.operator,
             Resource::Acl => return self.rules.acl,
+            Resource::Intention(service) => return self.intention_rule(service),
             Resource::Service(n) => (&self.rules.service, &self.rules.service_prefix, n),
             Resource::Node(n) => (&self.rules.node, &self.rules.node_prefix, n),
             Resource::Key(n) => (&self.rules.key, &self.rules.key_prefix, n),
@@ -358,16 +450,21 @@ impl Authorizer {
             Resource::Session(n) => (&self.rules.session, &self.rules.session_prefix, n),
             Resource::Event(n) => (&self.rules.event, &self.rules.event_prefix, n),
         };
-        if let Some(access) = exact.get(name) {
-            return Some(*access);
-        }
-        if prefixes.is_empty() {
-            return None;
-        }
-        (0..=name.len())
-            .rev()
-            .filter(|&end| name.is_char_boundary(end))
-            .find_map(|end| prefixes.get(&name[..end]).copied())
+        longest_match(exact, prefixes, name).map(|(_, access)| access)
+    }
+
+    fn intention_rule(&self, service: &str) -> Option<Access> {
+        let rules = &self.rules;
+        let (rule, policy) = longest_match(&rules.service, &rules.service_prefix, service)?;
+        let explicit = match rule {
+            Match::Exact => rules.service_intentions.get(service),
+            Match::Prefix(prefix) => rules.service_prefix_intentions.get(prefix),
+        };
+        Some(match (explicit, policy) {
+            (Some(access), _) => *access,
+            (None, Access::Read | Access::Write) => Access::Read,
+            (None, Access::Deny) => Access::Deny,
+        })
     }
 
     /// Whether a rule grants `needed` on `resource`, whatever the default
@@ -438,6 +535,90 @@ mod tests {
     }
 
     #[test]
+    fn intentions_follow_the_deciding_service_rule() {
+        let rules = Rules::from_consul_json(&json!({
+            "service": {
+                "web": {"policy": "read", "intentions": "write"},
+                "api": {"policy": "write"},
+            },
+            "service_prefix": {
+                "": {"policy": "read"},
+                "db-": {"policy": "deny"},
+                "pay": {"policy": "read", "intentions": "deny"},
+            },
+        }))
+        .unwrap();
+        assert_eq!(rules.len(), 5, "intentions are part of a rule, not rules");
+        let a = Authorizer::new(rules.clone(), DefaultPolicy::Deny);
+        let ixn = Resource::Intention;
+        assert!(a.allows(ixn("web"), Access::Write));
+        assert!(!a.allows(Resource::Service("web"), Access::Write));
+        assert!(
+            a.allows(ixn("api"), Access::Read),
+            "write on the service: read"
+        );
+        assert!(!a.allows(ixn("api"), Access::Write));
+        assert!(
+            a.allows(ixn("other"), Access::Read),
+            "from service_prefix \"\""
+        );
+        assert!(!a.allows(ixn("other"), Access::Write));
+        assert!(
+            !a.allows(ixn("db-main"), Access::Read),
+            "deny on the service: deny"
+        );
+        assert!(!a.allows(ixn("payments"), Access::Read), "given: deny");
+        assert!(a.allows(Resource::Service("payments"), Access::Read));
+        assert!(
+            a.allows(ixn("web"), Access::Write),
+            "an exact rule beats the prefixes"
+        );
+        assert_eq!(ixn("web").describe(), "intentions of service \"web\"");
+
+        let none = Authorizer::new(Rules::default(), DefaultPolicy::Deny);
+        assert!(!none.allows(ixn("web"), Access::Read));
+        let open = Authorizer::new(Rules::default(), DefaultPolicy::Allow);
+        assert!(open.allows(ixn("web"), Access::Write));
+        let all = Authorizer::new(Rules::everything(Access::Write), DefaultPolicy::Deny);
+        assert!(all.allows(ixn("*"), Access::Write));
+        let reader = Authorizer::new(Rules::everything(Access::Read), DefaultPolicy::Deny);
+        assert!(reader.allows(ixn("web"), Access::Read));
+        assert!(!reader.allows(ixn("web"), Access::Write));
+
+        // Agents receive merged rules as JSON.
+        let text = serde_json::to_string(&rules).unwrap();
+        assert!(
+            text.contains("\"service_intentions\":{\"web\":\"write\"}"),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Rules>(&text).unwrap(), rules);
+    }
+
+    #[test]
+    fn intentions_merge_apart_from_the_policy_as_consul() {
+        let mut merged = Rules::from_consul_json(&json!({
+            "service": {"web": {"policy": "deny"}, "api": {"policy": "write"}},
+        }))
+        .unwrap();
+        merged.merge(
+            &Rules::from_consul_json(&json!({
+                "service": [
+                    {"web": {"policy": "read", "intentions": "write"}},
+                    {"api": {"policy": "read", "intentions": "read"}},
+                ],
+            }))
+            .unwrap(),
+        );
+        let a = Authorizer::new(merged, DefaultPolicy::Deny);
+        assert!(!a.allows(Resource::Service("web"), Access::Read));
+        // Consul's merger keeps the strongest `intentions` given, and a
+        // given one is not derived from the merged policy.
+        assert!(a.allows(Resource::Intention("web"), Access::Write));
+        assert!(a.allows(Resource::Service("api"), Access::Write));
+        assert!(!a.allows(Resource::Intention("api"), Access::Write));
+    }
+
+    #[test]
     fn bad_rules_are_named() {
         for (rules, says) in [
             (
@@ -453,6 +634,18 @@ mod tests {
             (
                 json!({"key": {"a": {"policy": "read", "intentions": "x"}}}),
                 "unknown field \"intentions\"",
+            ),
+            (
+                json!({"service": {"web": {"policy": "read", "intentions": "all"}}}),
+                "service \"web\": intentions must be",
+            ),
+            (
+                json!({"service_prefix": {"": {"policy": "read", "intention": "read"}}}),
+                "unknown field \"intention\" (only policy and intentions)",
+            ),
+            (
+                json!({"service": {"web": {"intentions": "read"}}}),
+                "service \"web\": policy must be",
             ),
             (json!([1]), "expected resource blocks"),
         ] {

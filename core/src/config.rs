@@ -55,6 +55,43 @@ pub struct AgentConfig {
     pub dns: DnsConfig,
     pub proxy: ProxyConfig,
     pub acl: AgentAclConfig,
+    pub mesh: MeshConfig,
+}
+
+/// The service mesh on this host: the inbound listener through which
+/// other hosts reach its meshed instances (mutual TLS, intentions), and
+/// which local service a connection to a meshed service calls as.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// Serve the inbound listener and dial meshed services through their
+    /// hosts' listeners. Off: meshed services on other hosts cannot be
+    /// reached from this host, and none here are meshed.
+    pub enabled: bool,
+    /// The inbound listener's port on the advertise address (0: any free
+    /// port, reported to the control plane).
+    pub inbound_port: u16,
+    /// Whether a service that says nothing (`connect`) is meshed.
+    pub connect_by_default: bool,
+    /// The local service a connection calls as when its source address
+    /// is no local service's own (see the README's service mesh
+    /// section); `None`: the only service registered here, if there is
+    /// one name.
+    pub default_source: Option<String>,
+}
+
+/// Where other hosts reach a host's mesh inbound listener by default.
+pub const DEFAULT_INBOUND_PORT: u16 = 8443;
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            enabled: true,
+            inbound_port: DEFAULT_INBOUND_PORT,
+            connect_by_default: false,
+            default_source: None,
+        }
+    }
 }
 
 /// Access control on the agent's local API: tokens are resolved by the
@@ -214,6 +251,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             proxy: ProxyConfig::default(),
             acl: AgentAclConfig::default(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -393,6 +431,14 @@ impl AgentConfig {
         }
         if self.zone.is_empty() {
             return Err(invalid("zone", "must not be empty".to_string()));
+        }
+        if let Some(source) = &self.mesh.default_source
+            && !crate::model::valid_name(source)
+        {
+            return Err(invalid(
+                "mesh.default_source",
+                format!("{source:?} is not a service name"),
+            ));
         }
         if self.datacenter.is_empty() {
             return Err(invalid("datacenter", "must not be empty".to_string()));

@@ -37,6 +37,39 @@ pub struct ControlPlaneConfig {
     pub store: StoreKind,
     pub etcd: EtcdConfig,
     pub acl: AclConfig,
+    pub mesh: MeshCaConfig,
+}
+
+/// The service mesh's CA and the fleet-wide intention settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshCaConfig {
+    /// The trust domain of the services' identities
+    /// (`spiffe://<trust_domain>/dc/<dc>/svc/<service>`), fixed when the
+    /// mesh CA is first created.
+    pub trust_domain: String,
+    /// How long a service's certificate is valid; agents renew at two
+    /// thirds of it.
+    #[serde(with = "crate::duration::serde_go")]
+    pub leaf_ttl: std::time::Duration,
+    /// What a call no intention matches gets: `allow` keeps an upgraded
+    /// fleet working; `deny` (recommended) lets through only what an
+    /// intention allows.
+    pub default_intention: crate::intention::Action,
+    /// Every deny is only logged and counted (`signpost_mesh_requests_total`
+    /// with `decision="shadow_deny"`): to tighten rules without an outage.
+    pub shadow: bool,
+}
+
+impl Default for MeshCaConfig {
+    fn default() -> Self {
+        MeshCaConfig {
+            trust_domain: "signpost.mesh".to_string(),
+            leaf_ttl: std::time::Duration::from_secs(72 * 3600),
+            default_intention: crate::intention::Action::Allow,
+            shadow: false,
+        }
+    }
 }
 
 /// Access control on the control plane's API (tokens and policies).
@@ -173,6 +206,7 @@ impl Default for ControlPlaneConfig {
             store: StoreKind::File,
             etcd: EtcdConfig::default(),
             acl: AclConfig::default(),
+            mesh: MeshCaConfig::default(),
         }
     }
 }
@@ -335,6 +369,17 @@ impl ControlPlaneConfig {
             return Err(invalid(
                 "grpc.client_cert_ttl",
                 "must be between 5s and 8760h",
+            ));
+        }
+        if !(std::time::Duration::from_secs(60)..=std::time::Duration::from_secs(365 * 24 * 3600))
+            .contains(&config.mesh.leaf_ttl)
+        {
+            return Err(invalid("mesh.leaf_ttl", "must be between 1m and 8760h"));
+        }
+        if !crate::identity::valid_trust_domain(&config.mesh.trust_domain) {
+            return Err(invalid(
+                "mesh.trust_domain",
+                "must be a DNS name: lowercase letters, digits, '-' and '.'",
             ));
         }
         Ok(config)

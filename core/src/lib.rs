@@ -8,6 +8,11 @@
 //! - [`duration`]: Go-style durations ("10s", "1m30s", "250ms"), the one way
 //!   every config file and API body spells a time span.
 //! - [`event`]: Consul's user events (name, payload, filters).
+//! - [`intention`]: Consul's service intentions (who may call whom, per
+//!   connection or per HTTP request), their `/v1/connect/intentions` JSON,
+//!   and the compiled set an agent's inbound listener enforces.
+//! - [`identity`]: service identities in the mesh (SPIFFE IDs) and the
+//!   server names inbound listeners are dialled with.
 //! - [`kv`]: Consul's key/value store and sessions as clients speak them
 //!   (key names, `KVPair`, session and transaction bodies, `/v1/kv` queries).
 //! - [`model`]: services, instances' checks and health, with newtypes for the
@@ -39,6 +44,8 @@ pub mod consul;
 pub mod control_plane_config;
 pub mod duration;
 pub mod event;
+pub mod identity;
+pub mod intention;
 pub mod kv;
 pub mod model;
 pub mod overlay;

@@ -234,6 +234,11 @@ pub struct ServiceDefinition {
     pub enable_tag_override: bool,
     #[serde(default)]
     pub checks: Vec<CheckDefinition>,
+    /// Meshed: reached from other hosts only through this host's inbound
+    /// listener, over mutual TLS, where intentions decide who may call
+    /// it. `None`: the agent's `mesh.connect_by_default`.
+    #[serde(default)]
+    pub connect: Option<bool>,
 }
 
 impl ServiceDefinition {
@@ -665,6 +670,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            connect: None,
         }
     }
 

@@ -62,6 +62,8 @@ struct ServiceSpec {
     enable_tag_override: bool,
     #[serde(default)]
     checks: Vec<Spanned<CheckSpec>>,
+    /// Meshed (see [`ServiceDefinition::connect`]).
+    connect: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,6 +220,7 @@ impl ServiceSpec {
             protocol: self.protocol,
             enable_tag_override: self.enable_tag_override,
             checks,
+            connect: self.connect,
         })
     }
 }

@@ -297,6 +297,7 @@ mod tests {
                 health,
                 weights: Weights::default(),
                 host_gone: false,
+                mesh: None,
             },
             stats: Arc::new(Stats::new(
                 crate::ProxyMetrics::default().status_counters("web", "a"),

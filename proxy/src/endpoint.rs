@@ -29,6 +29,10 @@ pub struct Endpoint {
     /// are closed at once, and idempotent requests in flight on them are
     /// retried on another instance instead of waiting for their deadline.
     pub host_gone: bool,
+    /// Meshed: reached through its host's inbound listener (then `addr`
+    /// is its host's address with its port, which names it uniquely even
+    /// when it listens on loopback there).
+    pub mesh: Option<crate::mesh::MeshHop>,
 }
 
 impl Endpoint {
@@ -485,6 +489,7 @@ mod tests {
             health: Health::Passing,
             weights: Weights::default(),
             host_gone: false,
+            mesh: None,
         };
         assert_eq!(e.weight(), 2);
         e.health = Health::Warning;

@@ -43,10 +43,14 @@ pub enum ProxyError {
     Limit { limit: &'static str, value: u32 },
     #[error("cannot read the request body: {0}")]
     ClientBody(String),
+    /// A meshed service was called from a connection whose local service
+    /// (the caller's identity) cannot be told, or has no certificate yet.
+    #[error("no mesh identity to call with: {0}")]
+    NoIdentity(String),
 }
 
 /// Every [`ProxyError::reason`], for dropping a service's series.
-pub(crate) const REASONS: [&str; 14] = [
+pub(crate) const REASONS: [&str; 15] = [
     "no_instance",
     "circuit_open",
     "degraded",
@@ -61,6 +65,7 @@ pub(crate) const REASONS: [&str; 14] = [
     "max_pending",
     "max_requests",
     "client_body",
+    "no_identity",
 ];
 
 impl ProxyError {
@@ -71,6 +76,7 @@ impl ProxyError {
             | ProxyError::Degraded
             | ProxyError::RateLimited
             | ProxyError::Limit { .. }
+            | ProxyError::NoIdentity(_)
             | ProxyError::Timeout(_) => Origin::Proxy,
             ProxyError::Connect { .. }
             | ProxyError::TryTimeout { .. }
@@ -97,6 +103,7 @@ impl ProxyError {
             | ProxyError::Timeout(_)
             | ProxyError::Limit { .. }
             | ProxyError::Upgrade { .. }
+            | ProxyError::NoIdentity(_)
             | ProxyError::ClientBody(_) => false,
         }
     }
@@ -108,6 +115,7 @@ impl ProxyError {
             | ProxyError::Degraded
             | ProxyError::Connect { .. }
             | ProxyError::Unavailable { .. }
+            | ProxyError::NoIdentity(_)
             | ProxyError::Limit { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::TryTimeout { .. } | ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Reset { .. } | ProxyError::Upgrade { .. } => StatusCode::BAD_GATEWAY,
@@ -131,6 +139,7 @@ impl ProxyError {
             ProxyError::Upgrade { .. } => "upstream_upgrade",
             ProxyError::Limit { limit, .. } => limit,
             ProxyError::ClientBody(_) => "client_body",
+            ProxyError::NoIdentity(_) => "no_identity",
         }
     }
 }
@@ -187,6 +196,7 @@ mod tests {
             ProxyError::Unavailable { addr: addr.clone() },
             ProxyError::Upgrade { addr },
             ProxyError::ClientBody(String::new()),
+            ProxyError::NoIdentity(String::new()),
         ];
         // The limits the proxy enforces.
         for limit in ["max_connections", "max_pending", "max_requests"] {

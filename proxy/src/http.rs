@@ -31,7 +31,8 @@ mod retry;
 mod tunnel;
 
 use self::retry::forward;
-use self::tunnel::{Tunnel, run_tunnel};
+pub(crate) use self::tunnel::Tunnel;
+use self::tunnel::run_tunnel;
 use crate::accept::ClientStream;
 use crate::backend::Backend;
 use crate::error::ProxyError;
@@ -40,7 +41,7 @@ use crate::pool::Answer;
 
 /// An answer body the proxy sends a client: its own (an error, an
 /// operator's fallback) or the instance's, streamed.
-type AnswerBody = Either<Full<Bytes>, Answer>;
+pub(crate) type AnswerBody = Either<Full<Bytes>, Answer>;
 
 /// Set on every request to an instance: the attempt's number. A request
 /// that arrives with it was sent by another proxy that retries itself, so
@@ -92,7 +93,7 @@ pub(crate) async fn serve(
                 };
                 reject(backend, &req, limit, Instant::now())
             } else {
-                handle(backend, req, client, tunnel).await
+                handle(backend, req, client, tunnel, None).await
             };
             Ok::<_, Infallible>(response)
         }
@@ -214,12 +215,14 @@ where
 
 /// One request from a client, answered by an instance or by the proxy.
 /// Not an `async fn`, for the reason `forward` is not.
+/// `source`: the caller's verified mesh identity, for the access log.
 #[allow(clippy::manual_async_fn)]
-fn handle<'a>(
+pub(crate) fn handle<'a>(
     backend: &'a Backend,
     mut req: Request<Incoming>,
     client: SocketAddr,
     tunnel: &'a Mutex<Option<Tunnel>>,
+    source: Option<&'a str>,
 ) -> impl Future<Output = Response<AnswerBody>> + 'a {
     async move {
         // There when hyper saw an HTTP/1.1 request to switch protocols.
@@ -288,7 +291,7 @@ fn handle<'a>(
                     instance,
                     attempts,
                     started,
-                    client,
+                    (client, source),
                 );
                 response
             }
@@ -303,7 +306,7 @@ fn handle<'a>(
                     "",
                     attempts,
                     started,
-                    client,
+                    (client, source),
                 );
                 response
             }
@@ -372,13 +375,14 @@ fn access_log(
     instance: &str,
     attempts: u32,
     started: Instant,
-    client: SocketAddr,
+    (client, source): (SocketAddr, Option<&str>),
 ) {
     if backend.shared.access_log {
         tracing::info!(
             target: "signpost::access",
             service = %backend.name,
             %client,
+            source_identity = source.unwrap_or(""),
             %method,
             path,
             status = status.as_u16(),

@@ -42,6 +42,7 @@ mod first_bytes;
 mod http;
 mod idle;
 mod listeners;
+pub mod mesh;
 pub mod metrics;
 mod pool;
 mod rate;
@@ -58,6 +59,8 @@ use signpost_core::policy::Policy;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use arc_swap::ArcSwap;
 
 use crate::backend::Backend;
 pub use crate::endpoint::Endpoint;
@@ -118,6 +121,18 @@ pub struct ServiceSpec {
     pub policy: Policy,
 }
 
+/// A local meshed instance the inbound listener serves.
+#[derive(Debug, Clone)]
+pub struct InboundSpec {
+    pub service: String,
+    /// The port it registered: callers name it by it.
+    pub port: u16,
+    /// Where it listens on this host.
+    pub addr: SocketAddr,
+    pub protocol: Protocol,
+    pub policy: Policy,
+}
+
 /// What every backend shares.
 pub(crate) struct Shared {
     zone: String,
@@ -131,6 +146,10 @@ pub(crate) struct Shared {
     started: std::time::Instant,
     /// How many worker threads (each gets its own pools).
     workers: usize,
+    /// The mesh as the agent last gave it.
+    mesh: ArcSwap<mesh::MeshView>,
+    /// The local instances the inbound listener serves.
+    inbound: mesh::inbound::Inbound,
 }
 
 struct Inner {
@@ -175,6 +194,8 @@ impl Proxy {
                 on_use: Box::new(on_use),
                 started: std::time::Instant::now(),
                 workers: workers.count(),
+                mesh: ArcSwap::from_pointee(mesh::MeshView::default()),
+                inbound: mesh::inbound::Inbound::default(),
             }),
             http_port: settings.http_port,
             inner: Mutex::new(Inner {
@@ -289,6 +310,60 @@ impl Proxy {
             .listeners()
             .set(i64::try_from(inner.listeners.len()).unwrap_or(i64::MAX));
         failures
+    }
+
+    /// The mesh from now on: new connections and requests use it, and
+    /// open inbound connections that its intentions now deny outright
+    /// are closed.
+    pub fn set_mesh(&self, view: mesh::MeshView) {
+        let view = Arc::new(view);
+        self.shared.mesh.store(view.clone());
+        mesh::inbound::recheck(&self.shared.inbound, &view, &self.shared);
+    }
+
+    /// The local meshed instances the inbound listener serves from now
+    /// on, each through a backend of its own (updated in place, as the
+    /// VIPs' are).
+    pub fn update_inbound(&self, targets: Vec<InboundSpec>) {
+        let old = self.shared.inbound.targets.load_full();
+        let mut new = HashMap::new();
+        for spec in targets {
+            let key = (spec.service.to_ascii_lowercase(), spec.port);
+            let endpoint = Endpoint {
+                addr: spec.addr,
+                zone: self.shared.zone.clone(),
+                tags: Vec::new(),
+                health: signpost_core::model::Health::Passing,
+                weights: signpost_core::model::Weights::default(),
+                host_gone: false,
+                mesh: None,
+            };
+            let backend = match old.get(&key) {
+                Some(b) => {
+                    b.update(vec![endpoint], spec.protocol, spec.policy);
+                    b.clone()
+                }
+                None => Arc::new(Backend::new(
+                    &format!("inbound/{}", spec.service),
+                    &spec.service,
+                    vec![endpoint],
+                    spec.protocol,
+                    spec.policy,
+                    self.shared.clone(),
+                )),
+            };
+            new.insert(key, backend);
+        }
+        self.shared.inbound.targets.store(Arc::new(new));
+    }
+
+    /// Serves the mesh's inbound listener on `listener` until shutdown.
+    /// Must be called within a Tokio runtime.
+    pub fn serve_inbound(&self, listener: tokio::net::TcpListener) {
+        let (shared, tasks) = (self.shared.clone(), self.tasks.clone());
+        self.tasks
+            .tracker
+            .spawn(mesh::inbound::accept(listener, shared, tasks));
     }
 
     /// The addresses listened on.

@@ -176,7 +176,7 @@ async fn accept_loop(
                 let workers = &tasks.workers;
                 if backend.snapshot().protocol == Protocol::Tcp {
                     workers.spawn_connection(&tasks.tracker, stream, move |stream| {
-                        crate::tcp::serve(backend, stream, client, stop)
+                        crate::tcp::serve(backend, stream, client, stop, None)
                     });
                 } else {
                     workers.spawn_connection(&tasks.tracker, stream, move |stream| {
@@ -223,6 +223,7 @@ mod tests {
                     health: Health::Passing,
                     weights: Weights::default(),
                     host_gone: false,
+                    mesh: None,
                 })
                 .collect(),
             policy: Policy::default(),

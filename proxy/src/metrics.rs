@@ -39,6 +39,29 @@ struct ReasonLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MeshCallLabels {
+    /// The calling service, as its certificate names it.
+    source: String,
+    destination: String,
+    /// `allow`, `deny` or `shadow_deny` (a deny shadow mode let through).
+    decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    /// `inbound` (this host's listener) or `outbound` (dialling another).
+    side: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeKindLabels {
+    side: String,
+    /// "true" when the TLS session was resumed (no full handshake).
+    resumed: String,
+}
+
 /// Every proxy metric; register once into the agent's registry.
 #[derive(Default)]
 pub struct ProxyMetrics {
@@ -53,6 +76,10 @@ pub struct ProxyMetrics {
     errors: Family<ReasonLabels, Counter>,
     listeners: Gauge,
     listen_errors: Counter,
+    mesh_requests: Family<MeshCallLabels, Counter>,
+    mesh_handshakes: Family<HandshakeKindLabels, Counter>,
+    mesh_handshake_failures: Family<HandshakeLabels, Counter>,
+    mesh_closed: Counter,
 }
 
 impl ProxyMetrics {
@@ -105,10 +132,62 @@ impl ProxyMetrics {
         );
         r.register("listeners", "VIP listeners open", self.listeners.clone());
         r.register(
+            "mesh_requests",
+            "Calls the inbound listener decided (connections for L4, requests for L7), by source, destination and decision",
+            self.mesh_requests.clone(),
+        );
+        r.register(
+            "mesh_handshakes",
+            "Mutual TLS handshakes of the mesh that succeeded, by side and whether the session was resumed",
+            self.mesh_handshakes.clone(),
+        );
+        r.register(
+            "mesh_handshake_failures",
+            "Mutual TLS handshakes of the mesh that failed, by side and reason (expired, unknown_ca, wrong_identity, no_certificate, timeout, not_ready, other)",
+            self.mesh_handshake_failures.clone(),
+        );
+        r.register(
+            "mesh_connections_closed",
+            "Open mesh connections closed because an intention came to deny them",
+            self.mesh_closed.clone(),
+        );
+        r.register(
             "listen_errors",
             "VIP listeners that could not be opened",
             self.listen_errors.clone(),
         );
+    }
+
+    pub(crate) fn mesh_request(&self, source: &str, destination: &str, decision: &str) {
+        self.mesh_requests
+            .get_or_create(&MeshCallLabels {
+                source: source.to_string(),
+                destination: destination.to_string(),
+                decision: decision.to_string(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn mesh_handshake(&self, side: &str, resumed: bool) {
+        self.mesh_handshakes
+            .get_or_create(&HandshakeKindLabels {
+                side: side.to_string(),
+                resumed: resumed.to_string(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn mesh_handshake_failed(&self, side: &str, reason: &str) {
+        self.mesh_handshake_failures
+            .get_or_create(&HandshakeLabels {
+                side: side.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn mesh_closed(&self, n: u64) {
+        self.mesh_closed.inc_by(n);
     }
 
     /// The request counters of one instance (`instance` empty: answers

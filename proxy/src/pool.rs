@@ -67,13 +67,15 @@ pub(crate) struct Pool {
 struct Idle {
     http1: FnvHashMap<SocketAddr, Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
     http2: FnvHashMap<SocketAddr, (http2::SendRequest<ProxyBody>, Instant)>,
+    /// HTTP/2 over mutual TLS to meshed instances, per calling service.
+    mesh: FnvHashMap<(SocketAddr, Arc<str>), (http2::SendRequest<ProxyBody>, Instant)>,
     /// A sweeper task is running.
     sweeping: bool,
 }
 
 impl Idle {
     fn is_empty(&self) -> bool {
-        self.http1.is_empty() && self.http2.is_empty()
+        self.http1.is_empty() && self.http2.is_empty() && self.mesh.is_empty()
     }
 
     /// Drops connections closed or idle since before `oldest`.
@@ -83,6 +85,8 @@ impl Idle {
             !list.is_empty()
         });
         self.http2
+            .retain(|_, (sender, since)| *since >= oldest && !sender.is_closed());
+        self.mesh
             .retain(|_, (sender, since)| *since >= oldest && !sender.is_closed());
     }
 }
@@ -108,14 +112,20 @@ impl Pool {
     /// connection closes when `stats` says the instance's host is gone.
     /// The request's URI must be in the form the protocol wants:
     /// origin-form with a `Host` header for HTTP/1.1, absolute for HTTP/2.
+    /// With `via`, the instance is meshed: reached over HTTP/2 through its
+    /// host's inbound listener, as the calling service.
     pub(crate) async fn request(
         &self,
         addr: SocketAddr,
         stats: &Stats,
         mut req: Request<ProxyBody>,
+        via: Option<Via<'_>>,
     ) -> Result<Response<Answer>, PoolError> {
         // The paths that connect are boxed: their futures are large, and
         // this one is moved with every request.
+        if let Some(via) = via {
+            return Box::pin(self.request_mesh(addr, stats, req, via)).await;
+        }
         if self.http2 {
             return Box::pin(self.request_http2(addr, stats, req)).await;
         }
@@ -148,22 +158,59 @@ impl Pool {
         stats: &Stats,
         req: Request<ProxyBody>,
     ) -> Result<Response<Answer>, PoolError> {
-        let mut sender = match self.http2_sender(addr, stats).await {
+        let sender = match self.http2_sender(addr, stats).await {
             Ok(sender) => sender,
             Err(reason) => return Err(not_sent(reason, req)),
         };
-        match sender.try_send_request(req).await {
-            Ok(response) => Ok(response.map(|body| Answer {
-                body,
-                checkin: None,
-            })),
-            Err(mut error) => Err(match error.take_message() {
-                // The instance closed the connection before the request
-                // went out on it (it is going away).
-                Some(back) => not_sent(signpost_core::error_chain(error.error()), back),
-                None => PoolError::Http(error.into_error()),
-            }),
+        send_http2(sender, req).await
+    }
+
+    async fn request_mesh(
+        &self,
+        addr: SocketAddr,
+        stats: &Stats,
+        req: Request<ProxyBody>,
+        via: Via<'_>,
+    ) -> Result<Response<Answer>, PoolError> {
+        let key = (addr, via.caller.name.clone());
+        let pooled = {
+            let mut idle = crate::lock(&self.idle);
+            match idle.mesh.get_mut(&key) {
+                Some((sender, since)) if !sender.is_closed() => {
+                    *since = Instant::now();
+                    Some(sender.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(sender) = pooled {
+            return send_http2(sender, req).await;
         }
+        let dialed = crate::mesh::dial(
+            via.hop,
+            via.caller,
+            false,
+            self.connect_timeout,
+            self.liveness,
+            via.metrics,
+        )
+        .await;
+        let tls = match dialed {
+            Ok(tls) => tls,
+            Err(reason) => return Err(not_sent(reason, req)),
+        };
+        let handshake = http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await;
+        let (sender, conn) = match handshake {
+            Ok(h) => h,
+            Err(e) => return Err(not_sent(signpost_core::error_chain(&e), req)),
+        };
+        run_connection(addr, conn, stats.gone());
+        {
+            let mut idle = crate::lock(&self.idle);
+            idle.mesh.insert(key, (sender.clone(), Instant::now()));
+            start_sweeper(&self.idle, &mut idle, self.idle_timeout);
+        }
+        send_http2(sender, req).await
     }
 
     /// Sends `req` on a new HTTP/1.1 connection, pooled afterwards.
@@ -237,6 +284,32 @@ impl Pool {
         crate::connect(addr, self.connect_timeout, self.liveness)
             .await
             .map(TokioIo::new)
+    }
+}
+
+/// How a request reaches a meshed instance.
+pub(crate) struct Via<'a> {
+    pub(crate) hop: &'a crate::mesh::MeshHop,
+    pub(crate) caller: &'a crate::mesh::Caller,
+    pub(crate) metrics: &'a crate::ProxyMetrics,
+}
+
+/// Sends `req` on an HTTP/2 connection.
+async fn send_http2(
+    mut sender: http2::SendRequest<ProxyBody>,
+    req: Request<ProxyBody>,
+) -> Result<Response<Answer>, PoolError> {
+    match sender.try_send_request(req).await {
+        Ok(response) => Ok(response.map(|body| Answer {
+            body,
+            checkin: None,
+        })),
+        Err(mut error) => Err(match error.take_message() {
+            // The instance closed the connection before the request
+            // went out on it (it is going away).
+            Some(back) => not_sent(signpost_core::error_chain(error.error()), back),
+            None => PoolError::Http(error.into_error()),
+        }),
     }
 }
 

@@ -16,10 +16,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::accept::ClientStream;
 use crate::backend::Backend;
 use crate::balance::hash_ip;
 use crate::error::ProxyError;
+use crate::mesh::Upstream;
 
 /// Bytes read at once in each direction (tokio's default is 8 KiB): fewer
 /// system calls on bulk transfers.
@@ -29,11 +29,14 @@ const COPY_BUFFER: usize = 64 * 1024;
 /// fires. Longer than most functions here on purpose: it reads top to
 /// bottom as the connection's life (admission, the connect attempts with
 /// their retries, the copy both ways, the access log).
-pub(crate) async fn serve(
+/// `source`: the caller's verified mesh identity (on the inbound
+/// listener), for the access log.
+pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     backend: Arc<Backend>,
-    mut inbound: ClientStream,
+    mut inbound: S,
     client: SocketAddr,
     stop: CancellationToken,
+    source: Option<&str>,
 ) {
     let _admitted = match backend.admit_connection() {
         Ok(guard) => guard,
@@ -75,13 +78,29 @@ pub(crate) async fn serve(
             backend.retries.inc();
         }
         let connect_started = Instant::now();
-        let mut outbound = match crate::connect(
-            member.endpoint.addr,
-            policy.connect_timeout,
-            backend.shared.liveness,
-        )
-        .await
-        {
+        let (timeout, liveness) = (policy.connect_timeout, backend.shared.liveness);
+        let dialed = match &member.endpoint.mesh {
+            None => crate::connect(member.endpoint.addr, timeout, liveness)
+                .await
+                .map(Upstream::Plain),
+            Some(hop) => {
+                let caller = backend.shared.mesh.load().caller(client.ip());
+                let caller = match caller {
+                    Ok(caller) => caller,
+                    Err(reason) => {
+                        let error = ProxyError::NoIdentity(reason);
+                        tracing::warn!(service = %backend.name, %client, reason = error.reason(), "connection refused: {error}");
+                        backend.shared.metrics.error(&backend.name, error.reason());
+                        return;
+                    }
+                };
+                let metrics = &backend.shared.metrics;
+                crate::mesh::dial(hop, &caller, true, timeout, liveness, metrics)
+                    .await
+                    .map(|tls| Upstream::Mesh(Box::new(tls)))
+            }
+        };
+        let mut outbound = match dialed {
             Ok(stream) => stream,
             Err(reason) => {
                 backend.failed(&snapshot, member, connect_started.elapsed());
@@ -115,6 +134,7 @@ pub(crate) async fn serve(
                         target: "signpost::access",
                         service = %backend.name,
                         %client,
+                        source_identity = source.unwrap_or(""),
                         instance = %member.label,
                         bytes_sent = up,
                         bytes_received = down,

@@ -110,6 +110,7 @@ async fn mutated_requests_never_hang_panic_or_eject_the_instance() {
             health: Health::Passing,
             weights: Weights::default(),
             host_gone: false,
+            mesh: None,
         }],
         policy: Policy::default(),
     }]);

@@ -119,7 +119,26 @@ pub(crate) fn service(value: Value) -> Result<ServiceDefinition, String> {
         protocol,
         enable_tag_override: f.bool("enabletagoverride")?,
         checks,
+        connect: connect(f.take("connect"))?,
     })
+}
+
+/// Whether a registration asks to be meshed: Consul's `Connect` with a
+/// `SidecarService` (Signpost's inbound listener is every service's
+/// sidecar) or `Native`, or `true`/`false`; `None` when it says nothing.
+fn connect(value: Option<Value>) -> Result<Option<bool>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(Value::Object(connect)) => Ok(Some(connect.iter().any(|(k, v)| {
+            (k.eq_ignore_ascii_case("sidecarservice") && !v.is_null())
+                || (k.eq_ignore_ascii_case("native") && v.as_bool() == Some(true))
+        }))),
+        Some(_) => Err(bad(
+            "Connect",
+            "an object ({\"SidecarService\": {}}) or a boolean",
+        )),
+    }
 }
 
 /// A check of a service registration, or of `PUT /v1/agent/check/register`

@@ -20,6 +20,8 @@ fn state() -> LocalState {
         datacenter: "dc1".into(),
         zone: "a".into(),
         meta: Default::default(),
+        mesh: true,
+        connect_by_default: false,
     })
 }
 

@@ -46,6 +46,10 @@ pub struct RemoteInstance {
     pub health: Health,
     /// Its node failed: neither the control plane nor its peers reach it.
     pub host_gone: bool,
+    /// Meshed: reached only through its node's inbound listener.
+    pub connect: bool,
+    /// Its node's mesh inbound listener, parsed (`None`: none).
+    pub node_inbound: Option<std::net::SocketAddr>,
 }
 
 /// A check of a remote instance or of its node.
@@ -80,6 +84,7 @@ impl RemoteInstance {
             node_zone,
             node_checks,
             instance,
+            node_inbound,
         } = ci;
         let refused = |id: &str, reason: String| Refused {
             node: node.clone(),
@@ -153,6 +158,8 @@ impl RemoteInstance {
             checks: own_checks,
             health,
             host_gone,
+            connect: i.connect,
+            node_inbound: node_inbound.parse().ok(),
         })
     }
 
@@ -170,6 +177,7 @@ impl RemoteInstance {
             weight_warning: self.weights.warning,
             enable_tag_override: self.enable_tag_override,
             checks: self.checks.iter().map(RemoteCheck::to_wire).collect(),
+            connect: self.connect,
             ..Instance::default()
         };
         instance.set_proxy_protocol(self.protocol);
@@ -180,6 +188,7 @@ impl RemoteInstance {
             node_zone: self.node_zone.clone(),
             node_checks: self.node_checks.iter().map(RemoteCheck::to_wire).collect(),
             instance: Some(instance),
+            node_inbound: self.node_inbound.map(|a| a.to_string()).unwrap_or_default(),
         }
     }
 

@@ -152,6 +152,8 @@ pub(super) struct Inner {
     pub(super) events: HashMap<String, (u64, UserEvent)>,
     /// `service-defaults` entries by service: create and modify index.
     pub(super) configs: BTreeMap<String, (u64, u64, ServiceDefaults)>,
+    /// The mesh's records by name: create and modify index, bytes.
+    pub(super) mesh: BTreeMap<String, (u64, u64, Vec<u8>)>,
 }
 
 impl Inner {
@@ -175,6 +177,8 @@ pub struct Mirror {
     events_changed: watch::Sender<u64>,
     /// Bumped when a config entry changes.
     configs_changed: watch::Sender<u64>,
+    /// Bumped when a mesh record changes.
+    mesh_changed: watch::Sender<u64>,
 }
 
 impl Mirror {
@@ -190,6 +194,7 @@ impl Mirror {
             sessions_changed: watch::Sender::new(0),
             events_changed: watch::Sender::new(0),
             configs_changed: watch::Sender::new(0),
+            mesh_changed: watch::Sender::new(0),
         }
     }
 
@@ -207,6 +212,7 @@ impl Mirror {
         let mut sessions = false;
         let mut fired = 0;
         let mut configs = false;
+        let mut mesh = false;
         {
             let mut inner = self.lock();
             for change in changes {
@@ -320,6 +326,15 @@ impl Mirror {
                     (RecordKey::Config(service), None) => {
                         configs |= inner.configs.remove(&service).is_some();
                     }
+                    (RecordKey::Mesh(name), Some(s)) => {
+                        inner
+                            .mesh
+                            .insert(name, (s.create_index, s.modify_index, s.bytes));
+                        mesh = true;
+                    }
+                    (RecordKey::Mesh(name), None) => {
+                        mesh |= inner.mesh.remove(&name).is_some();
+                    }
                 }
             }
             if inner.tombstones.len() > MAX_TOMBSTONES {
@@ -341,6 +356,9 @@ impl Mirror {
         }
         if configs {
             self.configs_changed.send_modify(|v| *v += 1);
+        }
+        if mesh {
+            self.mesh_changed.send_modify(|v| *v += 1);
         }
         if fired > 0 {
             self.events_changed.send_if_modified(|last| {
@@ -379,6 +397,7 @@ impl Mirror {
         drop(waiters);
         self.sessions_changed.send_modify(|v| *v += 1);
         self.configs_changed.send_modify(|v| *v += 1);
+        self.mesh_changed.send_modify(|v| *v += 1);
     }
 
     /// Wakes the waiters of every prefix of the keys changed.
@@ -563,6 +582,22 @@ impl Mirror {
     /// index, entry).
     pub fn configs(&self) -> BTreeMap<String, (u64, u64, ServiceDefaults)> {
         self.lock().configs.clone()
+    }
+
+    /// The mesh's records whose names start with `prefix`: name, create
+    /// and modify index, bytes.
+    pub fn mesh(&self, prefix: &str) -> Vec<(String, u64, u64, Vec<u8>)> {
+        self.lock()
+            .mesh
+            .range(prefix.to_string()..)
+            .take_while(|(name, _)| name.starts_with(prefix))
+            .map(|(name, (c, m, b))| (name.clone(), *c, *m, b.clone()))
+            .collect()
+    }
+
+    /// Changes of the mesh's records.
+    pub fn mesh_changes(&self) -> watch::Receiver<u64> {
+        self.mesh_changed.subscribe()
     }
 
     /// Changes of the config entries.

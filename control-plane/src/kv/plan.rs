@@ -58,6 +58,7 @@ pub(super) struct Plan<'a> {
     delays: BTreeMap<String, Option<u64>>,
     events: BTreeMap<String, Option<Vec<u8>>>,
     configs: BTreeMap<String, Option<Vec<u8>>>,
+    mesh: BTreeMap<String, Option<Vec<u8>>>,
     expect: BTreeMap<RecordKey, Option<u64>>,
     /// How many changes were planned (a write of a batch that changed
     /// nothing gets no index).
@@ -71,6 +72,7 @@ struct Savepoint {
     delays: BTreeMap<String, Option<u64>>,
     events: BTreeMap<String, Option<Vec<u8>>>,
     configs: BTreeMap<String, Option<Vec<u8>>>,
+    mesh: BTreeMap<String, Option<Vec<u8>>>,
     changes: u64,
 }
 
@@ -83,6 +85,7 @@ impl<'a> Plan<'a> {
             delays: BTreeMap::new(),
             events: BTreeMap::new(),
             configs: BTreeMap::new(),
+            mesh: BTreeMap::new(),
             expect: BTreeMap::new(),
             changes: 0,
         }
@@ -100,6 +103,7 @@ impl<'a> Plan<'a> {
             delays: self.delays.clone(),
             events: self.events.clone(),
             configs: self.configs.clone(),
+            mesh: self.mesh.clone(),
             changes: self.changes,
         }
     }
@@ -110,6 +114,7 @@ impl<'a> Plan<'a> {
         self.delays = to.delays;
         self.events = to.events;
         self.configs = to.configs;
+        self.mesh = to.mesh;
         self.changes = to.changes;
     }
 
@@ -131,6 +136,9 @@ impl<'a> Plan<'a> {
         }
         for (name, record) in self.configs {
             writes.push((RecordKey::Config(name), record));
+        }
+        for (name, record) in self.mesh {
+            writes.push((RecordKey::Mesh(name), record));
         }
         (self.expect.into_iter().collect(), writes)
     }
@@ -457,6 +465,30 @@ impl<'a> Plan<'a> {
             self.configs.insert(service.to_string(), record);
             self.changes += 1;
         }
+    }
+
+    /// Writes or deletes a mesh record if its modify index is still
+    /// `expected` (see [`super::Kv::put_mesh`]); whether it did.
+    pub(super) fn put_mesh(
+        &mut self,
+        name: &str,
+        record: Option<Vec<u8>>,
+        expected: Option<Option<u64>>,
+    ) -> bool {
+        let found = self.base.mesh.get(name).map(|(_, modify, _)| *modify);
+        self.expect.insert(RecordKey::Mesh(name.to_string()), found);
+        let current = match self.mesh.get(name) {
+            Some(planned) => planned.as_ref().map(|_| PENDING),
+            None => found,
+        };
+        if expected.is_some_and(|e| e != current) {
+            return false;
+        }
+        if record.is_some() || current.is_some() {
+            self.mesh.insert(name.to_string(), record);
+            self.changes += 1;
+        }
+        true
     }
 
     /// Deletes the lock delays that have passed.

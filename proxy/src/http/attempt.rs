@@ -19,7 +19,7 @@ use crate::backend::{Backend, Snapshot};
 use crate::body::ProxyBody;
 use crate::endpoint::Member;
 use crate::error::ProxyError;
-use crate::pool::{Answer, Pool, PoolError};
+use crate::pool::{Answer, Pool, PoolError, Via};
 
 /// What one attempt came to, short of an end to the request.
 pub(super) enum Sent {
@@ -72,10 +72,31 @@ pub(super) fn send<'f>(
             Some(t) => (started + t).min(deadline),
             None => deadline,
         };
+        let caller = match &member.endpoint.mesh {
+            None => None,
+            Some(_) => Some(
+                backend
+                    .shared
+                    .mesh
+                    .load()
+                    .caller(prepared.client)
+                    .map_err(ProxyError::NoIdentity)?,
+            ),
+        };
+        let via = member
+            .endpoint
+            .mesh
+            .as_ref()
+            .zip(caller.as_deref())
+            .map(|(hop, caller)| Via {
+                hop,
+                caller,
+                metrics: &backend.shared.metrics,
+            });
         let in_flight = member.stats.in_flight();
         let answered = tokio::time::timeout_at(
             limit,
-            pool.request(member.endpoint.addr, &member.stats, request),
+            pool.request(member.endpoint.addr, &member.stats, request, via),
         )
         .await;
         drop(in_flight);
@@ -143,9 +164,14 @@ fn request(
         headers.insert(ATTEMPT_HEADER, attempt_value(attempt + 1));
     }
     // HTTP/2 names the instance in the URI (`:authority`); HTTP/1.1
-    // sends the origin-form and a Host header.
+    // sends the origin-form and a Host header. Between hosts of the mesh
+    // it is always HTTP/2, which has no protocol switch.
     let mut target = uri::Parts::default();
-    if prepared.http2 {
+    if member.endpoint.mesh.is_some() {
+        headers.remove(header::UPGRADE);
+        headers.remove(header::CONNECTION);
+    }
+    if prepared.http2 || member.endpoint.mesh.is_some() {
         *request.version_mut() = Version::HTTP_2;
         target.scheme = Some(Scheme::HTTP);
         target.authority = Some(member.authority.clone());

@@ -46,6 +46,9 @@ pub(super) struct Prepared {
     /// This proxy retries: the service allows retries and no proxy
     /// before this one retries already.
     pub(super) retry_here: bool,
+    /// Where the client connects from: which local service calls, for
+    /// the mesh.
+    pub(super) client: std::net::IpAddr,
 }
 
 /// An operator's answer, or a refusal, before any instance is asked:
@@ -153,6 +156,7 @@ pub(super) fn prepare(
             upgrading,
             idempotent,
             retry_here,
+            client: client.ip(),
         })
     }
 }

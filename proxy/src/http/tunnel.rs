@@ -14,7 +14,7 @@ use crate::backend::{Backend, Snapshot};
 /// A connection an instance switched to another protocol (a WebSocket):
 /// the client's side and the instance's, each handed over by hyper once
 /// the 101 has gone through.
-pub(super) struct Tunnel {
+pub(crate) struct Tunnel {
     pub(super) client: OnUpgrade,
     pub(super) instance: OnUpgrade,
     /// The instance: `snapshot.members[member]`, counted in flight (as
