@@ -8,12 +8,16 @@
 //! - `blocking`: `?index=&wait=` blocking queries and the `X-Consul-*`
 //!   headers.
 //! - `agent_routes`, `catalog`: the handlers.
+//! - `connect`: the mesh's agent-local endpoints (roots, a service's
+//!   certificate, authorize), from [`crate::mesh`].
 //! - `kv`: KV, transactions and sessions (reads from [`crate::kv`]'s
-//!   cache, the rest forwarded to the control plane).
+//!   cache, the rest forwarded to the control plane, as are config
+//!   entries and intentions).
 
 mod agent_routes;
 mod blocking;
 mod catalog;
+mod connect;
 pub(crate) mod decode;
 mod forward;
 mod kv;
@@ -252,6 +256,28 @@ fn routes() -> Routes<Api> {
             "/v1/config/service-defaults/{name}",
             kv::pass,
         )
+        // The mesh: this host's roots, certificates and verdicts answered
+        // here; intentions and the CA are the control plane's.
+        .get("/v1/agent/connect/ca/roots", connect::roots)
+        .get("/v1/agent/connect/ca/leaf/{service}", connect::leaf)
+        .on(
+            Method::Post,
+            "/v1/agent/connect/authorize",
+            connect::authorize,
+        )
+        .get("/v1/connect/intentions", kv::pass)
+        .on(Method::Post, "/v1/connect/intentions", kv::pass)
+        .get("/v1/connect/intentions/exact", kv::pass)
+        .put("/v1/connect/intentions/exact", kv::pass)
+        .on(Method::Delete, "/v1/connect/intentions/exact", kv::pass)
+        .get("/v1/connect/intentions/check", kv::pass)
+        .get("/v1/connect/intentions/match", kv::pass)
+        .get("/v1/connect/intentions/{id}", kv::pass)
+        .put("/v1/connect/intentions/{id}", kv::pass)
+        .on(Method::Delete, "/v1/connect/intentions/{id}", kv::pass)
+        .get("/v1/connect/ca/roots", kv::pass)
+        .on(Method::Post, "/v1/connect/ca/rotate", kv::pass)
+        .put("/v1/connect/ca/configuration", kv::pass)
         .get("/metrics", metrics)
 }
 

@@ -1,9 +1,11 @@
 //! The `signpost` subcommands that talk to a running agent over its local
-//! API, or to the control plane (`acl`, `audit`): readable tables by
-//! default, `--json` for scripts; a refused token exits with 77, input
-//! the server refused with 65.
+//! API, or to the control plane (`acl`, `audit`, `cmd`, `intention`,
+//! `ca`): readable tables by default, `--json` for scripts; a refused
+//! token exits with 77, input the server refused with 65.
 
+pub mod ca;
 pub mod cmd;
+pub mod intention;
 
 use std::path::Path;
 

@@ -87,6 +87,7 @@ pub async fn run(
     config.dns.listen = dns;
     // Beside an agent already on this host (which has 127.0.0.1:8301).
     config.liveness_port = 0;
+    config.mesh.inbound_port = 0;
     // Port 80 needs privileges a newcomer's shell may not have.
     config.proxy.http_port = DEV_HTTP_PORT;
     signpost_daemon::logging::init(&config.log);

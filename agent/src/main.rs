@@ -26,7 +26,8 @@ struct Cli {
     )]
     http_addr: String,
     /// The control plane's HTTP API (HTTPS; `http://host:port` for a
-    /// plain one on loopback), for `acl`, `cmd` and `audit`.
+    /// plain one on loopback), for `acl`, `cmd`, `audit`, `intention`
+    /// and `ca`.
     #[arg(
         long,
         global = true,
@@ -104,6 +105,17 @@ enum Command {
     Acl {
         #[command(subcommand)]
         command: AclCommand,
+    },
+    /// The mesh's intentions: which service may call which (writes need
+    /// `intentions` write on the destination).
+    Intention {
+        #[command(subcommand)]
+        command: IntentionCommand,
+    },
+    /// The mesh's CA: its roots, and a rotation (needs an operator token).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// The control plane's audit log: token changes and refused requests
     /// (needs an operator token).
@@ -313,6 +325,53 @@ enum PolicyCommand {
     Delete { id: String },
 }
 
+#[derive(Subcommand)]
+enum IntentionCommand {
+    /// Create an intention from SRC to DST (a service name or `*`);
+    /// allow unless --deny, or HTTP permissions with --file.
+    Create {
+        source: String,
+        destination: String,
+        #[arg(long, conflicts_with_all = ["allow", "file"])]
+        deny: bool,
+        /// The default.
+        #[arg(long)]
+        allow: bool,
+        /// A deny from it only logs and counts (to try it on live traffic).
+        #[arg(long)]
+        shadow: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A JSON file with Consul's Permissions array (L7 rules, tried in
+        /// order), instead of an action.
+        #[arg(long, conflicts_with = "allow")]
+        file: Option<PathBuf>,
+    },
+    /// List the intentions, in the order they are tried.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the intention from SRC to DST.
+    Delete { source: String, destination: String },
+    /// Whether a connection from SRC to DST is allowed: prints Allowed
+    /// (exit 0) or Denied (exit 1); exit 2 when it cannot tell.
+    Check { source: String, destination: String },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// The roots every agent trusts (two during a rotation).
+    Roots {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A new root, cross-signed by the old one; agents renew their
+    /// certificates at once and trust both until the old one's last
+    /// certificate has expired.
+    Rotate,
+}
+
 /// The CA of the control plane's certificate when the CLI runs on a
 /// control-plane host with the packaged layout.
 const LOCAL_CA: &str = "/var/lib/signpost-control-plane/tls/ca.pem";
@@ -438,23 +497,91 @@ fn main() -> ExitCode {
                 Ok(cp) => cli::audit(&cp, limit, json).await,
                 Err(e) => Err(e),
             },
+            Command::Intention {
+                command:
+                    IntentionCommand::Check {
+                        source,
+                        destination,
+                    },
+            } => {
+                let checked = match control_plane() {
+                    Ok(cp) => cli::intention::check(&cp, &source, &destination).await,
+                    Err(e) => Err(e),
+                };
+                // Consul's codes: 1 is "denied", so failing to tell is 2.
+                return match checked {
+                    Ok(true) => ExitCode::SUCCESS,
+                    Ok(false) => ExitCode::from(cli::intention::EXIT_NOT_ALLOWED),
+                    Err(e) => failed(&e, cli::intention::EXIT_CHECK_FAILED),
+                };
+            }
+            Command::Intention { command } => match control_plane() {
+                Ok(cp) => intention_command(&cp, command).await,
+                Err(e) => Err(e),
+            },
+            Command::Ca { command } => match control_plane() {
+                Ok(cp) => match command {
+                    CaCommand::Roots { json } => cli::ca::roots(&cp, json).await,
+                    CaCommand::Rotate => cli::ca::rotate(&cp).await,
+                },
+                Err(e) => Err(e),
+            },
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) if e.downcast_ref::<cli::Denied>().is_some() => {
-                eprintln!("signpost: {e:#}");
-                ExitCode::from(cli::EXIT_DENIED)
-            }
-            Err(e) if e.downcast_ref::<cli::Invalid>().is_some() => {
-                eprintln!("signpost: {e:#}");
-                ExitCode::from(cli::EXIT_INVALID)
-            }
-            Err(e) => {
-                eprintln!("signpost: {e:#}");
-                ExitCode::FAILURE
-            }
+            Err(e) => failed(&e, 1),
         }
     })
+}
+
+/// Prints why a command failed; its exit code: 77 for a refused token,
+/// 65 for input the server refused, else `other`.
+fn failed(e: &anyhow::Error, other: u8) -> ExitCode {
+    eprintln!("signpost: {e:#}");
+    if e.downcast_ref::<cli::Denied>().is_some() {
+        ExitCode::from(cli::EXIT_DENIED)
+    } else if e.downcast_ref::<cli::Invalid>().is_some() {
+        ExitCode::from(cli::EXIT_INVALID)
+    } else {
+        ExitCode::from(other)
+    }
+}
+
+async fn intention_command(cp: &Client, command: IntentionCommand) -> anyhow::Result<()> {
+    match command {
+        IntentionCommand::Create {
+            source,
+            destination,
+            deny,
+            allow: _,
+            shadow,
+            description,
+            file,
+        } => {
+            let new = cli::intention::NewIntention {
+                source: &source,
+                destination: &destination,
+                deny,
+                shadow,
+                description: &description,
+                permissions: file.as_deref(),
+            };
+            cli::intention::create(cp, &new).await
+        }
+        IntentionCommand::List { json } => cli::intention::list(cp, json).await,
+        IntentionCommand::Delete {
+            source,
+            destination,
+        } => cli::intention::delete(cp, &source, &destination).await,
+        // Answered in `main`, with its own exit codes; a denial here is
+        // still printed.
+        IntentionCommand::Check {
+            source,
+            destination,
+        } => cli::intention::check(cp, &source, &destination)
+            .await
+            .map(drop),
+    }
 }
 
 async fn agent(path: PathBuf, validate: bool) -> ExitCode {

@@ -69,7 +69,7 @@ pub(crate) async fn run(
     let mut mesh_changes = catalog.mesh.as_ref().map(|m| m.subscribe());
     // What the mesh's view was built from: rebuilt only when it changes,
     // so that TLS sessions stay resumable.
-    let mut mesh_built: Option<(u64, Vec<InboundSpec>, Vec<(String, String)>)> = None;
+    let mut mesh_built: Option<MeshInputs> = None;
     loop {
         if let (Some(mesh), Some(changes)) = (&catalog.mesh, &mesh_changes) {
             let version = *changes.borrow();
@@ -185,6 +185,11 @@ fn services(catalog: &AgentCatalog, commands: &[Command], now: u64) -> Vec<Servi
         })
         .collect()
 }
+
+/// What the mesh's view was last built from: the mesh's version, the
+/// inbound targets, and every local service's name and address (which
+/// decide who calls).
+type MeshInputs = (u64, Vec<InboundSpec>, Vec<(String, String)>);
 
 /// The meshed instances registered here, as the inbound listener serves
 /// them: at their own address, else the node's.

@@ -1,12 +1,14 @@
 //! The control plane's HTTP API: the fleet's nodes with their liveness,
 //! the catalog and health of services in Consul's shapes, `/metrics`
-//! (all readable without a token), and ACL tokens and the audit log
-//! ([`acl`], which every write goes through).
+//! (all readable without a token), ACL tokens and the audit log
+//! ([`acl`], which every write goes through), the KV store ([`kv`]) and
+//! the service mesh's intentions and CA ([`mesh`]).
 
 mod acl;
 mod commands;
 mod external;
 mod kv;
+mod mesh;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -40,6 +42,8 @@ pub struct HttpState {
     /// Whether the store takes writes now (a shared store can lose its
     /// quorum; files always do).
     pub quorum: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The mesh's default and shadow mode (`/v1/connect/intentions/check`).
+    pub mesh: signpost_core::control_plane_config::MeshCaConfig,
 }
 
 /// An error answer: `{"error": message}`.
@@ -111,6 +115,27 @@ pub fn routes() -> Routes<HttpState> {
             "/v1/config/service-defaults/{name}",
             kv::delete_config,
         )
+        .get("/v1/connect/intentions", mesh::list)
+        .on(Method::Post, "/v1/connect/intentions", mesh::create)
+        .get("/v1/connect/intentions/exact", mesh::get_exact)
+        .put("/v1/connect/intentions/exact", mesh::put_exact)
+        .on(
+            Method::Delete,
+            "/v1/connect/intentions/exact",
+            mesh::delete_exact,
+        )
+        .get("/v1/connect/intentions/check", mesh::check)
+        .get("/v1/connect/intentions/match", mesh::matching)
+        .get("/v1/connect/intentions/{id}", mesh::get_by_id)
+        .put("/v1/connect/intentions/{id}", mesh::put_by_id)
+        .on(
+            Method::Delete,
+            "/v1/connect/intentions/{id}",
+            mesh::delete_by_id,
+        )
+        .get("/v1/connect/ca/roots", mesh::roots)
+        .on(Method::Post, "/v1/connect/ca/rotate", mesh::rotate)
+        .put("/v1/connect/ca/configuration", mesh::rotate)
         .get("/metrics", metrics)
 }
 

@@ -405,7 +405,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// A random (version 4) UUID, as Consul's session IDs.
-fn new_uuid() -> String {
+pub(crate) fn new_uuid() -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;

@@ -1,6 +1,8 @@
 //! The service mesh's CA and intentions, kept as records of the KV store
-//! (`m/ca`, `m/intention/<id>`), so every replica shares them, on etcd as
-//! on files, and a write is a compare-and-swap like any other.
+//! (`m/ca`, `m/intention/<destination>/<source>`), so every replica
+//! shares them, on etcd as on files, and a write is a compare-and-swap
+//! like any other: one record per source and destination, so two
+//! replicas creating the same pair at once cannot make two.
 //!
 //! The CA is created by the first replica that starts without one. It
 //! signs each service's certificate (`spiffe://<trust domain>/dc/<dc>/svc/<name>`,
@@ -27,7 +29,8 @@ use crate::kv::{Kv, KvError};
 
 /// The CA's record.
 pub const CA_RECORD: &str = "ca";
-/// Where intentions are kept, by ID.
+/// Where intentions are kept, by destination and source
+/// ([`intention_record`]).
 pub const INTENTION_PREFIX: &str = "intention/";
 
 /// How long a root is valid.
@@ -203,7 +206,7 @@ fn new_root(previous: Option<&Root>) -> Result<Root, MeshError> {
     let params = || {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("Signpost mesh CA {id}"));
+        dn.push(DnType::CommonName, root_name(&id));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -241,12 +244,53 @@ fn new_root(previous: Option<&Root>) -> Result<Root, MeshError> {
 
 /// The CA as the store has it now, with its modify index.
 pub fn load(kv: &Kv) -> Result<Option<(CaRecord, u64)>, MeshError> {
-    let Some((_, _, modify, bytes)) = kv.mirror().mesh(CA_RECORD).into_iter().next() else {
+    Ok(load_indexed(kv)?.map(|(ca, _, modify)| (ca, modify)))
+}
+
+/// The CA as the store has it now, with its create and modify index.
+pub fn load_indexed(kv: &Kv) -> Result<Option<(CaRecord, u64, u64)>, MeshError> {
+    let Some((_, create, modify, bytes)) = kv
+        .mirror()
+        .mesh(CA_RECORD)
+        .into_iter()
+        .find(|(name, ..)| name == CA_RECORD)
+    else {
         return Ok(None);
     };
     serde_json::from_slice(&bytes)
-        .map(|ca| Some((ca, modify)))
+        .map(|ca| Some((ca, create, modify)))
         .map_err(|e| MeshError::Corrupt(e.to_string()))
+}
+
+// === impl CaRecord (Consul's shape) ===
+
+impl CaRecord {
+    /// The roots as `GET /v1/connect/ca/roots` answers them (no keys);
+    /// `create`/`modify` are the record's indexes.
+    pub fn to_consul(&self, create: u64, modify: u64) -> signpost_core::consul::CaRootList {
+        signpost_core::consul::CaRootList {
+            active_root_id: self.active.clone(),
+            trust_domain: self.trust_domain.clone(),
+            roots: self
+                .roots
+                .iter()
+                .map(|r| signpost_core::consul::CaRoot {
+                    id: r.id.clone(),
+                    name: root_name(&r.id),
+                    root_cert: r.cert_pem.clone(),
+                    intermediate_certs: r.cross_signed_pem.iter().cloned().collect(),
+                    active: r.id == self.active,
+                    create_index: create,
+                    modify_index: modify,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A root's name: its certificate's common name.
+pub fn root_name(id: &str) -> String {
+    format!("Signpost mesh CA {id}")
 }
 
 /// Writes `ca` if the record's index is still `expected`.
@@ -315,20 +359,63 @@ async fn check_ca(kv: &Kv, config: &MeshCaConfig) -> Result<(), MeshError> {
     }
 }
 
-/// Every intention in the store, with its create and modify index.
-pub fn intentions(kv: &Kv) -> Vec<(Intention, u64, u64)> {
+/// The record of the intention from `source` to `destination`
+/// (`intention/<destination>/<source>`; service names hold no `/`).
+pub fn intention_record(source: &str, destination: &str) -> String {
+    format!("{INTENTION_PREFIX}{destination}/{source}")
+}
+
+/// An intention as the store has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredIntention {
+    /// Its record's name.
+    pub record: String,
+    pub intention: Intention,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// Every intention in the store, with its record (undecodable ones are
+/// logged and left out).
+pub fn stored_intentions(kv: &Kv) -> Vec<StoredIntention> {
     kv.mirror()
         .mesh(INTENTION_PREFIX)
         .into_iter()
-        .filter_map(|(name, create, modify, bytes)| {
-            match serde_json::from_slice::<Intention>(&bytes) {
-                Ok(i) => Some((i, create, modify)),
-                Err(error) => {
-                    tracing::error!(record = %name, %error, "undecodable intention skipped");
-                    None
-                }
-            }
-        })
+        .filter_map(decode_intention)
+        .collect()
+}
+
+/// The intention in `record` ([`intention_record`]), if there is one.
+pub fn stored_intention(kv: &Kv, record: &str) -> Option<StoredIntention> {
+    kv.mirror()
+        .mesh(record)
+        .into_iter()
+        .find(|(name, ..)| name == record)
+        .and_then(decode_intention)
+}
+
+fn decode_intention(
+    (record, create_index, modify_index, bytes): (String, u64, u64, Vec<u8>),
+) -> Option<StoredIntention> {
+    match serde_json::from_slice::<Intention>(&bytes) {
+        Ok(intention) => Some(StoredIntention {
+            record,
+            intention,
+            create_index,
+            modify_index,
+        }),
+        Err(error) => {
+            tracing::error!(%record, %error, "undecodable intention skipped");
+            None
+        }
+    }
+}
+
+/// Every intention in the store, with its create and modify index.
+pub fn intentions(kv: &Kv) -> Vec<(Intention, u64, u64)> {
+    stored_intentions(kv)
+        .into_iter()
+        .map(|s| (s.intention, s.create_index, s.modify_index))
         .collect()
 }
 
@@ -433,6 +520,31 @@ mod tests {
         assert!(ca.prune(ttl, now_millis() + 2 * 3600 * 1000));
         assert_eq!(ca.roots.len(), 1);
         assert_eq!(ca.active, new.id);
+    }
+
+    #[test]
+    fn roots_are_shown_in_consuls_shape_without_keys() {
+        let mut ca = CaRecord::new("signpost.mesh").unwrap();
+        let old = ca.active.clone();
+        let new = ca.rotate().unwrap().id.clone();
+        let list = ca.to_consul(3, 7);
+        assert_eq!(list.active_root_id, new);
+        assert_eq!(list.trust_domain, "signpost.mesh");
+        let shown: Vec<(&str, bool, usize)> = list
+            .roots
+            .iter()
+            .map(|r| (r.id.as_str(), r.active, r.intermediate_certs.len()))
+            .collect();
+        assert_eq!(shown, [(old.as_str(), false, 0), (new.as_str(), true, 1)]);
+        assert_eq!(
+            (list.roots[1].create_index, list.roots[1].modify_index),
+            (3, 7)
+        );
+        assert_eq!(list.roots[1].name, format!("Signpost mesh CA {new}"));
+        let text = serde_json::to_string(&list).unwrap();
+        assert!(text.contains("\"ActiveRootID\""), "{text}");
+        assert!(!text.contains("PRIVATE KEY"), "no key is ever shown");
+        assert_eq!(intention_record("web", "db"), "intention/db/web");
     }
 
     #[test]

@@ -380,6 +380,55 @@ impl From<&model::CheckDefinition> for CheckRegistration {
     }
 }
 
+/// `GET /v1/connect/ca/roots` (and the agent's `/v1/agent/connect/ca/roots`):
+/// the mesh's trusted roots, never a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CaRootList {
+    #[serde(rename = "ActiveRootID")]
+    pub active_root_id: String,
+    pub trust_domain: String,
+    pub roots: Vec<CaRoot>,
+}
+
+/// One of a [`CaRootList`]'s roots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CaRoot {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub name: String,
+    pub root_cert: String,
+    /// During a rotation, the new root signed by the old one.
+    #[serde(default)]
+    pub intermediate_certs: Vec<String>,
+    pub active: bool,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// `GET /v1/agent/connect/ca/leaf/<service>`: a service's certificate
+/// and its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LeafCert {
+    /// Colon-separated lowercase hex, as Consul writes it.
+    pub serial_number: String,
+    /// The certificate, then the chain to a root.
+    #[serde(rename = "CertPEM")]
+    pub cert_pem: String,
+    #[serde(rename = "PrivateKeyPEM")]
+    pub private_key_pem: String,
+    pub service: String,
+    #[serde(rename = "ServiceURI")]
+    pub service_uri: String,
+    /// RFC 3339.
+    pub valid_after: String,
+    pub valid_before: String,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

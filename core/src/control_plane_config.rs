@@ -56,7 +56,7 @@ pub struct MeshCaConfig {
     /// fleet working; `deny` (recommended) lets through only what an
     /// intention allows.
     pub default_intention: crate::intention::Action,
-    /// Every deny is only logged and counted (`signpost_mesh_requests_total`
+    /// Every deny is only logged and counted (`signpost_agent_proxy_mesh_requests_total`
     /// with `decision="shadow_deny"`): to tighten rules without an outage.
     pub shadow: bool,
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 mod consul;
 mod enforce;
 
-pub use consul::parse_consul;
+pub use consul::{parse_consul, rfc3339};
 pub use enforce::{By, Decision, Intentions, Request};
 
 /// The source or destination that stands for every service.

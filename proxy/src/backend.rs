@@ -513,6 +513,8 @@ mod tests {
             on_use: Box::new(|_| {}),
             started: std::time::Instant::now(),
             workers: 2,
+            mesh: arc_swap::ArcSwap::from_pointee(crate::mesh::MeshView::default()),
+            inbound: crate::mesh::inbound::Inbound::default(),
         });
         let web = Backend::new(
             "web",

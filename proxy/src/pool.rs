@@ -53,12 +53,19 @@ pub(crate) enum PoolError {
     Http(#[from] hyper::Error),
 }
 
+/// A meshed instance and the local service calling it.
+type MeshKey = (SocketAddr, Arc<str>);
+
 pub(crate) struct Pool {
     http2: bool,
     connect_timeout: Duration,
     liveness: Liveness,
     idle_timeout: Duration,
     idle: Arc<Mutex<Idle>>,
+    /// One dial at a time per meshed instance and caller: requests that
+    /// find no connection wait for the one being made (a handshake each
+    /// would otherwise be made for a burst, and all but one thrown away).
+    dialing: Mutex<FnvHashMap<MeshKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Keyed with FNV: two lookups per request, on addresses from the
@@ -68,7 +75,7 @@ struct Idle {
     http1: FnvHashMap<SocketAddr, Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
     http2: FnvHashMap<SocketAddr, (http2::SendRequest<ProxyBody>, Instant)>,
     /// HTTP/2 over mutual TLS to meshed instances, per calling service.
-    mesh: FnvHashMap<(SocketAddr, Arc<str>), (http2::SendRequest<ProxyBody>, Instant)>,
+    mesh: FnvHashMap<MeshKey, (http2::SendRequest<ProxyBody>, Instant)>,
     /// A sweeper task is running.
     sweeping: bool,
 }
@@ -105,6 +112,7 @@ impl Pool {
             liveness,
             idle_timeout,
             idle: Arc::default(),
+            dialing: Mutex::default(),
         }
     }
 
@@ -173,17 +181,16 @@ impl Pool {
         via: Via<'_>,
     ) -> Result<Response<Answer>, PoolError> {
         let key = (addr, via.caller.name.clone());
-        let pooled = {
-            let mut idle = crate::lock(&self.idle);
-            match idle.mesh.get_mut(&key) {
-                Some((sender, since)) if !sender.is_closed() => {
-                    *since = Instant::now();
-                    Some(sender.clone())
-                }
-                _ => None,
-            }
-        };
-        if let Some(sender) = pooled {
+        if let Some(sender) = self.pooled_mesh(&key) {
+            return send_http2(sender, req).await;
+        }
+        let dial = crate::lock(&self.dialing)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _dialing = dial.lock().await;
+        // Made while this request waited its turn.
+        if let Some(sender) = self.pooled_mesh(&key) {
             return send_http2(sender, req).await;
         }
         let dialed = crate::mesh::dial(
@@ -207,10 +214,27 @@ impl Pool {
         run_connection(addr, conn, stats.gone());
         {
             let mut idle = crate::lock(&self.idle);
-            idle.mesh.insert(key, (sender.clone(), Instant::now()));
+            idle.mesh
+                .insert(key.clone(), (sender.clone(), Instant::now()));
             start_sweeper(&self.idle, &mut idle, self.idle_timeout);
         }
+        drop(_dialing);
+        drop(dial);
+        // Nobody else waiting: the entry goes.
+        crate::lock(&self.dialing).retain(|_, lock| Arc::strong_count(lock) > 1);
         send_http2(sender, req).await
+    }
+
+    /// The open pooled connection to a meshed instance for its caller.
+    fn pooled_mesh(&self, key: &MeshKey) -> Option<http2::SendRequest<ProxyBody>> {
+        let mut idle = crate::lock(&self.idle);
+        match idle.mesh.get_mut(key) {
+            Some((sender, since)) if !sender.is_closed() => {
+                *since = Instant::now();
+                Some(sender.clone())
+            }
+            _ => None,
+        }
     }
 
     /// Sends `req` on a new HTTP/1.1 connection, pooled afterwards.

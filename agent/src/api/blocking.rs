@@ -41,6 +41,19 @@ impl Blocking {
     pub(crate) fn wait(&self) -> Duration {
         self.wait
     }
+
+    /// When a blocked request answers anyway: after its wait, plus up to
+    /// wait/16 of jitter, as Consul adds so that many watchers of one
+    /// resource do not all come back at the same moment.
+    fn deadline(&self) -> tokio::time::Instant {
+        let jitter = self.wait / 16;
+        let extra = if jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            rand::rng().random_range(Duration::ZERO..jitter)
+        };
+        tokio::time::Instant::now() + self.wait + extra
+    }
 }
 
 /// Answers `compute` (which returns the resource's index and its body),
@@ -64,15 +77,7 @@ pub(crate) async fn answer(
     let (index, body) = read();
     let (index, body) = match blocking.index {
         Some(min) if min > 0 && index == min => {
-            // Consul adds up to wait/16 of jitter so that many watchers of
-            // one resource do not all come back at the same moment.
-            let jitter = blocking.wait / 16;
-            let extra = if jitter.is_zero() {
-                Duration::ZERO
-            } else {
-                rand::rng().random_range(Duration::ZERO..jitter)
-            };
-            let deadline = tokio::time::Instant::now() + blocking.wait + extra;
+            let deadline = blocking.deadline();
             loop {
                 tokio::select! {
                     _ = api.shutdown.cancelled() => break,
@@ -113,6 +118,36 @@ pub(crate) async fn answer(
         headers.insert("X-Consul-LastContact", HeaderValue::from(ms));
     }
     Ok(response)
+}
+
+/// Answers `compute` (the resource's index and body, or why it cannot)
+/// for a resource outside the agent's state, blocking first if the
+/// client asked to: `changes` ticks whenever the resource may have
+/// changed (subscribed before the first read, so nothing is missed).
+pub(crate) async fn answer_watching(
+    api: &Api,
+    params: &Params,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    compute: impl Fn() -> ApiResult<(u64, Value)>,
+) -> ApiResult<Response> {
+    check_datacenter(api, params)?;
+    let blocking = Blocking::from_params(api, params)?;
+    let (mut index, mut body) = compute()?;
+    if let Some(min) = blocking.index.filter(|&min| min > 0 && min == index) {
+        let deadline = blocking.deadline();
+        loop {
+            tokio::select! {
+                _ = api.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                changed = changes.changed() => if changed.is_err() { break },
+            }
+            (index, body) = compute()?;
+            if index != min {
+                break;
+            }
+        }
+    }
+    Ok(json_with_index(index.max(1), &body))
 }
 
 /// Consul answers 500 "No path to datacenter" for a datacenter it does not

@@ -240,8 +240,9 @@ pub(crate) async fn create_session(State(api): State<Api>, request: Request) -> 
     .await
 }
 
-/// The rest of `/v1/session/*` and `/v1/event/fire`, forwarded as they
-/// are (blocking reads with their wait).
+/// The rest of `/v1/session/*`, `/v1/event/fire`, config entries and
+/// the mesh's intentions and CA, forwarded as they are (blocking reads
+/// with their wait).
 pub(crate) async fn pass(
     State(api): State<Api>,
     RawQuery(q): RawQuery,

@@ -266,6 +266,7 @@ mod tests {
             node_zone: "z1".to_string(),
             node_checks: vec![liveness],
             instance: Some(instance),
+            node_inbound: String::new(),
         }
     }
 

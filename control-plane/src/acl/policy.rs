@@ -43,7 +43,10 @@ pub const BUILTINS: [Builtin; 4] = [
         description: "Everything (the former admin role)",
         rules: r#"acl = "write"
 operator = "write"
-service_prefix "" { policy = "write" }
+service_prefix "" {
+  policy = "write"
+  intentions = "write"
+}
 node_prefix "" { policy = "write" }
 key_prefix "" { policy = "write" }
 agent_prefix "" { policy = "write" }
@@ -64,9 +67,12 @@ agent_prefix "" { policy = "read" }
     Builtin {
         id: OPERATOR,
         name: "builtin/operator",
-        description: "Commands and the audit log, reads the fleet (the former operator role)",
+        description: "Commands, the mesh's intentions and CA, and the audit log; reads the fleet (the former operator role)",
         rules: r#"operator = "write"
-service_prefix "" { policy = "read" }
+service_prefix "" {
+  policy = "read"
+  intentions = "write"
+}
 node_prefix "" { policy = "read" }
 agent_prefix "" { policy = "read" }
 "#,
@@ -110,9 +116,88 @@ pub fn parse(text: &str) -> Result<Rules, RulesError> {
     } else if text.trim().is_empty() {
         serde_json::Value::Object(Default::default())
     } else {
-        hcl::from_str(text).map_err(|e| RulesError(format!("HCL: {e}")))?
+        match hcl::from_str(text) {
+            Ok(value) => value,
+            // Consul's HCL (version 1) also takes several attributes on
+            // one line (`service "web" { policy = "read" intentions =
+            // "write" }`), which HCL 2 does not: tried again with each on
+            // a line of its own, and the first error said if that fails.
+            Err(e) => hcl::from_str(&one_attribute_a_line(text))
+                .map_err(|_| RulesError(format!("HCL: {e}")))?,
+        }
     };
     Rules::from_consul_json(&value)
+}
+
+/// `text` with a line break after every quoted attribute value that
+/// another attribute follows on the same line (a `,` between them, which
+/// HCL 1 also takes, becomes the line break), and after every `{` and
+/// before every `}`. Strings are copied as they are.
+fn one_attribute_a_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut chars = text.chars().peekable();
+    // After `=`, before its value; inside a value string; just after one.
+    let (mut after_equals, mut in_value, mut after_value) = (false, false, false);
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match c {
+                '\\' => {
+                    if let Some(next) = chars.next() {
+                        out.push(next);
+                    }
+                }
+                '"' => {
+                    in_string = false;
+                    after_value = in_value;
+                    in_value = false;
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if after_value {
+            match c {
+                ' ' | '\t' => {
+                    out.push(c);
+                    continue;
+                }
+                ',' => {
+                    out.push('\n');
+                    after_value = false;
+                    continue;
+                }
+                c if c.is_ascii_alphabetic() || c == '_' => out.push('\n'),
+                _ => {}
+            }
+            after_value = false;
+        }
+        match c {
+            '=' => after_equals = true,
+            '"' => {
+                in_string = true;
+                in_value = after_equals;
+                after_equals = false;
+            }
+            // A block's body on lines of its own, as HCL 2 wants a block
+            // of several attributes.
+            '{' => {
+                out.push_str("{\n");
+                after_equals = false;
+                continue;
+            }
+            '}' => {
+                out.push_str("\n}");
+                after_equals = false;
+                continue;
+            }
+            c if !c.is_whitespace() => after_equals = false,
+            _ => {}
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The rules a legacy role had, as its built-in policy.
@@ -158,6 +243,39 @@ operator = "read"
     }
 
     #[test]
+    fn several_attributes_on_one_line_parse_as_in_consul() {
+        let one_line = parse(
+            r#"service "web" { policy = "read" intentions = "write" }
+service_prefix "api-" { policy = "write", intentions = "read" }
+key "a b" { policy = "read" }"#,
+        )
+        .unwrap();
+        let lines = parse(
+            r#"service "web" {
+  policy = "read"
+  intentions = "write"
+}
+service_prefix "api-" {
+  policy = "write"
+  intentions = "read"
+}
+key "a b" { policy = "read" }"#,
+        )
+        .unwrap();
+        assert_eq!(one_line, lines);
+        let a = Authorizer::new(one_line, DefaultPolicy::Deny);
+        assert!(a.allows(Resource::Intention("web"), Access::Write));
+        assert!(!a.allows(Resource::Service("web"), Access::Write));
+        // Strings are left alone, and real errors still say where.
+        assert_eq!(
+            one_attribute_a_line(r#"key "x = \"y\" {z}" { policy = "read" a = "b" }"#),
+            "key \"x = \\\"y\\\" {z}\" {\n policy = \"read\" \na = \"b\" \n}"
+        );
+        let e = parse(r#"service "web" { policy = "read" intentions = }"#).unwrap_err();
+        assert!(e.to_string().contains("line 1, column"), "{e}");
+    }
+
+    #[test]
     fn builtins_parse_and_reproduce_the_roles() {
         for b in &BUILTINS {
             assert!(parse(b.rules).is_ok(), "{}", b.name);
@@ -172,5 +290,19 @@ operator = "read"
         assert!(operator.allows(Resource::Operator, Access::Write));
         assert!(!operator.allows(Resource::Acl, Access::Read));
         assert!(!operator.allows(Resource::Service("web"), Access::Write));
+        // Operators manage traffic: intentions, for every service.
+        assert!(operator.allows(Resource::Intention("web"), Access::Write));
+        assert!(operator.allows(Resource::Intention("*"), Access::Write));
+        let management = Authorizer::new(
+            builtin_rules(builtin(GLOBAL_MANAGEMENT).unwrap()),
+            DefaultPolicy::Deny,
+        );
+        assert!(management.allows(Resource::Intention("db"), Access::Write));
+        let read_only = Authorizer::new(
+            builtin_rules(builtin(READ_ONLY).unwrap()),
+            DefaultPolicy::Deny,
+        );
+        assert!(read_only.allows(Resource::Intention("db"), Access::Read));
+        assert!(!read_only.allows(Resource::Intention("db"), Access::Write));
     }
 }

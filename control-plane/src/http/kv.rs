@@ -19,11 +19,11 @@ use super::HttpState;
 use super::acl::{anonymous_write, authorize};
 use crate::kv::KvError;
 
-fn bad(message: impl Into<String>) -> Response {
+pub(super) fn bad(message: impl Into<String>) -> Response {
     text(StatusCode::BAD_REQUEST, message)
 }
 
-fn failed(e: &KvError) -> Response {
+pub(super) fn failed(e: &KvError) -> Response {
     match e {
         KvError::Invalid(m) => text(StatusCode::INTERNAL_SERVER_ERROR, m.clone()),
         KvError::Store(crate::store::StoreError::Unavailable { .. }) | KvError::Contended(_) => {
@@ -33,7 +33,7 @@ fn failed(e: &KvError) -> Response {
     }
 }
 
-fn freshness(s: &HttpState) -> Freshness {
+pub(super) fn freshness(s: &HttpState) -> Freshness {
     Freshness {
         known_leader: (s.quorum)(),
         last_contact_ms: 0,
@@ -43,7 +43,7 @@ fn freshness(s: &HttpState) -> Freshness {
 /// A write's answer, with the index it was committed at: an agent that
 /// forwarded it waits until its cache has that index before answering,
 /// so its client reads its own write there.
-fn written(mut response: Response, index: Option<u64>) -> Response {
+pub(super) fn written(mut response: Response, index: Option<u64>) -> Response {
     if let Some(index) = index {
         response
             .headers_mut()
@@ -104,7 +104,7 @@ pub(super) async fn get(
 }
 
 /// Reads a write's body, at most `limit` bytes (413 beyond).
-async fn body(request: Request, limit: usize) -> Result<axum::body::Bytes, Response> {
+pub(super) async fn body(request: Request, limit: usize) -> Result<axum::body::Bytes, Response> {
     axum::body::to_bytes(request.into_body(), limit)
         .await
         .map_err(|_| {

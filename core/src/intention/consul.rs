@@ -312,7 +312,7 @@ fn header_json(h: &HeaderMatch) -> Value {
 
 /// Unix milliseconds as Go's `time.Time` marshals them in UTC (RFC 3339,
 /// the fraction without trailing zeros): `2024-02-29T13:05:09.12Z`.
-pub(super) fn rfc3339(ms: u64) -> String {
+pub fn rfc3339(ms: u64) -> String {
     let secs = ms / 1000;
     let (year, month, day) = civil_from_days(secs / 86_400);
     let rem = secs % 86_400;
