@@ -40,7 +40,10 @@ use crate::PATIENCE;
 mod instances;
 mod processes;
 
-pub use self::instances::{delay_relay, echo_instance, grpc_instance, http_instance};
+pub use self::instances::{
+    delay_relay, echo_instance, grpc_instance, http_instance, loopback_echo_instance,
+    loopback_http_instance,
+};
 pub use self::processes::{Agent, ControlPlane};
 
 /// The fleet's subnet; host `n` (1: the control plane) is `.n`.

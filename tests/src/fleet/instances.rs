@@ -77,6 +77,40 @@ pub async fn http_instance(host: &Host, port: u16) {
     });
 }
 
+/// An HTTP instance on `host` that listens on its loopback only, at
+/// `port`: `/health` answers 200, any other path `<host> <method> <path>`.
+pub async fn loopback_http_instance(host: &Host, port: u16) {
+    let name = host.name.clone();
+    let listener = host
+        .run(async move {
+            tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap()
+        })
+        .await;
+    host.spawn(async move {
+        let app = axum::Router::new()
+            .route("/health", axum::routing::get(|| async { "ok" }))
+            .fallback(move |method: axum::http::Method, uri: axum::http::Uri| {
+                let name = name.clone();
+                async move { format!("{name} {method} {}", uri.path()) }
+            });
+        axum::serve(listener, app).await.ok();
+    });
+}
+
+/// An echo instance on `host` that listens on its loopback only.
+pub async fn loopback_echo_instance(host: &Host, port: u16) {
+    let listener = host
+        .run(async move {
+            tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap()
+        })
+        .await;
+    host.spawn(crate::upstream::serve_echo(listener));
+}
+
 /// A gRPC instance on `host` at `port`: the standard health service,
 /// serving.
 pub async fn grpc_instance(host: &Host, port: u16) {

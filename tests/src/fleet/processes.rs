@@ -46,6 +46,30 @@ fn control_plane_yaml(data: &std::path::Path) -> String {
     edit(&yaml, "agent_tokens:", &format!("agent_tokens: [{TOKEN}]"))
 }
 
+/// `yaml` with `settings` added: a top-level section it has already
+/// (`proxy:`) gets the settings' lines under it, others are appended.
+fn merge(yaml: &str, settings: &str) -> String {
+    let mut lines: Vec<String> = yaml.lines().map(str::to_string).collect();
+    let mut section: Option<usize> = None;
+    for line in settings.lines() {
+        if !line.starts_with(' ') {
+            section = lines.iter().position(|l| l == line);
+            if section.is_none() {
+                lines.push(line.to_string());
+            }
+            continue;
+        }
+        match &mut section {
+            Some(at) => {
+                *at += 1;
+                lines.insert(*at, line.to_string());
+            }
+            None => lines.push(line.to_string()),
+        }
+    }
+    lines.join("\n") + "\n"
+}
+
 /// `init-tls` with `config`: a CA and a server certificate for `names`.
 fn init_tls(config: &std::path::Path, names: &[String]) {
     let mut command = Command::new(control_plane_bin());
@@ -206,9 +230,10 @@ impl Fleet {
         // The agent is the host's resolver (see /etc/netns/<ns>/resolv.conf).
         yaml = edit(&yaml, "  listen: 127.0.0.1:8600", "  listen: 127.0.0.1:53");
         yaml.push_str(&format!(
-            "node_name: {name}\ncontrol_plane:\n  addresses: [\"{via}\"]\n  ca_file: {}\n  token: {TOKEN}\n{settings}",
+            "node_name: {name}\ncontrol_plane:\n  addresses: [\"{via}\"]\n  ca_file: {}\n  token: {TOKEN}\n",
             cp.ca.display()
         ));
+        let yaml = merge(&yaml, settings);
         let config = host.dir.join("agent.yaml");
         std::fs::write(&config, yaml).unwrap();
         Agent {
@@ -299,6 +324,25 @@ impl ControlPlane {
             None,
         )
         .await
+    }
+
+    /// `method` on `path` of its HTTP API, with a JSON `body`, as the
+    /// operator who installed it (the bootstrap token).
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Response {
+        let token = std::fs::read_to_string(self.host.dir.join("data").join("bootstrap-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let (client, url) = (self.http(), format!("https://127.0.0.1:8700{path}"));
+        self.host
+            .run(async move {
+                let mut request = client.request(method, url).header("X-Consul-Token", token);
+                if let Some(body) = body {
+                    request = request.body(body.to_string());
+                }
+                Response::from(request.send().await.unwrap()).await
+            })
+            .await
     }
 
     /// Every node's liveness, by name.

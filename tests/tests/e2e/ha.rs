@@ -523,6 +523,48 @@ async fn kv_and_locks_hold_across_replicas() {
     let held = r2.get("/v1/kv/lock?consistent").await.json();
     assert_eq!(held[0]["Session"], s2.as_str());
     assert_eq!(held[0]["LockIndex"], 2);
+
+    // The mesh's CA and intentions are records of the same store: one CA
+    // for every replica (whichever created it first), an intention
+    // written on one replica is enforced from the other.
+    let mut first = String::new();
+    for _ in 0..100 {
+        first = active_root(&r1).await;
+        if !first.is_empty() && first == active_root(&r2).await {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!first.is_empty(), "no mesh CA");
+    assert_eq!(active_root(&r2).await, first);
+    let r = put(
+        &r1,
+        "/v1/connect/intentions/exact?source=api&destination=db",
+        r#"{"Action": "deny"}"#,
+    )
+    .await;
+    assert_eq!(r.0, 200, "{}", r.1);
+    let mut allowed = serde_json::Value::Null;
+    for _ in 0..100 {
+        let check = r2
+            .get("/v1/connect/intentions/check?source=api&destination=db")
+            .await;
+        allowed = check.json()["Allowed"].clone();
+        if allowed == false {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(allowed, false, "the other replica never saw the deny");
+}
+
+/// The mesh CA's active root on `cp` (empty before there is one).
+async fn active_root(cp: &ControlPlane) -> String {
+    let roots = cp.get("/v1/connect/ca/roots").await.json();
+    roots["ActiveRootID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Whether `cp` is the elected leader (its metric).

@@ -14,6 +14,7 @@ mod fleet;
 mod ha;
 mod hardening;
 mod kv;
+mod mesh;
 mod persistence_cli;
 mod proxy;
 mod smoke;

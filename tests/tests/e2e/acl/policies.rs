@@ -393,3 +393,93 @@ async fn kv_obeys_key_prefix_rules_and_refusals_are_audited() {
         "{entry}"
     );
 }
+
+/// Intentions obey `intentions` on service rules, as Consul's: a token
+/// with `intentions = "write"` on `web` writes web's intentions (through
+/// the CLI and through the agent), not db's; reading needs intentions
+/// read on the source or the destination.
+#[tokio::test]
+async fn intentions_need_intentions_write_on_their_destination() {
+    let (cp, agent, admin, _) = deny_fleet("intentions-acl-node").await;
+    let r = cp
+        .client()
+        .put(cp.url("/v1/acl/policy"))
+        .header("X-Consul-Token", &admin)
+        .json(&json!({"Name": "web-owners", "Rules":
+            "service \"web\" { policy = \"read\" intentions = \"write\" }"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, owner) = token(&cp, &admin, json!({"Policies": [{"Name": "web-owners"}]})).await;
+
+    // The CLI, against the control plane.
+    let (code, _, err) = cli(
+        &cp,
+        &owner,
+        &["intention", "create", "--deny", "api", "web"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cli(&cp, &owner, &["intention", "create", "--deny", "api", "db"]);
+    assert_eq!(code, 77, "db's intentions are not the token's: {err}");
+    let (code, out, _) = cli(&cp, &owner, &["intention", "check", "api", "web"]);
+    assert_eq!(code, 1, "denied: {out}");
+    let (code, out, err) = cli(&cp, &owner, &["intention", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["SourceName"], "api");
+    assert_eq!(listed[0]["DestinationName"], "web");
+    assert_eq!(listed[0]["Action"], "deny");
+
+    // Through the agent, which forwards: the same rules.
+    let url = |path: &str| format!("{}{path}", agent.base());
+    let body = json!({"SourceName": "*", "DestinationName": "web", "Action": "allow"});
+    let (status, text, _) = call(
+        reqwest::Method::POST,
+        &url("/v1/connect/intentions"),
+        Some(&owner),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let (status, _, _) = call(
+        reqwest::Method::POST,
+        &url("/v1/connect/intentions"),
+        None,
+        Some(body),
+    )
+    .await;
+    assert!(status == 401 || status == 403, "anonymous: {status}");
+    // A token that may not read web's intentions sees none of them.
+    let r = cp
+        .client()
+        .put(cp.url("/v1/acl/policy"))
+        .header("X-Consul-Token", &admin)
+        .json(&json!({"Name": "config-readers", "Rules": "key_prefix \"config/\" { policy = \"read\" }"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, nobody) = token(
+        &cp,
+        &admin,
+        json!({"Policies": [{"Name": "config-readers"}]}),
+    )
+    .await;
+    let (status, text, headers) = call(
+        reqwest::Method::GET,
+        &url("/v1/connect/intentions"),
+        Some(&nobody),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), json!([]));
+    assert_eq!(headers["x-consul-results-filtered-by-acls"], "true");
+
+    let (code, _, err) = cli(&cp, &owner, &["intention", "delete", "api", "web"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, _) = cli(&cp, &owner, &["intention", "check", "api", "web"]);
+    assert_eq!(code, 0, "allowed again by '*' -> web");
+}
