@@ -453,3 +453,162 @@ impl AsyncWrite for Upstream {
         }
     }
 }
+
+/// Handshakes between a [`Caller`] and an inbound [`server_config`], in
+/// memory, with certificates from rcgen CAs: who is let in, and why the
+/// others are not, as the metrics name it.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType,
+    };
+
+    const TRUST_DOMAIN: &str = "signpost.mesh";
+
+    fn ca() -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    /// A certificate for `service` signed by `ca`, valid `days` from
+    /// `from_days` ago.
+    fn leaf(
+        ca: &CertifiedIssuer<'static, KeyPair>,
+        service: &str,
+        (from_days, days): (u32, u32),
+    ) -> Arc<CertifiedKey> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        let uri = format!("spiffe://{TRUST_DOMAIN}/dc/dc1/svc/{service}");
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
+        let day = Duration::from_secs(86_400);
+        params.not_before = now - day * from_days;
+        params.not_after = now - day * from_days + day * days;
+        let cert = params.signed_by(&key, ca).unwrap();
+        certified_key(&cert.pem(), &key.serialize_pem()).unwrap()
+    }
+
+    fn roots_of(ca: &CertifiedIssuer<'static, KeyPair>) -> Arc<RootCertStore> {
+        roots([ca.pem().as_str()]).unwrap()
+    }
+
+    /// Dials `server` as `caller` for `service`'s instance on 8080: the
+    /// client's result and the server's.
+    async fn handshake(
+        caller: &Caller,
+        server: Arc<ServerConfig>,
+        service: &str,
+    ) -> (
+        Result<(), &'static str>,
+        Result<Option<ServiceIdentity>, &'static str>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let hop = MeshHop::new("127.0.0.1:8443".parse().unwrap(), service, 8080).unwrap();
+        let connector = TlsConnector::from(caller.h2.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let (client, server) = tokio::join!(
+            async {
+                let mut tls = connector
+                    .connect(hop.server_name.clone(), client_io)
+                    .await
+                    .map_err(|e| classify(&e))?;
+                // TLS 1.3: the server's verdict on the client's
+                // certificate arrives after the client's handshake.
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                tls.write_all(b"x").await.map_err(|e| classify(&e))?;
+                let mut byte = [0u8; 1];
+                tls.read_exact(&mut byte).await.map_err(|e| classify(&e))?;
+                Ok(())
+            },
+            async {
+                let mut tls = acceptor.accept(server_io).await.map_err(|e| classify(&e))?;
+                let peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| identity_of(c.as_ref()));
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut byte = [0u8; 1];
+                tls.read_exact(&mut byte).await.map_err(|e| classify(&e))?;
+                tls.write_all(b"y").await.map_err(|e| classify(&e))?;
+                tls.flush().await.map_err(|e| classify(&e))?;
+                Ok(peer)
+            }
+        );
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn callers_are_verified_both_ways_and_failures_are_named() {
+        let ours = ca();
+        let web = leaf(&ours, "web", (1, 3));
+        let server = server_config(
+            [("web".to_string(), web)].into_iter().collect(),
+            roots_of(&ours),
+        )
+        .unwrap();
+        let api = Caller::new(
+            "api",
+            leaf(&ours, "api", (1, 3)),
+            roots_of(&ours),
+            TRUST_DOMAIN,
+        )
+        .unwrap();
+
+        // The caller is let in, and the server knows who it is.
+        let (client, server_side) = handshake(&api, server.clone(), "web").await;
+        assert_eq!(client, Ok(()));
+        let peer = server_side.unwrap().unwrap();
+        assert_eq!(peer.service, "api");
+        assert_eq!(peer.trust_domain, TRUST_DOMAIN);
+
+        // A caller from another CA: refused by the server.
+        let other = ca();
+        let stranger = Caller::new(
+            "api",
+            leaf(&other, "api", (1, 3)),
+            roots_of(&ours),
+            TRUST_DOMAIN,
+        )
+        .unwrap();
+        let (_, server_side) = handshake(&stranger, server.clone(), "web").await;
+        assert_eq!(server_side, Err("unknown_ca"));
+
+        // An expired caller certificate: refused, and said so.
+        let expired = Caller::new(
+            "api",
+            leaf(&ours, "api", (5, 2)),
+            roots_of(&ours),
+            TRUST_DOMAIN,
+        )
+        .unwrap();
+        let (_, server_side) = handshake(&expired, server.clone(), "web").await;
+        assert_eq!(server_side, Err("expired"));
+
+        // A server that answers for another service than the one asked
+        // for: the caller refuses it.
+        let impostor = server_config(
+            [("db".to_string(), leaf(&ours, "web", (1, 3)))]
+                .into_iter()
+                .collect(),
+            roots_of(&ours),
+        )
+        .unwrap();
+        let (client, _) = handshake(&api, impostor, "db").await;
+        assert_eq!(client, Err("wrong_identity"));
+
+        // A service this host has no certificate for: no handshake.
+        let (client, server_side) = handshake(&api, server, "payments").await;
+        assert!(client.is_err() && server_side.is_err());
+    }
+}
