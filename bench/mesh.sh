@@ -49,6 +49,9 @@
 #     the other targets' runs starts with none open: the handshakes
 #     counted in it are those of that start, the steady state needing
 #     none.
+#   - how long an intention change takes to be in force: written on the
+#     control plane, to the first call through the consumer that obeys it
+#     (PROPAGATION_CHANGES denies and as many allows, default 20 each).
 # Ratios are against haproxy-tls-2hop, the mesh's closest peer. Nothing is
 # pinned: wrk, the proxies and nginx share the machine's cores, so compare
 # rows of one run.
@@ -537,3 +540,15 @@ for agent in consumer provider; do
     echo "$agent agent log: nothing at warn or above"
   fi
 done
+
+# How long an intention change takes to be in force on the path: written
+# on the control plane (its fsync included), sent to the provider on its
+# stream, and obeyed by the provider's inbound listener on the next call
+# through the consumer (bench/mesh_propagation.py; its denies are logged
+# by the provider, after the check above).
+read -r changes p50 p99 max < <(python3 bench/mesh_propagation.py \
+  "http://127.0.0.1:$CP_HTTP" "${URL[signpost-mesh]}" load web "${PROPAGATION_CHANGES:-20}")
+echo
+echo "| intention changes (deny, then allow), $changes in all | p50 (ms) | p99 (ms) | max (ms) |"
+echo "| --- | ---: | ---: | ---: |"
+echo "| written on the control plane -> the first call through the consumer that obeys it | $p50 | $p99 | $max |"

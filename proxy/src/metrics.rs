@@ -62,6 +62,13 @@ struct HandshakeKindLabels {
     resumed: String,
 }
 
+/// The calls of one source to one destination, by decision.
+pub(crate) struct MeshCalls {
+    pub(crate) allow: Counter,
+    pub(crate) deny: Counter,
+    pub(crate) shadow_deny: Counter,
+}
+
 /// Every proxy metric; register once into the agent's registry.
 #[derive(Default)]
 pub struct ProxyMetrics {
@@ -158,14 +165,23 @@ impl ProxyMetrics {
         );
     }
 
-    pub(crate) fn mesh_request(&self, source: &str, destination: &str, decision: &str) {
-        self.mesh_requests
-            .get_or_create(&MeshCallLabels {
-                source: source.to_string(),
-                destination: destination.to_string(),
-                decision: decision.to_string(),
-            })
-            .inc();
+    /// The decision counters of calls from `source` to `destination`,
+    /// looked up once per connection rather than per request.
+    pub(crate) fn mesh_calls(&self, source: &str, destination: &str) -> MeshCalls {
+        let counter = |decision: &str| {
+            self.mesh_requests
+                .get_or_create(&MeshCallLabels {
+                    source: source.to_string(),
+                    destination: destination.to_string(),
+                    decision: decision.to_string(),
+                })
+                .clone()
+        };
+        MeshCalls {
+            allow: counter("allow"),
+            deny: counter("deny"),
+            shadow_deny: counter("shadow_deny"),
+        }
     }
 
     pub(crate) fn mesh_handshake(&self, side: &str, resumed: bool) {

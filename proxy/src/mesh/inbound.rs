@@ -33,6 +33,7 @@ use super::{ALPN_TCP, MeshView, classify, identity_of};
 use crate::Shared;
 use crate::backend::Backend;
 use crate::listeners::Tasks;
+use crate::metrics::MeshCalls;
 
 /// A client has this long to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -206,9 +207,10 @@ async fn connection(
         l4,
         close: close.clone(),
     });
+    let calls = shared.metrics.mesh_calls(&source_name, &destination);
     if l4 {
         let decision = view.intentions.connection(&source_name, &destination);
-        record(&shared, &source_name, &destination, &decision, &uri, None);
+        record(&calls, &source_name, &destination, &decision, &uri, None);
         if !decision.allowed {
             return;
         }
@@ -218,8 +220,9 @@ async fn connection(
         }
         return;
     }
-    let caller = Arc::new(Caller {
+    let peer = Arc::new(Peer {
         shared: shared.clone(),
+        calls,
         source: source_name,
         destination,
         uri,
@@ -228,8 +231,8 @@ async fn connection(
         tunnel: Mutex::new(None),
     });
     let service = service_fn(move |req: Request<Incoming>| {
-        let caller = caller.clone();
-        async move { Ok::<_, Infallible>(caller.request(req).await) }
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(peer.request(req).await) }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(tls), service);
@@ -252,8 +255,9 @@ async fn connection(
 }
 
 /// What the requests of one HTTP/2 connection share.
-struct Caller {
+struct Peer {
     shared: Arc<Shared>,
+    calls: MeshCalls,
     source: Arc<str>,
     destination: String,
     uri: String,
@@ -262,7 +266,7 @@ struct Caller {
     tunnel: Mutex<Option<crate::http::Tunnel>>,
 }
 
-impl Caller {
+impl Peer {
     async fn request(&self, req: Request<Incoming>) -> Response<crate::http::AnswerBody> {
         let view = self.shared.mesh.load();
         let decision = {
@@ -279,7 +283,7 @@ impl Caller {
             )
         };
         record(
-            &self.shared,
+            &self.calls,
             &self.source,
             &self.destination,
             &decision,
@@ -313,21 +317,21 @@ impl Caller {
 
 /// Counts a decision, and logs a deny (or what shadow mode let through).
 fn record(
-    shared: &Shared,
+    calls: &MeshCalls,
     source: &str,
     destination: &str,
     decision: &Decision,
     uri: &str,
     request: Option<(&str, &str)>,
 ) {
-    let label = if decision.shadow_denied {
-        "shadow_deny"
+    let (label, counter) = if decision.shadow_denied {
+        ("shadow_deny", &calls.shadow_deny)
     } else if decision.allowed {
-        "allow"
+        ("allow", &calls.allow)
     } else {
-        "deny"
+        ("deny", &calls.deny)
     };
-    shared.metrics.mesh_request(source, destination, label);
+    counter.inc();
     if label != "allow" {
         let (method, path) = request.unwrap_or(("", ""));
         tracing::warn!(
