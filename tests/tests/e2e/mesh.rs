@@ -370,6 +370,27 @@ async fn meshed_calls_cross_hosts_encrypted_and_obey_intentions() {
         log.contains("spiffe://signpost.mesh/dc/dc1/svc/api"),
         "a's log names no caller identity"
     );
+
+    // With the control plane gone, both agents restarted serve the mesh
+    // from what they kept: certificates, roots and intentions.
+    cp.kill();
+    for agent in [&a, &b] {
+        agent.host.kill_process("agent");
+        agent.start().await;
+    }
+    b.eventually(
+        "the mesh after restarts without a control plane",
+        || async {
+            (http_get(&b, "http://web.service.internal:8080/public/after")
+                == "200 a GET /public/after")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        http_get(&b, "http://web.service.internal:8080/private"),
+        "403 intention_denied"
+    );
 }
 
 /// Starts a Python program on the agent's host in the background; the
