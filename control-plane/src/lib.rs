@@ -187,6 +187,7 @@ pub async fn run(
         issuer,
         kv: kv.clone(),
         mesh: config.mesh.clone(),
+        mesh_states: Arc::default(),
         datacenter: config.datacenter.clone(),
     };
 

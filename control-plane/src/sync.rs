@@ -43,6 +43,8 @@ pub struct SyncService {
     /// The store of the mesh's CA and intentions.
     pub kv: Arc<crate::kv::Kv>,
     pub mesh: signpost_core::control_plane_config::MeshCaConfig,
+    /// The state sent to agents, shared by the sessions.
+    pub mesh_states: Arc<MeshStates>,
     pub datacenter: String,
 }
 
@@ -300,25 +302,57 @@ impl SyncService {
     }
 }
 
+/// The mesh's state as agents are sent it, made once per change of the
+/// store's mesh records and shared by every session (rather than each
+/// session reading every intention again).
+#[derive(Default)]
+pub struct MeshStates(std::sync::Mutex<Option<(u64, Option<Arc<signpost_proto::MeshState>>)>>);
+
+impl MeshStates {
+    /// The state as of the mesh records' `version` (or newer).
+    fn get(
+        &self,
+        version: u64,
+        kv: &crate::kv::Kv,
+        config: &signpost_core::control_plane_config::MeshCaConfig,
+    ) -> Option<Arc<signpost_proto::MeshState>> {
+        let mut made = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, state)) = &*made
+            && *at == version
+        {
+            return state.clone();
+        }
+        let state = crate::mesh::state(kv, config).map(Arc::new);
+        *made = Some((version, state.clone()));
+        state
+    }
+}
+
 /// Sends the mesh's state on the session now and after every change of
 /// the CA or the intentions, until the session ends.
 async fn send_mesh(
     kv: Arc<crate::kv::Kv>,
     config: signpost_core::control_plane_config::MeshCaConfig,
+    states: Arc<MeshStates>,
     tx: mpsc::Sender<ControlMessage>,
 ) {
     let mut changes = kv.mirror().mesh_changes();
-    let mut last = None;
+    let mut last: Option<Arc<signpost_proto::MeshState>> = None;
     loop {
-        let state = crate::mesh::state(&kv, &config);
-        if state.is_some() && state != last {
+        let version = *changes.borrow_and_update();
+        if let Some(state) = states.get(version, &kv, &config)
+            && last.as_ref() != Some(&state)
+        {
             let message = ControlMessage {
-                body: state.clone().map(Body::Mesh),
+                body: Some(Body::Mesh(state.as_ref().clone())),
             };
             if tx.send(message).await.is_err() {
                 return;
             }
-            last = state;
+            last = Some(state);
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
@@ -493,7 +527,12 @@ impl Sync for SyncService {
             self.catalog.clone(),
             tx.clone(),
         ));
-        tokio::spawn(send_mesh(self.kv.clone(), self.mesh.clone(), tx.clone()));
+        tokio::spawn(send_mesh(
+            self.kv.clone(),
+            self.mesh.clone(),
+            self.mesh_states.clone(),
+            tx.clone(),
+        ));
         let (session, reports) = match &self.reporting {
             Reporting::Local => (self.catalog.connect(hello, tx), Reports::Local),
             #[cfg(feature = "etcd")]
