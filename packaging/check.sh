@@ -4,11 +4,14 @@
 # files and scripts (rpm -qip/-qlp), then on this machine (as root, without
 # systemd) install the agent .deb, run the installed binary as the
 # signpost user with the installed configuration, as the unit would,
-# query its DNS and API, upgrade over itself, remove (config and state
+# query its DNS and API, upgrade over itself (also under load: wrk and
+# dnsperf through the running agent while the package is upgraded and the
+# agent restarts into the new program as the postinst makes it under
+# systemd: 0 failed requests, 0 lost queries), remove (config and state
 # stay), purge (they go).
 #
 #   bash packaging/check.sh
-# Needs: lintian, rpm, dig, curl; root.
+# Needs: lintian, rpm, dig, curl, wrk, dnsperf, python3; root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
@@ -68,6 +71,61 @@ YAML
 echo "== run as the unit would"
 run_agent
 [ -f /var/lib/signpost/node-id ] || fail "no state in /var/lib/signpost"
+
+echo "== upgrade under load: nothing dropped"
+# The agent runs as the unit would; an instance behind it; wrk (keep-alive
+# and a connection per request) and dnsperf through it while the package
+# is upgraded. Without systemd here, this sends the SIGUSR2 the postinst
+# sends with systemctl kill: the new program takes over the sockets.
+setpriv --reuid signpost --regid signpost --init-groups /usr/bin/signpost agent --config /etc/signpost/agent.yaml > /tmp/signpost-check.log 2>&1 &
+PID=$!
+python3 -m http.server 18080 --bind 127.0.0.1 --directory /usr/share/doc/signpost > /dev/null 2>&1 &
+WEB=$!
+VIP=""
+for _ in $(seq 100); do
+  VIP=$(dig +short @127.0.0.1 -p 8600 check-web.service.internal 2> /dev/null | head -1)
+  [ -n "$VIP" ] && curl -sf "http://$VIP:18080/README.md" > /dev/null && break
+  sleep 0.1
+done
+[ -n "$VIP" ] || { cat /tmp/signpost-check.log; fail "no VIP for check-web"; }
+echo "check-web.service.internal A" > /tmp/signpost-queries
+wrk -t1 -c4 -d300s "http://$VIP:18080/README.md" > /tmp/signpost-wrk-ka 2>&1 &
+KA=$!
+wrk -t1 -c2 -d300s -H "Connection: close" "http://$VIP:18080/README.md" > /tmp/signpost-wrk-close 2>&1 &
+CL=$!
+dnsperf -s 127.0.0.1 -p 8600 -d /tmp/signpost-queries -l 300 -Q 500 -t 2 > /tmp/signpost-dnsperf 2>&1 &
+DP=$!
+sleep 1
+apt-get install -y -qq --reinstall "$AGENT_DEB" > /dev/null
+kill -USR2 "$PID"
+NEW=""
+for _ in $(seq 100); do
+  NEW=$(curl -sf http://127.0.0.1:8500/v1/signpost/status | python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])' 2> /dev/null || true)
+  [ -n "$NEW" ] && [ "$NEW" != "$PID" ] && break
+  sleep 0.1
+done
+if [ -z "$NEW" ] || [ "$NEW" = "$PID" ]; then
+  cat /tmp/signpost-check.log
+  fail "no new agent process after the upgrade"
+fi
+readlink "/proc/$NEW/exe" | grep -qv deleted || fail "the new process does not run the upgraded program"
+wait "$PID" || fail "the old agent process did not exit cleanly"
+sleep 1
+kill -INT "$KA" "$CL" "$DP"
+wait "$KA" "$CL" "$DP" || true
+cat /tmp/signpost-wrk-ka /tmp/signpost-wrk-close
+grep -E "Queries (sent|completed|lost)" /tmp/signpost-dnsperf
+for out in /tmp/signpost-wrk-ka /tmp/signpost-wrk-close; do
+  ! grep -qE "Socket errors|Non-2xx" "$out" || fail "requests failed during the upgrade ($out)"
+  grep -q " requests in " "$out" || fail "no load ran ($out)"
+done
+grep -qE "Queries lost: +0 " /tmp/signpost-dnsperf || fail "DNS queries lost during the upgrade"
+kill -TERM "$NEW"
+# Not this script's child (the old agent started it): gone, or a zombie.
+running() { [ -e "/proc/$1" ] && ! grep -qE '^State:\s+Z' "/proc/$1/status"; }
+for _ in $(seq 100); do running "$NEW" || break; sleep 0.1; done
+! running "$NEW" || fail "the new agent process did not stop on SIGTERM"
+kill "$WEB"
 
 echo "== upgrade over itself keeps config edits and state"
 echo "# edited by the check" >> /etc/signpost/agent.yaml

@@ -62,13 +62,20 @@ pub(crate) enum Undo {
 }
 
 pub struct Agent {
+    /// The configuration the agent started with, for what only a restart
+    /// changes. What a reload applies is read from `live` ([`crate::reload`]).
     pub config: AgentConfig,
+    /// The configuration in force.
+    pub(crate) live: crate::reload::Live,
     pub state: Arc<LocalState>,
     pub metrics: Arc<Metrics>,
     supervisor: Supervisor,
     persist: Notify,
     persist_lazy: Notify,
     files: Mutex<BTreeMap<PathBuf, FileReport>>,
+    /// Set once a new process took over (`handover`): `data_dir` is its
+    /// now, and this one writes nothing more there.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -79,6 +86,7 @@ impl Agent {
         supervisor: Supervisor,
     ) -> Self {
         Agent {
+            live: crate::reload::Live::new(&config),
             config,
             state,
             metrics,
@@ -86,7 +94,19 @@ impl Agent {
             persist: Notify::new(),
             persist_lazy: Notify::new(),
             files: Mutex::new(BTreeMap::new()),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether a new process took over `data_dir` (see `handover`).
+    pub(crate) fn handed_over(&self) -> bool {
+        self.handed_over.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// From now on `data_dir` is a new process's.
+    pub(crate) fn hand_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     pub fn register_service(
@@ -253,6 +273,11 @@ impl Agent {
         if let Err(e) = restored {
             tracing::error!(error = %e, "cannot put back what an unsaved change replaced");
         }
+    }
+
+    /// Runs the checks with `settings` from now on (a reload).
+    pub(crate) fn reconfigure_checks(&self, settings: checks::CheckSettings) {
+        self.supervisor.reconfigure(settings);
     }
 
     pub(crate) async fn stop_checks(&self) {

@@ -55,6 +55,8 @@ pub(crate) struct Api {
     pub(crate) kv: Option<Arc<crate::kv::KvCache>>,
     /// The mesh on this host, when it takes part.
     pub(crate) mesh: Option<Arc<crate::mesh::Mesh>>,
+    /// Fired when a new agent process took over (`signpost restart`).
+    pub(crate) taken_over: CancellationToken,
 }
 
 impl Api {
@@ -182,6 +184,7 @@ fn routes() -> Routes<Api> {
             agent_routes::service_maintenance,
         )
         .put("/v1/agent/maintenance", agent_routes::node_maintenance)
+        .put("/v1/agent/reload", agent_routes::reload)
         .put("/v1/agent/check/register", agent_routes::register_check)
         .put(
             "/v1/agent/check/deregister/{id}",
@@ -221,6 +224,7 @@ fn routes() -> Routes<Api> {
         .get("/v1/signpost/services", agent_routes::signpost_services)
         .get("/v1/signpost/status", agent_routes::signpost_status)
         .put("/v1/signpost/drain/{id}", agent_routes::signpost_drain)
+        .put("/v1/signpost/restart", agent_routes::signpost_restart)
         // Operator actions: forwarded to the control plane with the
         // caller's token only.
         .on(Method::Any, "/v1/commands", forward::forward)

@@ -103,6 +103,18 @@ pub struct CheckSettings {
     pub http_keep_alive: bool,
 }
 
+impl From<&signpost_core::config::ChecksConfig> for CheckSettings {
+    fn from(config: &signpost_core::config::ChecksConfig) -> Self {
+        CheckSettings {
+            recheck: FastRecheck {
+                count: config.fast_recheck_count,
+                spacing: config.fast_recheck_spacing,
+            },
+            http_keep_alive: config.http_keep_alive,
+        }
+    }
+}
+
 /// Runs the host's active checks, one task each, on a single-threaded
 /// runtime of their own: a thousand checks a second then cost no wake-ups
 /// across threads (measured: about 40 % less CPU than on the shared
@@ -111,8 +123,8 @@ pub struct CheckSettings {
 pub struct Supervisor {
     state: Arc<LocalState>,
     metrics: Arc<Metrics>,
-    clients: HttpClients,
-    recheck: FastRecheck,
+    /// What a runner starts with (replaced by [`Supervisor::reconfigure`]).
+    current: Mutex<(FastRecheck, HttpClients)>,
     running: Mutex<HashMap<CheckId, CancellationToken>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -146,8 +158,7 @@ impl Supervisor {
         Ok(Supervisor {
             state,
             metrics,
-            clients: HttpClients::new(settings.http_keep_alive),
-            recheck: settings.recheck,
+            current: Mutex::new((settings.recheck, HttpClients::new(settings.http_keep_alive))),
             running: Mutex::new(HashMap::new()),
             shutdown,
             tracker,
@@ -169,12 +180,12 @@ impl Supervisor {
         if matches!(check.def.kind, CheckKind::Ttl { .. }) {
             return;
         }
-        let (state, metrics, recheck, clients) = (
-            self.state.clone(),
-            self.metrics.clone(),
-            self.recheck,
-            self.clients.clone(),
-        );
+        let (recheck, clients) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (state, metrics) = (self.state.clone(), self.metrics.clone());
         // The probe is built on the checks' runtime, so that what it spawns
         // (a gRPC channel's worker) lives there too. A runner that panics
         // is started again (logged and counted), not lost.
@@ -204,6 +215,36 @@ impl Supervisor {
             },
         );
         self.tracker.spawn_on(supervisor, &self.runtime);
+    }
+
+    /// Runs every check with `settings` from now on: the running ones
+    /// start again (their status stays; their thresholds count afresh).
+    pub fn reconfigure(&self, settings: CheckSettings) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
+            (settings.recheck, HttpClients::new(settings.http_keep_alive));
+        // Under the state's lock: a registration changing a check now
+        // starts its runner after this, with its own definition.
+        self.state.read(|inner| {
+            let running: Vec<CheckId> = self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            for id in running {
+                let Some(entry) = inner.checks.get(&id) else {
+                    continue;
+                };
+                if let Some(def) = entry.definition() {
+                    self.start(StartCheck {
+                        generation: entry.generation,
+                        def: def.clone(),
+                        id,
+                    });
+                }
+            }
+        });
     }
 
     pub fn stop(&self, id: &CheckId) {

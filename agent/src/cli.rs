@@ -373,10 +373,17 @@ pub async fn register(client: &Client, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `signpost drain` does once the instance is drained.
+pub struct AfterDrain {
+    pub deregister: bool,
+    pub exec: Option<String>,
+}
+
 pub async fn drain(
     client: &Client,
     id: &str,
     timeout: std::time::Duration,
+    then: &AfterDrain,
     json: bool,
 ) -> anyhow::Result<()> {
     let path = format!(
@@ -391,22 +398,117 @@ pub async fn drain(
             timeout + std::time::Duration::from_secs(10),
         )
         .await?;
+    let (acked, subscribers) = (&body["acknowledged"], &body["subscribers"]);
+    let drained =
+        body["complete"] == Value::Bool(true) || body["control_plane"] == Value::Bool(false);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else if body["control_plane"] == Value::Bool(false) {
+        println!(
+            "{id} is in maintenance (no control plane configured: no other agent to wait for)"
+        );
+    } else if drained {
+        println!(
+            "{id} drained: {acked} of {subscribers} subscribed agents acknowledged, nothing in flight"
+        );
+    }
+    if !drained {
+        let pending: Vec<&str> = body["pending"]
+            .as_array()
+            .map(|p| p.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let after = signpost_core::duration::format(timeout);
+        if body["acknowledged"] != body["subscribers"] {
+            bail!(
+                "{id} is in maintenance, but after {after} only {acked} of {subscribers} agents using it stopped sending it new requests; still sending: {}",
+                if pending.is_empty() {
+                    "unknown".to_string()
+                } else {
+                    pending.join(", ")
+                }
+            );
+        }
+        let in_flight: Vec<String> = body["in_flight"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .map(|n| format!("{} ({})", n["node"].as_str().unwrap_or("?"), n["count"]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        bail!(
+            "{id} is in maintenance and no agent sends it new requests, but after {after} requests and connections are still in flight from: {}",
+            in_flight.join(", ")
+        );
+    }
+    if then.deregister {
+        deregister(client, id).await?;
+    }
+    if let Some(command) = &then.exec {
+        let status = tokio::process::Command::new("sh")
+            .args(["-c", command])
+            .status()
+            .await
+            .with_context(|| format!("cannot run {command:?}"))?;
+        anyhow::ensure!(status.success(), "{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// `signpost restart`: answered once the new process serves.
+pub async fn restart(client: &Client) -> anyhow::Result<()> {
+    let body = client
+        .put_json(
+            "/v1/signpost/restart",
+            "restart the agent",
+            std::time::Duration::from_secs(180),
+        )
+        .await?;
+    println!(
+        "restarted: the new agent process ({}) serves; the previous one finishes its connections and exits",
+        body["pid"]
+    );
+    Ok(())
+}
+
+/// `signpost reload`: the agent re-reads its configuration file; prints
+/// what it applied and what takes a restart. A file it refuses is an
+/// error (the configuration in force keeps serving).
+pub async fn reload(client: &Client, json: bool) -> anyhow::Result<()> {
+    let body = client
+        .put_json(
+            "/v1/agent/reload",
+            "reload the configuration",
+            std::time::Duration::from_secs(30),
+        )
+        .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
-    let (acked, subscribers) = (&body["acknowledged"], &body["subscribers"]);
-    if body["control_plane"] == Value::Bool(false) {
-        println!(
-            "{id} is in maintenance (no control plane configured: no other agent to wait for)"
-        );
-    } else if body["complete"] == Value::Bool(true) {
-        println!("{id} drained: {acked} of {subscribers} subscribed agents acknowledged");
+    let paths = |key: &str| -> Vec<String> {
+        body[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (applied, restart) = (paths("applied"), paths("restart_required"));
+    if applied.is_empty() && restart.is_empty() {
+        println!("configuration reloaded: nothing changed");
+        return Ok(());
+    }
+    if applied.is_empty() {
+        println!("configuration reloaded: nothing applied");
     } else {
-        println!(
-            "{id} in maintenance; timed out after {}: {acked} of {subscribers} subscribed agents acknowledged",
-            signpost_core::duration::format(timeout)
-        );
+        println!("configuration reloaded: applied {}", applied.join(", "));
+    }
+    if !restart.is_empty() {
+        println!("not applied, needs a restart: {}", restart.join(", "));
     }
     Ok(())
 }

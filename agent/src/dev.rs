@@ -93,7 +93,7 @@ pub async fn run(
     signpost_daemon::logging::init(&config.log);
 
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let agent = tokio::spawn(crate::run(config, Some(ready_tx), shutdown.clone()));
+    let agent = tokio::spawn(crate::run(config, None, Some(ready_tx), shutdown.clone()));
     let Ok(api) = ready_rx.await else {
         // The agent failed before listening; its error says why.
         return agent.await?;

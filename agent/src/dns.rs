@@ -5,25 +5,51 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+use signpost_core::config::AgentConfig;
+use signpost_core::sockets::Sockets;
 use signpost_dns::{Catalog, DnsMetrics, DnsServer, Endpoint, NodeRecord, Owner, Settings};
 
 use crate::catalog::{AgentCatalog, all_instances};
 use crate::state::Inner;
 
-/// Binds the DNS server on `dns.listen`.
+/// Binds the DNS server on `dns.listen`, or serves from the sockets the
+/// previous process handed over; records them for a successor.
 pub(crate) async fn bind(
     catalog: Arc<AgentCatalog>,
     metrics: Arc<DnsMetrics>,
+    sockets: &Sockets,
 ) -> anyhow::Result<DnsServer<AgentCatalog>> {
-    let config = catalog.agent.config.dns.clone();
-    let recursors = match config.recursor_addrs() {
+    let settings = settings(&catalog.agent.config)?;
+    let listen = settings.config.listen;
+    let (udp, tcp) = (sockets.take_udp(UDP, listen), sockets.take_tcp(TCP, listen));
+    // Pairs, one per serving thread: uneven lists (never sent so) are
+    // not used.
+    let inherited = if udp.len() == tcp.len() {
+        udp.into_iter().zip(tcp).collect()
+    } else {
+        Vec::new()
+    };
+    let server = DnsServer::bind(settings, catalog.clone(), metrics, inherited).await?;
+    catalog.agent.live.serve_dns(&server.handler());
+    let (udp, tcp) = server.sockets();
+    sockets.serving(UDP, &udp)?;
+    sockets.serving(TCP, &tcp)?;
+    Ok(server)
+}
+
+/// The DNS server's settings in `config`: its `dns` section, and the
+/// recursors (`dns.recursors`, else /etc/resolv.conf, read now). At start
+/// and on every reload that changes the `dns` section.
+pub(crate) fn settings(config: &AgentConfig) -> anyhow::Result<Settings> {
+    let dns = config.dns.clone();
+    let recursors = match dns.recursor_addrs() {
         Some(configured) => configured.map_err(anyhow::Error::msg)?,
         None => {
             let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot read /etc/resolv.conf: names outside the DNS domain are refused");
                 String::new()
             });
-            signpost_dns::recursors_from_resolv_conf(&text, config.listen)
+            signpost_dns::recursors_from_resolv_conf(&text, dns.listen)
         }
     };
     if recursors.is_empty() {
@@ -31,13 +57,16 @@ pub(crate) async fn bind(
     } else {
         tracing::info!(recursors = ?recursors, "names outside the DNS domain are forwarded");
     }
-    let settings = Settings {
-        datacenter: catalog.agent.config.datacenter.clone(),
-        config,
+    Ok(Settings {
+        datacenter: config.datacenter.clone(),
+        config: dns,
         recursors,
-    };
-    Ok(DnsServer::bind(settings, catalog, metrics).await?)
+    })
 }
+
+/// The names the DNS sockets are handed over by.
+const UDP: &str = "dns/udp";
+const TCP: &str = "dns/tcp";
 
 impl Catalog for AgentCatalog {
     async fn first_use(&self, service: &str) {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use signpost_core::command::Command;
-use signpost_proto::{AckQuery, AckStatus, FleetSnapshot, ServiceNames, ServiceUpdate};
+use signpost_proto::{AckQuery, AckStatus, FleetSnapshot, InFlight, ServiceNames, ServiceUpdate};
 use tokio::sync::{Notify, watch};
 
 pub use self::remote::{RemoteCheck, RemoteInstance};
@@ -62,7 +62,16 @@ pub struct FleetCache {
     /// Questions for the control plane: how many agents applied a change
     /// (to the sync session running now, see [`FleetCache::ack_queries`]).
     ack_queries: Mutex<tokio::sync::mpsc::UnboundedSender<AckRequest>>,
+    /// What the proxy has in flight to a service's instances that are not
+    /// passing (set once the proxy runs), and what was last told the
+    /// control plane of it, by service.
+    in_flight: std::sync::OnceLock<InFlightSource>,
+    reported: Mutex<HashMap<String, Vec<InFlight>>>,
 }
+
+/// The proxy's in-flight counts to draining instances, by service.
+pub type InFlightSource =
+    Box<dyn Fn() -> HashMap<String, Vec<(std::net::SocketAddr, u32)>> + Send + Sync>;
 
 /// An [`AckQuery`] and where its answer goes.
 pub struct AckRequest {
@@ -87,27 +96,108 @@ impl FleetCache {
             published: AtomicU64::new(0),
             subscribe: Notify::new(),
             ack_queries: Mutex::new(ack_queries),
+            in_flight: std::sync::OnceLock::new(),
+            reported: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Where in-flight counts come from: the proxy, once it runs.
+    pub fn set_in_flight_source(&self, source: InFlightSource) {
+        if self.in_flight.set(source).is_err() {
+            tracing::debug!("the in-flight source was set already");
+        }
+    }
+
+    /// What the proxy has in flight to draining instances now, by
+    /// service.
+    fn in_flight_now(&self) -> HashMap<String, Vec<InFlight>> {
+        let Some(source) = self.in_flight.get() else {
+            return HashMap::new();
+        };
+        source()
+            .into_iter()
+            .map(|(service, counts)| {
+                let counts = counts
+                    .into_iter()
+                    .map(|(addr, count)| InFlight {
+                        address: addr.to_string(),
+                        count,
+                    })
+                    .collect();
+                (service, counts)
+            })
+            .collect()
+    }
+
+    /// What the proxy has in flight to `service`'s draining instances,
+    /// recorded as told the control plane.
+    pub fn in_flight_of(&self, service: &str) -> Vec<InFlight> {
+        let now = self.in_flight_now().remove(service).unwrap_or_default();
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_empty() {
+            reported.remove(service);
+        } else {
+            reported.insert(service.to_string(), now.clone());
+        }
+        now
+    }
+
+    /// The services whose in-flight counts changed since they were last
+    /// told the control plane (one that dropped to nothing: an empty
+    /// list), recorded as told.
+    pub fn in_flight_changes(&self) -> Vec<(String, Vec<InFlight>)> {
+        let mut now = self.in_flight_now();
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed: Vec<(String, Vec<InFlight>)> = reported
+            .keys()
+            .filter(|s| !now.contains_key(*s))
+            .map(|s| (s.clone(), Vec::new()))
+            .collect();
+        for (service, counts) in now.drain() {
+            if reported.get(&service) != Some(&counts) {
+                changed.push((service, counts));
+            }
+        }
+        for (service, counts) in &changed {
+            if counts.is_empty() {
+                reported.remove(service);
+            } else {
+                reported.insert(service.clone(), counts.clone());
+            }
+        }
+        changed
     }
 
     /// The queue of acknowledgement questions for the sync session to
     /// forward to the control plane; a new session takes a new one (the
     /// questions a previous one left are answered "unknown").
     pub fn ack_queries(&self) -> tokio::sync::mpsc::UnboundedReceiver<AckRequest> {
+        // A new session: its control plane has heard no in-flight count.
+        self.reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         *self.ack_queries.lock().unwrap_or_else(|e| e.into_inner()) = tx;
         rx
     }
 
     /// Asks how many agents subscribed to `service` applied its change
-    /// `min_index` (0: the latest); `None` if the sync has stopped.
-    pub async fn ack_status(&self, service: &str, min_index: u64) -> Option<AckStatus> {
+    /// `min_index` (0: the latest), and with `address`, what they have
+    /// in flight to that instance; `None` if the sync has stopped.
+    pub async fn ack_status(
+        &self,
+        service: &str,
+        min_index: u64,
+        address: &str,
+    ) -> Option<AckStatus> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let (reply, answer) = tokio::sync::oneshot::channel();
         let query = AckQuery {
             query_id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             service: service.to_string(),
             min_index,
+            address: address.to_string(),
         };
         self.ack_queries
             .lock()
@@ -435,11 +525,11 @@ pub(crate) fn load(fleet: &FleetCache, data_dir: &std::path::Path) {
 /// Writes the view to disk after each change (coalesced), and at shutdown.
 pub(crate) async fn keep(
     fleet: std::sync::Arc<FleetCache>,
-    data_dir: std::path::PathBuf,
+    agent: std::sync::Arc<crate::agent::Agent>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut changes = fleet.subscribe_changes();
-    let path = cache_path(&data_dir);
+    let path = cache_path(&agent.config.data_dir);
     let coalesce = std::time::Duration::from_millis(200);
     while signpost_daemon::fs::next_write(&mut changes, coalesce, &shutdown).await {
         let (f, p) = (fleet.clone(), path.clone());
@@ -447,7 +537,15 @@ pub(crate) async fn keep(
             tracing::error!(error = %e, "fleet cache writer failed");
         }
     }
-    write_cache(&fleet, &path);
+    // After a handover the file is the new process's.
+    if !agent.handed_over() {
+        write_cache(&fleet, &path);
+    }
+}
+
+/// Writes the view now (for a process taking over).
+pub(crate) fn save(fleet: &FleetCache, data_dir: &std::path::Path) {
+    write_cache(fleet, &cache_path(data_dir));
 }
 
 fn write_cache(fleet: &FleetCache, path: &std::path::Path) {

@@ -28,6 +28,8 @@
 //! - `dns` and `proxy`: the local DNS server (the `signpost-dns` crate)
 //!   and the L4/L7 proxy on the VIPs (the `signpost-proxy` crate), both
 //!   answering from that catalog.
+//! - `reload`: SIGHUP and `PUT /v1/agent/reload` read the configuration
+//!   file again and apply what can change while serving.
 //! - [`cli`], [`dev`]: the `signpost` subcommands that talk to an agent,
 //!   and the one-command demo.
 //! - [`alloc`]: the binary's global allocator.
@@ -44,8 +46,10 @@ pub mod checks;
 pub mod cli;
 pub mod dev;
 mod dns;
+mod drain;
 mod files;
 pub mod fleet;
+mod handover;
 mod kv;
 mod liveness;
 mod mesh;
@@ -53,6 +57,8 @@ pub mod metrics;
 mod persist;
 mod proxy;
 mod reaper;
+mod reload;
+pub use reload::Reloading;
 pub mod state;
 mod supervise;
 mod sync;
@@ -66,11 +72,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use signpost_core::config::{AgentConfig, valid_node_name};
+use signpost_core::sockets::Sockets;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
-use crate::checks::{CheckSettings, FastRecheck, Supervisor};
+use crate::checks::{CheckSettings, Supervisor};
 use crate::metrics::Metrics;
 use crate::state::{LocalState, NodeInfo};
 use crate::supervise::supervise;
@@ -82,17 +89,27 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Runs the agent until `shutdown` fires, then drains: in-flight API
 /// requests finish (blocking queries answer at once), checks stop, and the
 /// state is written one last time. `ready` receives the API's address once
-/// it accepts connections.
+/// it accepts connections. With `reloading`, the file `config` was read
+/// from is read again on its signal and on `PUT /v1/agent/reload`.
 pub async fn run(
     config: AgentConfig,
+    reloading: Option<Reloading>,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     tls::install_crypto_provider();
     let advertise = advertise_addr(&config)?;
     let listen = config.api.listen;
+    // An agent already running on this data_dir hands over its sockets,
+    // having written its state, which `open` reads next.
+    let data_dir = config.data_dir.clone();
+    let (inherited, predecessor) =
+        tokio::task::spawn_blocking(move || handover::take_over(&data_dir))
+            .await
+            .context("the handover failed")??;
+    let sockets = Arc::new(Sockets::new(inherited));
     let (agent, files, metrics) = open(config, advertise, &shutdown)?;
-    let listener = TcpListener::bind(listen)
+    let listener = listen_tcp(&sockets, "api", listen)
         .await
         .with_context(|| format!("cannot listen on api.listen {listen}"))?;
     let local = listener.local_addr()?;
@@ -130,28 +147,149 @@ pub async fn run(
         agent.config.control_plane.is_some(),
         agent.metrics.clone(),
     ));
-    let mesh = open_mesh(&agent.config, advertise).await?;
+    let mesh = open_mesh(&agent.config, advertise, &sockets).await?;
     let fleet = match agent.config.control_plane.clone() {
         Some(cp) => {
             let mesh = mesh.as_ref().map(|(_, m)| m.clone());
-            Some(join_fleet(&agent, &acl, cp, advertise, mesh, &mut background).await?)
+            let joined = join_fleet(&agent, &acl, cp, advertise, mesh, &sockets, &mut background);
+            Some(joined.await?)
         }
         None => None,
     };
-    let serving = serve(&agent, fleet, acl, listener, mesh, metrics, &shutdown).await?;
+    if let Some(reloading) = reloading {
+        reload::follow(&agent, fleet.clone(), reloading, &mut background);
+    }
+    let taken_over = CancellationToken::new();
+    let parts = Parts {
+        listener,
+        mesh,
+        metrics,
+        sockets: sockets.clone(),
+        taken_over: taken_over.clone(),
+    };
+    // What serves stops once this node's instances are drained (SIGTERM),
+    // or at once after a handover (the new process serves them).
+    let stopping = CancellationToken::new();
+    let (serving, proxy_ready) = serve(&agent, fleet.clone(), acl, parts, &stopping).await?;
+    if let Some(ready) = proxy_ready {
+        // The VIP listeners take their inherited sockets on the proxy's
+        // first update.
+        if tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the proxy did not open its listeners within 10s");
+        }
+    }
+    let unclaimed = sockets.drop_unclaimed();
+    if !unclaimed.is_empty() {
+        tracing::info!(sockets = ?unclaimed, "closed handed-over sockets this configuration does not serve");
+    }
+    if let Some(predecessor) = predecessor {
+        predecessor.serving();
+    }
+    serve_handover(&agent, fleet.clone(), sockets, &taken_over, &shutdown)?;
+    {
+        let (agent, shutdown, stopping) = (agent.clone(), shutdown.clone(), stopping.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            if let Some(fleet) = fleet.filter(|_| !agent.handed_over()) {
+                drain::node(&agent, &fleet, agent.config.drain_timeout).await;
+            }
+            stopping.cancel();
+        });
+    }
+    restart_on_sigusr2(taken_over);
+    handover::notify_ready();
     if let Some(ready) = ready
         && ready.send(local).is_err()
     {
         tracing::debug!("nobody waits for the ready signal");
     }
-    let stopped_early = until_shutdown(serving, &shutdown).await;
-    agent.stop_checks().await;
-    background.stop().await;
+    let stopped_early = until_shutdown(serving, &shutdown, &stopping, &agent, background).await;
     if let Some(why) = stopped_early {
         anyhow::bail!("{why}");
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// A TCP listener on `addr`: the socket the previous process served it
+/// from, if it handed one over as `name`, else a new one; recorded for a
+/// successor.
+async fn listen_tcp(
+    sockets: &Sockets,
+    name: &str,
+    addr: SocketAddr,
+) -> std::io::Result<TcpListener> {
+    let listener = match sockets.take_tcp(name, addr).into_iter().next() {
+        Some(inherited) => TcpListener::from_std(inherited)?,
+        None => TcpListener::bind(addr).await?,
+    };
+    sockets.serving(name, &[&listener])?;
+    Ok(listener)
+}
+
+/// Hands this process's sockets to a new agent process that asks (see
+/// `handover`), having written the state it starts from; once that one
+/// serves, this one writes nothing more to `data_dir` and shuts down.
+fn serve_handover(
+    agent: &Arc<Agent>,
+    fleet: Option<Arc<fleet::FleetCache>>,
+    sockets: Arc<Sockets>,
+    taken_over: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let (for_prepare, for_done) = (agent.clone(), agent.clone());
+    let (taken_over, shutdown) = (taken_over.clone(), shutdown.clone());
+    handover::listen(
+        &agent.config.data_dir,
+        sockets,
+        tokio::runtime::Handle::current(),
+        move || {
+            let (agent, fleet) = (for_prepare.clone(), fleet.clone());
+            async move {
+                if let Err(error) = persist::flush(&agent).await {
+                    tracing::error!(%error, "cannot write the state for the new process");
+                }
+                if let Some(fleet) = fleet {
+                    fleet::save(&fleet, &agent.config.data_dir);
+                }
+            }
+        },
+        move || {
+            for_done.hand_over();
+            taken_over.cancel();
+            shutdown.cancel();
+        },
+    )
+}
+
+/// SIGUSR2 restarts the agent through a handover, as `signpost restart`
+/// does (what the package's upgrade sends).
+fn restart_on_sigusr2(taken_over: CancellationToken) {
+    let mut usr2 = match tokio::signal::unix::signal(
+        tokio::signal::unix::SignalKind::user_defined2(),
+    ) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGUSR2: restarts only through `signpost restart`");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while usr2.recv().await.is_some() {
+            match handover::restart(&taken_over).await {
+                Ok(pid) => {
+                    tracing::info!(pid, "restarted on SIGUSR2");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "restart on SIGUSR2 failed: this process goes on serving")
+                }
+            }
+        }
+    });
 }
 
 /// The mesh's inbound listener and state, when this host takes part in
@@ -160,14 +298,17 @@ pub async fn run(
 async fn open_mesh(
     config: &AgentConfig,
     advertise: IpAddr,
+    sockets: &Sockets,
 ) -> anyhow::Result<Option<(TcpListener, Arc<mesh::Mesh>)>> {
     if !config.mesh.enabled || config.control_plane.is_none() || !config.proxy.enabled {
         return Ok(None);
     }
     let addr = SocketAddr::new(advertise, config.mesh.inbound_port);
-    let listener = TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen on the mesh's inbound port {addr} (mesh.inbound_port)")
-    })?;
+    let listener = listen_tcp(sockets, "inbound", addr)
+        .await
+        .with_context(|| {
+            format!("cannot listen on the mesh's inbound port {addr} (mesh.inbound_port)")
+        })?;
     let inbound = listener.local_addr()?;
     tracing::info!(%inbound, "mesh inbound listener bound");
     let mesh = mesh::Mesh::open(
@@ -232,13 +373,7 @@ fn open(
     let supervisor = Supervisor::new(
         state.clone(),
         metrics.clone(),
-        CheckSettings {
-            recheck: FastRecheck {
-                count: config.checks.fast_recheck_count,
-                spacing: config.checks.fast_recheck_spacing,
-            },
-            http_keep_alive: config.checks.http_keep_alive,
-        },
+        CheckSettings::from(&config.checks),
         shutdown.child_token(),
     )
     .context("cannot start the health checks' runtime")?;
@@ -304,9 +439,11 @@ async fn join_fleet(
     cp: signpost_core::config::ControlPlaneClientConfig,
     advertise: IpAddr,
     mesh: Option<Arc<mesh::Mesh>>,
+    sockets: &Sockets,
     background: &mut Background,
 ) -> anyhow::Result<Arc<fleet::FleetCache>> {
-    let (listener, probe_address) = liveness::bind(advertise, agent.config.liveness_port).await?;
+    let (listener, probe_address) =
+        liveness::bind(advertise, agent.config.liveness_port, sockets).await?;
     let listener = Arc::new(listener);
     let (name, id) = agent
         .state
@@ -325,11 +462,11 @@ async fn join_fleet(
     });
     fleet::load(&fleet, &agent.config.data_dir);
     {
-        let (fleet, dir) = (fleet.clone(), agent.config.data_dir.clone());
+        let (fleet, agent) = (fleet.clone(), agent.clone());
         background.spawn("fleet view writer", move |stop| {
-            let (fleet, dir) = (fleet.clone(), dir.clone());
+            let (fleet, agent) = (fleet.clone(), agent.clone());
             async move {
-                fleet::keep(fleet, dir, stop).await;
+                fleet::keep(fleet, agent, stop).await;
                 Ok(())
             }
         });
@@ -356,16 +493,33 @@ async fn join_fleet(
 /// What serves until shutdown: a name for the log and how it ended.
 type Serving = tokio::task::JoinSet<(&'static str, Result<(), String>)>;
 
-/// Starts DNS, the proxy and the API on `listener`.
+/// What [`serve`] starts serving from.
+struct Parts {
+    /// The API's listener.
+    listener: TcpListener,
+    mesh: Option<(TcpListener, Arc<mesh::Mesh>)>,
+    metrics: PartMetrics,
+    sockets: Arc<Sockets>,
+    /// Fired when a new process took over.
+    taken_over: CancellationToken,
+}
+
+/// Starts DNS, the proxy and the API; with the proxy, the signal that it
+/// made its first update (its listeners are open).
 async fn serve(
     agent: &Arc<Agent>,
     fleet: Option<Arc<fleet::FleetCache>>,
     acl: Arc<acl::AgentAcl>,
-    listener: TcpListener,
-    mesh: Option<(TcpListener, Arc<mesh::Mesh>)>,
-    metrics: PartMetrics,
+    parts: Parts,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Serving> {
+) -> anyhow::Result<(Serving, Option<tokio::sync::oneshot::Receiver<()>>)> {
+    let Parts {
+        listener,
+        mesh,
+        metrics,
+        sockets,
+        taken_over,
+    } = parts;
     let (inbound, mesh) = match mesh {
         Some((listener, mesh)) => (Some(listener), Some(mesh)),
         None => (None, None),
@@ -386,7 +540,7 @@ async fn serve(
     };
     let mut serving = Serving::new();
     if let Some(catalog) = catalog.as_ref().filter(|_| config.dns.enabled) {
-        let server = dns::bind(catalog.clone(), metrics.dns)
+        let server = dns::bind(catalog.clone(), metrics.dns, &sockets)
             .await
             .context("cannot start the DNS server (dns.listen)")?;
         tracing::info!(addr = %server.local_addr(), domain = %config.dns.domain, "DNS listening (UDP and TCP)");
@@ -396,16 +550,28 @@ async fn serve(
             ("DNS server", served.map_err(|e| e.to_string()))
         });
     }
+    let mut proxy_ready = None;
     if let Some(catalog) = catalog.as_ref().filter(|_| config.proxy.enabled) {
-        let proxy =
-            proxy::new(catalog, metrics.proxy).context("cannot start the proxy's threads")?;
+        let proxy = Arc::new(
+            proxy::new(catalog, metrics.proxy, sockets)
+                .context("cannot start the proxy's threads")?,
+        );
+        if let Some(fleet) = &fleet {
+            // What it has in flight to draining instances, for the
+            // control plane (and `signpost drain` on their hosts).
+            let proxy = proxy.clone();
+            fleet.set_in_flight_source(Box::new(move || proxy.draining()));
+        }
         tracing::info!(vip_range = %config.proxy.vip_range, "proxy serving the service VIPs");
         if let Some(inbound) = inbound {
             proxy.serve_inbound(inbound);
         }
         let (catalog, token) = (catalog.clone(), shutdown.clone());
+        let (ready, first_update) = tokio::sync::oneshot::channel();
+        proxy_ready = Some(first_update);
+        let grace = config.drain_timeout;
         serving.spawn(async move {
-            proxy::run(proxy, catalog, token, SHUTDOWN_GRACE).await;
+            proxy::run(proxy, catalog, token, grace, ready).await;
             ("proxy", Ok(()))
         });
     }
@@ -432,6 +598,7 @@ async fn serve(
         acl,
         kv,
         mesh,
+        taken_over,
     });
     let (server_shutdown, limits) = (shutdown.clone(), config.api.limits.clone());
     serving.spawn(async move {
@@ -446,21 +613,30 @@ async fn serve(
         .await;
         ("API server", Ok(()))
     });
-    Ok(serving)
+    Ok((serving, proxy_ready))
 }
 
-/// Waits for the shutdown, or for a serving part to stop first: the agent
+/// Waits for `stopping` (the shutdown, once this node's instances are
+/// drained), or for a serving part to stop first: the agent
 /// cannot serve without it, so that stops the agent loudly (systemd starts
 /// it again) rather than leaving the host without its DNS, proxy or API.
-/// Then gives what is in flight up to [`SHUTDOWN_GRACE`]. Returns why it
-/// stopped early, if it did.
-async fn until_shutdown(mut serving: Serving, shutdown: &CancellationToken) -> Option<String> {
+/// Then stops the checks and the background tasks (the stream to the
+/// control plane, the state writers: after a handover both are the new
+/// process's), and gives what is in flight up to `drain_timeout` (the
+/// API up to [`SHUTDOWN_GRACE`]). Returns why it stopped early, if it did.
+async fn until_shutdown(
+    mut serving: Serving,
+    shutdown: &CancellationToken,
+    stopping: &CancellationToken,
+    agent: &Agent,
+    background: Background,
+) -> Option<String> {
     let stopped_early = tokio::select! {
         biased;
-        () = shutdown.cancelled() => None,
+        () = stopping.cancelled() => None,
         // Ending because of the shutdown (the select saw it first) is not
         // ending early.
-        Some(ended) = serving.join_next() => (!shutdown.is_cancelled()).then(|| match ended {
+        Some(ended) = serving.join_next() => (!stopping.is_cancelled()).then(|| match ended {
             Ok((what, Ok(()))) => format!("{what} stopped"),
             Ok((what, Err(e))) => format!("{what} failed: {e}"),
             Err(e) => format!("a serving task failed: {e}"),
@@ -469,9 +645,17 @@ async fn until_shutdown(mut serving: Serving, shutdown: &CancellationToken) -> O
     if let Some(why) = &stopped_early {
         tracing::error!(error = %why, "the agent cannot serve without it: stopping");
         shutdown.cancel();
+        stopping.cancel();
     }
-    tracing::info!("shutting down: finishing in-flight requests");
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(5), async {
+    tracing::info!(
+        handed_over = agent.handed_over(),
+        drain_timeout = %signpost_core::duration::format(agent.config.drain_timeout),
+        "shutting down: finishing in-flight requests and connections"
+    );
+    agent.stop_checks().await;
+    background.stop().await;
+    let limit = agent.config.drain_timeout.max(SHUTDOWN_GRACE) + Duration::from_secs(5);
+    let drained = tokio::time::timeout(limit, async {
         while let Some(ended) = serving.join_next().await {
             match ended {
                 Ok((_, Ok(()))) => {}

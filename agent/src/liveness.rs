@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use signpost_core::sockets::Sockets;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -32,30 +33,42 @@ const MAX_CONNECTIONS: usize = 64;
 /// A connection's whole life: one probe takes milliseconds.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The name the listener is handed over by.
+const NAME: &str = "liveness";
+
 /// Binds the listener on the advertise address, and says where peers
 /// reach it (`port` 0: a free one). An advertise address that is not this
 /// host's own (a NAT's public address) is listened for on every address
 /// of its family instead: the listener answers nothing but the node's
 /// name.
+/// A previous process's listener, handed over, is served instead.
 pub(crate) async fn bind(
     advertise: IpAddr,
     port: u16,
+    sockets: &Sockets,
 ) -> anyhow::Result<(TcpListener, SocketAddr)> {
     let at = SocketAddr::new(advertise, port);
-    let listener = match TcpListener::bind(at).await {
-        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-            let any = match advertise {
-                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-            };
-            tracing::info!(%advertise, "the advertise address is not this host's: liveness listener on every address");
-            TcpListener::bind((any, port)).await
-        }
-        bound => bound,
+    let any = match advertise {
+        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    };
+    let inherited = [at, SocketAddr::new(any, port)]
+        .into_iter()
+        .find_map(|addr| sockets.take_tcp(NAME, addr).into_iter().next());
+    let listener = match inherited {
+        Some(inherited) => TcpListener::from_std(inherited),
+        None => match TcpListener::bind(at).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                tracing::info!(%advertise, "the advertise address is not this host's: liveness listener on every address");
+                TcpListener::bind((any, port)).await
+            }
+            bound => bound,
+        },
     }
     .with_context(|| {
         format!("cannot listen for peer liveness probes on {at} (advertise_addr and liveness_port)")
     })?;
+    sockets.serving(NAME, &[&listener])?;
     let probe_address = SocketAddr::new(advertise, listener.local_addr()?.port());
     tracing::info!(addr = %probe_address, "peer liveness listener");
     Ok((listener, probe_address))

@@ -86,15 +86,36 @@ enum Command {
     Register { file: PathBuf },
     /// Put an instance in maintenance and wait until every agent using its
     /// service applied it (for ExecStop= before stopping a service).
+    /// Exits non-zero, naming the agents that did not apply it, when the
+    /// timeout comes first.
     Drain {
         id: String,
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: std::time::Duration,
+        /// Once drained, deregister the instance.
+        #[arg(long)]
+        deregister: bool,
+        /// Once drained, run this command (with `sh -c`); its exit status
+        /// is the command's.
+        #[arg(long, value_name = "CMD")]
+        exec: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the agent read its configuration file again (as SIGHUP
+    /// does): what can change while it serves is applied, the rest is
+    /// listed as needing a restart; a bad file is refused and changes
+    /// nothing.
+    Reload {
         #[arg(long)]
         json: bool,
     },
     /// Deregister a service registered through the API.
     Deregister { id: String },
+    /// Restart the agent without dropping anything: a new process (the
+    /// program installed now) takes over the listening sockets and the
+    /// state; this one finishes its connections and exits.
+    Restart,
     /// Operator commands applied by every agent's proxy (an operator
     /// token creates and revokes them).
     Cmd {
@@ -427,7 +448,18 @@ fn main() -> ExitCode {
             Command::Status { json } => cli::status(&client, json).await,
             Command::Register { file } => cli::register(&client, &file).await,
             Command::Deregister { id } => cli::deregister(&client, &id).await,
-            Command::Drain { id, timeout, json } => cli::drain(&client, &id, timeout, json).await,
+            Command::Reload { json } => cli::reload(&client, json).await,
+            Command::Restart => cli::restart(&client).await,
+            Command::Drain {
+                id,
+                timeout,
+                deregister,
+                exec,
+                json,
+            } => {
+                let then = cli::AfterDrain { deregister, exec };
+                cli::drain(&client, &id, timeout, &then, json).await
+            }
             Command::Maint {
                 id,
                 enable,
@@ -613,9 +645,15 @@ async fn agent(path: PathBuf, validate: bool) -> ExitCode {
             }
         };
     }
+    // Before anything slow: until then SIGHUP would end the process.
+    let reloading = signpost_agent::Reloading {
+        signal: signpost_daemon::signals::reload_on_signal("signpost"),
+        file: path,
+    };
     signpost_daemon::logging::init(&config.log);
     match signpost_agent::run(
         config,
+        Some(reloading),
         None,
         signpost_daemon::signals::shutdown_on_signal("signpost"),
     )

@@ -29,6 +29,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabels {
     task: &'static str,
 }
@@ -57,6 +62,7 @@ pub struct Metrics {
     task_restarts: Family<TaskLabels, Counter>,
     acl_resolutions: Family<OutcomeLabels, Counter>,
     acl_refusals: Counter,
+    config_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -161,8 +167,15 @@ impl Metrics {
             "Local API requests refused for their token",
             acl_refusals.clone(),
         );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Reloads of the configuration file (SIGHUP, PUT /v1/agent/reload): applied, or refused for a bad file",
+            config_reloads.clone(),
+        );
         Metrics {
             registry,
+            config_reloads,
             acl_resolutions,
             acl_refusals,
             sync_connected,
@@ -188,6 +201,14 @@ impl Metrics {
         self.acl_resolutions
             .get_or_create(&OutcomeLabels { outcome })
             .clone()
+    }
+
+    /// A reload of the configuration file, applied or refused.
+    pub fn config_reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.config_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn acl_refusal(&self) {

@@ -34,7 +34,23 @@ pub(crate) struct Snapshot {
     service_maintenance: BTreeMap<ServiceId, String>,
     node_maintenance: Option<String>,
     ttl: BTreeMap<CheckId, TtlState>,
+    /// The other checks' last status, so that a restart does not start
+    /// them over (critical, or the status they were defined with).
+    #[serde(default)]
+    last: BTreeMap<CheckId, LastStatus>,
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LastStatus {
+    status: Health,
+    output: String,
+    /// When it was saved, in milliseconds since the Unix epoch.
+    at_ms: u64,
+}
+
+/// A last status older than this is not restored: the check's own runs
+/// say more than a status from that long ago.
+const LAST_STATUS_FRESH: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Serialize, Deserialize)]
 struct TtlState {
@@ -61,6 +77,8 @@ fn snapshot(agent: &Agent) -> Snapshot {
             .collect();
         let mut checks = Vec::new();
         let mut ttl = BTreeMap::new();
+        let mut last = BTreeMap::new();
+        let saved_at = unix_ms(wall);
         let mut service_maintenance = BTreeMap::new();
         let mut node_maintenance = None;
         for check in inner.checks.values() {
@@ -82,12 +100,23 @@ fn snapshot(agent: &Agent) -> Snapshot {
                                 expires_at_ms: unix_ms(wall + remaining),
                             },
                         );
+                    } else if !matches!(def.kind, CheckKind::Ttl { .. }) {
+                        last.insert(
+                            check.id.clone(),
+                            LastStatus {
+                                status: check.status,
+                                output: check.output.clone(),
+                                at_ms: saved_at,
+                            },
+                        );
                     }
                 }
                 CheckRole::Maintenance => match &check.service_id {
                     Some(service) => {
                         service_maintenance.insert(service.clone(), check.notes.clone());
                     }
+                    // Draining while it stops: in service when it starts.
+                    None if check.notes == crate::drain::STOPPING => {}
                     None => node_maintenance = Some(check.notes.clone()),
                 },
                 CheckRole::NodeHealth => {}
@@ -100,6 +129,7 @@ fn snapshot(agent: &Agent) -> Snapshot {
             service_maintenance,
             node_maintenance,
             ttl,
+            last,
         }
     })
 }
@@ -125,6 +155,10 @@ pub(crate) struct SaveError {
 
 fn write(agent: &Agent) -> Result<(), SaveError> {
     let _writing = WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    if agent.handed_over() {
+        // The state file is the new process's now.
+        return Ok(());
+    }
     let path = state_path(&agent.config.data_dir);
     let result = serde_json::to_vec_pretty(&snapshot(agent))
         .map_err(std::io::Error::other)
@@ -234,5 +268,11 @@ fn restore(agent: &Agent, snapshot: Snapshot) {
         agent
             .state
             .restore_ttl(&check, ttl.status, ttl.output, remaining);
+    }
+    let fresh = now_ms.saturating_sub(u64::try_from(LAST_STATUS_FRESH.as_millis()).unwrap_or(0));
+    for (check, last) in snapshot.last {
+        if last.at_ms >= fresh {
+            agent.state.restore_status(&check, last.status, last.output);
+        }
     }
 }

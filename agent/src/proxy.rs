@@ -3,14 +3,16 @@
 //! its instances come from [`AgentCatalog`] and its policy from
 //! `proxy.defaults` and `proxy.services`, with the operator commands in
 //! force applied over it. The proxy is updated in place on every change
-//! of this node's state, the fleet cache (commands included) or the VIP
-//! table, and when a command expires.
+//! of this node's state, the fleet cache (commands included), the VIP
+//! table or the configuration in force (a reload), and when a command
+//! expires.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use signpost_core::command::{Command, now_millis};
+use signpost_core::config::ProxyConfig;
 use signpost_core::model::Protocol;
 use signpost_core::overlay;
 use signpost_proxy::{Endpoint, InboundSpec, Liveness, Proxy, ProxyMetrics, ServiceSpec, Settings};
@@ -23,7 +25,11 @@ const RETRY_LISTEN: Duration = Duration::from_secs(5);
 
 /// A proxy for the agent's configuration; it reports use of a service to
 /// the fleet cache, which keeps the service subscribed.
-pub(crate) fn new(catalog: &AgentCatalog, metrics: Arc<ProxyMetrics>) -> std::io::Result<Proxy> {
+pub(crate) fn new(
+    catalog: &AgentCatalog,
+    metrics: Arc<ProxyMetrics>,
+    sockets: Arc<signpost_core::sockets::Sockets>,
+) -> std::io::Result<Proxy> {
     let config = &catalog.agent.config;
     let threads = match config.proxy.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
@@ -41,6 +47,7 @@ pub(crate) fn new(catalog: &AgentCatalog, metrics: Arc<ProxyMetrics>) -> std::io
         },
         access_log: config.proxy.access_log,
         threads,
+        sockets,
     };
     let fleet = catalog.fleet.clone();
     Proxy::new(settings, metrics, move |service| {
@@ -51,18 +58,18 @@ pub(crate) fn new(catalog: &AgentCatalog, metrics: Arc<ProxyMetrics>) -> std::io
 }
 
 /// Keeps the proxy's services current until `shutdown`, then drains it
-/// for up to `grace`.
+/// for up to `grace`. `ready` hears when the first update is made.
 pub(crate) async fn run(
-    proxy: Proxy,
+    proxy: Arc<Proxy>,
     catalog: Arc<AgentCatalog>,
     shutdown: CancellationToken,
     grace: Duration,
+    ready: tokio::sync::oneshot::Sender<()>,
 ) {
-    for upstream in &catalog.agent.config.upstreams {
-        if let Err(error) = catalog.vips.get_or_allocate(upstream, None) {
-            tracing::error!(service = %upstream, %error, "no VIP for the upstream: it is not proxied");
-        }
-    }
+    let mut ready = Some(ready);
+    let mut config = catalog.agent.live.subscribe();
+    let mut live = config.borrow_and_update().clone();
+    upstream_vips(&catalog, &live.upstreams);
     let mut state = catalog.agent.state.subscribe();
     let mut fleet = catalog.fleet.as_ref().map(|f| f.subscribe_changes());
     let mut vips = catalog.vips.subscribe();
@@ -80,7 +87,7 @@ pub(crate) async fn run(
                     .map(|s| (s.def.name.to_string(), s.def.address.clone()))
                     .collect();
                 callers.sort();
-                (inbound_targets(inner, &catalog.agent.config.proxy), callers)
+                (inbound_targets(inner, &live.proxy), callers)
             });
             let unchanged = mesh_built.as_ref().is_some_and(|(v, t, c)| {
                 *v == version && same_targets(t, &targets) && *c == callers
@@ -94,7 +101,12 @@ pub(crate) async fn run(
         }
         let now = now_millis();
         let commands = commands(&catalog);
-        let failures = proxy.update(services(&catalog, &commands, now));
+        let failures = proxy.update(services(&catalog, &live.proxy, &commands, now));
+        if let Some(ready) = ready.take()
+            && ready.send(()).is_err()
+        {
+            tracing::debug!("nobody waits for the proxy's first update");
+        }
         // Commands expire here even with the control plane gone.
         let expiry = commands
             .iter()
@@ -135,15 +147,33 @@ pub(crate) async fn run(
             () = mesh_changed => {}
             () = fleet_changed => {}
             () = retry => {}
+            Ok(()) = config.changed() => {
+                live = config.borrow_and_update().clone();
+                upstream_vips(&catalog, &live.upstreams);
+            }
             () = shutdown.cancelled() => break,
         }
     }
     proxy.shutdown(grace).await;
 }
 
-/// What the proxy should serve now: one entry per VIP.
-fn services(catalog: &AgentCatalog, commands: &[Command], now: u64) -> Vec<ServiceSpec> {
-    let config = &catalog.agent.config.proxy;
+/// Every upstream gets its VIP (and so its listeners) before any lookup.
+fn upstream_vips(catalog: &AgentCatalog, upstreams: &[String]) {
+    for upstream in upstreams {
+        if let Err(error) = catalog.vips.get_or_allocate(upstream, None) {
+            tracing::error!(service = %upstream, %error, "no VIP for the upstream: it is not proxied");
+        }
+    }
+}
+
+/// What the proxy should serve now: one entry per VIP, with its policy
+/// from `config`.
+fn services(
+    catalog: &AgentCatalog,
+    config: &ProxyConfig,
+    commands: &[Command],
+    now: u64,
+) -> Vec<ServiceSpec> {
     let here: Vec<String> = catalog.agent.state.read(|inner| {
         inner
             .services
@@ -193,10 +223,7 @@ type MeshInputs = (u64, Vec<InboundSpec>, Vec<(String, String)>);
 
 /// The meshed instances registered here, as the inbound listener serves
 /// them: at their own address, else the node's.
-fn inbound_targets(
-    inner: &crate::state::Inner,
-    config: &signpost_core::config::ProxyConfig,
-) -> Vec<InboundSpec> {
+fn inbound_targets(inner: &crate::state::Inner, config: &ProxyConfig) -> Vec<InboundSpec> {
     let node_ip: Option<IpAddr> = inner.node.address.parse().ok();
     let mut targets: Vec<InboundSpec> = inner
         .services

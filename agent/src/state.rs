@@ -620,6 +620,16 @@ impl LocalState {
             }
         });
     }
+
+    /// Sets a probed check's status as the last run before a restart
+    /// left it (see `persist`), until its own runs say otherwise.
+    pub fn restore_status(&self, id: &CheckId, status: Health, output: String) {
+        self.mutate(|inner| {
+            if inner.checks.get(id).and_then(|e| e.definition()).is_some() {
+                inner.set_status(id, status, output);
+            }
+        });
+    }
 }
 
 // === impl Inner ===

@@ -41,6 +41,10 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// dead host or a cut link sends no reset): the agent fails over.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often what the proxy has in flight to draining instances is
+/// looked at (and told the control plane when it changed).
+const IN_FLIGHT_REPORT: Duration = Duration::from_millis(200);
+
 /// What the sync needs besides the agent.
 pub(crate) struct Settings {
     pub(crate) config: ControlPlaneClientConfig,
@@ -410,10 +414,25 @@ async fn session(
     let mut idle_check = tokio::time::interval(
         (config.subscription_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30)),
     );
+    // What this host's proxy has in flight to draining instances, told
+    // the control plane as it changes (for `signpost drain` elsewhere).
+    let mut in_flight_check = tokio::time::interval(IN_FLIGHT_REPORT);
+    in_flight_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = in_flight_check.tick() => {
+                let changes = fleet.in_flight_changes();
+                if !changes.is_empty() {
+                    let indexes = fleet.subscriptions();
+                    for (service, in_flight) in changes {
+                        let index = indexes.get(&service).copied().unwrap_or(0);
+                        let ack = Ack { service, index, in_flight };
+                        tx.send(message(agent_message::Body::Ack(ack))).await?;
+                    }
+                }
+            }
             _ = idle_check.tick() => {
-                let expired = fleet.expire_idle(config.subscription_idle, &agent.config.upstreams);
+                let expired = fleet.expire_idle(config.subscription_idle, &agent.live.config().upstreams);
                 if !expired.is_empty() {
                     tracing::info!(services = ?expired, "unsubscribing from services unused for subscription_idle");
                     tx.send(message(agent_message::Body::Unsubscribe(Unsubscribe { services: expired }))).await?;
@@ -613,9 +632,11 @@ async fn on_control(
             });
         }
         Some(control_message::Body::Update(update)) => {
+            let in_flight = fleet.in_flight_of(&update.service);
             let ack = Ack {
                 service: update.service.clone(),
                 index: update.index,
+                in_flight,
             };
             let refused = fleet.apply_update(update);
             agent.metrics.sync_update(refused);

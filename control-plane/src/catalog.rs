@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use signpost_proto::{
     AckQuery, AckStatus, CatalogInstance, CatalogSnapshot, Check, ControlMessage, Delta, FullState,
-    Hello, Instance, InstanceRef, NodeSnapshot, ServiceNames, ServiceUpdate, Tags,
+    Hello, Instance, InstanceRef, NodeInFlight, NodeSnapshot, ServiceNames, ServiceUpdate, Tags,
     control_message::Body,
 };
 use tokio::sync::{mpsc, watch};
@@ -52,6 +52,9 @@ struct Session {
     subscriptions: HashSet<String>,
     /// The index of each service this session's agent applied.
     acked: HashMap<String, u64>,
+    /// What its proxy has in flight to each service's instances that are
+    /// not passing (being drained), as it last said.
+    in_flight: HashMap<String, Vec<signpost_proto::InFlight>>,
 }
 
 pub struct Inner {
@@ -285,6 +288,7 @@ impl Catalog {
                 tx,
                 subscriptions: HashSet::new(),
                 acked: HashMap::new(),
+                in_flight: HashMap::new(),
             },
         );
         let names = inner.names_message();

@@ -641,7 +641,7 @@ fn dispatch(
         }
         agent_message::Body::Subscribe(s) => catalog.subscribe(session, s.services),
         agent_message::Body::Unsubscribe(u) => catalog.unsubscribe(session, u.services),
-        agent_message::Body::Ack(a) => catalog.ack(session, a.service, a.index),
+        agent_message::Body::Ack(a) => catalog.ack(session, a),
         agent_message::Body::AckQuery(q) => catalog.ack_query(session, q),
         agent_message::Body::CommandsApplied(a) => commands.applied(node, &a.ids),
         agent_message::Body::Refusal(r) => acl.record(AuditEntry::new(

@@ -20,6 +20,11 @@ mod data_plane;
 
 pub use self::data_plane::{AnswerMode, DnsConfig, DnsServiceOverride, ProxyConfig};
 
+/// How long connections get to finish when the agent stops or hands over
+/// (`drain_timeout`), by default and at most.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// `signpost agent`'s configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +41,11 @@ pub struct AgentConfig {
     /// address, which peers probe when this host's stream to the control
     /// plane drops (0: any free port, reported to the control plane).
     pub liveness_port: u16,
+    /// How long the agent, when it stops or hands over to a new process,
+    /// lets its proxy's connections finish: HTTP requests in flight, and
+    /// L4 connections until they close (then they are closed).
+    #[serde(with = "crate::duration::serde_go")]
+    pub drain_timeout: Duration,
     /// The failure domain this host is in (used for zone-aware routing).
     pub zone: String,
     /// Consul's datacenter, reported in API answers.
@@ -239,6 +249,7 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from("/var/lib/signpost"),
             advertise_addr: None,
             liveness_port: DEFAULT_LIVENESS_PORT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             zone: "default".to_string(),
             datacenter: "dc1".to_string(),
             services_dir: PathBuf::from("/etc/signpost/services.d"),
@@ -427,6 +438,15 @@ impl AgentConfig {
             return Err(invalid(
                 "advertise_addr",
                 format!("{ip} cannot be reached by other hosts: give this host's own address"),
+            ));
+        }
+        if self.drain_timeout.is_zero() || self.drain_timeout > MAX_DRAIN_TIMEOUT {
+            return Err(invalid(
+                "drain_timeout",
+                format!(
+                    "must be between 1ms and {}",
+                    crate::duration::format(MAX_DRAIN_TIMEOUT)
+                ),
             ));
         }
         if self.zone.is_empty() {

@@ -28,6 +28,8 @@
 //!   retries, limits, balancer, ejection, breaker), from configuration.
 //! - [`overlay`]: operator commands applied over a policy.
 //! - [`request`]: Consul request bodies, read case-insensitively.
+//! - [`sockets`]: the listening sockets a restarting process hands its
+//!   successor, by name.
 //! - [`service_file`]: the `services.d/*.yaml` format that turns into
 //!   [`model::ServiceDefinition`]s.
 //! - [`vip`]: stable service VIPs from `proxy.vip_range`, shared by DNS and
@@ -52,6 +54,7 @@ pub mod overlay;
 pub mod policy;
 pub mod request;
 pub mod service_file;
+pub mod sockets;
 pub mod vip;
 pub mod yaml;
 

@@ -33,6 +33,12 @@ use tokio_util::sync::CancellationToken;
 /// How long requests in flight may take to finish once the server stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// At shutdown, how long open connections wait for their client's next
+/// request (answered with `Connection: close`) before idle ones close:
+/// closing a keep-alive connection under a request on its way fails it,
+/// and a new process may be serving the listener already (a handover).
+const QUIET: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
@@ -83,6 +89,21 @@ pub async fn serve(
     let clients = Clients::new(limits.max_connections_per_client);
     let graceful = GracefulShutdown::new();
     let mut failing = AcceptBackoff::default();
+    let closing = shutdown.clone();
+    let router = router.layer(axum::middleware::map_response(
+        move |mut response: axum::response::Response| {
+            let closing = closing.clone();
+            async move {
+                if closing.is_cancelled() {
+                    response.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                response
+            }
+        },
+    ));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -149,6 +170,9 @@ pub async fn serve(
         });
     }
     drop(listener);
+    if graceful.count() > 0 {
+        tokio::time::sleep(QUIET).await;
+    }
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
         .is_err()

@@ -6,13 +6,18 @@
 //! character of a field escaped (`\n`, `\u{1b}`): a value can never start
 //! a line of its own or drive the terminal. JSON escapes them by itself.
 //! Colours only for a person at a terminal, not in the journal or a file.
+//!
+//! The filter can be replaced while the daemon runs ([`set_level`]), when
+//! a reload of its configuration changes `log.level`.
 
 use std::fmt::{self, Write as _};
+use std::sync::OnceLock;
 
 use signpost_core::config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::reload;
 
 /// hickory logs every DNS request at `info`; that is debug detail for us.
 /// A filter that names hickory itself wins.
@@ -28,35 +33,95 @@ pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let named = filter.to_string();
-    let filter = QUIET
-        .iter()
-        .filter(|d| !named.contains(d.split('=').next().unwrap_or_default()))
-        .filter_map(|d| d.parse().ok())
-        .fold(filter, EnvFilter::add_directive);
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(quieted(filter))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = match config.format {
-        LogFormat::Text => builder
-            .fmt_fields(
-                tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-                    let mut escaped = Escaped(writer);
-                    if field.name() == "message" {
-                        write!(escaped, "{value:?}")
-                    } else {
-                        write!(escaped, "{field}={value:?}")
-                    }
-                })
-                .delimited(" "),
-            )
-            .try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => {
+            let builder = builder
+                .fmt_fields(
+                    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+                        let mut escaped = Escaped(writer);
+                        if field.name() == "message" {
+                            write!(escaped, "{value:?}")
+                        } else {
+                            write!(escaped, "{field}={value:?}")
+                        }
+                    })
+                    .delimited(" "),
+                )
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map(|()| keep_reload_handle(handle))
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map(|()| keep_reload_handle(handle))
+        }
     };
     if let Err(e) = result {
         eprintln!("logging already initialised: {e}");
     }
+}
+
+/// `filter` with hickory quietened, unless it names hickory itself.
+fn quieted(filter: EnvFilter) -> EnvFilter {
+    let named = filter.to_string();
+    QUIET
+        .iter()
+        .filter(|d| !named.contains(d.split('=').next().unwrap_or_default()))
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, EnvFilter::add_directive)
+}
+
+/// Why the log level could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum LevelError {
+    #[error(
+        "log.level {level:?} is not a filter such as `info` or `signpost_agent=debug,info`: {reason}"
+    )]
+    Invalid { level: String, reason: String },
+    #[error("the log level cannot change: logging was not set up by `init`")]
+    NotInstalled,
+    #[error("the log level cannot change: {0}")]
+    Reload(String),
+}
+
+/// A filter for `log.level`, checked, to [`set_level`] later.
+#[derive(Debug)]
+pub struct Level(EnvFilter);
+
+impl std::str::FromStr for Level {
+    type Err = LevelError;
+
+    fn from_str(level: &str) -> Result<Self, LevelError> {
+        EnvFilter::try_new(level)
+            .map(|filter| Level(quieted(filter)))
+            .map_err(|e| LevelError::Invalid {
+                level: level.to_string(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// Replaces the filter [`init`] installed with `level`, `RUST_LOG`
+/// included: the configuration was changed on purpose since.
+pub fn set_level(level: Level) -> Result<(), LevelError> {
+    let set = RELOAD.get().ok_or(LevelError::NotInstalled)?;
+    set(level.0).map_err(|e| LevelError::Reload(e.to_string()))
+}
+
+/// Replaces the installed subscriber's filter (its type depends on the
+/// output format, hence a function).
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), reload::Error> + Send + Sync>;
+
+static RELOAD: OnceLock<SetFilter> = OnceLock::new();
+
+fn keep_reload_handle<S: 'static>(handle: reload::Handle<EnvFilter, S>) {
+    // Only one subscriber is ever installed, so this is the only handle.
+    let _ = RELOAD.set(Box::new(move |filter| handle.reload(filter)));
 }
 
 /// Writes through to `0` with control characters escaped.

@@ -1,6 +1,9 @@
-//! How a daemon is asked to stop.
+//! How a daemon is asked to stop, or to re-read its configuration.
+
+use std::sync::Arc;
 
 use tokio::signal::unix::{Signal, SignalKind};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// A token cancelled by SIGTERM or Ctrl-C (SIGINT), which starts the
@@ -25,6 +28,27 @@ pub fn shutdown_on_signal(program: &'static str) -> CancellationToken {
         std::process::exit(130);
     });
     token
+}
+
+/// Notified on every SIGHUP, which asks the daemon to re-read its
+/// configuration (`systemctl reload`); signals that arrive during a reload
+/// make one more. From this call on SIGHUP no longer ends the process.
+/// Must be called within a tokio runtime. When SIGHUP cannot be listened
+/// for, the reason is printed after `program` and nothing is notified.
+pub fn reload_on_signal(program: &'static str) -> Arc<Notify> {
+    let reload = Arc::new(Notify::new());
+    match tokio::signal::unix::signal(SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            let notify = reload.clone();
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    notify.notify_one();
+                }
+            });
+        }
+        Err(e) => eprintln!("{program}: cannot listen for SIGHUP: {e}"),
+    }
+    reload
 }
 
 /// The next SIGTERM or Ctrl-C.

@@ -1,10 +1,15 @@
 //! The answer logic: a request in, one response out. Names under the
 //! domain are answered authoritatively from the [`Catalog`]; PTR queries
-//! for addresses we hand out too; everything else is forwarded.
+//! for addresses we hand out too; everything else is forwarded. What the
+//! settings decide (the [`Zone`]) is replaced whole when they are
+//! reloaded ([`Handler::reconfigure`]); each query uses one version.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
 
 use hickory_server::net::xfer::Protocol;
 use hickory_server::net::{DnsError as NetDnsError, NetError};
@@ -29,14 +34,26 @@ use crate::{Catalog, DnsError, Endpoint, Owner, Settings};
 /// could parse.
 pub struct Handler<C> {
     catalog: Arc<C>,
+    zone: ArcSwap<Zone>,
+    /// How many times the settings were replaced: part of the
+    /// generation, so that no answer cached before is reused after.
+    reloads: AtomicU64,
+    metrics: Arc<DnsMetrics>,
+}
+
+/// What the [`Settings`] decide: the domain and how its names are
+/// answered, and where other names go.
+struct Zone {
     config: DnsConfig,
     /// The domain, lowercase and fully qualified.
     domain: LowerName,
     domain_text: String,
     domain_labels: usize,
     datacenter: String,
-    forwarder: Option<Forwarder>,
-    metrics: Arc<DnsMetrics>,
+    recursors: Vec<SocketAddr>,
+    /// Shared with the next zone when a reload leaves the recursors, their
+    /// timeout and the cache size alone: its cache is kept.
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 /// A response under construction.
@@ -59,12 +76,10 @@ impl Reply {
     }
 }
 
-impl<C: Catalog> Handler<C> {
-    pub fn new(
-        settings: Settings,
-        catalog: Arc<C>,
-        metrics: Arc<DnsMetrics>,
-    ) -> Result<Self, DnsError> {
+impl Zone {
+    /// The zone `settings` describe; `previous`'s forwarder is kept when
+    /// it forwards the same way.
+    fn new(settings: Settings, previous: Option<&Zone>) -> Result<Self, DnsError> {
         let domain_text = settings
             .config
             .domain
@@ -72,31 +87,65 @@ impl<C: Catalog> Handler<C> {
             .to_ascii_lowercase();
         let domain = Name::from_ascii(format!("{domain_text}."))
             .map_err(|_| DnsError::Domain(settings.config.domain.clone()))?;
-        let forwarder = if settings.recursors.is_empty() {
-            None
-        } else {
-            Some(
+        let same_forwarding = |z: &&Zone| {
+            z.recursors == settings.recursors
+                && z.config.recursor_timeout == settings.config.recursor_timeout
+                && z.config.cache_size == settings.config.cache_size
+        };
+        let forwarder = match previous.filter(same_forwarding) {
+            Some(previous) => previous.forwarder.clone(),
+            None if settings.recursors.is_empty() => None,
+            None => Some(Arc::new(
                 Forwarder::new(
                     &settings.recursors,
                     settings.config.recursor_timeout,
                     settings.config.cache_size,
                 )
                 .map_err(|e| DnsError::Forwarder(e.to_string()))?,
-            )
+            )),
         };
-        Ok(Handler {
-            catalog,
+        Ok(Zone {
             domain_labels: usize::from(domain.num_labels()),
             domain: LowerName::from(domain),
             domain_text,
             datacenter: settings.datacenter.to_ascii_lowercase(),
             config: settings.config,
+            recursors: settings.recursors,
             forwarder,
+        })
+    }
+}
+
+impl<C: Catalog> Handler<C> {
+    pub fn new(
+        settings: Settings,
+        catalog: Arc<C>,
+        metrics: Arc<DnsMetrics>,
+    ) -> Result<Self, DnsError> {
+        Ok(Handler {
+            catalog,
+            zone: ArcSwap::from_pointee(Zone::new(settings, None)?),
+            reloads: AtomicU64::new(0),
             metrics,
         })
     }
 
+    /// Answers with `settings` from now on (queries being answered finish
+    /// with the previous ones). The listening address and the number of
+    /// threads are the server's: they do not change here. Forwarded
+    /// answers stay cached unless forwarding changed.
+    pub fn reconfigure(&self, settings: Settings) -> Result<(), DnsError> {
+        let current = self.zone.load_full();
+        let zone = Zone::new(settings, Some(current.as_ref()))?;
+        self.zone.store(Arc::new(zone));
+        // After the store: a query that sees the new generation sees the
+        // new zone.
+        self.reloads.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
     async fn reply(&self, request: &Request) -> Reply {
+        let zone = self.zone.load_full();
         let edns = request.edns.as_ref().map(|theirs| {
             let mut ours = Edns::new();
             ours.set_max_payload(theirs.max_payload());
@@ -131,11 +180,11 @@ impl<C: Catalog> Handler<C> {
             reply.rcode(ResponseCode::NotImp);
             return reply;
         }
-        if self.domain.zone_of(query.name()) {
+        if zone.domain.zone_of(query.name()) {
             reply.metadata.authoritative = true;
-            self.local(query, &mut reply).await;
+            self.local(&zone, query, &mut reply).await;
             if reply.answers.is_empty() {
-                reply.authorities.push(self.soa());
+                reply.authorities.push(zone.soa());
             }
             reply.reusable = !reply.shuffled
                 && matches!(
@@ -144,20 +193,20 @@ impl<C: Catalog> Handler<C> {
                 );
             return reply;
         }
-        if query.query_type() == RecordType::PTR && self.reverse(query, &mut reply) {
+        if query.query_type() == RecordType::PTR && self.reverse(&zone, query, &mut reply) {
             reply.reusable = true;
             return reply;
         }
-        self.forward(query, &mut reply).await;
+        self.forward(&zone, query, &mut reply).await;
         reply
     }
 
     /// A name under the domain.
-    async fn local(&self, query: &LowerQuery, reply: &mut Reply) {
+    async fn local(&self, zone: &Zone, query: &LowerQuery, reply: &mut Reply) {
         let qname = query.original().name();
         let qtype = query.query_type();
         let lower = Name::from(query.name());
-        let keep = usize::from(lower.num_labels()).saturating_sub(self.domain_labels);
+        let keep = usize::from(lower.num_labels()).saturating_sub(zone.domain_labels);
         let labels: Option<Vec<&str>> = lower
             .iter()
             .take(keep)
@@ -168,16 +217,16 @@ impl<C: Catalog> Handler<C> {
             return;
         };
         let (parsed, dc) = parse(&labels);
-        if dc.is_some_and(|dc| dc != self.datacenter) {
+        if dc.is_some_and(|dc| dc != zone.datacenter) {
             reply.rcode(ResponseCode::NXDomain);
             return;
         }
-        let node_ttl = ttl_secs(self.config.node_ttl);
+        let node_ttl = ttl_secs(zone.config.node_ttl);
         match parsed {
             Parsed::Apex => match qtype {
-                RecordType::SOA | RecordType::ANY => reply.answers.push(self.soa()),
+                RecordType::SOA | RecordType::ANY => reply.answers.push(zone.soa()),
                 RecordType::NS => {
-                    if let Some(ns) = self.name("ns") {
+                    if let Some(ns) = zone.name("ns") {
                         reply.answers.push(Record::from_rdata(
                             qname.clone(),
                             node_ttl,
@@ -185,7 +234,7 @@ impl<C: Catalog> Handler<C> {
                         ));
                         self.address_records(
                             &ns,
-                            self.server_ip(),
+                            zone.server_ip(),
                             node_ttl,
                             &mut reply.additionals,
                         );
@@ -195,11 +244,11 @@ impl<C: Catalog> Handler<C> {
             },
             Parsed::Ns => {
                 if wants_address(qtype) {
-                    self.address_for(qname, qtype, self.server_ip(), node_ttl, reply);
+                    self.address_for(qname, qtype, zone.server_ip(), node_ttl, reply);
                 }
             }
             Parsed::Service { service, tag } => {
-                self.service(qname, qtype, service, tag.as_deref(), reply)
+                self.service(zone, qname, qtype, service, tag.as_deref(), reply)
                     .await;
             }
             Parsed::Virtual { service } => {
@@ -208,7 +257,7 @@ impl<C: Catalog> Handler<C> {
                 match self.vip(service, None, endpoints.as_deref()) {
                     Err(code) => reply.rcode(code),
                     Ok(vip) => {
-                        let (_, ttl, _) = self.config.service_settings(service);
+                        let (_, ttl, _) = zone.config.service_settings(service);
                         self.address_for(qname, qtype, vip, ttl_secs(ttl), reply);
                     }
                 }
@@ -245,6 +294,7 @@ impl<C: Catalog> Handler<C> {
 
     async fn service(
         &self,
+        zone: &Zone,
         qname: &Name,
         qtype: RecordType,
         service: &str,
@@ -256,7 +306,7 @@ impl<C: Catalog> Handler<C> {
             reply.rcode(ResponseCode::NXDomain);
             return;
         };
-        let (mode, ttl, only_passing) = self.config.service_settings(service);
+        let (mode, ttl, only_passing) = zone.config.service_settings(service);
         let ttl = ttl_secs(ttl);
         match mode {
             AnswerMode::Vip => {
@@ -269,7 +319,7 @@ impl<C: Catalog> Handler<C> {
                 };
                 if qtype == RecordType::SRV {
                     // The target: the service's own name, which resolves to the VIP.
-                    let Some(canonical) = self.service_name(service, tag) else {
+                    let Some(canonical) = zone.service_name(service, tag) else {
                         reply.rcode(ResponseCode::NXDomain);
                         return;
                     };
@@ -307,7 +357,7 @@ impl<C: Catalog> Handler<C> {
                 if qtype == RecordType::SRV {
                     let mut glued: Vec<Name> = Vec::new();
                     for (e, ip) in healthy {
-                        let Some(target) = self.target(e, ip) else {
+                        let Some(target) = zone.target(e, ip) else {
                             continue;
                         };
                         let weight = match e.health {
@@ -342,18 +392,9 @@ impl<C: Catalog> Handler<C> {
         }
     }
 
-    /// The SRV target of an instance: its node's name, or its own address
-    /// as `<hexip>.addr.<dc>.<domain>`.
-    fn target(&self, e: &Endpoint, ip: IpAddr) -> Option<Name> {
-        let node = (!e.service_address)
-            .then(|| self.name(&format!("{}.node.{}", e.node, self.datacenter)))
-            .flatten();
-        node.or_else(|| self.name(&format!("{}.addr.{}", ip_hex(ip), self.datacenter)))
-    }
-
     /// PTR for a VIP or a node address; `false` when the address is not
     /// one of ours (then it is forwarded).
-    fn reverse(&self, query: &LowerQuery, reply: &mut Reply) -> bool {
+    fn reverse(&self, zone: &Zone, query: &LowerQuery, reply: &mut Reply) -> bool {
         let Ok(net) = query.original().name().parse_arpa_name() else {
             return false;
         };
@@ -362,10 +403,10 @@ impl<C: Catalog> Handler<C> {
         }
         let (name, ttl) = match self.catalog.owner(net.addr()) {
             Some(Owner::Service { service, tag }) => {
-                let (_, ttl, _) = self.config.service_settings(&service);
-                (self.service_name(&service, tag.as_deref()), ttl)
+                let (_, ttl, _) = zone.config.service_settings(&service);
+                (zone.service_name(&service, tag.as_deref()), ttl)
             }
-            Some(Owner::Node(node)) => (self.name(&format!("{node}.node")), self.config.node_ttl),
+            Some(Owner::Node(node)) => (zone.name(&format!("{node}.node")), zone.config.node_ttl),
             None => return false,
         };
         let Some(name) = name else {
@@ -380,8 +421,8 @@ impl<C: Catalog> Handler<C> {
         true
     }
 
-    async fn forward(&self, query: &LowerQuery, reply: &mut Reply) {
-        let Some(forwarder) = &self.forwarder else {
+    async fn forward(&self, zone: &Zone, query: &LowerQuery, reply: &mut Reply) {
+        let Some(forwarder) = &zone.forwarder else {
             reply.rcode(ResponseCode::Refused);
             return;
         };
@@ -427,6 +468,39 @@ impl<C: Catalog> Handler<C> {
             .ok_or(ResponseCode::ServFail)
     }
 
+    /// The A or AAAA record of `ip` for `name`, if the query type asks for
+    /// that family.
+    fn address_for(&self, name: &Name, qtype: RecordType, ip: IpAddr, ttl: u32, reply: &mut Reply) {
+        let wanted = match ip {
+            IpAddr::V4(_) => matches!(qtype, RecordType::A | RecordType::ANY),
+            IpAddr::V6(_) => matches!(qtype, RecordType::AAAA | RecordType::ANY),
+        };
+        if wanted {
+            self.address_records(name, ip, ttl, &mut reply.answers);
+        }
+    }
+
+    fn address_records(&self, name: &Name, ip: IpAddr, ttl: u32, into: &mut Vec<Record>) {
+        let rdata = match ip {
+            IpAddr::V4(v4) => RData::A(A(v4)),
+            IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+        };
+        into.push(Record::from_rdata(name.clone(), ttl, rdata));
+    }
+}
+
+// === impl Zone ===
+
+impl Zone {
+    /// The SRV target of an instance: its node's name, or its own address
+    /// as `<hexip>.addr.<dc>.<domain>`.
+    fn target(&self, e: &Endpoint, ip: IpAddr) -> Option<Name> {
+        let node = (!e.service_address)
+            .then(|| self.name(&format!("{}.node.{}", e.node, self.datacenter)))
+            .flatten();
+        node.or_else(|| self.name(&format!("{}.addr.{}", ip_hex(ip), self.datacenter)))
+    }
+
     /// `[<tag>.]<service>.service.<domain>.`
     fn service_name(&self, service: &str, tag: Option<&str>) -> Option<Name> {
         self.name(&match tag {
@@ -465,26 +539,6 @@ impl<C: Catalog> Handler<C> {
             0,
         );
         Record::from_rdata(origin, 0, RData::SOA(soa))
-    }
-
-    /// The A or AAAA record of `ip` for `name`, if the query type asks for
-    /// that family.
-    fn address_for(&self, name: &Name, qtype: RecordType, ip: IpAddr, ttl: u32, reply: &mut Reply) {
-        let wanted = match ip {
-            IpAddr::V4(_) => matches!(qtype, RecordType::A | RecordType::ANY),
-            IpAddr::V6(_) => matches!(qtype, RecordType::AAAA | RecordType::ANY),
-        };
-        if wanted {
-            self.address_records(name, ip, ttl, &mut reply.answers);
-        }
-    }
-
-    fn address_records(&self, name: &Name, ip: IpAddr, ttl: u32, into: &mut Vec<Record>) {
-        let rdata = match ip {
-            IpAddr::V4(v4) => RData::A(A(v4)),
-            IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
-        };
-        into.push(Record::from_rdata(name.clone(), ttl, rdata));
     }
 }
 
@@ -622,9 +676,10 @@ impl<C: Catalog> Handler<C> {
         }
     }
 
-    /// See [`Catalog::generation`].
+    /// See [`Catalog::generation`]; it moves too when the settings are
+    /// replaced. Both parts only grow, so their sum does.
     pub(crate) fn generation(&self) -> u64 {
-        self.catalog.generation()
+        self.catalog.generation() + self.reloads.load(Ordering::Acquire)
     }
 
     pub(crate) fn metrics(&self) -> &DnsMetrics {

@@ -140,25 +140,35 @@ pub struct DnsServer<C: Catalog> {
 
 impl<C: Catalog> DnsServer<C> {
     /// Binds `settings.config.listen` (UDP and TCP; port 0 picks one port
-    /// free for both). Serving starts with [`DnsServer::run_until`].
+    /// free for both), or serves from `inherited`: the sockets a previous
+    /// process served this address from (with what is queued on them).
+    /// Serving starts with [`DnsServer::run_until`].
     pub async fn bind(
         settings: Settings,
         catalog: Arc<C>,
         metrics: Arc<DnsMetrics>,
+        inherited: Vec<(std::net::UdpSocket, std::net::TcpListener)>,
     ) -> Result<Self, DnsError> {
         let listen = settings.config.listen;
         let settings_threads = settings.config.threads;
         let handler = Arc::new(Handler::new(settings, catalog, metrics)?);
-        let (udp, tcp) = bind_both(listen)?;
-        let addr = udp.local_addr().map_err(bind_error(listen, "udp"))?;
+        let mut sockets = inherited;
+        if sockets.is_empty() {
+            sockets.push(bind_both(listen)?);
+        }
+        let addr = sockets[0]
+            .0
+            .local_addr()
+            .map_err(bind_error(listen, "udp"))?;
         let threads = match settings_threads {
             0 => std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .min(MAX_THREADS),
             n => n,
         };
-        let mut sockets = vec![(udp, tcp)];
-        for _ in 1..threads {
+        // Inherited sockets are all served, even more than `threads`:
+        // what is queued on each must be answered.
+        while sockets.len() < threads {
             sockets.push((bind_udp(addr)?, bind_tcp(addr)?));
         }
         Ok(DnsServer {
@@ -170,6 +180,17 @@ impl<C: Catalog> DnsServer<C> {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The sockets served from: UDP, then TCP.
+    pub fn sockets(&self) -> (Vec<&std::net::UdpSocket>, Vec<&std::net::TcpListener>) {
+        self.sockets.iter().map(|(u, t)| (u, t)).unzip()
+    }
+
+    /// What answers the queries, to give it new settings while it serves
+    /// ([`Handler::reconfigure`]).
+    pub fn handler(&self) -> Arc<Handler<C>> {
+        self.handler.clone()
     }
 
     /// Serves until `shutdown` completes, then lets in-flight queries

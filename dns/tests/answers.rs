@@ -2,7 +2,8 @@
 //! server's own handler (`Handler::answer_bytes`, the path the UDP and
 //! TCP loops take), without sockets or an agent: what each name form
 //! answers in VIP and instances mode, health filtering, SRV targets,
-//! reverse lookups, case, and unknown names. The end-to-end tests
+//! reverse lookups, case, unknown names, and settings replaced while
+//! serving (a reload). The end-to-end tests
 //! (`tests/tests/e2e/dns.rs`) ask a real agent the same questions over
 //! the network.
 
@@ -250,4 +251,35 @@ async fn unknown_names_under_the_domain_are_nxdomain_with_the_soa() {
             "{name}: the SOA says how long to cache the absence"
         );
     }
+}
+
+#[tokio::test]
+async fn reconfigured_settings_answer_from_the_next_query_on() {
+    let (handler, _) = handler(AnswerMode::Vip, false);
+    let response = ask(&handler, "web.service.internal.", RecordType::A).await;
+    assert_eq!(response.answers[0].ttl, 5, "the default dns.ttl");
+
+    let settings = Settings {
+        config: DnsConfig {
+            domain: "consul".to_string(),
+            answer: AnswerMode::Instances,
+            ttl: std::time::Duration::from_secs(42),
+            ..DnsConfig::default()
+        },
+        datacenter: "dc1".to_string(),
+        recursors: Vec::new(),
+    };
+    handler.reconfigure(settings).unwrap();
+    let response = ask(&handler, "web.service.consul.", RecordType::A).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        addresses(&response),
+        ips(&[[10, 0, 0, 1], [10, 0, 0, 2]]),
+        "instances, not the VIP"
+    );
+    assert!(response.answers.iter().all(|r| r.ttl == 42));
+    // The old domain is no longer ours: forwarded, and with no
+    // recursors refused.
+    let response = ask(&handler, "web.service.internal.", RecordType::A).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::Refused);
 }

@@ -258,6 +258,7 @@ async fn the_server_keeps_answering_after_garbage() {
         settings(false),
         Arc::new(Fixed),
         Arc::new(DnsMetrics::default()),
+        Vec::new(),
     )
     .await
     .unwrap();

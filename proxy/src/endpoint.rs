@@ -179,6 +179,15 @@ impl Stats {
         ewma * decay(stamp, self.millis(now)) * (active + 1.0)
     }
 
+    /// Requests and L4 connections in flight to the instance now, over
+    /// every worker.
+    pub(crate) fn active(&self) -> u32 {
+        self.load
+            .iter()
+            .map(|l| l.active.load(Ordering::Relaxed))
+            .fold(0, u32::saturating_add)
+    }
+
     /// Counts a request or connection to the instance until the guard
     /// is dropped.
     pub(crate) fn in_flight(&self) -> InFlight<'_> {

@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
@@ -73,6 +74,7 @@ pub(crate) async fn serve(
         over_limit: admitted.is_err(),
         activity: Activity::default(),
         tunnel: Mutex::default(),
+        draining: AtomicBool::new(false),
     });
     let state = shared.clone();
     let service = service_fn(move |req: Request<Incoming>| {
@@ -83,9 +85,11 @@ pub(crate) async fn serve(
                 over_limit,
                 activity,
                 tunnel,
+                draining,
             } = &*shared;
             activity.request();
-            let response = if *over_limit {
+            let http1 = req.version() < http::Version::HTTP_2;
+            let mut response = if *over_limit {
                 // Over max_connections: every request fails fast.
                 let limit = ProxyError::Limit {
                     limit: "max_connections",
@@ -95,6 +99,12 @@ pub(crate) async fn serve(
             } else {
                 handle(backend, req, client, tunnel, None).await
             };
+            if http1 && draining.load(Ordering::Relaxed) {
+                // The client's next request goes to a new connection.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, Infallible>(response)
         }
     });
@@ -102,7 +112,14 @@ pub(crate) async fn serve(
     let watch = crate::idle::watch(state.clone(), waker, backend.shared.client_idle_timeout);
     // One wait, from the first byte to the last request, for a reason to
     // close: the listener drains, or the client left the connection idle.
-    let drained = drain.cancelled();
+    // Draining, HTTP/1.1 answers say `Connection: close` first, for a
+    // while: a client sending its next request gets it answered, where
+    // closing the connection under it would fail it.
+    let drained = async {
+        drain.cancelled().await;
+        state.draining.store(true, Ordering::Relaxed);
+        tokio::time::sleep(DRAIN_QUIET).await;
+    };
     tokio::pin!(drained);
     let closing = std::future::poll_fn(|cx| {
         if state.activity.is_idle() {
@@ -180,7 +197,13 @@ struct ClientConnection {
     activity: Activity,
     /// Set by the request whose answer switched protocols.
     tunnel: Mutex<Option<Tunnel>>,
+    /// The proxy drains: answers close their connection.
+    draining: AtomicBool,
 }
+
+/// How long a draining HTTP/1.1 connection waits for its client's next
+/// request (answered with `Connection: close`) before it is closed idle.
+const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl AsRef<Activity> for ClientConnection {
     fn as_ref(&self) -> &Activity {

@@ -89,6 +89,9 @@ pub struct Settings {
     pub access_log: bool,
     /// Threads connections run on (at least one).
     pub threads: usize,
+    /// Where VIP listeners' sockets come from when a previous process
+    /// handed them over, and where they are recorded for a successor.
+    pub sockets: Arc<signpost_core::sockets::Sockets>,
 }
 
 /// How a connection to an instance notices that the instance's host is
@@ -210,6 +213,7 @@ impl Proxy {
                 workers,
                 drain: CancellationToken::new(),
                 stop: CancellationToken::new(),
+                sockets: settings.sockets,
             },
         })
     }
@@ -366,6 +370,35 @@ impl Proxy {
             .spawn(mesh::inbound::accept(listener, shared, tasks));
     }
 
+    /// What is in flight (requests and L4 connections) to instances that
+    /// are not passing (drained: new requests go elsewhere), by service
+    /// and instance address; what has nothing in flight is left out.
+    pub fn draining(&self) -> HashMap<String, Vec<(SocketAddr, u32)>> {
+        let inner = lock(&self.inner);
+        let mut by_service: HashMap<String, std::collections::BTreeMap<SocketAddr, u32>> =
+            HashMap::new();
+        for backend in inner.backends.values() {
+            for member in &backend.snapshot().members {
+                if member.endpoint.health == signpost_core::model::Health::Passing {
+                    continue;
+                }
+                let active = member.stats.active();
+                if active > 0 {
+                    let count = by_service
+                        .entry(backend.service.clone())
+                        .or_default()
+                        .entry(member.endpoint.addr)
+                        .or_default();
+                    *count = count.saturating_add(active);
+                }
+            }
+        }
+        by_service
+            .into_iter()
+            .map(|(service, by_addr)| (service, by_addr.into_iter().collect()))
+            .collect()
+    }
+
     /// The addresses listened on.
     pub fn listening(&self) -> Vec<SocketAddr> {
         let inner = lock(&self.inner);
@@ -378,7 +411,7 @@ impl Proxy {
         {
             let mut inner = lock(&self.inner);
             for open in inner.listeners.values() {
-                open.close();
+                open.stop();
             }
             inner.listeners.clear();
         }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use signpost_core::accept::AcceptBackoff;
 use signpost_core::model::Protocol;
+use signpost_core::sockets::{Sockets, vip_name};
 use socket2::{Domain, Socket, Type};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,10 +76,19 @@ pub(crate) struct Open {
     pub(crate) target: Arc<ArcSwap<Backend>>,
     pub(crate) key: BackendKey,
     stop: CancellationToken,
+    name: String,
+    sockets: Arc<Sockets>,
 }
 
 impl Open {
+    /// Stops accepting; a successor process will not be handed it.
     pub(crate) fn close(&self) {
+        self.stop.cancel();
+        self.sockets.closed(&self.name);
+    }
+
+    /// Stops accepting because a successor process serves it now.
+    pub(crate) fn stop(&self) {
         self.stop.cancel();
     }
 }
@@ -93,9 +103,12 @@ pub(crate) struct Tasks {
     pub(crate) drain: CancellationToken,
     /// ... and stop at once (L4, and whatever is left after the grace).
     pub(crate) stop: CancellationToken,
+    /// The sockets a previous process handed over, and those served.
+    pub(crate) sockets: Arc<Sockets>,
 }
 
-/// Opens a listener on `addr` for `backend`.
+/// Opens a listener on `addr` for `backend`: with the sockets a previous
+/// process served it from, if it handed them over, else new ones.
 pub(crate) fn open(
     addr: SocketAddr,
     key: BackendKey,
@@ -107,22 +120,32 @@ pub(crate) fn open(
     // only the worker whose socket it came to, where one shared socket
     // woke every worker for each connection and all but one found
     // nothing to accept. All are bound before any is served, so a port
-    // in use fails the whole listener.
-    let sockets = (0..tasks.workers.count())
-        .map(|_| bind(addr))
-        .collect::<std::io::Result<Vec<_>>>()?;
+    // in use fails the whole listener. Inherited sockets are all served,
+    // even more than there are workers: what is queued on each must be.
+    let name = vip_name(addr);
+    let mut sockets = tasks.sockets.take_tcp(&name, addr);
+    while sockets.len() < tasks.workers.count() {
+        sockets.push(bind(addr)?);
+    }
+    tasks.sockets.serving(&name, &sockets)?;
     let target = Arc::new(ArcSwap::new(backend));
     let stop = tasks.drain.child_token();
-    for (worker, listener) in sockets.into_iter().enumerate() {
+    for (n, listener) in sockets.into_iter().enumerate() {
         let (target, stop, tasks2) = (target.clone(), stop.clone(), tasks.clone());
         tasks.workers.spawn_on(
-            worker,
+            n % tasks.workers.count(),
             tasks
                 .tracker
                 .track_future(accept_loop(listener, addr, target, stop, tasks2)),
         );
     }
-    Ok(Open { target, key, stop })
+    Ok(Open {
+        target,
+        key,
+        stop,
+        name,
+        sockets: tasks.sockets.clone(),
+    })
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

@@ -92,6 +92,7 @@ async fn mutated_requests_never_hang_panic_or_eject_the_instance() {
             },
             access_log: false,
             threads: 1,
+            sockets: Arc::default(),
         },
         metrics.clone(),
         |_| {},

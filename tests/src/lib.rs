@@ -195,6 +195,11 @@ fn with_line(yaml: &str, section: &str, line: &str) -> String {
 /// A running `signpost agent`.
 pub struct Agent {
     child: Option<Child>,
+    /// The processes started by a handover (`signpost restart`,
+    /// SIGUSR2): not this test's children; the last one serves.
+    successors: Vec<Pid>,
+    /// The program started (a copy, for upgrade tests).
+    program: PathBuf,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub node: String,
@@ -211,6 +216,12 @@ impl Agent {
 
     /// Starts an agent whose node is called `node`.
     pub async fn start_named(node: &str, extra_config: &str) -> Agent {
+        Self::start_program(signpost_bin(), node, extra_config).await
+    }
+
+    /// Starts `program` (a copy of `signpost`, for upgrade tests) as
+    /// node `node`.
+    pub async fn start_program(program: &Path, node: &str, extra_config: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("services.d")).unwrap();
         rustls::crypto::ring::default_provider()
@@ -219,6 +230,8 @@ impl Agent {
         let addr = free_addr();
         let mut agent = Agent {
             child: None,
+            successors: Vec::new(),
+            program: program.to_path_buf(),
             addr,
             dir,
             node: node.to_string(),
@@ -251,7 +264,10 @@ impl Agent {
         SocketAddr::new(self.addr.ip(), 8600)
     }
 
-    async fn spawn(&mut self) {
+    /// Writes `agent.yaml` with `extra_config` (as [`Agent::start`]
+    /// takes it), for a start or a reload.
+    pub fn write_config(&mut self, extra_config: &str) {
+        self.extra_config = extra_config.to_string();
         // `dns.listen` and `api.listen` go into the test's own `dns:` and
         // `api:` sections, if any.
         let extra = with_line(
@@ -269,8 +285,12 @@ impl Agent {
             extra
         );
         std::fs::write(self.config_path(), config).unwrap();
+    }
+
+    async fn spawn(&mut self) {
+        self.write_config(&self.extra_config.clone());
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
-        let child = Command::new(signpost_bin())
+        let child = Command::new(&self.program)
             .args(["agent", "--config"])
             .arg(self.config_path())
             .env("RUST_LOG", "signpost_agent=debug,info")
@@ -297,9 +317,20 @@ impl Agent {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
-    /// The agent's process ID.
+    /// The ID of the agent process that serves.
     pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+        match self.successors.last() {
+            Some(pid) => *pid,
+            None => Pid::from_raw(self.child.as_ref().unwrap().id() as i32),
+        }
+    }
+
+    /// Records that process `pid` took over (`signpost restart`, SIGUSR2)
+    /// from the one that served: that one's ID, to watch it drain.
+    pub fn taken_over_by(&mut self, pid: i32) -> Pid {
+        let previous = self.pid();
+        self.successors.push(Pid::from_raw(pid));
+        previous
     }
 
     /// SIGTERM, then waits for the exit; returns the exit code.
@@ -316,8 +347,12 @@ impl Agent {
         }
     }
 
-    /// SIGKILL (no chance to flush anything).
+    /// SIGKILL (no chance to flush anything), to every process this
+    /// agent ran as.
     pub fn kill(&mut self) {
+        for pid in self.successors.drain(..) {
+            kill(pid, Signal::SIGKILL).ok();
+        }
         if let Some(mut child) = self.child.take() {
             child.kill().ok();
             child.wait().ok();

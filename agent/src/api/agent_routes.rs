@@ -184,6 +184,34 @@ pub(crate) async fn node_maintenance(
     saved(&api, undo).await
 }
 
+/// Re-reads the configuration file and applies what can change while
+/// serving ([`crate::reload`]): 200 with what was applied and what takes a
+/// restart, 400 with why a bad file was refused (the configuration in
+/// force keeps serving). Needs `agent` write, as in Consul.
+pub(crate) async fn reload(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Response> {
+    let node = api.agent.state.read(|inner| inner.node.name.clone());
+    api.allow(
+        &headers,
+        Resource::Agent(&node),
+        Access::Write,
+        "agent.reload",
+    )
+    .await?;
+    let reloaded = crate::reload::reload(&api.agent, api.fleet.as_deref())
+        .await
+        .map_err(|e| match e {
+            crate::reload::ReloadError::Dns { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+            _ => ApiError::bad_request(e.to_string()),
+        })?;
+    Ok(json(&json!({
+        "applied": reloaded.applied,
+        "restart_required": reloaded.restart_required,
+        "unchanged": reloaded.unchanged(),
+    })))
+}
+
 pub(crate) async fn register_check(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -622,10 +650,38 @@ pub(crate) async fn signpost_status(
     Ok(json(&json!({
         "node": node,
         "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
         "services": services,
         "checks": counts,
         "control_plane": control_plane,
     })))
+}
+
+/// `signpost restart`: a new agent process (the program now at this one's
+/// path) takes over the sockets and state; answered once it serves,
+/// with its pid. This process then drains and exits.
+pub(crate) async fn signpost_restart(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let node = api.agent.state.read(|inner| inner.node.name.clone());
+    api.allow(
+        &headers,
+        Resource::Agent(&node),
+        Access::Write,
+        "agent.restart",
+    )
+    .await?;
+    match crate::handover::restart(&api.taken_over).await {
+        Ok(pid) => Ok(json(&json!({ "pid": pid }))),
+        Err(error @ crate::handover::RestartError::Busy) => {
+            Err(ApiError::new(StatusCode::CONFLICT, error.to_string()))
+        }
+        Err(error) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            error.to_string(),
+        )),
+    }
 }
 
 /// `signpost drain`: puts an instance in maintenance, then waits until every
@@ -644,14 +700,16 @@ pub(crate) async fn signpost_drain(
             .map_err(|e| ApiError::bad_request(format!("Invalid timeout: {e}")))?,
     };
     let service_id = ServiceId::new(id);
-    let name = api
+    // The instance as consumers' proxies know it.
+    let (name, address) = api
         .agent
         .state
         .read(|inner| {
-            inner
-                .services
-                .get(&service_id)
-                .map(|s| s.def.name.to_string())
+            inner.services.get(&service_id).map(|s| {
+                let address =
+                    crate::drain::instance_address(&s.def.address, &inner.node.address, s.def.port);
+                (s.def.name.to_string(), address)
+            })
         })
         .ok_or_else(|| {
             ApiError::new(
@@ -661,7 +719,7 @@ pub(crate) async fn signpost_drain(
         })?;
     api.agent
         .set_service_maintenance(&service_id, Some("Draining (signpost drain)".to_string()))?;
-    tracing::info!(service = %service_id, ?timeout, "draining");
+    tracing::info!(service = %service_id, %address, ?timeout, "draining");
     let Some(fleet) = &api.fleet else {
         return Ok(json(&json!({
             "service": name, "id": service_id, "subscribers": 0, "acknowledged": 0,
@@ -669,31 +727,23 @@ pub(crate) async fn signpost_drain(
         })));
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut index = 0;
-    let mut last: Option<signpost_proto::AckStatus> = None;
-    loop {
-        let ask = fleet.ack_status(&name, index);
-        match tokio::time::timeout_at(deadline, ask).await {
-            Ok(Some(status)) => {
-                index = status.index;
-                let done = status.acked >= status.subscribers;
-                last = Some(status);
-                if done {
-                    break;
-                }
-            }
-            Ok(None) | Err(_) => break,
+    let last = crate::drain::wait(fleet, &name, &address, deadline, &api.shutdown).await;
+    let complete = crate::drain::drained(last.as_ref());
+    let (subscribers, acknowledged, pending, in_flight) = match last {
+        Some(s) => {
+            let in_flight: Vec<Value> = s
+                .in_flight
+                .iter()
+                .map(|f| json!({"node": f.node, "count": f.count}))
+                .collect();
+            (s.subscribers, s.acked, s.pending, in_flight)
         }
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => break,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-            _ = api.shutdown.cancelled() => break,
-        }
-    }
-    let (subscribers, acknowledged) = last.map_or((0, 0), |s| (s.subscribers, s.acked));
-    let complete = last.is_some() && acknowledged >= subscribers;
+        None => (0, 0, Vec::new(), Vec::new()),
+    };
+    tracing::info!(service = %service_id, complete, acknowledged, subscribers, "drain finished");
     Ok(json(&json!({
-        "service": name, "id": service_id, "subscribers": subscribers,
-        "acknowledged": acknowledged, "complete": complete, "control_plane": true,
+        "service": name, "id": service_id, "address": address,
+        "subscribers": subscribers, "acknowledged": acknowledged, "pending": pending,
+        "in_flight": in_flight, "complete": complete, "control_plane": true,
     })))
 }

@@ -28,13 +28,13 @@ impl Blocking {
                     .map_err(|_| ApiError::bad_request("Invalid index"))?,
             ),
         };
-        let limits = &api.agent.config.api;
+        let config = api.agent.live.config();
         let wait = match params.get("wait") {
-            None | Some("") => limits.default_query_time,
+            None | Some("") => config.api.default_query_time,
             Some(v) => signpost_core::duration::parse(v)
                 .map_err(|_| ApiError::bad_request("Invalid wait time"))?,
         }
-        .min(limits.max_query_time);
+        .min(config.api.max_query_time);
         Ok(Blocking { index, wait })
     }
 

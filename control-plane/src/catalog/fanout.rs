@@ -5,6 +5,13 @@
 
 use super::*;
 
+/// The most pending nodes (and nodes with requests in flight) an
+/// acknowledgement status names.
+const MAX_PENDING_NAMED: usize = 100;
+/// The most in-flight entries (draining instances) kept per service and
+/// session.
+const MAX_IN_FLIGHT_ENTRIES: usize = 64;
+
 impl Catalog {
     /// Subscribes a session to services; each gets a snapshot unless the
     /// agent already has the current index.
@@ -57,15 +64,30 @@ impl Catalog {
         }
     }
 
-    pub fn ack(&self, session: SessionId, service: String, index: u64) {
+    /// Records what a session's agent applied, and what it has in flight
+    /// to the service's draining instances (at most
+    /// [`MAX_IN_FLIGHT_ENTRIES`] kept).
+    pub fn ack(&self, session: SessionId, ack: signpost_proto::Ack) {
         let mut inner = self.lock();
         if let Some(s) = inner.sessions.get_mut(&session) {
+            let signpost_proto::Ack {
+                service,
+                index,
+                mut in_flight,
+            } = ack;
+            in_flight.truncate(MAX_IN_FLIGHT_ENTRIES);
+            if in_flight.is_empty() {
+                s.in_flight.remove(&service);
+            } else if s.subscriptions.contains(&service) {
+                s.in_flight.insert(service.clone(), in_flight);
+            }
             let acked = s.acked.entry(service).or_default();
             *acked = (*acked).max(index);
         }
     }
 
     /// How many other sessions subscribed to `service` applied `min_index`
+    /// (and the nodes of those that did not, up to [`MAX_PENDING_NAMED`])
     /// (0: the current index); answered to the asking session.
     pub fn ack_query(&self, session: SessionId, query: AckQuery) {
         let mut inner = self.lock();
@@ -79,22 +101,43 @@ impl Catalog {
             .get(&query.service)
             .map(|s| s.iter().copied().filter(|id| *id != session).collect())
             .unwrap_or_default();
-        let acked = subscribers
+        let mut pending: Vec<String> = subscribers
             .iter()
-            .filter(|id| {
-                inner
-                    .sessions
-                    .get(id)
-                    .and_then(|s| s.acked.get(&query.service))
-                    .is_some_and(|a| *a >= index)
-            })
-            .count();
+            .filter_map(|id| inner.sessions.get(id))
+            .filter(|s| s.acked.get(&query.service).is_none_or(|a| *a < index))
+            .map(|s| s.node.clone())
+            .collect();
+        let acked = subscribers.len().saturating_sub(pending.len());
+        pending.sort_unstable();
+        pending.truncate(MAX_PENDING_NAMED);
+        let mut in_flight: Vec<NodeInFlight> = Vec::new();
+        if !query.address.is_empty() {
+            for s in subscribers.iter().filter_map(|id| inner.sessions.get(id)) {
+                let count = s
+                    .in_flight
+                    .get(&query.service)
+                    .into_iter()
+                    .flatten()
+                    .filter(|f| f.address == query.address)
+                    .fold(0u32, |sum, f| sum.saturating_add(f.count));
+                if count > 0 {
+                    in_flight.push(NodeInFlight {
+                        node: s.node.clone(),
+                        count,
+                    });
+                }
+            }
+            in_flight.sort_unstable_by(|a, b| a.node.cmp(&b.node));
+            in_flight.truncate(MAX_PENDING_NAMED);
+        }
         let status = ControlMessage {
             body: Some(Body::AckStatus(AckStatus {
                 query_id: query.query_id,
                 index,
                 subscribers: u32::try_from(subscribers.len()).unwrap_or(u32::MAX),
                 acked: u32::try_from(acked).unwrap_or(u32::MAX),
+                pending,
+                in_flight,
             })),
         };
         inner.send(session, status);

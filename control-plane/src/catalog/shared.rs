@@ -216,6 +216,7 @@ impl Catalog {
                 tx,
                 subscriptions: HashSet::new(),
                 acked: HashMap::new(),
+                in_flight: HashMap::new(),
             },
         );
         let names = inner.names_message();

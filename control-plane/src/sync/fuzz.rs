@@ -77,6 +77,7 @@ fn seeds() -> Vec<Vec<u8>> {
             query_id: 1,
             service: "web".to_string(),
             min_index: 3,
+            address: "10.0.0.1:8080".to_string(),
         }),
         Body::ProbeResult(ProbeResult {
             probe_id: 1,

@@ -17,5 +17,7 @@ mod kv;
 mod mesh;
 mod persistence_cli;
 mod proxy;
+mod reload;
+mod restart;
 mod smoke;
 mod sync;

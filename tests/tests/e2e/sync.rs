@@ -389,6 +389,53 @@ async fn drain_waits_until_every_subscribed_agent_applied_it() {
             .any(|c| c["CheckID"] == "_service_maintenance:web-1");
         assert!(maintenance);
     }
+
+    // Out of maintenance; then c stops reading its stream (SIGSTOP): a
+    // drain times out, exits non-zero and names it.
+    let r = a
+        .put("/v1/agent/service/maintenance/web-1?enable=false", None)
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    for agent in [&b, &c] {
+        agent
+            .eventually("web-1 passing again", || async {
+                (!entries_on(agent, "web", "a", "?passing").await.is_empty()).then_some(())
+            })
+            .await;
+    }
+    nix::sys::signal::kill(c.pid(), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let drain = |args: Vec<String>| {
+        let http_addr = a.addr.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut all = vec!["--http-addr", http_addr.as_str(), "drain", "web-1"];
+            all.extend(args.iter().map(String::as_str));
+            signpost_tests::signpost(&all)
+        })
+    };
+    let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let (code, out, err) = drain(args(&["--timeout", "2s", "--exec", "echo never"]))
+        .await
+        .unwrap();
+    nix::sys::signal::kill(c.pid(), nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains(
+            "only 1 of 2 agents using it stopped sending it new requests; still sending: c"
+        ),
+        "{err}"
+    );
+    assert!(
+        !out.contains("never"),
+        "--exec runs only once drained: {out}"
+    );
+    // Once c caught up, the drain completes and runs --exec.
+    let marker = a.dir.path().join("drained");
+    let exec = format!("echo drained > {}", marker.display());
+    let (code, out, err) = drain(args(&["--timeout", "20s", "--exec", &exec]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "drained\n");
 }
 
 #[tokio::test]
@@ -500,4 +547,228 @@ async fn control_plane_answers_the_catalog_and_health_endpoints_for_the_fleet() 
         json!([])
     );
     drop(b);
+}
+
+/// Requests through b's proxy to `url` in 8 loops until `stop`: how many
+/// got each answer (status and body), and how many failed.
+fn load_loops(
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinSet<Vec<Result<(u16, String), String>>> {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, url, stop) = (client.clone(), url.clone(), stop.clone());
+        loops.spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let answer = match client.get(&url).send().await {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        r.text()
+                            .await
+                            .map(|t| (status, t))
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                seen.push(answer);
+            }
+            seen
+        });
+    }
+    loops
+}
+
+/// `signpost drain` waits for what consumers still have in flight to the
+/// instance, not only for them to stop sending it new requests: under
+/// load, with web-1 taking 2 s per request, the drain returns once
+/// every request web-1 received was answered, and none failed; when one
+/// never ends, the drain times out non-zero and names the consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_requests_in_flight_and_names_who_still_has_some() {
+    use signpost_tests::upstream::{Upstream, proxy_config, vip};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let a = Agent::start_named("a", &join).await;
+    let b = Agent::start_named(
+        "b",
+        // Round robin: web-1 gets its share whatever its latency.
+        &format!(
+            "{join}upstreams: [web]\n{}",
+            proxy_config("  defaults:\n    balancer: round_robin\n")
+        ),
+    )
+    .await;
+    let web1 = Upstream::start("web-1", 0).await;
+    let web2 = Upstream::start("web-2", web1.addr.port()).await;
+    a.write_service_file(
+        "web.yaml",
+        &format!(
+            "services:\n{}{}",
+            web1.entry("web", "http"),
+            web2.entry("web", "http")
+        ),
+    );
+    b.eventually("both instances on b", || async {
+        (entries_on(&b, "web", "a", "?passing").await.len() == 2).then_some(())
+    })
+    .await;
+    let addr = vip(&b, "web", web1.addr.port()).await;
+    let url = format!("http://{addr}/");
+    let drain = |args: Vec<String>| {
+        let http_addr = a.addr.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut all = vec!["--http-addr", http_addr.as_str(), "drain", "web-1"];
+            all.extend(args.iter().map(String::as_str));
+            signpost_tests::signpost(&all)
+        })
+    };
+
+    web1.set_delay(2000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = load_loops(url.clone(), stop.clone());
+    b.eventually("requests in flight to web-1", || async {
+        (web1.hits() > 0).then_some(())
+    })
+    .await;
+    let (code, out, err) = drain(vec!["--timeout".into(), "20s".into()]).await.unwrap();
+    let received_by_web1 = web1.hits();
+    stop.store(true, Ordering::SeqCst);
+    let mut answers = Vec::new();
+    while let Some(seen) = loops.join_next().await {
+        answers.extend(seen.unwrap());
+    }
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("web-1 drained: 1 of 1 subscribed agents acknowledged, nothing in flight"),
+        "{out}"
+    );
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !matches!(a, Ok((200, _))))
+        .collect();
+    assert!(failed.is_empty(), "failed during the drain: {failed:?}");
+    let answered_by_web1 = answers
+        .iter()
+        .filter(|a| matches!(a, Ok((_, body)) if body == "web-1"))
+        .count();
+    assert_eq!(
+        web1.hits(),
+        received_by_web1,
+        "no request reached web-1 after the drain"
+    );
+    assert_eq!(
+        answered_by_web1, received_by_web1,
+        "every request web-1 received was answered before the drain returned"
+    );
+
+    // Back in service; then a request to web-1 that never ends.
+    let r = a
+        .put("/v1/agent/service/maintenance/web-1?enable=false", None)
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    b.eventually("web-1 passing again on b", || async {
+        (entries_on(&b, "web", "a", "?passing").await.len() == 2).then_some(())
+    })
+    .await;
+    web1.set_delay(0);
+    web1.set_status(signpost_tests::upstream::HANG);
+    let before = web1.hits();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = load_loops(url, stop.clone());
+    b.eventually("a request hanging on web-1", || async {
+        (web1.hits() > before).then_some(())
+    })
+    .await;
+    let (code, out, err) = drain(vec!["--timeout".into(), "3s".into()]).await.unwrap();
+    stop.store(true, Ordering::SeqCst);
+    loops.abort_all();
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("no agent sends it new requests, but after 3s requests and connections are still in flight from: b ("),
+        "{err}"
+    );
+}
+
+/// SIGTERM drains the agent's own instances first: consumers stop sending
+/// them new requests and finish what they had in flight before the agent
+/// exits; so when the host's applications stop with it, no request
+/// fails (b has no retries to hide one). Started again, its instances
+/// are back in service (the drain's maintenance is not kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_an_agent_drains_its_instances_first() {
+    use signpost_tests::upstream::{Upstream, proxy_config, vip};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cp = ControlPlane::start().await;
+    let join = cp.agent_config(AGENT_TOKEN);
+    let mut a = Agent::start_named("a", &join).await;
+    let c = Agent::start_named("c", &join).await;
+    let proxy = proxy_config("  defaults:\n    balancer: round_robin\n    retries: 0\n");
+    let b = Agent::start_named("b", &format!("{join}upstreams: [web]\n{proxy}")).await;
+    let web1 = Upstream::start("web-1", 0).await;
+    let web2 = Upstream::start("web-2", web1.addr.port()).await;
+    a.write_service_file(
+        "web.yaml",
+        &format!("services:\n{}", web1.entry("web", "http")),
+    );
+    c.write_service_file(
+        "web.yaml",
+        &format!("services:\n{}", web2.entry("web", "http")),
+    );
+    let passing = || async {
+        let body = b.get("/v1/health/service/web?passing").await.json();
+        body.as_array().unwrap().len()
+    };
+    b.eventually("both instances on b", || async {
+        (passing().await == 2).then_some(())
+    })
+    .await;
+    let addr = vip(&b, "web", web1.addr.port()).await;
+    web1.set_delay(1000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = load_loops(format!("http://{addr}/"), stop.clone());
+    b.eventually("requests in flight to web-1", || async {
+        (web1.hits() > 0).then_some(())
+    })
+    .await;
+    a.signal_term();
+    assert_eq!(a.wait_exit().await, Some(0), "{}", a.log());
+    // The host's applications stop with the agent.
+    web1.kill();
+    let before = web2.hits();
+    b.eventually("more requests after web-1 stopped", || async {
+        (web2.hits() > before + 20).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut answers = Vec::new();
+    while let Some(seen) = loops.join_next().await {
+        answers.extend(seen.unwrap());
+    }
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !matches!(a, Ok((200, _))))
+        .collect();
+    assert!(failed.is_empty(), "failed: {failed:?}\n{}", a.log());
+    assert!(
+        a.log().contains("this node's instances are drained"),
+        "{}",
+        a.log()
+    );
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a, Ok((_, body)) if body == "web-1"))
+    );
+
+    // Started again, a's instance is in service (it has no check).
+    a.restart().await;
+    b.eventually("web-1 in service again", || async {
+        (passing().await == 2).then_some(())
+    })
+    .await;
 }
