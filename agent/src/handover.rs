@@ -77,9 +77,7 @@ impl Predecessor {
 /// The sockets of the agent running on `data_dir`, if one is: taken
 /// before this process reads its state, which the running one writes
 /// first. No running agent: nothing, and `None`.
-pub(crate) fn take_over(
-    data_dir: &Path,
-) -> anyhow::Result<(Named, Option<Predecessor>)> {
+pub(crate) fn take_over(data_dir: &Path) -> anyhow::Result<(Named, Option<Predecessor>)> {
     let path = path(data_dir);
     let mut stream = match UnixStream::connect(&path) {
         Ok(stream) => stream,
