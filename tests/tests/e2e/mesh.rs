@@ -506,3 +506,99 @@ async fn certificates_and_the_ca_rotate_under_load_without_a_failed_request() {
         "200 a GET /after"
     );
 }
+
+/// The agent process serving the API on `agent`'s host (`signpost
+/// status`).
+async fn serving_pid(agent: &Agent) -> i32 {
+    agent.get("/v1/signpost/status").await.json()["pid"]
+        .as_i64()
+        .unwrap() as i32
+}
+
+/// Restarting both agents through a handover (`signpost restart`, as
+/// the package's upgrade does with SIGUSR2) while an application on b
+/// calls a's meshed and unmeshed services, with keep-alive and with a
+/// connection per call: not one call fails. a's mesh inbound listener
+/// and b's VIP listeners pass to the new processes with their queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root"]
+async fn restarting_agents_through_a_handover_fails_no_call_between_hosts() {
+    let fleet = Fleet::new();
+    let (_cp, a, b) = two_hosts(&fleet, &[]).await;
+    for service in ["web:8080", "plain:8081"] {
+        app(
+            &b,
+            &format!("{service} from b"),
+            &format!("import urllib.request\nprint(urllib.request.urlopen('http://{}.service.internal:{}/', timeout=10).read().decode())",
+                service.split(':').next().unwrap(), service.split(':').nth(1).unwrap()),
+        )
+        .await;
+    }
+    let targets = [
+        format!("{}:8080", b.resolve("web.service.internal").unwrap()),
+        format!("{}:8081", b.resolve("plain.service.internal").unwrap()),
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut loops = Vec::new();
+    for target in &targets {
+        for keep_alive in [true, false] {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let url = format!("http://{target}/");
+            loops.push(b.host.spawn(async move {
+                let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+                if !keep_alive {
+                    builder = builder.pool_max_idle_per_host(0);
+                }
+                let client = builder.build().unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    match client.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            eprintln!("failed: {url}: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }));
+        }
+    }
+    let signpost = signpost_tests::signpost_bin().to_str().unwrap().to_string();
+    let mut successors = Vec::new();
+    for agent in [&a, &b] {
+        let before = serving_pid(agent).await;
+        let out = agent
+            .host
+            .exec(&signpost, &["--http-addr", "127.0.0.1:8500", "restart"]);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.log()
+        );
+        let now = agent
+            .eventually("the new agent process to answer", || async {
+                let pid = serving_pid(agent).await;
+                (pid != before).then_some(pid)
+            })
+            .await;
+        successors.push(now);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    for pid in successors {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .ok();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} failed calls out of {}", ok + failed);
+    assert!(ok > 100, "only {ok} calls");
+}

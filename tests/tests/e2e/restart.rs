@@ -107,6 +107,21 @@ async fn restart(agent: &Agent) -> i32 {
     out.split(['(', ')']).nth(1).unwrap().parse().unwrap()
 }
 
+/// `signpost restart`, then waits until the old process (which has no
+/// L4 connection to keep) is gone, so that the API answers from the new
+/// one only.
+async fn restart_and_wait(agent: &mut Agent) {
+    let new = restart(agent).await;
+    let old = agent.taken_over_by(new);
+    gone(
+        agent,
+        old,
+        "the old process, with no connection left, to exit",
+    )
+    .await;
+    assert_eq!(serving_pid(agent).await, new);
+}
+
 /// A Redis subscriber through the VIP, and what it receives.
 struct Subscriber {
     child: tokio::process::Child,
@@ -363,15 +378,7 @@ async fn a_restart_whose_new_process_fails_leaves_the_old_one_serving() {
     assert_eq!(answer.text().await.unwrap(), "web");
     // Fixed, the next restart works.
     agent.write_config(&config(&range, 2, 15000));
-    let new = restart(&agent).await;
-    let old = agent.taken_over_by(new);
-    gone(
-        &agent,
-        old,
-        "the old process, with no connection left, to exit",
-    )
-    .await;
-    assert_eq!(serving_pid(&agent).await, new);
+    restart_and_wait(&mut agent).await;
 }
 
 /// Checks keep their status across a restart: a passing check whose
@@ -392,17 +399,9 @@ async fn checks_keep_their_status_across_a_restart() {
     );
     agent.wait_check("web-http", "passing").await;
     target.set(500);
-    let new = restart(&agent).await;
-    let old = agent.taken_over_by(new);
     // Asked of the new process only: the old one, which ran the check,
     // is gone.
-    gone(
-        &agent,
-        old,
-        "the old process, with no connection left, to exit",
-    )
-    .await;
-    assert_eq!(serving_pid(&agent).await, new);
+    restart_and_wait(&mut agent).await;
     assert_eq!(
         agent.check_status("web-http").await.as_deref(),
         Some("passing")

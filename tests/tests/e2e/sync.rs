@@ -404,18 +404,7 @@ async fn drain_waits_until_every_subscribed_agent_applied_it() {
             .await;
     }
     nix::sys::signal::kill(c.pid(), nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let drain = |args: Vec<String>| {
-        let http_addr = a.addr.to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut all = vec!["--http-addr", http_addr.as_str(), "drain", "web-1"];
-            all.extend(args.iter().map(String::as_str));
-            signpost_tests::signpost(&all)
-        })
-    };
-    let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    let (code, out, err) = drain(args(&["--timeout", "2s", "--exec", "echo never"]))
-        .await
-        .unwrap();
+    let (code, out, err) = drain_web1(&a, &["--timeout", "2s", "--exec", "echo never"]).await;
     nix::sys::signal::kill(c.pid(), nix::sys::signal::Signal::SIGCONT).unwrap();
     assert_ne!(code, 0, "{out}");
     assert!(
@@ -431,9 +420,7 @@ async fn drain_waits_until_every_subscribed_agent_applied_it() {
     // Once c caught up, the drain completes and runs --exec.
     let marker = a.dir.path().join("drained");
     let exec = format!("echo drained > {}", marker.display());
-    let (code, out, err) = drain(args(&["--timeout", "20s", "--exec", &exec]))
-        .await
-        .unwrap();
+    let (code, out, err) = drain_web1(&a, &["--timeout", "20s", "--exec", &exec]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "drained\n");
 }
@@ -549,6 +536,17 @@ async fn control_plane_answers_the_catalog_and_health_endpoints_for_the_fleet() 
     drop(b);
 }
 
+/// `signpost drain web-1 ARGS` on agent `a`: exit code, stdout, stderr.
+async fn drain_web1(a: &Agent, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["--http-addr".to_string(), a.addr.to_string()];
+    all.extend(["drain", "web-1"].iter().chain(args).map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || {
+        signpost_tests::signpost(&all.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap()
+}
+
 /// Requests through b's proxy to `url` in 8 loops until `stop`: how many
 /// got each answer (status and body), and how many failed.
 fn load_loops(
@@ -618,14 +616,6 @@ async fn drain_waits_for_requests_in_flight_and_names_who_still_has_some() {
     .await;
     let addr = vip(&b, "web", web1.addr.port()).await;
     let url = format!("http://{addr}/");
-    let drain = |args: Vec<String>| {
-        let http_addr = a.addr.to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut all = vec!["--http-addr", http_addr.as_str(), "drain", "web-1"];
-            all.extend(args.iter().map(String::as_str));
-            signpost_tests::signpost(&all)
-        })
-    };
 
     web1.set_delay(2000);
     let stop = Arc::new(AtomicBool::new(false));
@@ -634,7 +624,7 @@ async fn drain_waits_for_requests_in_flight_and_names_who_still_has_some() {
         (web1.hits() > 0).then_some(())
     })
     .await;
-    let (code, out, err) = drain(vec!["--timeout".into(), "20s".into()]).await.unwrap();
+    let (code, out, err) = drain_web1(&a, &["--timeout", "20s"]).await;
     let received_by_web1 = web1.hits();
     stop.store(true, Ordering::SeqCst);
     let mut answers = Vec::new();
@@ -683,7 +673,7 @@ async fn drain_waits_for_requests_in_flight_and_names_who_still_has_some() {
         (web1.hits() > before).then_some(())
     })
     .await;
-    let (code, out, err) = drain(vec!["--timeout".into(), "3s".into()]).await.unwrap();
+    let (code, out, err) = drain_web1(&a, &["--timeout", "3s"]).await;
     stop.store(true, Ordering::SeqCst);
     loops.abort_all();
     assert_ne!(code, 0, "{out}");
