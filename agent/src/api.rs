@@ -225,6 +225,7 @@ fn routes() -> Routes<Api> {
         .get("/v1/signpost/status", agent_routes::signpost_status)
         .put("/v1/signpost/drain/{id}", agent_routes::signpost_drain)
         .put("/v1/signpost/restart", agent_routes::signpost_restart)
+        .get("/v1/signpost/unit/{unit}", agent_routes::signpost_unit)
         // Operator actions: forwarded to the control plane with the
         // caller's token only.
         .on(Method::Any, "/v1/commands", forward::forward)

@@ -545,6 +545,102 @@ pub async fn maint(
     Ok(())
 }
 
+/// The unit `--self` or `--unit` names: `--self`, the systemd unit this
+/// process runs in (from `/proc/self/cgroup`).
+pub fn which_unit(own: bool, unit: Option<String>) -> anyhow::Result<String> {
+    if let Some(unit) = unit.filter(|_| !own) {
+        return Ok(unit);
+    }
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .context("--self: cannot read /proc/self/cgroup")?;
+    unit_of_cgroup(&cgroup).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--self: this command does not run in a systemd service unit (run it from the unit's ExecStop= or ExecStartPost=, or name it with --unit)"
+        )
+    })
+}
+
+/// The service unit a `/proc/<pid>/cgroup` text places its process in
+/// (cgroup v2's `0::` line, or v1's `name=systemd` hierarchy).
+fn unit_of_cgroup(text: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            (controllers.is_empty() || controllers == "name=systemd").then_some(path)
+        })
+        .find_map(|path| {
+            path.rsplit('/')
+                .find(|part| part.ends_with(".service"))
+                .map(str::to_string)
+        })
+}
+
+/// The instances of `unit` (`drain: {unit: …}` in their service files)
+/// and their drain timeouts.
+async fn unit_instances(
+    client: &Client,
+    unit: &str,
+) -> anyhow::Result<Vec<(String, std::time::Duration)>> {
+    let body = client
+        .get(&format!("/v1/signpost/unit/{}", encode(unit)))
+        .await?;
+    let instances: Vec<(String, std::time::Duration)> = body["instances"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|i| {
+                    let id = i["id"].as_str()?.to_string();
+                    let timeout = signpost_core::duration::parse(i["timeout"].as_str()?).ok()?;
+                    Some((id, timeout))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if instances.is_empty() {
+        bail!("no service file on this agent names unit {unit} (drain: {{unit: {unit}}})");
+    }
+    Ok(instances)
+}
+
+/// `signpost drain --self` / `--unit`: each instance of the unit in turn,
+/// with its own timeout unless `timeout` is given; fails if any did not
+/// drain.
+pub async fn drain_unit(
+    client: &Client,
+    unit: anyhow::Result<String>,
+    timeout: Option<std::time::Duration>,
+    then: &AfterDrain,
+    json: bool,
+) -> anyhow::Result<()> {
+    let unit = unit?;
+    let mut failed = Vec::new();
+    for (id, own_timeout) in unit_instances(client, &unit).await? {
+        if let Err(error) = drain(client, &id, timeout.unwrap_or(own_timeout), then, json).await {
+            eprintln!("signpost: {error:#}");
+            failed.push(id);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{unit}: not drained: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `signpost maint --self` / `--unit`: every instance of the unit.
+pub async fn maint_unit(
+    client: &Client,
+    unit: anyhow::Result<String>,
+    enable: bool,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let unit = unit?;
+    for (id, _) in unit_instances(client, &unit).await? {
+        maint(client, Some(&id), enable, reason).await?;
+    }
+    Ok(())
+}
+
 fn encode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
@@ -801,4 +897,30 @@ fn ago(unix_millis: u64) -> String {
     let now = signpost_core::command::now_millis();
     let elapsed = std::time::Duration::from_secs(now.saturating_sub(unix_millis) / 1000);
     format!("{} ago", signpost_core::duration::format(elapsed))
+}
+
+/// Tests of the unit found in `/proc/self/cgroup`.
+#[cfg(test)]
+mod tests {
+    use super::unit_of_cgroup;
+
+    #[test]
+    fn the_service_unit_is_read_from_cgroup_v2_and_v1() {
+        assert_eq!(
+            unit_of_cgroup("0::/system.slice/payments.service\n").as_deref(),
+            Some("payments.service")
+        );
+        // A unit's sub-cgroup (Delegate=yes).
+        assert_eq!(
+            unit_of_cgroup("0::/system.slice/shop@2.service/worker\n").as_deref(),
+            Some("shop@2.service")
+        );
+        let v1 = "12:cpu,cpuacct:/system.slice/other.service\n1:name=systemd:/system.slice/web.service\n";
+        assert_eq!(unit_of_cgroup(v1).as_deref(), Some("web.service"));
+        assert_eq!(
+            unit_of_cgroup("0::/user.slice/user-0.slice/session-3.scope\n"),
+            None
+        );
+        assert_eq!(unit_of_cgroup("0::/\n"), None);
+    }
 }

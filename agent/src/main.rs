@@ -88,10 +88,21 @@ enum Command {
     /// service applied it (for ExecStop= before stopping a service).
     /// Exits non-zero, naming the agents that did not apply it, when the
     /// timeout comes first.
+    /// `--self` (in a systemd unit's `ExecStop=`): the instances whose
+    /// service file names that unit (`drain: {unit: …}`), each with its
+    /// `drain.timeout`.
     Drain {
-        id: String,
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        timeout: std::time::Duration,
+        #[arg(required_unless_present_any = ["own", "unit"])]
+        id: Option<String>,
+        /// The instances of the systemd unit this command runs in.
+        #[arg(long = "self", conflicts_with_all = ["id", "unit"])]
+        own: bool,
+        /// The instances of this systemd unit.
+        #[arg(long, conflicts_with = "id")]
+        unit: Option<String>,
+        /// 30s for an ID; for a unit's instances, their `drain.timeout`.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
         /// Once drained, deregister the instance.
         #[arg(long)]
         deregister: bool,
@@ -153,8 +164,17 @@ enum Command {
     #[command(hide = true)]
     Man,
     /// Put a service (or, without ID, the whole node) in or out of maintenance.
+    /// `--self` (in a systemd unit's `ExecStartPost=`, after a drain on
+    /// stop): the instances whose service file names that unit.
     Maint {
+        #[arg(conflicts_with_all = ["own", "unit"])]
         id: Option<String>,
+        /// The instances of the systemd unit this command runs in.
+        #[arg(long = "self", conflicts_with = "unit")]
+        own: bool,
+        /// The instances of this systemd unit.
+        #[arg(long)]
+        unit: Option<String>,
         #[arg(long, conflicts_with = "disable", required_unless_present = "disable")]
         enable: bool,
         #[arg(long)]
@@ -452,20 +472,33 @@ fn main() -> ExitCode {
             Command::Restart => cli::restart(&client).await,
             Command::Drain {
                 id,
+                own,
+                unit,
                 timeout,
                 deregister,
                 exec,
                 json,
             } => {
                 let then = cli::AfterDrain { deregister, exec };
-                cli::drain(&client, &id, timeout, &then, json).await
+                match (id, cli::which_unit(own, unit)) {
+                    (Some(id), _) => {
+                        let timeout = timeout.unwrap_or(std::time::Duration::from_secs(30));
+                        cli::drain(&client, &id, timeout, &then, json).await
+                    }
+                    (None, unit) => cli::drain_unit(&client, unit, timeout, &then, json).await,
+                }
             }
             Command::Maint {
                 id,
+                own,
+                unit,
                 enable,
                 disable: _,
                 reason,
-            } => cli::maint(&client, id.as_deref(), enable, &reason).await,
+            } => match (own || unit.is_some()).then(|| cli::which_unit(own, unit)) {
+                Some(unit) => cli::maint_unit(&client, unit, enable, &reason).await,
+                None => cli::maint(&client, id.as_deref(), enable, &reason).await,
+            },
             Command::Acl {
                 command: AclCommand::Token { command },
             } => match control_plane() {

@@ -667,6 +667,7 @@ mod tests {
             enable_tag_override: false,
             checks,
             connect: None,
+            drain: None,
         };
         def.validate().unwrap();
         def

@@ -239,6 +239,38 @@ pub struct ServiceDefinition {
     /// it. `None`: the agent's `mesh.connect_by_default`.
     #[serde(default)]
     pub connect: Option<bool>,
+    /// How the instance is drained when its program stops (service
+    /// files only).
+    #[serde(default)]
+    pub drain: Option<DrainOnStop>,
+}
+
+/// A service file's `drain`: the systemd unit of the instance's program,
+/// whose `ExecStop=signpost drain --self` drains it, and how long that
+/// may take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainOnStop {
+    /// The unit's name, e.g. `payments.service`.
+    pub unit: String,
+    /// How long the drain may take (then `signpost drain` fails, and the
+    /// unit's stop goes on).
+    #[serde(with = "crate::duration::serde_go")]
+    pub timeout: std::time::Duration,
+}
+
+/// The longest a drain on stop may take (systemd's default stop timeout
+/// is 90 s; a unit can raise it).
+pub const MAX_DRAIN_ON_STOP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Whether `unit` can be a systemd service unit's name.
+pub fn valid_unit_name(unit: &str) -> bool {
+    unit.len() <= 256
+        && unit.strip_suffix(".service").is_some_and(|stem| {
+            !stem.is_empty()
+                && stem
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@:\\".contains(c))
+        })
 }
 
 impl ServiceDefinition {
@@ -671,6 +703,7 @@ mod tests {
                 })
                 .collect(),
             connect: None,
+            drain: None,
         }
     }
 

@@ -27,8 +27,9 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::model::{
-    CheckDefinition, CheckId, CheckKind, DEFAULT_OUTPUT_MAX_SIZE, Health, Protocol,
-    ServiceDefinition, ServiceId, ServiceName, TaggedAddress, Weights,
+    CheckDefinition, CheckId, CheckKind, DEFAULT_OUTPUT_MAX_SIZE, DrainOnStop, Health,
+    MAX_DRAIN_ON_STOP, Protocol, ServiceDefinition, ServiceId, ServiceName, TaggedAddress, Weights,
+    valid_unit_name,
 };
 use crate::yaml::{self, YamlError};
 
@@ -64,6 +65,20 @@ struct ServiceSpec {
     checks: Vec<Spanned<CheckSpec>>,
     /// Meshed (see [`ServiceDefinition::connect`]).
     connect: Option<bool>,
+    drain: Option<Spanned<DrainSpec>>,
+}
+
+/// `drain:` (see [`DrainOnStop`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainSpec {
+    unit: String,
+    #[serde(default = "default_drain_timeout", with = "crate::duration::serde_go")]
+    timeout: Duration,
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +219,33 @@ impl ServiceSpec {
             })?;
             checks.push(def);
         }
+        let drain = match self.drain {
+            None => None,
+            Some(spec) => {
+                let (line, column) = (spec.referenced.line(), spec.referenced.column());
+                let invalid = |reason: String| {
+                    YamlError::new(
+                        file,
+                        line,
+                        column,
+                        format!("service {:?}: drain: {reason}", self.name),
+                    )
+                };
+                let DrainSpec { unit, timeout } = spec.value;
+                if !valid_unit_name(&unit) {
+                    return Err(invalid(format!(
+                        "unit {unit:?} is not a systemd service unit's name (such as payments.service)"
+                    )));
+                }
+                if timeout.is_zero() || timeout > MAX_DRAIN_ON_STOP {
+                    return Err(invalid(format!(
+                        "timeout must be between 1ms and {}",
+                        crate::duration::format(MAX_DRAIN_ON_STOP)
+                    )));
+                }
+                Some(DrainOnStop { unit, timeout })
+            }
+        };
         Ok(ServiceDefinition {
             id: ServiceId::new(self.id.unwrap_or_else(|| self.name.clone())),
             name: ServiceName::new(self.name),
@@ -221,6 +263,7 @@ impl ServiceSpec {
             enable_tag_override: self.enable_tag_override,
             checks,
             connect: self.connect,
+            drain,
         })
     }
 }
@@ -316,6 +359,34 @@ mod tests {
             Some("service:payments-1:1")
         );
         assert_eq!(d.checks[0].interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn drain_names_a_unit_with_a_bounded_timeout() {
+        let defs = parse(
+            "d.yaml",
+            "service:\n  name: web\n  port: 80\n  drain:\n    unit: web@1.service\n",
+        )
+        .unwrap();
+        assert_eq!(
+            defs[0].drain,
+            Some(DrainOnStop {
+                unit: "web@1.service".to_string(),
+                timeout: Duration::from_secs(30),
+            })
+        );
+        for (drain, message) in [
+            ("unit: web.socket", "not a systemd service unit's name"),
+            (
+                "unit: web.service\n    timeout: 2h",
+                "timeout must be between 1ms and 1h",
+            ),
+        ] {
+            let text = format!("service:\n  name: web\n  port: 80\n  drain:\n    {drain}\n");
+            let err = parse("d.yaml", &text).unwrap_err();
+            assert_eq!(err.line, 5, "{err}");
+            assert!(err.message.contains(message), "{err}");
+        }
     }
 
     #[test]

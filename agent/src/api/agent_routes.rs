@@ -657,6 +657,46 @@ pub(crate) async fn signpost_status(
     })))
 }
 
+/// The instances whose service file names `unit` (`drain: {unit: …}`),
+/// with how long each may take to drain: what `signpost drain --self`
+/// and `signpost maint --self` act on. Instances the token may not read
+/// are left out.
+pub(crate) async fn signpost_unit(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(unit): Path<String>,
+) -> ApiResult<Response> {
+    let instances: Vec<(String, String, std::time::Duration)> = api.agent.state.read(|inner| {
+        inner
+            .services
+            .values()
+            .filter_map(|s| {
+                let drain = s.def.drain.as_ref().filter(|d| d.unit == unit)?;
+                Some((s.def.id.to_string(), s.def.name.to_string(), drain.timeout))
+            })
+            .collect()
+    });
+    let mut visible = Vec::new();
+    for (id, name, timeout) in instances {
+        let allowed = api
+            .allow(
+                &headers,
+                Resource::Service(&name),
+                Access::Read,
+                "service.read",
+            )
+            .await
+            .is_ok();
+        if allowed {
+            visible.push(json!({
+                "id": id,
+                "timeout": signpost_core::duration::format(timeout),
+            }));
+        }
+    }
+    Ok(json(&json!({ "unit": unit, "instances": visible })))
+}
+
 /// `signpost restart`: a new agent process (the program now at this one's
 /// path) takes over the sockets and state; answered once it serves,
 /// with its pid. This process then drains and exits.

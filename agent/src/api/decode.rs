@@ -120,6 +120,8 @@ pub(crate) fn service(value: Value) -> Result<ServiceDefinition, String> {
         enable_tag_override: f.bool("enabletagoverride")?,
         checks,
         connect: connect(f.take("connect"))?,
+        // Service files only: the API has no unit to drain on.
+        drain: None,
     })
 }
 

@@ -525,3 +525,67 @@ fn validate_checks_the_config_and_the_service_files() {
     assert!(stderr.contains("soon"), "{stderr}");
     assert!(!stderr.contains("web.yaml"), "{stderr}");
 }
+
+/// A service file names its program's systemd unit (`drain: {unit: …}`):
+/// `signpost drain --unit` (what `--self` finds from the unit's
+/// `ExecStop=`) puts that unit's instances in maintenance, and
+/// `signpost maint --unit … --disable` (its `ExecStartPost=`) brings them
+/// back; a unit no file names is an error, and so is a bad unit name in
+/// a file, with its line.
+#[tokio::test]
+async fn a_units_instances_are_drained_and_brought_back_by_its_name() {
+    let agent = Agent::start("").await;
+    agent.write_service_file(
+        "shop.yaml",
+        "services:\n  - name: shop\n    id: shop-1\n    port: 8080\n    drain:\n      unit: shop.service\n      timeout: 5s\n  - name: other\n    port: 8081\n",
+    );
+    agent
+        .eventually("shop-1 registered", || async {
+            source(&agent, "shop-1").await.map(drop)
+        })
+        .await;
+    let out = cli_ok(&agent, &["drain", "--unit", "shop.service"]);
+    assert!(out.contains("shop-1 is in maintenance"), "{out}");
+    let c = checks(&agent).await;
+    assert!(c.get("_service_maintenance:shop-1").is_some(), "{c}");
+    assert!(c.get("_service_maintenance:other").is_none(), "{c}");
+    cli_ok(&agent, &["maint", "--unit", "shop.service", "--disable"]);
+    assert!(
+        checks(&agent)
+            .await
+            .get("_service_maintenance:shop-1")
+            .is_none()
+    );
+
+    let (code, _, err) = cli(&agent, &["drain", "--unit", "nothing.service"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no service file on this agent names unit nothing.service"),
+        "{err}"
+    );
+    // This test does not run in shop.service: --self finds no instance
+    // (or no unit at all).
+    let (code, _, err) = cli(&agent, &["drain", "--self"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("does not run in a systemd service unit")
+            || err.contains("no service file on this agent names unit"),
+        "{err}"
+    );
+
+    agent.write_service_file(
+        "bad.yaml",
+        "services:\n  - name: bad\n    port: 1\n    drain:\n      unit: not a unit\n",
+    );
+    let (code, out, err) = signpost(&[
+        "agent",
+        "--config",
+        agent.config_path().to_str().unwrap(),
+        "--validate",
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("bad.yaml:5:7") && err.contains("is not a systemd service unit's name"),
+        "{err}"
+    );
+}
