@@ -50,14 +50,10 @@ impl Sockets {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether anything was inherited (and not yet taken).
-    pub fn inherited_any(&self) -> bool {
-        !self.lock().inherited.is_empty()
-    }
-
     /// The TCP listeners inherited as `name` when they listen on `want`
     /// (port 0: any port of that address), else none: a socket bound
-    /// elsewhere (the configuration changed) is closed, not served.
+    /// elsewhere (the configuration changed) is not served (and is
+    /// closed by [`Sockets::drop_unclaimed`]).
     pub fn take_tcp(&self, name: &str, want: SocketAddr) -> Vec<std::net::TcpListener> {
         self.take(name, want, socket2::Type::STREAM)
             .into_iter()
@@ -75,19 +71,26 @@ impl Sockets {
     }
 
     fn take(&self, name: &str, want: SocketAddr, kind: socket2::Type) -> Vec<OwnedFd> {
-        let Some(fds) = self.lock().inherited.remove(name) else {
-            return Vec::new();
-        };
-        let usable = fds.iter().all(|fd| {
-            let socket = socket2::SockRef::from(fd);
-            let bound = socket.local_addr().ok().and_then(|a| a.as_socket());
-            socket.r#type().is_ok_and(|t| t == kind)
-                && bound.is_some_and(|bound| matches(bound, want))
+        let mut inner = self.lock();
+        let usable = inner.inherited.get(name).is_some_and(|fds| {
+            fds.iter().all(|fd| {
+                let socket = socket2::SockRef::from(fd);
+                let bound = socket.local_addr().ok().and_then(|a| a.as_socket());
+                socket.r#type().is_ok_and(|t| t == kind)
+                    && bound.is_some_and(|bound| matches(bound, want))
+            })
         });
-        if !usable {
-            tracing::warn!(socket = name, %want, "an inherited socket does not match the configuration: binding a new one");
-            return Vec::new();
-        }
+        // One bound elsewhere (the configuration changed) stays for
+        // another address to take, or for `drop_unclaimed`.
+        let fds = match inner.inherited.remove(name) {
+            Some(fds) if usable => fds,
+            Some(fds) => {
+                inner.inherited.insert(name.to_string(), fds);
+                return Vec::new();
+            }
+            None => return Vec::new(),
+        };
+        drop(inner);
         for fd in &fds {
             if let Err(error) = socket2::SockRef::from(fd).set_nonblocking(true) {
                 tracing::warn!(socket = name, %error, "cannot make an inherited socket non-blocking");
@@ -186,10 +189,16 @@ mod tests {
         ]);
         let elsewhere = SocketAddr::from(([127, 0, 0, 1], addr.port().wrapping_add(1)));
         assert!(new.take_tcp("api", elsewhere).is_empty());
+        // Still there for the address it is bound to.
+        assert_eq!(new.take_tcp("api", addr).len(), 1);
         assert!(
             new.take_tcp("dns/udp", SocketAddr::from(([127, 0, 0, 1], 0)))
                 .is_empty()
         );
-        assert_eq!(new.drop_unclaimed(), vec!["vip 127.0.0.1:9".to_string()]);
+        // What nothing took is closed, and named.
+        assert_eq!(
+            new.drop_unclaimed(),
+            vec!["dns/udp".to_string(), "vip 127.0.0.1:9".to_string()]
+        );
     }
 }
