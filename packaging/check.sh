@@ -83,7 +83,7 @@ python3 -m http.server 18080 --bind 127.0.0.1 --directory /usr/share/doc/signpos
 WEB=$!
 VIP=""
 for _ in $(seq 100); do
-  VIP=$(dig +short @127.0.0.1 -p 8600 check-web.service.internal 2> /dev/null | head -1)
+  VIP=$(dig +short @127.0.0.1 -p 8600 check-web.service.internal 2> /dev/null | head -1 || true)
   [ -n "$VIP" ] && curl -sf "http://$VIP:18080/README.md" > /dev/null && break
   sleep 0.1
 done
