@@ -12,6 +12,7 @@
 //! `liveness`: whether each node is alive, unreachable or failed, the
 //! peer probes that decide it, and the reaper.
 
+mod drains;
 mod fanout;
 mod liveness;
 mod shared;
@@ -29,6 +30,7 @@ use signpost_proto::{
 };
 use tokio::sync::{mpsc, watch};
 
+pub use self::drains::{ASK_HOLD, DrainAnswer, DrainWork, NodeAck};
 use self::liveness::PendingProbe;
 pub use self::liveness::{Liveness, NodeStatus, ProbeVerdict, liveness_check};
 pub use self::shared::Decision;

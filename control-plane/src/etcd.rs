@@ -13,6 +13,8 @@
 //! - `commands/<id>`, `acks/<id>/<node>`, `acl/<accessor>`,
 //!   `acl-bootstrap`, `audit/<time>-<replica>-<n>`;
 //! - `kv/e/<key>`, `kv/s/<session>`, `kv/d/<key>`: the KV store ([`kv`]);
+//! - `drains/<service>`, `drain-acks/<service>/<replica>`: a drain asked
+//!   through one replica and every replica's answer ([`drains`]);
 //! - `leader`: the replica that probes, fails and reaps, on its lease.
 //!
 //! [`follow`] keeps one watch per replica on the whole prefix and applies
@@ -21,6 +23,7 @@
 //! on every replica. [`report`] writes an agent's reports; [`leader`] is
 //! the election and the leader's work.
 
+pub mod drains;
 pub mod follow;
 pub mod kv;
 pub mod leader;

@@ -333,6 +333,7 @@ async fn open_etcd(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let catalog = Arc::new(Catalog::shared());
+    catalog.set_replica(&etcd.replica);
     let acl = Arc::new(
         acl::Acl::for_store(
             &config.data_dir,
@@ -377,6 +378,13 @@ async fn open_etcd(
         running.spawn(async move {
             etcd.keep_lease(stop).await;
             ("etcd lease", Ok(()))
+        });
+    }
+    {
+        let (etcd, catalog, stop) = (etcd.clone(), catalog.clone(), shutdown.clone());
+        running.spawn(async move {
+            etcd::drains::run(etcd, catalog, stop).await;
+            ("drain answers", Ok(()))
         });
     }
     {

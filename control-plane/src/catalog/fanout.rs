@@ -86,9 +86,12 @@ impl Catalog {
         }
     }
 
-    /// How many other sessions subscribed to `service` applied `min_index`
-    /// (and the nodes of those that did not, up to [`MAX_PENDING_NAMED`])
-    /// (0: the current index); answered to the asking session.
+    /// How many other agents subscribed to `service` applied `min_index`
+    /// (0: the current index), and the nodes of those that did not, up to
+    /// [`MAX_PENDING_NAMED`]; with an address, which of them still have
+    /// requests or connections in flight to it. Answered to the asking
+    /// session. On a shared store the agents on every replica count
+    /// (see `drains`).
     pub fn ack_query(&self, session: SessionId, query: AckQuery) {
         let mut inner = self.lock();
         let index = if query.min_index == 0 {
@@ -96,33 +99,42 @@ impl Catalog {
         } else {
             query.min_index
         };
-        let subscribers: Vec<SessionId> = inner
-            .subscribers
-            .get(&query.service)
-            .map(|s| s.iter().copied().filter(|id| *id != session).collect())
-            .unwrap_or_default();
-        let mut pending: Vec<String> = subscribers
-            .iter()
-            .filter_map(|id| inner.sessions.get(id))
-            .filter(|s| s.acked.get(&query.service).is_none_or(|a| *a < index))
+        let asker = inner
+            .sessions
+            .get(&session)
             .map(|s| s.node.clone())
+            .unwrap_or_default();
+        let mut acks = inner.local_acks(&query.service, Some(session));
+        let (missing, more) = inner.remote_acks(&query.service, &asker, &mut acks);
+        let mut pending: Vec<String> = acks
+            .iter()
+            .filter(|a| a.acked < index)
+            .map(|a| a.node.clone())
             .collect();
-        let acked = subscribers.len().saturating_sub(pending.len());
+        let acked = acks.len() - pending.len();
         pending.sort_unstable();
+        // Agents a replica has not told about yet are pending too.
+        pending.extend(
+            missing
+                .iter()
+                .map(|r| format!("agents on replica {r} (no answer yet)")),
+        );
+        if more > 0 {
+            pending.push(format!("{more} more agents"));
+        }
         pending.truncate(MAX_PENDING_NAMED);
+        let subscribers = acks.len() + missing.len() + usize::try_from(more).unwrap_or(0);
         let mut in_flight: Vec<NodeInFlight> = Vec::new();
         if !query.address.is_empty() {
-            for s in subscribers.iter().filter_map(|id| inner.sessions.get(id)) {
-                let count = s
+            for a in &acks {
+                let count = a
                     .in_flight
-                    .get(&query.service)
-                    .into_iter()
-                    .flatten()
-                    .filter(|f| f.address == query.address)
-                    .fold(0u32, |sum, f| sum.saturating_add(f.count));
+                    .iter()
+                    .filter(|(address, _)| *address == query.address)
+                    .fold(0u32, |sum, (_, count)| sum.saturating_add(*count));
                 if count > 0 {
                     in_flight.push(NodeInFlight {
-                        node: s.node.clone(),
+                        node: a.node.clone(),
                         count,
                     });
                 }
@@ -134,7 +146,7 @@ impl Catalog {
             body: Some(Body::AckStatus(AckStatus {
                 query_id: query.query_id,
                 index,
-                subscribers: u32::try_from(subscribers.len()).unwrap_or(u32::MAX),
+                subscribers: u32::try_from(subscribers).unwrap_or(u32::MAX),
                 acked: u32::try_from(acked).unwrap_or(u32::MAX),
                 pending,
                 in_flight,

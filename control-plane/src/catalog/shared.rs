@@ -41,6 +41,8 @@ pub(super) struct SharedState {
     decisions: Vec<Decision>,
     /// Probes another replica's leader asked this one's agents, and when.
     relayed: HashMap<u64, Instant>,
+    /// Drains asked and answered across replicas.
+    pub(super) drains: super::drains::Drains,
 }
 
 impl Catalog {
@@ -108,6 +110,7 @@ impl Catalog {
                 s.present.insert(node.to_string());
             } else {
                 s.present.remove(node);
+                s.drains.forget_holder(node);
             }
         });
     }

@@ -2,7 +2,7 @@
 //! and what the control plane sent it.
 
 use signpost_proto::{
-    ControlMessage, Hello, Instance, ProbeRequest, ServiceUpdate, control_message::Body,
+    AckStatus, ControlMessage, Hello, Instance, ProbeRequest, ServiceUpdate, control_message::Body,
 };
 use tokio::sync::mpsc;
 
@@ -77,6 +77,18 @@ impl Agent {
             .into_iter()
             .filter_map(|b| match b {
                 Body::Update(u) => Some(u),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The acknowledgement statuses received since the last look.
+    pub(super) fn ack_statuses(&mut self) -> Vec<AckStatus> {
+        let received = self.received();
+        received
+            .into_iter()
+            .filter_map(|b| match b {
+                Body::AckStatus(s) => Some(s),
                 _ => None,
             })
             .collect()

@@ -38,6 +38,8 @@ pub struct Followers {
 /// is removed.
 pub async fn load(etcd: &Etcd, followers: &Followers) -> Result<(i64, u64), StoreError> {
     let (kvs, revision, cluster) = etcd.load("").await?;
+    // Drains come again with everything else.
+    followers.catalog.reset_drains();
     // Audit entries come again with everything else.
     followers.acl.forget_audit();
     let (mut nodes, mut present, mut failed) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
@@ -55,6 +57,9 @@ pub async fn load(etcd: &Etcd, followers: &Followers) -> Result<(i64, u64), Stor
         };
         if key.starts_with(super::kv::PREFIX) {
             kv_records.extend(super::kv::change(key, kv, false));
+            continue;
+        }
+        if super::drains::apply(&followers.catalog, key, kv, false) {
             continue;
         }
         if let Some(node) = key.strip_prefix("nodes/") {
@@ -177,7 +182,7 @@ async fn watch(etcd: &Etcd, followers: &Followers, revision: &mut i64) -> Ended 
                 if let Some(change) = super::kv::change(key, kv, deleted) {
                     followers.kv.apply(vec![change], revision_of(kv));
                 }
-            } else {
+            } else if !super::drains::apply(&followers.catalog, key, kv, deleted) {
                 apply(
                     followers,
                     key,
@@ -234,6 +239,11 @@ fn apply(followers: &Followers, key: &str, value: Option<&[u8]>, revision: u64) 
         };
         catalog.store_node(node, record, revision);
     } else if let Some(node) = key.strip_prefix("presence/") {
+        // The replica holding the stream, then the session's id there.
+        let holder = value
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(|v| v.split_once('/').map_or(v, |(replica, _)| replica));
+        catalog.store_holder(node, holder);
         catalog.store_presence(node, value.is_some(), revision);
     } else if let Some(node) = key.strip_prefix("failed/") {
         let at = value.map(|v| {

@@ -265,6 +265,38 @@ async fn three_replicas_share_one_fleet_and_agents_move_when_one_dies() {
     b.kill();
 }
 
+/// A drain asked through one replica waits for the consumers on every
+/// other: b's agent knows only replica 2, the drained instance's agent
+/// only replica 1; the drain returns only once b applied it and finished every
+/// request it had in flight to web-1 (none failed), and one that never
+/// ends makes it time out naming b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_drain_waits_for_the_consumers_on_every_replica() {
+    let etcd = EtcdCluster::start(1).await;
+    let store = etcd.config(&prefix());
+    let r1 = ControlPlane::start_with(&store).await;
+    let r2 = ControlPlane::start_replica(&r1, &store).await;
+    let a = Agent::start_named("a", &join(&[&r1], &r1)).await;
+    let b = Agent::start_named(
+        "b",
+        &format!("{}{}", join(&[&r2], &r1), crate::sync::drain_consumer()),
+    )
+    .await;
+    b.eventually("a and b alive on both replicas", || async {
+        for r in [&r1, &r2] {
+            for node in ["a", "b"] {
+                if node_status(r, node).await.as_deref() != Some("alive") {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    })
+    .await;
+    crate::sync::drain_under_load(&a, &b).await;
+}
+
 #[tokio::test]
 #[ignore = "needs etcd (etcd-server)"]
 async fn without_etcd_quorum_writes_are_refused_and_the_fleet_keeps_working() {

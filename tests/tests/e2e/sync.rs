@@ -585,21 +585,31 @@ fn load_loops(
 /// never ends, the drain times out non-zero and names the consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_for_requests_in_flight_and_names_who_still_has_some() {
-    use signpost_tests::upstream::{Upstream, proxy_config, vip};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let cp = ControlPlane::start().await;
     let join = cp.agent_config(AGENT_TOKEN);
     let a = Agent::start_named("a", &join).await;
-    let b = Agent::start_named(
-        "b",
-        // Round robin: web-1 gets its share whatever its latency.
-        &format!(
-            "{join}upstreams: [web]\n{}",
-            proxy_config("  defaults:\n    balancer: round_robin\n")
-        ),
+    let b = Agent::start_named("b", &format!("{join}{}", drain_consumer())).await;
+    drain_under_load(&a, &b).await;
+}
+
+/// What b (the consumer in the drain tests) adds to its configuration:
+/// it uses web, balanced round robin so that web-1 gets its share
+/// whatever its latency.
+pub(crate) fn drain_consumer() -> String {
+    format!(
+        "upstreams: [web]\n{}",
+        signpost_tests::upstream::proxy_config("  defaults:\n    balancer: round_robin\n")
     )
-    .await;
+}
+
+/// a registers web-1 and web-2; under load from b (web-1 taking 2 s per
+/// request), `signpost drain web-1` on a returns once every request
+/// web-1 received was answered, none failed; then with a request to
+/// web-1 that never ends, the drain times out naming b.
+pub(crate) async fn drain_under_load(a: &Agent, b: &Agent) {
+    use signpost_tests::upstream::{Upstream, vip};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let web1 = Upstream::start("web-1", 0).await;
     let web2 = Upstream::start("web-2", web1.addr.port()).await;
     a.write_service_file(
@@ -611,10 +621,10 @@ async fn drain_waits_for_requests_in_flight_and_names_who_still_has_some() {
         ),
     );
     b.eventually("both instances on b", || async {
-        (entries_on(&b, "web", "a", "?passing").await.len() == 2).then_some(())
+        (entries_on(b, "web", "a", "?passing").await.len() == 2).then_some(())
     })
     .await;
-    let addr = vip(&b, "web", web1.addr.port()).await;
+    let addr = vip(b, "web", web1.addr.port()).await;
     let url = format!("http://{addr}/");
 
     web1.set_delay(2000);
@@ -624,7 +634,7 @@ async fn drain_waits_for_requests_in_flight_and_names_who_still_has_some() {
         (web1.hits() > 0).then_some(())
     })
     .await;
-    let (code, out, err) = drain_web1(&a, &["--timeout", "20s"]).await;
+    let (code, out, err) = drain_web1(a, &["--timeout", "20s"]).await;
     let received_by_web1 = web1.hits();
     stop.store(true, Ordering::SeqCst);
     let mut answers = Vec::new();
@@ -661,7 +671,7 @@ async fn drain_waits_for_requests_in_flight_and_names_who_still_has_some() {
         .await;
     assert!(r.status.is_success(), "{}", r.text);
     b.eventually("web-1 passing again on b", || async {
-        (entries_on(&b, "web", "a", "?passing").await.len() == 2).then_some(())
+        (entries_on(b, "web", "a", "?passing").await.len() == 2).then_some(())
     })
     .await;
     web1.set_delay(0);
@@ -673,7 +683,7 @@ async fn drain_waits_for_requests_in_flight_and_names_who_still_has_some() {
         (web1.hits() > before).then_some(())
     })
     .await;
-    let (code, out, err) = drain_web1(&a, &["--timeout", "3s"]).await;
+    let (code, out, err) = drain_web1(a, &["--timeout", "3s"]).await;
     stop.store(true, Ordering::SeqCst);
     loops.abort_all();
     assert_ne!(code, 0, "{out}");
