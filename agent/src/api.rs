@@ -296,14 +296,7 @@ pub(crate) fn router(api: Api) -> Router {
 }
 
 async fn metrics(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Response> {
-    let node = api.agent.state.read(|inner| inner.node.name.clone());
-    api.allow(
-        &headers,
-        Resource::Agent(&node),
-        Access::Read,
-        "metrics.read",
-    )
-    .await?;
+    agent_routes::allow_agent_read(&api, &headers, "metrics.read").await?;
     let body = api.agent.metrics.render(&api.agent.state);
     Ok((
         [(

@@ -189,14 +189,7 @@ pub(crate) async fn node_maintenance(
 /// restart, 400 with why a bad file was refused (the configuration in
 /// force keeps serving). Needs `agent` write, as in Consul.
 pub(crate) async fn reload(State(api): State<Api>, headers: HeaderMap) -> ApiResult<Response> {
-    let node = api.agent.state.read(|inner| inner.node.name.clone());
-    api.allow(
-        &headers,
-        Resource::Agent(&node),
-        Access::Write,
-        "agent.reload",
-    )
-    .await?;
+    allow_agent_write(&api, &headers, "agent.reload").await?;
     let reloaded = crate::reload::reload(&api.agent, api.fleet.as_deref())
         .await
         .map_err(|e| match e {
@@ -404,9 +397,28 @@ pub(crate) async fn checks(State(api): State<Api>, headers: HeaderMap) -> ApiRes
 }
 
 /// What reading this agent's own view needs: `agent` read on its node.
-async fn allow_agent_read(api: &Api, headers: &HeaderMap, action: &str) -> ApiResult<()> {
+pub(crate) async fn allow_agent_read(
+    api: &Api,
+    headers: &HeaderMap,
+    action: &str,
+) -> ApiResult<()> {
+    allow_agent(api, headers, Access::Read, action).await
+}
+
+/// What acting on the agent itself (reload, restart) needs: `agent`
+/// write on its node.
+async fn allow_agent_write(api: &Api, headers: &HeaderMap, action: &str) -> ApiResult<()> {
+    allow_agent(api, headers, Access::Write, action).await
+}
+
+async fn allow_agent(
+    api: &Api,
+    headers: &HeaderMap,
+    access: Access,
+    action: &str,
+) -> ApiResult<()> {
     let node = api.agent.state.read(|inner| inner.node.name.clone());
-    api.allow(headers, Resource::Agent(&node), Access::Read, action)
+    api.allow(headers, Resource::Agent(&node), access, action)
         .await
         .map(drop)
 }
@@ -704,14 +716,7 @@ pub(crate) async fn signpost_restart(
     State(api): State<Api>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let node = api.agent.state.read(|inner| inner.node.name.clone());
-    api.allow(
-        &headers,
-        Resource::Agent(&node),
-        Access::Write,
-        "agent.restart",
-    )
-    .await?;
+    allow_agent_write(&api, &headers, "agent.restart").await?;
     match crate::handover::restart(&api.taken_over).await {
         Ok(pid) => Ok(json(&json!({ "pid": pid }))),
         Err(error @ crate::handover::RestartError::Busy) => {

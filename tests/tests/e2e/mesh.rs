@@ -402,6 +402,68 @@ fn agent_program(agent: &Agent, what: &str, program: &str) -> String {
     what.to_string()
 }
 
+/// Calls from an application on `agent`'s host to each of `urls` in a
+/// loop, one client keeping connections alive and one opening a
+/// connection per call, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    loops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(agent: &Agent, urls: &[String]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut loops = Vec::new();
+        for url in urls {
+            for keep_alive in [true, false] {
+                let (stop, ok, failed, url) =
+                    (stop.clone(), ok.clone(), failed.clone(), url.clone());
+                loops.push(agent.host.spawn(async move {
+                    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+                    if !keep_alive {
+                        builder = builder.pool_max_idle_per_host(0);
+                    }
+                    let client = builder.build().unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                            other => {
+                                eprintln!("failed: {url}: {other:?}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }));
+            }
+        }
+        Load {
+            stop,
+            ok,
+            failed,
+            loops,
+        }
+    }
+
+    /// Stops the calls; none may have failed, and enough were made to
+    /// mean something.
+    async fn stop_without_failures(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for l in self.loops {
+            l.await.unwrap();
+        }
+        let (ok, failed) = (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        );
+        assert_eq!(failed, 0, "{failed} failed calls out of {}", ok + failed);
+        assert!(ok > 100, "only {ok} calls");
+    }
+}
+
 /// Calls through the mesh keep succeeding while every certificate is
 /// renewed (a one-minute lifetime: renewed after 40 s) and while the CA
 /// rotates (a new root, cross-signed, and every certificate renewed with
@@ -425,34 +487,7 @@ async fn certificates_and_the_ca_rotate_under_load_without_a_failed_request() {
     )
     .await;
     let vip = b.resolve("web.service.internal").unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut loops = Vec::new();
-    for keep_alive in [true, false] {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        loops.push(b.host.spawn(async move {
-            let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
-            if !keep_alive {
-                builder = builder.pool_max_idle_per_host(0);
-            }
-            let client = builder.build().unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                let r = client.get(format!("http://{vip}:8080/load")).send().await;
-                match r {
-                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    Ok(r) => {
-                        eprintln!("failed: {}", r.status());
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                    Err(e) => {
-                        eprintln!("failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }));
-    }
+    let load = Load::start(&b, &[format!("http://{vip}:8080/load")]);
     let renewals = |agent: &Agent, service: &str| {
         let service = format!("service={service}");
         agent
@@ -492,13 +527,7 @@ async fn certificates_and_the_ca_rotate_under_load_without_a_failed_request() {
             .await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for l in loops {
-        l.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(failed, 0, "{failed} failed requests out of {}", ok + failed);
-    assert!(ok > 100, "only {ok} requests");
+    load.stop_without_failures().await;
     // The new certificates are in use: a full handshake after the
     // rotation still succeeds.
     assert_eq!(
@@ -534,36 +563,19 @@ async fn restarting_agents_through_a_handover_fails_no_call_between_hosts() {
         )
         .await;
     }
-    let targets = [
-        format!("{}:8080", b.resolve("web.service.internal").unwrap()),
-        format!("{}:8081", b.resolve("plain.service.internal").unwrap()),
-    ];
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut loops = Vec::new();
-    for target in &targets {
-        for keep_alive in [true, false] {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            let url = format!("http://{target}/");
-            loops.push(b.host.spawn(async move {
-                let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
-                if !keep_alive {
-                    builder = builder.pool_max_idle_per_host(0);
-                }
-                let client = builder.build().unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    match client.get(&url).send().await {
-                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                        other => {
-                            eprintln!("failed: {url}: {other:?}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }));
-        }
-    }
+    let load = Load::start(
+        &b,
+        &[
+            format!(
+                "http://{}:8080/",
+                b.resolve("web.service.internal").unwrap()
+            ),
+            format!(
+                "http://{}:8081/",
+                b.resolve("plain.service.internal").unwrap()
+            ),
+        ],
+    );
     let signpost = signpost_tests::signpost_bin().to_str().unwrap().to_string();
     let mut successors = Vec::new();
     for agent in [&a, &b] {
@@ -587,10 +599,7 @@ async fn restarting_agents_through_a_handover_fails_no_call_between_hosts() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    for l in loops {
-        l.await.unwrap();
-    }
+    load.stop_without_failures().await;
     for pid in successors {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -598,7 +607,4 @@ async fn restarting_agents_through_a_handover_fails_no_call_between_hosts() {
         )
         .ok();
     }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(failed, 0, "{failed} failed calls out of {}", ok + failed);
-    assert!(ok > 100, "only {ok} calls");
 }
