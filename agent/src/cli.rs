@@ -553,27 +553,11 @@ pub fn which_unit(own: bool, unit: Option<String>) -> anyhow::Result<String> {
     }
     let cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .context("--self: cannot read /proc/self/cgroup")?;
-    unit_of_cgroup(&cgroup).ok_or_else(|| {
+    crate::systemd::jobs::unit_of_cgroup(&cgroup).ok_or_else(|| {
         anyhow::anyhow!(
             "--self: this command does not run in a systemd service unit (run it from the unit's ExecStop= or ExecStartPost=, or name it with --unit)"
         )
     })
-}
-
-/// The service unit a `/proc/<pid>/cgroup` text places its process in
-/// (cgroup v2's `0::` line, or v1's `name=systemd` hierarchy).
-fn unit_of_cgroup(text: &str) -> Option<String> {
-    text.lines()
-        .filter_map(|line| {
-            let mut parts = line.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            (controllers.is_empty() || controllers == "name=systemd").then_some(path)
-        })
-        .find_map(|path| {
-            path.rsplit('/')
-                .find(|part| part.ends_with(".service"))
-                .map(str::to_string)
-        })
 }
 
 /// The instances of `unit` (`drain: {unit: …}` in their service files)
@@ -897,30 +881,4 @@ fn ago(unix_millis: u64) -> String {
     let now = signpost_core::command::now_millis();
     let elapsed = std::time::Duration::from_secs(now.saturating_sub(unix_millis) / 1000);
     format!("{} ago", signpost_core::duration::format(elapsed))
-}
-
-/// Tests of the unit found in `/proc/self/cgroup`.
-#[cfg(test)]
-mod tests {
-    use super::unit_of_cgroup;
-
-    #[test]
-    fn the_service_unit_is_read_from_cgroup_v2_and_v1() {
-        assert_eq!(
-            unit_of_cgroup("0::/system.slice/payments.service\n").as_deref(),
-            Some("payments.service")
-        );
-        // A unit's sub-cgroup (Delegate=yes).
-        assert_eq!(
-            unit_of_cgroup("0::/system.slice/shop@2.service/worker\n").as_deref(),
-            Some("shop@2.service")
-        );
-        let v1 = "12:cpu,cpuacct:/system.slice/other.service\n1:name=systemd:/system.slice/web.service\n";
-        assert_eq!(unit_of_cgroup(v1).as_deref(), Some("web.service"));
-        assert_eq!(
-            unit_of_cgroup("0::/user.slice/user-0.slice/session-3.scope\n"),
-            None
-        );
-        assert_eq!(unit_of_cgroup("0::/\n"), None);
-    }
 }

@@ -65,8 +65,8 @@ pub(crate) fn settings(config: &AgentConfig) -> anyhow::Result<Settings> {
 }
 
 /// The names the DNS sockets are handed over by.
-const UDP: &str = "dns/udp";
-const TCP: &str = "dns/tcp";
+const UDP: &str = signpost_core::sockets::DNS_UDP;
+const TCP: &str = signpost_core::sockets::DNS_TCP;
 
 impl Catalog for AgentCatalog {
     async fn first_use(&self, service: &str) {

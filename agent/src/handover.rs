@@ -17,6 +17,10 @@
 //! if nothing happened. After `R` the old one stops accepting, lets its
 //! connections finish (`drain_timeout`) and exits, writing nothing more
 //! to `data_dir`: the files are the new process's now.
+//!
+//! A restart by systemd (`systemctl restart`) cannot go this way: the old
+//! process exits before the new one starts. The sockets then come from
+//! systemd's file descriptor store (see `systemd`).
 
 use std::io::{IoSlice, IoSliceMut, Read as _, Write as _};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
@@ -166,6 +170,7 @@ where
                 };
                 match hand_over(stream, &sockets, &runtime, &prepare) {
                     Ok(()) => {
+                        sockets.handed_over();
                         handed_over();
                         return;
                     }
@@ -261,8 +266,13 @@ async fn spawn_successor(taken_over: &CancellationToken) -> Result<u32, RestartE
     let exe = program();
     let shown = exe.display().to_string();
     tracing::info!(program = %shown, "restarting: starting a new agent process to take over");
+    // The sockets systemd passed this process are handed over, not
+    // passed again: the variables that name them are not the child's.
     let mut child = tokio::process::Command::new(&exe)
         .args(std::env::args_os().skip(1))
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
         .spawn()
         .map_err(|source| RestartError::Spawn {
             exe: shown.clone(),
@@ -294,31 +304,6 @@ fn program() -> PathBuf {
         Some(path) => PathBuf::from(path),
         None => exe,
     }
-}
-
-/// Tells systemd (`Type=notify`, `NotifyAccess=all`) that this process
-/// serves and is the unit's main process now, when run under it.
-pub(crate) fn notify_ready() {
-    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let message = format!("READY=1\nMAINPID={}\n", std::process::id());
-    if let Err(error) = send_notify(&socket, message.as_bytes()) {
-        tracing::warn!(%error, "cannot notify systemd that the agent is ready");
-    }
-}
-
-fn send_notify(socket: &std::ffi::OsStr, message: &[u8]) -> std::io::Result<()> {
-    use std::os::linux::net::SocketAddrExt as _;
-    use std::os::unix::ffi::OsStrExt as _;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let bytes = socket.as_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => SocketAddr::from_abstract_name(name)?,
-        None => SocketAddr::from_pathname(Path::new(socket))?,
-    };
-    UnixDatagram::unbound()?.send_to_addr(message, &addr)?;
-    Ok(())
 }
 
 /// Writes one record, with `fd` passed along.

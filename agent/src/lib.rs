@@ -30,6 +30,11 @@
 //!   answering from that catalog.
 //! - `reload`: SIGHUP and `PUT /v1/agent/reload` read the configuration
 //!   file again and apply what can change while serving.
+//! - `handover` and `systemd`: restarts that drop nothing: the listening
+//!   sockets are handed to a new process, or kept in systemd's file
+//!   descriptor store while systemd restarts the agent; `stop`: which
+//!   stop a SIGTERM is (a restart by systemd does not drain the node),
+//!   and the drain of what serves.
 //! - [`cli`], [`dev`]: the `signpost` subcommands that talk to an agent,
 //!   and the one-command demo.
 //! - [`alloc`]: the binary's global allocator.
@@ -60,8 +65,10 @@ mod reaper;
 mod reload;
 pub use reload::Reloading;
 pub mod state;
+mod stop;
 mod supervise;
 mod sync;
+mod systemd;
 pub mod tls;
 pub mod vips;
 
@@ -72,7 +79,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use signpost_core::config::{AgentConfig, valid_node_name};
-use signpost_core::sockets::Sockets;
+use signpost_core::sockets::{self, Sockets};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -97,6 +104,9 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // First, before anything could start a program that would inherit
+    // them: the sockets systemd kept for this unit.
+    let stored = systemd::listen::take();
     tls::install_crypto_provider();
     let advertise = advertise_addr(&config)?;
     let listen = config.api.listen;
@@ -107,9 +117,14 @@ pub async fn run(
         tokio::task::spawn_blocking(move || handover::take_over(&data_dir))
             .await
             .context("the handover failed")??;
-    let sockets = Arc::new(Sockets::new(inherited));
+    let store = systemd::FdStore::from_env().map(Arc::new);
+    let sockets = Arc::new(Sockets::with_store(
+        inherited,
+        stored,
+        store.clone().map(|s| s as Arc<dyn sockets::Store>),
+    ));
     let (agent, files, metrics) = open(config, advertise, &shutdown)?;
-    let listener = listen_tcp(&sockets, "api", listen)
+    let listener = listen_tcp(&sockets, sockets::API, listen)
         .await
         .with_context(|| format!("cannot listen on api.listen {listen}"))?;
     let local = listener.local_addr()?;
@@ -160,16 +175,21 @@ pub async fn run(
         reload::follow(&agent, fleet.clone(), reloading, &mut background);
     }
     let taken_over = CancellationToken::new();
+    // What serves stops once this node's instances are drained (SIGTERM),
+    // or at once after a handover (the new process serves them) or when
+    // systemd restarts the agent (see `stop`).
+    let stopping = CancellationToken::new();
+    let dns_stopping = CancellationToken::new();
+    let (grace, l4_grace) = tokio::sync::watch::channel(agent.config.drain_timeout);
     let parts = Parts {
         listener,
         mesh,
         metrics,
         sockets: sockets.clone(),
         taken_over: taken_over.clone(),
+        dns_stopping: dns_stopping.clone(),
+        l4_grace,
     };
-    // What serves stops once this node's instances are drained (SIGTERM),
-    // or at once after a handover (the new process serves them).
-    let stopping = CancellationToken::new();
     let (serving, proxy_ready) = serve(&agent, fleet.clone(), acl, parts, &stopping).await?;
     if let Some(ready) = proxy_ready {
         // The VIP listeners take their inherited sockets on the proxy's
@@ -188,25 +208,43 @@ pub async fn run(
     if let Some(predecessor) = predecessor {
         predecessor.serving();
     }
-    serve_handover(&agent, fleet.clone(), sockets, &taken_over, &shutdown)?;
-    {
-        let (agent, shutdown, stopping) = (agent.clone(), shutdown.clone(), stopping.clone());
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            if let Some(fleet) = fleet.filter(|_| !agent.handed_over()) {
-                drain::node(&agent, &fleet, agent.config.drain_timeout).await;
-            }
-            stopping.cancel();
-        });
-    }
+    serve_handover(
+        &agent,
+        fleet.clone(),
+        sockets.clone(),
+        &taken_over,
+        &shutdown,
+    )?;
+    stop::on_shutdown(
+        stop::Context {
+            agent: agent.clone(),
+            fleet,
+            sockets,
+            store,
+        },
+        shutdown.clone(),
+        stop::Signals {
+            serving: stopping.clone(),
+            dns: dns_stopping.clone(),
+            grace,
+        },
+    );
     restart_on_sigusr2(taken_over);
-    handover::notify_ready();
+    systemd::notify_ready();
     if let Some(ready) = ready
         && ready.send(local).is_err()
     {
         tracing::debug!("nobody waits for the ready signal");
     }
-    let stopped_early = until_shutdown(serving, &shutdown, &stopping, &agent, background).await;
+    let stopped_early = stop::until_shutdown(
+        serving,
+        &shutdown,
+        &stopping,
+        &dns_stopping,
+        &agent,
+        background,
+    )
+    .await;
     if let Some(why) = stopped_early {
         anyhow::bail!("{why}");
     }
@@ -304,7 +342,7 @@ async fn open_mesh(
         return Ok(None);
     }
     let addr = SocketAddr::new(advertise, config.mesh.inbound_port);
-    let listener = listen_tcp(sockets, "inbound", addr)
+    let listener = listen_tcp(sockets, sockets::INBOUND, addr)
         .await
         .with_context(|| {
             format!("cannot listen on the mesh's inbound port {addr} (mesh.inbound_port)")
@@ -502,6 +540,10 @@ struct Parts {
     sockets: Arc<Sockets>,
     /// Fired when a new process took over.
     taken_over: CancellationToken,
+    /// When DNS stops (see `stop`).
+    dns_stopping: CancellationToken,
+    /// How long L4 connections get once serving stops.
+    l4_grace: tokio::sync::watch::Receiver<Duration>,
 }
 
 /// Starts DNS, the proxy and the API; with the proxy, the signal that it
@@ -519,6 +561,8 @@ async fn serve(
         metrics,
         sockets,
         taken_over,
+        dns_stopping,
+        l4_grace,
     } = parts;
     let (inbound, mesh) = match mesh {
         Some((listener, mesh)) => (Some(listener), Some(mesh)),
@@ -544,7 +588,7 @@ async fn serve(
             .await
             .context("cannot start the DNS server (dns.listen)")?;
         tracing::info!(addr = %server.local_addr(), domain = %config.dns.domain, "DNS listening (UDP and TCP)");
-        let token = shutdown.clone();
+        let token = dns_stopping;
         serving.spawn(async move {
             let served = server.run_until(token.cancelled_owned()).await;
             ("DNS server", served.map_err(|e| e.to_string()))
@@ -569,9 +613,8 @@ async fn serve(
         let (catalog, token) = (catalog.clone(), shutdown.clone());
         let (ready, first_update) = tokio::sync::oneshot::channel();
         proxy_ready = Some(first_update);
-        let grace = config.drain_timeout;
         serving.spawn(async move {
-            proxy::run(proxy, catalog, token, grace, ready).await;
+            proxy::run(proxy, catalog, token, l4_grace, ready).await;
             ("proxy", Ok(()))
         });
     }
@@ -614,61 +657,6 @@ async fn serve(
         ("API server", Ok(()))
     });
     Ok((serving, proxy_ready))
-}
-
-/// Waits for `stopping` (the shutdown, once this node's instances are
-/// drained), or for a serving part to stop first: the agent
-/// cannot serve without it, so that stops the agent loudly (systemd starts
-/// it again) rather than leaving the host without its DNS, proxy or API.
-/// Then stops the checks and the background tasks (the stream to the
-/// control plane, the state writers: after a handover both are the new
-/// process's), and gives what is in flight up to `drain_timeout` (the
-/// API up to [`SHUTDOWN_GRACE`]). Returns why it stopped early, if it did.
-async fn until_shutdown(
-    mut serving: Serving,
-    shutdown: &CancellationToken,
-    stopping: &CancellationToken,
-    agent: &Agent,
-    background: Background,
-) -> Option<String> {
-    let stopped_early = tokio::select! {
-        biased;
-        () = stopping.cancelled() => None,
-        // Ending because of the shutdown (the select saw it first) is not
-        // ending early.
-        Some(ended) = serving.join_next() => (!stopping.is_cancelled()).then(|| match ended {
-            Ok((what, Ok(()))) => format!("{what} stopped"),
-            Ok((what, Err(e))) => format!("{what} failed: {e}"),
-            Err(e) => format!("a serving task failed: {e}"),
-        }),
-    };
-    if let Some(why) = &stopped_early {
-        tracing::error!(error = %why, "the agent cannot serve without it: stopping");
-        shutdown.cancel();
-        stopping.cancel();
-    }
-    tracing::info!(
-        handed_over = agent.handed_over(),
-        drain_timeout = %signpost_core::duration::format(agent.config.drain_timeout),
-        "shutting down: finishing in-flight requests and connections"
-    );
-    agent.stop_checks().await;
-    background.stop().await;
-    let limit = agent.config.drain_timeout.max(SHUTDOWN_GRACE) + Duration::from_secs(5);
-    let drained = tokio::time::timeout(limit, async {
-        while let Some(ended) = serving.join_next().await {
-            match ended {
-                Ok((_, Ok(()))) => {}
-                Ok((what, Err(e))) => tracing::error!(error = %e, "{what} failed"),
-                Err(e) => tracing::error!(error = %e, "serving task failed"),
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("in-flight requests and connections did not finish in time");
-    }
-    stopped_early
 }
 
 /// The address other hosts reach this one at: `advertise_addr`, the

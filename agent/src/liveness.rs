@@ -34,7 +34,7 @@ const MAX_CONNECTIONS: usize = 64;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The name the listener is handed over by.
-const NAME: &str = "liveness";
+const NAME: &str = signpost_core::sockets::LIVENESS;
 
 /// Binds the listener on the advertise address, and says where peers
 /// reach it (`port` 0: a free one). An advertise address that is not this

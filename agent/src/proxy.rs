@@ -58,12 +58,13 @@ pub(crate) fn new(
 }
 
 /// Keeps the proxy's services current until `shutdown`, then drains it
-/// for up to `grace`. `ready` hears when the first update is made.
+/// for up to `grace` (as it is then: shorter when systemd restarts the
+/// agent). `ready` hears when the first update is made.
 pub(crate) async fn run(
     proxy: Arc<Proxy>,
     catalog: Arc<AgentCatalog>,
     shutdown: CancellationToken,
-    grace: Duration,
+    grace: tokio::sync::watch::Receiver<Duration>,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut ready = Some(ready);
@@ -154,6 +155,7 @@ pub(crate) async fn run(
             () = shutdown.cancelled() => break,
         }
     }
+    let grace = *grace.borrow();
     proxy.shutdown(grace).await;
 }
 

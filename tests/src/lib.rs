@@ -27,6 +27,7 @@ pub mod dns;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod fleet;
+pub mod systemd;
 pub mod upstream;
 
 /// Upper bound for things that should happen "soon"; a test that reaches
@@ -192,6 +193,11 @@ fn with_line(yaml: &str, section: &str, line: &str) -> String {
     }
 }
 
+/// How an agent's process is started: the command that runs its program
+/// (a wrapper may come first), to which the harness adds `agent --config
+/// …`, the log and `RUST_LOG`.
+pub type Launcher = std::sync::Arc<dyn Fn(&Path) -> Command + Send + Sync>;
+
 /// A running `signpost agent`.
 pub struct Agent {
     child: Option<Child>,
@@ -200,6 +206,8 @@ pub struct Agent {
     successors: Vec<Pid>,
     /// The program started (a copy, for upgrade tests).
     program: PathBuf,
+    /// How it is started, when not directly.
+    launcher: Option<Launcher>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub node: String,
@@ -222,6 +230,21 @@ impl Agent {
     /// Starts `program` (a copy of `signpost`, for upgrade tests) as
     /// node `node`.
     pub async fn start_program(program: &Path, node: &str, extra_config: &str) -> Agent {
+        Self::launch(program, None, node, extra_config).await
+    }
+
+    /// Starts an agent as node `node` through `launcher` (each start
+    /// after a stop, too).
+    pub async fn start_launched(node: &str, extra_config: &str, launcher: Launcher) -> Agent {
+        Self::launch(signpost_bin(), Some(launcher), node, extra_config).await
+    }
+
+    async fn launch(
+        program: &Path,
+        launcher: Option<Launcher>,
+        node: &str,
+        extra_config: &str,
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("services.d")).unwrap();
         rustls::crypto::ring::default_provider()
@@ -232,6 +255,7 @@ impl Agent {
             child: None,
             successors: Vec::new(),
             program: program.to_path_buf(),
+            launcher,
             addr,
             dir,
             node: node.to_string(),
@@ -290,7 +314,11 @@ impl Agent {
     async fn spawn(&mut self) {
         self.write_config(&self.extra_config.clone());
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
-        let child = Command::new(&self.program)
+        let mut command = match &self.launcher {
+            Some(launcher) => launcher(&self.program),
+            None => Command::new(&self.program),
+        };
+        let child = command
             .args(["agent", "--config"])
             .arg(self.config_path())
             .env("RUST_LOG", "signpost_agent=debug,info")

@@ -1,9 +1,11 @@
 //! Restarts, upgrades and reloads of the agent while programs use it: a
 //! new process takes over the listening sockets (`signpost restart`,
 //! SIGUSR2 as the package's upgrade sends it), the old one finishes what
-//! it has and exits; `SIGHUP` applies a changed `agent.yaml`. Measured
-//! with real load generators (wrk, dnsperf) and a real Redis
-//! subscription held through the proxy.
+//! it has and exits; `systemctl restart` leaves them in systemd's file
+//! descriptor store for the next process (systemd emulated:
+//! [`signpost_tests::systemd`]); `SIGHUP` applies a changed
+//! `agent.yaml`. Measured with real load generators (wrk, dnsperf) and a
+//! real Redis subscription held through the proxy.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
 
@@ -14,9 +16,10 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use signpost_tests::systemd::{Systemd, socket_inodes};
 use signpost_tests::upstream::{Upstream, bind, vip};
-use signpost_tests::{Agent, FlipServer, signpost};
-use tokio::io::AsyncBufReadExt;
+use signpost_tests::{AGENT_TOKEN, Agent, ControlPlane, FlipServer, signpost};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _};
 
 /// The agent's YAML: its own VIP range (fixed: a reload cannot move it),
 /// and the proxy defaults the reloads change.
@@ -58,6 +61,68 @@ impl Load {
         );
         eprintln!("{}:\n{text}", self.what);
         text
+    }
+}
+
+/// wrk with keep-alive and wrk with a new connection per request on
+/// `url`, and dnsperf at a fixed rate on `dns` with `queries` (written to
+/// `dir`), until [`UnderLoad::finish`].
+struct UnderLoad {
+    keep_alive: Load,
+    close: Load,
+    dnsperf: Load,
+}
+
+impl UnderLoad {
+    fn start(url: &str, dns: SocketAddr, queries: &str, dir: &Path) -> UnderLoad {
+        let file = dir.join("queries.txt");
+        std::fs::write(&file, queries).unwrap();
+        let (dns_ip, dns_port) = (dns.ip().to_string(), dns.port().to_string());
+        let keep_alive = Load::start("wrk, keep-alive", "wrk", &["-t1", "-c8", "-d600s", url]);
+        let close = Load::start(
+            "wrk, a connection per request",
+            "wrk",
+            &["-t1", "-c4", "-d600s", "-H", "Connection: close", url],
+        );
+        let dnsperf = Load::start(
+            "dnsperf",
+            "dnsperf",
+            &[
+                "-s",
+                &dns_ip,
+                "-p",
+                &dns_port,
+                "-d",
+                file.to_str().unwrap(),
+                "-l",
+                "600",
+                "-Q",
+                "1000",
+                "-t",
+                "2",
+            ],
+        );
+        UnderLoad {
+            keep_alive,
+            close,
+            dnsperf,
+        }
+    }
+
+    /// Stops the load and checks that requests were made and none
+    /// failed (a socket error or a non-2xx answer), and that queries were
+    /// answered and none was lost.
+    fn finish(self) {
+        let keep_alive = self.keep_alive.finish();
+        let close = self.close.finish();
+        let dnsperf = self.dnsperf.finish();
+        assert!(wrk_requests("keep-alive", &keep_alive) > 0);
+        assert!(wrk_requests("a connection per request", &close) > 0);
+        assert!(
+            dnsperf.contains("Queries lost:         0 "),
+            "queries timed out:\n{dnsperf}"
+        );
+        assert!(!dnsperf.contains("Queries completed:    0 "), "{dnsperf}");
     }
 }
 
@@ -120,6 +185,16 @@ async fn restart_and_wait(agent: &mut Agent) {
     )
     .await;
     assert_eq!(serving_pid(agent).await, new);
+}
+
+/// A service file: `web` (HTTP) and the L4 service `tcp` at `addr`.
+fn web_and_tcp(web: &Upstream, tcp: &str, addr: SocketAddr) -> String {
+    format!(
+        "services:\n{}  - name: {tcp}\n    address: {}\n    port: {}\n    protocol: tcp\n",
+        web.entry("web", "http"),
+        addr.ip(),
+        addr.port()
+    )
 }
 
 /// A Redis subscriber through the VIP, and what it receives.
@@ -210,15 +285,7 @@ async fn restarts_upgrades_and_reloads_under_load_drop_nothing() {
     let mut agent = Agent::start_program(&program, "restart-node", &config(&range, 2, 15000)).await;
     let web = Upstream::start("web", 0).await;
     let (_redis, redis) = redis_server(work.path()).await;
-    agent.write_service_file(
-        "services.yaml",
-        &format!(
-            "services:\n{}  - name: cache\n    address: {}\n    port: {}\n    protocol: tcp\n",
-            web.entry("web", "http"),
-            redis.ip(),
-            redis.port()
-        ),
-    );
+    agent.write_service_file("services.yaml", &web_and_tcp(&web, "cache", redis));
     let web_vip = vip(&agent, "web", web.addr.port()).await;
     let cache_vip = vip(&agent, "cache", redis.port()).await;
     let mut subscriber = Subscriber::start(cache_vip);
@@ -229,38 +296,11 @@ async fn restarts_upgrades_and_reloads_under_load_drop_nothing() {
         .await;
     subscriber.receives("hello").await;
 
-    let queries = work.path().join("queries.txt");
-    std::fs::write(
-        &queries,
+    let load = UnderLoad::start(
+        &format!("http://{web_vip}/"),
+        agent.dns_addr(),
         "web.service.internal A\ncache.service.internal A\n",
-    )
-    .unwrap();
-    let url = format!("http://{web_vip}/");
-    let dns = agent.dns_addr();
-    let (dns_ip, dns_port) = (dns.ip().to_string(), dns.port().to_string());
-    let keep_alive = Load::start("wrk, keep-alive", "wrk", &["-t1", "-c8", "-d600s", &url]);
-    let close = Load::start(
-        "wrk, a connection per request",
-        "wrk",
-        &["-t1", "-c4", "-d600s", "-H", "Connection: close", &url],
-    );
-    let dnsperf = Load::start(
-        "dnsperf",
-        "dnsperf",
-        &[
-            "-s",
-            &dns_ip,
-            "-p",
-            &dns_port,
-            "-d",
-            queries.to_str().unwrap(),
-            "-l",
-            "600",
-            "-Q",
-            "1000",
-            "-t",
-            "2",
-        ],
+        work.path(),
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -322,16 +362,7 @@ async fn restarts_upgrades_and_reloads_under_load_drop_nothing() {
             .await;
     }
 
-    let keep_alive = keep_alive.finish();
-    let close = close.finish();
-    let dnsperf = dnsperf.finish();
-    assert!(wrk_requests("keep-alive", &keep_alive) > 0);
-    assert!(wrk_requests("a connection per request", &close) > 0);
-    assert!(
-        dnsperf.contains("Queries lost:         0 "),
-        "queries timed out:\n{dnsperf}"
-    );
-    assert!(!dnsperf.contains("Queries completed:    0 "), "{dnsperf}");
+    load.finish();
 
     // The subscription made before it all still delivers.
     assert_eq!(publish(redis, "after the restarts"), "1");
@@ -348,6 +379,207 @@ async fn restarts_upgrades_and_reloads_under_load_drop_nothing() {
     )
     .await;
     assert_eq!(serving_pid(&agent).await, second);
+}
+
+/// `systemctl restart` under wrk (keep-alive, and a new connection per
+/// request) and dnsperf, with systemd emulated: the agent keeps every
+/// socket it serves in the unit's file descriptor store; on SIGTERM it
+/// finds the restart job queued for its unit, does not drain the node
+/// (which never goes into maintenance), answers DNS until it exits, and
+/// the next process, started only then as systemd starts it, serves from
+/// the very same sockets: no request fails, no query is lost. An L4
+/// connection open at a restart keeps its old process for the grace
+/// (3s) at most, then is cut. Without a restart job, SIGTERM drains the
+/// node as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs wrk, dnsperf and root (systemd is emulated in a cgroup)"]
+async fn a_restart_by_systemd_keeps_the_sockets_and_drops_nothing() {
+    // Dropped last: the agent's processes are gone by then.
+    let systemd = Systemd::start();
+    let cp = ControlPlane::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let node = "systemd-node";
+    let extra = format!(
+        "{}{}",
+        config(&range(), 2, 15000),
+        cp.agent_config(AGENT_TOKEN)
+    );
+    let mut agent = Agent::start_launched(node, &extra, systemd.launcher()).await;
+    let web = Upstream::start("web", 0).await;
+    let echo = bind(0).await;
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(signpost_tests::upstream::serve_echo(echo));
+    agent.write_service_file("services.yaml", &web_and_tcp(&web, "echo", echo_addr));
+    let web_vip = vip(&agent, "web", web.addr.port()).await;
+    let echo_vip = vip(&agent, "echo", echo_addr.port()).await;
+    let vip_stored = format!("vip {web_vip}").replace(':', "_");
+    agent
+        .eventually("the VIP's sockets in systemd's store", || async {
+            systemd
+                .stored()
+                .iter()
+                .any(|(name, _)| *name == vip_stored)
+                .then_some(())
+        })
+        .await;
+    agent
+        .eventually("the control plane to know the instance", || async {
+            let entries = cp.get("/v1/catalog/service/web").await.json();
+            (entries.as_array().map(Vec::len) == Some(1)).then_some(())
+        })
+        .await;
+    let first = agent.pid().as_raw();
+    assert!(
+        systemd.ready().contains(&(first as u32)),
+        "{:?}",
+        systemd.messages()
+    );
+
+    let load = UnderLoad::start(
+        &format!("http://{web_vip}/"),
+        agent.dns_addr(),
+        "web.service.internal A\n",
+        work.path(),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Watches the control plane for the node's maintenance meanwhile.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (client, url, watching) = (
+            cp.client().clone(),
+            cp.url(&format!("/v1/health/node/{node}")),
+            watching.clone(),
+        );
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(answer) = client.get(&url).send().await
+                    && let Ok(checks) = answer.json::<serde_json::Value>().await
+                {
+                    seen.extend(
+                        checks
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|c| c["CheckID"] == "_node_maintenance")
+                            .cloned(),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen
+        })
+    };
+
+    // `systemctl restart`: the job is queued, SIGTERM; systemd starts the
+    // unit again once the process has exited.
+    let stored = systemd.stored();
+    systemd.queue_restart(true);
+    let asked = std::time::Instant::now();
+    assert_eq!(agent.stop().await, Some(0), "{}", agent.log());
+    let stopped = asked.elapsed();
+    let old_log = agent.log();
+    systemd.queue_restart(false);
+    agent.restart().await;
+    let serving = asked.elapsed();
+    eprintln!("SIGTERM to exit: {stopped:?}; SIGTERM to the next process answering: {serving:?}");
+    let second = agent.pid().as_raw();
+    assert_ne!(second, first);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.finish();
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    let maintenance = watcher.await.unwrap();
+
+    assert!(
+        old_log.contains("systemd restarts the agent and keeps its listening sockets"),
+        "{old_log}"
+    );
+    assert!(
+        !old_log.contains("draining this node's instances")
+            && !old_log.contains("node maintenance mode changed"),
+        "{old_log}"
+    );
+    assert!(maintenance.is_empty(), "maintenance seen: {maintenance:?}");
+    assert!(
+        systemd.systemctl_calls().contains(&format!(
+            "list-jobs --no-legend --plain --no-pager {}",
+            systemd.unit
+        )),
+        "{}",
+        systemd.systemctl_calls()
+    );
+    // The next process serves from the very sockets systemd kept, and
+    // the store holds the same ones still.
+    let open = socket_inodes(second);
+    for (name, inode) in &stored {
+        assert!(
+            open.contains(inode),
+            "{name} (socket {inode}) is not open in the new process"
+        );
+    }
+    for name in ["api", "dns/udp", "dns/tcp", "liveness", vip_stored.as_str()] {
+        assert!(stored.iter().any(|(n, _)| n == name), "{name}: {stored:?}");
+    }
+    let mut before = stored.clone();
+    let mut after = systemd.stored();
+    before.sort();
+    after.sort();
+    assert_eq!(before, after);
+    agent
+        .eventually("the new process to say it is ready", || async {
+            systemd.ready().contains(&(second as u32)).then_some(())
+        })
+        .await;
+
+    // An L4 connection through the proxy keeps the old process for the
+    // grace, then is cut; the next process serves the VIP.
+    let mut held = echoes(echo_vip, b"before").await;
+    systemd.queue_restart(true);
+    let asked = std::time::Instant::now();
+    assert_eq!(agent.stop().await, Some(0), "{}", agent.log());
+    let stopped = asked.elapsed();
+    assert!(
+        (Duration::from_millis(2500)..Duration::from_secs(8)).contains(&stopped),
+        "exited after {stopped:?}\n{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("l4_grace=3s"), "{}", agent.log());
+    let mut rest = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(1), held.read_to_end(&mut rest)).await;
+    assert!(cut.is_ok(), "the connection was not cut: {cut:?}");
+    systemd.queue_restart(false);
+    agent.restart().await;
+    echoes(echo_vip, b"after").await;
+
+    // No restart job: SIGTERM is a stop for good, and drains the node
+    // (once connected: there is nothing to drain otherwise).
+    agent
+        .eventually("the new process to reach the control plane", || async {
+            let status = agent.get("/v1/signpost/status").await.json();
+            (status["control_plane"]["connected"] == true).then_some(())
+        })
+        .await;
+    assert_eq!(agent.stop().await, Some(0), "{}", agent.log());
+    let log = agent.log();
+    assert!(
+        log.contains("stopping for good") && log.contains("this node's instances are drained"),
+        "{log}"
+    );
+}
+
+/// A connection to `addr` that echoed `message`.
+async fn echoes(addr: SocketAddr, message: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(message).await.unwrap();
+    let mut back = vec![0u8; message.len()];
+    tokio::time::timeout(signpost_tests::PATIENCE, stream.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, message);
+    stream
 }
 
 /// A new process that cannot start (here: `agent.yaml` broken since the
