@@ -187,6 +187,7 @@ Signpost dev is running: a control plane and an agent.
   local API      {base}
   local DNS      {dns} (UDP and TCP), domain "internal"
   control plane  https://{cp_http} (try /v1/nodes; CA {ca}), agents' gRPC on {cp_grpc} (TLS)
+  web console    https://{cp_http}/ui/ (its certificate is signed by the CA above; log in with the token in {bootstrap})
   service files  {services_dir}
   demo service   demo-1 at {i1}, demo-2 at {i2} (HTTP and TCP checks)
 

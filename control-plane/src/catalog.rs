@@ -94,6 +94,20 @@ impl Inner {
     pub fn subscribers(&self, service: &str) -> usize {
         self.subscribers.get(service).map_or(0, HashSet::len)
     }
+
+    /// The nodes of the agents subscribed to `service` now, sorted.
+    pub fn subscriber_nodes(&self, service: &str) -> Vec<String> {
+        let mut nodes: Vec<String> = self
+            .subscribers
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.sessions.get(id).map(|s| s.node.clone()))
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes
+    }
 }
 
 pub struct Catalog {

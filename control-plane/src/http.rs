@@ -2,13 +2,15 @@
 //! the catalog and health of services in Consul's shapes, `/metrics`
 //! (all readable without a token), ACL tokens and the audit log
 //! ([`acl`], which every write goes through), the KV store ([`kv`]) and
-//! the service mesh's intentions and CA ([`mesh`]).
+//! the service mesh's intentions and CA ([`mesh`]), and the web console
+//! ([`ui`]).
 
 mod acl;
 mod commands;
 mod external;
 mod kv;
 mod mesh;
+mod ui;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +46,9 @@ pub struct HttpState {
     pub quorum: Arc<dyn Fn() -> bool + Send + Sync>,
     /// The mesh's default and shadow mode (`/v1/connect/intentions/check`).
     pub mesh: signpost_core::control_plane_config::MeshCaConfig,
+    /// Fires at shutdown: long-lived answers (the console's change
+    /// stream) end.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// An error answer: `{"error": message}`.
@@ -137,6 +142,12 @@ pub fn routes() -> Routes<HttpState> {
         .on(Method::Post, "/v1/connect/ca/rotate", mesh::rotate)
         .put("/v1/connect/ca/configuration", mesh::rotate)
         .get("/metrics", metrics)
+        .get("/ui", ui::root)
+        .get("/ui/", ui::index)
+        .get("/ui/console.js", ui::script)
+        .get("/ui/console.css", ui::style)
+        .get("/v1/ui/services", ui::services)
+        .get("/v1/ui/events", ui::events)
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -188,6 +199,12 @@ async fn nodes(State(s): State<HttpState>, reader: ReadFilter) -> Response {
                     "Version": n.hello.version,
                     "Meta": n.hello.meta,
                     "Services": n.instances.len(),
+                    // Unix ms; for a failed node, since when.
+                    "FailedAt": n.liveness.failed_at.and_then(|at| {
+                        at.duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    }),
                 })
             })
             .collect();

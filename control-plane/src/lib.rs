@@ -233,6 +233,7 @@ pub async fn run(
         data_dir: config.data_dir.clone(),
         quorum,
         mesh: config.mesh.clone(),
+        shutdown: shutdown.clone(),
     });
     let http_tls = if config.http.plaintext {
         tracing::warn!(listen = %listening.http, "the HTTP API is plain HTTP (http.plaintext): tokens cross it in the clear on this host");

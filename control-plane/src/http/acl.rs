@@ -308,6 +308,17 @@ pub(super) async fn whoami(State(s): State<HttpState>, headers: HeaderMap) -> Re
             ..
         }) => {
             let mut v = token_json(&s, &t);
+            // What the console offers this token (the server decides
+            // anyway).
+            let can = |resource, access| authorizer.allows(resource, access);
+            v["Can"] = json!({
+                "operator_read": can(Resource::Operator, Access::Read),
+                "operator_write": can(Resource::Operator, Access::Write),
+                "acl_read": can(Resource::Acl, Access::Read),
+                "acl_write": can(Resource::Acl, Access::Write),
+                "audit_read": can(Resource::Operator, Access::Read),
+                "kv_write": can(Resource::Key(""), Access::Write),
+            });
             v["Rules"] = json!(authorizer.rules);
             Json(v).into_response()
         }

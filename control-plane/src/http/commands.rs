@@ -19,14 +19,20 @@ fn command_json(s: &HttpState, c: &Command, now: u64) -> Value {
     let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
     v["state"] = json!(c.state(now));
     let applied = s.commands.applied_by(&c.id);
-    v["applied"] = json!(applied.len());
-    v["applied_by"] = json!(applied);
     let (connected, subscribed) = s
         .catalog
-        .read(|i| (i.connected(), i.subscribers(&c.target.service)));
+        .read(|i| (i.connected(), i.subscriber_nodes(&c.target.service)));
+    // The agents using the service (the ones whose traffic it changes)
+    // that have not said they applied it.
+    let pending: Vec<&String> = subscribed
+        .iter()
+        .filter(|n| applied.binary_search(n).is_err())
+        .collect();
+    v["pending_agents"] = json!(pending);
+    v["applied"] = json!(applied.len());
+    v["applied_by"] = json!(applied);
     v["agents_connected"] = json!(connected);
-    // The agents using the service: the ones whose traffic it changes.
-    v["agents_subscribed"] = json!(subscribed);
+    v["agents_subscribed"] = json!(subscribed.len());
     v
 }
 

@@ -15,7 +15,7 @@ mod policies;
 use serde_json::{Value, json};
 use signpost_tests::{ControlPlane, signpost};
 
-fn bootstrap(cp: &ControlPlane) -> String {
+pub(crate) fn bootstrap(cp: &ControlPlane) -> String {
     std::fs::read_to_string(cp.dir.path().join("data").join("bootstrap-token"))
         .unwrap()
         .trim()

@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
 
-mod clients;
+pub(crate) mod clients;
 
 use base64::Engine as _;
 use serde_json::{Value, json};

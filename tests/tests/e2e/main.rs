@@ -7,6 +7,7 @@ mod acl;
 mod api;
 mod checks;
 mod commands;
+mod console;
 mod dns;
 mod files;
 mod fleet;

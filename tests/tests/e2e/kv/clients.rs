@@ -12,7 +12,8 @@ use signpost_tests::Agent;
 
 use super::fleet;
 
-fn clients() -> PathBuf {
+/// Where `.ci/run` installs the clients (a Python venv, node modules).
+pub(crate) fn clients() -> PathBuf {
     std::env::var_os("SIGNPOST_CLIENTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -20,7 +21,7 @@ fn clients() -> PathBuf {
         })
 }
 
-fn script(name: &str) -> PathBuf {
+pub(crate) fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("clients")
         .join(name)
