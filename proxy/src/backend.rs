@@ -75,6 +75,8 @@ pub(crate) struct Backend {
     /// Seconds since the proxy started at the last use reported.
     last_use: AtomicU64,
     pub(crate) duration: crate::metrics::DurationHistogram,
+    /// Requests answered with a 5xx (by an instance or the proxy).
+    pub(crate) server_errors: crate::metrics::RequestCounter,
     accepted: Counter,
     active: Gauge,
     pub(crate) retries: Counter,
@@ -97,6 +99,8 @@ impl Backend {
         let metrics: &ProxyMetrics = &shared.metrics;
         let (accepted, active) = metrics.connection_metrics(name);
         let (retries, exhausted, panic) = metrics.retry_metrics(name);
+        let duration = metrics.duration(name);
+        let server_errors = metrics.server_errors(name, service, &duration);
         let backend = Backend {
             name: name.to_string(),
             service: service.to_string(),
@@ -118,7 +122,8 @@ impl Backend {
             route_limiters: Mutex::new(HashMap::new()),
             breaker: crate::breaker::Breaker::default(),
             last_use: AtomicU64::new(u64::MAX),
-            duration: metrics.duration(name),
+            duration,
+            server_errors,
             accepted,
             active,
             retries,

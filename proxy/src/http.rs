@@ -29,6 +29,7 @@ mod attempt;
 mod headers;
 mod prepare;
 mod retry;
+mod trace;
 mod tunnel;
 
 use self::retry::forward;
@@ -250,6 +251,7 @@ pub(crate) fn handle<'a>(
     async move {
         // There when hyper saw an HTTP/1.1 request to switch protocols.
         let mut upgrade = req.extensions_mut().remove::<OnUpgrade>();
+        let ids = trace::ensure(req.headers_mut());
         let started = Instant::now();
         backend.used(started);
         let snapshot = backend.snapshot_full();
@@ -304,7 +306,7 @@ pub(crate) fn handle<'a>(
             };
             backend.circuit_outcome(&snapshot.policy, ok, finished);
         }
-        let response = match result {
+        let mut response = match result {
             Ok((response, instance)) => {
                 access_log(
                     backend,
@@ -314,12 +316,12 @@ pub(crate) fn handle<'a>(
                     instance,
                     attempts,
                     started,
-                    (client, source),
+                    (client, source, &ids),
                 );
                 response
             }
             Err(error) => {
-                tracing::warn!(service = %backend.name, %client, %method, path, reason = error.reason(), %error, "request failed");
+                tracing::warn!(service = %backend.name, %client, %method, path, reason = error.reason(), %error, request_id = ?ids.request_id, "request failed");
                 let response = error_response(backend, &error);
                 access_log(
                     backend,
@@ -329,12 +331,19 @@ pub(crate) fn handle<'a>(
                     "",
                     attempts,
                     started,
-                    (client, source),
+                    (client, source, &ids),
                 );
                 response
             }
         };
         backend.duration.observe((finished - started).as_secs_f64());
+        if response.status().is_server_error() {
+            backend.server_errors.inc();
+        }
+        // The caller can quote it, whoever answered.
+        response
+            .headers_mut()
+            .insert(trace::REQUEST_ID.clone(), ids.request_id);
         response
     }
 }
@@ -398,7 +407,7 @@ fn access_log(
     instance: &str,
     attempts: u32,
     started: Instant,
-    (client, source): (SocketAddr, Option<&str>),
+    (client, source, ids): (SocketAddr, Option<&str>, &trace::Ids),
 ) {
     if backend.shared.access_log {
         tracing::info!(
@@ -412,6 +421,8 @@ fn access_log(
             instance,
             attempts,
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            trace_id = ids.trace_id.to_str().unwrap_or(""),
+            request_id = ids.request_id.to_str().unwrap_or(""),
         );
     }
 }

@@ -66,7 +66,7 @@ use crate::backend::Backend;
 pub use crate::endpoint::Endpoint;
 pub use crate::http::{ATTEMPT_HEADER, ERROR_HEADER};
 use crate::listeners::{BackendKey, Open, Tasks};
-pub use crate::metrics::ProxyMetrics;
+pub use crate::metrics::{ProxyMetrics, TrafficTotals};
 
 /// The proxy's settings from the agent's configuration.
 #[derive(Debug, Clone)]

@@ -87,9 +87,72 @@ pub struct ProxyMetrics {
     mesh_handshakes: Family<HandshakeKindLabels, Counter>,
     mesh_handshake_failures: Family<HandshakeLabels, Counter>,
     mesh_closed: Counter,
+    /// Each backend's requests, 5xx answers and durations (by backend
+    /// name), for the agent's traffic reports to the control plane.
+    traffic: std::sync::Mutex<std::collections::HashMap<String, TrafficCounters>>,
+}
+
+/// A backend's counts for [`ProxyMetrics::traffic`].
+#[derive(Debug)]
+struct TrafficCounters {
+    service: String,
+    duration: DurationHistogram,
+    server_errors: RequestCounter,
+}
+
+/// What the proxy sent a service since it started: requests answered,
+/// those answered with a 5xx, and requests per duration bucket (not
+/// cumulative; upper bounds 0.5 ms doubling, the last one unbounded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficTotals {
+    pub service: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub buckets: Vec<u64>,
 }
 
 impl ProxyMetrics {
+    /// The 5xx counter of backend `name` (of `service`), whose durations
+    /// go to `duration`: both counted in [`ProxyMetrics::traffic`].
+    pub(crate) fn server_errors(
+        &self,
+        name: &str,
+        service: &str,
+        duration: &DurationHistogram,
+    ) -> RequestCounter {
+        let counters = TrafficCounters {
+            service: service.to_string(),
+            duration: duration.clone(),
+            server_errors: RequestCounter::default(),
+        };
+        let errors = counters.server_errors.clone();
+        crate::lock(&self.traffic).insert(name.to_string(), counters);
+        errors
+    }
+
+    /// What the proxy sent each service since it started, summed over its
+    /// backends.
+    pub fn traffic(&self) -> Vec<TrafficTotals> {
+        let mut by_service: std::collections::BTreeMap<String, TrafficTotals> = Default::default();
+        for counters in crate::lock(&self.traffic).values() {
+            let (requests, buckets) = counters.duration.totals();
+            let totals = by_service
+                .entry(counters.service.clone())
+                .or_insert_with(|| TrafficTotals {
+                    service: counters.service.clone(),
+                    requests: 0,
+                    errors: 0,
+                    buckets: vec![0; DURATION_BUCKETS + 1],
+                });
+            totals.requests += requests;
+            totals.errors += counters.server_errors.get();
+            for (total, n) in totals.buckets.iter_mut().zip(buckets) {
+                *total += n;
+            }
+        }
+        by_service.into_values().collect()
+    }
+
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("proxy");
         r.register(
@@ -267,6 +330,7 @@ impl ProxyMetrics {
     /// Drops the series of a service no longer in use on the host (and
     /// of its instances, which went with it).
     pub(crate) fn remove_service(&self, service: &str) {
+        crate::lock(&self.traffic).remove(service);
         let labels = label(service);
         self.duration.remove(&labels);
         self.connections.remove(&labels);
@@ -370,6 +434,19 @@ fn shard_count() -> usize {
 }
 
 impl DurationHistogram {
+    /// The observations, and their count per bucket, over every shard.
+    fn totals(&self) -> (u64, [u64; DURATION_BUCKETS + 1]) {
+        let mut count = 0;
+        let mut buckets = [0u64; DURATION_BUCKETS + 1];
+        for shard in self.0.iter() {
+            count += shard.count.load(Ordering::Relaxed);
+            for (total, n) in buckets.iter_mut().zip(&shard.buckets) {
+                *total += n.load(Ordering::Relaxed);
+            }
+        }
+        (count, buckets)
+    }
+
     pub(crate) fn observe(&self, seconds: f64) {
         let shard = self.0.local();
         let bucket = (0..DURATION_BUCKETS)
@@ -428,8 +505,12 @@ impl Default for RequestCounter {
 }
 
 impl RequestCounter {
-    fn inc(&self) {
+    pub(crate) fn inc(&self) {
         self.0.local().fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.iter().map(|n| n.load(Ordering::Relaxed)).sum()
     }
 }
 

@@ -98,6 +98,15 @@ impl Upstream {
                             if c.load(Ordering::SeqCst) {
                                 response = response.header("connection", "close");
                             }
+                            // What the request's identity was on arrival.
+                            for (name, seen) in [
+                                ("traceparent", "x-traceparent-seen"),
+                                ("x-request-id", "x-request-id-seen"),
+                            ] {
+                                if let Some(value) = head.headers.get(name) {
+                                    response = response.header(seen, value.clone());
+                                }
+                            }
                             let response = response.body(body).unwrap();
                             Ok::<_, std::convert::Infallible>(response)
                         }

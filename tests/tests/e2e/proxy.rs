@@ -293,6 +293,93 @@ async fn the_access_log_has_a_line_per_request_and_connection() {
     assert!(connection["duration_ms"].as_f64().is_some(), "{connection}");
 }
 
+/// Requests carry their identity through the proxy: a W3C
+/// `traceparent` and an `x-request-id` that came with the request reach
+/// the instance unchanged; missing ones are made (a valid, unsampled
+/// trace; a UUID). The answer carries the request id back, the access
+/// log both.
+#[tokio::test]
+async fn requests_carry_a_trace_context_and_a_request_id() {
+    let agent = Agent::start(&format!(
+        "log:\n  format: json\n{}",
+        proxy_config("  access_log: true\n")
+    ))
+    .await;
+    let web = upstreams("web", 1).await;
+    register(&agent, "web.yaml", "web", "http", &web);
+    let (client, url) = vip_client(&agent, "web", web[0].addr.port()).await;
+
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = client
+        .get(format!("{url}given"))
+        .header("traceparent", given)
+        .header("x-request-id", "checkout-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-traceparent-seen"], given);
+    assert_eq!(r.headers()["x-request-id-seen"], "checkout-7");
+    assert_eq!(r.headers()["x-request-id"], "checkout-7");
+
+    let r = client.get(format!("{url}made")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let made = r.headers()["x-traceparent-seen"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let parts: Vec<&str> = made.split('-').collect();
+    assert_eq!(parts.len(), 4, "{made}");
+    assert_eq!(
+        (parts[0], parts[3]),
+        ("00", "00"),
+        "version 00, not sampled: {made}"
+    );
+    assert!(parts[1].len() == 32 && parts[2].len() == 16, "{made}");
+    assert!(
+        parts[1..3].iter().all(|p| p
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            && p.chars().any(|c| c != '0')),
+        "{made}"
+    );
+    let request_id = r.headers()["x-request-id-seen"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(request_id.len(), 36, "a UUID: {request_id}");
+    assert_eq!(r.headers()["x-request-id"], request_id.as_str());
+    let again = client.get(format!("{url}made")).send().await.unwrap();
+    assert_ne!(
+        again.headers()["x-request-id"],
+        request_id.as_str(),
+        "one per request"
+    );
+
+    let lines = agent
+        .eventually("access log lines with the ids", || async {
+            let lines: Vec<serde_json::Value> = agent
+                .log()
+                .lines()
+                .filter_map(|line| serde_json::from_str(line).ok())
+                .filter(|line: &serde_json::Value| {
+                    line["target"] == "signpost::access"
+                        && (line["path"] == "/given" || line["path"] == "/made")
+                })
+                .collect();
+            (lines.len() >= 2).then_some(lines)
+        })
+        .await;
+    assert_eq!(
+        lines[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[0]["request_id"], "checkout-7", "{}", lines[0]);
+    assert_eq!(lines[1]["trace_id"], parts[1], "{}", lines[1]);
+    assert_eq!(lines[1]["request_id"], request_id.as_str(), "{}", lines[1]);
+}
+
 /// A client that shuts its sending side after the request (HTTP/1.1
 /// allows it) still gets the answer.
 #[tokio::test]
