@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Checks the packages built by packaging/build.sh the way a user meets
-# them: lintian (no errors) on the .debs, the .rpms' contents, config
-# files and scripts (rpm -qip/-qlp), then on this machine (as root, without
-# systemd) install the agent .deb, run the installed binary as the
-# signpost user with the installed configuration, as the unit would,
-# query its DNS and API, upgrade over itself (also under load: wrk and
-# dnsperf through the running agent while the package is upgraded and the
-# agent restarts into the new program as the postinst makes it under
-# systemd: 0 failed requests, 0 lost queries), remove (config and state
-# stay), purge (they go).
+# them: lintian (no errors) on the .debs, the monitoring assets in both
+# formats (Prometheus rules that load, dashboards that parse), the .rpms'
+# contents, config files and scripts (rpm -qip/-qlp), then on this
+# machine (as root, without systemd) install the agent .deb, run the
+# installed binary as the signpost user with the installed configuration,
+# as the unit would, query its DNS and API, upgrade over itself (also
+# under load: wrk and dnsperf through the running agent while the package
+# is upgraded and the agent restarts into the new program as the postinst
+# makes it under systemd: 0 failed requests, 0 lost queries), remove
+# (config and state stay), purge (they go).
 #
 #   bash packaging/check.sh
-# Needs: lintian, rpm, dig, curl, wrk, dnsperf, python3; root.
+# Needs: lintian, rpm, dig, curl, wrk, dnsperf, python3, promtool (prometheus); root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/signpost/target}"
@@ -24,6 +25,29 @@ echo "== lintian"
 out=$(lintian "$AGENT_DEB" "$CP_DEB" 2>&1 | grep -v "root privileges" || true)
 echo "$out"
 if echo "$out" | grep -q '^E:'; then fail "lintian errors"; fi
+
+echo "== monitoring assets: Prometheus rules and the control-plane dashboard with the control plane, the agents' dashboard with the agent"
+MON=usr/share/signpost/monitoring
+deb_files() { dpkg-deb -c "$1" | awk '{print $6}' | sed 's|^\./||'; }
+agent_deb=$(deb_files "$AGENT_DEB")
+cp_deb=$(deb_files "$CP_DEB")
+echo "$agent_deb" | grep -qx "$MON/grafana-signpost-agents.json" || fail "$AGENT_DEB: no agents dashboard"
+echo "$cp_deb" | grep -qx "$MON/signpost-alerts.yml" || fail "$CP_DEB: no alerting rules"
+echo "$cp_deb" | grep -qx "$MON/grafana-signpost-control-plane.json" || fail "$CP_DEB: no control-plane dashboard"
+agent_rpm=$(rpm -qlp "$CARGO_TARGET_DIR"/generate-rpm/signpost-0*.rpm)
+cp_rpm=$(rpm -qlp "$CARGO_TARGET_DIR"/generate-rpm/signpost-control-plane-*.rpm)
+echo "$agent_rpm" | grep -qx "/$MON/grafana-signpost-agents.json" || fail "agent rpm: no agents dashboard"
+echo "$cp_rpm" | grep -qx "/$MON/signpost-alerts.yml" || fail "control-plane rpm: no alerting rules"
+echo "$cp_rpm" | grep -qx "/$MON/grafana-signpost-control-plane.json" || fail "control-plane rpm: no control-plane dashboard"
+# What was packaged loads: the rules in Prometheus's checker, the dashboards as JSON.
+dpkg-deb --fsys-tarfile "$CP_DEB" | tar -xO "./$MON/signpost-alerts.yml" > /tmp/signpost-alerts.yml
+promtool check rules /tmp/signpost-alerts.yml || fail "the packaged alerting rules do not load"
+for deb in "$AGENT_DEB" "$CP_DEB"; do
+  for dashboard in $(deb_files "$deb" | grep "^$MON/grafana-.*\.json$"); do
+    dpkg-deb --fsys-tarfile "$deb" | tar -xO "./$dashboard" | python3 -m json.tool > /dev/null \
+      || fail "$deb: $dashboard is not JSON"
+  done
+done
 
 echo "== rpm contents and scripts"
 for rpm in "$CARGO_TARGET_DIR"/generate-rpm/signpost-*.rpm; do

@@ -67,7 +67,15 @@ pub struct FleetCache {
     /// control plane of it, by service.
     in_flight: std::sync::OnceLock<InFlightSource>,
     reported: Mutex<HashMap<String, Vec<InFlight>>>,
+    /// What the proxy sent each service since it started (set once the
+    /// proxy runs), and the totals the last traffic report was taken
+    /// from.
+    traffic: std::sync::OnceLock<TrafficSource>,
+    traffic_reported: Mutex<Option<HashMap<String, signpost_proxy::TrafficTotals>>>,
 }
+
+/// The proxy's traffic totals, by service.
+pub type TrafficSource = Box<dyn Fn() -> Vec<signpost_proxy::TrafficTotals> + Send + Sync>;
 
 /// The proxy's in-flight counts to draining instances, by service.
 pub type InFlightSource =
@@ -97,11 +105,70 @@ impl FleetCache {
             subscribe: Notify::new(),
             ack_queries: Mutex::new(ack_queries),
             in_flight: std::sync::OnceLock::new(),
+            traffic: std::sync::OnceLock::new(),
+            traffic_reported: Mutex::new(None),
             reported: Mutex::new(HashMap::new()),
         }
     }
 
     /// Where in-flight counts come from: the proxy, once it runs.
+    pub fn set_traffic_source(&self, source: TrafficSource) {
+        if self.traffic.set(source).is_err() {
+            tracing::debug!("the traffic source was set already");
+        }
+    }
+
+    /// What the proxy sent each service since the last call (the first
+    /// call only takes the totals it counts from): the services that got
+    /// requests, or none.
+    pub fn traffic_since_last(&self) -> Vec<signpost_proto::ServiceTraffic> {
+        let Some(source) = self.traffic.get() else {
+            return Vec::new();
+        };
+        let now: HashMap<String, signpost_proxy::TrafficTotals> = source()
+            .into_iter()
+            .map(|t| (t.service.clone(), t))
+            .collect();
+        let mut last = self
+            .traffic_reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(before) = last.replace(now.clone()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<signpost_proto::ServiceTraffic> = now
+            .values()
+            .filter_map(|t| {
+                // A service whose backend went and came back starts over.
+                let zero = signpost_proxy::TrafficTotals {
+                    service: t.service.clone(),
+                    requests: 0,
+                    errors: 0,
+                    buckets: Vec::new(),
+                };
+                let b = before
+                    .get(&t.service)
+                    .filter(|b| b.requests <= t.requests)
+                    .unwrap_or(&zero);
+                let requests = t.requests - b.requests;
+                (requests > 0).then(|| signpost_proto::ServiceTraffic {
+                    service: t.service.clone(),
+                    requests,
+                    errors: t.errors.saturating_sub(b.errors).min(requests),
+                    duration_buckets: t
+                        .buckets
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| n.saturating_sub(b.buckets.get(i).copied().unwrap_or(0)))
+                        .collect(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out.truncate(signpost_proto::reported::MAX_TRAFFIC_SERVICES);
+        out
+    }
+
     pub fn set_in_flight_source(&self, source: InFlightSource) {
         if self.in_flight.set(source).is_err() {
             tracing::debug!("the in-flight source was set already");

@@ -596,6 +596,7 @@ async fn serve(
     }
     let mut proxy_ready = None;
     if let Some(catalog) = catalog.as_ref().filter(|_| config.proxy.enabled) {
+        let proxy_metrics = metrics.proxy.clone();
         let proxy = Arc::new(
             proxy::new(catalog, metrics.proxy, sockets)
                 .context("cannot start the proxy's threads")?,
@@ -605,6 +606,8 @@ async fn serve(
             // control plane (and `signpost drain` on their hosts).
             let proxy = proxy.clone();
             fleet.set_in_flight_source(Box::new(move || proxy.draining()));
+            // What it sends each service, for the console's figures.
+            fleet.set_traffic_source(Box::new(move || proxy_metrics.traffic()));
         }
         tracing::info!(vip_range = %config.proxy.vip_range, "proxy serving the service VIPs");
         if let Some(inbound) = inbound {

@@ -44,6 +44,9 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often what the proxy has in flight to draining instances is
 /// looked at (and told the control plane when it changed).
 const IN_FLIGHT_REPORT: Duration = Duration::from_millis(200);
+/// How often the agent tells the control plane what its proxy sent each
+/// service (the console's live figures).
+const TRAFFIC_REPORT: Duration = Duration::from_secs(5);
 
 /// What the sync needs besides the agent.
 pub(crate) struct Settings {
@@ -418,8 +421,25 @@ async fn session(
     // the control plane as it changes (for `signpost drain` elsewhere).
     let mut in_flight_check = tokio::time::interval(IN_FLIGHT_REPORT);
     in_flight_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // What the proxy sent each service, for the console's live figures.
+    // Counted from now: what was sent before this session is not told.
+    fleet.traffic_since_last();
+    let mut traffic_since = tokio::time::Instant::now();
+    let mut traffic_report =
+        tokio::time::interval_at(traffic_since + TRAFFIC_REPORT, TRAFFIC_REPORT);
+    traffic_report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = traffic_report.tick() => {
+                let services = fleet.traffic_since_last();
+                let window = traffic_since.elapsed();
+                traffic_since = tokio::time::Instant::now();
+                if !services.is_empty() {
+                    let window_ms = u32::try_from(window.as_millis()).unwrap_or(u32::MAX).max(1);
+                    let traffic = signpost_proto::Traffic { window_ms, services };
+                    tx.send(message(agent_message::Body::Traffic(traffic))).await?;
+                }
+            }
             _ = in_flight_check.tick() => {
                 let changes = fleet.in_flight_changes();
                 if !changes.is_empty() {

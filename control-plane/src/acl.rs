@@ -884,6 +884,11 @@ impl Acl {
         self.audit.denied_anonymous(entry);
     }
 
+    /// Requests refused for their token, counted for the metrics.
+    pub fn denials(&self) -> prometheus_client::metrics::counter::Counter {
+        self.audit.denials()
+    }
+
     /// The audit log's periodic work ([`AuditLog::tick`]).
     pub fn audit_tick(&self) {
         self.audit.tick();

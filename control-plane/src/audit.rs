@@ -69,6 +69,8 @@ pub struct AuditLog {
     /// has them ([`AuditLog::remember`]). The file stays this replica's.
     shared: OnceLock<(Arc<dyn crate::store::Shared>, String)>,
     written: AtomicU64,
+    /// Requests this replica refused for their token (or its absence).
+    denials: prometheus_client::metrics::counter::Counter,
 }
 
 struct Inner {
@@ -114,6 +116,7 @@ impl AuditLog {
             }),
             shared: OnceLock::new(),
             written: AtomicU64::new(0),
+            denials: Default::default(),
         };
         log.expire_rotated();
         Ok(log)
@@ -146,13 +149,22 @@ impl AuditLog {
     /// Appends `entry` (file and memory). A write error is logged:
     /// refusing the request would not undo what it did.
     pub fn record(&self, entry: AuditEntry) {
+        if entry.outcome.starts_with("denied") {
+            self.denials.inc();
+        }
         let mut inner = self.lock();
         self.append(&mut inner, entry);
+    }
+
+    /// The count of requests refused for their token, for the metrics.
+    pub fn denials(&self) -> prometheus_client::metrics::counter::Counter {
+        self.denials.clone()
     }
 
     /// A request refused for want of a valid token: written if it is the
     /// first of its period, else counted for [`AuditLog::tick`].
     pub fn denied_anonymous(&self, entry: AuditEntry) {
+        self.denials.inc();
         let mut inner = self.lock();
         let now = entry.time;
         let quiet = inner

@@ -18,6 +18,7 @@ mod liveness;
 mod shared;
 #[cfg(test)]
 mod test_agent;
+mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
@@ -32,9 +33,12 @@ use tokio::sync::{mpsc, watch};
 
 pub use self::drains::{ASK_HOLD, DrainAnswer, DrainWork, NodeAck};
 use self::liveness::PendingProbe;
-pub use self::liveness::{Liveness, NodeStatus, ProbeVerdict, liveness_check};
+pub use self::liveness::{
+    Liveness, NodeStatus, PeerAnswer, ProbeRound, ProbeVerdict, liveness_check,
+};
 pub use self::shared::Decision;
 use self::shared::SharedState;
+pub use self::traffic::TrafficSummary;
 
 pub type SessionId = u64;
 
@@ -46,6 +50,9 @@ pub struct NodeEntry {
     pub node_checks: Vec<Check>,
     pub session: Option<SessionId>,
     pub liveness: Liveness,
+    /// When this replica last had its agent's stream (none: it has it,
+    /// or never had).
+    pub last_contact: Option<std::time::SystemTime>,
 }
 
 struct Session {
@@ -69,6 +76,9 @@ pub struct Inner {
     next_session: SessionId,
     probes: HashMap<u64, PendingProbe>,
     next_probe: u64,
+    /// Each node's last concluded probe round: who was asked, what they
+    /// saw.
+    pub last_probes: HashMap<String, ProbeRound>,
     /// Until when a control plane that started without its catalog waits
     /// for agents to report ([`Catalog::warm_up`]).
     warm_up_until: Option<Instant>,
@@ -82,6 +92,7 @@ pub struct Inner {
     /// The index of the change being published (the store's revision);
     /// without one, the next index is the last plus one.
     revision: Option<u64>,
+    stats: CatalogStats,
 }
 
 impl Inner {
@@ -93,6 +104,20 @@ impl Inner {
     /// Agents subscribed to `service` now.
     pub fn subscribers(&self, service: &str) -> usize {
         self.subscribers.get(service).map_or(0, HashSet::len)
+    }
+
+    /// On a shared store, the replica that holds `node`'s agent's stream.
+    pub fn holder_of(&self, node: &str) -> Option<&str> {
+        self.shared.as_ref().and_then(|s| s.drains.holder(node))
+    }
+
+    /// The deepest queue of messages waiting for an agent now.
+    pub fn queue_depth_max(&self) -> usize {
+        self.sessions
+            .values()
+            .map(|s| SESSION_QUEUE.saturating_sub(s.tx.capacity()))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The nodes of the agents subscribed to `service` now, sorted.
@@ -114,6 +139,35 @@ pub struct Catalog {
     inner: Mutex<Inner>,
     /// Bumped on every change worth keeping on disk.
     changes: watch::Sender<u64>,
+    /// What agents' proxies send each service (for the console).
+    traffic: traffic::TrafficReports,
+}
+
+/// What the catalog counts as it works, for the metrics.
+#[derive(Clone)]
+pub struct CatalogStats {
+    /// How long queueing one change for every subscriber of its services
+    /// took.
+    pub fanout_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Sessions dropped because their agent could not keep up.
+    pub sessions_dropped: prometheus_client::metrics::counter::Counter,
+    /// Peer probes of unreachable nodes, by verdict.
+    pub probes: prometheus_client::metrics::family::Family<
+        crate::metrics::OutcomeLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl Default for CatalogStats {
+    fn default() -> Self {
+        CatalogStats {
+            fanout_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 4.0, 12),
+            ),
+            sessions_dropped: Default::default(),
+            probes: Default::default(),
+        }
+    }
 }
 
 impl Default for Catalog {
@@ -132,11 +186,14 @@ impl Default for Catalog {
                 next_session: 0,
                 probes: HashMap::new(),
                 next_probe: 0,
+                last_probes: HashMap::new(),
                 shared: None,
                 revision: None,
+                stats: CatalogStats::default(),
                 protocols: HashMap::new(),
             }),
             changes: watch::channel(0).0,
+            traffic: Default::default(),
         }
     }
 }
@@ -157,6 +214,11 @@ impl Catalog {
 
     pub fn read<R>(&self, f: impl FnOnce(&Inner) -> R) -> R {
         f(&self.lock())
+    }
+
+    /// What the catalog counts, to register with the metrics.
+    pub fn stats(&self) -> CatalogStats {
+        self.lock().stats.clone()
     }
 
     pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
@@ -225,6 +287,7 @@ impl Catalog {
                     } else {
                         Liveness::restored(node.failed_at_unix_ms, now, grace)
                     },
+                    last_contact: None,
                 },
             );
         }
@@ -289,6 +352,7 @@ impl Catalog {
                         node_checks: Vec::new(),
                         session: Some(id),
                         liveness: Liveness::alive(),
+                        last_contact: None,
                     },
                 );
                 None
@@ -442,6 +506,7 @@ impl Inner {
                             node_checks: Vec::new(),
                             session: None,
                             liveness,
+                            last_contact: None,
                         },
                     );
                 }

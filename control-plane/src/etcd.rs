@@ -195,20 +195,27 @@ impl Etcd {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        let started = std::time::Instant::now();
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut last = None;
         while tokio::time::Instant::now() < deadline {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let attempt = (self.timeout / 2).min(left);
             match tokio::time::timeout(attempt, request(self.client())).await {
-                Ok(Ok(answer)) => return self.noted(Ok(answer)),
+                Ok(Ok(answer)) => {
+                    let outcome = Ok(answer);
+                    crate::store::stats().wrote("etcd_write", started, &outcome);
+                    return self.noted(outcome);
+                }
                 Ok(Err(e)) => last = Some(e.to_string()),
                 Err(_) => last = Some(format!("etcd did not answer within {attempt:?}")),
             }
             tokio::time::sleep(RETRY_PAUSE.min(left)).await;
         }
         let reason = last.unwrap_or_else(|| "no time left".to_string());
-        self.noted(Err(StoreError::Unavailable { reason }))
+        let outcome = Err(StoreError::Unavailable { reason });
+        crate::store::stats().wrote("etcd_write", started, &outcome);
+        self.noted(outcome)
     }
 
     async fn grant(&self) -> Result<i64, StoreError> {

@@ -147,6 +147,7 @@ pub fn routes() -> Routes<HttpState> {
         .get("/ui/console.js", ui::script)
         .get("/ui/console.css", ui::style)
         .get("/v1/ui/services", ui::services)
+        .get("/v1/ui/services/{name}", ui::service)
         .get("/v1/ui/events", ui::events)
 }
 
@@ -168,6 +169,11 @@ impl axum::extract::FromRequestParts<HttpState> for ReadFilter {
         let resolved = acl::resolve(s, &parts.headers, "catalog.read")?;
         Ok(ReadFilter::new(Arc::new(resolved.authorizer)))
     }
+}
+
+fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn json_response(index: u64, body: &Value) -> Response {
@@ -200,11 +206,16 @@ async fn nodes(State(s): State<HttpState>, reader: ReadFilter) -> Response {
                     "Meta": n.hello.meta,
                     "Services": n.instances.len(),
                     // Unix ms; for a failed node, since when.
-                    "FailedAt": n.liveness.failed_at.and_then(|at| {
-                        at.duration_since(std::time::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                    }),
+                    "FailedAt": n.liveness.failed_at.map(unix_ms),
+                    // When this replica last had its agent's stream.
+                    "LastContact": n.session.is_none().then_some(n.last_contact).flatten().map(unix_ms),
+                    // Not alive: the peers asked whether they reach it.
+                    "Probes": (n.liveness.status != crate::catalog::NodeStatus::Alive)
+                        .then(|| inner.last_probes.get(&n.hello.node))
+                        .flatten()
+                        .map(|round| json!({"At": round.at_unix_ms, "Answers": round.answers})),
+                    // On etcd: the replica its agent's stream is on.
+                    "Replica": inner.holder_of(&n.hello.node),
                 })
             })
             .collect();
@@ -298,7 +309,13 @@ async fn health_service(
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
-    let body = s.metrics.render(&s.catalog, (s.quorum)());
+    let root = crate::mesh::load(&s.kv)
+        .ok()
+        .flatten()
+        .and_then(|(ca, _)| ca.active_root().ok().map(|r| r.cert_pem.clone()));
+    let body = s
+        .metrics
+        .render(&s.catalog, &s.commands, (s.quorum)(), root.as_deref());
     (
         StatusCode::OK,
         [(

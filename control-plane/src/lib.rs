@@ -220,7 +220,14 @@ pub async fn run(
             async move { grpc_shutdown.cancelled().await },
         );
     running.spawn(async move { ("gRPC server", grpc.await.map_err(|e| e.to_string())) });
-    let metrics = Arc::new(metrics::Metrics::default());
+    let certificates = metrics::Certificates {
+        files: vec![
+            ("http", config.http_tls_files().0),
+            ("grpc", config.tls_files().0),
+            ("ca", config.ca_files().0),
+        ],
+    };
+    let metrics = Arc::new(metrics::Metrics::new(&catalog, acl.denials(), certificates));
     let server_metrics = metrics.http_server.clone();
     let router = http::router(http::HttpState {
         catalog,

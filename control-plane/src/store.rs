@@ -42,6 +42,56 @@ pub enum StoreError {
     Unavailable { reason: String },
 }
 
+/// What the store's writes cost and how often they fail, for the
+/// metrics: one per process, whichever store it runs on (the catalog
+/// snapshot's file, etcd).
+pub struct StoreStats {
+    pub errors: prometheus_client::metrics::family::Family<
+        crate::metrics::OperationLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    pub write_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// The process's store statistics.
+pub fn stats() -> &'static StoreStats {
+    static STATS: std::sync::OnceLock<StoreStats> = std::sync::OnceLock::new();
+    STATS.get_or_init(|| {
+        let stats = StoreStats {
+            errors: Default::default(),
+            write_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_1, 4.0, 10),
+            ),
+        };
+        // Shown at 0 before the first error, for `rate()` to see it.
+        for operation in ["catalog_save", "etcd_write"] {
+            drop(
+                stats
+                    .errors
+                    .get_or_create(&crate::metrics::OperationLabels { operation }),
+            );
+        }
+        stats
+    })
+}
+
+impl StoreStats {
+    /// Notes a write of `operation` begun at `started` and how it ended.
+    pub fn wrote<T, E>(
+        &self,
+        operation: &'static str,
+        started: std::time::Instant,
+        outcome: &Result<T, E>,
+    ) {
+        self.write_seconds.observe(started.elapsed().as_secs_f64());
+        if outcome.is_err() {
+            self.errors
+                .get_or_create(&crate::metrics::OperationLabels { operation })
+                .inc();
+        }
+    }
+}
+
 /// Records shared by every replica; keys are relative to the store's
 /// prefix. A call returns once the record is durable in the store.
 #[tonic::async_trait]
@@ -101,13 +151,16 @@ impl Store for FileStore {
     }
 
     async fn save(&self, snapshot: CatalogSnapshot) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         let path = self.path.clone();
         let bytes = snapshot.encode_to_vec();
         let written =
             tokio::task::spawn_blocking(move || signpost_daemon::fs::write_atomic(&path, &bytes))
                 .await
-                .map_err(|e| self.io(std::io::Error::other(e)))?;
-        written.map_err(|e| self.io(e))
+                .map_err(|e| self.io(std::io::Error::other(e)))
+                .and_then(|w| w.map_err(|e| self.io(e)));
+        stats().wrote("catalog_save", started, &written);
+        written
     }
 }
 

@@ -644,6 +644,7 @@ fn dispatch(
         agent_message::Body::Ack(a) => catalog.ack(session, a),
         agent_message::Body::AckQuery(q) => catalog.ack_query(session, q),
         agent_message::Body::CommandsApplied(a) => commands.applied(node, &a.ids),
+        agent_message::Body::Traffic(t) => catalog.traffic(node, t),
         agent_message::Body::Refusal(r) => acl.record(AuditEntry::new(
             &r.who,
             &r.action,
@@ -658,7 +659,12 @@ fn dispatch(
             if catalog.relayed(r.probe_id) {
                 reports.relay_probe_result(node, &r);
             } else {
-                catalog.probe_result(r.probe_id, r.reachable);
+                let answer = crate::catalog::PeerAnswer {
+                    peer: node.to_string(),
+                    reachable: r.reachable,
+                    error: r.error.chars().take(256).collect(),
+                };
+                catalog.probe_result(r.probe_id, answer);
             }
         }
         // Refused by [`check`].
@@ -693,6 +699,7 @@ fn check(body: &agent_message::Body, subscriptions: impl FnOnce() -> usize) -> R
                 .try_for_each(|s| reported::service_name(s))
         }
         agent_message::Body::Refusal(r) => reported::refusal(r),
+        agent_message::Body::Traffic(t) => reported::traffic(t),
         agent_message::Body::Hello(_) => Err(Garbage {
             what: "Hello".to_string(),
             reason: "sent again on an open session".to_string(),

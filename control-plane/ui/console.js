@@ -227,8 +227,16 @@ const routes = [
 let rendering = null;
 let viewState = {}; // what the user typed in filters, kept across refreshes
 
+// Figures that change without a change notice (traffic) are fetched
+// again after a while, as long as the page shows them.
+let pollTimer = null;
+function pollIn(ms) {
+  pollTimer = setTimeout(refresh, ms);
+}
+
 async function render(navigated) {
   if (!me) return;
+  clearTimeout(pollTimer);
   const hash = location.hash || "#/services";
   for (const a of document.querySelectorAll("#nav a")) {
     const section = a.getAttribute("href");
@@ -330,7 +338,8 @@ async function viewService(name) {
     api("GET", `/v1/commands?service=${encodeURIComponent(name)}&state=active`),
     api("GET", "/v1/connect/intentions").catch(() => null),
   ]);
-  const traffic = null; // the agents' traffic summaries: not reported yet
+  const traffic = await api("GET", `/v1/ui/services/${encodeURIComponent(name)}`);
+  pollIn(5000);
   const rows = entries.map((e) => {
     const svc = e.Service;
     const checks = e.Checks.map((c) => h("div", { class: "check" },
@@ -365,9 +374,11 @@ async function viewService(name) {
 }
 
 function trafficCards(t) {
-  if (!t.Traffic) return null;
+  if (!t.Traffic) {
+    return h("p", { class: "muted", id: "traffic" }, "No traffic through Signpost's proxies lately.");
+  }
   const tr = t.Traffic;
-  return h("div", {},
+  return h("div", { id: "traffic" },
     h("h2", {}, "Traffic (from the agents that call it)"),
     h("div", { class: "cards" },
       h("div", { class: "card" }, h("div", { class: "muted" }, "Requests/s"), h("div", { class: "value" }, tr.RequestsPerSecond.toFixed(1))),
@@ -391,8 +402,10 @@ async function viewNodes() {
       n.Zone || "",
       h("div", {}, badge(n.Status),
         n.FailedAt ? h("div", { class: "muted" }, `since ${when(n.FailedAt)}`) : null,
-        (n.Probes || []).length ? h("div", { class: "muted" }, "probed by: ",
-          n.Probes.map((p) => `${p.Peer} (${p.Reachable ? "reached it" : "could not reach it"})`).join(", ")) : null),
+        n.Probes ? h("div", { class: "muted" }, `probed ${ago(n.Probes.At)}: `,
+          n.Probes.Answers.length ? n.Probes.Answers.map((p) =>
+            `${p.Peer} ${p.Reachable ? "reached it" : `could not reach it${p.Error ? ` (${p.Error})` : ""}`}`).join("; ")
+            : "no peer answered") : null),
       n.Version || "",
       n.Services,
       n.LastContact ? ago(n.LastContact) : (n.Status === "alive" ? "connected" : ""),

@@ -10,7 +10,7 @@ use signpost_core::model::{
     MAX_OUTPUT_MAX_SIZE, valid_hostname, valid_id, valid_name, validate_meta,
 };
 
-use crate::{Check, Hello, Instance, Refusal};
+use crate::{Check, Hello, Instance, Refusal, Traffic};
 
 /// Longest free-form label (zone, datacenter, version, node ID).
 const MAX_LABEL: usize = 256;
@@ -83,6 +83,39 @@ pub fn refusal(refusal: &Refusal) -> Result<(), Garbage> {
     label("Refusal.action", &refusal.action)?;
     label("Refusal.target", &refusal.target)?;
     label("Refusal.reason", &refusal.reason)
+}
+
+/// Most services one traffic report names.
+pub const MAX_TRAFFIC_SERVICES: usize = 4096;
+/// Most duration buckets one service's traffic has.
+pub const MAX_TRAFFIC_BUCKETS: usize = 64;
+
+/// What an agent's proxy sent each service, for the console.
+pub fn traffic(traffic: &Traffic) -> Result<(), Garbage> {
+    if traffic.services.len() > MAX_TRAFFIC_SERVICES {
+        return Err(garbage(
+            "Traffic",
+            format!("more than {MAX_TRAFFIC_SERVICES} services"),
+        ));
+    }
+    if traffic.window_ms == 0 {
+        return Err(garbage("Traffic.window_ms", "must be more than 0"));
+    }
+    for s in &traffic.services {
+        if !valid_name(&s.service) {
+            return Err(garbage(
+                "Traffic",
+                format!("{:?} is not a service name", s.service),
+            ));
+        }
+        if s.duration_buckets.len() > MAX_TRAFFIC_BUCKETS || s.errors > s.requests {
+            return Err(garbage(
+                format!("Traffic of {:?}", s.service),
+                format!("at most {MAX_TRAFFIC_BUCKETS} buckets, and no more errors than requests"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A service instance an agent reports.

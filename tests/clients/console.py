@@ -93,6 +93,12 @@ with sync_playwright() as p:
     instances = page.get_by_role("table", name="Instances")
     expect(instances).to_contain_text("web-1")
     expect(instances.locator(".badge.critical")).to_have_count(0)
+    step("its traffic, as the agents' proxies report it")
+    traffic = page.locator("#traffic")
+    expect(traffic).to_contain_text("Requests/s", timeout=30_000)
+    expect(traffic).to_contain_text("Reporting agents")
+    rate = float(traffic.locator(".card .value").first.inner_text())
+    assert rate > 0, f"requests per second: {rate}"
     page.evaluate("window.__notReloaded = true")
     agent("PUT", "/v1/agent/check/fail/service:web-1?note=disk%20full")
     expect(instances.locator(".badge.critical")).to_have_count(1)

@@ -73,6 +73,10 @@ impl Drains {
     pub(super) fn forget_holder(&mut self, node: &str) {
         self.holders.remove(node);
     }
+
+    pub(super) fn holder(&self, node: &str) -> Option<&str> {
+        self.holders.get(node).map(String::as_str)
+    }
 }
 
 fn ask_key(service: &str) -> String {

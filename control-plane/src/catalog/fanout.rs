@@ -181,6 +181,7 @@ impl Inner {
             match e {
                 mpsc::error::TrySendError::Full(_) => {
                     tracing::warn!(node = %node, "agent session too slow to follow changes: dropping it (the agent will resync)");
+                    self.stats.sessions_dropped.inc();
                 }
                 mpsc::error::TrySendError::Closed(_) => {}
             }
@@ -228,6 +229,7 @@ impl Inner {
     /// Gives each changed service a new index and sends its delta to its
     /// subscribers, and only to them.
     pub(super) fn publish(&mut self, changes: BTreeMap<String, ServiceChange>) {
+        let started = Instant::now();
         self.index = match self.revision {
             // Every replica publishes a change of the shared store at its
             // revision: the same index on each.
@@ -255,6 +257,9 @@ impl Inner {
                 self.send(session, message.clone());
             }
         }
+        self.stats
+            .fanout_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 

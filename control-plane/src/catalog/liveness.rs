@@ -172,11 +172,31 @@ pub fn liveness_check(node: &NodeEntry) -> Check {
 /// A question to peers about an unreachable node.
 pub(super) struct PendingProbe {
     node: String,
+    /// The peers' answers so far.
+    answers: Vec<PeerAnswer>,
     /// Peers asked that have not answered yet.
     outstanding: usize,
     /// Peers asked: with none, nothing can be concluded.
     asked: usize,
     deadline: Instant,
+}
+
+/// What a peer said when asked whether it reaches a node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PeerAnswer {
+    pub peer: String,
+    pub reachable: bool,
+    /// What it saw when it could not (empty: not told).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+/// The last probe round of a node, and when it ended (Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeRound {
+    pub at_unix_ms: u64,
+    pub answers: Vec<PeerAnswer>,
 }
 
 /// How a probe round ended.
@@ -188,6 +208,17 @@ pub enum ProbeVerdict {
     Failed,
     /// No peer was connected to ask: probed again later.
     Unknown,
+}
+
+impl ProbeVerdict {
+    /// As the metrics label it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeVerdict::Reachable => "reachable",
+            ProbeVerdict::Failed => "failed",
+            ProbeVerdict::Unknown => "no_peer",
+        }
+    }
 }
 
 impl Catalog {
@@ -204,6 +235,7 @@ impl Catalog {
             if let Some(entry) = inner.nodes.get_mut(&node)
                 && entry.session == Some(session)
             {
+                entry.last_contact = Some(SystemTime::now());
                 entry.session = None;
                 entry.liveness.status = NodeStatus::Unreachable;
                 entry.liveness.next_probe = None;
@@ -218,20 +250,26 @@ impl Catalog {
     }
 
     /// A peer's answer to a probe request; returns the verdict once known.
-    pub fn probe_result(&self, probe_id: u64, reachable: bool) -> Option<(String, ProbeVerdict)> {
-        self.probe_result_at(probe_id, reachable, Instant::now(), SystemTime::now())
+    pub fn probe_result(
+        &self,
+        probe_id: u64,
+        answer: PeerAnswer,
+    ) -> Option<(String, ProbeVerdict)> {
+        self.probe_result_at(probe_id, answer, Instant::now(), SystemTime::now())
     }
 
     fn probe_result_at(
         &self,
         probe_id: u64,
-        reachable: bool,
+        answer: PeerAnswer,
         now: Instant,
         wall: SystemTime,
     ) -> Option<(String, ProbeVerdict)> {
         let mut inner = self.lock();
         let pending = inner.probes.get_mut(&probe_id)?;
         pending.outstanding = pending.outstanding.saturating_sub(1);
+        let reachable = answer.reachable;
+        pending.answers.push(answer);
         let verdict = if reachable {
             ProbeVerdict::Reachable
         } else if pending.outstanding == 0 {
@@ -341,6 +379,7 @@ impl Inner {
             id,
             PendingProbe {
                 node: node.to_string(),
+                answers: Vec::new(),
                 outstanding: asked,
                 asked,
                 deadline: now + PROBE_TIMEOUT,
@@ -414,6 +453,19 @@ impl Inner {
         if self.shared.is_some() {
             self.decide(super::Decision::ProbeDone { id: probe_id });
         }
+        self.last_probes.insert(
+            pending.node.clone(),
+            ProbeRound {
+                at_unix_ms: unix_ms(wall),
+                answers: pending.answers.clone(),
+            },
+        );
+        self.stats
+            .probes
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: verdict.as_str(),
+            })
+            .inc();
         let entry = self.nodes.get_mut(&pending.node)?;
         // Reconnected meanwhile: nothing to decide.
         if entry.liveness.status != NodeStatus::Unreachable {
@@ -461,12 +513,25 @@ impl Inner {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::test_agent::{Agent, hello, instance};
     use super::*;
     use signpost_proto::{CatalogSnapshot, FullState, NodeSnapshot};
 
     const REAP: Duration = Duration::from_secs(600);
+
+    /// A peer's answer.
+    pub(crate) fn answer(reachable: bool) -> PeerAnswer {
+        PeerAnswer {
+            peer: "peer".to_string(),
+            reachable,
+            error: if reachable {
+                String::new()
+            } else {
+                "connection refused".to_string()
+            },
+        }
+    }
 
     fn status(catalog: &Catalog, node: &str) -> Option<NodeStatus> {
         catalog.read(|i| i.nodes.get(node).map(|n| n.liveness.status))
@@ -492,7 +557,7 @@ mod tests {
         assert_eq!(asked.len(), 1);
         assert_eq!(asked[0].address, "198.18.0.1:8301");
         assert_eq!(
-            catalog.probe_result_at(asked[0].probe_id, false, t0, wall),
+            catalog.probe_result_at(asked[0].probe_id, answer(false), t0, wall),
             Some(("a".to_string(), ProbeVerdict::Failed))
         );
         assert_eq!(status(&catalog, "a"), Some(NodeStatus::Failed));
@@ -514,7 +579,7 @@ mod tests {
         let wall = SystemTime::now();
         catalog.disconnect_at(a.session, t0);
         let first = b.probes().remove(0);
-        catalog.probe_result_at(first.probe_id, true, t0, wall);
+        catalog.probe_result_at(first.probe_id, answer(true), t0, wall);
         assert_eq!(status(&catalog, "a"), Some(NodeStatus::Unreachable));
         // Probed again after 2 s, then after 4 s more.
         catalog.tick_at(t0 + Duration::from_millis(1900), wall, REAP);
@@ -522,14 +587,14 @@ mod tests {
         let t1 = t0 + REPROBE_MIN;
         catalog.tick_at(t1, wall, REAP);
         let second = b.probes().remove(0);
-        catalog.probe_result_at(second.probe_id, true, t1, wall);
+        catalog.probe_result_at(second.probe_id, answer(true), t1, wall);
         catalog.tick_at(t1 + Duration::from_millis(3900), wall, REAP);
         assert!(b.probes().is_empty());
         let t2 = t1 + 2 * REPROBE_MIN;
         catalog.tick_at(t2, wall, REAP);
         let third = b.probes().remove(0);
         // Now it died: peers no longer reach it.
-        catalog.probe_result_at(third.probe_id, false, t2, wall);
+        catalog.probe_result_at(third.probe_id, answer(false), t2, wall);
         assert_eq!(status(&catalog, "a"), Some(NodeStatus::Failed));
     }
 
@@ -600,7 +665,7 @@ mod tests {
         let asked = b.probes();
         assert_eq!(asked.len(), 1, "a and only a is probed");
         assert_eq!(asked[0].node, "a");
-        catalog.probe_result_at(asked[0].probe_id, false, t0 + grace, wall);
+        catalog.probe_result_at(asked[0].probe_id, answer(false), t0 + grace, wall);
         assert_eq!(status(&catalog, "a"), Some(NodeStatus::Failed));
         // The failed one is reaped counting from when it failed.
         let reaped = catalog.tick_at(t0 + grace, wall + Duration::from_secs(100), REAP);
@@ -616,7 +681,7 @@ mod tests {
         let wall = SystemTime::now();
         catalog.disconnect_at(a.session, t0);
         let asked = b.probes().remove(0);
-        catalog.probe_result_at(asked.probe_id, false, t0, wall);
+        catalog.probe_result_at(asked.probe_id, answer(false), t0, wall);
         let _a = Agent::connect(&catalog, "a");
         assert_eq!(status(&catalog, "a"), Some(NodeStatus::Alive));
         assert!(catalog.tick_at(t0, wall + REAP, REAP).is_empty());

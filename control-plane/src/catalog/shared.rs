@@ -352,7 +352,7 @@ mod tests {
         let probe = catalog.read(|i| i.probes.keys().copied().next());
         let probe = probe.expect("the leader probes the unreachable node");
         assert_eq!(
-            catalog.probe_result(probe, false),
+            catalog.probe_result(probe, super::super::liveness::tests::answer(false)),
             Some(("a".to_string(), ProbeVerdict::Failed))
         );
         let decisions = catalog.take_decisions();
@@ -415,7 +415,7 @@ mod tests {
         assert!(other.relayed(id));
         // The answer, through the store, concludes the leader's probe.
         assert_eq!(
-            catalog.probe_result(id, false),
+            catalog.probe_result(id, super::super::liveness::tests::answer(false)),
             Some(("a".to_string(), ProbeVerdict::Failed))
         );
     }

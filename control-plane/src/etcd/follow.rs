@@ -296,9 +296,14 @@ fn apply(followers: &Followers, key: &str, value: Option<&[u8]>, revision: u64) 
         let Some(value) = value else { return };
         match rest.split_once('/') {
             // An agent on some replica answered the leader's probe.
-            Some((id, _peer)) => {
+            Some((id, peer)) => {
                 if let Ok(id) = id.parse() {
-                    catalog.probe_result(id, value == b"1");
+                    let answer = crate::catalog::PeerAnswer {
+                        peer: peer.to_string(),
+                        reachable: value == b"1",
+                        error: String::new(),
+                    };
+                    catalog.probe_result(id, answer);
                 }
             }
             None => {

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -154,6 +154,22 @@ pub(super) async fn services(State(s): State<HttpState>, reader: ReadFilter) -> 
         (inner.index, Value::Array(out))
     });
     reader.answer(json_response(index, &body))
+}
+
+/// `GET /v1/ui/services/{name}`: the service's live traffic, summed
+/// over the agents whose proxies call it (`Traffic`: null when none did
+/// lately).
+pub(super) async fn service(
+    State(s): State<HttpState>,
+    Path(name): Path<String>,
+    reader: ReadFilter,
+) -> Response {
+    let traffic = reader
+        .service(&name)
+        .then(|| s.catalog.traffic_of(&name))
+        .flatten();
+    let index = s.catalog.read(|inner| inner.service_index(&name));
+    reader.answer(json_response(index, &json!({ "Traffic": traffic })))
 }
 
 /// What the console shows changed when this does: the catalog's index,

@@ -1,7 +1,7 @@
 //! The web console in a real browser: `tests/clients/console.py` drives
 //! Debian's chromium with Playwright (both installed by `.ci/run`)
-//! against a control plane and two agents: log in, watch a service turn
-//! critical live, create a block command through the form and watch
+//! against a control plane and two agents: log in, see a service's live
+//! traffic (from b's proxy), watch it turn critical live, create a block command through the form and watch
 //! `applied_by` fill in, revoke it, browse and edit a KV key (and lose
 //! to a change made meanwhile), be refused an admin page with an
 //! operator token, and see the banner when the control plane goes.
@@ -12,6 +12,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use serde_json::json;
+use signpost_tests::upstream::{Upstream, vip_client};
 use signpost_tests::{AGENT_TOKEN, Agent, ControlPlane, signpost};
 
 use crate::kv::clients::{clients, script};
@@ -29,10 +30,12 @@ async fn the_console_shows_the_fleet_live_and_acts_on_it() {
     let join = cp.agent_config(AGENT_TOKEN);
     let a = Agent::start_named("a", &join).await;
     let b = Agent::start_named("b", &format!("{join}upstreams: [web]\n")).await;
+    let web = Upstream::start("web-1", 0).await;
     let r = a
         .put(
             "/v1/agent/service/register",
-            Some(json!({"ID": "web-1", "Name": "web", "Port": 8080,
+            Some(json!({"ID": "web-1", "Name": "web", "Protocol": "http",
+                "Address": web.addr.ip().to_string(), "Port": web.addr.port(),
                 "Check": {"TTL": "10m", "Status": "passing"}})),
         )
         .await;
@@ -65,12 +68,20 @@ async fn the_console_shows_the_fleet_live_and_acts_on_it() {
             .unwrap();
         assert!(r.status().is_success());
     }
+    // Traffic from b's proxy to web while the browser looks: its figures.
+    let (client, url) = vip_client(&b, "web", web.addr.port()).await;
+    let load = tokio::spawn(async move {
+        loop {
+            let _ = client.get(&url).send().await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
     let setup = json!({
         "console": format!("https://{}", cp.http),
         "agent": a.addr.to_string(),
         "admin": admin,
         "operator": operator,
-        "instance": format!("{}:8080", a.addr.ip()),
+        "instance": web.addr.to_string(),
         "control_plane_pid": cp.pid(),
     });
     let mut child = Command::new(python)
@@ -90,6 +101,7 @@ async fn the_console_shows_the_fleet_live_and_acts_on_it() {
         .await
         .unwrap()
         .unwrap();
+    load.abort();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

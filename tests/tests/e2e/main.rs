@@ -16,6 +16,7 @@ mod ha;
 mod hardening;
 mod kv;
 mod mesh;
+mod monitoring;
 mod persistence_cli;
 mod proxy;
 mod reload;
