@@ -359,6 +359,8 @@ async function viewService(name) {
   return h("section", {},
     h("p", {}, h("a", { href: "#/services" }, "← Services")),
     h("h1", {}, `Service ${name}`),
+    h("p", { class: "muted" }, "Reached by name: ", h("code", {}, `${name}.service.internal`),
+      " — each host's agent answers it with a VIP of its own (its proxy), stable on that host."),
     h("div", { "data-live": true },
       traffic ? trafficCards(traffic) : null,
       h("h2", {}, `Instances (${entries.length})`),

@@ -5,7 +5,7 @@
 //! request for the services page, however large the fleet) and a stream
 //! of change notices that keeps the page in view current.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -81,79 +81,104 @@ pub(super) async fn style() -> Response {
 /// commands in force on it.
 pub(super) async fn services(State(s): State<HttpState>, reader: ReadFilter) -> Response {
     let now = now_millis();
-    let mut commands: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut commands: HashMap<String, usize> = HashMap::new();
     for c in s.commands.list() {
         if c.state(now) == "active" {
             *commands.entry(c.target.service.clone()).or_default() += 1;
         }
     }
     let (index, body) = s.catalog.read(|inner| {
-        let mut out = Vec::new();
-        for (name, tags) in inner.names() {
-            if !reader.service(name) {
+        // One pass over the fleet, however many services it has.
+        let mut by_service: HashMap<&str, Summary<'_>> = HashMap::new();
+        let mut visible: HashMap<&str, bool> = HashMap::new();
+        for node in inner.nodes.values() {
+            if !reader.node(&node.hello.node) {
                 continue;
             }
-            let (mut passing, mut warning, mut critical, mut maintenance, mut instances) =
-                (0u32, 0u32, 0u32, 0u32, 0u32);
-            let mut zones = BTreeSet::new();
-            let mut nodes = HashSet::new();
-            let mut protocols = BTreeSet::new();
-            for (node, instance) in inner.instances_of(name) {
-                if !reader.node(&node.hello.node) {
+            let live = crate::catalog::liveness_check(node);
+            let node_health = health(std::iter::once(&live).chain(node.node_checks.iter()));
+            for instance in node.instances.values() {
+                let name = instance.name.as_str();
+                if !*visible.entry(name).or_insert_with(|| reader.service(name)) {
                     continue;
                 }
-                instances += 1;
-                nodes.insert(node.hello.node.as_str());
+                let summary = by_service.entry(name).or_default();
+                summary.instances += 1;
+                summary.nodes.insert(node.hello.node.as_str());
                 let zone = if instance.zone.is_empty() {
                     &node.hello.zone
                 } else {
                     &instance.zone
                 };
                 if !zone.is_empty() {
-                    zones.insert(zone.clone());
+                    summary.zones.insert(zone);
                 }
                 if !instance.protocol_text.is_empty() {
-                    protocols.insert(instance.protocol_text.clone());
+                    summary.protocols.insert(&instance.protocol_text);
                 }
-                let live = crate::catalog::liveness_check(node);
-                let checks = std::iter::once(&live)
-                    .chain(node.node_checks.iter())
-                    .chain(instance.checks.iter());
-                let mut worst = Health::Passing;
-                let mut in_maintenance = false;
-                for c in checks {
-                    let health = c.health().unwrap_or(Health::Critical);
-                    if c.id.starts_with("_node_maintenance")
-                        || c.id.starts_with("_service_maintenance")
-                    {
-                        in_maintenance |= health != Health::Passing;
-                    }
-                    worst = worst.max(health);
-                }
-                match worst {
-                    _ if in_maintenance => maintenance += 1,
-                    Health::Passing => passing += 1,
-                    Health::Warning => warning += 1,
-                    Health::Critical => critical += 1,
+                let (worst, maintenance) = health(instance.checks.iter());
+                match (worst.max(node_health.0), maintenance || node_health.1) {
+                    (_, true) => summary.maintenance += 1,
+                    (Health::Passing, _) => summary.passing += 1,
+                    (Health::Warning, _) => summary.warning += 1,
+                    (Health::Critical, _) => summary.critical += 1,
                 }
             }
+        }
+        let mut out = Vec::new();
+        for (name, tags) in inner.names() {
+            if !visible
+                .get(name.as_str())
+                .copied()
+                .unwrap_or_else(|| reader.service(name))
+            {
+                continue;
+            }
+            let summary = by_service.remove(name.as_str()).unwrap_or_default();
             out.push(json!({
                 "Name": name,
-                "Instances": instances,
-                "Passing": passing,
-                "Warning": warning,
-                "Critical": critical,
-                "Maintenance": maintenance,
-                "Nodes": nodes.len(),
-                "Zones": zones,
+                "Instances": summary.instances,
+                "Passing": summary.passing,
+                "Warning": summary.warning,
+                "Critical": summary.critical,
+                "Maintenance": summary.maintenance,
+                "Nodes": summary.nodes.len(),
+                "Zones": summary.zones,
                 "Tags": tags,
-                "Protocol": protocols.into_iter().collect::<Vec<_>>().join(", "),
+                "Protocol": summary.protocols.into_iter().collect::<Vec<_>>().join(", "),
                 "Commands": commands.get(name).copied().unwrap_or(0),
             }));
         }
         (inner.index, Value::Array(out))
     });
     reader.answer(json_response(index, &body))
+}
+
+/// One service's instances, counted for the services page.
+#[derive(Default)]
+struct Summary<'a> {
+    instances: u32,
+    passing: u32,
+    warning: u32,
+    critical: u32,
+    maintenance: u32,
+    zones: BTreeSet<&'a str>,
+    nodes: HashSet<&'a str>,
+    protocols: BTreeSet<&'a str>,
+}
+
+/// The worst status of `checks`, and whether one of them is a
+/// maintenance mode in force.
+fn health<'a>(checks: impl Iterator<Item = &'a signpost_proto::Check>) -> (Health, bool) {
+    checks.fold((Health::Passing, false), |(worst, maintenance), c| {
+        let health = c.health().unwrap_or(Health::Critical);
+        let maintenance_check =
+            c.id.starts_with("_node_maintenance") || c.id.starts_with("_service_maintenance");
+        (
+            worst.max(health),
+            maintenance || (maintenance_check && health != Health::Passing),
+        )
+    })
 }
 
 /// `GET /v1/ui/services/{name}`: the service's live traffic, summed
