@@ -169,6 +169,8 @@ with sync_playwright() as p:
 
     step("delete a key, with confirmation")
     page.goto(f"{BASE}/ui/#/kv/config/app/old")
+    # The page of that key, not the one before it.
+    expect(page.get_by_role("heading", name="config/app/old")).to_be_visible()
     page.get_by_role("button", name="Delete…").click()
     expect(page.get_by_role("heading", name="Key/value")).to_be_visible()
     expect(page.get_by_role("link", name="old")).to_have_count(0)
