@@ -53,6 +53,9 @@ pub struct NodeEntry {
     /// When this replica last had its agent's stream (none: it has it,
     /// or never had).
     pub last_contact: Option<std::time::SystemTime>,
+    /// When each of its checks last changed status (Unix ms), as this
+    /// control plane learned of it; by check ID.
+    pub check_changed: HashMap<String, u64>,
 }
 
 struct Session {
@@ -288,6 +291,7 @@ impl Catalog {
                         Liveness::restored(node.failed_at_unix_ms, now, grace)
                     },
                     last_contact: None,
+                    check_changed: HashMap::new(),
                 },
             );
         }
@@ -353,6 +357,7 @@ impl Catalog {
                         session: Some(id),
                         liveness: Liveness::alive(),
                         last_contact: None,
+                        check_changed: HashMap::new(),
                     },
                 );
                 None
@@ -507,6 +512,7 @@ impl Inner {
                             session: None,
                             liveness,
                             last_contact: None,
+                            check_changed: HashMap::new(),
                         },
                     );
                 }
@@ -653,9 +659,19 @@ impl Inner {
                 .or_default()
                 .changed
                 .insert(instance.id.clone());
+            let before = entry
+                .instances
+                .get(&instance.id)
+                .map(|i| i.checks.as_slice());
+            note_check_changes(&mut entry.check_changed, before, &instance.checks);
             entry.instances.insert(instance.id.clone(), instance);
         }
         if delta.node_checks_changed && entry.node_checks != delta.node_checks {
+            note_check_changes(
+                &mut entry.check_changed,
+                Some(&entry.node_checks),
+                &delta.node_checks,
+            );
             entry.node_checks = delta.node_checks;
             // Node checks are part of every instance's health.
             for instance in entry.instances.values() {
@@ -709,5 +725,58 @@ impl Inner {
 
     pub fn names(&self) -> &BTreeMap<String, BTreeSet<String>> {
         &self.names
+    }
+}
+
+/// Most check status changes remembered per node (its checks' last ones).
+const MAX_CHECK_CHANGES: usize = 1024;
+
+/// Notes when each check in `now` changed status (or appeared) since
+/// `before`, for the console's "last change" (as this control plane
+/// learned of it).
+fn note_check_changes(changed: &mut HashMap<String, u64>, before: Option<&[Check]>, now: &[Check]) {
+    let at = signpost_core::command::now_millis();
+    for check in now {
+        let was = before
+            .and_then(|b| b.iter().find(|c| c.id == check.id))
+            .map(Check::health);
+        if was != Some(check.health()) {
+            if changed.len() >= MAX_CHECK_CHANGES && !changed.contains_key(&check.id) {
+                continue;
+            }
+            changed.insert(check.id.clone(), at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use signpost_core::model::Health;
+
+    use super::*;
+
+    fn check(id: &str, health: Health) -> Check {
+        let mut c = Check {
+            id: id.to_string(),
+            ..Check::default()
+        };
+        c.set_health(health);
+        c
+    }
+
+    #[test]
+    fn a_check_changes_when_its_status_does_not_when_only_its_output_does() {
+        let mut changed = HashMap::new();
+        let first = vec![check("a", Health::Passing), check("b", Health::Passing)];
+        note_check_changes(&mut changed, None, &first);
+        assert_eq!(changed.len(), 2, "new checks");
+        changed.clear();
+        let mut same = first.clone();
+        same[0].output = "still fine".to_string();
+        note_check_changes(&mut changed, Some(&first), &same);
+        assert!(changed.is_empty(), "output alone is no change: {changed:?}");
+        let failing = vec![check("a", Health::Critical), check("b", Health::Passing)];
+        note_check_changes(&mut changed, Some(&first), &failing);
+        assert_eq!(changed.keys().collect::<Vec<_>>(), ["a"]);
     }
 }

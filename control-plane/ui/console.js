@@ -333,18 +333,20 @@ function rerenderSoon() {
 }
 
 async function viewService(name) {
-  const [entries, commands, intentions] = await Promise.all([
+  const [entries, commands, intentions, traffic] = await Promise.all([
     api("GET", `/v1/health/service/${encodeURIComponent(name)}`),
     api("GET", `/v1/commands?service=${encodeURIComponent(name)}&state=active`),
     api("GET", "/v1/connect/intentions").catch(() => null),
+    api("GET", `/v1/ui/services/${encodeURIComponent(name)}`),
   ]);
-  const traffic = await api("GET", `/v1/ui/services/${encodeURIComponent(name)}`);
   pollIn(5000);
+  const changes = traffic.CheckChanges || {};
   const rows = entries.map((e) => {
     const svc = e.Service;
+    const changed = changes[e.Node.Node] || {};
     const checks = e.Checks.map((c) => h("div", { class: "check" },
       badge(c.Status), " ", h("strong", {}, c.Name || c.CheckID),
-      c.LastChange ? h("span", { class: "muted" }, ` changed ${ago(c.LastChange)}`) : null,
+      changed[c.CheckID] ? h("span", { class: "muted" }, ` since ${when(changed[c.CheckID])} (${ago(changed[c.CheckID])})`) : null,
       c.Output ? h("pre", {}, c.Output) : null));
     return [
       svc.ID,

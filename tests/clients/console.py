@@ -31,6 +31,10 @@ ARGS = [
     "--disable-sync",
 ]
 
+# A loaded test machine (the whole suite runs at once) may take a while
+# to render; every expectation still holds or the test fails.
+expect.set_options(timeout=20_000)
+
 setup = json.load(sys.stdin)
 BASE = setup["console"]  # https://127.x.y.z:port
 shots = os.environ.get("SCREENSHOTS")
@@ -103,6 +107,8 @@ with sync_playwright() as p:
     agent("PUT", "/v1/agent/check/fail/service:web-1?note=disk%20full")
     expect(instances.locator(".badge.critical")).to_have_count(1)
     expect(instances).to_contain_text("disk full")
+    # When it changed, as the control plane learned of it.
+    expect(instances.locator(".check").filter(has_text="disk full")).to_contain_text(" since ")
     assert page.evaluate("window.__notReloaded === true"), "updated without a reload"
     shot(page, "service")
     agent("PUT", "/v1/agent/check/pass/service:web-1")

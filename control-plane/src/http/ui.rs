@@ -5,7 +5,7 @@
 //! request for the services page, however large the fleet) and a stream
 //! of change notices that keeps the page in view current.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -183,18 +183,29 @@ fn health<'a>(checks: impl Iterator<Item = &'a signpost_proto::Check>) -> (Healt
 
 /// `GET /v1/ui/services/{name}`: the service's live traffic, summed
 /// over the agents whose proxies call it (`Traffic`: null when none did
-/// lately).
+/// lately), and when each check of its nodes last changed status
+/// (`CheckChanges`: node, check ID, Unix ms).
 pub(super) async fn service(
     State(s): State<HttpState>,
     Path(name): Path<String>,
     reader: ReadFilter,
 ) -> Response {
-    let traffic = reader
-        .service(&name)
-        .then(|| s.catalog.traffic_of(&name))
-        .flatten();
-    let index = s.catalog.read(|inner| inner.service_index(&name));
-    reader.answer(json_response(index, &json!({ "Traffic": traffic })))
+    let visible = reader.service(&name);
+    let traffic = visible.then(|| s.catalog.traffic_of(&name)).flatten();
+    let (index, changes) = s.catalog.read(|inner| {
+        // When each check of its instances' nodes last changed, by node.
+        let mut changes: BTreeMap<&str, &HashMap<String, u64>> = BTreeMap::new();
+        for (node, _) in inner.instances_of(&name) {
+            if visible && reader.node(&node.hello.node) {
+                changes.insert(&node.hello.node, &node.check_changed);
+            }
+        }
+        (
+            inner.service_index(&name),
+            json!({ "Traffic": traffic, "CheckChanges": changes }),
+        )
+    });
+    reader.answer(json_response(index, &changes))
 }
 
 /// What the console shows changed when this does: the catalog's index,
