@@ -716,25 +716,7 @@ fn node_id(data_dir: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
-    let b: [u8; 16] = rand::random();
-    let id = format!(
-        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-4{:01x}{:02x}-{:01x}{:01x}{:02x}-{}",
-        b[0],
-        b[1],
-        b[2],
-        b[3],
-        b[4],
-        b[5],
-        b[6] & 0x0f,
-        b[7],
-        8 | (b[8] & 0x03),
-        b[8] >> 4,
-        b[9],
-        b[10..16]
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect::<String>()
-    );
+    let id = signpost_core::uuid::new_v4();
     signpost_daemon::fs::write_atomic(&path, id.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(id)

@@ -703,7 +703,7 @@ impl Acl {
                     Some((existing, _)) => (existing.created_at, id.to_string()),
                     None => return invalid(format!("no policy {id:?}")),
                 },
-                None => (now_millis() / 1000, new_uuid()),
+                None => (now_millis() / 1000, signpost_core::uuid::new_v4()),
             }
         };
         let record = PolicyRecord {
@@ -937,22 +937,6 @@ fn new_token(spec: &TokenSpec, policies: Vec<String>, by: &str) -> (TokenRecord,
         created_by: by.to_string(),
     };
     (record, secret)
-}
-
-/// A random UUID (v4 layout), as Consul's policy IDs.
-fn new_uuid() -> String {
-    let mut b = rand::random::<[u8; 16]>();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex(&b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 fn sha256_hex(secret: &str) -> String {

@@ -406,18 +406,7 @@ pub(crate) fn now_ms() -> u64 {
 
 /// A random (version 4) UUID, as Consul's session IDs.
 pub(crate) fn new_uuid() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    signpost_core::uuid::new_v4()
 }
 
 #[cfg(test)]

@@ -55,6 +55,7 @@ pub mod policy;
 pub mod request;
 pub mod service_file;
 pub mod sockets;
+pub mod uuid;
 pub mod vip;
 pub mod yaml;
 

@@ -93,17 +93,7 @@ fn reasonable(value: &&HeaderValue) -> bool {
 
 /// A random UUID (version 4), as request ids usually are.
 fn new_request_id() -> HeaderValue {
-    let n = rand::random::<u128>();
-    let n = (n & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let hex = format!("{n:032x}");
-    header_value(&format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    header_value(&signpost_core::uuid::new_v4())
 }
 
 #[cfg(test)]
