@@ -145,6 +145,7 @@ function showLogin(why) {
     }
   });
   main().replaceChildren(form);
+  shown = null;
   input.focus();
 }
 
@@ -225,6 +226,7 @@ const routes = [
 ];
 
 let rendering = null;
+let shown = null; // the hash of the page on screen
 let viewState = {}; // what the user typed in filters, kept across refreshes
 
 // Figures that change without a change notice (traffic) are fetched
@@ -251,8 +253,11 @@ async function render(navigated) {
     try {
       const content = await view(...m.slice(1).map(decodeURIComponent));
       if (rendering !== token) return;
-      // A form being filled in is not replaced by a refresh.
-      const editing = !navigated && main().querySelector("[data-keep]:focus-within, [data-keep].dirty");
+      // A form being filled in is not replaced by a refresh of its page
+      // (a refresh that lands on another page replaces it: it is a
+      // navigation that overtook its own render).
+      const editing = !navigated && shown === hash
+        && main().querySelector("[data-keep]:focus-within, [data-keep].dirty");
       if (editing) {
         const fresh = content.querySelector("[data-live]");
         const old = main().querySelector("[data-live]");
@@ -260,15 +265,18 @@ async function render(navigated) {
         return;
       }
       main().replaceChildren(content);
-      if (navigated) main().focus();
+      if (navigated || shown !== hash) main().focus();
+      shown = hash;
     } catch (e) {
       if (rendering !== token) return;
       if (e.status === 403) {
         main().replaceChildren(h("section", {},
           h("h1", {}, "Not allowed"),
           h("p", { class: "error", role: "alert" }, `Your token may not see this page: ${e.message}`)));
+        shown = hash;
       } else if (e.status !== 0 || navigated) {
         main().replaceChildren(h("p", { class: "error", role: "alert" }, e.message));
+        shown = hash;
       }
     }
     return;
